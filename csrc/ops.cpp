@@ -1,0 +1,49 @@
+// Declares every op of the adjointdeis library (one place for all schemas) and the
+// Python extension module adjointdeis._C. Backends register kernels in cpu/ and cuda/.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "multistep_step.h"
+
+namespace adjointdeis {
+namespace {
+
+struct CudaBuild {
+  int64_t version = -1;  // CUDA_VERSION of the toolkit, -1 for a CPU-only build
+  std::string archs;
+};
+
+// Function-local so that the CUDA translation unit can register at load time
+// whatever the order in which static initialisers run.
+CudaBuild& cuda_build() {
+  static CudaBuild build;
+  return build;
+}
+
+int64_t cuda_version() { return cuda_build().version; }
+
+}  // namespace
+
+void register_cuda_build(int64_t version, const char* arch_list) {
+  cuda_build().version = version;
+  cuda_build().archs = arch_list;
+}
+
+std::string cuda_arch_list() { return cuda_build().archs; }
+
+TORCH_LIBRARY(adjointdeis, m) {
+  m.def(
+      "multistep_step(Tensor x, Tensor out, Tensor[] history, Tensor coeffs, Tensor? noise)"
+      " -> (Tensor x_next, Tensor m0)");
+  m.def("cuda_version() -> int", &cuda_version);
+}
+
+}  // namespace adjointdeis
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "Compiled kernels of adjointdeis; the ops live in torch.ops.adjointdeis.";
+  module.def("cuda_arch_list", &adjointdeis::cuda_arch_list,
+             "Comma-separated compute capabilities the CUDA kernels were compiled for.");
+}
