@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from . import ops
 from .models import Conditioning, evaluate_model
 from .schedules import NoiseSchedule
-from .solvers import GridPoint, PREDICTIONS, StepPlan, build_plan, resolve_order
+from .solvers import PREDICTIONS, GridPoint, StepPlan, build_plan, resolve_order
 
 
 def sampling_grid(sched: NoiseSchedule, steps: int, spacing: str = "logsnr",
@@ -46,7 +46,8 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int = 20, 
            cond: Conditioning = None, guidance_scale: float | Tensor | None = None,
            uncond: Conditioning = None, sde: bool = False, generator: torch.Generator | None = None,
            timesteps: Tensor | None = None, lower_order_final: bool = True,
-           denoise_to_zero: bool = False, progress: bool = False, check_finite: bool = True) -> Tensor:
+           denoise_to_zero: bool = False, third_order: str = "published", progress: bool = False,
+           check_finite: bool = True) -> Tensor:
     """Samples from a diffusion or flow model, noise to data, one fused kernel per step.
 
     Args:
@@ -70,6 +71,8 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int = 20, 
         timesteps: explicit (N+1,) grid, strictly decreasing; overrides steps and spacing.
         lower_order_final: lower the order on the final steps when N < 15 (as diffusers).
         denoise_to_zero: the last step lands on zero noise instead of the grid's last time.
+        third_order: for dpmpp order 3, "published" (DPM-Solver++(3M) exactly as in the paper
+            and diffusers, which is globally second order) or "taylor" (third order).
         progress: show a tqdm progress bar.
         check_finite: after the loop (one host sync), raise if the sample is not finite.
 
@@ -87,28 +90,46 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int = 20, 
         raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
     if guidance_scale is not None and (cond is None or uncond is None):
         raise ValueError("guidance_scale needs both cond and uncond")
+    rows, t_eval, eval_index, num_history, noisy = _plan_constants(
+        sched, steps, spacing, None if timesteps is None else tuple(torch.as_tensor(timesteps, dtype=torch.float64).tolist()),
+        denoise_to_zero, solver, order, prediction, sde, lower_order_final, third_order)
+    plan = StepPlan(torch.tensor(rows, dtype=torch.float64), eval_index, num_history, noisy)
+    return run_plan(model, x_T, plan, torch.tensor(t_eval, dtype=torch.float64), cond=cond,
+                    guidance_scale=guidance_scale, uncond=uncond, generator=generator, progress=progress,
+                    check_finite=check_finite)
+
+
+@torch.compiler.assume_constant_result
+def _plan_constants(sched, steps, spacing, timesteps, denoise_to_zero, solver, order, prediction, sde,
+                    lower_order_final, third_order):
+    """The step plan as plain Python values, so torch.compile treats it as a constant."""
     order = resolve_order(solver, order, sde)
-    ts, points = sampling_grid(sched, steps, spacing, timesteps, denoise_to_zero)
+    ts, points = sampling_grid(sched, steps, spacing,
+                               None if timesteps is None else torch.tensor(timesteps, dtype=torch.float64),
+                               denoise_to_zero)
     plan = build_plan(points, "dpmpp" if solver == "ddim" else solver, order, prediction,
-                      sde=sde, lower_order_final=lower_order_final)
-    return run_plan(model, x_T, plan, sched.model_time(ts), cond=cond, guidance_scale=guidance_scale,
-                    uncond=uncond, generator=generator, progress=progress, check_finite=check_finite)
+                      sde=sde, lower_order_final=lower_order_final, third_order=third_order)
+    t_eval = sched.model_time(ts)[plan.eval_index]
+    return plan.coeffs.tolist(), t_eval.tolist(), plan.eval_index, plan.num_history, plan.noisy
 
 
-def run_plan(model: Callable, x_T: Tensor, plan: StepPlan, model_times: Tensor, *, cond: Conditioning = None,
+def run_plan(model: Callable, x_T: Tensor, plan: StepPlan, t_eval: Tensor, *, cond: Conditioning = None,
              guidance_scale=None, uncond: Conditioning = None, generator: torch.Generator | None = None,
              progress: bool = False, check_finite: bool = True) -> Tensor:
     """Runs a precomputed :class:`StepPlan` from x_T; the loop never syncs the host.
 
     Args:
-        model_times: (N+1,) float64 model time of every grid point.
+        t_eval: (len(plan),) model time of every row's evaluation.
     """
     time_dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
     coeffs = plan.coeffs.to(x_T.device)
-    t_eval = model_times[plan.eval_index].to(device=x_T.device, dtype=time_dtype)
+    t_eval = t_eval.to(device=x_T.device, dtype=time_dtype)
     batch = x_T.shape[0]
     x, history = x_T, []
-    for row in tqdm(range(len(plan)), disable=None if progress else True, desc="sampling", leave=False):
+    rows = range(len(plan))
+    if progress and not torch.compiler.is_compiling():
+        rows = tqdm(rows, disable=None, desc="sampling", leave=False)
+    for row in rows:
         out = evaluate_model(model, x, t_eval[row].expand(batch), cond, guidance_scale, uncond)
         noise = None
         if plan.noisy[row]:

@@ -18,6 +18,7 @@ SOLVERS = ("ddim", "deis", "dpmpp", "heun")
 PREDICTIONS = ("eps", "x0", "v", "flow")
 _ORDERS = {"ddim": (1,), "deis": (1, 2, 3), "dpmpp": (1, 2, 3), "heun": (2,)}
 _DEFAULT_ORDER = {"ddim": 1, "deis": 2, "dpmpp": 2, "heun": 2}
+THIRD_ORDER_VARIANTS = ("published", "taylor")
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,15 @@ def _expm1_neg(h: float) -> float:
     return -1.0 if math.isinf(h) else math.expm1(-h)
 
 
-def _dpmpp_row(points, i, k, sde):
-    """DPM-Solver++ step i -> i+1 of order k (data prediction), as weights of (m0, m1, m2)."""
+def _dpmpp_row(points, i, k, sde, third_order="published"):
+    """DPM-Solver++ step i -> i+1 of order k (data prediction), as weights of (m0, m1, m2).
+
+    Order 3 ("3M") has two variants. "published" is the update of the DPM-Solver++ paper and
+    diffusers: its second-difference term D2 ~ h^2 x0''/2 carries the weight
+    ``1/2 - (e^{-h} - 1 + h)/h^2 ~ h/6``, half of the Taylor weight
+    ``integral_0^h e^{u-h} u^2 du / h^2 ~ h/3``, so its local error is O(h^3) and the method is
+    globally second order. "taylor" uses the Taylor weight and is third order.
+    """
     s, t = points[i], points[i + 1]
     h = t.half_log_snr - s.half_log_snr
     phi1 = -_expm1_neg(h)  # 1 - e^{-h}
@@ -149,7 +157,10 @@ def _dpmpp_row(points, i, k, sde):
     d2 = (d1_0 - d1_1) / (r0 + r1)
     em = math.expm1(-h)
     w = torch.tensor([d_weight, 0.0, 0.0], dtype=torch.float64)
-    w = w + t.alpha * (em / h + 1) * d1 - t.alpha * ((em + h) / h**2 - 0.5) * d2
+    d2_weight = -t.alpha * ((em + h) / h**2 - 0.5)
+    if third_order == "taylor":
+        d2_weight *= 2.0
+    w = w + t.alpha * (em / h + 1) * d1 + d2_weight * d2
     return a, w.tolist(), c
 
 
@@ -196,7 +207,7 @@ def _deis_row(points, i, k):
 
 
 def build_plan(points: list[GridPoint], solver: str, order: int, prediction: str, *,
-               sde: bool = False, lower_order_final: bool = True) -> StepPlan:
+               sde: bool = False, lower_order_final: bool = True, third_order: str = "published") -> StepPlan:
     """Coefficient table for sampling along `points` (noisiest first).
 
     Args:
@@ -205,10 +216,14 @@ def build_plan(points: list[GridPoint], solver: str, order: int, prediction: str
         prediction: what the model outputs ("eps" | "x0" | "v" | "flow").
         sde: stochastic DPM-Solver++ (rows draw noise).
         lower_order_final: lower the order on the last steps when N < 15, as diffusers.
+        third_order: DPM-Solver++(3M) variant, "published" (diffusers-identical, globally
+            second order) or "taylor" (third order); see :func:`_dpmpp_row`.
 
     Returns:
         A :class:`StepPlan` with N rows (2N - 1 for Heun: last step Euler).
     """
+    if third_order not in THIRD_ORDER_VARIANTS:
+        raise ValueError(f"third_order must be one of {', '.join(THIRD_ORDER_VARIANTS)}, got {third_order!r}")
     num_steps = len(points) - 1
     final_is_zero = points[-1].sigma == 0.0
     rows, eval_index, num_history, noisy = [], [], [], []
@@ -238,7 +253,7 @@ def build_plan(points: list[GridPoint], solver: str, order: int, prediction: str
                 a, b, c = _deis_row(points, i, k)
                 add(i, a, b, c, "eps", k - 1)
             else:
-                a, b, c = _dpmpp_row(points, i, k, sde)
+                a, b, c = _dpmpp_row(points, i, k, sde, third_order)
                 add(i, a, b, c, "x0", k - 1)
     coeffs = torch.tensor(rows, dtype=torch.float64).reshape(-1, len(STEP_COEFFS))
     if not torch.isfinite(coeffs).all():

@@ -1,0 +1,905 @@
+"""Noise schedules: alpha_t, sigma_t, the half log-SNR lambda_t, its inverse, and time grids.
+
+A schedule describes the forward process ``x_t = alpha_t * x_0 + sigma_t * eps``. Everything the samplers
+need is ``alpha_t``, ``sigma_t``, ``lambda_t = log(alpha_t) - log(sigma_t)`` (strictly decreasing in t),
+its inverse ``t(lambda)``, the time value the network is called with, and grids of times from the noisiest
+time ``t_max`` to the cleanest ``t_min``.
+
+All schedule arithmetic runs in float64 on the CPU. Every method takes a tensor (any shape, any real
+dtype, any device) or a Python number and returns a float64 CPU tensor of the same shape. Differences of
+exponentials go through ``expm1``/``log1p``/``logaddexp`` so that sigma stays accurate as t -> 0.
+
+Grid spacings (``NoiseSchedule.timesteps``):
+
+- ``"uniform"``: uniform in t;
+- ``"logsnr"``: uniform in lambda;
+- ``"quadratic"``: uniform in sqrt(t) (DPM-Solver's ``time_quadratic``);
+- ``"karras"``: uniform in ``(sigma/alpha)^(1/rho) = exp(-lambda/rho)``, rho = 7 unless the schedule sets
+  its own (EDM);
+- discrete VP schedules also reproduce diffusers' integer ``"linspace"``, ``"leading"`` and ``"trailing"``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NoiseSchedule",
+    "VPSchedule",
+    "LinearVPSchedule",
+    "CosineVPSchedule",
+    "DiscreteVPSchedule",
+    "FlowSchedule",
+    "EDMSchedule",
+]
+
+CONTINUOUS_SPACINGS = ("uniform", "logsnr", "quadratic", "karras")
+DIFFUSERS_SPACINGS = ("linspace", "leading", "trailing")
+DIFFUSERS_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+_GLIDE_COSINE_OFFSET = 0.008
+_GLIDE_MAX_BETA = 0.999
+
+
+def _format_number(value: float) -> str:
+    if math.isfinite(value) and value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+@dataclass(frozen=True)
+class _Interval:
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+
+    def contains(self, values: Tensor) -> Tensor:
+        above = values >= self.low if self.low_closed else values > self.low
+        below = values <= self.high if self.high_closed else values < self.high
+        return above & below
+
+    def __str__(self) -> str:
+        left = "[" if self.low_closed else "("
+        right = "]" if self.high_closed else ")"
+        return f"{left}{_format_number(self.low)}, {_format_number(self.high)}{right}"
+
+
+def _to_float64(value, name: str) -> Tensor:
+    if isinstance(value, Tensor):
+        if value.is_complex():
+            raise TypeError(f"{name} must be real; got dtype {value.dtype}")
+        return value.to(device="cpu", dtype=torch.float64)
+    return torch.as_tensor(value, dtype=torch.float64)
+
+
+def _element_label(name: str, flat_index: int, shape: torch.Size) -> str:
+    if len(shape) == 0:
+        return name
+    index = np.unravel_index(flat_index, tuple(shape))
+    return f"{name}[{', '.join(str(int(i)) for i in index)}]"
+
+
+def _first_true(mask: Tensor) -> int | None:
+    hits = mask.reshape(-1).nonzero()
+    return None if hits.numel() == 0 else int(hits[0, 0])
+
+
+def _check_real(value, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number; got {name}={value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite; got {name}={number!r}")
+    return number
+
+
+def _check_time_range(t_min, t_max, domain: _Interval) -> tuple[float, float]:
+    t_min = _check_real(t_min, "t_min")
+    t_max = _check_real(t_max, "t_max")
+    for name, value in (("t_min", t_min), ("t_max", t_max)):
+        if not bool(domain.contains(torch.tensor(value, dtype=torch.float64))):
+            raise ValueError(f"{name} must lie in {domain}; got {name}={value!r}")
+    if not t_min < t_max:
+        raise ValueError(f"t_min must be smaller than t_max; got t_min={t_min!r} >= t_max={t_max!r}")
+    return t_min, t_max
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool):
+        raise ValueError(f"steps must be a positive integer; got steps={steps!r}")
+    try:
+        count = operator.index(steps)
+    except TypeError:
+        raise ValueError(f"steps must be a positive integer; got steps={steps!r}") from None
+    if count < 1:
+        raise ValueError(f"steps must be a positive integer; got steps={count}")
+    return count
+
+
+def _softplus(x: Tensor) -> Tensor:
+    return torch.logaddexp(x, torch.zeros_like(x))
+
+
+class NoiseSchedule(abc.ABC):
+    """A forward process ``x_t = alpha_t x_0 + sigma_t eps`` with the quantities samplers need.
+
+    Subclasses implement the private float64 formulas; the public methods convert and validate their
+    inputs (``ValueError`` naming the argument for times outside the schedule's domain) and delegate.
+
+    Attributes:
+        t_min: cleanest time of the default grid.
+        t_max: noisiest time of the default grid.
+        is_variance_preserving: whether ``alpha_t^2 + sigma_t^2 == 1``.
+        karras_rho: the exponent of the ``"karras"`` spacing.
+        valid_spacings: the names ``timesteps`` accepts.
+    """
+
+    t_min: float
+    t_max: float
+    is_variance_preserving: bool = False
+    karras_rho: float = 7.0
+    valid_spacings: tuple[str, ...] = CONTINUOUS_SPACINGS
+
+    @property
+    @abc.abstractmethod
+    def time_domain(self) -> _Interval:
+        """The interval of times every method accepts (printed like ``(0, 1]``)."""
+
+    @abc.abstractmethod
+    def _log_alpha(self, t: Tensor) -> Tensor: ...
+
+    @abc.abstractmethod
+    def _log_sigma(self, t: Tensor) -> Tensor: ...
+
+    @abc.abstractmethod
+    def _sigma(self, t: Tensor) -> Tensor: ...
+
+    @abc.abstractmethod
+    def _time_from_half_log_snr(self, lam: Tensor) -> Tensor: ...
+
+    def _alpha(self, t: Tensor) -> Tensor:
+        return torch.exp(self._log_alpha(t))
+
+    def _half_log_snr(self, t: Tensor) -> Tensor:
+        return self._log_alpha(t) - self._log_sigma(t)
+
+    def _grid_variable(self, t: Tensor) -> Tensor:
+        """The variable the "uniform" and "quadratic" spacings are uniform in (t itself by default)."""
+        return t
+
+    def _time_from_grid_variable(self, u: Tensor) -> Tensor:
+        return u
+
+    def _as_time(self, t, name: str = "t") -> Tensor:
+        times = _to_float64(t, name)
+        outside = _first_true(~self.time_domain.contains(times))
+        if outside is not None:
+            label = _element_label(name, outside, times.shape)
+            value = times.reshape(-1)[outside].item()
+            raise ValueError(f"{label}={value!r} is outside the time domain {self.time_domain} of {self!r}")
+        return times
+
+    def log_alpha(self, t) -> Tensor:
+        """Log of the signal scale, ``log(alpha_t)``.
+
+        Args:
+            t: times, a tensor of any shape or a Python number, inside ``time_domain``.
+
+        Returns:
+            float64 CPU tensor, the shape of ``t``.
+
+        Raises:
+            ValueError: if any time lies outside ``time_domain``.
+        """
+        return self._log_alpha(self._as_time(t))
+
+    def alpha(self, t) -> Tensor:
+        """Signal scale ``alpha_t``.
+
+        Args:
+            t: times, a tensor of any shape or a Python number, inside ``time_domain``.
+
+        Returns:
+            float64 CPU tensor, the shape of ``t``.
+
+        Raises:
+            ValueError: if any time lies outside ``time_domain``.
+        """
+        return self._alpha(self._as_time(t))
+
+    def sigma(self, t) -> Tensor:
+        """Noise scale ``sigma_t``, accurate to rounding even where ``sigma_t << 1``.
+
+        Args:
+            t: times, a tensor of any shape or a Python number, inside ``time_domain``.
+
+        Returns:
+            float64 CPU tensor, the shape of ``t``.
+
+        Raises:
+            ValueError: if any time lies outside ``time_domain``.
+        """
+        return self._sigma(self._as_time(t))
+
+    def log_sigma(self, t) -> Tensor:
+        """Log of the noise scale, ``log(sigma_t)``.
+
+        Args:
+            t: times, a tensor of any shape or a Python number, inside ``time_domain``.
+
+        Returns:
+            float64 CPU tensor, the shape of ``t``.
+
+        Raises:
+            ValueError: if any time lies outside ``time_domain``.
+        """
+        return self._log_sigma(self._as_time(t))
+
+    def half_log_snr(self, t) -> Tensor:
+        """Half log signal-to-noise ratio ``lambda_t = log(alpha_t) - log(sigma_t)``, strictly decreasing in t.
+
+        Args:
+            t: times, a tensor of any shape or a Python number, inside ``time_domain``.
+
+        Returns:
+            float64 CPU tensor, the shape of ``t`` (``+inf`` where sigma is 0, ``-inf`` where alpha is 0).
+
+        Raises:
+            ValueError: if any time lies outside ``time_domain``.
+        """
+        return self._half_log_snr(self._as_time(t))
+
+    def time_from_half_log_snr(self, lam) -> Tensor:
+        """Inverse of ``half_log_snr``: the time at which ``lambda_t == lam``.
+
+        Args:
+            lam: half log-SNR values, a tensor of any shape or a Python number.
+
+        Returns:
+            float64 CPU tensor of times, the shape of ``lam``.
+
+        Raises:
+            ValueError: if ``lam`` is NaN or maps to a time outside ``time_domain``.
+        """
+        lam = _to_float64(lam, "lam")
+        nan_at = _first_true(torch.isnan(lam))
+        if nan_at is not None:
+            raise ValueError(f"{_element_label('lam', nan_at, lam.shape)} is nan")
+        times = self._time_from_half_log_snr(lam)
+        outside = _first_true(~self.time_domain.contains(times))
+        if outside is not None:
+            label = _element_label("lam", outside, lam.shape)
+            raise ValueError(
+                f"{label}={lam.reshape(-1)[outside].item()!r} maps to t={times.reshape(-1)[outside].item()!r}, "
+                f"outside the time domain {self.time_domain} of {self!r}"
+            )
+        return times
+
+    def model_time(self, t) -> Tensor:
+        """The time value the network receives for time ``t`` (here ``t`` itself, as float64).
+
+        Args:
+            t: times, a tensor of any shape or a Python number, inside ``time_domain``.
+
+        Returns:
+            float64 CPU tensor, the shape of ``t``; callers cast it to what their network expects.
+
+        Raises:
+            ValueError: if any time lies outside ``time_domain``.
+        """
+        return self._as_time(t).clone()
+
+    def timesteps(self, steps: int, spacing: str = "logsnr") -> Tensor:
+        """A grid of ``steps + 1`` times from ``t_max`` down to ``t_min``.
+
+        Args:
+            steps: number of solver steps, at least 1.
+            spacing: one of ``valid_spacings``: ``"uniform"`` (uniform in t), ``"logsnr"`` (uniform in
+                lambda), ``"quadratic"`` (uniform in sqrt(t)), ``"karras"`` (uniform in
+                ``exp(-lambda / karras_rho)``).
+
+        Returns:
+            ``(steps + 1,)`` float64 CPU tensor, strictly decreasing, ``[0] == t_max``, ``[-1] == t_min``.
+
+        Raises:
+            ValueError: if ``steps < 1``, ``spacing`` is unknown, the spacing needs a finite lambda at an
+                end where it is infinite, or ``steps`` is too large for the grid to stay strictly decreasing.
+        """
+        steps = _check_steps(steps)
+        self._check_spacing(spacing)
+        return self._continuous_timesteps(steps, spacing)
+
+    def _check_spacing(self, spacing) -> None:
+        if spacing not in self.valid_spacings:
+            valid = ", ".join(repr(name) for name in self.valid_spacings)
+            raise ValueError(f"unknown spacing {spacing!r}; valid spacings are {valid}")
+
+    def _continuous_timesteps(self, steps: int, spacing: str) -> Tensor:
+        t_max = torch.tensor(self.t_max, dtype=torch.float64)
+        t_min = torch.tensor(self.t_min, dtype=torch.float64)
+        if spacing in ("uniform", "quadratic"):
+            u_max = self._grid_variable(t_max).item()
+            u_min = self._grid_variable(t_min).item()
+            if spacing == "uniform":
+                u = torch.linspace(u_max, u_min, steps + 1, dtype=torch.float64)
+            else:
+                u = torch.linspace(math.sqrt(u_max), math.sqrt(u_min), steps + 1, dtype=torch.float64) ** 2
+            grid = self._time_from_grid_variable(u)
+        else:
+            lam_at_t_max = self._half_log_snr(t_max).item()
+            lam_at_t_min = self._half_log_snr(t_min).item()
+            if not (math.isfinite(lam_at_t_max) and math.isfinite(lam_at_t_min)):
+                raise ValueError(
+                    f"spacing {spacing!r} needs a finite half_log_snr at t_max and t_min, but {self!r} has "
+                    f"half_log_snr(t_max)={lam_at_t_max!r}, half_log_snr(t_min)={lam_at_t_min!r}; "
+                    "use spacing 'uniform' or 'quadratic', or move t_max/t_min inside the domain"
+                )
+            if spacing == "logsnr":
+                lam = torch.linspace(lam_at_t_max, lam_at_t_min, steps + 1, dtype=torch.float64)
+            else:
+                rho = self.karras_rho
+                ramp = torch.linspace(
+                    math.exp(-lam_at_t_max / rho), math.exp(-lam_at_t_min / rho), steps + 1, dtype=torch.float64
+                )
+                lam = -rho * torch.log(ramp)
+            grid = self._time_from_half_log_snr(lam)
+        grid[0] = self.t_max
+        grid[-1] = self.t_min
+        return self._checked_generated_grid(grid, steps, spacing)
+
+    def _checked_generated_grid(self, grid: Tensor, steps: int, spacing: str) -> Tensor:
+        try:
+            return self.check_grid(grid)
+        except ValueError as error:
+            raise ValueError(
+                f"steps={steps} with spacing {spacing!r} gives an invalid grid for {self!r}: {error}"
+            ) from None
+
+    def check_grid(self, ts) -> Tensor:
+        """Validate a user-supplied time grid.
+
+        Args:
+            ts: ``(n,)`` floating-point tensor, NumPy array or sequence of numbers, ``n >= 2``, finite,
+                strictly decreasing, every entry inside ``time_domain``.
+
+        Returns:
+            ``(n,)`` float64 CPU tensor, a copy of ``ts``.
+
+        Raises:
+            ValueError: naming the first problem, e.g.
+                ``"timesteps must be strictly decreasing; timesteps[3]=0.5 >= timesteps[2]=0.4"``.
+        """
+        if isinstance(ts, (Tensor, np.ndarray)):
+            tensor = torch.as_tensor(ts)
+            if not tensor.is_floating_point():
+                raise ValueError(f"timesteps must be a floating-point tensor; got dtype {tensor.dtype}")
+            grid = tensor.to(device="cpu", dtype=torch.float64, copy=True)
+        else:
+            try:
+                grid = torch.tensor(ts, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"timesteps must be a 1-D sequence of numbers; got {ts!r}") from None
+        if grid.dim() != 1:
+            raise ValueError(f"timesteps must be 1-D; got shape {tuple(grid.shape)}")
+        if grid.numel() < 2:
+            raise ValueError(f"timesteps must have at least 2 points; got {grid.numel()}")
+        not_finite = _first_true(~torch.isfinite(grid))
+        if not_finite is not None:
+            raise ValueError(f"timesteps must be finite; timesteps[{not_finite}]={grid[not_finite].item()!r}")
+        not_decreasing = _first_true(grid[1:] >= grid[:-1])
+        if not_decreasing is not None:
+            i = not_decreasing
+            raise ValueError(
+                "timesteps must be strictly decreasing; "
+                f"timesteps[{i + 1}]={grid[i + 1].item()!r} >= timesteps[{i}]={grid[i].item()!r}"
+            )
+        outside = _first_true(~self.time_domain.contains(grid))
+        if outside is not None:
+            raise ValueError(
+                f"timesteps[{outside}]={grid[outside].item()!r} is outside the time domain "
+                f"{self.time_domain} of {self!r}"
+            )
+        return grid
+
+
+class VPSchedule(NoiseSchedule):
+    """A variance-preserving schedule, ``alpha_t^2 + sigma_t^2 == 1``.
+
+    Build one with ``VPSchedule.linear``, ``VPSchedule.cosine``, ``VPSchedule.from_alphas_cumprod``,
+    ``VPSchedule.from_betas`` or ``VPSchedule.from_diffusers_config``.
+    """
+
+    is_variance_preserving = True
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        return torch.sqrt(-torch.expm1(2.0 * self._log_alpha(t)))
+
+    def _log_sigma(self, t: Tensor) -> Tensor:
+        return 0.5 * torch.log(-torch.expm1(2.0 * self._log_alpha(t)))
+
+    @classmethod
+    def linear(
+        cls, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0
+    ) -> LinearVPSchedule:
+        """The continuous linear-beta VP schedule, ``log alpha_t = -(b1 - b0) t^2 / 4 - b0 t / 2``.
+
+        Args:
+            beta_min: b0, at least 0.
+            beta_max: b1, larger than b0.
+            t_min: cleanest grid time, in ``[0, inf)``.
+            t_max: noisiest grid time, larger than ``t_min``.
+
+        Returns:
+            a ``LinearVPSchedule``; its time domain is ``[0, inf)``.
+
+        Raises:
+            ValueError: naming the offending argument.
+        """
+        return LinearVPSchedule(beta_min=beta_min, beta_max=beta_max, t_min=t_min, t_max=t_max)
+
+    @classmethod
+    def cosine(cls, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946) -> CosineVPSchedule:
+        """The cosine VP schedule, ``alpha_t = cos(pi/2 (t+s)/(1+s)) / cos(pi/2 s/(1+s))``.
+
+        Args:
+            s: the offset, at least 0.
+            t_min: cleanest grid time, in ``[0, 1)``.
+            t_max: noisiest grid time, in ``[0, 1)`` and larger than ``t_min`` (0.9946 gives lambda ~ -5.1).
+
+        Returns:
+            a ``CosineVPSchedule``; its time domain is ``[0, 1)``.
+
+        Raises:
+            ValueError: naming the offending argument.
+        """
+        return CosineVPSchedule(s=s, t_min=t_min, t_max=t_max)
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod) -> DiscreteVPSchedule:
+        """A discrete (DDPM / diffusers) schedule from its cumulative products of ``1 - beta``.
+
+        Args:
+            alphas_cumprod: ``(N,)`` tensor, NumPy array or sequence, ``N >= 2``, values in ``(0, 1]``,
+                strictly decreasing.
+
+        Returns:
+            a ``DiscreteVPSchedule`` on the training indices ``t`` in ``[0, N - 1]``.
+
+        Raises:
+            ValueError: if ``alphas_cumprod`` is not as described.
+        """
+        return DiscreteVPSchedule(alphas_cumprod)
+
+    @classmethod
+    def from_betas(cls, betas) -> DiscreteVPSchedule:
+        """A discrete schedule from its betas; ``alphas_cumprod = cumprod(1 - betas)`` in float64.
+
+        Args:
+            betas: ``(N,)`` tensor, NumPy array or sequence, ``N >= 2``; ``betas[0]`` in ``[0, 1)``, the
+                rest in ``(0, 1)``.
+
+        Returns:
+            a ``DiscreteVPSchedule``.
+
+        Raises:
+            ValueError: if ``betas`` is not as described.
+        """
+        betas = _to_float64(betas, "betas")
+        if betas.dim() != 1 or betas.numel() < 2:
+            raise ValueError(f"betas must be 1-D with at least 2 entries; got shape {tuple(betas.shape)}")
+        lower_ok = torch.ones_like(betas, dtype=torch.bool)
+        lower_ok[0] = betas[0] >= 0
+        lower_ok[1:] = betas[1:] > 0
+        bad = _first_true(~(lower_ok & (betas < 1)))
+        if bad is not None:
+            allowed = "[0, 1)" if bad == 0 else "(0, 1)"
+            raise ValueError(f"betas[{bad}] must lie in {allowed}; got betas[{bad}]={betas[bad].item()!r}")
+        return DiscreteVPSchedule(torch.cumprod(1.0 - betas, dim=0))
+
+    @classmethod
+    def from_diffusers_config(
+        cls,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+    ) -> DiscreteVPSchedule:
+        """A discrete schedule built from diffusers' scheduler config, with the betas made in float64.
+
+        ``"linear"``: ``linspace(beta_start, beta_end, N)``; ``"scaled_linear"``:
+        ``linspace(sqrt(beta_start), sqrt(beta_end), N)^2``; ``"squaredcos_cap_v2"``: the Glide cosine
+        ``beta_n = min(1 - abar((n+1)/N) / abar(n/N), 0.999)``, ``abar(x) = cos(pi/2 (x + 0.008)/1.008)^2``
+        (``beta_start``/``beta_end`` unused). diffusers rounds its betas to float32; these differ from
+        diffusers' by that rounding (relative ~1e-7).
+
+        Args:
+            num_train_timesteps: N, at least 2.
+            beta_start: first beta for the linear schedules.
+            beta_end: last beta for the linear schedules.
+            beta_schedule: one of ``"linear"``, ``"scaled_linear"``, ``"squaredcos_cap_v2"``.
+
+        Returns:
+            a ``DiscreteVPSchedule``.
+
+        Raises:
+            ValueError: for an unknown ``beta_schedule`` or invalid numbers, naming the argument.
+        """
+        try:
+            count = operator.index(num_train_timesteps)
+        except TypeError:
+            count = None
+        if count is None or isinstance(num_train_timesteps, bool) or count < 2:
+            raise ValueError(
+                f"num_train_timesteps must be an integer >= 2; got num_train_timesteps={num_train_timesteps!r}"
+            )
+        if beta_schedule == "squaredcos_cap_v2":
+            start = torch.arange(count, dtype=torch.float64) / count
+            end = torch.arange(1, count + 1, dtype=torch.float64) / count
+            ratio = _glide_alpha_bar(end) / _glide_alpha_bar(start)
+            return cls.from_betas(torch.clamp(1.0 - ratio, max=_GLIDE_MAX_BETA))
+        if beta_schedule not in DIFFUSERS_BETA_SCHEDULES:
+            valid = ", ".join(repr(name) for name in DIFFUSERS_BETA_SCHEDULES)
+            raise ValueError(f"unknown beta_schedule {beta_schedule!r}; valid beta schedules are {valid}")
+        beta_start = _check_real(beta_start, "beta_start")
+        beta_end = _check_real(beta_end, "beta_end")
+        if not 0 <= beta_start < 1:
+            raise ValueError(f"beta_start must lie in [0, 1); got beta_start={beta_start!r}")
+        if not 0 < beta_end < 1:
+            raise ValueError(f"beta_end must lie in (0, 1); got beta_end={beta_end!r}")
+        if beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, count, dtype=torch.float64)
+        else:
+            betas = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), count, dtype=torch.float64) ** 2
+        return cls.from_betas(betas)
+
+
+def _glide_alpha_bar(x: Tensor) -> Tensor:
+    return torch.cos((x + _GLIDE_COSINE_OFFSET) / (1.0 + _GLIDE_COSINE_OFFSET) * (math.pi / 2)) ** 2
+
+
+class LinearVPSchedule(VPSchedule):
+    """Continuous VP schedule with linear beta(t) = b0 + (b1 - b0) t; see ``VPSchedule.linear``."""
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0):
+        beta_min = _check_real(beta_min, "beta_min")
+        beta_max = _check_real(beta_max, "beta_max")
+        if beta_min < 0:
+            raise ValueError(f"beta_min must be >= 0; got beta_min={beta_min!r}")
+        if not beta_min < beta_max:
+            raise ValueError(
+                f"beta_min must be smaller than beta_max; got beta_min={beta_min!r} >= beta_max={beta_max!r}"
+            )
+        self.beta_min = beta_min
+        self.beta_max = beta_max
+        self.t_min, self.t_max = _check_time_range(t_min, t_max, self.time_domain)
+
+    @property
+    def time_domain(self) -> _Interval:
+        return _Interval(0.0, math.inf, True, False)
+
+    def _log_alpha(self, t: Tensor) -> Tensor:
+        return -t * (0.25 * (self.beta_max - self.beta_min) * t + 0.5 * self.beta_min)
+
+    def _time_from_half_log_snr(self, lam: Tensor) -> Tensor:
+        neg_log_alpha = 0.5 * _softplus(-2.0 * lam)
+        half_beta_min = 0.5 * self.beta_min
+        root = torch.sqrt(half_beta_min**2 + (self.beta_max - self.beta_min) * neg_log_alpha)
+        times = 2.0 * neg_log_alpha / (half_beta_min + root)
+        times = torch.where(neg_log_alpha == 0, torch.zeros_like(times), times)
+        return torch.where(torch.isinf(neg_log_alpha), torch.full_like(times, math.inf), times)
+
+    def __repr__(self) -> str:
+        return (
+            f"VPSchedule.linear(beta_min={self.beta_min!r}, beta_max={self.beta_max!r}, "
+            f"t_min={self.t_min!r}, t_max={self.t_max!r})"
+        )
+
+
+class CosineVPSchedule(VPSchedule):
+    """Continuous cosine VP schedule (Nichol & Dhariwal); see ``VPSchedule.cosine``."""
+
+    def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946):
+        s = _check_real(s, "s")
+        if s < 0:
+            raise ValueError(f"s must be >= 0; got s={s!r}")
+        self.s = s
+        self._offset_angle = 0.5 * math.pi * s / (1.0 + s)
+        self._angle_per_time = 0.5 * math.pi / (1.0 + s)
+        self.t_min, self.t_max = _check_time_range(t_min, t_max, self.time_domain)
+
+    @property
+    def time_domain(self) -> _Interval:
+        return _Interval(0.0, 1.0, True, False)
+
+    def _log_alpha(self, t: Tensor) -> Tensor:
+        # cos(a + d) / cos(a) = 1 - 2 sin^2(d/2) - tan(a) sin(d): no cancellation as t -> 0.
+        angle = self._angle_per_time * t
+        return torch.log1p(-2.0 * torch.sin(0.5 * angle) ** 2 - math.tan(self._offset_angle) * torch.sin(angle))
+
+    def _time_from_half_log_snr(self, lam: Tensor) -> Tensor:
+        # With theta = a + d, cos(theta) = alpha cos(a), and sin(d), cos(d) written as sums of
+        # positive terms: sin(theta)^2 = sin(a)^2 + cos(a)^2 sigma^2,
+        # sin(d) = sigma^2 cos(a)^2 / (sin(theta) cos(a) + cos(theta) sin(a)).
+        alpha_sq = torch.sigmoid(2.0 * lam)
+        sigma_sq = torch.sigmoid(-2.0 * lam)
+        cos_a = math.cos(self._offset_angle)
+        sin_a = math.sin(self._offset_angle)
+        cos_theta = torch.sqrt(alpha_sq) * cos_a
+        sin_theta = torch.sqrt(sin_a**2 + cos_a**2 * sigma_sq)
+        sin_d = sigma_sq * cos_a**2 / (sin_theta * cos_a + cos_theta * sin_a)
+        cos_d = cos_theta * cos_a + sin_theta * sin_a
+        return torch.atan2(sin_d, cos_d) / self._angle_per_time
+
+    def __repr__(self) -> str:
+        return f"VPSchedule.cosine(s={self.s!r}, t_min={self.t_min!r}, t_max={self.t_max!r})"
+
+
+class DiscreteVPSchedule(VPSchedule):
+    """A DDPM / diffusers VP schedule given by ``alphas_cumprod`` at the training indices 0..N-1.
+
+    Time is the continuous training index ``t`` in ``[0, N - 1]``. At integer ``n``, ``alpha = sqrt(ac[n])``
+    and ``sigma = sqrt(1 - ac[n])`` exactly; in between, lambda is interpolated linearly in t and
+    ``alpha = sqrt(sigmoid(2 lambda))``, ``sigma = sqrt(sigmoid(-2 lambda))``. If ``ac[0] == 1`` (lambda
+    infinite at 0), ``sigma^2`` is interpolated linearly on ``[0, 1]`` instead.
+
+    Attributes:
+        num_train_timesteps: N.
+        alphas_cumprod: ``(N,)`` float64.
+        valid_spacings: the continuous spacings plus diffusers' ``"linspace"``, ``"leading"``, ``"trailing"``.
+    """
+
+    valid_spacings = CONTINUOUS_SPACINGS + DIFFUSERS_SPACINGS
+
+    def __init__(self, alphas_cumprod):
+        products = _to_float64(alphas_cumprod, "alphas_cumprod").detach().clone()
+        if products.dim() != 1 or products.numel() < 2:
+            raise ValueError(
+                f"alphas_cumprod must be 1-D with at least 2 entries; got shape {tuple(products.shape)}"
+            )
+        bad = _first_true(~((products > 0) & (products <= 1)))
+        if bad is not None:
+            raise ValueError(
+                f"alphas_cumprod must lie in (0, 1]; got alphas_cumprod[{bad}]={products[bad].item()!r}"
+            )
+        not_decreasing = _first_true(products[1:] >= products[:-1])
+        if not_decreasing is not None:
+            i = not_decreasing
+            raise ValueError(
+                "alphas_cumprod must be strictly decreasing; "
+                f"alphas_cumprod[{i + 1}]={products[i + 1].item()!r} >= alphas_cumprod[{i}]={products[i].item()!r}"
+            )
+        self.alphas_cumprod = products
+        self.num_train_timesteps = products.numel()
+        self.t_min = 0.0
+        self.t_max = float(self.num_train_timesteps - 1)
+        self._alpha_table = torch.sqrt(products)
+        self._sigma_table = torch.sqrt(1.0 - products)
+        self._log_alpha_table = 0.5 * torch.log(products)
+        self._log_sigma_table = 0.5 * torch.log1p(-products)
+        self._lambda_table = self._log_alpha_table - self._log_sigma_table
+        self._first_segment_in_variance = bool(products[0] == 1)
+
+    @property
+    def time_domain(self) -> _Interval:
+        return _Interval(0.0, self.t_max, True, True)
+
+    def _node_and_segment(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        nearest = torch.round(t)
+        is_node = t == nearest
+        node = nearest.long().clamp(0, self.num_train_timesteps - 1)
+        left = torch.floor(t).long().clamp(0, self.num_train_timesteps - 2)
+        return is_node, node, left, t - left
+
+    def _half_log_snr(self, t: Tensor) -> Tensor:
+        is_node, node, left, fraction = self._node_and_segment(t)
+        table = self._lambda_table
+        between = table[left] + fraction * (table[left + 1] - table[left])
+        if self._first_segment_in_variance:
+            variance = fraction * self._sigma_table[1] ** 2
+            first_segment = 0.5 * (torch.log1p(-variance) - torch.log(variance))
+            between = torch.where(left == 0, first_segment, between)
+        return torch.where(is_node, table[node], between)
+
+    def _alpha(self, t: Tensor) -> Tensor:
+        is_node, node, _, _ = self._node_and_segment(t)
+        between = torch.sqrt(torch.sigmoid(2.0 * self._half_log_snr(t)))
+        return torch.where(is_node, self._alpha_table[node], between)
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        is_node, node, _, _ = self._node_and_segment(t)
+        between = torch.sqrt(torch.sigmoid(-2.0 * self._half_log_snr(t)))
+        return torch.where(is_node, self._sigma_table[node], between)
+
+    def _log_alpha(self, t: Tensor) -> Tensor:
+        is_node, node, _, _ = self._node_and_segment(t)
+        between = -0.5 * _softplus(-2.0 * self._half_log_snr(t))
+        return torch.where(is_node, self._log_alpha_table[node], between)
+
+    def _log_sigma(self, t: Tensor) -> Tensor:
+        is_node, node, _, _ = self._node_and_segment(t)
+        between = -0.5 * _softplus(2.0 * self._half_log_snr(t))
+        return torch.where(is_node, self._log_sigma_table[node], between)
+
+    def _time_from_half_log_snr(self, lam: Tensor) -> Tensor:
+        table = self._lambda_table
+        count = self.num_train_timesteps
+        entries_above = count - torch.searchsorted(torch.flip(table, [0]), lam, right=True)
+        left = (entries_above - 1).clamp(0, count - 2)
+        times = left + (lam - table[left]) / (table[left + 1] - table[left])
+        if self._first_segment_in_variance:
+            first_segment = torch.sigmoid(-2.0 * lam) / self._sigma_table[1] ** 2
+            times = torch.where(left == 0, first_segment, times)
+        return times.to(torch.float64)
+
+    def timesteps(self, steps: int, spacing: str = "logsnr", *, steps_offset: int = 0) -> Tensor:
+        """A grid of ``steps + 1`` times; the diffusers spacings give integer model times then 0.
+
+        ``"linspace"``, ``"leading"`` and ``"trailing"`` reproduce exactly the integer timesteps of
+        diffusers' ``DPMSolverMultistepScheduler.set_timesteps(steps)`` for that ``timestep_spacing`` and
+        ``steps_offset`` (which, as in diffusers, only shifts ``"leading"``), and then append the endpoint
+        ``t = 0``. Where diffusers' float ``arange`` overshoots and emits an extra trailing timestep ``-1``
+        (e.g. N = 1000, steps = 61), only the ``steps`` intended timesteps are kept.
+
+        Args:
+            steps: number of solver steps, at least 1.
+            spacing: one of ``valid_spacings``; the continuous ones are as in ``NoiseSchedule.timesteps``.
+            steps_offset: diffusers' ``steps_offset``; only allowed with the diffusers spacings.
+
+        Returns:
+            ``(steps + 1,)`` float64 CPU tensor, strictly decreasing, ending at 0 (the diffusers spacings)
+            or running from ``t_max`` to ``t_min`` (the continuous ones).
+
+        Raises:
+            ValueError: for ``steps < 1``, an unknown spacing, a non-integer or misplaced ``steps_offset``,
+                or a ``steps`` for which the diffusers grid repeats a timestep or leaves ``[0, N - 1]``.
+        """
+        steps = _check_steps(steps)
+        self._check_spacing(spacing)
+        if isinstance(steps_offset, bool):
+            raise ValueError(f"steps_offset must be an integer; got steps_offset={steps_offset!r}")
+        try:
+            steps_offset = operator.index(steps_offset)
+        except TypeError:
+            raise ValueError(f"steps_offset must be an integer; got steps_offset={steps_offset!r}") from None
+        if spacing in CONTINUOUS_SPACINGS:
+            if steps_offset != 0:
+                raise ValueError(
+                    f"steps_offset applies only to the diffusers spacings {DIFFUSERS_SPACINGS}; "
+                    f"got steps_offset={steps_offset} with spacing {spacing!r}"
+                )
+            return self._continuous_timesteps(steps, spacing)
+        model_times = self._diffusers_model_times(steps, spacing, steps_offset)
+        grid = torch.cat([torch.from_numpy(model_times), torch.zeros(1, dtype=torch.float64)])
+        return self._checked_generated_grid(grid, steps, spacing)
+
+    def _diffusers_model_times(self, steps: int, spacing: str, steps_offset: int) -> np.ndarray:
+        # NumPy float arithmetic, call for call, is what makes these integers bit-identical to diffusers'.
+        count = self.num_train_timesteps
+        if spacing == "linspace":
+            model_times = np.rint(np.linspace(0, count - 1, steps + 1))[:0:-1]
+        elif spacing == "leading":
+            stride = count // (steps + 1)
+            model_times = np.arange(steps, 0, -1, dtype=np.int64) * stride + steps_offset
+        else:
+            model_times = np.rint(np.arange(count, 0, -count / steps))[:steps] - 1
+        return model_times.astype(np.float64)
+
+    def __repr__(self) -> str:
+        return (
+            f"VPSchedule.from_alphas_cumprod(<num_train_timesteps={self.num_train_timesteps}, "
+            f"alphas_cumprod[0]={self.alphas_cumprod[0].item()!r}, "
+            f"alphas_cumprod[-1]={self.alphas_cumprod[-1].item()!r}>)"
+        )
+
+
+class FlowSchedule(NoiseSchedule):
+    """Flow matching / rectified flow: ``alpha_t = 1 - t``, ``sigma_t = t``, time domain ``(0, 1]``.
+
+    ``shift`` s is a log-SNR offset applied to grids: a grid is built in the unshifted variable u and
+    mapped by ``t = s u / (1 + (s - 1) u)``, so that ``lambda(t) = lambda(u) - log(s)``. ``t_min`` and
+    ``t_max`` are actual (shifted) times, the ends of every grid. ``"uniform"`` and ``"quadratic"`` are
+    uniform in ``u = t / (s (1 - t) + t)`` and ``sqrt(u)``; ``"logsnr"`` and ``"karras"`` do not depend on
+    s, since a constant lambda offset keeps them uniform. With ``t_max == 1`` (lambda = -inf) only
+    ``"uniform"`` and ``"quadratic"`` are possible. The model time is t itself (diffusers' flow models
+    take ``1000 t``; the caller scales).
+
+    Attributes:
+        shift: the shift s > 0 (1 means none).
+    """
+
+    def __init__(self, shift: float = 1.0, t_min: float = 1e-3, t_max: float = 1.0 - 1e-3):
+        shift = _check_real(shift, "shift")
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0; got shift={shift!r}")
+        self.shift = shift
+        self.t_min, self.t_max = _check_time_range(t_min, t_max, self.time_domain)
+
+    @property
+    def time_domain(self) -> _Interval:
+        return _Interval(0.0, 1.0, False, True)
+
+    def _log_alpha(self, t: Tensor) -> Tensor:
+        return torch.log1p(-t)
+
+    def _alpha(self, t: Tensor) -> Tensor:
+        return 1.0 - t
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        return t.clone()
+
+    def _log_sigma(self, t: Tensor) -> Tensor:
+        return torch.log(t)
+
+    def _time_from_half_log_snr(self, lam: Tensor) -> Tensor:
+        return torch.sigmoid(-lam)
+
+    def _grid_variable(self, t: Tensor) -> Tensor:
+        return t / (self.shift * (1.0 - t) + t)
+
+    def _time_from_grid_variable(self, u: Tensor) -> Tensor:
+        return self.shift * u / ((1.0 - u) + self.shift * u)
+
+    def __repr__(self) -> str:
+        return f"FlowSchedule(shift={self.shift!r}, t_min={self.t_min!r}, t_max={self.t_max!r})"
+
+
+class EDMSchedule(NoiseSchedule):
+    """Variance-exploding EDM schedule: time is sigma, ``alpha_t = 1``, ``sigma_t = t``, ``lambda = -log t``.
+
+    The time domain is ``[0, inf)`` (t = 0 is the clean endpoint); grids run from ``sigma_max`` to
+    ``sigma_min``, and ``"karras"`` uses this schedule's ``rho``.
+
+    Attributes:
+        sigma_min: ``t_min``.
+        sigma_max: ``t_max``.
+        rho: exponent of the Karras grid (also ``karras_rho``).
+    """
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+        sigma_min = _check_real(sigma_min, "sigma_min")
+        sigma_max = _check_real(sigma_max, "sigma_max")
+        rho = _check_real(rho, "rho")
+        if not sigma_min > 0:
+            raise ValueError(f"sigma_min must be > 0; got sigma_min={sigma_min!r}")
+        if not sigma_min < sigma_max:
+            raise ValueError(
+                f"sigma_min must be smaller than sigma_max; got sigma_min={sigma_min!r} >= sigma_max={sigma_max!r}"
+            )
+        if not rho > 0:
+            raise ValueError(f"rho must be > 0; got rho={rho!r}")
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.rho = rho
+        self.karras_rho = rho
+        self.t_min = sigma_min
+        self.t_max = sigma_max
+
+    @property
+    def time_domain(self) -> _Interval:
+        return _Interval(0.0, math.inf, True, False)
+
+    def _log_alpha(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(t)
+
+    def _alpha(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t)
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        return t.clone()
+
+    def _log_sigma(self, t: Tensor) -> Tensor:
+        return torch.log(t)
+
+    def _time_from_half_log_snr(self, lam: Tensor) -> Tensor:
+        return torch.exp(-lam)
+
+    def __repr__(self) -> str:
+        return f"EDMSchedule(sigma_min={self.sigma_min!r}, sigma_max={self.sigma_max!r}, rho={self.rho!r})"

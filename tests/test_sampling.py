@@ -1,0 +1,268 @@
+"""sample() against the closed-form Gaussian oracle, and its behaviour at the edges."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import adjointdeis as ad
+from adjointdeis import ops
+from adjointdeis.solvers import build_plan
+from gaussian import GaussianEps, per_dimension
+
+DIM = 16
+STEPS = [20, 40, 80, 160]
+SCHEDULES = {
+    "vp_linear": lambda: ad.VPSchedule.linear(),
+    "vp_cosine": lambda: ad.VPSchedule.cosine(),
+    "vp_discrete": lambda: ad.VPSchedule.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)),
+    "flow": lambda: ad.FlowSchedule(),
+}
+
+
+def oracle(schedule_name, seed=0):
+    sched = SCHEDULES[schedule_name]()
+    model = GaussianEps(sched, *per_dimension(DIM, seed))
+    x_T = torch.randn(64, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return sched, model, x_T
+
+
+def adapted(model, sched, prediction):
+    return model if prediction == "eps" else ad.PredictionAdapter(model, sched, "eps", prediction)
+
+
+def errors(schedule_name, prediction, solver, order):
+    sched, model, x_T = oracle(schedule_name)
+    result = []
+    for n in STEPS:
+        ts = sched.timesteps(n)
+        with torch.no_grad():
+            exact = model.flow_map(x_T, ts[0], ts[-1])
+            x = ad.sample(adapted(model, sched, prediction), x_T, sched, steps=n, solver=solver,
+                          order=order, prediction=prediction, lower_order_final=False)
+        result.append((x - exact).abs().max().item())
+    return result
+
+
+def slope(errs):
+    """Least-squares slope of -log(error) against log(N)."""
+    xs = [math.log(n) for n in STEPS]
+    ys = [-math.log(e) for e in errs]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+
+
+@pytest.mark.parametrize("schedule_name", list(SCHEDULES))
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "flow"])
+def test_convergence_order(schedule_name, prediction):
+    errs = {(solver, order): errors(schedule_name, prediction, solver, order)
+            for solver, order in [("ddim", 1), ("dpmpp", 2), ("deis", 2), ("dpmpp", 3), ("deis", 3), ("heun", 2)]}
+    assert abs(slope(errs["ddim", 1]) - 1) < 0.3
+    for order_two in [("dpmpp", 2), ("deis", 2), ("heun", 2)]:
+        assert abs(slope(errs[order_two]) - 2) < 0.3, (order_two, errs[order_two])
+    for solver in ("dpmpp", "deis"):
+        # The order-1 warm-up caps the global order at 2; third order still wins from N = 40.
+        third, second = errs[solver, 3], errs[solver, 2]
+        assert all(e3 < e2 for n, e3, e2 in zip(STEPS, third, second) if n >= 40), (solver, third, second)
+
+
+def run_rows_from_exact_history(model, sched, plan, ts, x_T, first_row):
+    """Runs plan rows from `first_row` on, with the state and history taken from the exact solution."""
+    points = [model.flow_map(x_T, ts[0], t) for t in ts]
+    history = []
+    for j in range(first_row):
+        out = model(points[j], ts[j].expand(x_T.shape[0]))
+        _, m0 = ops.multistep_step(points[j], out, [], plan.coeffs[j])
+        history = [m0] + history[:1]
+    # Rows before first_row computed m with their own (p, q): same time, same conversion.
+    x = points[first_row]
+    for row in range(first_row, len(plan)):
+        out = model(x, ts[plan.eval_index[row]].expand(x_T.shape[0]))
+        x, m0 = ops.multistep_step(x, out, history[:plan.num_history[row]], plan.coeffs[row])
+        history = [m0] + history[:1]
+    return x
+
+
+def exact_start_errors(schedule_name, solver, third_order="published"):
+    sched, model, x_T = oracle(schedule_name)
+    errs = []
+    with torch.no_grad():
+        for n in STEPS:
+            ts = sched.timesteps(n)
+            points = [ad.solvers.GridPoint(a, s) for a, s in zip(sched.alpha(ts).tolist(), sched.sigma(ts).tolist())]
+            plan = build_plan(points, solver, 3, "eps", lower_order_final=False, third_order=third_order)
+            x = run_rows_from_exact_history(model, sched, plan, ts, x_T, first_row=2)
+            errs.append((x - model.flow_map(x_T, ts[0], ts[-1])).abs().max().item())
+    return errs
+
+
+@pytest.mark.parametrize("schedule_name", ["vp_linear", "flow"])
+@pytest.mark.parametrize("solver,third_order", [("deis", "published"), ("dpmpp", "taylor")])
+def test_third_order_with_exact_start(schedule_name, solver, third_order):
+    errs = exact_start_errors(schedule_name, solver, third_order)
+    assert slope(errs) > 2.7, errs
+
+
+@pytest.mark.parametrize("schedule_name", ["vp_linear", "flow"])
+def test_published_dpmpp_3m_is_second_order(schedule_name):
+    """The published 3M update halves the D2 weight (see solvers._dpmpp_row): order 2 even
+    from an exact start, while the Taylor-weighted variant is far more accurate."""
+    published = exact_start_errors(schedule_name, "dpmpp", "published")
+    taylor = exact_start_errors(schedule_name, "dpmpp", "taylor")
+    assert 1.7 < slope(published) < 2.5, published
+    assert all(t < p / 3 for t, p in zip(taylor[1:], published[1:])), (taylor, published)
+
+
+def test_edm_schedule_heun_and_dpmpp():
+    sched = ad.EDMSchedule()
+    model = GaussianEps(sched, *per_dimension(DIM))
+    x_T = 80.0 * torch.randn(32, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for solver in ("heun", "dpmpp"):
+            errs = []
+            for n in STEPS:
+                ts = sched.timesteps(n, "karras")
+                x = ad.sample(model, x_T, sched, steps=n, solver=solver, spacing="karras", lower_order_final=False)
+                errs.append((x - model.flow_map(x_T, ts[0], ts[-1])).abs().max().item())
+            assert abs(slope(errs) - 2) < 0.3, (solver, errs)
+
+
+def test_denoise_to_zero_lands_on_the_data_mean_map():
+    sched, model, x_T = oracle("vp_linear")
+    with torch.no_grad():
+        x = ad.sample(model, x_T, sched, steps=200, solver="dpmpp", order=2, denoise_to_zero=True)
+        exact = model.flow_map(x_T, sched.t_max, 0.0)
+    assert_close(x, exact, rtol=0, atol=2e-3)
+
+
+def test_sde_matches_the_data_distribution():
+    sched = ad.VPSchedule.linear()
+    mu, s = per_dimension(4)
+    model = GaussianEps(sched, mu, s)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(20000, 4, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        # Steps enough for the discretisation bias (O(1/N) at order 1) to fall below 1%.
+        for order, steps in ((1, 800), (2, 200)):
+            x = ad.sample(model, x_T, sched, steps=steps, solver="dpmpp", order=order, sde=True, generator=g)
+            # Standard errors of the mean and the std over 20k samples: s/141 and s/200.
+            assert ((x.mean(0) - mu).abs() < 4 * s / 141 + 0.01 * s).all(), (order, x.mean(0) - mu)
+            assert ((x.std(0) - s).abs() < 4 * s / 200 + 0.01 * s).all(), (order, x.std(0) - s)
+
+
+def test_sde_reproducible_from_the_generator_seed():
+    sched, model, x_T = oracle("vp_linear")
+    runs = [ad.sample(model, x_T, sched, steps=10, sde=True, generator=torch.Generator().manual_seed(seed))
+            for seed in (7, 7, 8)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_batch_independence_and_dtypes():
+    sched, model, x_T = oracle("vp_linear")
+    with torch.no_grad():
+        full = ad.sample(model, x_T, sched, steps=12)
+        parts = torch.cat([ad.sample(model, x_T[i:i + 1], sched, steps=12) for i in range(3)])
+        assert_close(full[:3], parts, rtol=1e-13, atol=1e-13)
+        f32 = ad.sample(model.float(), x_T.float(), sched, steps=12)
+        assert_close(f32.double(), full, rtol=1e-4, atol=1e-4)
+        bf16 = ad.sample(model.float(), x_T.bfloat16(), sched, steps=12)
+        assert bf16.dtype == torch.bfloat16
+        assert_close(bf16.double(), full, rtol=0.05, atol=0.05)
+
+
+def test_classifier_free_guidance():
+    sched, model, x_T = oracle("vp_linear")
+    cond = torch.full((64, DIM), 0.5, dtype=torch.float64)
+    uncond = torch.zeros(64, DIM, dtype=torch.float64)
+    calls = []
+
+    def counting(x, t, c):
+        calls.append(x.shape[0])
+        return model(x, t, c)
+
+    with torch.no_grad():
+        w = 3.0
+        guided = ad.sample(counting, x_T, sched, steps=10, cond=cond, uncond=uncond, guidance_scale=w)
+        assert calls == [128] * 10  # one batched call per step
+
+        # Guidance on an affine-in-cond model equals conditioning on the extrapolated cond.
+        direct = ad.sample(model, x_T, sched, steps=10, cond=uncond + w * (cond - uncond))
+        assert_close(guided, direct, rtol=1e-12, atol=1e-12)
+
+        per_sample = torch.tensor([1.0, 3.0] * 32, dtype=torch.float64).view(64, 1)
+        mixed = ad.sample(model, x_T, sched, steps=10, cond=cond, uncond=uncond, guidance_scale=per_sample)
+        assert_close(mixed[1::2], guided[1::2], rtol=1e-12, atol=1e-12)
+        plain = ad.sample(model, x_T, sched, steps=10, cond=cond)
+        assert_close(mixed[0::2], plain[0::2], rtol=1e-12, atol=1e-12)
+
+        dict_model = lambda x, t, c: model(x, t, c["shift"])
+        dict_guided = ad.sample(dict_model, x_T, sched, steps=10, cond={"shift": cond},
+                                uncond={"shift": uncond}, guidance_scale=w)
+        assert_close(dict_guided, guided, rtol=1e-12, atol=1e-12)
+
+
+def test_explicit_timesteps_equal_generated_grid():
+    sched, model, x_T = oracle("vp_cosine")
+    with torch.no_grad():
+        a = ad.sample(model, x_T, sched, steps=9, spacing="quadratic")
+        b = ad.sample(model, x_T, sched, timesteps=sched.timesteps(9, "quadratic"))
+    assert torch.equal(a, b)
+
+
+def test_compile_whole_sample_fullgraph():
+    sched = ad.VPSchedule.linear()
+    net = torch.nn.Sequential(torch.nn.Linear(DIM + 1, 32), torch.nn.SiLU(), torch.nn.Linear(32, DIM))
+    model = lambda x, t: net(torch.cat([x, t[:, None]], 1))
+    x_T = torch.randn(8, DIM, generator=torch.Generator().manual_seed(0))
+
+    def run(x):
+        return ad.sample(model, x, sched, steps=6, solver="dpmpp", order=3)
+
+    with torch.no_grad():
+        assert_close(torch.compile(run, fullgraph=True)(x_T), run(x_T), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(steps=0), ValueError, "steps"),
+        (dict(solver="euler"), ValueError, "unknown solver"),
+        (dict(prediction="score"), ValueError, "unknown prediction"),
+        (dict(solver="ddim", order=2), ValueError, "supports order"),
+        (dict(solver="heun", order=3), ValueError, "supports order"),
+        (dict(solver="deis", sde=True), ValueError, "sde=True"),
+        (dict(timesteps=torch.tensor([0.5, 0.7, 0.1], dtype=torch.float64)), ValueError, "decreasing"),
+        (dict(guidance_scale=2.0), ValueError, "uncond"),
+    ],
+)
+def test_bad_arguments(kwargs, error, message):
+    sched, model, x_T = oracle("vp_linear")
+    with pytest.raises(error, match=message):
+        ad.sample(model, x_T, sched, **{"steps": 5, **kwargs})
+
+
+def test_model_output_errors():
+    sched, model, x_T = oracle("vp_linear")
+    with pytest.raises(ValueError, match="model returned shape"):
+        ad.sample(lambda x, t: x[:, :3], x_T, sched, steps=3)
+    with pytest.raises(FloatingPointError, match="NaN"):
+        ad.sample(lambda x, t: torch.full_like(x, float("nan")), x_T, sched, steps=3)
+    with pytest.raises(TypeError, match="x_T"):
+        ad.sample(model, torch.zeros(3, dtype=torch.long), sched, steps=3)
+
+
+@pytest.mark.cuda
+def test_cuda_sample_matches_cpu_without_host_sync():
+    sched, model, x_T = oracle("vp_linear")
+    cuda_model = lambda x, t: torch.tanh(x) * 0.5 + t[:, None].to(x) * 1e-3
+    with torch.no_grad():
+        want = ad.sample(cuda_model, x_T.float(), sched, steps=10, solver="dpmpp", order=3)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = ad.sample(cuda_model, x_T.float().cuda(), sched, steps=10, solver="dpmpp", order=3,
+                            check_finite=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
