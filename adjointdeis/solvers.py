@@ -51,12 +51,15 @@ class StepPlan:
         eval_index: (S,) index into the time grid of the time the model is evaluated at.
         num_history: per row, how many previous converted outputs it reads (0..2).
         noisy: per row, whether it draws standard normal noise.
+        starts_step: per row, whether its input state is the grid state at ``eval_index``
+            (False for Heun's corrector rows, whose input is the predicted state).
     """
 
     coeffs: Tensor
     eval_index: list[int]
     num_history: list[int]
     noisy: list[bool]
+    starts_step: list[bool]
 
     def __len__(self) -> int:
         return len(self.eval_index)
@@ -226,15 +229,16 @@ def build_plan(points: list[GridPoint], solver: str, order: int, prediction: str
         raise ValueError(f"third_order must be one of {', '.join(THIRD_ORDER_VARIANTS)}, got {third_order!r}")
     num_steps = len(points) - 1
     final_is_zero = points[-1].sigma == 0.0
-    rows, eval_index, num_history, noisy = [], [], [], []
+    rows, eval_index, num_history, noisy, starts_step = [], [], [], [], []
 
-    def add(index, a, b, c, target, nh):
+    def add(index, a, b, c, target, nh, starts=True):
         p, q = conversion(prediction, target, points[index].alpha, points[index].sigma)
         b = list(b) + [0.0] * (3 - len(b))
         rows.append([a, *b, c, p, q])
         eval_index.append(index)
         num_history.append(nh)
         noisy.append(c != 0.0)
+        starts_step.append(starts)
 
     if solver == "heun":
         for i in range(num_steps):
@@ -245,7 +249,7 @@ def build_plan(points: list[GridPoint], solver: str, order: int, prediction: str
             euler = t.alpha * (t.rho - s.rho)
             add(i, a, [euler], 0.0, "eps", 0)
             if i < num_steps - 1:
-                add(i + 1, 1.0, [euler / 2, -euler / 2], 0.0, "eps", 1)
+                add(i + 1, 1.0, [euler / 2, -euler / 2], 0.0, "eps", 1, starts=False)
     else:
         orders = step_orders(num_steps, order, lower_order_final, final_is_zero)
         for i, k in enumerate(orders):
@@ -258,4 +262,4 @@ def build_plan(points: list[GridPoint], solver: str, order: int, prediction: str
     coeffs = torch.tensor(rows, dtype=torch.float64).reshape(-1, len(STEP_COEFFS))
     if not torch.isfinite(coeffs).all():
         raise ValueError("the time grid produced non-finite step coefficients; check its endpoints")
-    return StepPlan(coeffs, eval_index, num_history, noisy)
+    return StepPlan(coeffs, eval_index, num_history, noisy, starts_step)

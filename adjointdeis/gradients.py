@@ -1,0 +1,304 @@
+"""Gradients through sampling (MATH.md section 5): the exact discrete adjoint and AdjointDEIS.
+
+Both run the sampler forward under ``no_grad``, keep only the states, and in the backward pass
+re-run the model once per step with grad enabled, so at most one step's activations are alive.
+The result is attached to autograd through one :class:`torch.autograd.Function` whose inputs are
+x_T, the conditioning tensors and the model's parameters, so ``loss.backward()`` fills their
+``.grad`` (and a DistributedDataParallel model's parameter gradients are averaged across ranks).
+"""
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .models import evaluate_model
+from .solvers import GridPoint, StepPlan, conversion
+
+GRAD_MODES = ("discrete", "adjoint", "autograd")
+ADJOINT_FORMS = ("eps", "x0")
+STATE_MODES = ("recorded", "resolved")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Adjoints of half and bfloat16 models accumulate in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@dataclass
+class Conditioning:
+    """Flattens (cond, uncond, guidance_scale) into leaf tensors and back."""
+
+    cond: object
+    uncond: object
+    guidance_scale: object
+
+    def leaves(self) -> list[Tensor]:
+        out = []
+        for value in (self.cond, self.uncond):
+            if isinstance(value, Mapping):
+                out += [value[k] for k in sorted(value)]
+            elif isinstance(value, Tensor):
+                out.append(value)
+        if isinstance(self.guidance_scale, Tensor):
+            out.append(self.guidance_scale)
+        return out
+
+    def rebuild(self, leaves: list[Tensor]):
+        """(cond, uncond, guidance_scale) with the tensors replaced by `leaves`, in order."""
+        it = iter(leaves)
+        rebuilt = []
+        for value in (self.cond, self.uncond):
+            if isinstance(value, Mapping):
+                rebuilt.append({k: next(it) for k in sorted(value)})
+            elif isinstance(value, Tensor):
+                rebuilt.append(next(it))
+            else:
+                rebuilt.append(value)
+        w = next(it) if isinstance(self.guidance_scale, Tensor) else self.guidance_scale
+        return rebuilt[0], rebuilt[1], w
+
+
+@dataclass
+class AdjointConfig:
+    """AdjointDEIS settings: order 1 or 2, "eps" or "x0" form, the adjoint grid and its states."""
+
+    order: int = 1
+    form: str = "eps"
+    grid: list[GridPoint] | None = None      # noisiest first; None: the sampling grid
+    model_times: Tensor | None = None        # model time of every adjoint grid point
+    states: str = "recorded"
+    sde: bool = False
+
+
+@dataclass
+class SamplerSpec:
+    """Everything the backward pass needs besides tensors."""
+
+    model: Callable
+    plan: StepPlan
+    t_eval: Tensor
+    conditioning: Conditioning
+    num_params: int
+    mode: str
+    prediction: str
+    adjoint: AdjointConfig | None = None
+
+
+def vjp_model(model):
+    """The module to differentiate: DDP's wrapped module (its hooks would not fire on a VJP)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    return model.module if isinstance(model, ddp) else model
+
+
+def model_parameters(model, parameters) -> list[Tensor]:
+    """Parameters that receive gradients: the given ones, else the module's that require grad."""
+    if parameters is not None:
+        return [p for p in parameters if p.requires_grad]
+    if isinstance(model, torch.nn.Module):
+        return [p for p in model.parameters() if p.requires_grad]
+    return []
+
+
+class _Sampler(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec: SamplerSpec, record_run: Callable, x_T: Tensor, *leaves: Tensor):
+        num_cond = len(leaves) - spec.num_params
+        cond, uncond, w = spec.conditioning.rebuild(list(leaves[:num_cond]))
+        x, states, grid_states = record_run(x_T, cond, uncond, w)
+        ctx.spec = spec
+        ctx.num_cond = num_cond
+        ctx.save_for_backward(*leaves, *states, *grid_states)
+        ctx.counts = (len(leaves), len(states))
+        ctx.final = x
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad_x: Tensor):
+        spec = ctx.spec
+        saved = ctx.saved_tensors
+        num_leaves, num_states = ctx.counts
+        leaves = list(saved[:num_leaves])
+        states = list(saved[num_leaves:num_leaves + num_states])
+        grid_states = list(saved[num_leaves + num_states:])
+        cond_leaves, params = leaves[:ctx.num_cond], leaves[ctx.num_cond:]
+        if spec.mode == "discrete":
+            grad_x_T, grad_cond, grad_params = discrete_adjoint(spec, grad_x, states, cond_leaves, params)
+        else:
+            grad_x_T, grad_cond, grad_params = continuous_adjoint(spec, grad_x, grid_states, ctx.final,
+                                                                  cond_leaves, params)
+        reduce_across_ranks(spec.model, grad_params)
+        if not torch.isfinite(grad_x_T).all():
+            raise FloatingPointError(f"grad={spec.mode!r}: the adjoint state became non-finite (NaN/Inf); "
+                                     "for grad='adjoint' try adjoint_form='x0' or a finer adjoint grid")
+        return (None, None, grad_x_T, *grad_cond, *grad_params)
+
+
+def reduce_across_ranks(model, grads: list[Tensor | None]) -> None:
+    """Averages parameter gradients over the process group, as DDP's reducer would."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return
+    import torch.distributed as dist
+
+    group = model.process_group
+    world = dist.get_world_size(group)
+    present = [g for g in grads if g is not None]
+    if not present:
+        return
+    flat = torch.cat([g.reshape(-1) for g in present])
+    dist.all_reduce(flat, group=group)
+    flat /= world
+    offset = 0
+    for g in present:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def model_vjp(spec: SamplerSpec, x: Tensor, t: Tensor, cond_leaves, params, cotangent_of_out):
+    """Re-runs the model at x with grad enabled and pulls a cotangent back.
+
+    Args:
+        cotangent_of_out: callable mapping the output's dtype to the cotangent tensor.
+
+    Returns:
+        (vjp_x, [vjp_cond...], [vjp_param...]) with None where a leaf is not reached.
+    """
+    model = vjp_model(spec.model)
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        cond_in = [c.detach().requires_grad_(c.requires_grad) for c in cond_leaves]
+        cond, uncond, w = spec.conditioning.rebuild(cond_in)
+        out = evaluate_model(model, x_in, t, cond, w, uncond)
+        if not out.requires_grad:
+            raise RuntimeError(
+                f"grad={spec.mode!r}: the model output does not depend on x or on any tensor that requires "
+                "grad; is the model's output connected to its inputs?")
+        wrt = [x_in] + [c for c in cond_in if c.requires_grad] + list(params)
+        grads = torch.autograd.grad(out, wrt, grad_outputs=cotangent_of_out(out), allow_unused=True)
+    vjp_x = grads[0] if grads[0] is not None else torch.zeros_like(x)
+    it = iter(grads[1:])
+    vjp_cond = [next(it) if c.requires_grad else None for c in cond_in]
+    vjp_params = list(it)
+    return vjp_x, vjp_cond, vjp_params
+
+
+def _accumulate(acc: list[Tensor | None], updates: list[Tensor | None], scale: float = 1.0) -> None:
+    for i, u in enumerate(updates):
+        if u is None:
+            continue
+        u = u.to(acc[i].dtype) if acc[i] is not None else u
+        if acc[i] is None:
+            acc[i] = (u * scale).to(accumulation_dtype(u.dtype))
+        else:
+            acc[i].add_(u, alpha=scale)
+
+
+def _finish(acc: list[Tensor | None], like: list[Tensor]) -> list[Tensor | None]:
+    return [None if a is None else a.to(t.dtype) for a, t in zip(acc, like)]
+
+
+def discrete_adjoint(spec: SamplerSpec, grad_x: Tensor, states: list[Tensor], cond_leaves, params):
+    """Exact gradient of the computed sample (MATH 5.1): reverse pass over the plan's rows."""
+    plan = spec.plan
+    acc_dtype = accumulation_dtype(states[0].dtype)
+    coeffs = plan.coeffs.to(grad_x.device)
+    a, b0, b1, b2, _, p, q = coeffs.to(acc_dtype).unbind(1)
+    batch = states[0].shape[0]
+    t_eval = spec.t_eval.to(grad_x.device, dtype=torch.float64 if states[0].dtype == torch.float64 else torch.float32)
+    xbar = grad_x.to(acc_dtype)
+    last = len(plan) - 1
+    gfull = b0[last] * xbar
+    pending = None
+    acc_cond = [None] * len(cond_leaves)
+    acc_params = [None] * len(params)
+    for j in range(last, -1, -1):
+        cot = q[j] * gfull
+        vjp_x, vjp_cond, vjp_params = model_vjp(spec, states[j], t_eval[j].expand(batch), cond_leaves, params,
+                                                lambda out, c=cot: c.to(out.dtype))
+        _accumulate(acc_cond, vjp_cond)
+        _accumulate(acc_params, vjp_params)
+        xbar_prev = a[j] * xbar + p[j] * gfull + vjp_x.to(acc_dtype)
+        if j > 0:
+            gfull = b1[j] * xbar + b0[j - 1] * xbar_prev + (0 if pending is None else pending)
+            pending = b2[j] * xbar
+        xbar = xbar_prev
+    return xbar.to(grad_x.dtype), _finish(acc_cond, cond_leaves), _finish(acc_params, params)
+
+
+def _adjoint_step_coefficients(form: str, sde: bool, t: GridPoint, s: GridPoint):
+    """(A, B, Bz, mx, mz) of one first-order AdjointDEIS step from t (cleaner) to s (noisier).
+
+    x: a(s) = A a(t) + B V,  V = mx (a^T dD/dx)   z: a_z(s) = a_z(t) + Bz W,  W = mz (a^T dD/dz)
+    with D = eps-hat (eps form, MATH 5.2) or x0-hat (x0 form, MATH 5.3).
+    """
+    h = s.half_log_snr - t.half_log_snr  # < 0
+    if form == "eps":
+        factor = 2.0 if sde else 1.0
+        return (t.alpha / s.alpha, factor * s.sigma * math.expm1(h) / s.alpha**2,
+                factor * s.sigma * math.expm1(h) / s.alpha, t.alpha**2, t.alpha)
+    if not sde:
+        return (t.sigma / s.sigma, s.alpha / s.sigma**2 * math.expm1(-h),
+                s.alpha / s.sigma * math.expm1(-h), t.sigma**2, t.sigma)
+    # SDE drift in x0 form, d x / d lambda = ((log sigma)' - 1) x + 2 alpha x0-hat.
+    return (t.sigma**2 * s.alpha / (s.sigma**2 * t.alpha), -2.0 * h * s.alpha / s.sigma**2,
+            2.0 * s.alpha / s.sigma * math.expm1(-h), t.sigma**2, t.sigma)
+
+
+def continuous_adjoint(spec: SamplerSpec, grad_x: Tensor, grid_states: list[Tensor], final: Tensor,
+                       cond_leaves, params):
+    """AdjointDEIS-1 / -2M (MATH 5.2-5.3) along the adjoint grid, cleaner to noisier."""
+    cfg = spec.adjoint
+    grid = cfg.grid
+    times = cfg.model_times.to(grad_x.device)
+    acc_dtype = accumulation_dtype(final.dtype)
+    target = "eps" if cfg.form == "eps" else "x0"
+    prediction = spec.prediction
+    batch = final.shape[0]
+    a_x = grad_x.to(acc_dtype)
+    x_t = final
+    acc_cond = [None] * len(cond_leaves)
+    acc_params = [None] * len(params)
+    hist_v, hist_wz, h_prev = None, None, None
+    for k in range(len(grid) - 2, -1, -1):
+        t, s = grid[k + 1], grid[k]
+        if cfg.states == "recorded":
+            x_t = grid_states[k + 1]
+        p, q = conversion(prediction, target, t.alpha, t.sigma)
+        A, B, Bz, mx, mz = _adjoint_step_coefficients(cfg.form, cfg.sde, t, s)
+        t_model = times[k + 1].to(torch.float64 if x_t.dtype == torch.float64 else torch.float32).expand(batch)
+        cot = q * a_x
+        vjp_x, vjp_cond, vjp_params = model_vjp(spec, x_t, t_model, cond_leaves, params,
+                                                lambda out: cot.to(out.dtype))
+        h = s.half_log_snr - t.half_log_snr
+        if cfg.order == 2 and h_prev is not None:
+            r = h_prev / h
+            w0, w1 = 1.0 + 0.5 / r, -0.5 / r
+        else:
+            w0, w1 = 1.0, 0.0
+        # a(s) = A a(t) + B (w0 V_t + w1 V_prev), V_t = mx (p a + vjp): one fused multistep step.
+        row = torch.tensor([A, B * w0, B * w1, 0.0, 0.0, mx * p, mx], dtype=torch.float64, device=a_x.device)
+        history = [hist_v] if w1 != 0.0 else []
+        a_next, v_t = ops.multistep_step(a_x, vjp_x.to(acc_dtype), history, row)
+        wz_t = [None if g is None else g.to(accumulation_dtype(g.dtype)) * mz for g in vjp_cond + vjp_params]
+        _accumulate(acc_cond, wz_t[:len(cond_leaves)], Bz * w0)
+        _accumulate(acc_params, wz_t[len(cond_leaves):], Bz * w0)
+        if w1 != 0.0:
+            _accumulate(acc_cond, hist_wz[:len(cond_leaves)], Bz * w1)
+            _accumulate(acc_params, hist_wz[len(cond_leaves):], Bz * w1)
+        if cfg.states == "resolved":
+            # DDIM inversion t -> s from the same evaluation: x_s = (alpha_s/alpha_t) x_t + alpha_s (rho_s - rho_t) eps.
+            with torch.no_grad():
+                pe, qe = conversion(prediction, "eps", t.alpha, t.sigma)
+                out = evaluate_model(spec.model, x_t, t_model, *_no_grad_conditioning(spec, cond_leaves))
+                eps = pe * x_t + qe * out
+                x_t = (s.alpha / t.alpha) * x_t + s.alpha * (s.rho - t.rho) * eps
+        a_x, hist_v, hist_wz, h_prev = a_next, v_t, wz_t, h
+    return a_x.to(grad_x.dtype), _finish(acc_cond, cond_leaves), _finish(acc_params, params)
+
+
+def _no_grad_conditioning(spec, cond_leaves):
+    cond, uncond, w = spec.conditioning.rebuild([c.detach() for c in cond_leaves])
+    return cond, w, uncond
