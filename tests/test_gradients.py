@@ -1,0 +1,235 @@
+"""Gradients through sampling: the discrete adjoint equals autograd, the adjoint modes converge."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import adjointdeis as ad
+from gaussian import GaussianEps, per_dimension
+from nets import TinyConvNet
+
+SOLVERS = [("ddim", 1, False), ("dpmpp", 1, True), ("dpmpp", 2, False), ("dpmpp", 2, True), ("dpmpp", 3, False),
+           ("deis", 1, False), ("deis", 2, False), ("deis", 3, False), ("heun", 2, False)]
+
+
+def gradients(mode, net, x_T, cond, sched, *, weight, **kwargs):
+    """dL/dx_T, dL/dcond and dL/dtheta of L = sum(weight * sample) under a gradient mode."""
+    x_T = x_T.detach().requires_grad_()
+    cond = cond.detach().requires_grad_()
+    net.zero_grad()
+    x = ad.sample(net, x_T, sched, cond=cond, grad=mode, generator=torch.Generator().manual_seed(3), **kwargs)
+    (weight * x).sum().backward()
+    return [x_T.grad, cond.grad] + [p.grad.clone() for p in net.parameters()]
+
+
+def relative_error(got, want):
+    return ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
+
+
+def real_network_case(seed=0):
+    torch.manual_seed(seed)
+    net = TinyConvNet().double()
+    x_T = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    cond = torch.randn(3, 4, dtype=torch.float64)
+    weight = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    return net, x_T, cond, weight
+
+
+@pytest.mark.parametrize("solver,order,sde", SOLVERS)
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "flow"])
+def test_discrete_equals_autograd_on_a_real_network(solver, order, sde, prediction):
+    net, x_T, cond, weight = real_network_case()
+    sched = ad.VPSchedule.linear() if prediction != "flow" else ad.FlowSchedule()
+    kwargs = dict(steps=5, solver=solver, order=order, sde=sde, prediction=prediction, weight=weight)
+    want = gradients("autograd", net, x_T, cond, sched, **kwargs)
+    got = gradients("discrete", net, x_T, cond, sched, **kwargs)
+    for g, w in zip(got, want):
+        assert relative_error(g, w) < 1e-8
+
+
+@pytest.mark.parametrize("sde", [False, True])
+def test_discrete_equals_autograd_with_guidance(sde):
+    net, x_T, cond, weight = real_network_case(1)
+    sched = ad.VPSchedule.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    uncond = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([[1.5], [3.0], [5.0]], dtype=torch.float64).view(3, 1, 1, 1).requires_grad_()
+    results = {}
+    for mode in ("autograd", "discrete"):
+        for t in (uncond, scale):
+            t.grad = None
+        grads = gradients(mode, net, x_T, cond, sched, weight=weight, steps=6, sde=sde, uncond=uncond,
+                          guidance_scale=scale, denoise_to_zero=True)
+        results[mode] = grads + [uncond.grad.clone(), scale.grad.clone()]
+    for g, w in zip(results["discrete"], results["autograd"]):
+        assert relative_error(g, w) < 1e-8
+
+
+def test_discrete_equals_exact_gradient_on_the_gaussian_oracle():
+    sched = ad.VPSchedule.linear()
+    mu, s = per_dimension(6)
+    model = GaussianEps(sched, mu, s)
+    x_T = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    ts = sched.timesteps(400)
+    x = ad.sample(model, x_T, sched, steps=400, solver="dpmpp", order=2, grad="discrete")
+    x.pow(2).sum().backward()
+    got = [x_T.grad.clone(), model.mu.grad.clone(), model.s.grad.clone()]
+    x_T.grad = None
+    model.zero_grad()
+    model.flow_map(x_T, ts[0], ts[-1]).pow(2).sum().backward()
+    for g, w in zip(got, [x_T.grad, model.mu.grad, model.s.grad]):
+        assert relative_error(g, w) < 1e-4
+
+
+EXACT_STEPS = [160, 320, 640, 1280]
+
+
+def gaussian_adjoint_errors(form, order, sde):
+    sched = ad.VPSchedule.linear()
+    mu, s = per_dimension(3, seed=2)
+    model = GaussianEps(sched, mu, s)
+    x_T = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    ts = sched.timesteps(10)
+    t0, t1 = ts[0], ts[-1]
+    if sde:
+        # The reverse SDE is linear in x here: dx_0/dx_T = (k(t1)/k(t0))^2 alpha(t0)/alpha(t1), noise aside.
+        k = lambda t: torch.sqrt(sched.alpha(t) ** 2 * s**2 + sched.sigma(t) ** 2)
+        exact = (k(t1) / k(t0)) ** 2 * sched.alpha(t0) / sched.alpha(t1) * torch.ones_like(x_T)
+    else:
+        exact = torch.autograd.grad(model.flow_map(x_T, t0, t1).sum(), x_T)[0]
+    errors = []
+    for n in EXACT_STEPS:
+        x = ad.sample(model, x_T, sched, steps=n, grad="adjoint", adjoint_form=form, adjoint_order=order, sde=sde,
+                      generator=torch.Generator().manual_seed(1), parameters=[])
+        errors.append((torch.autograd.grad(x.sum(), x_T)[0] - exact).abs().max().item())
+    return errors
+
+
+def slope(errors):
+    xs = [math.log(n) for n in EXACT_STEPS]
+    ys = [-math.log(e) for e in errors]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+
+
+@pytest.mark.parametrize("form", ["eps", "x0"])
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("sde", [False, True])
+def test_adjoint_convergence_order(form, order, sde):
+    errors = gaussian_adjoint_errors(form, order, sde)
+    assert abs(slope(errors) - order) < 0.3, errors
+
+
+def test_adjoint_parameter_and_conditioning_gradients_converge():
+    sched = ad.VPSchedule.linear()
+    mu, s = per_dimension(3, seed=4)
+    model = GaussianEps(sched, mu, s)
+    x_T = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cond = torch.full((4, 3), 0.2, dtype=torch.float64, requires_grad=True)
+    ts = sched.timesteps(10)
+    loss = model.flow_map(x_T, ts[0], ts[-1], cond).pow(2).sum()
+    exact = torch.autograd.grad(loss, [cond, model.mu, model.s])
+    for form in ("eps", "x0"):
+        errors = []
+        for n in (200, 800):
+            x = ad.sample(model, x_T, sched, steps=n, cond=cond, grad="adjoint", adjoint_form=form, adjoint_order=2)
+            got = torch.autograd.grad(x.pow(2).sum(), [cond, model.mu, model.s])
+            errors.append(max(relative_error(g, w) for g, w in zip(got, exact)))
+        assert errors[1] < errors[0] / 8 and errors[1] < 1e-2, (form, errors)
+
+
+def test_adjoint_decoupled_grid_and_resolved_states():
+    sched = ad.VPSchedule.linear()
+    model = GaussianEps(sched, *per_dimension(3, seed=5))
+    x_T = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    ts = sched.timesteps(10)
+    exact = torch.autograd.grad(model.flow_map(x_T, ts[0], ts[-1]).sum(), x_T)[0]
+
+    def adjoint_grad(steps, **kwargs):
+        x = ad.sample(model, x_T, sched, steps=steps, grad="adjoint", adjoint_form="x0", adjoint_order=2,
+                      parameters=[], **kwargs)
+        return torch.autograd.grad(x.sum(), x_T)[0]
+
+    # Recorded states on an adjoint grid of its own come from a forward solve on that grid.
+    assert_close(adjoint_grad(25, adjoint_steps=400), adjoint_grad(400), rtol=1e-12, atol=1e-12)
+    # Resolved states (DDIM inversion from the sample) add an error that vanishes with the grid.
+    coarse = relative_error(adjoint_grad(25, adjoint_steps=100, states="resolved"), exact)
+    fine = relative_error(adjoint_grad(25, adjoint_steps=400, states="resolved"), exact)
+    assert fine < coarse / 3 and fine < 5e-3, (coarse, fine)
+
+
+def test_frozen_parameters_dict_conditioning_and_no_grad_callers():
+    net, x_T, cond, weight = real_network_case(2)
+    net.inp.requires_grad_(False)
+    dict_net = lambda x, t, c: net(x, t, c["emb"])
+    sched = ad.VPSchedule.linear()
+    grads = {}
+    for mode in ("autograd", "discrete"):
+        c = cond.clone().requires_grad_()
+        net.zero_grad()
+        x = ad.sample(dict_net, x_T, sched, steps=4, cond={"emb": c}, grad=mode, parameters=net.parameters())
+        (weight * x).sum().backward()
+        grads[mode] = [c.grad] + [p.grad for p in net.parameters() if p.requires_grad]
+        assert all(p.grad is None for p in net.inp.parameters())
+    for g, w in zip(grads["discrete"], grads["autograd"]):
+        assert relative_error(g, w) < 1e-8
+    with torch.no_grad():
+        x = ad.sample(net, x_T.requires_grad_(), sched, steps=4, cond=cond, grad="discrete")
+    assert not x.requires_grad
+    plain = ad.sample(net.requires_grad_(False), x_T.detach(), sched, steps=4, cond=cond)
+    assert not plain.requires_grad
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_low_precision_models(dtype, tol):
+    net, x_T, cond, weight = real_network_case(3)
+    sched = ad.VPSchedule.linear()
+    want = gradients("discrete", net, x_T, cond, sched, weight=weight, steps=5)
+    net = net.to(dtype)
+    got = gradients("discrete", net, x_T.to(dtype), cond.to(dtype), sched, weight=weight.to(dtype), steps=5)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        assert relative_error(g.double(), w) < tol
+
+
+def test_discrete_adjoint_keeps_one_step_of_activations():
+    """The backward re-runs the model once per step (4/3 of autograd's work), never all at once."""
+    net, x_T, cond, weight = real_network_case(4)
+    calls = []
+    hook = net.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    x = ad.sample(net, x_T.requires_grad_(), ad.VPSchedule.linear(), steps=7, cond=cond)
+    assert calls == [False] * 7
+    x.sum().backward()
+    assert calls == [False] * 7 + [True] * 7
+    hook.remove()
+
+
+def test_bad_gradient_arguments():
+    net, x_T, cond, _ = real_network_case()
+    sched = ad.VPSchedule.linear()
+    x_T.requires_grad_()
+    cases = [
+        (dict(grad="backprop"), "unknown grad mode"),
+        (dict(grad="adjoint", adjoint_order=3), "adjoint_order"),
+        (dict(grad="adjoint", adjoint_form="v"), "adjoint_form"),
+        (dict(grad="adjoint", states="cached"), "states"),
+        (dict(grad="adjoint", denoise_to_zero=True), "denoise_to_zero"),
+        (dict(grad="adjoint", sde=True, states="resolved"), "resolved"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ad.sample(net, x_T, sched, steps=3, cond=cond, **kwargs)
+
+
+def test_disconnected_model_and_non_finite_adjoint_errors():
+    sched = ad.VPSchedule.linear()
+    x_T = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    constant = torch.zeros(2, 3, dtype=torch.float64)
+    x = ad.sample(lambda x, t: constant, x_T, sched, steps=3, parameters=[torch.zeros(1, requires_grad=True)])
+    with pytest.raises(RuntimeError, match="does not depend"):
+        x.sum().backward()
+    model = GaussianEps(sched, *per_dimension(3))
+    x = ad.sample(model, x_T, sched, steps=3, grad="adjoint", adjoint_form="eps", parameters=[], check_finite=False)
+    with pytest.raises(FloatingPointError, match="adjoint state became non-finite"):
+        (x * float("inf")).sum().backward()
