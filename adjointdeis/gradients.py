@@ -113,8 +113,8 @@ class _Sampler(torch.autograd.Function):
         ctx.num_cond = num_cond
         ctx.save_for_backward(*leaves, *states, *grid_states)
         ctx.counts = (len(leaves), len(states))
-        ctx.final = x
-        return x.clone()
+        ctx.final = x if spec.mode == "adjoint" else None
+        return x
 
     @staticmethod
     def backward(ctx, grad_x: Tensor):
