@@ -1,0 +1,74 @@
+"""Pretrained models shipped inside the package (safetensors, loaded without pickle).
+
+    entry = ad.zoo.load("digits")   # entry.model(x, t, cond), entry.schedule, entry.prediction
+"""
+
+import json
+import pathlib
+from dataclasses import dataclass
+
+import torch
+
+from ..schedules import NoiseSchedule, VPSchedule
+from .networks import DigitClassifier, DigitsUNet
+
+WEIGHTS = pathlib.Path(__file__).with_name("weights")
+MODELS = ("digits",)
+
+
+@dataclass
+class ZooModel:
+    """A shipped model with what is needed to sample from it.
+
+    Attributes:
+        model: ``model(x, t, cond)``; x (batch, 1, 8, 8), t (batch,) training timesteps,
+            cond (batch,) int64 class labels (10 = unconditional) or (batch, 64) embeddings.
+        schedule: the schedule it was trained on.
+        prediction: "eps".
+        shape: the shape of one sample.
+        num_classes: number of classes (the unconditional label is ``num_classes``).
+    """
+
+    model: torch.nn.Module
+    schedule: NoiseSchedule
+    prediction: str
+    shape: tuple[int, ...]
+    num_classes: int
+
+
+def _load_state(path: pathlib.Path):
+    from safetensors.torch import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.name} is not in this installation of adjointdeis ({path.parent})")
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
+def load(name: str = "digits", device: str | torch.device = "cpu") -> ZooModel:
+    """Loads a shipped model in eval mode.
+
+    Args:
+        name: one of ``MODELS``.
+        device: where to put the model.
+
+    Raises:
+        ValueError for an unknown name.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(MODELS)}")
+    state, meta = _load_state(WEIGHTS / f"{name}.safetensors")
+    model = DigitsUNet()
+    model.load_state_dict(state)
+    beta_start, beta_end = json.loads(meta["betas"])
+    betas = torch.linspace(beta_start, beta_end, int(meta["num_train_timesteps"]), dtype=torch.float64)
+    return ZooModel(model.eval().to(device), VPSchedule.from_betas(betas), meta["prediction"], (1, 8, 8),
+                    model.num_classes)
+
+
+def load_classifier(device: str | torch.device = "cpu") -> DigitClassifier:
+    """The digit classifier the metrics use (trained by the same script), in eval mode."""
+    state, _ = _load_state(WEIGHTS / "digits-classifier.safetensors")
+    net = DigitClassifier()
+    net.load_state_dict(state)
+    return net.eval().to(device)
