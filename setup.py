@@ -59,7 +59,7 @@ def extension_modules():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    extra = {"cxx": ["-O3", "-fvisibility=hidden"]}
+    extra = {"cxx": ["-O3"]}
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if build_cuda else ""
     print(
         f"adjointdeis build: torch {torch.__version__}, CUDA kernels "

@@ -70,6 +70,98 @@ torch.library.register_autograd(
     "adjointdeis::multistep_step", _multistep_step_backward,
     setup_context=_multistep_step_setup_context)
 
+
+def discrete_adjoint_step(xbar: Tensor, vjp: Tensor, gfull: Tensor, pend1: Tensor | None,
+                          pend2: Tensor | None, coeffs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One fused row j of the exact discrete adjoint (MATH.md 5.1), after the model's VJP at x_j.
+
+    ``xbar_prev = a xbar + p gfull + vjp``, ``gfull_prev = pend1 + b1 xbar + b0_prev xbar_prev``,
+    ``cot_prev = q_prev gfull_prev``, ``pend_prev = pend2 + b2 xbar``, in one pass over memory on
+    CPU or CUDA; differentiable in xbar, vjp, gfull, pend1 and pend2 (it is linear in them).
+
+    Args:
+        xbar: (*shape) dL/dx_{j+1}, float64/float32/float16/bfloat16.
+        vjp: (*shape) ``(d out_j / d x_j)^T (q_j gfull)`` (broadcastable), same dtype.
+        gfull: (*shape) full adjoint of m_j (broadcastable), same dtype.
+        pend1: optional (*shape) partial adjoint of m_{j-1} (broadcastable); None counts as zero.
+        pend2: optional (*shape) partial adjoint of m_{j-2} (broadcastable); None counts as zero.
+        coeffs: (6,) float64 ``[a_j, p_j, b1_j, b2_j, b0_{j-1}, q_{j-1}]`` on xbar's device.
+
+    Returns:
+        ``(xbar_prev, gfull_prev, cot_prev, pend_prev)``: dL/dx_j, the full adjoint of m_{j-1},
+        the cotangent of the next VJP and the partial adjoint of m_{j-2}; contiguous, with the
+        broadcast shape and xbar's dtype.
+
+    Raises:
+        RuntimeError naming the argument for a dtype, device or shape mismatch.
+    """
+    return torch.ops.adjointdeis.discrete_adjoint_step.default(xbar, vjp, gfull, pend1, pend2, coeffs)
+
+
+@torch.library.register_fake("adjointdeis::discrete_adjoint_step")
+def _discrete_adjoint_step_fake(xbar, vjp, gfull, pend1, pend2, coeffs):
+    shape = reference.check_adjoint_operands(xbar, vjp, gfull, pend1, pend2, coeffs)
+    return tuple(xbar.new_empty(shape) for _ in range(4))
+
+
+def _discrete_adjoint_step_setup_context(ctx, inputs, output):
+    xbar, vjp, gfull, pend1, pend2, coeffs = inputs
+    ctx.save_for_backward(coeffs)
+    ctx.shapes = (xbar.shape, vjp.shape, gfull.shape, None if pend1 is None else pend1.shape,
+                  None if pend2 is None else pend2.shape)
+
+
+def _discrete_adjoint_step_backward(ctx, grad_xbar_prev, grad_gfull_prev, grad_cot_prev, grad_pend_prev):
+    (coeffs,) = ctx.saved_tensors
+    xbar_shape, vjp_shape, gfull_shape, pend1_shape, pend2_shape = ctx.shapes
+    a, p, b1, b2, b0_prev, q_prev = coeffs.to(grad_xbar_prev.dtype).unbind()
+    grad_total_gfull_prev = grad_gfull_prev + q_prev * grad_cot_prev
+    grad_total_xbar_prev = grad_xbar_prev + b0_prev * grad_total_gfull_prev
+    grad_xbar = (a * grad_total_xbar_prev + b1 * grad_total_gfull_prev + b2 * grad_pend_prev).sum_to_size(xbar_shape)
+    grad_vjp = grad_total_xbar_prev.sum_to_size(vjp_shape)
+    grad_gfull = (p * grad_total_xbar_prev).sum_to_size(gfull_shape)
+    grad_pend1 = None if pend1_shape is None else grad_total_gfull_prev.sum_to_size(pend1_shape)
+    grad_pend2 = None if pend2_shape is None else grad_pend_prev.sum_to_size(pend2_shape)
+    return grad_xbar, grad_vjp, grad_gfull, grad_pend1, grad_pend2, None
+
+
+torch.library.register_autograd(
+    "adjointdeis::discrete_adjoint_step", _discrete_adjoint_step_backward,
+    setup_context=_discrete_adjoint_step_setup_context)
+
+
+def multi_tensor_axpy_(accumulators: list[Tensor], updates: list[Tensor], scale: Tensor) -> None:
+    """In place, for every k: ``accumulators[k] += scale * updates[k]``, in one pass (one CUDA launch).
+
+    The accumulation buffer of the parameter and conditioning adjoints. It is not differentiable:
+    call it under ``torch.no_grad()`` (or on tensors that do not require grad). Accumulators must
+    not overlap one another.
+
+    Args:
+        accumulators: contiguous float32 or float64 tensors (all one dtype), updated in place.
+        updates: tensors of the same shapes as their accumulators, float64/float32/float16/bfloat16
+            (all one dtype), converted to the accumulators' dtype (bf16 gradients accumulate in float32).
+        scale: one-element float64 tensor on the tensors' device (read on the device: no host sync).
+
+    Raises:
+        RuntimeError naming the argument (``updates[3] has shape ...``) for a dtype, device or
+        shape mismatch, or when grad mode is on and an input requires grad.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*accumulators, *updates, scale)):
+        raise RuntimeError(
+            "multi_tensor_axpy_ is not differentiable: call it under torch.no_grad() or on tensors "
+            "that do not require grad"
+        )
+    torch.ops.adjointdeis.multi_tensor_axpy_.default(list(accumulators), list(updates), scale)
+
+
+@torch.library.register_fake("adjointdeis::multi_tensor_axpy_")
+def _multi_tensor_axpy_fake(accumulators, updates, scale):
+    reference.check_axpy_operands(accumulators, updates, scale)
+
+
 if cuda_version() < 0:
     # CPU-only build: CUDA tensors take the reference path, so callers never branch on the build.
     torch.library.impl("adjointdeis::multistep_step", "CUDA", reference.multistep_step)
+    torch.library.impl("adjointdeis::discrete_adjoint_step", "CUDA", reference.discrete_adjoint_step)
+    torch.library.impl("adjointdeis::multi_tensor_axpy_", "CUDA", reference.multi_tensor_axpy_)

@@ -82,3 +82,138 @@ def multistep_step(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor
         acc = acc + c * noise.to(opmath)
     return (acc.expand(shape).to(x.dtype).contiguous(),
             m0.expand(shape).to(x.dtype).contiguous())
+
+
+ADJOINT_COEFFS = ("a", "p", "b1", "b2", "b0_prev", "q_prev")
+
+
+def check_adjoint_operands(xbar, vjp, gfull, pend1, pend2, coeffs) -> torch.Size:
+    """Validates the operands of discrete_adjoint_step and returns the broadcast output shape.
+
+    Raises:
+        ValueError / TypeError naming the offending argument.
+    """
+    op = "discrete_adjoint_step"
+    if xbar.dtype not in _STEP_DTYPES:
+        raise TypeError(f"{op}: xbar must be float64, float32, float16 or bfloat16, got {xbar.dtype}")
+    if coeffs.dtype != torch.float64:
+        raise TypeError(f"{op}: coeffs must be float64, got {coeffs.dtype}")
+    if coeffs.device != xbar.device:
+        raise ValueError(f"{op}: coeffs is on {coeffs.device} but xbar is on {xbar.device}")
+    if coeffs.shape != (len(ADJOINT_COEFFS),):
+        raise ValueError(
+            f"{op}: coeffs must have shape [{len(ADJOINT_COEFFS)}] ([a, p, b1, b2, b0_prev, q_prev]), "
+            f"got {list(coeffs.shape)}"
+        )
+    named = [("vjp", vjp), ("gfull", gfull)]
+    named += [(name, t) for name, t in (("pend1", pend1), ("pend2", pend2)) if t is not None]
+    for name, t in named:
+        if t.dtype != xbar.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but xbar has dtype {xbar.dtype}")
+        if t.device != xbar.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but xbar is on {xbar.device}")
+    shape = xbar.shape
+    for name, t in named:
+        try:
+            shape = torch.broadcast_shapes(shape, t.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{op}: {name} with shape {list(t.shape)} does not broadcast with xbar's shape {list(xbar.shape)}"
+            ) from None
+    return shape
+
+
+def discrete_adjoint_step(xbar: Tensor, vjp: Tensor, gfull: Tensor, pend1: Tensor | None,
+                          pend2: Tensor | None, coeffs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One row j of the exact discrete adjoint (MATH.md 5.1), after the model's VJP at x_j.
+
+    ``xbar_prev = a xbar + p gfull + vjp``, ``gfull_prev = pend1 + b1 xbar + b0_prev xbar_prev``,
+    ``cot_prev = q_prev gfull_prev``, ``pend_prev = pend2 + b2 xbar``.
+
+    Args:
+        xbar: (*shape) dL/dx_{j+1}, float64/float32/float16/bfloat16.
+        vjp: (*shape) ``(d out_j / d x_j)^T (q_j gfull)`` (broadcastable), same dtype.
+        gfull: (*shape) full adjoint of m_j (broadcastable), same dtype.
+        pend1: optional (*shape) partial adjoint of m_{j-1}; None counts as zero.
+        pend2: optional (*shape) partial adjoint of m_{j-2}; None counts as zero.
+        coeffs: (6,) float64 ``[a_j, p_j, b1_j, b2_j, b0_{j-1}, q_{j-1}]`` on xbar's device.
+
+    Returns:
+        ``(xbar_prev, gfull_prev, cot_prev, pend_prev)``: dL/dx_j, the full adjoint of m_{j-1},
+        the cotangent of the next VJP and the partial adjoint of m_{j-2}, all contiguous with the
+        broadcast shape and xbar's dtype. Arithmetic runs in float64 for float64 inputs and in
+        float32 otherwise.
+    """
+    shape = check_adjoint_operands(xbar, vjp, gfull, pend1, pend2, coeffs)
+    opmath = opmath_dtype(xbar.dtype)
+    a, p, b1, b2, b0_prev, q_prev = coeffs.to(opmath).unbind()
+    xb = xbar.to(opmath)
+    xbar_prev = a * xb + p * gfull.to(opmath) + vjp.to(opmath)
+    g = b1 * xb
+    if pend1 is not None:
+        g = pend1.to(opmath) + g
+    gfull_prev = g + b0_prev * xbar_prev
+    cot_prev = q_prev * gfull_prev
+    pend_prev = b2 * xb
+    if pend2 is not None:
+        pend_prev = pend2.to(opmath) + pend_prev
+    return tuple(t.expand(shape).to(xbar.dtype).contiguous()
+                 for t in (xbar_prev, gfull_prev, cot_prev, pend_prev))
+
+
+_ACCUMULATOR_DTYPES = (torch.float64, torch.float32)
+
+
+def check_axpy_operands(accumulators, updates, scale) -> None:
+    """Validates the operands of multi_tensor_axpy_.
+
+    Raises:
+        ValueError / TypeError naming the offending argument (``updates[3]``, ``scale``, ...).
+    """
+    op = "multi_tensor_axpy_"
+    if len(accumulators) != len(updates):
+        raise ValueError(f"{op}: got {len(accumulators)} accumulators but {len(updates)} updates")
+    if scale.dtype != torch.float64:
+        raise TypeError(f"{op}: scale must be float64, got {scale.dtype}")
+    if scale.numel() != 1:
+        raise ValueError(f"{op}: scale must hold one element, got shape {list(scale.shape)}")
+    for k, (acc, upd) in enumerate(zip(accumulators, updates)):
+        if acc.dtype not in _ACCUMULATOR_DTYPES:
+            raise TypeError(f"{op}: accumulators[{k}] must be float32 or float64, got {acc.dtype}")
+        if acc.dtype != accumulators[0].dtype:
+            raise TypeError(
+                f"{op}: accumulators[{k}] has dtype {acc.dtype} but accumulators[0] has dtype "
+                f"{accumulators[0].dtype}"
+            )
+        if upd.dtype not in _STEP_DTYPES:
+            raise TypeError(f"{op}: updates[{k}] must be float64, float32, float16 or bfloat16, got {upd.dtype}")
+        if upd.dtype != updates[0].dtype:
+            raise TypeError(f"{op}: updates[{k}] has dtype {upd.dtype} but updates[0] has dtype {updates[0].dtype}")
+        if acc.device != scale.device:
+            raise ValueError(f"{op}: accumulators[{k}] is on {acc.device} but scale is on {scale.device}")
+        if upd.device != scale.device:
+            raise ValueError(f"{op}: updates[{k}] is on {upd.device} but scale is on {scale.device}")
+        if upd.shape != acc.shape:
+            raise ValueError(
+                f"{op}: updates[{k}] has shape {list(upd.shape)} but accumulators[{k}] has shape {list(acc.shape)}"
+            )
+        if not acc.is_contiguous():
+            raise ValueError(f"{op}: accumulators[{k}] must be contiguous")
+
+
+def multi_tensor_axpy_(accumulators: list[Tensor], updates: list[Tensor], scale: Tensor) -> None:
+    """In place, for every k: ``accumulators[k] += scale * updates[k]``.
+
+    Args:
+        accumulators: contiguous float32 or float64 tensors (all one dtype), updated in place.
+        updates: tensors of the same shapes as their accumulators, any float dtype (all one
+            dtype), converted to the accumulators' dtype before the product.
+        scale: one-element float64 tensor on the tensors' device, rounded to the accumulators'
+            dtype.
+    """
+    check_axpy_operands(accumulators, updates, scale)
+    if not accumulators:
+        return
+    dtype = accumulators[0].dtype
+    products = torch._foreach_mul([u.to(dtype) for u in updates], scale.reshape(()).to(dtype))
+    torch._foreach_add_(list(accumulators), products)

@@ -6,6 +6,7 @@
 #include <optional>
 #include <tuple>
 
+#include "operands.h"
 #include "step_math.h"
 
 namespace adjointdeis {
@@ -44,6 +45,3 @@ void dispatch_step_variant(int num_history, bool has_noise, F&& f) {
 void register_cuda_build(int64_t cuda_version, const char* arch_list);
 
 }  // namespace adjointdeis
-
-#define ADJOINTDEIS_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)

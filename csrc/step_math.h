@@ -1,4 +1,5 @@
-// Per-element math of the fused multistep step, shared by the CPU and CUDA kernels.
+// Per-element math of the fused ops (multistep step, discrete adjoint step, scaled
+// accumulation), shared by the CPU and CUDA kernels.
 //
 // One solver step of every supported sampler has the form (MATH.md section 4)
 //
@@ -42,6 +43,50 @@ C10_HOST_DEVICE inline void multistep_step_element(
   if constexpr (NumHistory >= 2) acc = acc + k.b2 * m2;
   if constexpr (HasNoise) acc = acc + k.c * noise;
   x_next = acc;
+}
+
+// Layout of the coefficients of row j of the exact discrete adjoint (MATH.md section 5.1):
+// [a_j, p_j, b1_j, b2_j, b0_{j-1}, q_{j-1}].
+enum AdjointCoeff : int { kAdjA = 0, kAdjP, kAdjB1, kAdjB2, kAdjB0Prev, kAdjQPrev, kNumAdjointCoeffs };
+
+template <typename T>
+struct AdjointCoeffs {
+  T a, p, b1, b2, b0_prev, q_prev;
+
+  template <typename Scalar>
+  C10_HOST_DEVICE static AdjointCoeffs load(const Scalar* row) {
+    return {T(row[kAdjA]),  T(row[kAdjP]),      T(row[kAdjB1]),
+            T(row[kAdjB2]), T(row[kAdjB0Prev]), T(row[kAdjQPrev])};
+  }
+};
+
+// One element of the reverse pass at row j, after the model's VJP at x_j produced
+// vjp = (d out_j / d x_j)^T (q_j gfull):
+//
+//   xbar_prev  = a xbar + p gfull + vjp                  (dL/dx_j)
+//   gfull_prev = pend1 + b1 xbar + b0_prev xbar_prev     (full adjoint of m_{j-1})
+//   cot_prev   = q_prev gfull_prev                       (cotangent of the next VJP)
+//   pend_prev  = pend2 + b2 xbar                         (partial adjoint of m_{j-2})
+//
+// The presence of pend1 / pend2 is a compile-time switch (absent counts as zero).
+template <bool HasPend1, bool HasPend2, typename T>
+C10_HOST_DEVICE inline void discrete_adjoint_element(const AdjointCoeffs<T>& k, T xbar, T vjp,
+                                                     T gfull, T pend1, T pend2, T& xbar_prev,
+                                                     T& gfull_prev, T& cot_prev, T& pend_prev) {
+  xbar_prev = k.a * xbar + k.p * gfull + vjp;
+  T g = k.b1 * xbar;
+  if constexpr (HasPend1) g = pend1 + g;
+  gfull_prev = g + k.b0_prev * xbar_prev;
+  cot_prev = k.q_prev * gfull_prev;
+  T pend = k.b2 * xbar;
+  if constexpr (HasPend2) pend = pend2 + pend;
+  pend_prev = pend;
+}
+
+// One element of the scaled accumulation of multi_tensor_axpy_: acc + scale * update.
+template <typename T>
+C10_HOST_DEVICE inline T axpy_element(T acc, T scale, T update) {
+  return acc + scale * update;
 }
 
 }  // namespace adjointdeis

@@ -1,0 +1,77 @@
+// CPU kernel of multi_tensor_axpy_: parallel over the concatenated elements of all tensors,
+// vectorised where an update already has its accumulator's dtype.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../multi_tensor_axpy.h"
+
+namespace adjointdeis {
+namespace {
+
+constexpr int64_t kGrainSize = 32768;
+
+template <typename acc_t, typename update_t>
+void axpy_range(acc_t* acc, const update_t* update, int64_t n, acc_t scale) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<acc_t, update_t>) {
+    using Vec = at::vec::Vectorized<acc_t>;
+    constexpr int64_t kWidth = Vec::size();
+    const Vec scale_vec(scale);
+    for (; i + kWidth <= n; i += kWidth) {
+      axpy_element<Vec>(Vec::loadu(acc + i), scale_vec, Vec::loadu(update + i)).store(acc + i);
+    }
+  }
+  for (; i < n; ++i) acc[i] = axpy_element<acc_t>(acc[i], scale, acc_t(update[i]));
+}
+
+template <typename acc_t, typename update_t>
+void run_axpy(const AxpyOperands& ops) {
+  const size_t count = ops.accumulators.size();
+  std::vector<acc_t*> acc(count);
+  std::vector<const update_t*> update(count);
+  std::vector<int64_t> offsets(count + 1, 0);  // offsets[k]: first element of tensor k
+  for (size_t k = 0; k < count; ++k) {
+    acc[k] = ops.accumulators[k].mutable_data_ptr<acc_t>();
+    update[k] = ops.updates[k].const_data_ptr<update_t>();
+    offsets[k + 1] = offsets[k] + ops.accumulators[k].numel();
+  }
+  const acc_t scale = acc_t(ops.scale.const_data_ptr<double>()[0]);
+
+  at::parallel_for(0, offsets[count], kGrainSize, [&](int64_t begin, int64_t end) {
+    size_t k = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+    for (; begin < end; ++k) {
+      const int64_t stop = std::min(end, offsets[k + 1]);
+      if (stop > begin) {
+        const int64_t local = begin - offsets[k];
+        axpy_range<acc_t, update_t>(acc[k] + local, update[k] + local, stop - begin, scale);
+        begin = stop;
+      }
+    }
+  });
+}
+
+void multi_tensor_axpy_cpu(at::TensorList accumulators, at::TensorList updates,
+                           const at::Tensor& scale) {
+  AxpyOperands ops =
+      prepare_multi_tensor_axpy(accumulators, updates, scale, c10::DeviceType::CPU);
+  if (ops.accumulators.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES(ops.accumulator_dtype, "multi_tensor_axpy_cpu", [&] {
+    using acc_t = scalar_t;
+    ADJOINTDEIS_DISPATCH_FLOATING_TYPES(ops.update_dtype, "multi_tensor_axpy_cpu", [&] {
+      run_axpy<acc_t, scalar_t>(ops);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adjointdeis, CPU, m) {
+  m.impl("multi_tensor_axpy_", &multi_tensor_axpy_cpu);
+}
+
+}  // namespace adjointdeis
