@@ -185,15 +185,17 @@ def model_vjp(spec: SamplerSpec, x: Tensor, t: Tensor, cond_leaves, params, cota
     return vjp_x, vjp_cond, vjp_params
 
 
-def _accumulate(acc: list[Tensor | None], updates: list[Tensor | None], scale: float = 1.0) -> None:
+def _accumulate(acc: list[Tensor | None], updates: list[Tensor | None], scale: Tensor) -> None:
+    """acc[i] += scale * updates[i] for the updates present, one fused launch per dtype group."""
+    groups = {}
     for i, u in enumerate(updates):
         if u is None:
             continue
-        u = u.to(acc[i].dtype) if acc[i] is not None else u
         if acc[i] is None:
-            acc[i] = (u * scale).to(accumulation_dtype(u.dtype))
-        else:
-            acc[i].add_(u, alpha=scale)
+            acc[i] = torch.zeros(u.shape, dtype=accumulation_dtype(u.dtype), device=u.device)
+        groups.setdefault((acc[i].dtype, u.dtype, u.device), []).append(i)
+    for index in groups.values():
+        ops.multi_tensor_axpy_([acc[i] for i in index], [updates[i] for i in index], scale)
 
 
 def _finish(acc: list[Tensor | None], like: list[Tensor]) -> list[Tensor | None]:
@@ -201,30 +203,36 @@ def _finish(acc: list[Tensor | None], like: list[Tensor]) -> list[Tensor | None]
 
 
 def discrete_adjoint(spec: SamplerSpec, grad_x: Tensor, states: list[Tensor], cond_leaves, params):
-    """Exact gradient of the computed sample (MATH 5.1): reverse pass over the plan's rows."""
+    """Exact gradient of the computed sample (MATH 5.1): reverse pass over the plan's rows.
+
+    Per row j, one model VJP at the recorded x_j with cotangent ``q_j gfull_j``, then one fused
+    kernel (:func:`ops.discrete_adjoint_step`) for dL/dx_j and the adjoints of earlier outputs,
+    and one fused accumulation of the conditioning and parameter adjoints.
+    """
     plan = spec.plan
+    device = grad_x.device
     acc_dtype = accumulation_dtype(states[0].dtype)
-    coeffs = plan.coeffs.to(grad_x.device)
-    a, b0, b1, b2, _, p, q = coeffs.to(acc_dtype).unbind(1)
+    a, b0, b1, b2, _, p, q = plan.coeffs.unbind(1)
+    previous = lambda v: torch.cat([v.new_zeros(1), v[:-1]])  # row j-1's value at row j; 0 before row 0
+    table = torch.stack([a, p, b1, b2, previous(b0), previous(q)], 1).to(device)
+    one = torch.ones((), dtype=torch.float64, device=device)
     batch = states[0].shape[0]
-    t_eval = spec.t_eval.to(grad_x.device, dtype=torch.float64 if states[0].dtype == torch.float64 else torch.float32)
-    xbar = grad_x.to(acc_dtype)
+    t_eval = spec.t_eval.to(device, dtype=torch.float64 if states[0].dtype == torch.float64 else torch.float32)
     last = len(plan) - 1
-    gfull = b0[last] * xbar
+    xbar = grad_x.to(acc_dtype)
+    gfull = float(b0[last]) * xbar
+    cot = float(q[last]) * gfull
     pending = None
     acc_cond = [None] * len(cond_leaves)
     acc_params = [None] * len(params)
     for j in range(last, -1, -1):
-        cot = q[j] * gfull
         vjp_x, vjp_cond, vjp_params = model_vjp(spec, states[j], t_eval[j].expand(batch), cond_leaves, params,
                                                 lambda out, c=cot: c.to(out.dtype))
-        _accumulate(acc_cond, vjp_cond)
-        _accumulate(acc_params, vjp_params)
-        xbar_prev = a[j] * xbar + p[j] * gfull + vjp_x.to(acc_dtype)
-        if j > 0:
-            gfull = b1[j] * xbar + b0[j - 1] * xbar_prev + (0 if pending is None else pending)
-            pending = b2[j] * xbar
-        xbar = xbar_prev
+        _accumulate(acc_cond, vjp_cond, one)
+        _accumulate(acc_params, vjp_params, one)
+        xbar, gfull, cot, pend_prev = ops.discrete_adjoint_step(xbar, vjp_x.to(acc_dtype), gfull, pending, None,
+                                                                table[j])
+        pending = pend_prev if plan.num_history[j] == 2 else None  # only 3rd-order rows reach m_{j-2}
     return xbar.to(grad_x.dtype), _finish(acc_cond, cond_leaves), _finish(acc_params, params)
 
 
@@ -249,56 +257,65 @@ def _adjoint_step_coefficients(form: str, sde: bool, t: GridPoint, s: GridPoint)
 
 def continuous_adjoint(spec: SamplerSpec, grad_x: Tensor, grid_states: list[Tensor], final: Tensor,
                        cond_leaves, params):
-    """AdjointDEIS-1 / -2M (MATH 5.2-5.3) along the adjoint grid, cleaner to noisier."""
+    """AdjointDEIS-1 / -2M (MATH 5.2-5.3) along the adjoint grid, cleaner to noisier.
+
+    Each step is one model VJP, one fused :func:`ops.multistep_step` for the state adjoint
+    (``a(s) = A a(t) + B (w0 V_t + w1 V_prev)`` with ``V_t = mx (p a + vjp)`` kept as history) and
+    fused accumulations of the conditioning and parameter adjoints.
+    """
     cfg = spec.adjoint
     grid = cfg.grid
-    times = cfg.model_times.to(grad_x.device)
+    device = grad_x.device
     acc_dtype = accumulation_dtype(final.dtype)
     target = "eps" if cfg.form == "eps" else "x0"
-    prediction = spec.prediction
     batch = final.shape[0]
-    a_x = grad_x.to(acc_dtype)
-    x_t = final
-    acc_cond = [None] * len(cond_leaves)
-    acc_params = [None] * len(params)
-    hist_v, hist_wz, h_prev = None, None, None
-    for k in range(len(grid) - 2, -1, -1):
+    steps = list(range(len(grid) - 2, -1, -1))
+    rows, z_scales, cot_scales, h_prev, mz_prev = [], [], [], None, None
+    for k in steps:
+        t, s = grid[k + 1], grid[k]
+        p, q = conversion(spec.prediction, target, t.alpha, t.sigma)
+        A, B, Bz, mx, mz = _adjoint_step_coefficients(cfg.form, cfg.sde, t, s)
+        h = s.half_log_snr - t.half_log_snr
+        w0, w1 = (1.0 + 0.5 * h / h_prev, -0.5 * h / h_prev) if cfg.order == 2 and h_prev is not None else (1.0, 0.0)
+        rows.append([A, B * w0, B * w1, 0.0, 0.0, mx * p, mx])
+        z_scales.append([Bz * w0 * mz, 0.0 if mz_prev is None else Bz * w1 * mz_prev])  # W = mz * vjp
+        cot_scales.append(q)
+        h_prev, mz_prev = h, mz
+    rows = torch.tensor(rows, dtype=torch.float64, device=device)
+    z_scales = torch.tensor(z_scales, dtype=torch.float64, device=device)
+    times = cfg.model_times.to(device, dtype=torch.float64 if final.dtype == torch.float64 else torch.float32)
+    a_x, x_t = grad_x.to(acc_dtype), final
+    acc_cond, acc_params = [None] * len(cond_leaves), [None] * len(params)
+    hist_v, hist_vjp = None, None
+    for i, k in enumerate(steps):
         t, s = grid[k + 1], grid[k]
         if cfg.states == "recorded":
             x_t = grid_states[k + 1]
-        p, q = conversion(prediction, target, t.alpha, t.sigma)
-        A, B, Bz, mx, mz = _adjoint_step_coefficients(cfg.form, cfg.sde, t, s)
-        t_model = times[k + 1].to(torch.float64 if x_t.dtype == torch.float64 else torch.float32).expand(batch)
-        cot = q * a_x
-        vjp_x, vjp_cond, vjp_params = model_vjp(spec, x_t, t_model, cond_leaves, params,
-                                                lambda out: cot.to(out.dtype))
-        h = s.half_log_snr - t.half_log_snr
-        if cfg.order == 2 and h_prev is not None:
-            r = h_prev / h
-            w0, w1 = 1.0 + 0.5 / r, -0.5 / r
-        else:
-            w0, w1 = 1.0, 0.0
-        # a(s) = A a(t) + B (w0 V_t + w1 V_prev), V_t = mx (p a + vjp): one fused multistep step.
-        row = torch.tensor([A, B * w0, B * w1, 0.0, 0.0, mx * p, mx], dtype=torch.float64, device=a_x.device)
-        history = [hist_v] if w1 != 0.0 else []
-        a_next, v_t = ops.multistep_step(a_x, vjp_x.to(acc_dtype), history, row)
-        wz_t = [None if g is None else g.to(accumulation_dtype(g.dtype)) * mz for g in vjp_cond + vjp_params]
-        _accumulate(acc_cond, wz_t[:len(cond_leaves)], Bz * w0)
-        _accumulate(acc_params, wz_t[len(cond_leaves):], Bz * w0)
-        if w1 != 0.0:
-            _accumulate(acc_cond, hist_wz[:len(cond_leaves)], Bz * w1)
-            _accumulate(acc_params, hist_wz[len(cond_leaves):], Bz * w1)
+        t_model = times[k + 1].expand(batch)
+        cot = cot_scales[i] * a_x
+        vjp_x, vjp_cond, vjp_params = model_vjp(spec, x_t, t_model, cond_leaves, params, lambda out: cot.to(out.dtype))
+        second_order = cfg.order == 2 and i > 0
+        a_next, v_t = ops.multistep_step(a_x, vjp_x.to(acc_dtype), [hist_v] if second_order else [], rows[i])
+        vjps = vjp_cond + vjp_params
+        _accumulate_split(acc_cond, acc_params, vjps, z_scales[i, 0])
+        if second_order:
+            _accumulate_split(acc_cond, acc_params, hist_vjp, z_scales[i, 1])
         if cfg.states == "resolved":
-            # DDIM inversion t -> s from the same evaluation: x_s = (alpha_s/alpha_t) x_t + alpha_s (rho_s - rho_t) eps.
-            with torch.no_grad():
-                pe, qe = conversion(prediction, "eps", t.alpha, t.sigma)
-                out = evaluate_model(spec.model, x_t, t_model, *_no_grad_conditioning(spec, cond_leaves))
-                eps = pe * x_t + qe * out
-                x_t = (s.alpha / t.alpha) * x_t + s.alpha * (s.rho - t.rho) * eps
-        a_x, hist_v, hist_wz, h_prev = a_next, v_t, wz_t, h
+            x_t = _ddim_inversion_step(spec, x_t, t_model, t, s, cond_leaves)
+        a_x, hist_v, hist_vjp = a_next, v_t, vjps
     return a_x.to(grad_x.dtype), _finish(acc_cond, cond_leaves), _finish(acc_params, params)
 
 
-def _no_grad_conditioning(spec, cond_leaves):
+def _accumulate_split(acc_cond, acc_params, updates, scale):
+    _accumulate(acc_cond, updates[:len(acc_cond)], scale)
+    _accumulate(acc_params, updates[len(acc_cond):], scale)
+
+
+@torch.no_grad()
+def _ddim_inversion_step(spec, x_t, t_model, t: GridPoint, s: GridPoint, cond_leaves):
+    """x_s = (alpha_s / alpha_t) x_t + alpha_s (rho_s - rho_t) eps(x_t, t): DDIM run backwards."""
+    pe, qe = conversion(spec.prediction, "eps", t.alpha, t.sigma)
     cond, uncond, w = spec.conditioning.rebuild([c.detach() for c in cond_leaves])
-    return cond, w, uncond
+    out = evaluate_model(vjp_model(spec.model), x_t, t_model, cond, w, uncond)
+    eps = pe * x_t + qe * out.to(x_t.dtype)
+    return (s.alpha / t.alpha) * x_t + s.alpha * (s.rho - t.rho) * eps

@@ -1,0 +1,154 @@
+"""``adjointdeis.guide`` on the Gaussian oracle, where the optimum is known in closed form.
+
+With ``eps*`` of Gaussian data (mean ``mu + cond``) every solver step is affine, per dimension, in
+the state and in cond, so the sampler's output is ``x0 = A * x_T + B * cond + C`` elementwise, with
+A, B, C read off three sample runs. The loss ``||x0 - target||^2`` then has the optimum
+``x_T* = (target - B cond - C) / A`` (optimising x_T) or ``cond* = (target - A x_T - C) / B``
+(optimising cond), where the loss is 0; ``guide`` must reach it.
+"""
+
+import pytest
+import torch
+from gaussian import GaussianEps
+
+from adjointdeis import VPSchedule, guide, sample
+
+DIM, BATCH, STEPS = 12, 2, 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks: one intra-op thread is fastest, and spares a shared CPU the threads' spin-waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sched = VPSchedule.linear()
+    mu = torch.rand(DIM, generator=g, dtype=torch.float64) * 2 - 1
+    s = 0.5 + 0.5 * torch.rand(DIM, generator=g, dtype=torch.float64)
+    model = GaussianEps(sched, mu, s)
+    x_T = torch.randn(BATCH, DIM, generator=g, dtype=torch.float64)
+    cond = 0.3 * torch.randn(BATCH, DIM, generator=g, dtype=torch.float64)
+    target = torch.randn(BATCH, DIM, generator=g, dtype=torch.float64)
+    return model, sched, x_T, cond, target
+
+
+def affine_map(model, sched, like):
+    """(A, B, C) with sample(x_T, cond) == A x_T + B cond + C elementwise."""
+    zero, one = torch.zeros_like(like), torch.ones_like(like)
+    with torch.no_grad():
+        run = [sample(model, x, sched, steps=STEPS, cond=c) for x, c in ((zero, zero), (one, zero), (zero, one))]
+    return run[1] - run[0], run[2] - run[0], run[0]
+
+
+def squared_distance(target):
+    return lambda x0: (x0 - target).square().sum()
+
+
+def test_optimising_x_T_reaches_the_analytic_optimum():
+    model, sched, x_T, cond, target = problem()
+    A, B, C = affine_map(model, sched, x_T)
+    optimum = (target - B * cond - C) / A
+    result = guide(model, sched, squared_distance(target), x_T, cond=cond, optimize="x_T", steps=STEPS, iters=40,
+                   lr=0.5, optimizer="sgd", preserve_norm=False, progress=False)
+    losses = result.losses
+    assert all(b < a for a, b in zip(losses, losses[1:])), "SGD below 1/L decreases the loss at every step"
+    assert (result.x_T - optimum).norm() / optimum.norm() < 1e-4
+    assert result.final_loss < 1e-8 * losses[0]
+    assert torch.allclose(result.sample, A * result.x_T + B * cond + C, rtol=0, atol=1e-12)
+
+
+def test_optimising_cond_reaches_the_analytic_optimum():
+    model, sched, x_T, cond, target = problem(1)
+    A, B, C = affine_map(model, sched, x_T)
+    optimum = (target - A * x_T - C) / B
+    result = guide(model, sched, squared_distance(target), x_T, cond=cond, optimize=("cond",), steps=STEPS,
+                   iters=30, lr=0.25, optimizer="sgd", progress=False)
+    assert all(b < a for a, b in zip(result.losses, result.losses[1:]))
+    assert (result.cond - optimum).norm() / optimum.norm() < 1e-6
+    assert torch.equal(result.x_T, x_T)
+
+
+def test_adam_falls_monotonically_early_and_converges():
+    model, sched, x_T, cond, target = problem(2)
+    A, B, C = affine_map(model, sched, x_T)
+    optimum = (target - B * cond - C) / A
+    result = guide(model, sched, squared_distance(target), x_T, cond=cond, optimize="x_T", steps=STEPS, iters=150,
+                   lr=0.1, preserve_norm=False, progress=False)
+    early = result.losses[:10]
+    assert all(b < a for a, b in zip(early, early[1:]))
+    assert (result.x_T - optimum).norm() / optimum.norm() < 1e-2
+    assert result.final_loss < 1e-3 * result.losses[0]
+
+
+def test_joint_optimisation_and_inputs_left_untouched():
+    model, sched, x_T, cond, target = problem(3)
+    x_before, cond_before = x_T.clone(), cond.clone()
+    result = guide(model, sched, squared_distance(target), x_T, cond=cond, steps=STEPS, iters=60, lr=0.1,
+                   preserve_norm=False, progress=False)
+    assert result.final_loss < 1e-2 * result.losses[0]
+    assert torch.equal(x_T, x_before) and torch.equal(cond, cond_before)
+    assert not torch.equal(result.cond, cond) and not torch.equal(result.x_T, x_T)
+
+
+def test_preserve_norm_keeps_each_x_T_on_its_shell():
+    model, sched, x_T, cond, target = problem(4)
+    result = guide(model, sched, squared_distance(target), x_T, cond=cond, optimize="x_T", steps=STEPS, iters=15,
+                   lr=0.1, progress=False)
+    torch.testing.assert_close(result.x_T.norm(dim=1), x_T.norm(dim=1), rtol=1e-12, atol=0)
+    assert not torch.allclose(result.x_T, x_T)
+    assert result.final_loss < result.losses[0]
+
+
+def test_autograd_and_discrete_follow_the_same_path():
+    model, sched, x_T, cond, target = problem(5)
+    runs = [guide(model, sched, squared_distance(target), x_T, cond=cond, steps=STEPS, iters=4, grad=grad,
+                  progress=False) for grad in ("discrete", "autograd")]
+    torch.testing.assert_close(torch.tensor(runs[0].losses), torch.tensor(runs[1].losses), rtol=1e-10, atol=0)
+    torch.testing.assert_close(runs[0].x_T, runs[1].x_T, rtol=1e-10, atol=1e-12)
+
+
+def test_early_stop_and_callback():
+    model, sched, x_T, cond, target = problem(6)
+    seen = []
+    first = guide(model, sched, squared_distance(target), x_T, cond=cond, optimize="x_T", steps=STEPS, iters=1,
+                  progress=False).losses[0]
+    result = guide(model, sched, squared_distance(target), x_T, cond=cond, optimize="x_T", steps=STEPS, iters=200,
+                   lr=0.5, optimizer="sgd", preserve_norm=False, target_loss=0.1 * first,
+                   callback=lambda it, loss, x0: seen.append((it, loss, x0)), progress=False)
+    assert result.stopped_early and len(result.losses) < 200
+    assert result.final_loss <= 0.1 * first and result.losses[-2] > 0.1 * first
+    assert [it for it, _, _ in seen] == list(range(len(result.losses)))
+    assert [loss for _, loss, _ in seen] == result.losses
+    assert torch.equal(seen[-1][2], result.sample)
+    settled = guide(model, sched, squared_distance(target), x_T, cond=cond, optimize="x_T", steps=STEPS, iters=200,
+                    lr=0.5, optimizer="sgd", preserve_norm=False, tol=1e-3, progress=False)
+    assert settled.stopped_early and len(settled.losses) < 200
+    assert abs(settled.losses[-1] - settled.losses[-2]) <= 1e-3 * max(settled.losses[-2], 1.0)
+
+
+def test_gradient_clipping_bounds_the_step():
+    model, sched, x_T, cond, target = problem(7)
+    result = guide(model, sched, lambda x0: 1e3 * (x0 - target).square().sum(), x_T, cond=cond, optimize="x_T",
+                   steps=STEPS, iters=1, lr=1.0, optimizer="sgd", preserve_norm=False, clip_grad=1e-3,
+                   progress=False)
+    assert (result.x_T - x_T).norm() <= 1e-3 * (1 + 1e-6)
+
+
+def test_bad_arguments_raise():
+    model, sched, x_T, cond, target = problem()
+    loss = squared_distance(target)
+    with pytest.raises(ValueError, match="unknown optimize entry 'noise'"):
+        guide(model, sched, loss, x_T, cond=cond, optimize=("x_T", "noise"), progress=False)
+    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
+        guide(model, sched, loss, x_T, cond=cond, optimizer="lbfgs", progress=False)
+    with pytest.raises(ValueError, match="iters"):
+        guide(model, sched, loss, x_T, cond=cond, iters=0, progress=False)
+    with pytest.raises(ValueError, match="no floating-point cond"):
+        guide(model, sched, loss, x_T, optimize="cond", progress=False)
+    with pytest.raises(ValueError, match="scalar"):
+        guide(model, sched, lambda x0: x0, x_T, cond=cond, steps=2, iters=1, progress=False)

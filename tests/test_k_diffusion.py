@@ -1,0 +1,308 @@
+"""``adjointdeis.k_diffusion``: k-diffusion's sampler functions, run through ``sample``.
+
+Oracle: k-diffusion itself is not a test dependency (its install pulls wandb, kornia, torchvision,
+CLIP and pins numpy < 2), so each sampler is checked against a transcription, below, of the update
+k-diffusion documents for it (its ``sampling.py``: Karras et al. Algorithm 2 for Euler/Heun,
+DPM-Solver++(2M) and its SDE variant in ``t = -log(sigma)``), one plain loop per sampler in the same
+VE coordinates and calling convention. DEIS, which k-diffusion does not ship, is checked against
+Adams-Bashforth weights integrated by Gauss-Legendre quadrature. Where ``k_diffusion`` can be
+imported, :func:`test_matches_installed_k_diffusion` also compares with its own functions.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from nets import TinyConvNet
+from torch import nn
+
+from adjointdeis import k_diffusion as kd
+
+SHAPE = (2, 2, 6, 6)
+COND_DIM = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks: one intra-op thread is fastest, and spares a shared CPU the threads' spin-waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class EDMDenoiser(nn.Module):
+    """A k-diffusion denoiser: EDM preconditioning around a small conv net, ``D(x, sigma, cond)`` -> x0-hat."""
+
+    def __init__(self, sigma_data=0.5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = TinyConvNet(channels=SHAPE[1], width=8, cond_dim=COND_DIM)
+        self.sigma_data = sigma_data
+
+    def forward(self, x, sigma, cond=None, scale=1.0):
+        s = sigma.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        sd2 = self.sigma_data**2
+        c_skip, c_out = sd2 / (s**2 + sd2), s * self.sigma_data / (s**2 + sd2).sqrt()
+        c_in = 1 / (s**2 + sd2).sqrt()
+        return c_skip * x + scale * c_out * self.net(c_in * x, sigma.log() / 4, cond)
+
+
+def karras_sigmas(n, sigma_min=0.02, sigma_max=10.0, rho=7.0, final_zero=True):
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)]) if final_zero else sigmas
+
+
+def setup(dtype, seed=0):
+    model = EDMDenoiser().to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g, dtype=torch.float64).to(dtype) * 10.0
+    cond = torch.randn(SHAPE[0], COND_DIM, generator=g, dtype=torch.float64).to(dtype)
+    return model, x, cond
+
+
+def relative_error(got, want):
+    return ((got - want).norm() / want.norm()).item()
+
+
+# Transcriptions of k-diffusion's updates. Each returns the sample and the per-step (x, denoised).
+
+
+def ref_dpmpp_2m(model, x, sigmas, extra):
+    steps, old = [], None
+    for i in range(len(sigmas) - 1):
+        sigma, nxt = sigmas[i], sigmas[i + 1]
+        den = model(x, sigma * x.new_ones(x.shape[0]), **extra)
+        steps.append((x, den))
+        h = math.log(sigma) - (math.log(nxt) if nxt > 0 else -math.inf)
+        d = den
+        if old is not None and nxt > 0:
+            r = (math.log(sigmas[i - 1]) - math.log(sigma)) / h
+            d = (1 + 1 / (2 * r)) * den - (1 / (2 * r)) * old
+        x = (nxt / sigma) * x - math.expm1(-h) * d
+        old = den
+    return x, steps
+
+
+def ref_dpmpp_3m(model, x, sigmas, extra):
+    """DPM-Solver++(3M) in sigma coordinates: k-diffusion's 3M update at eta = 0, 2M warm-up on step 2."""
+    steps, hist, hs = [], [], []
+    for i in range(len(sigmas) - 1):
+        sigma, nxt = sigmas[i], sigmas[i + 1]
+        den = model(x, sigma * x.new_ones(x.shape[0]), **extra)
+        steps.append((x, den))
+        if nxt == 0:
+            x = den
+        else:
+            h = math.log(sigma) - math.log(nxt)
+            phi_1 = -math.expm1(-h)
+            x = (nxt / sigma) * x + phi_1 * den
+            if len(hist) >= 2:
+                r0, r1 = hs[-1] / h, hs[-2] / h
+                d1_0, d1_1 = (den - hist[-1]) / r0, (hist[-1] - hist[-2]) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = math.expm1(-h) / h + 1
+                phi_3 = phi_2 / h - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif hist:
+                r = hs[-1] / h
+                x = x + phi_1 * (den - hist[-1]) / (2 * r)
+            hs.append(h)
+        hist.append(den)
+    return x, steps
+
+
+def ref_dpmpp_2m_sde(model, x, sigmas, extra, noise):
+    steps, old, h_last = [], None, None
+    for i in range(len(sigmas) - 1):
+        sigma, nxt = sigmas[i], sigmas[i + 1]
+        den = model(x, sigma * x.new_ones(x.shape[0]), **extra)
+        steps.append((x, den))
+        if nxt == 0:
+            x = den
+        else:
+            h = math.log(sigma) - math.log(nxt)
+            x = (nxt / sigma) * math.exp(-h) * x - math.expm1(-2 * h) * den
+            if old is not None:
+                x = x - 0.5 * math.expm1(-2 * h) * (h / h_last) * (den - old)
+            x = x + noise() * nxt * math.sqrt(-math.expm1(-2 * h))
+            h_last = h
+        old = den
+    return x, steps
+
+
+def ref_euler(model, x, sigmas, extra):
+    steps = []
+    for i in range(len(sigmas) - 1):
+        den = model(x, sigmas[i] * x.new_ones(x.shape[0]), **extra)
+        steps.append((x, den))
+        x = x + (x - den) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    return x, steps
+
+
+def ref_heun(model, x, sigmas, extra):
+    steps = []
+    for i in range(len(sigmas) - 1):
+        sigma, nxt = sigmas[i], sigmas[i + 1]
+        den = model(x, sigma * x.new_ones(x.shape[0]), **extra)
+        steps.append((x, den))
+        d = (x - den) / sigma
+        x_euler = x + d * (nxt - sigma)
+        if nxt == 0:
+            x = x_euler
+        else:
+            d_2 = (x_euler - model(x_euler, nxt * x.new_ones(x.shape[0]), **extra)) / nxt
+            x = x + (d + d_2) / 2 * (nxt - sigma)
+    return x, steps
+
+
+def ref_deis(model, x, sigmas, extra, order):
+    """Adams-Bashforth in log(sigma) on eps = (x - D)/sigma: x' = x + sum_j eps_j int L_j(log s) ds."""
+    nodes, weights = np.polynomial.legendre.leggauss(30)
+    steps, eps_hist = [], []
+    for i in range(len(sigmas) - 1):
+        sigma, nxt = sigmas[i], sigmas[i + 1]
+        den = model(x, sigma * x.new_ones(x.shape[0]), **extra)
+        steps.append((x, den))
+        eps_hist.insert(0, (x - den) / sigma)
+        k = 1 if nxt == 0 else min(order, i + 1)
+        if k == 1:
+            x = x + eps_hist[0] * (nxt - sigma)
+            continue
+        logs = [math.log(sigmas[i - j]) for j in range(k)]
+        u = 0.5 * (math.log(nxt) - logs[0]) * nodes + 0.5 * (math.log(nxt) + logs[0])
+        jac = 0.5 * (math.log(nxt) - logs[0])
+        for j in range(k):
+            basis = np.prod([(u - logs[m]) / (logs[j] - logs[m]) for m in range(k) if m != j], axis=0)
+            x = x + eps_hist[j] * float(np.sum(weights * basis * np.exp(u)) * jac)
+    return x, steps
+
+
+SAMPLERS = {
+    "dpmpp_2m": (kd.sample_dpmpp_2m, {}, ref_dpmpp_2m),
+    "dpmpp_3m": (kd.sample_dpmpp_3m, {}, ref_dpmpp_3m),
+    "euler": (kd.sample_euler, {}, ref_euler),
+    "heun": (kd.sample_heun, {}, ref_heun),
+    "deis1": (kd.sample_deis, {"order": 1}, lambda *a: ref_deis(*a, order=1)),
+    "deis2": (kd.sample_deis, {"order": 2}, lambda *a: ref_deis(*a, order=2)),
+    "deis3": (kd.sample_deis, {"order": 3}, lambda *a: ref_deis(*a, order=3)),
+}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_matches_transcribed_update(name, dtype):
+    sampler, options, reference = SAMPLERS[name]
+    model, x, cond = setup(dtype)
+    sigmas = karras_sigmas(7).to(dtype)
+    extra = {"cond": cond, "scale": 0.7}
+    with torch.no_grad():
+        ours = sampler(model, x, sigmas, extra_args=extra, disable=True, **options)
+        want, _ = reference(model, x, sigmas.tolist(), extra)
+    tol = 1e-8 if name == "deis3" and dtype == torch.float64 else TOL[dtype]
+    assert relative_error(ours, want) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_sde_matches_transcribed_update_with_the_same_noise(dtype):
+    model, x, cond = setup(dtype)
+    sigmas = karras_sigmas(6).to(dtype)
+    with torch.no_grad():
+        ours = kd.sample_dpmpp_2m_sde(model, x, sigmas, extra_args={"cond": cond}, disable=True,
+                                      generator=torch.Generator().manual_seed(3))
+        draws = torch.Generator().manual_seed(3)
+        want, _ = ref_dpmpp_2m_sde(model, x, sigmas.tolist(), {"cond": cond},
+                                   lambda: torch.randn(x.shape, generator=draws, dtype=dtype))
+    assert relative_error(ours, want) < TOL[dtype]
+
+
+def test_final_sigma_above_zero_keeps_second_order():
+    """Without the 0, k-diffusion's last step is a full 2M step (no lowered final order)."""
+    model, x, cond = setup(torch.float64)
+    sigmas = karras_sigmas(6, final_zero=False)
+    with torch.no_grad():
+        ours = kd.sample_dpmpp_2m(model, x, sigmas, extra_args={"cond": cond}, disable=True)
+        want, _ = ref_dpmpp_2m(model, x, sigmas.tolist(), {"cond": cond})
+    assert relative_error(ours, want) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "heun"])
+def test_callback_receives_each_step(name):
+    sampler, _, reference = SAMPLERS[name]
+    model, x, cond = setup(torch.float64)
+    sigmas = karras_sigmas(5)
+    seen = []
+    with torch.no_grad():
+        sampler(model, x, sigmas, extra_args={"cond": cond}, callback=seen.append, disable=True)
+        _, steps = reference(model, x, sigmas.tolist(), {"cond": cond})
+    assert [info["i"] for info in seen] == list(range(5))
+    for info, (x_i, den_i) in zip(seen, steps):
+        assert set(info) == {"x", "i", "sigma", "sigma_hat", "denoised"}
+        assert info["sigma"] is not None and torch.equal(info["sigma"], sigmas[info["i"]])
+        assert relative_error(info["x"], x_i) < 1e-10 and relative_error(info["denoised"], den_i) < 1e-10
+
+
+def test_callback_fires_only_in_the_forward_pass():
+    model, x, cond = setup(torch.float64)
+    seen = []
+    out = kd.sample_dpmpp_2m(model, x.requires_grad_(), karras_sigmas(4), extra_args={"cond": cond},
+                             callback=seen.append, disable=True)
+    out.square().sum().backward()
+    assert len(seen) == 4 and x.grad is not None
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "heun", "deis3"])
+def test_gradients_discrete_equal_autograd(name):
+    sampler, options, _ = SAMPLERS[name]
+    model, x, cond = setup(torch.float64)
+    sigmas = karras_sigmas(5)
+    leaves = [x.requires_grad_(), cond.requires_grad_()] + list(model.parameters())
+    grads = {}
+    for grad in ("discrete", "autograd"):
+        out = sampler(model, x, sigmas, extra_args={"cond": cond, "scale": 0.7}, disable=True, grad=grad, **options)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).square().sum()
+        grads[grad] = torch.autograd.grad(loss, leaves)
+    for got, want in zip(grads["discrete"], grads["autograd"]):
+        assert relative_error(got, want) < 1e-8
+
+
+def test_bad_arguments_raise():
+    model, x, cond = setup(torch.float32)
+    sigmas = karras_sigmas(4).float()
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        kd.sample_dpmpp_2m(model, x, sigmas.flip(0), disable=True)
+    with pytest.raises(ValueError, match="eta=1"):
+        kd.sample_dpmpp_2m_sde(model, x, sigmas, eta=0.5, disable=True)
+    with pytest.raises(ValueError, match="generator"):
+        kd.sample_dpmpp_2m_sde(model, x, sigmas, noise_sampler=lambda s, t: torch.randn_like(x), disable=True)
+    with pytest.raises(ValueError, match="s_churn"):
+        kd.sample_euler(model, x, sigmas, s_churn=1.0, disable=True)
+    with pytest.raises(ValueError, match="append a 0"):
+        kd.sample_heun(model, x, sigmas[:-1], disable=True)
+    with pytest.raises(ValueError, match="order"):
+        kd.sample_deis(model, x, sigmas, order=4, disable=True)
+
+
+def test_matches_installed_k_diffusion():
+    sampling = pytest.importorskip("k_diffusion.sampling")
+    model, x, cond = setup(torch.float32)
+    sigmas = karras_sigmas(7).float()
+    extra = {"cond": cond}
+    with torch.no_grad():
+        for ours_fn, theirs_fn in ((kd.sample_dpmpp_2m, sampling.sample_dpmpp_2m),
+                                   (kd.sample_euler, sampling.sample_euler),
+                                   (kd.sample_heun, sampling.sample_heun)):
+            ours = ours_fn(model, x, sigmas, extra_args=extra, disable=True)
+            theirs = theirs_fn(model, x, sigmas, extra_args=extra, disable=True)
+            assert relative_error(ours, theirs) < 1e-5, ours_fn.__name__
+        draws = torch.Generator().manual_seed(5)
+        theirs = sampling.sample_dpmpp_2m_sde(
+            model, x, sigmas, extra_args=extra, disable=True,
+            noise_sampler=lambda sigma, sigma_next: torch.randn(x.shape, generator=draws))
+        ours = kd.sample_dpmpp_2m_sde(model, x, sigmas, extra_args=extra, disable=True,
+                                      generator=torch.Generator().manual_seed(5))
+        assert relative_error(ours, theirs) < 1e-5
