@@ -6,9 +6,10 @@
 //   m0     = p * x + q * out                                   (model output converted)
 //   x_next = a * x + b0 * m0 + b1 * m1 + b2 * m2 + c * noise
 //
-// with scalars precomputed on the host. The functions are templated on the value
-// type so that the CPU kernel instantiates them with at::vec::Vectorized<float> and
-// the CUDA kernel with plain float/double: the formula is written once.
+// with scalars precomputed on the host. The functions take the accumulation type (float,
+// or double for float64 data) and are called per element by the CPU loops (which the
+// compiler vectorises, see cpu/multiversion.h) and the CUDA kernels alike: each formula
+// is written once.
 #pragma once
 
 #include <c10/macros/Macros.h>

@@ -1,16 +1,37 @@
-// CPU kernel of the fused discrete-adjoint update: one pass over memory, vectorised inner
-// loop, parallel over chunks of the flattened operands.
+// CPU kernel of the fused discrete-adjoint update: one pass over memory, a multiversioned
+// (AVX-512 / AVX2 / baseline) vectorised loop, parallel over chunks of the flattened operands.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include "../discrete_adjoint_step.h"
+#include "multiversion.h"
 
 namespace adjointdeis {
 namespace {
 
 constexpr int64_t kGrainSize = 32768;
+
+template <typename scalar_t, bool HasPend1, bool HasPend2>
+ADJOINTDEIS_CPU_LOOP void adjoint_range(
+    const AdjointCoeffs<at::opmath_type<scalar_t>> k, const scalar_t* __restrict xbar,
+    const scalar_t* __restrict vjp, const scalar_t* __restrict gfull,
+    const scalar_t* __restrict pend1, const scalar_t* __restrict pend2,
+    scalar_t* __restrict xbar_prev, scalar_t* __restrict gfull_prev, scalar_t* __restrict cot_prev,
+    scalar_t* __restrict pend_prev, int64_t begin, int64_t end) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t i = begin; i < end; ++i) {
+    opmath_t xp, gp, cp, pp;
+    discrete_adjoint_element<HasPend1, HasPend2, opmath_t>(
+        k, opmath_t(xbar[i]), opmath_t(vjp[i]), opmath_t(gfull[i]),
+        HasPend1 ? opmath_t(pend1[i]) : opmath_t(0), HasPend2 ? opmath_t(pend2[i]) : opmath_t(0),
+        xp, gp, cp, pp);
+    xbar_prev[i] = scalar_t(xp);
+    gfull_prev[i] = scalar_t(gp);
+    cot_prev[i] = scalar_t(cp);
+    pend_prev[i] = scalar_t(pp);
+  }
+}
 
 template <typename scalar_t, bool HasPend1, bool HasPend2>
 void run_adjoint(const AdjointOperands& ops) {
@@ -25,44 +46,9 @@ void run_adjoint(const AdjointOperands& ops) {
   scalar_t* gfull_prev = ops.gfull_prev.mutable_data_ptr<scalar_t>();
   scalar_t* cot_prev = ops.cot_prev.mutable_data_ptr<scalar_t>();
   scalar_t* pend_prev = ops.pend_prev.mutable_data_ptr<scalar_t>();
-
-  auto scalar_range = [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      opmath_t xp, gp, cp, pp;
-      discrete_adjoint_element<HasPend1, HasPend2, opmath_t>(
-          k, opmath_t(xbar[i]), opmath_t(vjp[i]), opmath_t(gfull[i]),
-          HasPend1 ? opmath_t(pend1[i]) : opmath_t(0),
-          HasPend2 ? opmath_t(pend2[i]) : opmath_t(0), xp, gp, cp, pp);
-      xbar_prev[i] = scalar_t(xp);
-      gfull_prev[i] = scalar_t(gp);
-      cot_prev[i] = scalar_t(cp);
-      pend_prev[i] = scalar_t(pp);
-    }
-  };
-
   at::parallel_for(0, ops.xbar.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-      using Vec = at::vec::Vectorized<scalar_t>;
-      constexpr int64_t kWidth = Vec::size();
-      const AdjointCoeffs<Vec> kv{Vec(k.a),  Vec(k.p),       Vec(k.b1),
-                                  Vec(k.b2), Vec(k.b0_prev), Vec(k.q_prev)};
-      const Vec zero(scalar_t(0));
-      int64_t i = begin;
-      for (; i + kWidth <= end; i += kWidth) {
-        Vec xp, gp, cp, pp;
-        discrete_adjoint_element<HasPend1, HasPend2, Vec>(
-            kv, Vec::loadu(xbar + i), Vec::loadu(vjp + i), Vec::loadu(gfull + i),
-            HasPend1 ? Vec::loadu(pend1 + i) : zero, HasPend2 ? Vec::loadu(pend2 + i) : zero,
-            xp, gp, cp, pp);
-        xp.store(xbar_prev + i);
-        gp.store(gfull_prev + i);
-        cp.store(cot_prev + i);
-        pp.store(pend_prev + i);
-      }
-      scalar_range(i, end);
-    } else {
-      scalar_range(begin, end);
-    }
+    adjoint_range<scalar_t, HasPend1, HasPend2>(k, xbar, vjp, gfull, pend1, pend2, xbar_prev,
+                                                gfull_prev, cot_prev, pend_prev, begin, end);
   });
 }
 

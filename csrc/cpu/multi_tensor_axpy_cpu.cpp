@@ -1,14 +1,13 @@
 // CPU kernel of multi_tensor_axpy_: parallel over the concatenated elements of all tensors,
-// vectorised where an update already has its accumulator's dtype.
+// with a multiversioned (AVX-512 / AVX2 / baseline) vectorised loop.
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "../multi_tensor_axpy.h"
+#include "multiversion.h"
 
 namespace adjointdeis {
 namespace {
@@ -16,17 +15,9 @@ namespace {
 constexpr int64_t kGrainSize = 32768;
 
 template <typename acc_t, typename update_t>
-void axpy_range(acc_t* acc, const update_t* update, int64_t n, acc_t scale) {
-  int64_t i = 0;
-  if constexpr (std::is_same_v<acc_t, update_t>) {
-    using Vec = at::vec::Vectorized<acc_t>;
-    constexpr int64_t kWidth = Vec::size();
-    const Vec scale_vec(scale);
-    for (; i + kWidth <= n; i += kWidth) {
-      axpy_element<Vec>(Vec::loadu(acc + i), scale_vec, Vec::loadu(update + i)).store(acc + i);
-    }
-  }
-  for (; i < n; ++i) acc[i] = axpy_element<acc_t>(acc[i], scale, acc_t(update[i]));
+ADJOINTDEIS_CPU_LOOP void axpy_range(acc_t* __restrict acc, const update_t* __restrict update,
+                                     int64_t n, acc_t scale) {
+  for (int64_t i = 0; i < n; ++i) acc[i] = axpy_element<acc_t>(acc[i], scale, acc_t(update[i]));
 }
 
 template <typename acc_t, typename update_t>

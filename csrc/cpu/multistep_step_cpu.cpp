@@ -1,16 +1,34 @@
-// CPU kernel of the fused multistep step: one pass over memory, vectorised inner loop,
-// parallel over chunks of the flattened operands.
+// CPU kernel of the fused multistep step: one pass over memory, a multiversioned (AVX-512 /
+// AVX2 / baseline) vectorised loop, parallel over chunks of the flattened operands.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include "../multistep_step.h"
+#include "multiversion.h"
 
 namespace adjointdeis {
 namespace {
 
 constexpr int64_t kGrainSize = 32768;
+
+template <typename scalar_t, int NumHistory, bool HasNoise>
+ADJOINTDEIS_CPU_LOOP void step_range(const StepCoeffs<at::opmath_type<scalar_t>> k,
+                                     const scalar_t* __restrict x, const scalar_t* __restrict out,
+                                     const scalar_t* __restrict m1, const scalar_t* __restrict m2,
+                                     const scalar_t* __restrict noise, scalar_t* __restrict x_next,
+                                     scalar_t* __restrict m0, int64_t begin, int64_t end) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t i = begin; i < end; ++i) {
+    opmath_t xn, mn;
+    multistep_step_element<NumHistory, HasNoise, opmath_t>(
+        k, opmath_t(x[i]), opmath_t(out[i]), NumHistory >= 1 ? opmath_t(m1[i]) : opmath_t(0),
+        NumHistory >= 2 ? opmath_t(m2[i]) : opmath_t(0), HasNoise ? opmath_t(noise[i]) : opmath_t(0),
+        xn, mn);
+    x_next[i] = scalar_t(xn);
+    m0[i] = scalar_t(mn);
+  }
+}
 
 template <typename scalar_t, int NumHistory, bool HasNoise>
 void run_step(const StepOperands& ops) {
@@ -23,42 +41,8 @@ void run_step(const StepOperands& ops) {
   const scalar_t* noise = HasNoise ? ops.noise.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* x_next = ops.x_next.mutable_data_ptr<scalar_t>();
   scalar_t* m0 = ops.m0.mutable_data_ptr<scalar_t>();
-
-  auto scalar_range = [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      opmath_t xn, mn;
-      multistep_step_element<NumHistory, HasNoise, opmath_t>(
-          k, opmath_t(x[i]), opmath_t(out[i]),
-          NumHistory >= 1 ? opmath_t(m1[i]) : opmath_t(0),
-          NumHistory >= 2 ? opmath_t(m2[i]) : opmath_t(0),
-          HasNoise ? opmath_t(noise[i]) : opmath_t(0), xn, mn);
-      x_next[i] = scalar_t(xn);
-      m0[i] = scalar_t(mn);
-    }
-  };
-
   at::parallel_for(0, ops.x.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-      using Vec = at::vec::Vectorized<scalar_t>;
-      constexpr int64_t kWidth = Vec::size();
-      const StepCoeffs<Vec> kv{Vec(k.a), Vec(k.b0), Vec(k.b1), Vec(k.b2),
-                               Vec(k.c), Vec(k.p),  Vec(k.q)};
-      const Vec zero(scalar_t(0));
-      int64_t i = begin;
-      for (; i + kWidth <= end; i += kWidth) {
-        Vec xn, mn;
-        multistep_step_element<NumHistory, HasNoise, Vec>(
-            kv, Vec::loadu(x + i), Vec::loadu(out + i),
-            NumHistory >= 1 ? Vec::loadu(m1 + i) : zero,
-            NumHistory >= 2 ? Vec::loadu(m2 + i) : zero,
-            HasNoise ? Vec::loadu(noise + i) : zero, xn, mn);
-        xn.store(x_next + i);
-        mn.store(m0 + i);
-      }
-      scalar_range(i, end);
-    } else {
-      scalar_range(begin, end);
-    }
+    step_range<scalar_t, NumHistory, HasNoise>(k, x, out, m1, m2, noise, x_next, m0, begin, end);
   });
 }
 

@@ -1,0 +1,13 @@
+// Function multiversioning for the CPU loops. Each loop marked ADJOINTDEIS_CPU_LOOP is compiled
+// for AVX-512, AVX2 and the x86-64 baseline, and the dynamic loader picks one for the machine
+// (GCC's target_clones, an ifunc): a wheel built for any x86-64 still uses the widest vectors
+// the CPU has, without global -m flags that would break older CPUs. Elsewhere the plain loop is
+// compiled once. The loops are written as simple indexed loops over __restrict pointers so the
+// compiler vectorises each clone.
+#pragma once
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define ADJOINTDEIS_CPU_LOOP __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define ADJOINTDEIS_CPU_LOOP
+#endif
