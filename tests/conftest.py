@@ -14,6 +14,16 @@ KERNEL_TOL = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The tests use small tensors: one intra-op thread is fastest, and on a shared 2-core machine
+    spares the threads' spin-waits (which made tiny-network tests 20-40x slower there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (run by bench/gpu_check.sh)")
 

@@ -16,14 +16,6 @@ from adjointdeis import VPSchedule, guide, sample
 DIM, BATCH, STEPS = 12, 2, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one intra-op thread is fastest, and spares a shared CPU the threads' spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def problem(seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -23,14 +23,6 @@ SHAPE = (2, 2, 6, 6)
 COND_DIM = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one intra-op thread is fastest, and spares a shared CPU the threads' spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class EDMDenoiser(nn.Module):
     """A k-diffusion denoiser: EDM preconditioning around a small conv net, ``D(x, sigma, cond)`` -> x0-hat."""

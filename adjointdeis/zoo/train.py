@@ -1,6 +1,6 @@
 """Trains the zoo's digits models (reproducible from a seed; a few minutes on 2 CPU cores).
 
-    python -m adjointdeis.zoo.train --out adjointdeis/zoo/weights [--iters 6000] [--seed 0]
+    python -m adjointdeis.zoo.train --out adjointdeis/zoo/weights [--iters 5000] [--seed 0] [--threads 1]
 
 Writes ``digits.safetensors`` (the class-conditional eps-prediction UNet on the diffusers-default
 DDPM schedule) and ``digits-classifier.safetensors`` (the classifier the metrics use).
@@ -46,7 +46,7 @@ def train_classifier(images, labels, iters: int, seed: int, progress: bool = Tru
     return net.eval()
 
 
-def train_diffusion(images, labels, iters: int, seed: int, progress: bool = True) -> DigitsUNet:
+def train_diffusion(images, labels, iters: int, seed: int, progress: bool = True, log_every: int = 500) -> DigitsUNet:
     """The eps-prediction DDPM loss with label dropout (for classifier-free guidance) and an EMA."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -76,6 +76,8 @@ def train_diffusion(images, labels, iters: int, seed: int, progress: bool = True
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(p, 1e-3 if step > iters // 10 else 1.0)
+        if log_every and (step + 1) % log_every == 0:
+            print(f"diffusion iter {step + 1}/{iters}: loss {loss.item():.4f}", flush=True)
     return ema.eval()
 
 
@@ -84,14 +86,16 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, required=True, help="folder for the .safetensors files")
-    parser.add_argument("--iters", type=int, default=6000, help="diffusion training iterations")
+    parser.add_argument("--iters", type=int, default=5000, help="diffusion training iterations")
     parser.add_argument("--classifier-iters", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (1 is fastest for this small model on a shared machine)")
     args = parser.parse_args(argv)
     if args.iters < 1 or args.classifier_iters < 1:
         parser.error("--iters and --classifier-iters must be positive")
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(max(1, args.threads))
     train_x, train_y, _, _ = load_digits_split()
     classifier = train_classifier(train_x, train_y, args.classifier_iters, args.seed)
     save_file(classifier.state_dict(), str(args.out / "digits-classifier.safetensors"))

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "elementwise.cuh"
+
 #include <optional>
 
 #include "../discrete_adjoint_step.h"
@@ -13,7 +15,10 @@
 namespace adjointdeis {
 namespace {
 
-constexpr int kThreads = 256;
+using cuda::kThreads;
+using cuda::load_pack;
+using cuda::Pack;
+
 
 template <typename scalar_t>
 struct AdjointPointers {
@@ -27,16 +32,6 @@ struct AdjointPointers {
   scalar_t* cot_prev;
   scalar_t* pend_prev;
 };
-
-template <typename scalar_t, int N>
-struct alignas(sizeof(scalar_t) * N) Pack {
-  scalar_t v[N];
-};
-
-template <int N, typename scalar_t>
-__device__ __forceinline__ Pack<scalar_t, N> load_pack(const scalar_t* p, int64_t i) {
-  return reinterpret_cast<const Pack<scalar_t, N>*>(p)[i];
-}
 
 template <typename scalar_t, bool HasPend1, bool HasPend2, int Width>
 __global__ void discrete_adjoint_kernel(AdjointPointers<scalar_t> ptr, const double* coeffs,
@@ -85,8 +80,6 @@ __global__ void discrete_adjoint_kernel(AdjointPointers<scalar_t> ptr, const dou
   }
 }
 
-bool aligned_16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename scalar_t, bool HasPend1, bool HasPend2>
 void launch_adjoint(const AdjointOperands& ops) {
   AdjointPointers<scalar_t> ptr{
@@ -99,21 +92,14 @@ void launch_adjoint(const AdjointOperands& ops) {
       ops.gfull_prev.mutable_data_ptr<scalar_t>(),
       ops.cot_prev.mutable_data_ptr<scalar_t>(),
       ops.pend_prev.mutable_data_ptr<scalar_t>()};
-  const bool vectorisable = aligned_16(ptr.xbar) && aligned_16(ptr.vjp) &&
-                            aligned_16(ptr.gfull) && (!HasPend1 || aligned_16(ptr.pend1)) &&
-                            (!HasPend2 || aligned_16(ptr.pend2)) && aligned_16(ptr.xbar_prev) &&
-                            aligned_16(ptr.gfull_prev) && aligned_16(ptr.cot_prev) &&
-                            aligned_16(ptr.pend_prev);
+  const bool vectorisable =
+      cuda::all_aligned_16(ptr.xbar, ptr.vjp, ptr.gfull, ptr.pend1, ptr.pend2, ptr.xbar_prev,
+                           ptr.gfull_prev, ptr.cot_prev, ptr.pend_prev);
   constexpr int kWidth = 16 / sizeof(scalar_t);
   const int64_t n = ops.xbar.numel();
   const int width = vectorisable ? kWidth : 1;
   const int64_t work = (n + width - 1) / width;
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount,
-                                        ops.xbar.device().index()));
-  const int64_t max_blocks = static_cast<int64_t>(sm_count) * 8;
-  const int blocks = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks)));
+  const int blocks = cuda::grid_size(work, ops.xbar.device().index());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const double* coeffs = ops.coeffs.const_data_ptr<double>();
   if (vectorisable) {

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "elementwise.cuh"
+
 #include <algorithm>
 #include <optional>
 
@@ -14,7 +16,9 @@
 namespace adjointdeis {
 namespace {
 
-constexpr int kThreads = 256;
+using cuda::kThreads;
+using cuda::Pack;
+
 constexpr int64_t kChunk = 16384;  // elements per chunk; a multiple of every pack width
 
 // Device view of the metadata table: per tensor k, the accumulator and update addresses,
@@ -25,11 +29,6 @@ struct AxpyTable {
   const int64_t* numels;
   const int64_t* chunk_offsets;
   int64_t count;
-};
-
-template <typename scalar_t, int N>
-struct alignas(sizeof(scalar_t) * N) Pack {
-  scalar_t v[N];
 };
 
 // The tensor holding chunk c: the first k with chunk_offsets[k + 1] > c.
@@ -99,11 +98,8 @@ void launch_axpy(const AxpyOperands& ops) {
   const int64_t* device = table_device.const_data_ptr<int64_t>();
   const AxpyTable table{device, device + count, device + 2 * count, device + 3 * count, count};
 
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount,
-                                        ops.scale.device().index()));
   const int blocks = static_cast<int>(
-      std::min<int64_t>(total_chunks, static_cast<int64_t>(sm_count) * 8));
+      std::min<int64_t>(total_chunks, cuda::max_blocks(ops.scale.device().index())));
   multi_tensor_axpy_kernel<acc_t, update_t>
       <<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           table, ops.scale.const_data_ptr<double>(), total_chunks);

@@ -6,12 +6,17 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "elementwise.cuh"
+
 #include "../multistep_step.h"
 
 namespace adjointdeis {
 namespace {
 
-constexpr int kThreads = 256;
+using cuda::kThreads;
+using cuda::load_pack;
+using cuda::Pack;
+
 
 template <typename scalar_t>
 struct StepPointers {
@@ -23,16 +28,6 @@ struct StepPointers {
   scalar_t* x_next;
   scalar_t* m0;
 };
-
-template <typename scalar_t, int N>
-struct alignas(sizeof(scalar_t) * N) Pack {
-  scalar_t v[N];
-};
-
-template <int N, typename scalar_t>
-__device__ __forceinline__ Pack<scalar_t, N> load_pack(const scalar_t* p, int64_t i) {
-  return reinterpret_cast<const Pack<scalar_t, N>*>(p)[i];
-}
 
 template <typename scalar_t, int NumHistory, bool HasNoise, int Width>
 __global__ void multistep_step_kernel(StepPointers<scalar_t> ptr, const double* coeffs,
@@ -76,8 +71,6 @@ __global__ void multistep_step_kernel(StepPointers<scalar_t> ptr, const double* 
   }
 }
 
-bool aligned_16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename scalar_t, int NumHistory, bool HasNoise>
 void launch_step(const StepOperands& ops) {
   StepPointers<scalar_t> ptr{
@@ -88,21 +81,13 @@ void launch_step(const StepOperands& ops) {
       HasNoise ? ops.noise.const_data_ptr<scalar_t>() : nullptr,
       ops.x_next.mutable_data_ptr<scalar_t>(),
       ops.m0.mutable_data_ptr<scalar_t>()};
-  const bool vectorisable = aligned_16(ptr.x) && aligned_16(ptr.out) &&
-                            (NumHistory < 1 || aligned_16(ptr.m1)) &&
-                            (NumHistory < 2 || aligned_16(ptr.m2)) &&
-                            (!HasNoise || aligned_16(ptr.noise)) &&
-                            aligned_16(ptr.x_next) && aligned_16(ptr.m0);
+  const bool vectorisable = cuda::all_aligned_16(ptr.x, ptr.out, ptr.m1, ptr.m2, ptr.noise,
+                                                 ptr.x_next, ptr.m0);
   constexpr int kWidth = 16 / sizeof(scalar_t);
   const int64_t n = ops.x.numel();
   const int width = vectorisable ? kWidth : 1;
   const int64_t work = (n + width - 1) / width;
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount,
-                                        ops.x.device().index()));
-  const int64_t max_blocks = static_cast<int64_t>(sm_count) * 8;
-  const int blocks = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks)));
+  const int blocks = cuda::grid_size(work, ops.x.device().index());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const double* coeffs = ops.coeffs.const_data_ptr<double>();
   if (vectorisable) {

@@ -1,0 +1,16 @@
+"""diffusers integration: a drop-in scheduler that runs adjointdeis' fused, differentiable steps.
+
+Needs the optional dependency diffusers (``pip install adjointdeis[diffusers]``).
+"""
+
+try:
+    import diffusers as _diffusers  # noqa: F401
+except ImportError as error:
+    raise ImportError(
+        "adjointdeis.diffusers needs the diffusers package, which could not be imported "
+        f"({error}); install it with: pip install adjointdeis[diffusers]") from error
+
+from .scheduler import FusedMultistepScheduler
+from .pipeline import denoise
+
+__all__ = ["FusedMultistepScheduler", "denoise"]

@@ -1,0 +1,214 @@
+"""``adjointdeis.diffusers.denoise``: a diffusers denoising loop with gradients.
+
+Gradients: ``grad="discrete"`` against plain autograd through the same loop, float64, on a tiny
+``UNet2DConditionModel`` (cross attention, classifier-free guidance) and a tiny ``UNet2DModel``
+(unconditional), for the latents, the prompt embeddings and every UNet parameter, to 1e-8 relative.
+Forward: the result against diffusers' own loop (``scheduler.step`` after each UNet call, guidance
+batched as the pipelines do) with the same UNet, float32, to 1e-5 relative.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from diffusers import (DDPMPipeline, DEISMultistepScheduler, DPMSolverMultistepScheduler,  # noqa: E402
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel, UNet2DModel)
+
+from adjointdeis.diffusers.pipeline import denoise  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
+]
+
+CHANNELS, SIZE, SEQ, EMBED = 2, 8, 5, 12
+GRAD_RTOL = 1e-8
+FORWARD_RTOL = 1e-5
+
+
+
+def conditional_unet(dtype=torch.float32):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=SIZE, in_channels=CHANNELS, out_channels=CHANNELS, block_out_channels=(8, 16),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=EMBED, attention_head_dim=4,
+        norm_num_groups=4)
+    return unet.to(dtype).eval()
+
+
+def unconditional_unet(dtype=torch.float32):
+    torch.manual_seed(1)
+    unet = UNet2DModel(
+        sample_size=SIZE, in_channels=CHANNELS, out_channels=CHANNELS, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4, norm_num_groups=4)
+    return unet.to(dtype).eval()
+
+
+def inputs(dtype, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, CHANNELS, SIZE, SIZE, generator=g, dtype=torch.float64).to(dtype)
+    embeds = torch.randn(batch, SEQ, EMBED, generator=g, dtype=torch.float64).to(dtype)
+    negative = torch.randn(batch, SEQ, EMBED, generator=g, dtype=torch.float64).to(dtype)
+    return latents, embeds, negative
+
+
+def diffusers_loop(unet, scheduler, latents, steps, embeds=None, negative=None, guidance_scale=None,
+                   generator=None):
+    """The pipelines' loop with diffusers' own scheduler, under no_grad."""
+    scheduler = type(scheduler).from_config(scheduler.config)
+    scheduler.set_timesteps(steps)
+    x = latents.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            if embeds is None:
+                out = unet(x, t).sample
+            elif guidance_scale is None:
+                out = unet(x, t, encoder_hidden_states=embeds).sample
+            else:
+                both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([negative, embeds])).sample
+                out_uncond, out_cond = both.chunk(2)
+                out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            extra = {} if generator is None else {"generator": generator}
+            x = scheduler.step(out, t, x, **extra).prev_sample
+    return x
+
+
+def relative_error(got, want):
+    return ((got - want).norm() / want.norm()).item()
+
+
+def gradients(result, leaves):
+    loss = (result * torch.linspace(-1, 1, result.numel(), dtype=result.dtype).view_as(result)).square().sum()
+    return torch.autograd.grad(loss, leaves, allow_unused=True)
+
+
+def flat(grads, like):
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, like)])
+
+
+def test_discrete_gradients_equal_autograd_with_guidance():
+    unet = conditional_unet(torch.float64)
+    latents, embeds, negative = inputs(torch.float64, batch=1)
+    leaves = [latents.requires_grad_(), embeds.requires_grad_(), negative.requires_grad_()]
+    params = list(unet.parameters())
+    scheduler = DPMSolverMultistepScheduler(solver_order=2)
+    results = {}
+    for grad in ("discrete", "autograd"):
+        out = denoise(unet, latents, scheduler, prompt_embeds=embeds, negative_prompt_embeds=negative,
+                      guidance_scale=4.0, num_inference_steps=4, grad=grad)
+        results[grad] = (out.detach(), gradients(out, leaves + params))
+    (x_d, g_d), (x_a, g_a) = results["discrete"], results["autograd"]
+    assert torch.equal(x_d, x_a)
+    for name, i in (("latents", 0), ("prompt_embeds", 1), ("negative_prompt_embeds", 2)):
+        assert relative_error(g_d[i], g_a[i]) < GRAD_RTOL, name
+    assert relative_error(flat(g_d[3:], params), flat(g_a[3:], params)) < GRAD_RTOL
+    assert all(g is not None for g in g_d[3:]), "every UNet parameter receives a gradient"
+
+
+def test_discrete_gradients_equal_autograd_unconditional_pipeline():
+    unet = unconditional_unet(torch.float64)
+    scheduler = DPMSolverMultistepScheduler(solver_order=3, prediction_type="v_prediction")
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    latents = inputs(torch.float64, batch=1)[0].requires_grad_()
+    params = list(unet.parameters())
+    grads = {}
+    for grad in ("discrete", "autograd"):
+        out = denoise(pipe, latents, pipe.scheduler, num_inference_steps=5, grad=grad)
+        grads[grad] = gradients(out, [latents] + params)
+    assert relative_error(grads["discrete"][0], grads["autograd"][0]) < GRAD_RTOL
+    assert relative_error(flat(grads["discrete"][1:], params), flat(grads["autograd"][1:], params)) < GRAD_RTOL
+
+
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_forward_matches_diffusers_dpmsolver_2m(prediction, final):
+    unet = conditional_unet()
+    latents, embeds, negative = inputs(torch.float32)
+    scheduler = DPMSolverMultistepScheduler(solver_order=2, prediction_type=prediction, final_sigmas_type=final)
+    with torch.no_grad():
+        ours = denoise(unet, latents, scheduler, prompt_embeds=embeds, negative_prompt_embeds=negative,
+                       guidance_scale=3.0, num_inference_steps=8)
+    theirs = diffusers_loop(unet, scheduler, latents, 8, embeds, negative, 3.0)
+    assert relative_error(ours, theirs) < FORWARD_RTOL
+
+
+def test_forward_matches_diffusers_without_guidance_and_with_grad():
+    """guidance_scale <= 1 is no guidance, as in diffusers; a graph-building run gives the same numbers."""
+    unet = conditional_unet()
+    latents, embeds, _ = inputs(torch.float32)
+    scheduler = DEISMultistepScheduler(solver_order=2, timestep_spacing="trailing")
+    ours = denoise(unet, latents.requires_grad_(), scheduler, prompt_embeds=embeds, guidance_scale=1.0,
+                   num_inference_steps=6)
+    assert ours.requires_grad
+    theirs = diffusers_loop(unet, scheduler, latents.detach(), 6, embeds)
+    assert relative_error(ours.detach(), theirs) < FORWARD_RTOL
+
+
+def test_forward_matches_diffusers_unconditional_sde():
+    unet = unconditional_unet()
+    scheduler = DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)
+    latents = inputs(torch.float32)[0]
+    with torch.no_grad():
+        ours = denoise(unet, latents, scheduler, num_inference_steps=6, generator=torch.Generator().manual_seed(7))
+    theirs = diffusers_loop(unet, scheduler, latents, 6, generator=torch.Generator().manual_seed(7))
+    assert relative_error(ours, theirs) < FORWARD_RTOL
+
+
+def test_forward_matches_flow_match_euler():
+    """A flow-matching config: our DDIM step is exactly the flow Euler step; timestep = 1000 sigma."""
+    unet = unconditional_unet()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    latents = inputs(torch.float32)[0]
+    with torch.no_grad():
+        ours = denoise(unet, latents, scheduler, num_inference_steps=6)
+    theirs = diffusers_loop(unet, scheduler, latents, 6)
+    assert relative_error(ours, theirs) < FORWARD_RTOL
+
+
+def test_scheduler_is_left_untouched():
+    unet = unconditional_unet()
+    scheduler = DPMSolverMultistepScheduler()
+    scheduler.set_timesteps(7)
+    before = scheduler.timesteps.clone()
+    with torch.no_grad():
+        denoise(unet, inputs(torch.float32)[0], scheduler, num_inference_steps=3)
+    assert torch.equal(scheduler.timesteps, before)
+
+
+@pytest.mark.filterwarnings("ignore:.*algorithm_type dpmsolver is deprecated:FutureWarning")
+def test_bad_configurations_raise():
+    unet = conditional_unet()
+    latents, embeds, negative = inputs(torch.float32)
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        denoise(unet, latents, DPMSolverMultistepScheduler(use_karras_sigmas=True), prompt_embeds=embeds,
+                num_inference_steps=3)
+    with pytest.raises(ValueError, match="init_noise_sigma"):
+        denoise(unet, latents, EulerDiscreteScheduler(), prompt_embeds=embeds, num_inference_steps=3)
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):
+        denoise(unet, latents, DPMSolverMultistepScheduler(), prompt_embeds=embeds, guidance_scale=5.0,
+                num_inference_steps=3)
+    with pytest.raises(ValueError, match="algorithm_type"):
+        denoise(unet, latents, DPMSolverMultistepScheduler(algorithm_type="dpmsolver"), prompt_embeds=embeds,
+                num_inference_steps=3)
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        denoise(unconditional_unet(), latents, DPMSolverMultistepScheduler(), prompt_embeds=embeds,
+                num_inference_steps=3)
+
+
+def test_our_scheduler_config_gives_the_same_loop():
+    """A pipeline whose scheduler is FusedMultistepScheduler denoises as with the config it came from."""
+    from adjointdeis.diffusers import FusedMultistepScheduler
+    from adjointdeis.diffusers import denoise as exported
+
+    assert exported is denoise
+    unet = unconditional_unet()
+    latents = inputs(torch.float32)[0]
+    for theirs in (DPMSolverMultistepScheduler(solver_order=3, timestep_spacing="trailing"),
+                   DEISMultistepScheduler(solver_order=2, algorithm_type="deis")):
+        ours = FusedMultistepScheduler.from_config(theirs.config)
+        with torch.no_grad():
+            got = denoise(unet, latents, ours, num_inference_steps=6)
+            want = denoise(unet, latents, theirs, num_inference_steps=6)
+        assert relative_error(got, want) < 1e-6

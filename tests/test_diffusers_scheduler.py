@@ -1,0 +1,790 @@
+"""``FusedMultistepScheduler`` as a diffusers scheduler: diffusers' own scheduler checks, parity, a pipeline, gradients.
+
+- The contract: the equivalents of diffusers' ``SchedulerCommonTest`` and of its DPM-Solver / DEIS
+  scheduler tests (save/load round trip, step shapes and dtypes, ``from_config`` both ways, full-loop
+  determinism and reference values, timestep variants, ``add_noise``, begin index, step bookkeeping).
+  diffusers' own checks step at timesteps that are not in the schedule (0, 1, ...); this scheduler
+  rejects those, so its checks step along ``scheduler.timesteps``.
+- Parity: the same denoising loop (a deterministic nonlinear fake model, the pipeline's calling
+  convention) with our scheduler and with ``DPMSolverMultistepScheduler`` / ``DEISMultistepScheduler``
+  built from the same config; every state agrees to 1e-5 relative to its norm (MATH.md section 4).
+  DEIS order 3 is compared with diffusers' DEIS run in float64, since its float32 coefficients alone
+  are off by 2e-5 (see tests/test_diffusers_parity.py).
+- A ``DDPMPipeline`` with a small random ``UNet2DModel`` gives the same images with our scheduler as
+  with diffusers' schedulers.
+- Gradients through ``step``: gradcheck in float64, and autograd through diffusers' (plain torch)
+  scheduler as a second implementation.
+"""
+
+import functools
+import importlib
+import inspect
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="the integration needs diffusers: pip install adjointdeis[diffusers]")
+
+from diffusers import (  # noqa: E402
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    UNet2DModel,
+    UniPCMultistepScheduler,
+)
+
+from adjointdeis.diffusers import FusedMultistepScheduler  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
+]
+
+SHAPE = (2, 3, 8, 8)
+RTOL = 1e-5
+PREDICTIONS = ["epsilon", "sample", "v_prediction"]
+SPACINGS = [("linspace", 0), ("leading", 1), ("trailing", 0)]
+STEPS = [8, 20]
+FINALS = ["zero", "sigma_min"]
+
+
+def fake_model(x, t):
+    """A smooth nonlinear model output for x (batch, ...) at integer timestep t (tau = t / 1000 in [0, 1)).
+
+    Read as eps it is 0.9 x at pure noise, so x0-hat stays moderate; the sine is the nonlinearity.
+    """
+    tau = torch.as_tensor(t, dtype=torch.float64) / 1000
+    xd = x.to(torch.float64)
+    return ((0.5 + 0.4 * tau) * xd + 0.3 * (1 - tau) * torch.sin(2 * xd + 3 * tau)).to(x.dtype)
+
+
+def initial_noise(dtype=torch.float32, seed=0, shape=SHAPE):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def loop(scheduler, x_T, begin=0, noises=None, generator=None, model=fake_model):
+    """A pipeline's denoising loop after ``set_timesteps``; every state it visits and its result, in float64.
+
+    Args:
+        begin: start at ``timesteps[begin]`` after ``set_begin_index(begin)`` (img2img).
+        noises: the SDE noise of each step, passed as ``variance_noise``; generator: or drawn from it.
+    """
+    if begin:
+        scheduler.set_begin_index(begin)
+    x, states = x_T, []
+    for i, t in enumerate(scheduler.timesteps[begin:]):
+        states.append(x.to(torch.float64))
+        extra = {}
+        if noises is not None:
+            extra["variance_noise"] = noises[i]
+        if generator is not None:
+            extra["generator"] = generator
+        x = scheduler.step(model(x, t), t, x, **extra).prev_sample
+    return states + [x.to(torch.float64)]
+
+
+def assert_same_states(ours, theirs, rtol=RTOL):
+    """Every state to `rtol` relative to its norm.
+
+    Where diffusers' last step is the zero-length one of a karras/exponential/beta/log-SNR grid ending at
+    sigma_min, its third-order update divides by h^2 = 0 and returns NaN; ours is the identity there.
+    """
+    assert len(ours) == len(theirs), f"{len(ours) - 1} steps against diffusers' {len(theirs) - 1}"
+    if not torch.isfinite(theirs[-1]).all() and torch.equal(ours[-1], ours[-2]):
+        ours, theirs = ours[:-1], theirs[:-1]
+    for i, (got, want) in enumerate(zip(ours, theirs)):
+        error = ((got - want).norm() / want.norm()).item()
+        assert error <= rtol, f"state {i} of {len(theirs) - 1}: relative error {error:.3e} > {rtol:g}"
+
+
+def compare_with(theirs, steps, dtype=torch.float32, ours=None, **our_kwargs):
+    """Runs ``theirs`` and ``FusedMultistepScheduler.from_config(theirs.config)`` over the same loop."""
+    ours = ours or FusedMultistepScheduler.from_config(theirs.config, **our_kwargs)
+    theirs.set_timesteps(steps)
+    ours.set_timesteps(steps)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+    x_T = initial_noise(dtype)
+    assert_same_states(loop(ours, x_T), loop(theirs, x_T.float()))
+    return ours
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("final", FINALS)
+@pytest.mark.parametrize("spacing,steps_offset", SPACINGS)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("solver,order", [("ddim", 1), ("dpmpp", 1), ("dpmpp", 2), ("dpmpp", 3)])
+def test_matches_dpmsolver(solver, order, prediction, spacing, steps_offset, final, steps):
+    theirs = DPMSolverMultistepScheduler(solver_order=order, prediction_type=prediction, timestep_spacing=spacing,
+                                         steps_offset=steps_offset, final_sigmas_type=final)
+    ours = compare_with(theirs, steps, solver=solver)
+    assert torch.equal(ours.sigmas, theirs.sigmas)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("order", [2, 3])
+def test_matches_dpmsolver_in_float64(order, prediction):
+    """A float64 sample runs our step in float64; diffusers computes in float32 whatever the input."""
+    compare_with(DPMSolverMultistepScheduler(solver_order=order, prediction_type=prediction), 20, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("final", FINALS)
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_matches_dpmsolver_flow(order, shift, final, steps):
+    theirs = DPMSolverMultistepScheduler(solver_order=order, prediction_type="flow_prediction", use_flow_sigmas=True,
+                                         flow_shift=shift, final_sigmas_type=final)
+    compare_with(theirs, steps)
+
+
+@pytest.mark.parametrize("noise_source", ["generator", "variance_noise"])
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("final", FINALS)
+@pytest.mark.parametrize("prediction", PREDICTIONS + ["flow_prediction"])
+@pytest.mark.parametrize("order", [1, 2])
+def test_matches_sde_dpmsolver(order, prediction, final, steps, noise_source):
+    """Same noise: the same seeded generator (both draw float32 normals once per step), or explicit draws."""
+    flow = prediction == "flow_prediction"
+    config = dict(solver_order=order, algorithm_type="sde-dpmsolver++", prediction_type=prediction,
+                  use_flow_sigmas=flow, flow_shift=3.0 if flow else 1.0, final_sigmas_type=final)
+    runs = []
+    for scheduler in (FusedMultistepScheduler(**config), DPMSolverMultistepScheduler(**config)):
+        scheduler.set_timesteps(steps)
+        if noise_source == "generator":
+            runs.append(loop(scheduler, initial_noise(), generator=torch.Generator().manual_seed(7)))
+        else:
+            draws = torch.Generator().manual_seed(7)
+            noises = [torch.randn(SHAPE, generator=draws) for _ in range(steps)]
+            runs.append(loop(scheduler, initial_noise(), noises=noises))
+    assert_same_states(*runs)
+
+
+def upcast_deis(scheduler):
+    """Makes DEISMultistepScheduler compute in float64 (same algorithm and sigma values; see module docstring)."""
+    scheduler.sigmas = scheduler.sigmas.to(torch.float64)
+    return scheduler
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("spacing,steps_offset", SPACINGS)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("order,precision", [(1, torch.float32), (2, torch.float32), (3, torch.float64)])
+def test_matches_deis(order, precision, prediction, spacing, steps_offset, steps):
+    theirs = DEISMultistepScheduler(solver_order=order, prediction_type=prediction, timestep_spacing=spacing,
+                                    steps_offset=steps_offset, algorithm_type="deis")
+    ours = FusedMultistepScheduler.from_config(theirs.config)
+    assert (ours.config.solver, ours.config.final_sigmas_type) == ("deis", "sigma_min")
+    theirs.set_timesteps(steps)
+    ours.set_timesteps(steps)
+    if precision == torch.float64:
+        upcast_deis(theirs)
+    x_T = initial_noise(precision)
+    assert_same_states(loop(ours, x_T), loop(theirs, x_T))
+
+
+SIGMA_SPACINGS = ["use_karras_sigmas", "use_exponential_sigmas", "use_lu_lambdas", "use_beta_sigmas"]
+
+
+@pytest.mark.parametrize("steps", [8, 20])
+@pytest.mark.parametrize("final", FINALS)
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("key", SIGMA_SPACINGS)
+def test_matches_dpmsolver_sigma_spacings(key, order, final, steps):
+    """Karras / exponential / log-SNR / beta noise levels; ending at sigma_min their last step is the identity."""
+    pytest.importorskip("scipy")
+    theirs = DPMSolverMultistepScheduler(solver_order=order, final_sigmas_type=final, **{key: True})
+    compare_with(theirs, steps)
+
+
+@pytest.mark.parametrize("config", [
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    dict(beta_schedule="squaredcos_cap_v2", solver_order=3),
+    dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1, timestep_spacing="trailing"),
+    dict(trained_betas=np.linspace(1e-4, 0.03, 500).tolist(), num_train_timesteps=500),
+    dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"),
+    dict(final_sigmas_type="sigma_min", euler_at_final=True, lower_order_final=False),
+    dict(solver_order=3, final_sigmas_type="sigma_min", use_karras_sigmas=True, lower_order_final=False),
+    dict(variance_type="learned_range"),
+], ids=["scaled_linear", "cosine", "lambda_min_clipped", "trained_betas", "zero_snr", "euler_at_final",
+        "karras_order3", "learned_variance"])
+def test_matches_dpmsolver_config_options(config):
+    theirs = DPMSolverMultistepScheduler(**config)
+    model = fake_model
+    if config.get("variance_type"):
+        def model(x, t):
+            return torch.cat([fake_model(x, t), torch.full_like(x, 5.0)], dim=1)
+    for steps in (10, 25):
+        ours = FusedMultistepScheduler.from_config(theirs.config)
+        theirs.set_timesteps(steps)
+        ours.set_timesteps(steps)
+        x_T = initial_noise()
+        assert_same_states(loop(ours, x_T, model=model), loop(theirs, x_T, model=model))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 14, 15])
+@pytest.mark.parametrize("final", FINALS)
+@pytest.mark.parametrize("lower_order_final", [True, False])
+@pytest.mark.parametrize("order", [2, 3])
+def test_order_schedule_matches_dpmsolver(order, lower_order_final, final, steps):
+    """Warm-up and lowered final orders at the edges: 1-3 steps, and 14/15 around diffusers' threshold."""
+    compare_with(DPMSolverMultistepScheduler(solver_order=order, lower_order_final=lower_order_final,
+                                             final_sigmas_type=final), steps)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 14, 15])
+@pytest.mark.parametrize("lower_order_final", [True, False])
+def test_order_schedule_matches_deis(lower_order_final, steps):
+    theirs = DEISMultistepScheduler(solver_order=3, lower_order_final=lower_order_final)
+    ours = FusedMultistepScheduler.from_config(theirs.config, solver="deis")
+    theirs.set_timesteps(steps)
+    ours.set_timesteps(steps)
+    x_T = initial_noise(torch.float64)
+    assert_same_states(loop(ours, x_T), loop(upcast_deis(theirs), x_T))
+
+
+def test_saved_deis_config_selects_deis():
+    """A saved config (as a pipeline's on the Hub) sets every key, so algorithm_type="deis" picks DEIS.
+
+    diffusers' from_config carries only the values a config set explicitly: an in-memory
+    ``DEISMultistepScheduler()`` leaves algorithm_type at its default, and gives DPM-Solver++ here.
+    """
+    with tempfile.TemporaryDirectory() as directory:
+        DEISMultistepScheduler().save_pretrained(directory)
+        ours = FusedMultistepScheduler.from_pretrained(directory)
+    assert (ours.config.solver, ours.config.final_sigmas_type) == ("deis", "sigma_min")
+    assert FusedMultistepScheduler.from_config(DEISMultistepScheduler().config).config.solver == "dpmpp"
+
+
+@pytest.mark.parametrize("source", [
+    lambda: DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="fixed_small_log", clip_sample=True),
+    lambda: DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading"),
+    lambda: DDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True),
+    lambda: PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
+                          steps_offset=1, timestep_spacing="leading"),
+    lambda: UniPCMultistepScheduler(solver_order=3, prediction_type="sample"),
+    lambda: UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
+    lambda: EulerDiscreteScheduler(use_karras_sigmas=True, prediction_type="v_prediction"),
+], ids=["ddpm", "ddim_sd", "ddim_zero_snr", "pndm", "unipc", "unipc_flow", "euler_karras"])
+def test_from_other_scheduler_configs(source):
+    """A pipeline's scheduler config read by both: ours gives DPMSolverMultistepScheduler's loop."""
+    config = source().config
+    compare_with(DPMSolverMultistepScheduler.from_config(config), 12,
+                 ours=FusedMultistepScheduler.from_config(config))
+
+
+@pytest.mark.parametrize("config", [
+    dict(),
+    dict(solver_order=3, prediction_type="v_prediction", timestep_spacing="trailing", final_sigmas_type="sigma_min"),
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=2.0),
+    dict(solver="deis", solver_order=3),
+])
+def test_theirs_from_our_config(config):
+    """diffusers' schedulers built from our config run the same sampler (DEIS for a DEIS config)."""
+    ours = FusedMultistepScheduler(**config)
+    theirs_class = DEISMultistepScheduler if ours.config.solver == "deis" else DPMSolverMultistepScheduler
+    theirs = theirs_class.from_config(ours.config)
+    ours.set_timesteps(12)
+    theirs.set_timesteps(12)
+    precision = torch.float64 if ours.config.solver == "deis" else torch.float32
+    if precision == torch.float64:
+        upcast_deis(theirs)
+    x_T = initial_noise(precision)
+    assert_same_states(loop(ours, x_T), loop(theirs, x_T))
+
+
+@functools.lru_cache(maxsize=1)
+def compatible_classes():
+    usable = []
+    for cls in FusedMultistepScheduler().compatibles:
+        try:
+            cls()
+        except ImportError:
+            continue
+        usable.append(cls)
+    return tuple(usable)
+
+
+def test_compatibles_round_trip():
+    """Every compatible diffusers scheduler loads our config, and its config loads back to ours unchanged."""
+    names = {cls.__name__ for cls in compatible_classes()}
+    assert {"DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
+            "DEISMultistepScheduler", "UniPCMultistepScheduler", "EulerDiscreteScheduler"} <= names
+    for config in (dict(), dict(solver="deis", solver_order=3, prediction_type="sample"),
+                   dict(algorithm_type="sde-dpmsolver++", timestep_spacing="trailing")):
+        ours = FusedMultistepScheduler(**config)
+        for cls in compatible_classes():
+            if cls is DEISMultistepScheduler and ours.config.algorithm_type == "sde-dpmsolver++":
+                continue
+            back = FusedMultistepScheduler.from_config(cls.from_config(ours.config).config)
+            kept = {k: v for k, v in back.config.items() if k in ours.config}
+            assert kept == dict(ours.config), cls.__name__
+            init_keys = inspect.signature(FusedMultistepScheduler.__init__).parameters
+            assert not {k for k in back.config if k not in ours.config} & set(init_keys), cls.__name__
+
+
+def test_switch_through_diffusers_schedulers():
+    """As diffusers' test_switch: a config passed through other schedulers samples the same."""
+    ours = FusedMultistepScheduler(lower_order_final=False)
+    ours.set_timesteps(10)
+    reference = loop(ours, initial_noise())[-1]
+    config = ours.config
+    for cls in (DPMSolverSinglestepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler,
+                DPMSolverMultistepScheduler, FusedMultistepScheduler):
+        config = cls.from_config(config).config
+    switched = FusedMultistepScheduler.from_config(config)
+    switched.set_timesteps(10)
+    assert torch.equal(loop(switched, initial_noise())[-1], reference)
+
+
+def dummy_sample_deter():
+    """diffusers' deterministic test sample: (4, 3, 8, 8), arange / numel in a permuted layout."""
+    sample = torch.arange(4 * 3 * 8 * 8).reshape(3, 8, 8, 4) / (4 * 3 * 8 * 8)
+    return sample.permute(3, 0, 1, 2)
+
+
+def dummy_model(sample, t):
+    """diffusers' scheduler-test model: ``sample * t / (t + 1)``."""
+    t = torch.as_tensor(t).reshape(-1, *(1,) * (sample.dim() - 1)).to(sample.dtype)
+    return sample * t / (t + 1)
+
+
+@pytest.mark.parametrize("prediction,expected", [("epsilon", 0.24090), ("v_prediction", 0.09852)])
+def test_full_loop_reference_values(prediction, expected):
+    """diffusers' DPM-Solver full-loop checks: mean |sample| after 10 steps of its dummy model.
+
+    The expected means are DPMSolverMultistepScheduler's with diffusers 0.42.1 (its test file's 0.3301
+    and 0.2251 belong to another release); they are checked against the installed one too.
+    """
+    means = []
+    for cls in (FusedMultistepScheduler, DPMSolverMultistepScheduler):
+        scheduler = cls(prediction_type=prediction, lower_order_final=False)
+        scheduler.set_timesteps(10)
+        means.append(loop(scheduler, dummy_sample_deter(), model=dummy_model)[-1].abs().mean().item())
+    assert abs(means[0] - expected) < 1e-5
+    assert abs(means[0] - means[1]) < 1e-6
+
+
+@pytest.mark.parametrize("config", [dict(), dict(algorithm_type="sde-dpmsolver++"), dict(solver="deis")])
+def test_full_loop_is_deterministic(config):
+    results = []
+    for _ in range(2):
+        scheduler = FusedMultistepScheduler(**config)
+        scheduler.set_timesteps(15)
+        results.append(loop(scheduler, initial_noise(), generator=torch.Generator().manual_seed(3))[-1])
+    assert torch.equal(*results)
+
+
+@pytest.mark.parametrize("config", [
+    dict(num_train_timesteps=25),
+    dict(num_train_timesteps=999, prediction_type="v_prediction", solver_order=3),
+    dict(solver="deis", solver_order=3, prediction_type="sample", lower_order_final=False),
+    dict(solver="ddim", timestep_spacing="leading", steps_offset=1),
+    dict(algorithm_type="sde-dpmsolver++", solver_order=1),
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
+])
+def test_save_load_round_trip(config):
+    """save_pretrained / from_pretrained: the same config (diffusers' test_from_pretrained) and the same outputs."""
+    scheduler = FusedMultistepScheduler(**config)
+    with tempfile.TemporaryDirectory() as directory:
+        scheduler.save_pretrained(directory)
+        loaded = FusedMultistepScheduler.from_pretrained(directory)
+    saved = dict(scheduler.config)
+    del saved["_use_default_values"]
+    assert saved == dict(loaded.config)
+    outputs = []
+    for s in (scheduler, loaded):
+        s.set_timesteps(10)
+        outputs.append(loop(s, initial_noise(), generator=torch.Generator().manual_seed(0))[-1])
+    assert torch.equal(*outputs)
+
+
+def test_trained_betas_round_trip():
+    scheduler = FusedMultistepScheduler(trained_betas=np.array([0.1, 0.3]))
+    with tempfile.TemporaryDirectory() as directory:
+        scheduler.save_pretrained(directory)
+        loaded = FusedMultistepScheduler.from_pretrained(directory)
+    assert scheduler.betas.tolist() == loaded.betas.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_step_shapes_and_dtypes(dtype):
+    scheduler = FusedMultistepScheduler()
+    scheduler.set_timesteps(25)
+    sample = initial_noise(dtype, shape=(4, 3, 8, 8))
+    residual = 0.1 * sample
+    outputs = [scheduler.step(residual, t, sample).prev_sample for t in scheduler.timesteps[:2]]
+    assert all(o.shape == sample.shape and o.dtype == dtype for o in outputs)
+    float32_output = scheduler.step(residual.float(), scheduler.timesteps[2], sample).prev_sample
+    assert float32_output.dtype == dtype
+
+
+def test_return_dict_false_gives_the_same_tuple():
+    outputs = []
+    for return_dict in (True, False):
+        scheduler = FusedMultistepScheduler()
+        scheduler.set_timesteps(50)
+        sample = initial_noise()
+        out = scheduler.step(0.1 * sample, scheduler.timesteps[0], sample, return_dict=return_dict)
+        outputs.append(out.prev_sample if return_dict else out)
+    assert isinstance(outputs[1], tuple) and len(outputs[1]) == 1
+    assert torch.equal(outputs[0], outputs[1][0])
+
+
+def test_public_api():
+    scheduler = FusedMultistepScheduler()
+    assert scheduler.init_noise_sigma == 1.0 and scheduler.order == 1 and len(scheduler) == 1000
+    sample = initial_noise()
+    assert scheduler.scale_model_input(sample, 0) is sample
+    assert "kwargs" not in inspect.signature(FusedMultistepScheduler.__init__).parameters
+    assert not FusedMultistepScheduler._deprecated_kwargs
+    assert DPMSolverMultistepScheduler in scheduler.compatibles and DDPMScheduler in scheduler.compatibles
+
+
+def test_config_attribute_access_behaves_like_diffusers():
+    """diffusers' test_getattr_is_correct: plain attributes silently, config attributes with a FutureWarning."""
+    scheduler = FusedMultistepScheduler()
+    scheduler.dummy_attribute = 5
+    scheduler.register_to_config(test_attribute=5)
+    assert scheduler.dummy_attribute == 5
+    with pytest.warns(FutureWarning):
+        assert scheduler.test_attribute == 5
+    with pytest.raises(AttributeError, match="has no attribute 'does_not_exist'"):
+        scheduler.does_not_exist
+
+
+@pytest.mark.parametrize("spacing,steps_offset", SPACINGS)
+@pytest.mark.parametrize("scheduler_class", [DPMSolverMultistepScheduler, DEISMultistepScheduler])
+def test_timesteps_match_diffusers(scheduler_class, spacing, steps_offset):
+    """Every spacing and a wide range of step counts; where diffusers repeats a timestep we refuse the grid."""
+    solver = "deis" if scheduler_class is DEISMultistepScheduler else "dpmpp"
+    theirs = scheduler_class(timestep_spacing=spacing, steps_offset=steps_offset)
+    ours = FusedMultistepScheduler.from_config(theirs.config, solver=solver)
+    for steps in (1, 2, 3, 5, 10, 50, 100, 999, 1000):
+        theirs.set_timesteps(steps)
+        timesteps = theirs.timesteps.tolist()
+        if len(set(timesteps)) < steps or max(timesteps) >= 1000:
+            with pytest.raises(ValueError, match="strictly decreasing|beyond the 1000 training timesteps"):
+                ours.set_timesteps(steps)
+            continue
+        ours.set_timesteps(steps)
+        assert ours.timesteps.tolist() == theirs.timesteps.tolist(), steps
+        assert torch.equal(ours.sigmas, theirs.sigmas), steps
+        assert ours.timesteps.dtype == torch.int64 and ours.sigmas.dtype == torch.float32
+        assert len(ours.step_plan) == ours.num_inference_steps == steps
+
+
+def test_custom_timesteps_match_diffusers():
+    custom = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
+    theirs = DPMSolverMultistepScheduler()
+    ours = FusedMultistepScheduler()
+    theirs.set_timesteps(timesteps=custom)
+    ours.set_timesteps(timesteps=custom)
+    assert ours.timesteps.tolist() == custom
+    x_T = initial_noise()
+    assert_same_states(loop(ours, x_T), loop(theirs, x_T))
+
+
+@pytest.mark.parametrize("config", [dict(), dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"),
+                                    dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)])
+def test_custom_sigmas_reproduce_the_grid(config):
+    """set_timesteps(sigmas=s.sigmas) rebuilds the grid of another scheduler with the same config."""
+    reference = FusedMultistepScheduler(**config)
+    reference.set_timesteps(12)
+    custom = FusedMultistepScheduler(**{k: v for k, v in config.items() if k != "use_karras_sigmas"})
+    custom.set_timesteps(sigmas=reference.sigmas.tolist())
+    assert torch.equal(custom.sigmas, reference.sigmas)
+    assert custom.timesteps.tolist() == reference.timesteps.tolist()
+    assert_same_states(loop(custom, initial_noise()), loop(reference, initial_noise()), rtol=0)
+
+
+def test_dynamic_shifting_mu():
+    ours = FusedMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True)
+    fixed = FusedMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=2.5)
+    ours.set_timesteps(10, mu=np.log(2.5))
+    fixed.set_timesteps(10)
+    assert torch.equal(ours.sigmas, fixed.sigmas)
+
+
+@pytest.mark.parametrize("when", ["lookup", "begin_index", "after_step"])
+def test_add_noise_matches_dpmsolver(when):
+    ours, theirs = FusedMultistepScheduler(), DPMSolverMultistepScheduler()
+    x0, noise = initial_noise(seed=1), initial_noise(seed=2)
+    results = []
+    for scheduler in (ours, theirs):
+        scheduler.set_timesteps(20)
+        timesteps = scheduler.timesteps[[5, 9]]
+        if when == "begin_index":
+            scheduler.set_begin_index(7)
+        elif when == "after_step":
+            scheduler.step(fake_model(x0, scheduler.timesteps[0]), scheduler.timesteps[0], x0)
+        results.append(scheduler.add_noise(x0, noise, timesteps))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)
+
+
+def test_add_noise_before_set_timesteps_matches_ddpm():
+    """For training, before set_timesteps: the training noise level of each timestep."""
+    x0, noise = initial_noise(seed=1), initial_noise(seed=2)
+    timesteps = torch.tensor([3, 977])
+    torch.testing.assert_close(FusedMultistepScheduler().add_noise(x0, noise, timesteps),
+                               DDPMScheduler().add_noise(x0, noise, timesteps), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_begin_index", [True, False])
+@pytest.mark.parametrize("order", [2, 3])
+def test_begin_index_restarts_the_history_like_dpmsolver(order, use_begin_index):
+    """img2img: stepping from timesteps[k] warms the order up again from k, as diffusers does."""
+    runs = []
+    for scheduler in (FusedMultistepScheduler(solver_order=order), DPMSolverMultistepScheduler(solver_order=order)):
+        scheduler.set_timesteps(20)
+        if use_begin_index:
+            runs.append(loop(scheduler, initial_noise(), begin=6))
+        else:
+            x, states = initial_noise(), []
+            for t in scheduler.timesteps[6:]:
+                states.append(x.double())
+                x = scheduler.step(fake_model(x, t), t, x).prev_sample
+            runs.append(states + [x.double()])
+    assert_same_states(*runs)
+
+
+def test_step_index_bookkeeping():
+    scheduler = FusedMultistepScheduler()
+    assert scheduler.step_index is None and scheduler.begin_index is None and scheduler.step_plan is None
+    scheduler.set_timesteps(5)
+    sample = initial_noise()
+    for i, t in enumerate(scheduler.timesteps):
+        assert scheduler.step_index == (None if i == 0 else i)
+        sample = scheduler.step(fake_model(sample, t), t, sample).prev_sample
+    assert scheduler.step_index == 5
+    scheduler.set_begin_index(2)
+    scheduler.set_timesteps(5)
+    assert scheduler.step_index is None and scheduler.begin_index is None
+    scheduler.set_begin_index(3)
+    scheduler.step(sample, scheduler.timesteps[3], sample)
+    assert scheduler.step_index == 4 and scheduler.begin_index == 3
+
+
+def test_history_is_reset_by_set_timesteps():
+    """Running the loop twice on one scheduler gives the same result: no history leaks between runs."""
+    scheduler = FusedMultistepScheduler(solver_order=3)
+    runs = []
+    for _ in range(2):
+        scheduler.set_timesteps(12)
+        runs.append(loop(scheduler, initial_noise())[-1])
+    assert torch.equal(*runs)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("beta_schedule", "quadratic"), ("prediction_type", "noise"), ("solver", "heun"), ("algorithm_type", "unipc"),
+    ("algorithm_type", "dpmsolver"), ("solver_order", 4), ("timestep_spacing", "uniform"),
+    ("final_sigmas_type", "sigma_max"), ("solver_type", "bh3"), ("thresholding", True), ("time_shift_type", "linear"),
+])
+def test_config_it_cannot_honour_names_the_key(key, value):
+    with pytest.raises(ValueError, match=key):
+        FusedMultistepScheduler(**{key: value})
+
+
+@pytest.mark.parametrize("config,match", [
+    (dict(algorithm_type="sde-dpmsolver++", solver_order=3), "solver_order"),
+    (dict(algorithm_type="sde-dpmsolver++", solver="deis"), "sde-dpmsolver"),
+    (dict(solver_type="heun"), "solver_type"),
+    (dict(use_karras_sigmas=True, use_exponential_sigmas=True), "only one of"),
+    (dict(use_karras_sigmas=True, use_flow_sigmas=True), "use_flow_sigmas"),
+    (dict(num_train_timesteps=1), "num_train_timesteps"),
+])
+def test_inconsistent_config_raises(config, match):
+    with pytest.raises(ValueError, match=match):
+        FusedMultistepScheduler(**config)
+
+
+def test_from_config_of_a_config_it_cannot_honour_names_the_key():
+    with pytest.raises(ValueError, match="prediction_type"):
+        FusedMultistepScheduler.from_config(DDPMScheduler(prediction_type="unknown_type").config)
+
+
+def test_step_out_of_order_raises():
+    scheduler = FusedMultistepScheduler()
+    sample = initial_noise()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        scheduler.step(sample, 999, sample)
+    scheduler.set_timesteps(3)
+    t0, t1, t2 = scheduler.timesteps.tolist()
+    with pytest.raises(ValueError, match="not one of"):
+        scheduler.step(sample, 998, sample)
+    scheduler.step(sample, t0, sample)
+    for wrong in (t0, float(t2), torch.tensor(t2), torch.tensor([t1, t2])):
+        with pytest.raises(ValueError, match=f"step 1 expects timestep {t1}"):
+            scheduler.step(sample, wrong, sample)
+    scheduler.step(sample, torch.tensor(t1), sample)
+    scheduler.step(sample, float(t2), sample)
+    with pytest.raises(ValueError, match="all 3 steps are done"):
+        scheduler.step(sample, t2, sample)
+
+
+def test_device_timestep_is_not_read():
+    """A timestep on another device is never read (reading it would wait for the device): no check there."""
+    scheduler = FusedMultistepScheduler()
+    scheduler.set_timesteps(3)
+    scheduler.set_begin_index(0)
+    sample = initial_noise()
+    scheduler.step(sample, torch.empty((), device="meta"), sample)
+    assert scheduler.step_index == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(), "exactly one"), (dict(num_inference_steps=5, timesteps=[9, 5]), "exactly one"),
+    (dict(num_inference_steps=0), "positive integer"), (dict(timesteps=[5, 9]), "non-increasing"),
+    (dict(timesteps=[1000, 5]), r"\[0, 1000\)"), (dict(sigmas=[3.0, 3.0, 2.0]), "strictly decreasing"),
+    (dict(sigmas=[3.0, 1.0, 2.0]), "raise the noise"),
+    (dict(sigmas=[3.0, 0.0, 0.0]), "zero noise"), (dict(num_inference_steps=5, mu=0.5), "use_dynamic_shifting"),
+])
+def test_set_timesteps_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FusedMultistepScheduler().set_timesteps(**kwargs)
+
+
+def test_missing_diffusers_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    for name in ("adjointdeis.diffusers", "adjointdeis.diffusers.scheduler"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(ImportError, match=r"pip install adjointdeis\[diffusers\]"):
+        importlib.import_module("adjointdeis.diffusers")
+
+
+def tiny_pipeline():
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    pipe = DDPMPipeline(unet=unet.eval(), scheduler=DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("theirs_class,config", [
+    (DPMSolverMultistepScheduler, dict()),
+    (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++", timestep_spacing="trailing")),
+    (DPMSolverMultistepScheduler, dict(solver_order=3, use_karras_sigmas=True, prediction_type="sample")),
+], ids=["dpmsolver++", "sde-dpmsolver++", "karras_order3"])
+def test_ddpm_pipeline_gives_the_same_images(theirs_class, config):
+    """One-line swap in a real pipeline: the same images as diffusers' scheduler with the same config."""
+    pipe = tiny_pipeline()
+    images = []
+    for cls in (theirs_class, FusedMultistepScheduler):
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **config)
+        out = pipe(batch_size=2, num_inference_steps=8, output_type="pt", generator=torch.Generator().manual_seed(0))
+        images.append(out.images.to(torch.float64))
+    assert isinstance(pipe.scheduler, FusedMultistepScheduler)
+    error = ((images[1] - images[0]).norm() / images[0].norm()).item()
+    assert error <= RTOL
+
+
+def test_ddpm_pipeline_with_deis_gives_deis_images():
+    """DDPMPipeline passes generator= to step, which DEISMultistepScheduler.step does not take: DEIS runs
+    in a copy of the pipeline's loop (same initial noise, same post-processing), ours in the pipeline."""
+    pipe = tiny_pipeline()
+    pipe.scheduler = FusedMultistepScheduler.from_config(pipe.scheduler.config, solver="deis", solver_order=2)
+    ours = pipe(batch_size=2, num_inference_steps=10, output_type="pt",
+                generator=torch.Generator().manual_seed(0)).images.to(torch.float64)
+    deis = DEISMultistepScheduler.from_config(pipe.scheduler.config)
+    deis.set_timesteps(10)
+    image = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in deis.timesteps:
+            image = deis.step(pipe.unet(image, t).sample, t, image).prev_sample
+    theirs = (image / 2 + 0.5).clamp(0, 1).to(torch.float64)
+    assert ((ours - theirs).norm() / theirs.norm()).item() <= RTOL
+
+
+class SmallDenoiser(torch.nn.Module):
+    """A fixed random 3x3 conv with tanh, time-modulated: a differentiable stand-in for a UNet."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1, dtype=dtype)
+
+    def forward(self, x, t):
+        tau = torch.as_tensor(t, dtype=x.dtype) / 1000
+        return 0.8 * x + 0.2 * torch.tanh(self.conv(x) * (1 + tau))
+
+
+@pytest.mark.parametrize("config", [
+    dict(solver_order=2), dict(solver_order=3, prediction_type="v_prediction"), dict(solver="deis", solver_order=3),
+    dict(algorithm_type="sde-dpmsolver++"), dict(use_flow_sigmas=True, prediction_type="flow_prediction"),
+], ids=["dpmpp2", "dpmpp3_v", "deis3", "sde", "flow"])
+def test_gradients_through_step_pass_gradcheck(config):
+    """d sample / d x_T through 4 steps, against finite differences in float64 (SDE noise held fixed)."""
+    model = SmallDenoiser(torch.float64)
+    shape = (1, 3, 2, 2)
+    noises = [torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def sample(x_T):
+        scheduler = FusedMultistepScheduler(**config)
+        scheduler.set_timesteps(4)
+        sde = scheduler.config.algorithm_type == "sde-dpmsolver++"
+        return loop(scheduler, x_T, noises=noises if sde else None, model=model)[-1]
+
+    x_T = initial_noise(torch.float64, shape=shape).requires_grad_()
+    assert torch.autograd.gradcheck(sample, (x_T,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", [dict(solver_order=2), dict(solver_order=3, prediction_type="sample"),
+                                    dict(algorithm_type="sde-dpmsolver++", solver_order=2)])
+def test_gradients_match_autograd_through_dpmsolver(config):
+    """The same loss through our step and through diffusers' torch step: the same gradient w.r.t. x_T."""
+    model = SmallDenoiser(torch.float32)
+    weights = initial_noise(seed=5)
+    noises = [torch.randn(SHAPE, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    grads = []
+    for cls in (FusedMultistepScheduler, DPMSolverMultistepScheduler):
+        scheduler = cls(**config)
+        scheduler.set_timesteps(6)
+        x_T = initial_noise().requires_grad_()
+        sde = config.get("algorithm_type") == "sde-dpmsolver++"
+        loss = (loop(scheduler, x_T, noises=noises if sde else None, model=model)[-1] * weights).sum()
+        grads.append(torch.autograd.grad(loss, x_T)[0])
+    error = ((grads[0] - grads[1]).norm() / grads[1].norm()).item()
+    assert error <= RTOL
+
+
+def test_differentiable_in_the_model_output_and_under_no_grad():
+    scheduler = FusedMultistepScheduler()
+    scheduler.set_timesteps(3)
+    sample = initial_noise()
+    out = (0.1 * sample).requires_grad_()
+    prev = scheduler.step(out, scheduler.timesteps[0], sample).prev_sample
+    assert prev.requires_grad and torch.autograd.grad(prev.sum(), out)[0].abs().sum() > 0
+    with torch.no_grad():
+        prev = scheduler.step(out, scheduler.timesteps[1], prev).prev_sample
+    assert not prev.requires_grad
+
+
+@pytest.mark.cuda
+def test_cuda_loop_never_syncs_and_matches_cpu():
+    """With the begin index set, a CUDA loop runs under sync debug mode "error" and equals the CPU loop."""
+    results = []
+    for device in ("cpu", "cuda"):
+        scheduler = FusedMultistepScheduler(algorithm_type="sde-dpmsolver++")
+        scheduler.set_timesteps(10, device=device)
+        scheduler.set_begin_index(0)
+        x = initial_noise().to(device)
+        noises = [torch.randn(SHAPE, generator=torch.Generator().manual_seed(i)).to(device) for i in range(10)]
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i, t in enumerate(scheduler.timesteps):
+                x = scheduler.step(0.9 * x, t, x, variance_noise=noises[i]).prev_sample
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        results.append(x.cpu())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
