@@ -154,17 +154,18 @@ def _dpmpp_row(points, i, k, sde, third_order="published"):
     if k == 2:
         return a, [d_weight * (1 + 0.5 / r0), -d_weight * 0.5 / r0], c
     r1 = (points[i - 1].half_log_snr - points[i - 2].half_log_snr) / h
-    d1_0 = torch.tensor([1 / r0, -1 / r0, 0.0], dtype=torch.float64)
-    d1_1 = torch.tensor([0.0, 1 / r1, -1 / r1], dtype=torch.float64)
-    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-    d2 = (d1_0 - d1_1) / (r0 + r1)
+    # D1_0, D1_1, D1, D2 as weights of (m0, m1, m2).
+    d1_0 = (1 / r0, -1 / r0, 0.0)
+    d1_1 = (0.0, 1 / r1, -1 / r1)
+    d1 = [u + r0 / (r0 + r1) * (u - v) for u, v in zip(d1_0, d1_1)]
+    d2 = [(u - v) / (r0 + r1) for u, v in zip(d1_0, d1_1)]
     em = math.expm1(-h)
-    w = torch.tensor([d_weight, 0.0, 0.0], dtype=torch.float64)
     d2_weight = -t.alpha * ((em + h) / h**2 - 0.5)
     if third_order == "taylor":
         d2_weight *= 2.0
-    w = w + t.alpha * (em / h + 1) * d1 + d2_weight * d2
-    return a, w.tolist(), c
+    d1_weight = t.alpha * (em / h + 1)
+    w = [(d_weight if j == 0 else 0.0) + d1_weight * d1[j] + d2_weight * d2[j] for j in range(3)]
+    return a, w, c
 
 
 def _exp_moment(n: int, h: float) -> float:
