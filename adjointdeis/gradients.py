@@ -157,27 +157,63 @@ def reduce_across_ranks(model, grads: list[Tensor | None]) -> None:
         offset += g.numel()
 
 
-def model_vjp(spec: SamplerSpec, x: Tensor, t: Tensor, cond_leaves, params, cotangent_of_out):
+def parameter_names(model, params: list[Tensor]) -> list[str] | None:
+    """Names of `params` in `model` when their gradients can be accumulated in place.
+
+    That needs an nn.Module owning every parameter, in float32 or float64 (a gradient buffer has
+    its parameter's dtype; half-precision parameters accumulate in float32 instead).
+    """
+    if not params or not isinstance(model, torch.nn.Module):
+        return None
+    names = {id(p): n for n, p in model.named_parameters()}
+    if any(id(p) not in names or p.dtype not in (torch.float32, torch.float64) for p in params):
+        return None
+    return [names[id(p)] for p in params]
+
+
+def model_vjp(spec: SamplerSpec, x: Tensor, t: Tensor, cond_leaves, params, cotangent_of_out,
+              param_accumulators: tuple[list[str], list[Tensor]] | None = None):
     """Re-runs the model at x with grad enabled and pulls a cotangent back.
 
     Args:
         cotangent_of_out: callable mapping the output's dtype to the cotangent tensor.
+        param_accumulators: optional (names, buffers): the parameters' gradients are then added
+            into the buffers in place as each becomes ready (the model runs through
+            ``torch.func.functional_call`` on aliases whose ``.grad`` are the buffers), so no second
+            parameter-sized set of gradients is alive at once.
 
     Returns:
-        (vjp_x, [vjp_cond...], [vjp_param...]) with None where a leaf is not reached.
+        (vjp_x, [vjp_cond...], [vjp_param...]) with None where a leaf is not reached (and for
+        every parameter when they were accumulated in place).
     """
     model = vjp_model(spec.model)
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         cond_in = [c.detach().requires_grad_(c.requires_grad) for c in cond_leaves]
         cond, uncond, w = spec.conditioning.rebuild(cond_in)
-        out = evaluate_model(model, x_in, t, cond, w, uncond)
+        aliases = []
+        if param_accumulators is not None:
+            names, buffers = param_accumulators
+            aliases = [p.detach().requires_grad_(True) for p in params]
+            for alias, buffer in zip(aliases, buffers):
+                alias.grad = buffer
+            replaced = dict(zip(names, aliases))
+            call = lambda *args: torch.func.functional_call(model, replaced, args)  # noqa: E731
+            out = evaluate_model(call, x_in, t, cond, w, uncond)
+        else:
+            out = evaluate_model(model, x_in, t, cond, w, uncond)
         if not out.requires_grad:
             raise RuntimeError(
                 f"grad={spec.mode!r}: the model output does not depend on x or on any tensor that requires "
                 "grad; is the model's output connected to its inputs?")
-        wrt = [x_in] + [c for c in cond_in if c.requires_grad] + list(params)
-        grads = torch.autograd.grad(out, wrt, grad_outputs=cotangent_of_out(out), allow_unused=True)
+        cond_wrt = [c for c in cond_in if c.requires_grad]
+        if param_accumulators is not None:
+            torch.autograd.backward(out, cotangent_of_out(out), inputs=[x_in, *cond_wrt, *aliases])
+            buffers[:] = [alias.grad for alias in aliases]  # in place, unless autograd replaced one
+            grads = [x_in.grad] + [c.grad for c in cond_wrt] + [None] * len(params)
+        else:
+            grads = torch.autograd.grad(out, [x_in, *cond_wrt, *params], grad_outputs=cotangent_of_out(out),
+                                        allow_unused=True)
     vjp_x = grads[0] if grads[0] is not None else torch.zeros_like(x)
     it = iter(grads[1:])
     vjp_cond = [next(it) if c.requires_grad else None for c in cond_in]
@@ -224,12 +260,15 @@ def discrete_adjoint(spec: SamplerSpec, grad_x: Tensor, states: list[Tensor], co
     cot = float(q[last]) * gfull
     pending = None
     acc_cond = [None] * len(cond_leaves)
-    acc_params = [None] * len(params)
+    names = parameter_names(vjp_model(spec.model), params)
+    acc_params = [None] * len(params) if names is None else [torch.zeros_like(p) for p in params]
+    in_place = None if names is None else (names, acc_params)
     for j in range(last, -1, -1):
         vjp_x, vjp_cond, vjp_params = model_vjp(spec, states[j], t_eval[j].expand(batch), cond_leaves, params,
-                                                lambda out, c=cot: c.to(out.dtype))
+                                                lambda out, c=cot: c.to(out.dtype), in_place)
         _accumulate(acc_cond, vjp_cond, one)
-        _accumulate(acc_params, vjp_params, one)
+        if in_place is None:
+            _accumulate(acc_params, vjp_params, one)
         xbar, gfull, cot, pend_prev = ops.discrete_adjoint_step(xbar, vjp_x.to(acc_dtype), gfull, pending, None,
                                                                 table[j])
         pending = pend_prev if plan.num_history[j] == 2 else None  # only 3rd-order rows reach m_{j-2}
