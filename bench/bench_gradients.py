@@ -41,6 +41,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import adjointdeis  # noqa: E402
 from adjointdeis import ops  # noqa: E402
+from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
 
 SECTIONS = ("accuracy", "memory", "baselines")
 
@@ -525,15 +526,6 @@ def print_baselines(result):
         print(f"{row['method']:48} {row['nfe_forward']:>8} {row['nfe_backward']:>8} {row['seconds']:>8.3f} "
               f"{row['rel_error']:>16.2e}")
 
-
-def cpu_name():
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def source_version():

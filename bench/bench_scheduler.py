@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import sys
 
 import torch
@@ -39,6 +38,7 @@ from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, UNet
 from adjointdeis import ops  # noqa: E402
 from adjointdeis.diffusers import FusedMultistepScheduler  # noqa: E402
 from adjointdeis.diffusers.scheduler import _step_table  # noqa: E402
+from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
 
 STEPS = (10, 25, 50)
 LATENT_SHAPE = (1, 4, 32, 32)
@@ -133,15 +133,6 @@ class Bench:
                     best[key] = measurement
         return best
 
-
-def cpu_name():
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_cases(schedulers, unet, x, out, device, steps_list, full_loop_steps, repeats):

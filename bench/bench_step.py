@@ -20,7 +20,6 @@ import json
 import math
 import os
 import pathlib
-import platform
 import sys
 
 import torch
@@ -29,6 +28,7 @@ from torch.utils import benchmark
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from adjointdeis import ops, reference  # noqa: E402
+from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
 
 SIZES = [(1, 4, 64, 64), (4, 4, 64, 64), (16, 4, 64, 64), (4, 4, 128, 128), (16, 4, 128, 128)]
 QUICK_SIZES = SIZES[:2]
@@ -203,15 +203,6 @@ def run_case(bench, sched, coeff_row, dtype, size, use_compile):
         "ok": errors["reference"] <= tolerance and errors.get("diffusers", 0.0) <= tolerance,
     }
 
-
-def cpu_name():
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fmt_x(value):
