@@ -48,8 +48,8 @@ def test_cli_info():
     assert f"_C built against torch {torch.__version__}" in result.stdout
 
 
-def test_cli_demo_reports_converging_errors():
-    result = run_cli("demo", "--steps", "10", "40")
+def test_cli_accuracy_reports_converging_errors():
+    result = run_cli("accuracy", "--steps", "10", "40")
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]]
             for line in result.stdout.splitlines()[2:]}
@@ -59,5 +59,5 @@ def test_cli_demo_reports_converging_errors():
 
 
 def test_cli_rejects_bad_steps():
-    result = run_cli("demo", "--steps", "0")
-    assert result.returncode != 0 and "--steps must be positive" in result.stderr
+    result = run_cli("accuracy", "--steps", "0")
+    assert result.returncode != 0 and "--steps: must be a positive integer" in result.stderr
