@@ -79,4 +79,7 @@ bench_args=(--device cuda --min-run-time 0.1 --rounds 2)
 if [ -n "$LOG_DIR" ]; then bench_args+=(--json "$LOG_DIR/bench_cuda.json"); fi
 timeout 210 python3 bench/bench_step.py "${bench_args[@]}"
 
+stage "adjoint kernels (discrete_adjoint_step, multi_tensor_axpy_) against copy bandwidth"
+timeout 120 python3 bench/bench_adjoint_ops.py --device cuda
+
 stage "done"
