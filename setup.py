@@ -89,9 +89,9 @@ def write_build_info(torch, build_cuda, arch_list):
 
 
 if __name__ == "__main__":
+    # extension_modules() sets CUDA_HOME, which torch.utils.cpp_extension reads when first imported:
+    # resolve the switches before that import.
+    modules = extension_modules()
     from torch.utils.cpp_extension import BuildExtension
 
-    setup(
-        ext_modules=extension_modules(),
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    )
+    setup(ext_modules=modules, cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
