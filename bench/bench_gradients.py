@@ -41,6 +41,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import adjointdeis  # noqa: E402
 from adjointdeis import ops  # noqa: E402
+from adjointdeis.benchmarks import tensor_peak_bytes  # noqa: E402
 from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
 
 SECTIONS = ("accuracy", "memory", "baselines")
@@ -286,18 +287,8 @@ def tensor_peak(method, model, x_T, z, target, sched, steps):
     Sums the profiler's allocation (+) and free (-) events in time order; the parameter gradients,
     allocated during the backward pass, are included.
     """
-    from torch.profiler import ProfilerActivity, profile
-
     zero_grads(model, x_T, z)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        unet_gradient(method, model, x_T, z, target, sched, steps)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    return tensor_peak_bytes(lambda: unet_gradient(method, model, x_T, z, target, sched, steps))
 
 
 TENSOR_METHOD = ("tensor peak: the highest sum of live tensor bytes from torch's CPU allocator during one "
