@@ -43,6 +43,8 @@ class DigitsUNet(nn.Module):
             (e.g. ``model.class_embedding(labels)``, so gradients with respect to z are possible).
     """
 
+    sample_shape = (1, 8, 8)
+
     def __init__(self, channels: tuple[int, int] = (32, 64), emb_dim: int = 64, num_classes: int = 10):
         super().__init__()
         c1, c2 = channels

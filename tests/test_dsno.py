@@ -1,0 +1,167 @@
+"""DSNO: the wrapper around the zoo UNet and a diffusers UNet2DModel, the teacher trajectories against the
+Gaussian oracle's exact flow map, and distillation (loss goes down; a resumed run equals an uninterrupted one)."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import adjointdeis as ad
+from adjointdeis import dsno
+from adjointdeis.zoo.networks import DigitsUNet
+from gaussian import GaussianEps, per_dimension
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    return DigitsUNet(channels=(8, 16), emb_dim=16)
+
+
+def set_temporal_weights(student, scale):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in student.temporal.parameters():
+            p.copy_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64))
+
+
+def diffusers_unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(1)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4, norm_num_groups=4)
+
+
+def test_finds_every_residual_block_of_the_zoo_unet():
+    blocks = dsno.find_blocks(DigitsUNet())
+    assert [(name, c) for name, _, c in blocks] == [("down1", 32), ("down2", 64), ("mid", 64), ("up2", 32),
+                                                     ("up1", 32)]
+
+
+def test_with_zero_temporal_weights_each_slice_is_the_backbone_at_its_time():
+    backbone = tiny_unet()
+    times = [700.0, 300.0, 30.0, 0.0]
+    student = dsno.DSNO(backbone, times, modes=2)
+    set_temporal_weights(student, 0.0)
+    noise, cond = torch.randn(3, 1, 8, 8), torch.tensor([1, 4, 10])
+    traj = student(noise, cond)
+    assert traj.shape == (3, 4, 1, 8, 8)
+    for i, t in enumerate(times):
+        assert_close(traj[:, i], backbone(noise, torch.full((3,), t), cond), rtol=1e-5, atol=1e-6)
+
+
+def test_temporal_blocks_mix_the_trajectory_slices():
+    student = dsno.DSNO(tiny_unet(), [700.0, 300.0, 30.0, 0.0], modes=2)
+    set_temporal_weights(student, 0.3)
+    noise = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        before = student(noise)
+        student.times[0] = 650.0   # only slice 0 is told another time ...
+        after = student(noise)
+    assert (after[:, 1:] - before[:, 1:]).abs().max() > 1e-4   # ... yet the other slices change
+    set_temporal_weights(student, 0.0)
+    with torch.no_grad():
+        student.times[0] = 700.0
+        unmixed = student(noise)
+        student.times[0] = 650.0
+        assert_close(student(noise)[:, 1:], unmixed[:, 1:], rtol=0, atol=0)
+
+
+def test_backbone_alone_is_untouched_by_the_hooks():
+    backbone = tiny_unet()
+    x, t = torch.randn(4, 1, 8, 8), torch.full((4,), 100.0)
+    want = backbone(x, t)
+    student = dsno.DSNO(backbone, [500.0, 0.0], modes=1)
+    set_temporal_weights(student, 0.5)
+    assert_close(backbone(x, t), want, rtol=0, atol=0)
+
+
+def test_wraps_a_diffusers_unet_forward_and_backward():
+    unet = diffusers_unet()
+    kinds = [type(m).__name__ for m in unet.modules()]
+    student = dsno.DSNO(unet, [800.0, 500.0, 200.0, 0.0], modes=3)
+    assert len(student.temporal) == kinds.count("ResnetBlock2D") + kinds.count("Attention") > 0
+    traj = student(torch.randn(2, 1, 8, 8))
+    assert traj.shape == (2, 4, 1, 8, 8) and torch.isfinite(traj).all()
+    traj.square().mean().backward()
+    for module in (student.temporal, unet.conv_in):
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="at least 2"):
+        dsno.DSNO(tiny_unet(), [0.0], modes=1)
+    with pytest.raises(ValueError, match="modes"):
+        dsno.DSNO(tiny_unet(), [2.0, 1.0, 0.0], modes=3)
+    with pytest.raises(ValueError, match="no residual or attention block"):
+        dsno.DSNO(torch.nn.Conv2d(1, 1, 3), [1.0, 0.0], modes=1)
+    with pytest.raises(ValueError, match="noise"):
+        dsno.DSNO(tiny_unet(), [1.0, 0.0], modes=1)(torch.randn(2, 64))
+
+
+def test_teacher_trajectories_follow_the_exact_flow_map():
+    sched = ad.VPSchedule.linear()
+    mu, s = per_dimension(6)
+    model = GaussianEps(sched, mu, s).requires_grad_(False)
+    noise = torch.randn(5, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    times = dsno.trajectory_times(sched, 4)
+    t_max = sched.timesteps(1)[0]
+    exact = []
+    for t in times:
+        x_t = model.flow_map(noise, t_max, t)
+        exact.append((x_t - sched.sigma(t) * model(x_t, t.expand(5))) / sched.alpha(t))
+    exact = torch.stack(exact, 1)
+    errors = []
+    for steps in (10, 40):   # DPM-Solver++(2M) between the trajectory times: second order
+        data = dsno.teacher_trajectories(model, sched, times, noise, steps_per_time=steps, progress=False)
+        errors.append((data.targets - exact).abs().max().item())
+    assert errors[1] < 1e-3 and errors[1] < errors[0] / 8, errors
+    snr_root = sched.alpha(times) / sched.sigma(times)
+    assert_close(data.weights, snr_root.clamp(1, 1e4))
+    assert data.weights[-1] > data.weights[0]
+
+
+def distill_tiny(tmp_path, iters, name="ckpt.safetensors", resume=True):
+    teacher = tiny_unet().requires_grad_(False)
+    sched = ad.VPSchedule.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    return dsno.distill(teacher, sched, times=4, n_trajectories=24, iters=iters, batch_size=8, lr=1e-3,
+                        num_classes=10, steps_per_time=2, checkpoint=tmp_path / name, checkpoint_every=3,
+                        resume=resume, progress=False)
+
+
+def test_resumed_distillation_equals_an_uninterrupted_one(tmp_path):
+    straight = distill_tiny(tmp_path, 6, "a.safetensors")
+    distill_tiny(tmp_path, 3, "b.safetensors")
+    assert (tmp_path / "b.safetensors.teacher.safetensors").is_file()
+    resumed = distill_tiny(tmp_path, 6, "b.safetensors")
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert_close(p, q, rtol=0, atol=0, msg=name)
+    fresh = distill_tiny(tmp_path, 3, "b.safetensors", resume=False)   # starts over, ignores the file
+    assert any((p - q).abs().max() > 0 for p, q in zip(fresh.parameters(), resumed.parameters()))
+
+
+def test_distillation_lowers_the_weighted_loss(tmp_path):
+    teacher = tiny_unet().requires_grad_(False)
+    sched = ad.VPSchedule.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    times = dsno.trajectory_times(sched, 4)
+    g = torch.Generator().manual_seed(0)
+    noise, cond = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    data = dsno.teacher_trajectories(teacher, sched, times, noise, cond, prediction="x0", steps_per_time=2,
+                                     progress=False)
+    before = dsno.dsno_loss(dsno.DSNO(tiny_unet(), data.model_times), noise, data.targets, data.weights, cond)
+    student = dsno.distill(teacher, sched, times, 16, 60, batch_size=16, lr=2e-3, num_classes=10, data=data,
+                           prediction="x0", progress=False)
+    with torch.no_grad():
+        after = dsno.dsno_loss(student, noise, data.targets, data.weights, cond)
+    assert after < 0.5 * before
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path):
+    distill_tiny(tmp_path, 3)
+    teacher = tiny_unet().requires_grad_(False)
+    sched = ad.VPSchedule.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    with pytest.raises(ValueError, match="another configuration"):
+        dsno.distill(teacher, sched, times=4, n_trajectories=24, iters=6, batch_size=8, lr=5e-3, num_classes=10,
+                     steps_per_time=2, checkpoint=tmp_path / "ckpt.safetensors", progress=False)
