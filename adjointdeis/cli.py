@@ -2,6 +2,7 @@
 
   adjointdeis demo [--out DIR] [--quick]     sample grids, FD-digits table, a guided morph, PNGs
   adjointdeis sample --solver dpmpp --order 2 --steps 10 --class 3 --n 64 --out grid.png
+  adjointdeis sample --solver dsno           one network evaluation of the distilled DSNO student
   adjointdeis guide --from-index I --to-index J --iters 50 --grad discrete --out morph.png
   adjointdeis bench [--quick] [--json out.json] [--plot out.png]
   adjointdeis accuracy [--steps 5 10 20 50]  solver errors on an exactly solvable Gaussian model
@@ -103,6 +104,8 @@ def sample_command(args) -> None:
     from .images import save_grid
     from .metrics import class_accuracy
 
+    if args.solver == "dsno":
+        return dsno_sample_command(args)
     try:
         order = resolve_order(args.solver, args.order, args.sde)
     except ValueError as error:
@@ -123,6 +126,32 @@ def sample_command(args) -> None:
     what = "digits 0-9 in columns" if args.digit is None else f"digit {args.digit}"
     print(f"{args.n} samples ({what}), {args.solver}-{order}{' SDE' if args.sde else ''}, {args.steps} steps "
           f"({args.spacing} grid){'' if args.guidance is None else f', guidance {args.guidance:g}'}: "
+          f"{seconds:.1f} s; the classifier recognises {class_accuracy(kit.classifier, images, labels):.0%}")
+    print(f"wrote {out}")
+
+
+def dsno_sample_command(args) -> None:
+    """``sample --solver dsno``: the distilled DSNO student, one network evaluation per sample."""
+    from . import zoo
+    from .demo import class_noise, load_kit
+    from .images import save_grid
+    from .metrics import class_accuracy
+
+    for option, value in (("--order", args.order), ("--guidance", args.guidance), ("--sde", args.sde or None)):
+        if value is not None:
+            raise CommandError(f"{option} does not apply to --solver dsno (one evaluation of the distilled student)")
+    if args.digit is not None and not 0 <= args.digit <= 9:
+        raise CommandError(f"--class must be a digit 0-9, got {args.digit}")
+    out = output_file(args.out, ".png")
+    kit = load_kit()
+    student = zoo.load("digits-dsno").model
+    x_T, labels = class_noise(kit, args.n, args.seed, args.digit)
+    start = time.perf_counter()
+    images = torch.cat([student.sample(x_T[i:i + 250], labels[i:i + 250]) for i in range(0, args.n, 250)])
+    seconds = time.perf_counter() - start
+    save_grid(out, images, 10 if args.digit is None else max(1, int(round(args.n ** 0.5))))
+    what = "digits 0-9 in columns" if args.digit is None else f"digit {args.digit}"
+    print(f"{args.n} samples ({what}), DSNO (digits-dsno, T={student.n_times}), 1 network evaluation: "
           f"{seconds:.1f} s; the classifier recognises {class_accuracy(kit.classifier, images, labels):.0%}")
     print(f"wrote {out}")
 
@@ -210,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("sample", sample_command, "sample a grid of digits from the shipped model",
                 "Samples digits from the shipped class-conditional model with one of the fused solvers and writes "
                 "them as a PNG grid (dark ink on white).")
-    p.add_argument("--solver", choices=SOLVERS, default="dpmpp")
+    p.add_argument("--solver", choices=(*SOLVERS, "dsno"), default="dpmpp",
+                   help="a fused solver, or dsno: the distilled one-evaluation student digits-dsno (default dpmpp)")
     p.add_argument("--order", type=int, help="solver order (ddim 1; deis and dpmpp 1-3; heun 2); default: the solver's")
     p.add_argument("--steps", type=positive_int, default=10, help="sampling steps = model evaluations (default 10)")
     p.add_argument("--class", dest="digit", type=int, metavar="DIGIT",

@@ -97,18 +97,7 @@ class DSNO(nn.Module):
             FourierTemporalConv(c, c, n_times, modes, channelwise=channelwise) for _, _, c in blocks)
         self._active = False
         for index, (name, module, _) in enumerate(blocks):
-            module.register_forward_hook(self._hook(index, name))
-
-    def _hook(self, index: int, name: str):
-        def temporal_block(module, args, output):
-            if not self._active:
-                return output
-            if not isinstance(output, Tensor) or output.dim() != 4:
-                raise ValueError(f"DSNO: block {name!r} returned {type(output).__name__} "
-                                 f"{tuple(getattr(output, 'shape', ()))}; temporal blocks need (B*T, C, H, W)")
-            h = output.reshape(-1, self.n_times, *output.shape[1:])
-            return self.temporal[index](h).reshape(output.shape)
-        return temporal_block
+            module.register_forward_hook(_TemporalHook(self, index, name))
 
     def forward(self, noise: Tensor, cond: Tensor | None = None) -> Tensor:
         """(B, C, H, W) noise (and optional (B, ...) conditioning) -> the (B, T, C, H, W) trajectory."""
@@ -130,6 +119,26 @@ class DSNO(nn.Module):
     def sample(self, noise: Tensor, cond: Tensor | None = None) -> Tensor:
         """The sample (B, C, H, W): the trajectory's last point, one network evaluation."""
         return self(noise, cond)[:, -1]
+
+
+class _TemporalHook:
+    """The forward hook that applies temporal block `index` to a block's (B*T, C, H, W) output.
+
+    An object rather than a closure, so that ``copy.deepcopy`` of a DSNO rebinds the copy's hooks to the copy.
+    """
+
+    def __init__(self, owner: DSNO, index: int, name: str):
+        self.owner, self.index, self.name = owner, index, name
+
+    def __call__(self, module, args, output):
+        owner = self.owner
+        if not owner._active:
+            return output
+        if not isinstance(output, Tensor) or output.dim() != 4:
+            raise ValueError(f"DSNO: block {self.name!r} returned {type(output).__name__} "
+                             f"{tuple(getattr(output, 'shape', ()))}; temporal blocks need (B*T, C, H, W)")
+        h = output.reshape(-1, owner.n_times, *output.shape[1:])
+        return owner.temporal[self.index](h).reshape(output.shape)
 
 
 def trajectory_times(sched: NoiseSchedule, n_times: int, t_max: float | None = None,

@@ -110,6 +110,15 @@ def test_sample_writes_a_grid(tmp_path, capsys):
     assert code == 0 and png_size(out) == (10 * 34 + 2, 2 * 34 + 2)  # digits 0-9 in columns
 
 
+def test_sample_with_the_dsno_student_is_one_evaluation(tmp_path, capsys):
+    out = tmp_path / "dsno.png"
+    code, stdout, _ = run(capsys, "sample", "--solver", "dsno", "--n", "20", "--out", str(out))
+    assert code == 0
+    assert "1 network evaluation" in stdout and png_size(out) == (10 * 34 + 2, 2 * 34 + 2)
+    recognised = int(stdout.split("recognises ")[1].split("%")[0])
+    assert recognised >= 70
+
+
 @pytest.mark.parametrize("grad", ["discrete", "adjoint"])
 def test_guide_writes_the_morph_and_its_loss_curve(tmp_path, capsys, grad):
     out = tmp_path / "morph.png"
@@ -154,6 +163,8 @@ def test_bench_plot_without_matplotlib_fails_before_running(tmp_path, capsys, mo
     (["sample", "--solver", "ddim", "--order", "2"], "solver 'ddim' supports order 1, got 2"),
     (["sample", "--solver", "deis", "--sde"], "sde=True is available for solver 'dpmpp'"),
     (["sample", "--class", "12"], "--class must be a digit 0-9, got 12"),
+    (["sample", "--solver", "dsno", "--sde"], "--sde does not apply to --solver dsno"),
+    (["sample", "--solver", "dsno", "--guidance", "2"], "--guidance does not apply to --solver dsno"),
     (["sample", "--out", "grid.jpg"], "--out grid.jpg must be a .png file name"),
     (["guide", "--from-index", "297"], "--from-index 297 is out of range: there are 297 held-out digits, 0-296"),
     (["guide", "--to-index", "-1"], "--to-index -1 is out of range"),

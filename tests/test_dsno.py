@@ -77,6 +77,22 @@ def test_backbone_alone_is_untouched_by_the_hooks():
     assert_close(backbone(x, t), want, rtol=0, atol=0)
 
 
+def test_a_deep_copy_runs_its_own_temporal_blocks():
+    import copy
+
+    student = dsno.DSNO(tiny_unet(), [700.0, 300.0, 0.0], modes=2)
+    set_temporal_weights(student, 0.3)
+    twin = copy.deepcopy(student)
+    noise = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        want = student(noise)
+        assert_close(twin(noise), want, rtol=0, atol=0)
+        for p in twin.temporal.parameters():
+            p.zero_()
+        assert_close(student(noise), want, rtol=0, atol=0)
+        assert (twin(noise) - want).abs().max() > 1e-4
+
+
 def test_wraps_a_diffusers_unet_forward_and_backward():
     unet = diffusers_unet()
     kinds = [type(m).__name__ for m in unet.modules()]

@@ -39,7 +39,7 @@ def safetensors_header(path):
         return json.loads(f.read(size))
 
 
-@pytest.mark.parametrize("name", ["digits.safetensors", "digits-classifier.safetensors"])
+@pytest.mark.parametrize("name", ["digits.safetensors", "digits-classifier.safetensors", "digits-dsno.safetensors"])
 def test_shipped_weights_are_small_safetensors_inside_the_package(name):
     path = zoo.WEIGHTS / name
     assert path.is_file(), f"{name} is not shipped in {zoo.WEIGHTS}"
@@ -102,3 +102,33 @@ def test_training_script_writes_loadable_weights_of_the_shipped_format(tmp_path,
     with torch.no_grad():
         x = ad.sample(entry.model, torch.randn(2, 1, 8, 8), entry.schedule, steps=2, cond=torch.tensor([3, 10]))
     assert torch.isfinite(x).all()
+
+
+def test_dsno_student_samples_in_one_evaluation_are_recognised(no_network):
+    entry = zoo.load("digits-dsno")
+    assert entry.prediction == "trajectory" and entry.model.n_times == 4
+    labels = torch.arange(80) % 10
+    x_T = torch.randn(80, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    calls = []
+    entry.model.backbone.register_forward_hook(lambda *args: calls.append(1))
+    images = entry.model.sample(x_T, labels)
+    assert len(calls) == 1 and images.shape == x_T.shape
+    accuracy = class_accuracy(zoo.load_classifier(), images, labels)
+    assert accuracy > 0.7, f"only {accuracy:.0%} of the DSNO samples are recognised as their class"
+
+
+def test_distillation_script_writes_loadable_weights_of_the_shipped_format(tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt.safetensors"
+    result = subprocess.run([sys.executable, "-m", "adjointdeis.zoo.distill", "--out", str(tmp_path), "--iters", "2",
+                             "--trajectories", "8", "--batch-size", "4", "--checkpoint", str(ckpt)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    name = "digits-dsno.safetensors"
+    shipped, fresh = safetensors_header(zoo.WEIGHTS / name), safetensors_header(tmp_path / name)
+    assert {k: (v["dtype"], v["shape"]) for k, v in fresh.items() if k != "__metadata__"} == \
+           {k: (v["dtype"], v["shape"]) for k, v in shipped.items() if k != "__metadata__"}
+    assert ckpt.is_file() and safetensors_header(ckpt)["__metadata__"]["iteration"] == "2"
+    (tmp_path / "digits.safetensors").write_bytes((zoo.WEIGHTS / "digits.safetensors").read_bytes())
+    monkeypatch.setattr(zoo, "WEIGHTS", tmp_path)
+    trajectory = zoo.load("digits-dsno").model(torch.randn(2, 1, 8, 8), torch.tensor([3, 10]))
+    assert trajectory.shape == (2, 4, 1, 8, 8) and torch.isfinite(trajectory).all()

@@ -1,6 +1,7 @@
 """Pretrained models shipped inside the package (safetensors, loaded without pickle).
 
-    entry = ad.zoo.load("digits")   # entry.model(x, t, cond), entry.schedule, entry.prediction
+    entry = ad.zoo.load("digits")        # entry.model(x, t, cond), entry.schedule, entry.prediction
+    student = ad.zoo.load("digits-dsno")  # student.model(noise, cond) -> trajectory; prediction "trajectory"
 """
 
 import json
@@ -13,7 +14,7 @@ from ..schedules import NoiseSchedule, VPSchedule
 from .networks import DigitClassifier, DigitsUNet
 
 WEIGHTS = pathlib.Path(__file__).with_name("weights")
-MODELS = ("digits",)
+MODELS = ("digits", "digits-dsno")
 
 
 @dataclass
@@ -23,8 +24,10 @@ class ZooModel:
     Attributes:
         model: ``model(x, t, cond)``; x (batch, 1, 8, 8), t (batch,) training timesteps,
             cond (batch,) int64 class labels (10 = unconditional) or (batch, 64) embeddings.
-        schedule: the schedule it was trained on.
-        prediction: "eps".
+            For "digits-dsno" (prediction "trajectory"): a :class:`~adjointdeis.dsno.DSNO`,
+            ``model(noise, cond)`` -> (batch, T, 1, 8, 8), the last point the sample.
+        schedule: the schedule it was trained on (the teacher's, for "digits-dsno").
+        prediction: "eps" | "trajectory".
         shape: the shape of one sample.
         num_classes: number of classes (the unconditional label is ``num_classes``).
     """
@@ -57,6 +60,8 @@ def load(name: str = "digits", device: str | torch.device = "cpu") -> ZooModel:
     """
     if name not in MODELS:
         raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(MODELS)}")
+    if name == "digits-dsno":
+        return _load_dsno(device)
     state, meta = _load_state(WEIGHTS / f"{name}.safetensors")
     model = DigitsUNet()
     model.load_state_dict(state)
@@ -64,6 +69,16 @@ def load(name: str = "digits", device: str | torch.device = "cpu") -> ZooModel:
     betas = torch.linspace(beta_start, beta_end, int(meta["num_train_timesteps"]), dtype=torch.float64)
     return ZooModel(model.eval().to(device), VPSchedule.from_betas(betas), meta["prediction"], (1, 8, 8),
                     model.num_classes)
+
+
+def _load_dsno(device) -> ZooModel:
+    from ..dsno import DSNO
+
+    teacher = load("digits")
+    state, meta = _load_state(WEIGHTS / "digits-dsno.safetensors")
+    student = DSNO(DigitsUNet(), state["times"], int(meta["modes"]))
+    student.load_state_dict(state)
+    return ZooModel(student.eval().to(device), teacher.schedule, "trajectory", teacher.shape, teacher.num_classes)
 
 
 def load_classifier(device: str | torch.device = "cpu") -> DigitClassifier:
