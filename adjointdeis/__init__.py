@@ -1,6 +1,6 @@
 """adjointdeis: fused multistep samplers for diffusion and flow models, with gradients through sampling."""
 
-from . import ops, reference
+from . import dsno, ops, reference
 from .guidance import guide
 from .models import PredictionAdapter, evaluate_model
 from .sampling import sample, sampling_grid
@@ -11,6 +11,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EDMSchedule", "FlowSchedule", "NoiseSchedule", "PREDICTIONS", "PredictionAdapter", "SOLVERS",
-    "StepPlan", "VPSchedule", "build_plan", "evaluate_model", "guide", "ops", "reference", "sample",
+    "StepPlan", "VPSchedule", "build_plan", "dsno", "evaluate_model", "guide", "ops", "reference", "sample",
     "sampling_grid",
 ]

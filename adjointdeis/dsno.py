@@ -26,6 +26,8 @@ from .sampling import run_plan, sampling_grid
 from .schedules import NoiseSchedule
 from .solvers import build_plan, resolve_order
 
+_TRAJECTORY_SEED = 2**32  # offset of the teacher trajectories' noise seed
+
 __all__ = ["DSNO", "FourierTemporalConv", "TeacherTrajectories", "distill", "find_blocks", "teacher_trajectories",
            "trajectory_times"]
 
@@ -306,7 +308,7 @@ def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequenc
     if data is None and data_path is not None and resume and data_path.is_file():
         data = _load_teacher(data_path, config)
     if data is None:
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(_TRAJECTORY_SEED + seed)   # not the benchmarks' seed-0 noise
         noise = torch.randn(n_trajectories, *shape, generator=g)
         cond = None if num_classes is None else torch.randint(0, num_classes, (n_trajectories,), generator=g)
         data = teacher_trajectories(teacher_model, sched, times, noise, cond, prediction, solver, order,
