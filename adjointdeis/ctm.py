@@ -80,7 +80,7 @@ def ctm_plan(sigmas: tuple[float, ...], gamma: float, output: str) -> tuple[list
     """Per-step coefficients of gamma sampling, in float64 on the host.
 
     Step n jumps from ``t = sigmas[n]`` to ``u = sqrt(1 - gamma^2) sigmas[n+1]`` and adds
-    ``c xi`` with ``c = sqrt(sigmas[n+1]^2 - u^2)`` (not on the last step), so that
+    ``c xi`` with ``c = sqrt(sigmas[n+1]^2 - u^2) = gamma sigmas[n+1]`` (not on the last step), so that
     ``x_next = a x + b out + c xi`` with ``(a, b) = (u/t, 1 - u/t)`` for output="g" and
     ``(0, 1)`` for output="jump".
 
