@@ -112,8 +112,9 @@ def diagnose_command(args) -> None:
     rows = zoo_table(args.model, args.times, n=args.n, probes=args.probes, points=args.points, radius=args.radius,
                      seed=args.seed)
     print(format_table(rows))
+    seconds = time.perf_counter() - start
     print(f"{args.n} held-out digits noised at each t, {args.probes} probes, circles of radius {args.radius:g} "
-          f"through {args.points} points; estimate ± standard error over the digits; {time.perf_counter() - start:.1f} s")
+          f"through {args.points} points; estimate ± standard error over the digits; {seconds:.1f} s")
 
 
 def demo(args) -> None:

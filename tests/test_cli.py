@@ -152,8 +152,9 @@ def test_diagnose_prints_the_table(capsys):
                           "--points", "8", "--n", "8")
     assert code == 0
     rows = [line.split("|")[1:-1] for line in stdout.splitlines() if line.startswith("| ") and "±" in line]
+    gaussian = "Gaussian fit (exact score)"
     assert [(row[0].strip(), float(row[1])) for row in rows] == [
-        ("Gaussian fit (exact score)", 50.0), ("digits", 50.0), ("Gaussian fit (exact score)", 800.0), ("digits", 800.0)]
+        (gaussian, 50.0), ("digits", 50.0), (gaussian, 800.0), ("digits", 800.0)]
     for name, _, asym, circ in rows:
         asym, circ = (float(cell.split("±")[0]) for cell in (asym, circ))
         if name.strip().startswith("Gaussian"):  # zero up to float32 rounding
