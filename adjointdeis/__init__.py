@@ -1,6 +1,7 @@
 """adjointdeis: fused multistep samplers for diffusion and flow models, with gradients through sampling."""
 
-from . import dsno, ops, reference
+from . import diagnostics, dsno, ops, reference
+from .ctm import sample_ctm, score_from_ctm
 from .guidance import guide
 from .models import PredictionAdapter, evaluate_model
 from .sampling import sample, sampling_grid
@@ -11,6 +12,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EDMSchedule", "FlowSchedule", "NoiseSchedule", "PREDICTIONS", "PredictionAdapter", "SOLVERS",
-    "StepPlan", "VPSchedule", "build_plan", "dsno", "evaluate_model", "guide", "ops", "reference", "sample",
-    "sampling_grid",
+    "StepPlan", "VPSchedule", "build_plan", "diagnostics", "dsno", "evaluate_model", "guide", "ops", "reference",
+    "sample", "sample_ctm", "sampling_grid", "score_from_ctm",
 ]

@@ -71,6 +71,51 @@ torch.library.register_autograd(
     setup_context=_multistep_step_setup_context)
 
 
+def ctm_step(x: Tensor, g: Tensor, coeffs: Tensor, noise: Tensor | None = None) -> Tensor:
+    """One fused consistency-trajectory (gamma) step: ``x_next = a x + b g + c noise`` (MATH.md 8).
+
+    With ``a = u/t``, ``b = 1 - u/t`` it is CTM's jump ``G(x, t, u) = (u/t) x + (1 - u/t) g`` and
+    ``c = sqrt(t_next^2 - u^2)`` scales the fresh noise; one pass over memory on CPU or CUDA,
+    differentiable in x, g and noise.
+
+    Args:
+        x: (*shape) current state, float64/float32/float16/bfloat16.
+        g: (*shape) the two-time model's output (broadcastable to the common shape), same dtype.
+        coeffs: (3,) float64 ``[a, b, c]`` on x's device (precomputed on the host, so no host
+            sync happens per step).
+        noise: optional standard normal noise (broadcastable), same dtype.
+
+    Returns:
+        (*shape) x_next, contiguous, with the broadcast shape and x's dtype.
+
+    Raises:
+        RuntimeError naming the argument for a dtype, device or shape mismatch.
+    """
+    return torch.ops.adjointdeis.ctm_step.default(x, g, coeffs, noise)
+
+
+@torch.library.register_fake("adjointdeis::ctm_step")
+def _ctm_step_fake(x, g, coeffs, noise):
+    return x.new_empty(reference.check_ctm_operands(x, g, coeffs, noise))
+
+
+def _ctm_step_setup_context(ctx, inputs, output):
+    x, g, coeffs, noise = inputs
+    ctx.save_for_backward(coeffs)
+    ctx.shapes = (x.shape, g.shape, None if noise is None else noise.shape)
+
+
+def _ctm_step_backward(ctx, grad_x_next):
+    (coeffs,) = ctx.saved_tensors
+    x_shape, g_shape, noise_shape = ctx.shapes
+    a, b, c = coeffs.to(grad_x_next.dtype).unbind()
+    grad_noise = None if noise_shape is None else (c * grad_x_next).sum_to_size(noise_shape)
+    return (a * grad_x_next).sum_to_size(x_shape), (b * grad_x_next).sum_to_size(g_shape), None, grad_noise
+
+
+torch.library.register_autograd("adjointdeis::ctm_step", _ctm_step_backward, setup_context=_ctm_step_setup_context)
+
+
 def discrete_adjoint_step(xbar: Tensor, vjp: Tensor, gfull: Tensor, pend1: Tensor | None,
                           pend2: Tensor | None, coeffs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One fused row j of the exact discrete adjoint (MATH.md 5.1), after the model's VJP at x_j.
@@ -163,5 +208,6 @@ def _multi_tensor_axpy_fake(accumulators, updates, scale):
 if cuda_version() < 0:
     # CPU-only build: CUDA tensors take the reference path, so callers never branch on the build.
     torch.library.impl("adjointdeis::multistep_step", "CUDA", reference.multistep_step)
+    torch.library.impl("adjointdeis::ctm_step", "CUDA", reference.ctm_step)
     torch.library.impl("adjointdeis::discrete_adjoint_step", "CUDA", reference.discrete_adjoint_step)
     torch.library.impl("adjointdeis::multi_tensor_axpy_", "CUDA", reference.multi_tensor_axpy_)

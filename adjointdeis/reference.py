@@ -84,6 +84,66 @@ def multistep_step(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor
             m0.expand(shape).to(x.dtype).contiguous())
 
 
+CTM_COEFFS = ("a", "b", "c")
+
+
+def check_ctm_operands(x, g, coeffs, noise) -> torch.Size:
+    """Validates the operands of ctm_step and returns the broadcast output shape.
+
+    Raises:
+        ValueError / TypeError naming the offending argument.
+    """
+    op = "ctm_step"
+    if x.dtype not in _STEP_DTYPES:
+        raise TypeError(f"{op}: x must be float64, float32, float16 or bfloat16, got {x.dtype}")
+    if coeffs.dtype != torch.float64:
+        raise TypeError(f"{op}: coeffs must be float64, got {coeffs.dtype}")
+    if coeffs.shape != (len(CTM_COEFFS),):
+        raise ValueError(f"{op}: coeffs must have shape [{len(CTM_COEFFS)}] ([a, b, c]), got {list(coeffs.shape)}")
+    if coeffs.device != x.device:
+        raise ValueError(f"{op}: coeffs is on {coeffs.device} but x is on {x.device}")
+    named = [("g", g)] + ([("noise", noise)] if noise is not None else [])
+    shape = x.shape
+    for name, t in named:
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+        try:
+            shape = torch.broadcast_shapes(shape, t.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{op}: {name} with shape {list(t.shape)} does not broadcast with x's shape {list(x.shape)}"
+            ) from None
+    return shape
+
+
+def ctm_step(x: Tensor, g: Tensor, coeffs: Tensor, noise: Tensor | None = None) -> Tensor:
+    """One consistency-trajectory (gamma) step (MATH.md section 8): ``x_next = a x + b g + c noise``.
+
+    With ``a = u/t``, ``b = 1 - u/t`` this is CTM's jump ``G(x, t, u) = (u/t) x + (1 - u/t) g``
+    followed by fresh noise ``c xi`` with ``c = sqrt(t_next^2 - u^2)``.
+
+    Args:
+        x: (*shape) current state, float64/float32/float16/bfloat16.
+        g: (*shape) the two-time model's output g(x, t, u) (broadcastable), same dtype.
+        coeffs: (3,) float64 ``[a, b, c]`` on x's device.
+        noise: optional (*shape) standard normal noise (broadcastable), same dtype; ``c`` is
+            ignored without it.
+
+    Returns:
+        (*shape) x_next, contiguous with the broadcast shape and x's dtype. Arithmetic runs in
+        float64 for float64 inputs and in float32 otherwise.
+    """
+    shape = check_ctm_operands(x, g, coeffs, noise)
+    opmath = opmath_dtype(x.dtype)
+    a, b, c = coeffs.to(opmath).unbind()
+    acc = a * x.to(opmath) + b * g.to(opmath)
+    if noise is not None:
+        acc = acc + c * noise.to(opmath)
+    return acc.expand(shape).to(x.dtype).contiguous()
+
+
 ADJOINT_COEFFS = ("a", "p", "b1", "b2", "b0_prev", "q_prev")
 
 

@@ -70,7 +70,8 @@ else
     echo "CUDA tests failed (pytest exit $rc)"
     exit "$rc"
   fi
-  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_adjoint_ops.py -k "bad_input" \
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_adjoint_ops.py tests/test_ctm_step.py \
+    -k "bad_input" \
     || echo "bad-input tests failed or crashed (exit $?)"
 fi
 

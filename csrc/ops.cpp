@@ -37,6 +37,7 @@ TORCH_LIBRARY(adjointdeis, m) {
   m.def(
       "multistep_step(Tensor x, Tensor out, Tensor[] history, Tensor coeffs, Tensor? noise)"
       " -> (Tensor x_next, Tensor m0)");
+  m.def("ctm_step(Tensor x, Tensor g, Tensor coeffs, Tensor? noise) -> Tensor");
   m.def(
       "discrete_adjoint_step(Tensor xbar, Tensor vjp, Tensor gfull, Tensor? pend1, Tensor? pend2,"
       " Tensor coeffs) -> (Tensor xbar_prev, Tensor gfull_prev, Tensor cot_prev, Tensor pend_prev)");

@@ -1,5 +1,5 @@
-// Per-element math of the fused ops (multistep step, discrete adjoint step, scaled
-// accumulation), shared by the CPU and CUDA kernels.
+// Per-element math of the fused ops (multistep step, consistency-trajectory step, discrete
+// adjoint step, scaled accumulation), shared by the CPU and CUDA kernels.
 //
 // One solver step of every supported sampler has the form (MATH.md section 4)
 //
@@ -44,6 +44,32 @@ C10_HOST_DEVICE inline void multistep_step_element(
   if constexpr (NumHistory >= 2) acc = acc + k.b2 * m2;
   if constexpr (HasNoise) acc = acc + k.c * noise;
   x_next = acc;
+}
+
+// Layout of the coefficients of one consistency-trajectory step (MATH.md section 8): [a, b, c].
+enum CtmCoeff : int { kCtmA = 0, kCtmB, kCtmC, kNumCtmCoeffs };
+
+template <typename T>
+struct CtmCoeffs {
+  T a, b, c;
+
+  template <typename Scalar>
+  C10_HOST_DEVICE static CtmCoeffs load(const Scalar* row) {
+    return {T(row[kCtmA]), T(row[kCtmB]), T(row[kCtmC])};
+  }
+};
+
+// One element of a consistency-trajectory (gamma) step: the jump of a two-time model in
+// CTM's parameterisation, G(x, t, u) = a x + b g, followed by fresh noise scaled by c:
+//
+//   x_next = a * x + b * g + c * noise
+//
+// The noise term is a compile-time switch (the last step draws none).
+template <bool HasNoise, typename T>
+C10_HOST_DEVICE inline T ctm_step_element(const CtmCoeffs<T>& k, T x, T g, T noise) {
+  T acc = k.a * x + k.b * g;
+  if constexpr (HasNoise) acc = acc + k.c * noise;
+  return acc;
 }
 
 // Layout of the coefficients of row j of the exact discrete adjoint (MATH.md section 5.1):

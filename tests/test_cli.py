@@ -20,7 +20,7 @@ from adjointdeis import cli, images
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
-COMMANDS = ["info", "demo", "sample", "guide", "bench", "accuracy"]
+COMMANDS = ["info", "demo", "sample", "guide", "bench", "accuracy", "diagnose"]
 BYTES_PER_PIXEL = {0: 1, 2: 3, 4: 2, 6: 4}  # 8-bit greyscale, RGB, grey+alpha, RGBA
 
 
@@ -156,7 +156,28 @@ def test_bench_plot_without_matplotlib_fails_before_running(tmp_path, capsys, mo
     assert code == 2 and "pip install 'adjointdeis[plot]'" in err and stdout == ""
 
 
+def test_diagnose_prints_the_table(capsys):
+    code, stdout, _ = run(capsys, "diagnose", "--model", "digits", "--times", "50", "800", "--probes", "4",
+                          "--points", "8", "--n", "8")
+    assert code == 0
+    rows = [line.split("|")[1:-1] for line in stdout.splitlines() if line.startswith("| ") and "±" in line]
+    gaussian = "Gaussian fit (exact score)"
+    assert [(row[0].strip(), float(row[1])) for row in rows] == [
+        (gaussian, 50.0), ("digits", 50.0), (gaussian, 800.0), ("digits", 800.0)]
+    for name, _, asym, circ in rows:
+        asym, circ = (float(cell.split("±")[0]) for cell in (asym, circ))
+        if name.strip().startswith("Gaussian"):  # zero up to float32 rounding
+            assert asym < 1e-3 and circ < 1e-6
+        else:
+            assert asym > 1e-2 and circ > 1e-4
+    assert "8 held-out digits" in stdout
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["diagnose", "--probes", "1"], "--probes must be >= 2, got 1"),
+    (["diagnose", "--points", "2"], "--points must be >= 3, got 2"),
+    (["diagnose", "--radius", "0"], "--radius must be > 0, got 0.0"),
+    (["diagnose", "--model", "cifar"], "invalid choice: 'cifar'"),
     (["sample", "--solver", "euler"], "invalid choice: 'euler'"),
     (["sample", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
     (["sample", "--n", "many"], "argument --n: must be a positive integer, got 'many'"),
