@@ -12,6 +12,7 @@ predictions at the T times with the weight ``clamp(sqrt(SNR_t), 1, 1e4)``.
 
 import copy
 import json
+import math
 import pathlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -284,7 +285,8 @@ def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequenc
             schedule times themselves (decreasing; the last one is the sample's).
         n_trajectories: teacher trajectories generated (with `solver`, `steps_per_time` steps between
             consecutive trajectory times; DPM-Solver++(2M) by default).
-        iters: optimiser steps (Adam, `lr`, batches of `batch_size` trajectories, gradient clipping at 1).
+        iters: optimiser steps (Adam, learning rate `lr` decayed to 0 along a cosine, batches of `batch_size`
+            trajectories, gradient norm clipped at 1).
         num_classes: for a class-conditional teacher, labels are drawn uniformly from 0..num_classes-1.
         shape: the shape of one sample; default: the teacher's ``sample_shape`` attribute (the zoo's UNet has
             one) or, for a diffusers model, ``(in_channels, sample_size, sample_size)`` from its config.
@@ -300,13 +302,14 @@ def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequenc
         raise ValueError("iters must be >= 0 and n_trajectories, batch_size >= 1")
     times = trajectory_times(sched, times) if isinstance(times, int) else sched.check_grid(times)
     shape = _sample_shape(teacher_model) if shape is None else tuple(shape)
-    config = dict(times=times.tolist(), n_trajectories=n_trajectories, modes=modes, prediction=prediction,
-                  num_classes=num_classes, shape=list(shape), solver=solver, order=order,
-                  steps_per_time=steps_per_time, batch_size=batch_size, lr=lr, seed=seed)
+    data_config = dict(times=times.tolist(), n_trajectories=n_trajectories, prediction=prediction,
+                       num_classes=num_classes, shape=list(shape), solver=solver, order=order,
+                       steps_per_time=steps_per_time, seed=seed)
+    config = dict(data_config, iters=iters, modes=modes, batch_size=batch_size, lr=lr)
     path = None if checkpoint is None else pathlib.Path(checkpoint)
     data_path = None if path is None else path.with_name(path.name + ".teacher.safetensors")
     if data is None and data_path is not None and resume and data_path.is_file():
-        data = _load_teacher(data_path, config)
+        data = _load_teacher(data_path, data_config)
     if data is None:
         g = torch.Generator().manual_seed(_TRAJECTORY_SEED + seed)   # not the benchmarks' seed-0 noise
         noise = torch.randn(n_trajectories, *shape, generator=g)
@@ -316,7 +319,7 @@ def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequenc
         if data_path is not None:
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in data.tensors().items()}, str(data_path),
-                      metadata={"config": json.dumps(config)})
+                      metadata={"config": json.dumps(data_config)})
 
     student = DSNO(copy.deepcopy(teacher_model), data.model_times, modes).train()
     student.requires_grad_(True)
@@ -328,6 +331,8 @@ def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequenc
     bar = tqdm(range(start, iters), desc="distilling", disable=None if progress else True,
                initial=start, total=iters)
     for it in bar:
+        for group in opt.param_groups:   # cosine decay to zero, a function of the step alone (resumable)
+            group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * it / iters))
         idx = torch.randint(0, len(data.noise), (batch_size,), generator=generator)
         cond = None if data.cond is None else data.cond[idx]
         loss = dsno_loss(student, data.noise[idx], data.targets[idx], data.weights, cond)

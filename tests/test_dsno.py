@@ -147,15 +147,30 @@ def distill_tiny(tmp_path, iters, name="ckpt.safetensors", resume=True):
                         resume=resume, progress=False)
 
 
-def test_resumed_distillation_equals_an_uninterrupted_one(tmp_path):
+def test_interrupted_distillation_resumes_where_it_stopped(tmp_path, monkeypatch):
     straight = distill_tiny(tmp_path, 6, "a.safetensors")
-    distill_tiny(tmp_path, 3, "b.safetensors")
+    loss, calls = dsno.dsno_loss, []
+
+    def interrupted_after_4(*args):
+        calls.append(1)
+        if len(calls) > 4:
+            raise KeyboardInterrupt
+        return loss(*args)
+
+    monkeypatch.setattr(dsno, "dsno_loss", interrupted_after_4)
+    with pytest.raises(KeyboardInterrupt):   # checkpoint written after step 3, step 5 never happens
+        distill_tiny(tmp_path, 6, "b.safetensors")
     assert (tmp_path / "b.safetensors.teacher.safetensors").is_file()
+    calls.clear()
+    monkeypatch.setattr(dsno, "dsno_loss", lambda *args: calls.append(1) or loss(*args))
     resumed = distill_tiny(tmp_path, 6, "b.safetensors")
+    assert len(calls) == 3   # steps 4-6 only
+    monkeypatch.setattr(dsno, "dsno_loss", loss)
     for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert_close(p, q, rtol=0, atol=0, msg=name)
-    fresh = distill_tiny(tmp_path, 3, "b.safetensors", resume=False)   # starts over, ignores the file
-    assert any((p - q).abs().max() > 0 for p, q in zip(fresh.parameters(), resumed.parameters()))
+    fresh = distill_tiny(tmp_path, 6, "b.safetensors", resume=False)   # starts over: same as straight
+    for p, q in zip(straight.parameters(), fresh.parameters()):
+        assert_close(p, q, rtol=0, atol=0)
 
 
 def test_distillation_lowers_the_weighted_loss(tmp_path):
