@@ -2,6 +2,7 @@
 
   adjointdeis demo [--out DIR] [--quick]     sample grids, FD-digits table, a guided morph, PNGs
   adjointdeis sample --solver dpmpp --order 2 --steps 10 --class 3 --n 64 --out grid.png
+  adjointdeis sample --model digits-flow --solver heun --steps 5   (a flow-matching model; also digits-flow-reflow)
   adjointdeis guide --from-index I --to-index J --iters 50 --grad discrete --out morph.png
   adjointdeis bench [--quick] [--json out.json] [--plot out.png]
   adjointdeis accuracy [--steps 5 10 20 50]  solver errors on an exactly solvable Gaussian model
@@ -19,6 +20,7 @@ import torch
 from . import __version__, ops
 from ._extension import build_info
 from .solvers import SOLVERS, resolve_order
+from .zoo import MODELS
 
 SPACINGS = ("logsnr", "uniform", "quadratic", "karras", "linspace", "leading", "trailing")
 THREADS_HELP = ("torch CPU threads (default 1: the networks are tiny, and more threads only help large batches "
@@ -112,17 +114,19 @@ def sample_command(args) -> None:
     if args.guidance is not None and args.guidance < 0:
         raise CommandError(f"--guidance must be >= 0, got {args.guidance}")
     out = output_file(args.out, ".png")
-    kit = load_kit()
+    kit = load_kit(args.model)
+    spacing = args.spacing or kit.spacing
     x_T, labels = class_noise(kit, args.n, args.seed, args.digit)
     start = time.perf_counter()
     images = sample_digits(kit, x_T, labels, args.solver, order, args.steps, guidance=args.guidance, seed=args.seed,
-                           sde=args.sde, spacing=args.spacing, progress=True)
+                           sde=args.sde, spacing=spacing, progress=True)
     seconds = time.perf_counter() - start
     ncol = 10 if args.digit is None else max(1, int(round(args.n ** 0.5)))
     save_grid(out, images, ncol)
     what = "digits 0-9 in columns" if args.digit is None else f"digit {args.digit}"
-    print(f"{args.n} samples ({what}), {args.solver}-{order}{' SDE' if args.sde else ''}, {args.steps} steps "
-          f"({args.spacing} grid){'' if args.guidance is None else f', guidance {args.guidance:g}'}: "
+    evaluations = 2 * args.steps - 1 if args.solver == "heun" else args.steps
+    print(f"{args.n} samples ({what}) from {args.model}, {args.solver}-{order}{' SDE' if args.sde else ''}, "
+          f"{args.steps} steps = {evaluations} model evaluations ({spacing} grid){'' if args.guidance is None else f', guidance {args.guidance:g}'}: "
           f"{seconds:.1f} s; the classifier recognises {class_accuracy(kit.classifier, images, labels):.0%}")
     print(f"wrote {out}")
 
@@ -207,12 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
 
-    p = command("sample", sample_command, "sample a grid of digits from the shipped model",
-                "Samples digits from the shipped class-conditional model with one of the fused solvers and writes "
-                "them as a PNG grid (dark ink on white).")
+    p = command("sample", sample_command, "sample a grid of digits from a shipped model",
+                "Samples digits from a shipped class-conditional model (the diffusion model, or the flow-matching "
+                "model before and after ReFlow) with one of the fused solvers and writes them as a PNG grid "
+                "(dark ink on white).")
+    p.add_argument("--model", choices=MODELS, default="digits",
+                   help="digits (eps, VP), digits-flow (rectified flow) or digits-flow-reflow (default digits)")
     p.add_argument("--solver", choices=SOLVERS, default="dpmpp")
     p.add_argument("--order", type=int, help="solver order (ddim 1; deis and dpmpp 1-3; heun 2); default: the solver's")
-    p.add_argument("--steps", type=positive_int, default=10, help="sampling steps = model evaluations (default 10)")
+    p.add_argument("--steps", type=positive_int, default=10, help="sampling steps (model evaluations; 2 steps - 1 for heun) (default 10)")
     p.add_argument("--class", dest="digit", type=int, metavar="DIGIT",
                    help="the digit 0-9 to sample (default: the digits 0-9 in turn, one per column)")
     p.add_argument("--n", type=positive_int, default=64, help="number of samples (default 64)")
@@ -220,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of x_T and of the SDE noise")
     p.add_argument("--sde", action="store_true", help="stochastic DPM-Solver++ (dpmpp orders 1-2, ddim)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: none)")
-    p.add_argument("--spacing", choices=SPACINGS, default="logsnr", help="time grid (default logsnr)")
+    p.add_argument("--spacing", choices=SPACINGS,
+                   help="time grid (default: the model's: logsnr for digits, uniform in t for the flow models)")
     p.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
 
     p = command("guide", guide_command, "morph two held-out digits by optimising x_T and z through the sampler",

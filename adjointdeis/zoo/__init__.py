@@ -1,6 +1,9 @@
 """Pretrained models shipped inside the package (safetensors, loaded without pickle).
 
     entry = ad.zoo.load("digits")   # entry.model(x, t, cond), entry.schedule, entry.prediction
+
+Models: "digits" (eps prediction, discrete VP schedule), "digits-flow" (rectified flow: prediction
+"flow" on a :class:`FlowSchedule`) and "digits-flow-reflow" (one round of :func:`reflow` on it).
 """
 
 import json
@@ -9,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..schedules import NoiseSchedule, VPSchedule
-from .networks import DigitClassifier, DigitsUNet
+from ..schedules import FlowSchedule, NoiseSchedule, VPSchedule
+from .networks import DigitClassifier, DigitsUNet, FlowDigitsUNet
 
 WEIGHTS = pathlib.Path(__file__).with_name("weights")
-MODELS = ("digits",)
+MODELS = ("digits", "digits-flow", "digits-flow-reflow")
 
 
 @dataclass
@@ -21,12 +24,14 @@ class ZooModel:
     """A shipped model with what is needed to sample from it.
 
     Attributes:
-        model: ``model(x, t, cond)``; x (batch, 1, 8, 8), t (batch,) training timesteps,
+        model: ``model(x, t, cond)``; x (batch, 1, 8, 8), t (batch,) the schedule's model time
+            (training timesteps 0-999 for "digits", the flow time in (0, 1) for the flow models),
             cond (batch,) int64 class labels (10 = unconditional) or (batch, 64) embeddings.
         schedule: the schedule it was trained on.
-        prediction: "eps".
+        prediction: "eps" or "flow".
         shape: the shape of one sample.
         num_classes: number of classes (the unconditional label is ``num_classes``).
+        spacing: the time grid it samples best with ("logsnr"; "uniform" in t for the flow models).
     """
 
     model: torch.nn.Module
@@ -34,6 +39,7 @@ class ZooModel:
     prediction: str
     shape: tuple[int, ...]
     num_classes: int
+    spacing: str = "logsnr"
 
 
 def _load_state(path: pathlib.Path):
@@ -43,6 +49,13 @@ def _load_state(path: pathlib.Path):
         raise FileNotFoundError(f"{path.name} is not in this installation of adjointdeis ({path.parent})")
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
+def flow_entry(model: FlowDigitsUNet, meta: dict) -> ZooModel:
+    """A flow model's entry from its safetensors metadata (shift, t_min, t_max)."""
+    schedule = FlowSchedule(float(meta.get("shift", 1.0)), float(meta.get("t_min", 1e-3)),
+                            float(meta.get("t_max", 1 - 1e-3)))
+    return ZooModel(model, schedule, "flow", (1, 8, 8), model.num_classes, meta.get("spacing", "uniform"))
 
 
 def load(name: str = "digits", device: str | torch.device = "cpu") -> ZooModel:
@@ -58,6 +71,10 @@ def load(name: str = "digits", device: str | torch.device = "cpu") -> ZooModel:
     if name not in MODELS:
         raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(MODELS)}")
     state, meta = _load_state(WEIGHTS / f"{name}.safetensors")
+    if meta.get("prediction") == "flow":
+        model = FlowDigitsUNet(float(meta.get("time_scale", 1000.0)))
+        model.load_state_dict(state)
+        return flow_entry(model.eval().to(device), meta)
     model = DigitsUNet()
     model.load_state_dict(state)
     beta_start, beta_end = json.loads(meta["betas"])
@@ -72,3 +89,6 @@ def load_classifier(device: str | torch.device = "cpu") -> DigitClassifier:
     net = DigitClassifier()
     net.load_state_dict(state)
     return net.eval().to(device)
+
+
+from .reflow import reflow  # noqa: E402  (needs ZooModel)
