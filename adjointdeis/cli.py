@@ -125,8 +125,9 @@ def sample_command(args) -> None:
     save_grid(out, images, ncol)
     what = "digits 0-9 in columns" if args.digit is None else f"digit {args.digit}"
     evaluations = 2 * args.steps - 1 if args.solver == "heun" else args.steps
+    guidance = "" if args.guidance is None else f", guidance {args.guidance:g}"
     print(f"{args.n} samples ({what}) from {args.model}, {args.solver}-{order}{' SDE' if args.sde else ''}, "
-          f"{args.steps} steps = {evaluations} model evaluations ({spacing} grid){'' if args.guidance is None else f', guidance {args.guidance:g}'}: "
+          f"{args.steps} steps = {evaluations} model evaluations ({spacing} grid){guidance}: "
           f"{seconds:.1f} s; the classifier recognises {class_accuracy(kit.classifier, images, labels):.0%}")
     print(f"wrote {out}")
 
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits (eps, VP), digits-flow (rectified flow) or digits-flow-reflow (default digits)")
     p.add_argument("--solver", choices=SOLVERS, default="dpmpp")
     p.add_argument("--order", type=int, help="solver order (ddim 1; deis and dpmpp 1-3; heun 2); default: the solver's")
-    p.add_argument("--steps", type=positive_int, default=10, help="sampling steps (model evaluations; 2 steps - 1 for heun) (default 10)")
+    p.add_argument("--steps", type=positive_int, default=10, help="sampling steps = model evaluations (2 steps - 1 for heun) (default 10)")
     p.add_argument("--class", dest="digit", type=int, metavar="DIGIT",
                    help="the digit 0-9 to sample (default: the digits 0-9 in turn, one per column)")
     p.add_argument("--n", type=positive_int, default=64, help="number of samples (default 64)")

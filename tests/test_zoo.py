@@ -161,7 +161,7 @@ def test_reflow_tiny_run_fits_its_pairs_and_leaves_the_model_alone():
     entry = zoo.load("digits-flow")
     before = {k: v.clone() for k, v in entry.model.state_dict().items()}
     kwargs = dict(n_pairs=64, solver="ddim", steps=2, seed=3)
-    tuned = zoo.reflow(entry, iters=40, lr=2e-3, progress=False, **kwargs)
+    tuned = zoo.reflow(entry, iters=20, lr=2e-3, progress=False, **kwargs)
     assert all(torch.equal(v, entry.model.state_dict()[k]) for k, v in before.items())
     assert isinstance(tuned, zoo.ZooModel) and tuned.model is not entry.model and not tuned.model.training
     assert tuned.schedule is entry.schedule and tuned.prediction == "flow" and tuned.spacing == entry.spacing
@@ -173,7 +173,7 @@ def test_reflow_tiny_run_fits_its_pairs_and_leaves_the_model_alone():
         with torch.no_grad():
             plain = lambda x, t, y: model(x, t / 1000, y)  # flow_loss feeds the UNet's 1000 t
             losses.append(flow_loss(plain, x_0, x_T, labels, torch.Generator().manual_seed(0)).item())
-    assert losses[1] < 0.8 * losses[0], losses
+    assert losses[1] < 0.5 * losses[0], losses
     with torch.no_grad():
         out = tuned.model(x_T[:2], torch.tensor([0.5, 0.5]), labels[:2])
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
