@@ -93,6 +93,7 @@ class DigitsKit:
     shape: tuple[int, ...] = (1, 8, 8)
     prediction: str = "eps"
     spacing: str = "logsnr"
+    denoise_to_zero: bool = False
 
 
 def load_kit(name: str = "digits") -> DigitsKit:
@@ -108,7 +109,7 @@ def load_kit(name: str = "digits") -> DigitsKit:
     _, _, test_x, test_y = load_digits_split()
     return DigitsKit(entry.model, entry.schedule, classifier, test_x, test_y,
                      classifier_features(classifier, test_x), entry.num_classes, entry.shape, entry.prediction,
-                     entry.spacing)
+                     entry.spacing, entry.denoise_to_zero)
 
 
 def class_noise(kit: DigitsKit, n: int, seed: int, label: int | None = None) -> tuple[Tensor, Tensor]:
@@ -127,9 +128,10 @@ def sample_digits(kit: DigitsKit, x_T: Tensor, labels: Tensor, solver: str = "dp
         guidance: classifier-free guidance scale (the unconditional label is ``num_classes``); None: none.
         seed: seed of the SDE noise (``sde=True`` in `sample_kwargs`).
         sample_kwargs: more arguments of :func:`adjointdeis.sample`; ``prediction`` is the kit's, and
-            ``spacing`` defaults to the kit's.
+            ``spacing`` and ``denoise_to_zero`` default to the kit's.
     """
-    sample_kwargs = {"spacing": kit.spacing, **sample_kwargs, "prediction": kit.prediction}
+    sample_kwargs = {"spacing": kit.spacing, "denoise_to_zero": kit.denoise_to_zero, **sample_kwargs,
+                     "prediction": kit.prediction}
     generator = torch.Generator().manual_seed(seed)
     chunks = []
     for i in range(0, len(x_T), batch_size):

@@ -5,7 +5,8 @@ Usage: python bench/bench_flow_quality.py [--quick] [--samples N] [--json PATH] 
 For ``digits-flow`` (rectified flow trained by ``python -m adjointdeis.zoo.train --kind flow``) and
 ``digits-flow-reflow`` (one ReFlow round on it, ``--kind reflow``): n class-conditional samples (labels
 i mod 10, no guidance) per cell from the same x_T, with ``adjointdeis.sample`` on the models' own
-schedule and grid (FlowSchedule, t from 0.999 to 0.001, uniform in t), for Euler (our "ddim", exactly
+schedule and grid (FlowSchedule from t = 0.999, uniform in t, the last step landing on zero noise as
+diffusers' flow schedulers do: ``ZooModel.denoise_to_zero``), for Euler (our "ddim", exactly
 the flow Euler step), Heun (flow variables, last step Euler: N steps = 2N - 1 NFE; the column's cell is
 the largest N with 2N - 1 <= NFE), DPM-Solver++(2M) and (3M). Each cell gives FD-digits (the Fréchet
 distance between the shipped classifier's features of the samples and of the 297 held-out digits; not

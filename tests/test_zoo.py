@@ -116,7 +116,7 @@ def test_flow_models_load_with_their_schedule_and_time_convention(name, no_netwo
     assert entry.prediction == "flow" and entry.shape == (1, 8, 8) and entry.num_classes == 10
     assert isinstance(entry.schedule, ad.FlowSchedule)
     assert entry.schedule.t_max == 0.999 and entry.schedule.t_min == 0.001 and entry.schedule.shift == 1.0
-    assert entry.spacing == "uniform" and not entry.model.training
+    assert entry.spacing == "uniform" and entry.denoise_to_zero and not entry.model.training
     plain = DigitsUNet()
     plain.load_state_dict(entry.model.state_dict())
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0.001, 0.5, 0.999]), torch.tensor([1, 5, 10])
@@ -135,7 +135,7 @@ def test_flow_model_heun_samples_are_recognised(name):
     x_T = torch.randn(80, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         images = ad.sample(entry.model, x_T, entry.schedule, steps=5, solver="heun", prediction="flow",
-                           spacing=entry.spacing, cond=labels)
+                           spacing=entry.spacing, denoise_to_zero=entry.denoise_to_zero, cond=labels)
     accuracy = class_accuracy(zoo.load_classifier(), images, labels)
     assert accuracy > 0.8, f"only {accuracy:.0%} of the samples are recognised as their class"
 
@@ -148,7 +148,8 @@ def test_reflow_straightens_few_step_sampling():
     for name in FLOW_MODELS:
         entry = zoo.load(name)
         run = lambda solver, steps: ad.sample(entry.model, x_T, entry.schedule, steps=steps, solver=solver,
-                                              prediction="flow", spacing=entry.spacing, cond=labels)
+                                              prediction="flow", spacing=entry.spacing, cond=labels,
+                                              denoise_to_zero=entry.denoise_to_zero)
         with torch.no_grad():
             gaps.append((run("ddim", 1) - run("heun", 25)).pow(2).mean().item())
     assert gaps[1] < gaps[0] / 2, gaps
@@ -165,6 +166,7 @@ def test_reflow_tiny_run_fits_its_pairs_and_leaves_the_model_alone():
     assert all(torch.equal(v, entry.model.state_dict()[k]) for k, v in before.items())
     assert isinstance(tuned, zoo.ZooModel) and tuned.model is not entry.model and not tuned.model.training
     assert tuned.schedule is entry.schedule and tuned.prediction == "flow" and tuned.spacing == entry.spacing
+    assert tuned.denoise_to_zero == entry.denoise_to_zero
     x_T, x_0, labels = reflow_pairs(entry, progress=False, **kwargs)
     assert x_T.shape == x_0.shape == (64, 1, 8, 8) and torch.equal(labels, torch.arange(64) % 10)
     # The loss the fine-tuning minimises, on its own pairs, at the same times for both models.

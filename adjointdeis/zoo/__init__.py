@@ -32,6 +32,9 @@ class ZooModel:
         shape: the shape of one sample.
         num_classes: number of classes (the unconditional label is ``num_classes``).
         spacing: the time grid it samples best with ("logsnr"; "uniform" in t for the flow models).
+        denoise_to_zero: whether its samplers' last step lands on zero noise (True for the flow models,
+            as diffusers' flow schedulers: on a uniform grid in t the last step to ``t_min`` is a long
+            jump in log-SNR that multistep solvers extrapolate badly; a step to zero is first order).
     """
 
     model: torch.nn.Module
@@ -40,6 +43,7 @@ class ZooModel:
     shape: tuple[int, ...]
     num_classes: int
     spacing: str = "logsnr"
+    denoise_to_zero: bool = False
 
 
 def _load_state(path: pathlib.Path):
@@ -52,10 +56,11 @@ def _load_state(path: pathlib.Path):
 
 
 def flow_entry(model: FlowDigitsUNet, meta: dict) -> ZooModel:
-    """A flow model's entry from its safetensors metadata (shift, t_min, t_max)."""
+    """A flow model's entry from its safetensors metadata (shift, t_min, t_max, spacing, denoise_to_zero)."""
     schedule = FlowSchedule(float(meta.get("shift", 1.0)), float(meta.get("t_min", 1e-3)),
                             float(meta.get("t_max", 1 - 1e-3)))
-    return ZooModel(model, schedule, "flow", (1, 8, 8), model.num_classes, meta.get("spacing", "uniform"))
+    return ZooModel(model, schedule, "flow", (1, 8, 8), model.num_classes, meta.get("spacing", "uniform"),
+                    meta.get("denoise_to_zero", "true") == "true")
 
 
 def load(name: str = "digits", device: str | torch.device = "cpu") -> ZooModel:

@@ -31,7 +31,8 @@ def reflow_pairs(entry: ZooModel, n_pairs: int = 10000, solver: str = "heun", st
     Args:
         entry: a flow model from the zoo (or :func:`reflow`).
         n_pairs: number of pairs.
-        solver, steps: the sampler that couples them (on the entry's schedule and grid spacing).
+        solver, steps: the sampler that couples them (on the entry's schedule, grid spacing and
+            ``denoise_to_zero``).
 
     Raises:
         ValueError for a non-flow entry or n_pairs < 1.
@@ -48,6 +49,7 @@ def reflow_pairs(entry: ZooModel, n_pairs: int = 10000, solver: str = "heun", st
         with torch.no_grad():
             chunks.append(sample(entry.model, x_T[i:i + batch_size].to(device), entry.schedule, steps=steps,
                                  solver=solver, prediction="flow", spacing=entry.spacing,
+                                 denoise_to_zero=entry.denoise_to_zero,
                                  cond=labels[i:i + batch_size].to(device)).cpu())
     return x_T, torch.cat(chunks), labels
 
@@ -67,7 +69,8 @@ def reflow(entry: ZooModel, n_pairs: int = 10000, iters: int = 3000, solver: str
         progress: tqdm progress bars.
 
     Returns:
-        A new ZooModel (same schedule, prediction and grid spacing) in eval mode, on the entry's device.
+        A new ZooModel (same schedule, prediction, grid spacing and ``denoise_to_zero``) in eval mode, on
+        the entry's device.
 
     Raises:
         ValueError for a non-flow entry, n_pairs < 1 or iters < 1.
@@ -85,4 +88,4 @@ def reflow(entry: ZooModel, n_pairs: int = 10000, iters: int = 3000, solver: str
     model = copy.deepcopy(start)
     model.load_state_dict(tuned.state_dict())
     return ZooModel(model.eval().to(device), entry.schedule, entry.prediction, entry.shape, entry.num_classes,
-                    entry.spacing)
+                    entry.spacing, entry.denoise_to_zero)

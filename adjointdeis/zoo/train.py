@@ -31,9 +31,10 @@ BETAS = (1e-4, 0.02)  # diffusers' default linear DDPM betas
 UNCOND_PROBABILITY = 0.1
 FLOW_TIME_SCALE = 1000.0  # the flow UNet's time input is FLOW_TIME_SCALE * t
 # How the flow models are sampled (safetensors metadata read by ad.zoo.load): FlowSchedule(shift, t_min,
-# t_max), so t_max = 1 - 1/1000 (MATH 1) and every solver and grid spacing applies, and the grid spacing.
+# t_max), so t_max = 1 - 1/1000 (MATH 1) and every solver and grid spacing applies; the grid spacing; and
+# that the last step lands on zero noise (see ZooModel).
 FLOW_META = {"schedule": "flow", "shift": "1.0", "t_min": "0.001", "t_max": "0.999", "spacing": "uniform",
-             "time_scale": str(FLOW_TIME_SCALE), "prediction": "flow"}
+             "denoise_to_zero": "true", "time_scale": str(FLOW_TIME_SCALE), "prediction": "flow"}
 
 
 def ddpm_alphas_cumprod() -> torch.Tensor:
