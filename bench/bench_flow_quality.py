@@ -1,6 +1,6 @@
 """Sample quality of the flow-matching digits models before and after ReFlow: FD-digits against NFE.
 
-Usage: python bench/bench_flow_quality.py [--quick] [--samples N] [--json PATH] [--threads T]
+Usage: python bench/bench_flow_quality.py [--quick] [--samples N] [--json PATH] [--png PATH] [--threads T]
 
 For ``digits-flow`` (rectified flow trained by ``python -m adjointdeis.zoo.train --kind flow``) and
 ``digits-flow-reflow`` (one ReFlow round on it, ``--kind reflow``): n class-conditional samples (labels
@@ -11,7 +11,8 @@ the flow Euler step), Heun (flow variables, last step Euler: N steps = 2N - 1 NF
 the largest N with 2N - 1 <= NFE), DPM-Solver++(2M) and (3M). Each cell gives FD-digits (the Fréchet
 distance between the shipped classifier's features of the samples and of the 297 held-out digits; not
 FID, comparable only at the same n) and the classifier's accuracy on the requested labels. Reference
-rows: Heun with 50 steps (99 NFE), and n real training digits.
+rows: Heun with 50 steps (99 NFE), and n real training digits. ``--png`` writes the digits 0-9 from the
+same noise, one row per (model, Euler with 1 and 2 steps, Heun with 5 steps).
 """
 
 import argparse
@@ -62,6 +63,20 @@ def run_model(name, n, nfes, seed=0):
     return dict(cells=cells, reference=reference), kit
 
 
+def save_rows(path):
+    """Digits 0-9 from the same noise: per model, Euler at 1 and 2 steps and Heun at 5 steps (9 NFE)."""
+    from adjointdeis.images import grid_pixels, write_png
+
+    rows = []
+    for name in MODELS:
+        kit = load_kit(name)
+        x_T, labels = class_noise(kit, 10, seed=1)
+        for solver, order, steps in (("ddim", 1, 1), ("ddim", 1, 2), ("heun", 2, 5)):
+            rows.append(list(sample_digits(kit, x_T, labels, solver, order, steps)))
+    write_png(path, grid_pixels(rows))
+    print(f"wrote {path}: rows {', '.join(f'{m} {r}' for m in MODELS for r in ('Euler 1', 'Euler 2', 'Heun 5'))}")
+
+
 def print_table(name, result, nfes, n):
     print(f"\n{name}: FD-digits / classifier accuracy against NFE ({n} class-conditional samples per cell; "
           f"lower FD is better; not FID)")
@@ -82,6 +97,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="NFE 1, 3, 10 and 200 samples")
     parser.add_argument("--samples", type=int, help="samples per cell (default 1000; --quick 200)")
     parser.add_argument("--json", metavar="PATH", help="write the results and run facts as JSON")
+    parser.add_argument("--png", metavar="PATH", help="also write a PNG of digits per model and solver")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -100,6 +116,8 @@ def main(argv=None):
     real = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:n]]
     out["real_digits"] = dict(n=len(real), fd=fd_digits(kit, real))
     print(f"\n{len(real)} real training digits: FD-digits {out['real_digits']['fd']:.2f}")
+    if args.png:
+        save_rows(args.png)
     out["meta"]["seconds"] = time.perf_counter() - started
     print(f"total {out['meta']['seconds']:.0f} s")
     if args.json:
