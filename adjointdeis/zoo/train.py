@@ -23,6 +23,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..solvers import SOLVERS
 from .data import load_digits_split
 from .networks import DigitClassifier, DigitsUNet
 
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=None,
                         help="training iterations (default 5000; 3000 fine-tuning iterations for reflow)")
     parser.add_argument("--pairs", type=int, default=10000, help="reflow: number of (noise, sample) pairs")
-    parser.add_argument("--solver", default="heun", help="reflow: the solver that makes the pairs")
+    parser.add_argument("--solver", choices=SOLVERS, default="heun", help="reflow: the solver that makes the pairs")
     parser.add_argument("--steps", type=int, default=25, help="reflow: its steps")
     parser.add_argument("--classifier-iters", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
@@ -147,8 +148,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.iters is None:
         args.iters = 3000 if args.kind == "reflow" else 5000
-    if args.iters < 1 or args.classifier_iters < 1:
-        parser.error("--iters and --classifier-iters must be positive")
+    if args.iters < 1 or args.classifier_iters < 1 or args.pairs < 1 or args.steps < 1:
+        parser.error("--iters, --classifier-iters, --pairs and --steps must be positive")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, args.threads))
     if args.kind == "reflow":
