@@ -2,7 +2,8 @@
 
   adjointdeis demo [--out DIR] [--quick]     sample grids, FD-digits table, a guided morph, PNGs
   adjointdeis sample --solver dpmpp --order 2 --steps 10 --class 3 --n 64 --out grid.png
-  adjointdeis sample --solver dsno           one network evaluation of the distilled DSNO student
+  adjointdeis sample --model digits-flow --solver heun --steps 5   (a flow-matching model; also digits-flow-reflow)
+  adjointdeis sample --solver dsno           one network evaluation of the distilled DSNO student (digits-dsno)
   adjointdeis guide --from-index I --to-index J --iters 50 --grad discrete --out morph.png
   adjointdeis bench [--quick] [--json out.json] [--plot out.png]
   adjointdeis accuracy [--steps 5 10 20 50]  solver errors on an exactly solvable Gaussian model
@@ -21,16 +22,11 @@ import torch
 from . import __version__, ops
 from ._extension import build_info
 from .solvers import SOLVERS, resolve_order
+from .zoo import MODELS
 
 SPACINGS = ("logsnr", "uniform", "quadratic", "karras", "linspace", "leading", "trailing")
 THREADS_HELP = ("torch CPU threads (default 1: the networks are tiny, and more threads only help large batches "
                 "on an otherwise idle machine)")
-
-
-def zoo_models() -> tuple[str, ...]:
-    from .zoo import MODELS
-
-    return MODELS
 
 
 class CommandError(Exception):
@@ -109,8 +105,9 @@ def diagnose_command(args) -> None:
         raise CommandError(f"--points must be >= 3, got {args.points}")
     if not args.radius > 0:
         raise CommandError(f"--radius must be > 0, got {args.radius}")
+    times = args.times or ([0.05, 0.2, 0.5, 0.8] if args.model.startswith("digits-flow") else [50, 200, 500, 800])
     start = time.perf_counter()
-    rows = zoo_table(args.model, args.times, n=args.n, probes=args.probes, points=args.points, radius=args.radius,
+    rows = zoo_table(args.model, times, n=args.n, probes=args.probes, points=args.points, radius=args.radius,
                      seed=args.seed)
     print(format_table(rows))
     seconds = time.perf_counter() - start
@@ -130,7 +127,9 @@ def sample_command(args) -> None:
     from .images import save_grid
     from .metrics import class_accuracy
 
-    if args.solver == "dsno":
+    if args.solver == "dsno" or args.model == "digits-dsno":
+        if args.model not in ("digits", "digits-dsno"):
+            raise CommandError(f"--solver dsno samples the student distilled from digits, not from {args.model}")
         return dsno_sample_command(args)
     try:
         order = resolve_order(args.solver, args.order, args.sde)
@@ -141,17 +140,20 @@ def sample_command(args) -> None:
     if args.guidance is not None and args.guidance < 0:
         raise CommandError(f"--guidance must be >= 0, got {args.guidance}")
     out = output_file(args.out, ".png")
-    kit = load_kit()
+    kit = load_kit(args.model)
+    spacing = args.spacing or kit.spacing
     x_T, labels = class_noise(kit, args.n, args.seed, args.digit)
     start = time.perf_counter()
     images = sample_digits(kit, x_T, labels, args.solver, order, args.steps, guidance=args.guidance, seed=args.seed,
-                           sde=args.sde, spacing=args.spacing, progress=True)
+                           sde=args.sde, spacing=spacing, progress=True)
     seconds = time.perf_counter() - start
     ncol = 10 if args.digit is None else max(1, int(round(args.n ** 0.5)))
     save_grid(out, images, ncol)
     what = "digits 0-9 in columns" if args.digit is None else f"digit {args.digit}"
-    print(f"{args.n} samples ({what}), {args.solver}-{order}{' SDE' if args.sde else ''}, {args.steps} steps "
-          f"({args.spacing} grid){'' if args.guidance is None else f', guidance {args.guidance:g}'}: "
+    evaluations = 2 * args.steps - 1 if args.solver == "heun" else args.steps
+    guidance = "" if args.guidance is None else f", guidance {args.guidance:g}"
+    print(f"{args.n} samples ({what}) from {args.model}, {args.solver}-{order}{' SDE' if args.sde else ''}, "
+          f"{args.steps} steps = {evaluations} model evaluations ({spacing} grid){guidance}: "
           f"{seconds:.1f} s; the classifier recognises {class_accuracy(kit.classifier, images, labels):.0%}")
     print(f"wrote {out}")
 
@@ -262,13 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
 
-    p = command("sample", sample_command, "sample a grid of digits from the shipped model",
-                "Samples digits from the shipped class-conditional model with one of the fused solvers and writes "
-                "them as a PNG grid (dark ink on white).")
+    p = command("sample", sample_command, "sample a grid of digits from a shipped model",
+                "Samples digits from a shipped class-conditional model (the diffusion model, the flow-matching "
+                "model before and after ReFlow, or the one-evaluation DSNO student) with one of the fused solvers "
+                "and writes them as a PNG grid (dark ink on white).")
+    p.add_argument("--model", choices=MODELS, default="digits",
+                   help="digits (eps, VP), digits-flow (rectified flow), digits-flow-reflow, or digits-dsno "
+                        "(implies --solver dsno) (default digits)")
     p.add_argument("--solver", choices=(*SOLVERS, "dsno"), default="dpmpp",
-                   help="a fused solver, or dsno: the distilled one-evaluation student digits-dsno (default dpmpp)")
+                   help="a fused solver, or dsno: one evaluation of the DSNO student distilled from digits "
+                        "(default dpmpp)")
     p.add_argument("--order", type=int, help="solver order (ddim 1; deis and dpmpp 1-3; heun 2); default: the solver's")
-    p.add_argument("--steps", type=positive_int, default=10, help="sampling steps = model evaluations (default 10)")
+    p.add_argument("--steps", type=positive_int, default=10, help="sampling steps = model evaluations (2 steps - 1 for heun) (default 10)")
     p.add_argument("--class", dest="digit", type=int, metavar="DIGIT",
                    help="the digit 0-9 to sample (default: the digits 0-9 in turn, one per column)")
     p.add_argument("--n", type=positive_int, default=64, help="number of samples (default 64)")
@@ -276,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of x_T and of the SDE noise")
     p.add_argument("--sde", action="store_true", help="stochastic DPM-Solver++ (dpmpp orders 1-2, ddim)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: none)")
-    p.add_argument("--spacing", choices=SPACINGS, default="logsnr", help="time grid (default logsnr)")
+    p.add_argument("--spacing", choices=SPACINGS,
+                   help="time grid (default: the model's: logsnr for digits, uniform in t for the flow models)")
     p.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
 
     p = command("guide", guide_command, "morph two held-out digits by optimising x_T and z through the sampler",
@@ -321,9 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "the Jacobian of the model's score field s = -eps/sigma and its normalised circulation around random "
                 "planar circles, next to the exact score of a Gaussian fitted to the training digits (zero up to "
                 "rounding). A true score gives zero for both.")
-    p.add_argument("--model", choices=zoo_models(), default="digits", help="shipped model (default digits)")
-    p.add_argument("--times", type=float, nargs="+", default=[50, 200, 500, 800],
-                   help="model times, training steps for digits (default: 50 200 500 800)")
+    p.add_argument("--model", choices=[m for m in MODELS if m != "digits-dsno"], default="digits",
+                   help="shipped model (default digits)")
+    p.add_argument("--times", type=float, nargs="+",
+                   help="model times: training steps for digits (default 50 200 500 800), flow times in (0, 1) for "
+                        "the flow models (default 0.05 0.2 0.5 0.8)")
     p.add_argument("--probes", type=positive_int, default=32, help="random probes per digit (default 32)")
     p.add_argument("--points", type=positive_int, default=32, help="points per circle (default 32)")
     p.add_argument("--radius", type=float, default=1.0, help="circle radius in pixel units of [-1, 1] (default 1)")

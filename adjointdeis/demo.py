@@ -77,7 +77,8 @@ class DigitsKit:
 
     Attributes:
         model: ``model(x, t, cond)``, x (batch, 1, 8, 8), cond (batch,) labels or (batch, 64) embeddings.
-        schedule: its discrete VP schedule; classifier: the metrics' digit classifier.
+        schedule: its schedule (discrete VP for "digits", FlowSchedule for the flow models);
+        classifier: the metrics' digit classifier.
         test_x: (297, 1, 8, 8) held-out digits in [-1, 1]; test_y: (297,) their labels.
         real_features: (297, 64) the classifier's features of test_x.
     """
@@ -90,20 +91,25 @@ class DigitsKit:
     real_features: Tensor
     num_classes: int = 10
     shape: tuple[int, ...] = (1, 8, 8)
+    prediction: str = "eps"
+    spacing: str = "logsnr"
+    denoise_to_zero: bool = False
 
 
-def load_kit() -> DigitsKit:
-    """Loads the shipped digits model and classifier (no network) and the held-out split of sklearn's digits."""
+def load_kit(name: str = "digits") -> DigitsKit:
+    """Loads a shipped digits model (a name of ``zoo.MODELS``) and the classifier (no network) and the
+    held-out split of sklearn's digits."""
     from . import zoo
     from .zoo.data import load_digits_split
 
-    entry = zoo.load("digits")
+    entry = zoo.load(name)
     classifier = zoo.load_classifier()
     for net in (entry.model, classifier):
         net.requires_grad_(False)
     _, _, test_x, test_y = load_digits_split()
     return DigitsKit(entry.model, entry.schedule, classifier, test_x, test_y,
-                     classifier_features(classifier, test_x), entry.num_classes, entry.shape)
+                     classifier_features(classifier, test_x), entry.num_classes, entry.shape, entry.prediction,
+                     entry.spacing, entry.denoise_to_zero)
 
 
 def class_noise(kit: DigitsKit, n: int, seed: int, label: int | None = None) -> tuple[Tensor, Tensor]:
@@ -121,7 +127,11 @@ def sample_digits(kit: DigitsKit, x_T: Tensor, labels: Tensor, solver: str = "dp
     Args:
         guidance: classifier-free guidance scale (the unconditional label is ``num_classes``); None: none.
         seed: seed of the SDE noise (``sde=True`` in `sample_kwargs`).
+        sample_kwargs: more arguments of :func:`adjointdeis.sample`; ``prediction`` is the kit's, and
+            ``spacing`` and ``denoise_to_zero`` default to the kit's.
     """
+    sample_kwargs = {"spacing": kit.spacing, "denoise_to_zero": kit.denoise_to_zero, **sample_kwargs,
+                     "prediction": kit.prediction}
     generator = torch.Generator().manual_seed(seed)
     chunks = []
     for i in range(0, len(x_T), batch_size):

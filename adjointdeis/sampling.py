@@ -10,7 +10,7 @@ from . import ops
 from .gradients import (ADJOINT_FORMS, GRAD_MODES, STATE_MODES, AdjointConfig, Conditioning, SamplerSpec,
                         _Sampler, model_parameters)
 from .models import evaluate_model
-from .schedules import NoiseSchedule
+from .schedules import FlowSchedule, NoiseSchedule
 from .solvers import PREDICTIONS, GridPoint, StepPlan, build_plan, resolve_order
 
 
@@ -63,6 +63,9 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int = 20, 
         steps: number of steps N >= 1.
         solver: "ddim" | "deis" | "dpmpp" | "heun".
         order: solver order (ddim 1; deis/dpmpp 1-3; heun 2); None picks the solver's default.
+            "heun" is EDM's second-order Heun with a last Euler step (2N - 1 model evaluations); on a
+            :class:`FlowSchedule` it integrates ``dx/dt = eps - x0`` in t, elsewhere in EDM's
+            ``(x/alpha, sigma/alpha)`` (see :func:`heun_variable`).
         spacing: "uniform" | "logsnr" | "quadratic" | "karras" (plus diffusers spacings for
             discrete schedules).
         prediction: what the model outputs: "eps" | "x0" | "v" | "flow".
@@ -200,10 +203,17 @@ def _plan_constants(sched, steps, spacing, timesteps, denoise_to_zero, solver, o
                                None if timesteps is None else torch.tensor(timesteps, dtype=torch.float64),
                                denoise_to_zero)
     plan = build_plan(points, "dpmpp" if solver == "ddim" else solver, order, prediction,
-                      sde=sde, lower_order_final=lower_order_final, third_order=third_order)
+                      sde=sde, lower_order_final=lower_order_final, third_order=third_order,
+                      heun_variable=heun_variable(sched))
     t_eval = sched.model_time(ts)[plan.eval_index]
     return (plan.coeffs.tolist(), t_eval.tolist(), plan.eval_index, plan.num_history, plan.noisy,
             plan.starts_step)
+
+
+def heun_variable(sched: NoiseSchedule) -> str:
+    """Heun integrates a flow schedule's own ODE ``dx/dt = eps - x0`` (as the rectified-flow papers and
+    diffusers' ``FlowMatchHeunDiscreteScheduler``), every other schedule in EDM's ``(x/alpha, sigma/alpha)``."""
+    return "flow" if isinstance(sched, FlowSchedule) else "rho"
 
 
 def model_time_dtype(x: Tensor) -> torch.dtype:

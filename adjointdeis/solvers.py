@@ -19,6 +19,7 @@ PREDICTIONS = ("eps", "x0", "v", "flow")
 _ORDERS = {"ddim": (1,), "deis": (1, 2, 3), "dpmpp": (1, 2, 3), "heun": (2,)}
 _DEFAULT_ORDER = {"ddim": 1, "deis": 2, "dpmpp": 2, "heun": 2}
 THIRD_ORDER_VARIANTS = ("published", "taylor")
+HEUN_VARIABLES = ("rho", "flow")
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def conversion(prediction: str, target: str, alpha: float, sigma: float) -> tupl
     Args:
         prediction: what the model outputs: "eps", "x0", "v" (alpha eps - sigma x0) or
             "flow" (eps - x0).
-        target: "x0" or "eps".
+        target: "x0", "eps" or "velocity" (``eps - x0``).
         alpha, sigma: the schedule at the evaluation time (sigma > 0).
 
     Raises:
@@ -95,6 +96,9 @@ def conversion(prediction: str, target: str, alpha: float, sigma: float) -> tupl
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+    if target == "velocity":  # eps - x0, the flow-matching target
+        (pe, qe), (px, qx) = (conversion(prediction, k, alpha, sigma) for k in ("eps", "x0"))
+        return pe - px, qe - qx
     if prediction == ("eps" if target == "eps" else "x0"):
         return 0.0, 1.0
     if prediction == "v":
@@ -210,8 +214,25 @@ def _deis_row(points, i, k):
     return a, weights, 0.0
 
 
+def _heun_euler(s: GridPoint, t: GridPoint, variable: str) -> tuple[float, float, str]:
+    """(a, b, target) of the Euler step s -> t in Heun's variables: ``x_t = a x_s + b m`` with m the
+    `target` quantity at s.
+
+    "rho": EDM's ``d(x/alpha)/d rho = eps``, ``rho = sigma/alpha``. "flow": the rectified-flow ODE
+    ``d(x/c)/d tau = eps - x0`` with ``c = alpha + sigma``, ``tau = sigma/c`` (for the flow schedule
+    c = 1 and tau = t: the plain ``dx/dt = v``).
+    """
+    if variable == "flow":
+        cs, ct = s.alpha + s.sigma, t.alpha + t.sigma
+        return ct / cs, ct * (t.sigma / ct - s.sigma / cs), "velocity"
+    if not math.isfinite(s.rho):
+        raise ValueError("solver 'heun' needs alpha > 0 at every evaluation time; start the grid below t = 1")
+    return t.alpha / s.alpha, t.alpha * (t.rho - s.rho), "eps"
+
+
 def build_plan(points: list[GridPoint], solver: str, order: int, prediction: str, *,
-               sde: bool = False, lower_order_final: bool = True, third_order: str = "published") -> StepPlan:
+               sde: bool = False, lower_order_final: bool = True, third_order: str = "published",
+               heun_variable: str = "rho") -> StepPlan:
     """Coefficient table for sampling along `points` (noisiest first).
 
     Args:
@@ -222,12 +243,17 @@ def build_plan(points: list[GridPoint], solver: str, order: int, prediction: str
         lower_order_final: lower the order on the last steps when N < 15, as diffusers.
         third_order: DPM-Solver++(3M) variant, "published" (diffusers-identical, globally
             second order) or "taylor" (third order); see :func:`_dpmpp_row`.
+        heun_variable: the variables Heun integrates in: "rho" (EDM: ``x/alpha`` against
+            ``sigma/alpha``) or "flow" (``x/(alpha+sigma)`` against ``sigma/(alpha+sigma)``; for the
+            flow schedule the plain ``dx/dt = eps - x0``, which also starts from t = 1).
 
     Returns:
         A :class:`StepPlan` with N rows (2N - 1 for Heun: last step Euler).
     """
     if third_order not in THIRD_ORDER_VARIANTS:
         raise ValueError(f"third_order must be one of {', '.join(THIRD_ORDER_VARIANTS)}, got {third_order!r}")
+    if heun_variable not in HEUN_VARIABLES:
+        raise ValueError(f"heun_variable must be one of {', '.join(HEUN_VARIABLES)}, got {heun_variable!r}")
     num_steps = len(points) - 1
     final_is_zero = points[-1].sigma == 0.0
     rows, eval_index, num_history, noisy, starts_step = [], [], [], [], []
@@ -243,14 +269,10 @@ def build_plan(points: list[GridPoint], solver: str, order: int, prediction: str
 
     if solver == "heun":
         for i in range(num_steps):
-            s, t = points[i], points[i + 1]
-            a = t.alpha / s.alpha
-            if not math.isfinite(s.rho):
-                raise ValueError("solver 'heun' needs alpha > 0 at every evaluation time; start the grid below t = 1")
-            euler = t.alpha * (t.rho - s.rho)
-            add(i, a, [euler], 0.0, "eps", 0)
+            a, euler, target = _heun_euler(points[i], points[i + 1], heun_variable)
+            add(i, a, [euler], 0.0, target, 0)
             if i < num_steps - 1:
-                add(i + 1, 1.0, [euler / 2, -euler / 2], 0.0, "eps", 1, starts=False)
+                add(i + 1, 1.0, [euler / 2, -euler / 2], 0.0, target, 1, starts=False)
     else:
         orders = step_orders(num_steps, order, lower_order_final, final_is_zero)
         for i, k in enumerate(orders):

@@ -47,3 +47,19 @@ def per_dimension(dim, seed=0):
     mu = torch.rand(dim, generator=g, dtype=torch.float64) * 2 - 1
     s = 0.1 + torch.rand(dim, generator=g, dtype=torch.float64) * 0.9
     return mu, s
+
+
+class GaussianFlow(GaussianEps):
+    """The exact flow-matching velocity ``v* = eps* - x0*`` (prediction "flow") for the same data.
+
+    Computed directly from the posterior mean ``x0* = mu + alpha s^2 (x - alpha mu) / (alpha^2 s^2 + sigma^2)``,
+    so it stays finite at alpha = 0 (t = 1 of the flow schedule), unlike a conversion from eps.
+    """
+
+    def forward(self, x, t, cond=None):
+        alpha, sigma = self.coefficients(t, x)
+        mu = self.mu if cond is None else self.mu + cond
+        var = alpha**2 * self.s**2 + sigma**2
+        x0 = mu + alpha * self.s**2 * (x - alpha * mu) / var
+        eps = sigma * (x - alpha * mu) / var
+        return (eps - x0).to(x.dtype)

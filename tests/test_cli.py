@@ -119,6 +119,18 @@ def test_sample_with_the_dsno_student_is_one_evaluation(tmp_path, capsys):
     assert recognised >= 70
 
 
+@pytest.mark.parametrize("model", ["digits-flow", "digits-flow-reflow"])
+def test_sample_from_the_flow_models(tmp_path, capsys, model):
+    out = tmp_path / "flow.png"
+    code, stdout, _ = run(capsys, "sample", "--model", model, "--solver", "heun", "--steps", "5", "--n", "20",
+                          "--out", str(out))
+    assert code == 0 and png_size(out) == (10 * 34 + 2, 2 * 34 + 2)
+    summary = stdout.strip().splitlines()[-2]
+    assert f"from {model}, heun-2, 5 steps = 9 model evaluations (uniform grid)" in summary
+    recognised = int(summary.split("the classifier recognises ")[1].rstrip("%"))
+    assert recognised >= 70, summary
+
+
 @pytest.mark.parametrize("grad", ["discrete", "adjoint"])
 def test_guide_writes_the_morph_and_its_loss_curve(tmp_path, capsys, grad):
     out = tmp_path / "morph.png"
@@ -179,6 +191,9 @@ def test_diagnose_prints_the_table(capsys):
     (["diagnose", "--radius", "0"], "--radius must be > 0, got 0.0"),
     (["diagnose", "--model", "cifar"], "invalid choice: 'cifar'"),
     (["sample", "--solver", "euler"], "invalid choice: 'euler'"),
+    (["sample", "--model", "faces"], "invalid choice: 'faces'"),
+    (["sample", "--model", "digits-flow", "--solver", "dsno"], "distilled from digits, not from digits-flow"),
+    (["diagnose", "--model", "digits-dsno"], "invalid choice: 'digits-dsno'"),
     (["sample", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
     (["sample", "--n", "many"], "argument --n: must be a positive integer, got 'many'"),
     (["sample", "--solver", "ddim", "--order", "2"], "solver 'ddim' supports order 1, got 2"),

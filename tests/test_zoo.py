@@ -132,3 +132,108 @@ def test_distillation_script_writes_loadable_weights_of_the_shipped_format(tmp_p
     monkeypatch.setattr(zoo, "WEIGHTS", tmp_path)
     trajectory = zoo.load("digits-dsno").model(torch.randn(2, 1, 8, 8), torch.tensor([3, 10]))
     assert trajectory.shape == (2, 4, 1, 8, 8) and torch.isfinite(trajectory).all()
+
+
+FLOW_MODELS = ["digits-flow", "digits-flow-reflow"]
+
+
+@pytest.mark.parametrize("name", FLOW_MODELS)
+def test_flow_models_load_with_their_schedule_and_time_convention(name, no_network):
+    """Flow models are called with the flow time t in (0, 1); the UNet inside sees 1000 t."""
+    from adjointdeis.zoo.networks import DigitsUNet
+
+    entry = zoo.load(name)
+    assert entry.prediction == "flow" and entry.shape == (1, 8, 8) and entry.num_classes == 10
+    assert isinstance(entry.schedule, ad.FlowSchedule)
+    assert entry.schedule.t_max == 0.999 and entry.schedule.t_min == 0.001 and entry.schedule.shift == 1.0
+    assert entry.spacing == "uniform" and entry.denoise_to_zero and not entry.model.training
+    plain = DigitsUNet()
+    plain.load_state_dict(entry.model.state_dict())
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0.001, 0.5, 0.999]), torch.tensor([1, 5, 10])
+    with torch.no_grad():
+        assert torch.equal(entry.model(x, t, y), plain(x, 1000 * t, y))
+    header = safetensors_header(zoo.WEIGHTS / f"{name}.safetensors")
+    assert header["__metadata__"]["prediction"] == "flow"
+    assert all(v["dtype"] == "F32" for k, v in header.items() if k != "__metadata__")
+
+
+@pytest.mark.parametrize("name", FLOW_MODELS)
+def test_flow_model_heun_samples_are_recognised(name):
+    """5 Heun steps (9 model evaluations), 8 samples per class: the classifier names most of them."""
+    entry = zoo.load(name)
+    labels = torch.arange(80) % 10
+    x_T = torch.randn(80, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        images = ad.sample(entry.model, x_T, entry.schedule, steps=5, solver="heun", prediction="flow",
+                           spacing=entry.spacing, denoise_to_zero=entry.denoise_to_zero, cond=labels)
+    accuracy = class_accuracy(zoo.load_classifier(), images, labels)
+    assert accuracy > 0.8, f"only {accuracy:.0%} of the samples are recognised as their class"
+
+
+def test_reflow_straightens_few_step_sampling():
+    """After ReFlow, one Euler step lands closer to what a fine solver makes from the same noise."""
+    labels = torch.arange(40) % 10
+    x_T = torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    gaps = []
+    for name in FLOW_MODELS:
+        entry = zoo.load(name)
+        run = lambda solver, steps: ad.sample(entry.model, x_T, entry.schedule, steps=steps, solver=solver,
+                                              prediction="flow", spacing=entry.spacing, cond=labels,
+                                              denoise_to_zero=entry.denoise_to_zero)
+        with torch.no_grad():
+            gaps.append((run("ddim", 1) - run("heun", 25)).pow(2).mean().item())
+    assert gaps[1] < gaps[0] / 2, gaps
+
+
+def test_reflow_tiny_run_fits_its_pairs_and_leaves_the_model_alone():
+    from adjointdeis.zoo.reflow import reflow_pairs
+    from adjointdeis.zoo.train import flow_loss
+
+    entry = zoo.load("digits-flow")
+    before = {k: v.clone() for k, v in entry.model.state_dict().items()}
+    kwargs = dict(n_pairs=64, solver="ddim", steps=2, seed=3)
+    tuned = zoo.reflow(entry, iters=20, lr=2e-3, progress=False, **kwargs)
+    assert all(torch.equal(v, entry.model.state_dict()[k]) for k, v in before.items())
+    assert isinstance(tuned, zoo.ZooModel) and tuned.model is not entry.model and not tuned.model.training
+    assert tuned.schedule is entry.schedule and tuned.prediction == "flow" and tuned.spacing == entry.spacing
+    assert tuned.denoise_to_zero == entry.denoise_to_zero
+    x_T, x_0, labels = reflow_pairs(entry, progress=False, **kwargs)
+    assert x_T.shape == x_0.shape == (64, 1, 8, 8) and torch.equal(labels, torch.arange(64) % 10)
+    # The loss the fine-tuning minimises, on its own pairs, at the same times for both models.
+    losses = []
+    for model in (entry.model, tuned.model):
+        with torch.no_grad():
+            plain = lambda x, t, y: model(x, t / 1000, y)  # flow_loss feeds the UNet's 1000 t
+            losses.append(flow_loss(plain, x_0, x_T, labels, torch.Generator().manual_seed(0)).item())
+    assert losses[1] < 0.5 * losses[0], losses
+    with torch.no_grad():
+        out = tuned.model(x_T[:2], torch.tensor([0.5, 0.5]), labels[:2])
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+
+
+def test_reflow_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="flow"):
+        zoo.reflow(zoo.load("digits"), n_pairs=4, iters=1, progress=False)
+    flow = zoo.load("digits-flow")
+    with pytest.raises(ValueError, match="n_pairs"):
+        zoo.reflow(flow, n_pairs=0, iters=1, progress=False)
+    with pytest.raises(ValueError, match="iters"):
+        zoo.reflow(flow, n_pairs=4, iters=0, progress=False)
+
+
+def test_training_script_writes_flow_and_reflow_weights(tmp_path, monkeypatch):
+    from adjointdeis.zoo import train
+
+    for extra in (["--kind", "flow", "--iters", "3"],
+                  ["--kind", "reflow", "--iters", "2", "--pairs", "8", "--solver", "ddim", "--steps", "1"]):
+        train.main(["--out", str(tmp_path), "--seed", "1", *extra])
+    monkeypatch.setattr(zoo, "WEIGHTS", tmp_path)
+    for name in FLOW_MODELS:
+        meta = safetensors_header(tmp_path / f"{name}.safetensors")["__metadata__"]
+        assert meta["prediction"] == "flow" and meta["seed"] == "1"
+        entry = zoo.load(name)
+        with torch.no_grad():
+            x = ad.sample(entry.model, torch.randn(2, 1, 8, 8), entry.schedule, steps=2, solver="heun",
+                          prediction="flow", cond=torch.tensor([3, 10]))
+        assert torch.isfinite(x).all()
+    assert safetensors_header(tmp_path / "digits-flow-reflow.safetensors")["__metadata__"]["reflow_pairs"] == "8"

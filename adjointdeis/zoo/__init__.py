@@ -2,6 +2,10 @@
 
     entry = ad.zoo.load("digits")        # entry.model(x, t, cond), entry.schedule, entry.prediction
     student = ad.zoo.load("digits-dsno")  # student.model(noise, cond) -> trajectory; prediction "trajectory"
+
+Models: "digits" (eps prediction, discrete VP schedule), "digits-flow" (rectified flow: prediction
+"flow" on a :class:`FlowSchedule`), "digits-flow-reflow" (one round of :func:`reflow` on it) and
+"digits-dsno" (the DSNO student distilled from "digits": one network evaluation per sample).
 """
 
 import json
@@ -10,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..schedules import NoiseSchedule, VPSchedule
-from .networks import DigitClassifier, DigitsUNet
+from ..schedules import FlowSchedule, NoiseSchedule, VPSchedule
+from .networks import DigitClassifier, DigitsUNet, FlowDigitsUNet
 
 WEIGHTS = pathlib.Path(__file__).with_name("weights")
-MODELS = ("digits", "digits-dsno")
+MODELS = ("digits", "digits-flow", "digits-flow-reflow", "digits-dsno")
 
 
 @dataclass
@@ -22,14 +26,19 @@ class ZooModel:
     """A shipped model with what is needed to sample from it.
 
     Attributes:
-        model: ``model(x, t, cond)``; x (batch, 1, 8, 8), t (batch,) training timesteps,
+        model: ``model(x, t, cond)``; x (batch, 1, 8, 8), t (batch,) the schedule's model time
+            (training timesteps 0-999 for "digits", the flow time in (0, 1) for the flow models),
             cond (batch,) int64 class labels (10 = unconditional) or (batch, 64) embeddings.
             For "digits-dsno" (prediction "trajectory"): a :class:`~adjointdeis.dsno.DSNO`,
             ``model(noise, cond)`` -> (batch, T, 1, 8, 8), the last point the sample.
         schedule: the schedule it was trained on (the teacher's, for "digits-dsno").
-        prediction: "eps" | "trajectory".
+        prediction: "eps", "flow" or "trajectory".
         shape: the shape of one sample.
         num_classes: number of classes (the unconditional label is ``num_classes``).
+        spacing: the time grid it samples best with ("logsnr"; "uniform" in t for the flow models).
+        denoise_to_zero: whether its samplers' last step lands on zero noise (True for the flow models,
+            as diffusers' flow schedulers: on a uniform grid in t the last step to ``t_min`` is a long
+            jump in log-SNR that multistep solvers extrapolate badly; a step to zero is first order).
     """
 
     model: torch.nn.Module
@@ -37,6 +46,8 @@ class ZooModel:
     prediction: str
     shape: tuple[int, ...]
     num_classes: int
+    spacing: str = "logsnr"
+    denoise_to_zero: bool = False
 
 
 def _load_state(path: pathlib.Path):
@@ -46,6 +57,14 @@ def _load_state(path: pathlib.Path):
         raise FileNotFoundError(f"{path.name} is not in this installation of adjointdeis ({path.parent})")
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
+def flow_entry(model: FlowDigitsUNet, meta: dict) -> ZooModel:
+    """A flow model's entry from its safetensors metadata (shift, t_min, t_max, spacing, denoise_to_zero)."""
+    schedule = FlowSchedule(float(meta.get("shift", 1.0)), float(meta.get("t_min", 1e-3)),
+                            float(meta.get("t_max", 1 - 1e-3)))
+    return ZooModel(model, schedule, "flow", (1, 8, 8), model.num_classes, meta.get("spacing", "uniform"),
+                    meta.get("denoise_to_zero", "true") == "true")
 
 
 def load(name: str = "digits", device: str | torch.device = "cpu") -> ZooModel:
@@ -63,6 +82,10 @@ def load(name: str = "digits", device: str | torch.device = "cpu") -> ZooModel:
     if name == "digits-dsno":
         return _load_dsno(device)
     state, meta = _load_state(WEIGHTS / f"{name}.safetensors")
+    if meta.get("prediction") == "flow":
+        model = FlowDigitsUNet(float(meta.get("time_scale", 1000.0)))
+        model.load_state_dict(state)
+        return flow_entry(model.eval().to(device), meta)
     model = DigitsUNet()
     model.load_state_dict(state)
     beta_start, beta_end = json.loads(meta["betas"])
@@ -87,3 +110,6 @@ def load_classifier(device: str | torch.device = "cpu") -> DigitClassifier:
     net = DigitClassifier()
     net.load_state_dict(state)
     return net.eval().to(device)
+
+
+from .reflow import reflow  # noqa: E402  (needs ZooModel)

@@ -76,6 +76,22 @@ class DigitsUNet(nn.Module):
         return self.out(u1)
 
 
+class FlowDigitsUNet(DigitsUNet):
+    """The digits UNet as a flow-matching model: ``v(x, t, z) = eps - x0`` with t the flow time in [0, 1].
+
+    Its time embedding sees ``time_scale * t`` (1000 t, diffusers' convention for flow models, so the
+    sinusoidal features span the same range as the diffusion model's timesteps); the state dict is
+    the plain :class:`DigitsUNet`'s.
+    """
+
+    def __init__(self, time_scale: float = 1000.0, **kwargs):
+        super().__init__(**kwargs)
+        self.time_scale = time_scale
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        return super().forward(x, self.time_scale * t, cond)
+
+
 class DigitClassifier(nn.Module):
     """A small CNN for 1x8x8 digits in [-1, 1]; ``features`` gives its 64-d penultimate layer."""
 
