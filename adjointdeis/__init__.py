@@ -1,6 +1,7 @@
 """adjointdeis: fused multistep samplers for diffusion and flow models, with gradients through sampling."""
 
-from . import ops, reference
+from . import dsno, ops, reference
+from .dsno import FourierTemporalConv
 from .guidance import guide
 from .models import PredictionAdapter, evaluate_model
 from .sampling import sample, sampling_grid
@@ -10,7 +11,7 @@ from .solvers import PREDICTIONS, SOLVERS, StepPlan, build_plan
 __version__ = "0.1.0"
 
 __all__ = [
-    "EDMSchedule", "FlowSchedule", "NoiseSchedule", "PREDICTIONS", "PredictionAdapter", "SOLVERS",
-    "StepPlan", "VPSchedule", "build_plan", "evaluate_model", "guide", "ops", "reference", "sample",
-    "sampling_grid",
+    "EDMSchedule", "FlowSchedule", "FourierTemporalConv", "NoiseSchedule", "PREDICTIONS", "PredictionAdapter",
+    "SOLVERS", "StepPlan", "VPSchedule", "build_plan", "dsno", "evaluate_model", "guide", "ops", "reference",
+    "sample", "sampling_grid",
 ]
