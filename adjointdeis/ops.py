@@ -287,6 +287,63 @@ torch.library.register_autograd(
     setup_context=_adjoint_setup_context)
 
 
+def fourier_mode_mixing(weight: Tensor, n_times: int, modes: int) -> Tensor:
+    """The layer's weight in the basis of its kept bins: the real (r C_out, r C_in) matrix M with
+    ``fourier_kernel_synthesis(weight) = (E (x) I) M (P (x) I)``.
+
+    Keeping ``modes`` bins of a length-T real signal leaves r = min(2 modes - 1, T) real coordinates
+    (Re of each bin, Im of each bin other than DC and Nyquist), ordered Re_0, Re_1, Im_1, Re_2, ...;
+    P (r, T) takes them from the signal (cos and -sin rows) and E (T, r) synthesises the signal back
+    (the inverse real DFT restricted to them). Bin k's block is ``[[Re W_k^T, -Im W_k^T],
+    [Im W_k^T, Re W_k^T]]`` (just ``Re W_k^T`` for DC and Nyquist). Differentiable in weight.
+
+    Args:
+        weight: (K, C_in, C_out) complex64 or complex128.
+        n_times: T, in [2, 32].
+        modes: bins used, in [1, min(K, T // 2 + 1)].
+
+    Returns:
+        (r C_out, r C_in) float32 (float64 for a complex128 weight).
+    """
+    return torch.ops.adjointdeis.fourier_mode_mixing.default(weight, n_times, modes)
+
+
+def spectral_rank(n_times: int, modes: int) -> int:
+    """Real coordinates of ``modes`` kept bins of a length-T real signal: min(2 modes - 1, T)."""
+    return min(2 * modes - 1, n_times)
+
+
+@torch.library.register_fake("adjointdeis::fourier_mode_mixing")
+def _fourier_mode_mixing_fake(weight, n_times, modes):
+    _check_synthesis("fourier_mode_mixing", weight, 3, n_times, modes)
+    rank = spectral_rank(n_times, modes)
+    return weight.new_empty((rank * weight.shape[2], rank * weight.shape[1]), dtype=_real_dtype(weight.dtype))
+
+
+@torch.library.register_fake("adjointdeis::fourier_mode_mixing_adjoint")
+def _fourier_mode_mixing_adjoint_fake(grad_mixing, n_times, modes, num_weight_modes):
+    rank = spectral_rank(n_times, modes)
+    return grad_mixing.new_empty((num_weight_modes, grad_mixing.shape[1] // rank, grad_mixing.shape[0] // rank),
+                                 dtype=_complex_dtype(grad_mixing.dtype))
+
+
+def _fourier_mode_mixing_backward(ctx, grad_mixing):
+    n_times, modes, (k_w, _, _) = ctx.args
+    return torch.ops.adjointdeis.fourier_mode_mixing_adjoint.default(grad_mixing, n_times, modes, k_w), None, None
+
+
+def _fourier_mode_mixing_adjoint_backward(ctx, grad_weight):
+    n_times, modes = ctx.args
+    return torch.ops.adjointdeis.fourier_mode_mixing.default(grad_weight, n_times, modes), None, None, None
+
+
+torch.library.register_autograd(
+    "adjointdeis::fourier_mode_mixing", _fourier_mode_mixing_backward, setup_context=_synthesis_setup_context)
+torch.library.register_autograd(
+    "adjointdeis::fourier_mode_mixing_adjoint", _fourier_mode_mixing_adjoint_backward,
+    setup_context=_adjoint_setup_context)
+
+
 def _needs_mask(x: Tensor, kernel: Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)
 
@@ -296,10 +353,13 @@ def fourier_temporal_conv(x: Tensor, weight: Tensor, modes: int, residual: bool 
     """DSNO's temporal Fourier layer with its block's LeakyReLU and residual, fused.
 
     ``layer(x) = irfft_T(bins k < modes of rfft_T(x), each multiplied by W_k^T)``, computed without
-    any FFT as one GEMM with the synthesised block-circulant kernel (fourier_kernel_synthesis) over
-    ``x.view(B, T * C_in, H * W)``, then one epilogue pass ``y = x + LeakyReLU(layer(x))``
-    (residual) or ``y = LeakyReLU(layer(x))``. The GEMM runs in float64 for float64 x and in float32
-    otherwise (float16/bfloat16 x is converted to float32 for it). Differentiable in x and weight.
+    any FFT or complex tensor through the factored block-circulant kernel (fourier_mode_mixing): a
+    kernel projects x onto the r = min(2 modes - 1, T) real coordinates of the kept bins, one GEMM
+    with M (r C_out x r C_in) runs over all B * H * W pixels, and a kernel expands back to T with
+    the activation and residual fused: ``y = x + LeakyReLU(layer(x))`` (residual) or
+    ``y = LeakyReLU(layer(x))``. Kernels and GEMM accumulate in float64 for float64 x and in float32
+    otherwise (float16/bfloat16 x is read and written in its dtype; the GEMM's operands are float32).
+    Differentiable in x and weight.
 
     Args:
         x: (B, T, C_in, H, W) float64/float32/float16/bfloat16, any strides, 2 <= T <= 32.
@@ -316,9 +376,10 @@ def fourier_temporal_conv(x: Tensor, weight: Tensor, modes: int, residual: bool 
         ValueError / TypeError naming the argument (shape, dtype, device, modes out of range).
     """
     reference.check_fourier_operands(x, weight, modes, residual, negative_slope)
-    kernel = fourier_kernel_synthesis(weight.to(_complex_dtype(x.dtype)), x.shape[1], modes)
+    mixing = fourier_mode_mixing(weight.to(_complex_dtype(x.dtype)), x.shape[1], modes)
     slope = None if negative_slope is None else float(negative_slope)
-    y, _ = torch.ops.adjointdeis.fourier_block_conv.default(x, kernel, residual, slope, _needs_mask(x, kernel))
+    y, _ = torch.ops.adjointdeis.fourier_spectral_conv.default(
+        x, mixing, modes, residual, slope, _needs_mask(x, mixing))
     return y
 
 
@@ -357,9 +418,10 @@ def _conv_fake(x, weight, residual, negative_slope, save_mask, out_channels):
             x.new_empty(mask_shape, dtype=torch.bool))
 
 
-@torch.library.register_fake("adjointdeis::fourier_block_conv")
-def _fourier_block_conv_fake(x, kernel, residual, negative_slope, save_mask):
-    return _conv_fake(x, kernel, residual, negative_slope, save_mask, kernel.shape[0] // x.shape[1])
+@torch.library.register_fake("adjointdeis::fourier_spectral_conv")
+def _fourier_spectral_conv_fake(x, mixing, modes, residual, negative_slope, save_mask):
+    return _conv_fake(x, mixing, residual, negative_slope, save_mask,
+                      mixing.shape[0] // spectral_rank(x.shape[1], modes))
 
 
 @torch.library.register_fake("adjointdeis::fourier_channel_conv")
@@ -367,36 +429,37 @@ def _fourier_channel_conv_fake(x, taps, residual, negative_slope, save_mask):
     return _conv_fake(x, taps, residual, negative_slope, save_mask, x.shape[2])
 
 
-def _conv_backward_fake(grad_y, x, weight, mask, residual, negative_slope, output_mask):
+def _conv_backward_fake(grad_y, x, weight, mask, *args):
+    output_mask = args[-1]
     return (x.new_empty(x.shape) if output_mask[0] else None,
             weight.new_empty(weight.shape) if output_mask[1] else None)
 
 
-torch.library.register_fake("adjointdeis::fourier_block_conv_backward")(_conv_backward_fake)
+torch.library.register_fake("adjointdeis::fourier_spectral_conv_backward")(_conv_backward_fake)
 torch.library.register_fake("adjointdeis::fourier_channel_conv_backward")(_conv_backward_fake)
 
 
 def _conv_setup_context(ctx, inputs, output):
-    x, weight, residual, negative_slope, save_mask = inputs
+    x, weight, *args, save_mask = inputs
     _, mask = output
     ctx.save_for_backward(x, weight, mask)
-    ctx.args = (residual, negative_slope)
+    ctx.args = args  # ([modes,] residual, negative_slope)
 
 
 def _conv_backward(op):
     def backward(ctx, grad_y, grad_mask):
         x, weight, mask = ctx.saved_tensors
-        residual, negative_slope = ctx.args
+        negative_slope = ctx.args[-1]
         if negative_slope is not None and mask.numel() != grad_y.numel():
             raise RuntimeError(f"{op}: backward needs the activation mask: call it with save_mask=True")
         grad_x, grad_weight = getattr(torch.ops.adjointdeis, op).default(
-            grad_y, x, weight, mask, residual, negative_slope, [ctx.needs_input_grad[0], ctx.needs_input_grad[1]])
-        return grad_x, grad_weight, None, None, None
+            grad_y, x, weight, mask, *ctx.args, [ctx.needs_input_grad[0], ctx.needs_input_grad[1]])
+        return grad_x, grad_weight, *([None] * (len(ctx.args) + 1))
     return backward
 
 
 torch.library.register_autograd(
-    "adjointdeis::fourier_block_conv", _conv_backward("fourier_block_conv_backward"),
+    "adjointdeis::fourier_spectral_conv", _conv_backward("fourier_spectral_conv_backward"),
     setup_context=_conv_setup_context)
 torch.library.register_autograd(
     "adjointdeis::fourier_channel_conv", _conv_backward("fourier_channel_conv_backward"),
@@ -409,6 +472,7 @@ if cuda_version() < 0:
     torch.library.impl("adjointdeis::discrete_adjoint_step", "CUDA", reference.discrete_adjoint_step)
     torch.library.impl("adjointdeis::multi_tensor_axpy_", "CUDA", reference.multi_tensor_axpy_)
     for _name in ("fourier_kernel_synthesis", "fourier_kernel_synthesis_adjoint", "fourier_tap_synthesis",
-                  "fourier_tap_synthesis_adjoint", "fourier_block_conv", "fourier_block_conv_backward",
+                  "fourier_tap_synthesis_adjoint", "fourier_mode_mixing", "fourier_mode_mixing_adjoint",
+                  "fourier_spectral_conv", "fourier_spectral_conv_backward",
                   "fourier_channel_conv", "fourier_channel_conv_backward"):
         torch.library.impl(f"adjointdeis::{_name}", "CUDA", getattr(reference, _name))

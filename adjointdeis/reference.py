@@ -412,7 +412,7 @@ def fourier_kernel_synthesis_adjoint(grad_kernel: Tensor, n_times: int, modes: i
 
 def _activation_mask(z: Tensor, negative_slope, save_mask: bool) -> Tensor:
     if save_mask and negative_slope is not None:
-        return z <= 0
+        return (z <= 0).contiguous()
     return torch.empty(0, dtype=torch.bool, device=z.device)
 
 
@@ -422,14 +422,90 @@ def _activation_grad(grad: Tensor, mask: Tensor, negative_slope) -> Tensor:
     return torch.where(mask, negative_slope * grad, grad)
 
 
-def fourier_block_conv(x: Tensor, kernel: Tensor, residual: bool, negative_slope,
-                       save_mask: bool) -> tuple[Tensor, Tensor]:
-    """The layer given its synthesised kernel: ``z = kernel @ x[b].view(T * C_in, H * W)``, then
+def spectral_basis(n_times: int, modes: int, dtype: torch.dtype = torch.float64,
+                   device=None) -> tuple[Tensor, Tensor]:
+    """The real coordinates of the first ``modes`` bins of a length-T real signal.
+
+    Coordinate j is the real (j odd or 0) or imaginary (j even > 0) part of bin (j + 1) // 2; there
+    are r = min(2 modes - 1, T) of them.
+
+    Returns:
+        ``(P, E)``: P (r, T) with ``coords = P @ signal`` (rows cos, -sin of 2 pi k tau / T), and
+        E (T, r) with ``signal = E @ coords`` for a signal whose other bins are zero
+        (``E[t, j] = c_k P[j, t] / T``).
+    """
+    rank = min(2 * modes - 1, n_times)
+    proj = torch.zeros(rank, n_times, dtype=torch.float64)
+    weights = torch.zeros(rank, dtype=torch.float64)
+    tau = torch.arange(n_times, dtype=torch.float64)
+    for j in range(rank):
+        k = (j + 1) // 2
+        theta = 2 * torch.pi * k * tau / n_times
+        proj[j] = -torch.sin(theta) if j > 0 and j % 2 == 0 else torch.cos(theta)
+        weights[j] = _bin_weights(n_times, modes)[k] / n_times
+    return proj.to(device=device, dtype=dtype), (proj * weights[:, None]).t().to(device=device, dtype=dtype)
+
+
+def fourier_mode_mixing(weight: Tensor, n_times: int, modes: int) -> Tensor:
+    """The layer's weight in the basis of its kept bins (see spectral_basis): the real
+    (r C_out, r C_in) matrix with, for bin k, ``[[Re W_k^T, -Im W_k^T], [Im W_k^T, Re W_k^T]]`` on
+    its (Re, Im) coordinates (``Re W_k^T`` alone for DC and Nyquist), zero between bins.
+
+    Args:
+        weight: (K, C_in, C_out) complex64/complex128, K >= modes.
+
+    Returns:
+        (r C_out, r C_in) float32 (float64 for complex128).
+    """
+    _, c_in, c_out = weight.shape
+    rank = min(2 * modes - 1, n_times)
+    real = weight.real.new_zeros(()).dtype
+    zero = torch.zeros(c_out, c_in, dtype=real, device=weight.device)
+    rows = []
+    for j in range(rank):
+        row = []
+        for col in range(rank):
+            k = (j + 1) // 2
+            if k != (col + 1) // 2:
+                row.append(zero)
+                continue
+            re, im = weight[k].real.t(), weight[k].imag.t()
+            j_im, col_im = j > 0 and j % 2 == 0, col > 0 and col % 2 == 0
+            row.append({(False, False): re, (False, True): -im, (True, False): im, (True, True): re}[(j_im, col_im)])
+        rows.append(torch.cat(row, dim=1))
+    return torch.cat(rows, dim=0)
+
+
+def fourier_mode_mixing_adjoint(grad_mixing: Tensor, n_times: int, modes: int, num_weight_modes: int) -> Tensor:
+    """The adjoint of fourier_mode_mixing: the complex (K, C_in, C_out) weight gradient of
+    grad_mixing (r C_out, r C_in)."""
+    cdtype = torch.complex128 if grad_mixing.dtype == torch.float64 else torch.complex64
+    rank = min(2 * modes - 1, n_times)
+    weight = torch.zeros(num_weight_modes, grad_mixing.shape[1] // rank, grad_mixing.shape[0] // rank,
+                         dtype=cdtype, device=grad_mixing.device, requires_grad=True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(fourier_mode_mixing(weight, n_times, modes), weight, grad_mixing)
+    return grad
+
+
+def _spectral_layer(x: Tensor, mixing: Tensor, modes: int) -> Tensor:
+    """(E (x) I) M (P (x) I) x: the layer before activation and residual, in mixing's dtype."""
+    b, n_times, c_in, h, w = x.shape
+    proj, expand = spectral_basis(n_times, modes, mixing.dtype, x.device)
+    coords = torch.einsum("jt,btchw->bjchw", proj, x.to(mixing.dtype)).reshape(b, -1, h * w)
+    mixed = (mixing @ coords).view(b, proj.shape[0], -1, h, w)
+    return torch.einsum("tj,bjchw->btchw", expand, mixed)
+
+
+def fourier_spectral_conv(x: Tensor, mixing: Tensor, modes: int, residual: bool, negative_slope,
+                          save_mask: bool) -> tuple[Tensor, Tensor]:
+    """The layer given its mode mixing: project onto the kept bins' coordinates, mix, expand, then
     ``y = x + LeakyReLU(z)`` (residual) or ``LeakyReLU(z)``.
 
     Args:
         x: (B, T, C_in, H, W) float64/float32/float16/bfloat16.
-        kernel: (T * C_out, T * C_in) float64 for float64 x, float32 otherwise.
+        mixing: (r C_out, r C_in) float64 for float64 x, float32 otherwise (fourier_mode_mixing).
+        modes: bins kept.
         residual, negative_slope: as in fourier_temporal_conv.
         save_mask: also return the mask ``z <= 0`` (bool, y's shape) the backward needs.
 
@@ -437,25 +513,22 @@ def fourier_block_conv(x: Tensor, kernel: Tensor, residual: bool, negative_slope
         ``(y, mask)``: y (B, T, C_out, H, W) in x's dtype; mask, or an empty bool tensor when not
         saved or without activation.
     """
-    b, n_times, c_in, h, w = x.shape
-    z = (kernel @ x.reshape(b, n_times * c_in, h * w).to(kernel.dtype)).view(b, n_times, -1, h, w)
+    z = _spectral_layer(x, mixing, modes)
     mask = _activation_mask(z, negative_slope, save_mask)
     return _finish_block(x, z, residual, negative_slope).contiguous(), mask
 
 
-def fourier_block_conv_backward(grad_y: Tensor, x: Tensor, kernel: Tensor, mask: Tensor, residual: bool,
-                                negative_slope, output_mask: list[bool]) -> tuple[Tensor, Tensor]:
-    """Gradients of fourier_block_conv in x and kernel (None where output_mask is False)."""
-    b, n_times, c_in, h, w = x.shape
-    opmath = kernel.dtype
-    dz = _activation_grad(grad_y.to(opmath), mask, negative_slope).reshape(b, kernel.shape[0], h * w)
-    grad_x = grad_kernel = None
-    if output_mask[0]:
-        dx = (kernel.t() @ dz).view(x.shape)
-        grad_x = (dx + grad_y.to(opmath) if residual else dx).to(x.dtype)
-    if output_mask[1]:
-        grad_kernel = torch.einsum("brp,bkp->rk", dz, x.reshape(b, n_times * c_in, h * w).to(opmath))
-    return grad_x, grad_kernel
+def fourier_spectral_conv_backward(grad_y: Tensor, x: Tensor, mixing: Tensor, mask: Tensor, modes: int,
+                                   residual: bool, negative_slope, output_mask: list[bool]) -> tuple[Tensor, Tensor]:
+    """Gradients of fourier_spectral_conv in x and mixing (None where output_mask is False)."""
+    dz = _activation_grad(grad_y.to(mixing.dtype), mask, negative_slope)
+    with torch.enable_grad():
+        xd = x.detach().to(mixing.dtype).requires_grad_()
+        md = mixing.detach().requires_grad_()
+        grad_x, grad_mixing = torch.autograd.grad(_spectral_layer(xd, md, modes), (xd, md), dz)
+    if residual:
+        grad_x = grad_x + grad_y.to(mixing.dtype)
+    return (grad_x.to(x.dtype) if output_mask[0] else None, grad_mixing if output_mask[1] else None)
 
 
 def _circulant(taps: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
 #include "fourier_conv.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "operands.h"
@@ -157,79 +158,216 @@ at::Tensor fourier_kernel_synthesis_adjoint(const at::Tensor& grad_kernel, int64
       .view({num_weight_modes, in_channels, c_out});
 }
 
-std::tuple<at::Tensor, at::Tensor> fourier_block_conv(const at::Tensor& x, const at::Tensor& kernel,
-                                                      bool residual,
-                                                      std::optional<double> negative_slope,
-                                                      bool save_mask, c10::DeviceType device_type,
-                                                      const TemporalKernels& kernels) {
-  const char* op = "fourier_block_conv";
+int64_t spectral_rank(int64_t n_times, int64_t modes) {
+  return std::min<int64_t>(2 * modes - 1, n_times);
+}
+
+namespace {
+
+// Coordinate j of the kept spectrum: bin (j + 1) / 2, imaginary part for even j > 0.
+struct Coordinates {
+  at::Tensor bin;        // (r,) float64
+  at::Tensor imaginary;  // (r,) bool
+};
+
+Coordinates coordinates(int64_t n_times, int64_t modes, at::Device device) {
+  const at::Tensor j = at::arange(spectral_rank(n_times, modes),
+                                  at::TensorOptions().dtype(at::kLong).device(device));
+  return {at::floor_divide(j + 1, 2).to(at::kDouble), (j > 0).logical_and(at::remainder(j, 2) == 0)};
+}
+
+// P (r, T): coordinate j of x is sum_tau P[j, tau] x_tau (cos for Re, -sin for Im); and
+// E (T, r): x_t = sum_j E[t, j] coordinate j, E[t, j] = c_k P[j, t] / T.
+std::tuple<at::Tensor, at::Tensor> spectral_basis(int64_t n_times, int64_t modes, at::ScalarType dtype,
+                                                  at::Device device) {
+  const Coordinates coords = coordinates(n_times, modes, device);
+  const at::Tensor tau = at::arange(n_times, at::TensorOptions().dtype(at::kDouble).device(device));
+  const at::Tensor theta = coords.bin.unsqueeze(1) * tau.unsqueeze(0) * (2.0 * M_PI / n_times);
+  const at::Tensor proj = at::where(coords.imaginary.unsqueeze(1), -at::sin(theta), at::cos(theta));
+  const at::Tensor single = (coords.bin == 0).logical_or(coords.bin * 2 == n_times);
+  const at::Tensor c = (2.0 - single.to(at::kDouble)) / static_cast<double>(n_times);
+  return {proj.to(dtype), (proj * c.unsqueeze(1)).t().to(dtype)};
+}
+
+// S (r, r, modes, 2): M[(j, o), (l, i)] = sum_{k, q} S[j, l, k, q] W[k, i, o, q] (q: Re, Im).
+at::Tensor mixing_selector(int64_t n_times, int64_t modes, at::ScalarType dtype, at::Device device) {
+  const Coordinates coords = coordinates(n_times, modes, device);
+  const at::Tensor k = at::arange(modes, at::TensorOptions().dtype(at::kDouble).device(device));
+  const at::Tensor in_bin = (coords.bin.unsqueeze(1) == k.unsqueeze(0)).to(dtype);  // (r, modes)
+  const at::Tensor same_bin = in_bin.unsqueeze(1) * in_bin.unsqueeze(0);           // (j, l, k)
+  const at::Tensor im_row = coords.imaginary.unsqueeze(1).to(dtype);
+  const at::Tensor im_col = coords.imaginary.unsqueeze(0).to(dtype);
+  // Re rows: [Re W^T, -Im W^T]; Im rows: [Im W^T, Re W^T].
+  const at::Tensor re_part = 1.0 - (im_row - im_col).abs();
+  const at::Tensor im_part = im_row - im_col;
+  return same_bin.unsqueeze(-1) * at::stack({re_part, im_part}, -1).unsqueeze(2);
+}
+
+void check_mixing(const char* op, const at::Tensor& mixing, const at::Tensor& x, int64_t modes,
+                  int64_t& c_out) {
+  check_operand(op, "mixing", mixing, x, opmath_of(x.scalar_type()));
+  const int64_t n_times = x.size(1), c_in = x.size(2);
+  TORCH_CHECK(modes >= 1 && modes <= n_times / 2 + 1, op, ": modes must be in [1, T // 2 + 1] = [1, ",
+              n_times / 2 + 1, "], got ", modes);
+  const int64_t rank = spectral_rank(n_times, modes);
+  TORCH_CHECK(mixing.dim() == 2 && mixing.size(1) == rank * c_in && mixing.size(0) % rank == 0, op,
+              ": mixing must have shape (r * C_out, r * C_in) with r = ", rank, ", C_in = ", c_in,
+              ", got ", mixing.sizes());
+  c_out = mixing.size(0) / rank;
+}
+
+// Writes the r coordinates of x (nb, T, C, P) into u, a contiguous (r, C, nb, P) tensor of the
+// accumulation type.
+void project_into(const at::Tensor& x4, const at::Tensor& proj, const at::Tensor& u,
+                  const TemporalKernels& kernels) {
+  kernels.temporal_mix(x4, at::Tensor(), 1.0, proj.unsqueeze(2).expand({proj.size(0), x4.size(1), x4.size(2)}),
+                       at::Tensor(), u.permute({2, 0, 1, 3}), at::Tensor(), std::nullopt);
+}
+
+// Batch entries per chunk of the pipeline, and contiguous (rows, nb, P) views of scratch storage.
+struct Chunks {
+  int64_t batch, pixels, step;
+
+  Chunks(int64_t batch, int64_t pixels, int64_t rows, int64_t chunk_elements)
+      : batch(batch), pixels(pixels), step(batch) {
+    if (chunk_elements > 0 && rows * pixels > 0) {
+      step = std::clamp<int64_t>(chunk_elements / (rows * pixels), 1, std::max<int64_t>(batch, 1));
+    }
+  }
+  at::Tensor scratch(int64_t rows, const at::TensorOptions& options) const {
+    return at::empty({rows * step * pixels}, options);
+  }
+  // The first rows * nb * P elements of storage as a contiguous (rows, nb, P) tensor.
+  at::Tensor view(const at::Tensor& storage, int64_t rows, int64_t nb) const {
+    return storage.narrow(0, 0, rows * nb * pixels).view({rows, nb, pixels});
+  }
+};
+
+}  // namespace
+
+at::Tensor fourier_mode_mixing(const at::Tensor& weight, int64_t n_times, int64_t modes) {
+  check_synthesis_args("fourier_mode_mixing", weight, 3, n_times, modes);
+  const int64_t rank = spectral_rank(n_times, modes), c_in = weight.size(1), c_out = weight.size(2);
+  const at::Tensor parts = at::view_as_real(weight.slice(0, 0, modes));  // (modes, C_in, C_out, 2)
+  const at::Tensor selector =
+      mixing_selector(n_times, modes, real_dtype_of(weight), weight.device());
+  return at::einsum("jlkq,kioq->joli", {selector, parts}).reshape({rank * c_out, rank * c_in});
+}
+
+at::Tensor fourier_mode_mixing_adjoint(const at::Tensor& grad_mixing, int64_t n_times, int64_t modes,
+                                       int64_t num_weight_modes) {
+  TORCH_CHECK(grad_mixing.scalar_type() == at::kFloat || grad_mixing.scalar_type() == at::kDouble,
+              "fourier_mode_mixing_adjoint: grad_mixing must be float32 or float64, got ",
+              grad_mixing.scalar_type());
+  TORCH_CHECK(modes >= 1 && modes <= n_times / 2 + 1 && modes <= num_weight_modes,
+              "fourier_mode_mixing_adjoint: modes out of range: ", modes);
+  const int64_t rank = spectral_rank(n_times, modes);
+  TORCH_CHECK(grad_mixing.dim() == 2 && grad_mixing.size(1) % rank == 0 &&
+                  grad_mixing.size(0) % rank == 0,
+              "fourier_mode_mixing_adjoint: grad_mixing must have shape (r * C_out, r * C_in) with r = ",
+              rank, ", got ", grad_mixing.sizes());
+  const int64_t c_out = grad_mixing.size(0) / rank, in_channels = grad_mixing.size(1) / rank;
+  const at::Tensor selector =
+      mixing_selector(n_times, modes, grad_mixing.scalar_type(), grad_mixing.device());
+  const at::Tensor blocks = grad_mixing.reshape({rank, c_out, rank, in_channels});
+  at::Tensor grad = at::zeros({num_weight_modes, in_channels, c_out, 2}, grad_mixing.options());
+  grad.slice(0, 0, modes).copy_(at::einsum("jlkq,joli->kioq", {selector, blocks}));
+  return at::view_as_complex(grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> fourier_spectral_conv(const at::Tensor& x, const at::Tensor& mixing,
+                                                         int64_t modes, bool residual,
+                                                         std::optional<double> negative_slope,
+                                                         bool save_mask, c10::DeviceType device_type,
+                                                         const TemporalKernels& kernels) {
+  const char* op = "fourier_spectral_conv";
   check_activations(op, x, device_type);
-  const at::ScalarType opmath = opmath_of(x.scalar_type());
-  check_operand(op, "kernel", kernel, x, opmath);
+  int64_t c_out = 0;
+  check_mixing(op, mixing, x, modes, c_out);
   const int64_t batch = x.size(0), n_times = x.size(1), c_in = x.size(2);
-  const int64_t pixels = x.size(3) * x.size(4);
-  TORCH_CHECK(kernel.dim() == 2 && kernel.size(1) == n_times * c_in && kernel.size(0) % n_times == 0,
-              op, ": kernel must have shape (T * C_out, T * C_in) = (T * C_out, ", n_times * c_in,
-              "), got ", kernel.sizes());
-  const int64_t rows = kernel.size(0), c_out = rows / n_times;
+  const int64_t pixels = x.size(3) * x.size(4), rank = spectral_rank(n_times, modes);
   TORCH_CHECK(!residual || c_out == c_in, op, ": residual needs C_out == C_in, got C_in = ", c_in,
               " and C_out = ", c_out);
-
-  const at::Tensor x4 = x.reshape({batch, n_times, c_in, pixels});
-  const at::Tensor z = at::matmul(kernel, x4.reshape({batch, n_times * c_in, pixels}).to(opmath));
   const std::array<int64_t, 5> y_shape{batch, n_times, c_out, x.size(3), x.size(4)};
-  const std::array<int64_t, 4> shape4{batch, n_times, c_out, pixels};
   at::Tensor y = at::empty(y_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor mask = make_mask(save_mask, negative_slope, y_shape, x);
-  if (y.numel() > 0) {
-    kernels.epilogue(z.view(shape4), residual ? x4 : at::Tensor(), y.view(shape4),
-                     mask.numel() > 0 ? mask.view(shape4) : at::Tensor(), negative_slope);
+  if (y.numel() == 0) return {y, mask};
+
+  const auto [proj, expand] = spectral_basis(n_times, modes, mixing.scalar_type(), x.device());
+  const at::Tensor x4 = x.reshape({batch, n_times, c_in, pixels});
+  const at::Tensor y4 = y.view({batch, n_times, c_out, pixels});
+  const at::Tensor mask4 = mask.numel() > 0 ? mask.view({batch, n_times, c_out, pixels}) : at::Tensor();
+  const at::Tensor expand_mix = expand.unsqueeze(2).expand({n_times, rank, c_out});
+  const Chunks chunks(batch, pixels, rank * std::max(c_in, c_out), kernels.chunk_elements);
+  const at::Tensor u_store = chunks.scratch(rank * c_in, mixing.options());
+  const at::Tensor v_store = chunks.scratch(rank * c_out, mixing.options());
+  for (int64_t b0 = 0; b0 < batch; b0 += chunks.step) {
+    const int64_t nb = std::min(chunks.step, batch - b0);
+    const at::Tensor u = chunks.view(u_store, rank * c_in, nb);
+    const at::Tensor v = chunks.view(v_store, rank * c_out, nb);
+    project_into(x4.narrow(0, b0, nb), proj, u.view({rank, c_in, nb, pixels}), kernels);
+    at::Tensor v2 = v.view({rank * c_out, nb * pixels});
+    at::mm_out(v2, mixing, u.view({rank * c_in, nb * pixels}));
+    kernels.temporal_mix(v.view({rank, c_out, nb, pixels}).permute({2, 0, 1, 3}), at::Tensor(), 1.0,
+                         expand_mix, residual ? x4.narrow(0, b0, nb) : at::Tensor(), y4.narrow(0, b0, nb),
+                         mask4.defined() ? mask4.narrow(0, b0, nb) : at::Tensor(), negative_slope);
   }
   return {y, mask};
 }
 
-std::tuple<at::Tensor, at::Tensor> fourier_block_conv_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& kernel, const at::Tensor& mask,
-    bool residual, std::optional<double> negative_slope, std::array<bool, 2> output_mask,
-    c10::DeviceType device_type, const TemporalKernels& kernels) {
-  const char* op = "fourier_block_conv_backward";
+std::tuple<at::Tensor, at::Tensor> fourier_spectral_conv_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mixing, const at::Tensor& mask,
+    int64_t modes, bool residual, std::optional<double> negative_slope,
+    std::array<bool, 2> output_mask, c10::DeviceType device_type, const TemporalKernels& kernels) {
+  const char* op = "fourier_spectral_conv_backward";
   check_activations(op, x, device_type);
-  const at::ScalarType opmath = opmath_of(x.scalar_type());
-  check_operand(op, "kernel", kernel, x, opmath);
+  int64_t c_out = 0;
+  check_mixing(op, mixing, x, modes, c_out);
   const int64_t batch = x.size(0), n_times = x.size(1), c_in = x.size(2);
-  const int64_t pixels = x.size(3) * x.size(4);
-  TORCH_CHECK(kernel.dim() == 2 && kernel.size(1) == n_times * c_in && kernel.size(0) % n_times == 0,
-              op, ": kernel must have shape (T * C_out, T * C_in), got ", kernel.sizes());
-  const int64_t rows = kernel.size(0), c_out = rows / n_times;
+  const int64_t pixels = x.size(3) * x.size(4), rank = spectral_rank(n_times, modes);
   const std::array<int64_t, 5> y_shape{batch, n_times, c_out, x.size(3), x.size(4)};
   check_grad_and_mask(op, grad_y, mask, x, y_shape, negative_slope);
 
-  // dz is written as (R, B, P): both GEMMs then read it without a copy.
-  const std::array<int64_t, 4> shape4{batch, n_times, c_out, pixels};
-  const at::Tensor grad4 = grad_y.reshape(shape4);
-  at::Tensor dz = at::empty({rows, batch, pixels}, x.options().dtype(opmath));
-  if (dz.numel() > 0) {
-    kernels.epilogue_backward(grad4,
-                              negative_slope.has_value() ? mask.view(shape4) : at::Tensor(),
-                              dz.view({n_times, c_out, batch, pixels}).permute({2, 0, 1, 3}),
-                              negative_slope);
+  const auto [proj, expand] = spectral_basis(n_times, modes, mixing.scalar_type(), x.device());
+  const at::Tensor x4 = x.reshape({batch, n_times, c_in, pixels});
+  const at::Tensor grad4 = grad_y.reshape({batch, n_times, c_out, pixels});
+  const at::Tensor mask4 =
+      negative_slope.has_value() ? mask.view({batch, n_times, c_out, pixels}) : at::Tensor();
+  at::Tensor grad_x, grad_mixing;
+  if (output_mask[0]) grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (output_mask[1]) grad_mixing = at::zeros_like(mixing, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0 || grad_y.numel() == 0) {
+    if (output_mask[0]) grad_x.zero_();
+    return {grad_x, grad_mixing};
   }
-  at::Tensor grad_x, grad_kernel;
-  if (output_mask[0]) {
-    const at::Tensor kernel_t = kernel.t().expand({batch, n_times * c_in, rows});
-    const at::Tensor dz_batched = dz.transpose(0, 1);
-    at::Tensor dx = residual ? at::baddbmm(grad4.reshape({batch, rows, pixels}).to(opmath),
-                                           kernel_t, dz_batched)
-                             : at::bmm(kernel_t, dz_batched);
-    grad_x = dx.to(x.scalar_type()).view(x.sizes());
+  const at::Tensor dx4 = output_mask[0] ? grad_x.view({batch, n_times, c_in, pixels}) : at::Tensor();
+  const Chunks chunks(batch, pixels, rank * std::max(c_in, c_out), kernels.chunk_elements);
+  const at::Tensor dv_store = chunks.scratch(rank * c_out, mixing.options());
+  const at::Tensor in_store = chunks.scratch(rank * c_in, mixing.options());
+  for (int64_t b0 = 0; b0 < batch; b0 += chunks.step) {
+    const int64_t nb = std::min(chunks.step, batch - b0);
+    // dv: the adjoint of the expansion applied to dL/d(pre-activation).
+    const at::Tensor dv = chunks.view(dv_store, rank * c_out, nb);
+    kernels.temporal_mix(grad4.narrow(0, b0, nb), mask4.defined() ? mask4.narrow(0, b0, nb) : at::Tensor(),
+                         negative_slope.value_or(1.0), expand.t().unsqueeze(2).expand({rank, n_times, c_out}),
+                         at::Tensor(), dv.view({rank, c_out, nb, pixels}).permute({2, 0, 1, 3}), at::Tensor(),
+                         std::nullopt);
+    const at::Tensor dv2 = dv.view({rank * c_out, nb * pixels});
+    const at::Tensor scratch = chunks.view(in_store, rank * c_in, nb);
+    if (output_mask[1]) {
+      project_into(x4.narrow(0, b0, nb), proj, scratch.view({rank, c_in, nb, pixels}), kernels);
+      grad_mixing.addmm_(dv2, scratch.view({rank * c_in, nb * pixels}).t());
+    }
+    if (output_mask[0]) {
+      at::Tensor du = scratch.view({rank * c_in, nb * pixels});
+      at::mm_out(du, mixing.t(), dv2);
+      kernels.temporal_mix(scratch.view({rank, c_in, nb, pixels}).permute({2, 0, 1, 3}), at::Tensor(), 1.0,
+                           proj.t().unsqueeze(2).expand({n_times, rank, c_in}),
+                           residual ? grad4.narrow(0, b0, nb) : at::Tensor(), dx4.narrow(0, b0, nb),
+                           at::Tensor(), std::nullopt);
+    }
   }
-  if (output_mask[1]) {
-    const at::Tensor x_rows =
-        dense_copy(x.reshape({batch, n_times * c_in, pixels}).transpose(0, 1), opmath)
-            .view({n_times * c_in, batch * pixels});
-    grad_kernel = at::mm(dz.view({rows, batch * pixels}), x_rows.t());
-  }
-  return {grad_x, grad_kernel};
+  return {grad_x, grad_mixing};
 }
 
 std::tuple<at::Tensor, at::Tensor> fourier_channel_conv(const at::Tensor& x, const at::Tensor& taps,
@@ -247,12 +385,12 @@ std::tuple<at::Tensor, at::Tensor> fourier_channel_conv(const at::Tensor& x, con
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor mask = make_mask(save_mask, negative_slope, x.sizes(), x);
   if (y.numel() > 0) {
-    const at::Tensor x4 = x.reshape({batch, n_times, channels, pixels});
-    kernels.channel_conv(x4, taps.contiguous(), residual ? x4 : at::Tensor(),
-                         y.view({batch, n_times, channels, pixels}),
-                         mask.numel() > 0 ? mask.view({batch, n_times, channels, pixels})
-                                          : at::Tensor(),
-                         negative_slope);
+    const std::array<int64_t, 4> shape4{batch, n_times, channels, pixels};
+    const at::Tensor x4 = x.reshape(shape4);
+    const at::Tensor circulant = taps.index_select(0, circulant_index(n_times, x.device()))
+                                     .view({n_times, n_times, channels});
+    kernels.temporal_mix(x4, at::Tensor(), 1.0, circulant, residual ? x4 : at::Tensor(), y.view(shape4),
+                         mask.numel() > 0 ? mask.view(shape4) : at::Tensor(), negative_slope);
   }
   return {y, mask};
 }
@@ -273,26 +411,24 @@ std::tuple<at::Tensor, at::Tensor> fourier_channel_conv_backward(
 
   const std::array<int64_t, 4> shape4{batch, n_times, channels, pixels};
   const at::Tensor grad4 = grad_y.reshape(shape4);
-  // dz as (C, T, B, P): the tap gradient is then one batched GEMM over channels.
-  at::Tensor dz = at::empty({channels, n_times, batch, pixels}, x.options().dtype(opmath));
-  const at::Tensor dz4 = dz.permute({2, 1, 0, 3});
-  if (dz.numel() > 0) {
-    kernels.epilogue_backward(grad4, negative_slope.has_value() ? mask.view(shape4) : at::Tensor(),
-                              dz4, negative_slope);
-  }
+  const at::Tensor act_mask = negative_slope.has_value() ? mask.view(shape4) : at::Tensor();
   at::Tensor grad_x, grad_taps;
   if (output_mask[0]) {
-    // The transpose of a circular convolution is the convolution with the reversed taps.
-    const at::Tensor reversed = taps.index_select(
-        0, at::remainder(-at::arange(n_times, taps.options().dtype(at::kLong)), n_times));
+    // The transpose of the circular convolution, applied to dL/d(pre-activation).
+    const at::Tensor circulant = taps.index_select(0, circulant_index(n_times, x.device()))
+                                     .view({n_times, n_times, channels});
     grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
     if (grad_x.numel() > 0) {
-      kernels.channel_conv(dz4, reversed.contiguous(), residual ? grad4 : at::Tensor(),
-                           grad_x.view(shape4), at::Tensor(), std::nullopt);
+      kernels.temporal_mix(grad4, act_mask, negative_slope.value_or(1.0), circulant.transpose(0, 1),
+                           residual ? grad4 : at::Tensor(), grad_x.view(shape4), at::Tensor(),
+                           std::nullopt);
     }
   }
   if (output_mask[1]) {
-    // G[c, t, tau] = sum_{b, p} dz[b, t, c, p] x[b, tau, c, p]; grad_taps[d, c] = sum_t G[c, t, t - d].
+    // dz as (C, T, B, P); G[c, t, tau] = sum_{b, p} dz[b, t, c, p] x[b, tau, c, p];
+    // grad_taps[d, c] = sum_t G[c, t, (t - d) mod T].
+    at::Tensor dz = at::empty({channels, n_times, batch, pixels}, x.options().dtype(opmath));
+    if (dz.numel() > 0) kernels.epilogue_backward(grad4, act_mask, dz.permute({2, 1, 0, 3}), negative_slope);
     const at::Tensor x_cols = dense_copy(x.reshape(shape4).permute({2, 1, 0, 3}), opmath)
                                   .view({channels, n_times, batch * pixels});
     const at::Tensor gram = at::bmm(dz.view({channels, n_times, batch * pixels}), x_cols.transpose(1, 2));

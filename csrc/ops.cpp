@@ -49,13 +49,17 @@ TORCH_LIBRARY(adjointdeis, m) {
   m.def(
       "fourier_tap_synthesis_adjoint(Tensor grad_taps, int n_times, int modes,"
       " int num_weight_modes) -> Tensor");
+  m.def("fourier_mode_mixing(Tensor weight, int n_times, int modes) -> Tensor");
   m.def(
-      "fourier_block_conv(Tensor x, Tensor kernel, bool residual, float? negative_slope,"
-      " bool save_mask) -> (Tensor y, Tensor mask)");
+      "fourier_mode_mixing_adjoint(Tensor grad_mixing, int n_times, int modes,"
+      " int num_weight_modes) -> Tensor");
   m.def(
-      "fourier_block_conv_backward(Tensor grad_y, Tensor x, Tensor kernel, Tensor mask,"
-      " bool residual, float? negative_slope, bool[2] output_mask)"
-      " -> (Tensor grad_x, Tensor grad_kernel)");
+      "fourier_spectral_conv(Tensor x, Tensor mixing, int modes, bool residual,"
+      " float? negative_slope, bool save_mask) -> (Tensor y, Tensor mask)");
+  m.def(
+      "fourier_spectral_conv_backward(Tensor grad_y, Tensor x, Tensor mixing, Tensor mask,"
+      " int modes, bool residual, float? negative_slope, bool[2] output_mask)"
+      " -> (Tensor grad_x, Tensor grad_mixing)");
   m.def(
       "fourier_channel_conv(Tensor x, Tensor taps, bool residual, float? negative_slope,"
       " bool save_mask) -> (Tensor y, Tensor mask)");

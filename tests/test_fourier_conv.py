@@ -169,7 +169,9 @@ def test_gradcheck(n_times, modes, residual, slope):
 @pytest.mark.parametrize("n_times,modes", [(4, 3), (7, 2)])
 def test_synthesis_gradcheck_and_gradgradcheck(n_times, modes):
     weight = make_weight((modes + 1, 2, 3), dtype=torch.complex128).requires_grad_()
-    for fn, w in ((ops.fourier_kernel_synthesis, weight), (ops.fourier_tap_synthesis, weight[:, 0].detach().requires_grad_())):
+    taps_weight = weight[:, 0].detach().requires_grad_()
+    for fn, w in ((ops.fourier_kernel_synthesis, weight), (ops.fourier_mode_mixing, weight),
+                  (ops.fourier_tap_synthesis, taps_weight)):
         assert torch.autograd.gradcheck(lambda w: fn(w, n_times, modes), (w,))
         assert torch.autograd.gradgradcheck(lambda w: fn(w, n_times, modes), (w,))
 
@@ -199,51 +201,57 @@ def test_gradients_match_reference(dtype, channelwise):
     assert_close(got_w.to(torch.complex128) / scale, want_w / scale, **tol)
 
 
+def test_batch_split_into_pipeline_chunks():
+    """Large enough that the CPU pipeline runs over several chunks of the batch (5 = 2 + 2 + 1)."""
+    x = make_x((5, 4, 64, 32, 32), layout="sliced").requires_grad_()
+    weight = make_weight((2, 64, 64), dtype=torch.complex128).requires_grad_()
+    cot = make_x((5, 4, 64, 32, 32), seed=4)
+    y = ops.fourier_temporal_conv(x, weight, 2)
+    (y * cot).sum().backward()
+    got = (y.detach(), x.grad, weight.grad)
+    x.grad = weight.grad = None
+    want = reference.fourier_temporal_conv(x, weight, 2)
+    (want * cot).sum().backward()
+    for g, w in zip(got, (want.detach(), x.grad, weight.grad)):
+        assert_close(g, w, rtol=1e-10, atol=1e-10 * w.abs().max().item())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_internal_ops_match_their_twins(device, dtype):
-    """fourier_block_conv / fourier_channel_conv and their backward ops against reference.py."""
+    """fourier_spectral_conv / fourier_channel_conv and their backward ops against reference.py."""
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
     x = make_x((2, 4, 3, 2, 5), dtype, device, layout="sliced")
     grad = make_x((2, 4, 3, 2, 5), dtype, device, seed=3)
-    kernel = ops.fourier_kernel_synthesis(make_weight((3, 3, 3), device=device), 4, 3).to(opmath)
+    mixing = ops.fourier_mode_mixing(make_weight((2, 3, 3), device=device), 4, 2).to(opmath)
     taps = ops.fourier_tap_synthesis(make_weight((3, 3), device=device), 4, 3).to(opmath)
     tol = REFERENCE_TOL[dtype]
-    for name, weight in (("fourier_block_conv", kernel), ("fourier_channel_conv", taps)):
+    for name, weight, extra in (("fourier_spectral_conv", mixing, (2,)), ("fourier_channel_conv", taps, ())):
         for residual, slope in ((True, 0.01), (False, None)):
-            y, mask = getattr(torch.ops.adjointdeis, name)(x, weight, residual, slope, True)
-            want_y, want_mask = getattr(reference, name)(x, weight, residual, slope, True)
+            y, mask = getattr(torch.ops.adjointdeis, name)(x, weight, *extra, residual, slope, True)
+            want_y, want_mask = getattr(reference, name)(x, weight, *extra, residual, slope, True)
             assert_close(y, want_y, **tol)
             assert mask.shape == want_mask.shape
-            got = getattr(torch.ops.adjointdeis, name + "_backward")(grad, x, weight, mask, residual, slope, [True, True])
-            want = getattr(reference, name + "_backward")(grad, x, weight, want_mask, residual, slope, [True, True])
+            args = (grad, x, weight, want_mask, *extra, residual, slope, [True, True])
+            got = getattr(torch.ops.adjointdeis, name + "_backward")(*args)
+            want = getattr(reference, name + "_backward")(*args)
             assert_close(got[0], want[0], **tol)
             assert_close(got[1], want[1], rtol=tol["rtol"], atol=tol["atol"] * want[1].abs().max().item())
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    x = make_x((2, 4, 3, 2, 3), torch.float32, device).requires_grad_()
-    weight = make_weight((3, 3, 3), device=device).requires_grad_()
-    wc = make_weight((3, 3), device=device).requires_grad_()
-    lib = torch.ops.adjointdeis
-    kernel = lib.fourier_kernel_synthesis(weight, 4, 3).detach().requires_grad_()
-    taps = lib.fourier_tap_synthesis(wc, 4, 3).detach().requires_grad_()
-    grad = make_x((2, 4, 3, 2, 3), torch.float32, device, seed=5)
-    mask = (make_x((2, 4, 3, 2, 3), torch.float32, device, seed=6) > 0).contiguous()
-    cases = [
-        (lib.fourier_kernel_synthesis.default, (weight, 4, 3)),
-        (lib.fourier_kernel_synthesis_adjoint.default, (kernel.detach(), 4, 3, 3, 3)),
-        (lib.fourier_tap_synthesis.default, (wc, 4, 3)),
-        (lib.fourier_tap_synthesis_adjoint.default, (taps.detach(), 4, 3, 3)),
-        (lib.fourier_block_conv.default, (x, kernel, True, 0.01, True)),
-        (lib.fourier_block_conv.default, (x, kernel, False, None, False)),
-        (lib.fourier_channel_conv.default, (x, taps, True, 0.2, True)),
-        (lib.fourier_block_conv_backward.default, (grad, x.detach(), kernel.detach(), mask, True, 0.01, [True, True])),
-        (lib.fourier_channel_conv_backward.default, (grad, x.detach(), taps.detach(), mask, False, 0.01, [True, True])),
-    ]
-    for op, args in cases:
-        torch.library.opcheck(op, args)
+@pytest.mark.parametrize("n_times", [2, 3, 4, 7, 8, 16, 32])
+def test_mode_mixing_factors_the_block_circulant_kernel(n_times):
+    """A = (E (x) I_Cout) M (P (x) I_Cin), and the op's M equals the reference's."""
+    for modes in sorted({1, 2, n_times // 2 + 1}):
+        weight = make_weight((modes + 1, 3, 2), dtype=torch.complex128)
+        mixing = ops.fourier_mode_mixing(weight, n_times, modes)
+        rank = ops.spectral_rank(n_times, modes)
+        assert mixing.shape == (rank * 2, rank * 3) and mixing.dtype == torch.float64
+        assert_close(mixing, reference.fourier_mode_mixing(weight, n_times, modes), rtol=1e-14, atol=1e-14)
+        proj, expand = reference.spectral_basis(n_times, modes)
+        factored = torch.einsum("tj,joli,ls->tosi", expand, mixing.view(rank, 2, rank, 3), proj)
+        factored = factored.reshape(n_times * 2, n_times * 3)
+        assert_close(factored, ops.fourier_kernel_synthesis(weight, n_times, modes), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -343,12 +351,14 @@ def test_bad_input_compiled_ops_name_the_argument():
     """The C++ checks behind the Python ones (a caller of torch.ops.adjointdeis directly)."""
     lib = torch.ops.adjointdeis
     x = torch.zeros(2, 4, 3, 2, 2)
-    with pytest.raises(RuntimeError, match="kernel must be Float"):
-        lib.fourier_block_conv(x, torch.zeros(12, 12, dtype=torch.float64), True, 0.01, False)
-    with pytest.raises(RuntimeError, match=r"kernel must have shape \(T \* C_out, T \* C_in\)"):
-        lib.fourier_block_conv(x, torch.zeros(12, 8), True, 0.01, False)
+    with pytest.raises(RuntimeError, match="mixing must be Float"):
+        lib.fourier_spectral_conv(x, torch.zeros(9, 9, dtype=torch.float64), 2, True, 0.01, False)
+    with pytest.raises(RuntimeError, match=r"mixing must have shape \(r \* C_out, r \* C_in\) with r = 3"):
+        lib.fourier_spectral_conv(x, torch.zeros(9, 8), 2, True, 0.01, False)
     with pytest.raises(RuntimeError, match="residual needs C_out == C_in"):
-        lib.fourier_block_conv(x, torch.zeros(8, 12), True, 0.01, False)
+        lib.fourier_spectral_conv(x, torch.zeros(6, 9), 2, True, 0.01, False)
+    with pytest.raises(RuntimeError, match="modes must be in"):
+        lib.fourier_spectral_conv(x, torch.zeros(9, 9), 4, True, 0.01, False)
     with pytest.raises(RuntimeError, match=r"taps must have shape \(T, C\)"):
         lib.fourier_channel_conv(x, torch.zeros(3, 3), True, 0.01, False)
     with pytest.raises(RuntimeError, match="modes must be in"):
@@ -356,8 +366,8 @@ def test_bad_input_compiled_ops_name_the_argument():
     with pytest.raises(RuntimeError, match="n_times must be in"):
         lib.fourier_kernel_synthesis(torch.zeros(5, 3, 3, dtype=torch.complex64), 33, 2)
     with pytest.raises(RuntimeError, match="mask must be a contiguous tensor"):
-        lib.fourier_block_conv_backward(x, x, torch.zeros(12, 12), torch.zeros(0, dtype=torch.bool), True, 0.01,
-                                        [True, True])
+        lib.fourier_spectral_conv_backward(x, x, torch.zeros(9, 9), torch.zeros(0, dtype=torch.bool), 2, True,
+                                           0.01, [True, True])
 
 
 @pytest.mark.parametrize(

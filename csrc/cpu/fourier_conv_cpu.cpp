@@ -1,13 +1,15 @@
-// CPU kernels of the DSNO temporal Fourier convolution: the epilogue of the block-circulant GEMM
-// (activation + residual, one pass), its backward, and the direct channel-wise circular
-// convolution. Rows of P = H * W pixels are processed by multiversioned vectorisable loops,
-// parallel over rows; the GEMMs themselves run in ATen (fourier_conv.cpp).
+// CPU kernels of the DSNO temporal Fourier convolution: the temporal mix (projection onto the kept
+// bins, expansion back to T with the fused activation and residual, the channel-wise circular
+// convolution, and their transposes) and the activation's backward. Rows of P = H * W pixels are
+// processed in chunks by multiversioned vectorisable loops, parallel over (batch, channel); the GEMMs
+// run in ATen (fourier_conv.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "../fourier_conv.h"
 #include "../operands.h"
@@ -17,199 +19,189 @@ namespace adjointdeis {
 namespace {
 
 constexpr int64_t kGrainElements = 32768;
-constexpr int64_t kChunk = 256;  // pixels per accumulator chunk of the channel-wise convolution
+constexpr int64_t kTile = 4096;  // channels x pixels per accumulator tile
 
-// The (B, T, C, P) index space and one operand's strides over it.
-struct Rows {
-  int64_t times, channels, pixels;
-
-  int64_t count(const at::Tensor& y) const { return y.numel() / pixels; }
-  // Offset of row (b, t, c) = `row` in a tensor with these strides.
-  int64_t offset(int64_t row, const at::Tensor& t) const {
-    if (!t.defined()) return 0;
-    const int64_t c = row % channels, bt = row / channels;
-    return (bt / times) * t.stride(0) + (bt % times) * t.stride(1) + c * t.stride(2);
-  }
-};
-
-Rows rows_of(const at::Tensor& y) { return {y.size(1), y.size(2), y.size(3)}; }
-
-int64_t grain_rows(int64_t pixels) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, pixels)); }
-
-template <typename scalar_t>
-const scalar_t* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+int64_t grain_of(int64_t work_per_item) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, work_per_item));
 }
 
-template <typename scalar_t, typename z_t, bool HasAddend, bool Activation, bool SaveMask>
-ADJOINTDEIS_CPU_LOOP void epilogue_row(const z_t* __restrict z, const scalar_t* __restrict addend,
-                                       int64_t addend_stride, scalar_t* __restrict y,
-                                       bool* __restrict mask, z_t slope, int64_t n) {
-  for (int64_t p = 0; p < n; ++p) {
-    bool negative;
-    const z_t a = HasAddend ? z_t(addend[p * addend_stride]) : z_t(0);
-    y[p] = scalar_t(temporal_epilogue_element<HasAddend, Activation, z_t>(z[p], a, slope, negative));
-    if constexpr (SaveMask) mask[p] = negative;
+// A tile of channels x pixels of one (b, t): acc[c][p] += mix[c] * src'[c][p], src' = src scaled by
+// mask_slope where src_mask is set (src_mask rows are `pixels` apart). acc rows are np apart.
+template <typename src_t, typename acc_t, bool HasSrcMask>
+ADJOINTDEIS_CPU_LOOP void accumulate_tile(acc_t* __restrict acc, const acc_t* __restrict mix, int64_t mix_c,
+                                          const src_t* __restrict src, int64_t src_c, int64_t src_p,
+                                          const bool* __restrict src_mask, int64_t pixels, acc_t mask_slope,
+                                          int64_t nc, int64_t np) {
+  for (int64_t c = 0; c < nc; ++c) {
+    const acc_t w = mix[c * mix_c];
+    const src_t* __restrict row = src + c * src_c;
+    acc_t* __restrict out = acc + c * np;
+    if constexpr (HasSrcMask) {
+      const bool* __restrict m = src_mask + c * pixels;
+      const acc_t wm = w * mask_slope;
+      for (int64_t p = 0; p < np; ++p) out[p] += (m[p] ? wm : w) * acc_t(row[p * src_p]);
+    } else {
+      for (int64_t p = 0; p < np; ++p) out[p] += w * acc_t(row[p * src_p]);
+    }
   }
 }
 
-template <typename scalar_t, typename z_t, bool Activation>
+// The output stage of a tile: y = addend + act(acc), mask = acc <= 0 (mask rows `pixels` apart).
+template <typename y_t, typename acc_t, bool HasAddend, bool Activation, bool SaveMask>
+ADJOINTDEIS_CPU_LOOP void output_tile(const acc_t* __restrict acc, const y_t* __restrict addend, int64_t addend_c,
+                                      int64_t addend_p, y_t* __restrict y, int64_t y_c, int64_t y_p,
+                                      bool* __restrict mask, int64_t pixels, acc_t slope, int64_t nc, int64_t np) {
+  for (int64_t c = 0; c < nc; ++c) {
+    for (int64_t p = 0; p < np; ++p) {
+      bool negative;
+      const acc_t a = HasAddend ? acc_t(addend[c * addend_c + p * addend_p]) : acc_t(0);
+      y[c * y_c + p * y_p] =
+          y_t(temporal_epilogue_element<HasAddend, Activation, acc_t>(acc[c * np + p], a, slope, negative));
+      if constexpr (SaveMask) mask[c * pixels + p] = negative;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool Activation>
 ADJOINTDEIS_CPU_LOOP void epilogue_grad_row(const scalar_t* __restrict grad, int64_t grad_stride,
-                                            const bool* __restrict mask, z_t* __restrict dz,
-                                            int64_t dz_stride, z_t slope, int64_t n) {
+                                            const bool* __restrict mask, acc_t* __restrict dz,
+                                            int64_t dz_stride, acc_t slope, int64_t n) {
   for (int64_t p = 0; p < n; ++p) {
     dz[p * dz_stride] =
-        temporal_epilogue_grad<Activation, z_t>(z_t(grad[p * grad_stride]), Activation && mask[p], slope);
+        temporal_epilogue_grad<Activation, acc_t>(acc_t(grad[p * grad_stride]), Activation && mask[p], slope);
   }
 }
 
-template <typename src_t, typename acc_t>
-ADJOINTDEIS_CPU_LOOP void axpy_row(acc_t* __restrict acc, const src_t* __restrict src,
-                                   int64_t src_stride, acc_t w, int64_t n) {
-  for (int64_t p = 0; p < n; ++p) acc[p] += w * acc_t(src[p * src_stride]);
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Offset of element (b, t, c, 0) of a 4-d operand.
+inline int64_t row_offset(const at::Tensor& t, int64_t b, int64_t s, int64_t c) {
+  return b * t.stride(0) + s * t.stride(1) + c * t.stride(2);
 }
 
-// Calls f(has_addend, activation, save_mask) with compile-time booleans.
-template <typename F>
-void dispatch_epilogue(bool has_addend, bool activation, bool save_mask, F&& f) {
-  auto with_act = [&](auto add) {
-    if (!activation) f(add, std::false_type{}, std::false_type{});
-    else if (save_mask) f(add, std::true_type{}, std::true_type{});
-    else f(add, std::true_type{}, std::false_type{});
-  };
-  if (has_addend) with_act(std::true_type{});
-  else with_act(std::false_type{});
+template <typename src_t, typename y_t, typename acc_t>
+void run_temporal_mix(const at::Tensor& src, const at::Tensor& src_mask, double mask_slope,
+                      const at::Tensor& mix, const at::Tensor& addend, const at::Tensor& y,
+                      const at::Tensor& mask, std::optional<double> negative_slope) {
+  using OutputTile = void (*)(const acc_t*, const y_t*, int64_t, int64_t, y_t*, int64_t, int64_t, bool*, int64_t,
+                              acc_t, int64_t, int64_t);
+  OutputTile output = nullptr;
+  dispatch_output_stage(addend.defined(), negative_slope.has_value(), mask.defined(),
+                        [&](auto add, auto act, auto save) {
+    output = &output_tile<y_t, acc_t, decltype(add)::value, decltype(act)::value, decltype(save)::value>;
+  });
+  const auto accumulate = src_mask.defined() ? &accumulate_tile<src_t, acc_t, true>
+                                             : &accumulate_tile<src_t, acc_t, false>;
+  const int64_t batch = y.size(0), n_out = y.size(1), channels = y.size(2), pixels = y.size(3);
+  const int64_t n_in = src.size(1);
+  // Tiles of at most kTile elements: tile_p pixels of tile_c channels.
+  const int64_t tile_p = std::min(pixels, kTile), tile_c = std::max<int64_t>(1, kTile / tile_p);
+  const int64_t blocks_c = (channels + tile_c - 1) / tile_c, blocks_p = (pixels + tile_p - 1) / tile_p;
+  const src_t* sp = src.const_data_ptr<src_t>();
+  const bool* smp = src_mask.defined() ? src_mask.const_data_ptr<bool>() : nullptr;
+  const acc_t* mp = mix.const_data_ptr<acc_t>();
+  const y_t* ap = addend.defined() ? addend.const_data_ptr<y_t>() : nullptr;
+  y_t* yp = y.mutable_data_ptr<y_t>();
+  bool* op = mask.defined() ? mask.mutable_data_ptr<bool>() : nullptr;
+  const acc_t slope = acc_t(negative_slope.value_or(1.0)), masked = acc_t(mask_slope);
+  const int64_t add_c = addend.defined() ? addend.stride(2) : 0, add_p = addend.defined() ? addend.stride(3) : 0;
+  const int64_t tasks = batch * n_out * blocks_c * blocks_p;
+  at::parallel_for(0, tasks, grain_of(kTile * n_in), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(static_cast<size_t>(kTile));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t pb = task % blocks_p, rest = task / blocks_p;
+      const int64_t cb = rest % blocks_c, bt = rest / blocks_c;
+      const int64_t b = bt / n_out, t = bt % n_out;
+      const int64_t c0 = cb * tile_c, p0 = pb * tile_p;
+      const int64_t nc = std::min(tile_c, channels - c0), np = std::min(tile_p, pixels - p0);
+      std::fill(acc.begin(), acc.begin() + nc * np, acc_t(0));
+      for (int64_t s = 0; s < n_in; ++s) {
+        const bool* tile_mask = smp == nullptr ? nullptr : smp + ((b * n_in + s) * channels + c0) * pixels + p0;
+        accumulate(acc.data(), mp + t * mix.stride(0) + s * mix.stride(1) + c0 * mix.stride(2), mix.stride(2),
+                   sp + row_offset(src, b, s, c0) + p0 * src.stride(3), src.stride(2), src.stride(3), tile_mask,
+                   pixels, masked, nc, np);
+      }
+      output(acc.data(), ap == nullptr ? nullptr : ap + row_offset(addend, b, t, c0) + p0 * add_p, add_c, add_p,
+             yp + row_offset(y, b, t, c0) + p0 * y.stride(3), y.stride(2), y.stride(3),
+             op == nullptr ? nullptr : op + ((b * n_out + t) * channels + c0) * pixels + p0, pixels, slope, nc, np);
+    }
+  });
 }
 
-void epilogue_cpu(const at::Tensor& z, const at::Tensor& addend, const at::Tensor& y,
-                  const at::Tensor& mask, std::optional<double> negative_slope) {
-  const Rows rows = rows_of(y);
-  ADJOINTDEIS_DISPATCH_FLOATING_TYPES(y.scalar_type(), "fourier_epilogue_cpu", [&] {
-    using z_t = at::opmath_type<scalar_t>;
-    const z_t* zp = z.const_data_ptr<z_t>();
-    const scalar_t* ap = data_or_null<scalar_t>(addend);
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    bool* mp = mask.defined() ? mask.mutable_data_ptr<bool>() : nullptr;
-    const z_t slope = z_t(negative_slope.value_or(1.0));
-    const int64_t astride = addend.defined() ? addend.stride(3) : 0;
-    dispatch_epilogue(addend.defined(), negative_slope.has_value(), mask.defined(),
-                      [&](auto add, auto act, auto save) {
-      at::parallel_for(0, rows.count(y), grain_rows(rows.pixels), [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t base = row * rows.pixels;
-          epilogue_row<scalar_t, z_t, decltype(add)::value, decltype(act)::value, decltype(save)::value>(
-              zp + base, ap + rows.offset(row, addend), astride, yp + base,
-              mp == nullptr ? nullptr : mp + base, slope, rows.pixels);
-        }
-      });
-    });
+void temporal_mix_cpu(const at::Tensor& src, const at::Tensor& src_mask, double mask_slope,
+                      const at::Tensor& mix, const at::Tensor& addend, const at::Tensor& y,
+                      const at::Tensor& mask, std::optional<double> negative_slope) {
+  // The data type is whichever of src and y is not the accumulation type (both, or float32/64).
+  const bool y_is_acc = y.scalar_type() == mix.scalar_type();
+  const at::ScalarType data = y_is_acc ? src.scalar_type() : y.scalar_type();
+  ADJOINTDEIS_DISPATCH_FLOATING_TYPES(data, "fourier_temporal_mix_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    TORCH_CHECK(mix.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
+                "fourier_temporal_mix_cpu: mix has dtype ", mix.scalar_type());
+    auto run = [&](auto src_tag, auto y_tag) {
+      run_temporal_mix<typename decltype(src_tag)::type, typename decltype(y_tag)::type, acc_t>(
+          src, src_mask, mask_slope, mix, addend, y, mask, negative_slope);
+    };
+    if (src.scalar_type() == data && y.scalar_type() == data) {
+      run(TypeTag<scalar_t>{}, TypeTag<scalar_t>{});
+    } else if (src.scalar_type() == data) {
+      run(TypeTag<scalar_t>{}, TypeTag<acc_t>{});
+    } else {
+      run(TypeTag<acc_t>{}, TypeTag<scalar_t>{});
+    }
   });
 }
 
 void epilogue_backward_cpu(const at::Tensor& grad, const at::Tensor& mask, const at::Tensor& dz,
                            std::optional<double> negative_slope) {
-  const Rows rows = rows_of(dz);
+  const int64_t n_times = dz.size(1), channels = dz.size(2), pixels = dz.size(3);
   ADJOINTDEIS_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fourier_epilogue_backward_cpu", [&] {
-    using z_t = at::opmath_type<scalar_t>;
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     const bool* mp = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-    z_t* dp = dz.mutable_data_ptr<z_t>();
-    const z_t slope = z_t(negative_slope.value_or(1.0));
-    auto run = [&](auto act) {
-      at::parallel_for(0, rows.count(dz), grain_rows(rows.pixels), [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          epilogue_grad_row<scalar_t, z_t, decltype(act)::value>(
-              gp + rows.offset(row, grad), grad.stride(3),
-              mp == nullptr ? nullptr : mp + row * rows.pixels, dp + rows.offset(row, dz),
-              dz.stride(3), slope, rows.pixels);
-        }
-      });
-    };
-    if (negative_slope.has_value()) run(std::true_type{});
-    else run(std::false_type{});
-  });
-}
-
-template <typename scalar_t, typename src_t>
-void run_channel_conv(const at::Tensor& src, const at::Tensor& taps, const at::Tensor& addend,
-                      const at::Tensor& y, const at::Tensor& mask,
-                      std::optional<double> negative_slope) {
-  using z_t = at::opmath_type<scalar_t>;
-  const Rows rows = rows_of(y);
-  const int64_t batch = y.size(0), n_times = rows.times, channels = rows.channels;
-  const src_t* sp = src.const_data_ptr<src_t>();
-  const z_t* kp = taps.const_data_ptr<z_t>();
-  const scalar_t* ap = data_or_null<scalar_t>(addend);
-  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  bool* mp = mask.defined() ? mask.mutable_data_ptr<bool>() : nullptr;
-  const z_t slope = z_t(negative_slope.value_or(1.0));
-  const int64_t astride = addend.defined() ? addend.stride(3) : 0;
-  dispatch_epilogue(addend.defined(), negative_slope.has_value(), mask.defined(),
-                    [&](auto add, auto act, auto save) {
-    // One task per (b, c): all T output rows of that column block, chunk by chunk of pixels.
-    const int64_t grain = std::max<int64_t>(1, grain_rows(rows.pixels * n_times * n_times));
-    at::parallel_for(0, batch * channels, grain, [&](int64_t begin, int64_t end) {
-      z_t acc[kChunk];
-      for (int64_t bc = begin; bc < end; ++bc) {
-        const int64_t b = bc / channels, c = bc % channels;
-        for (int64_t p0 = 0; p0 < rows.pixels; p0 += kChunk) {
-          const int64_t n = std::min<int64_t>(kChunk, rows.pixels - p0);
-          for (int64_t t = 0; t < n_times; ++t) {
-            std::fill(acc, acc + n, z_t(0));
-            for (int64_t tau = 0; tau < n_times; ++tau) {
-              const z_t w = kp[((t - tau + n_times) % n_times) * channels + c];
-              const src_t* s = sp + b * src.stride(0) + tau * src.stride(1) + c * src.stride(2) +
-                               p0 * src.stride(3);
-              axpy_row<src_t, z_t>(acc, s, src.stride(3), w, n);
-            }
-            const int64_t row = (b * n_times + t) * channels + c;
-            const int64_t base = row * rows.pixels + p0;
-            epilogue_row<scalar_t, z_t, decltype(add)::value, decltype(act)::value,
-                         decltype(save)::value>(
-                acc, ap + rows.offset(row, addend) + p0 * astride, astride, yp + base,
-                mp == nullptr ? nullptr : mp + base, slope, n);
-          }
-        }
+    acc_t* dp = dz.mutable_data_ptr<acc_t>();
+    const acc_t slope = acc_t(negative_slope.value_or(1.0));
+    const auto row_fn = negative_slope.has_value() ? &epilogue_grad_row<scalar_t, acc_t, true>
+                                                   : &epilogue_grad_row<scalar_t, acc_t, false>;
+    at::parallel_for(0, dz.numel() / pixels, grain_of(pixels), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t c = row % channels, bt = row / channels;
+        const int64_t b = bt / n_times, t = bt % n_times;
+        row_fn(gp + row_offset(grad, b, t, c), grad.stride(3),
+               mp == nullptr ? nullptr : mp + row * pixels, dp + row_offset(dz, b, t, c), dz.stride(3),
+               slope, pixels);
       }
     });
   });
 }
 
-void channel_conv_cpu(const at::Tensor& src, const at::Tensor& taps, const at::Tensor& addend,
-                      const at::Tensor& y, const at::Tensor& mask,
-                      std::optional<double> negative_slope) {
-  ADJOINTDEIS_DISPATCH_FLOATING_TYPES(y.scalar_type(), "fourier_channel_conv_cpu", [&] {
-    using z_t = at::opmath_type<scalar_t>;
-    if (src.scalar_type() == y.scalar_type()) {
-      run_channel_conv<scalar_t, scalar_t>(src, taps, addend, y, mask, negative_slope);
-    } else {
-      TORCH_CHECK(src.scalar_type() == taps.scalar_type(), "fourier_channel_conv_cpu: src dtype ",
-                  src.scalar_type());
-      run_channel_conv<scalar_t, z_t>(src, taps, addend, y, mask, negative_slope);
-    }
-  });
+// About 2 MiB of float32 coordinates per chunk: they stay in L2 between the pipeline's stages.
+constexpr int64_t kChunkElements = int64_t{1} << 19;
+
+const TemporalKernels kCpuKernels{&temporal_mix_cpu, &epilogue_backward_cpu, kChunkElements};
+
+std::tuple<at::Tensor, at::Tensor> spectral_conv_cpu(const at::Tensor& x, const at::Tensor& mixing,
+                                                     int64_t modes, bool residual,
+                                                     std::optional<double> negative_slope,
+                                                     bool save_mask) {
+  return fourier_spectral_conv(x, mixing, modes, residual, negative_slope, save_mask,
+                               c10::DeviceType::CPU, kCpuKernels);
 }
 
-const TemporalKernels kCpuKernels{&epilogue_cpu, &epilogue_backward_cpu, &channel_conv_cpu};
-
-std::tuple<at::Tensor, at::Tensor> block_conv_cpu(const at::Tensor& x, const at::Tensor& kernel,
-                                                  bool residual, std::optional<double> negative_slope,
-                                                  bool save_mask) {
-  return fourier_block_conv(x, kernel, residual, negative_slope, save_mask, c10::DeviceType::CPU,
-                            kCpuKernels);
+std::tuple<at::Tensor, at::Tensor> spectral_conv_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mixing, const at::Tensor& mask,
+    int64_t modes, bool residual, std::optional<double> negative_slope,
+    std::array<bool, 2> output_mask) {
+  return fourier_spectral_conv_backward(grad_y, x, mixing, mask, modes, residual, negative_slope,
+                                        output_mask, c10::DeviceType::CPU, kCpuKernels);
 }
 
-std::tuple<at::Tensor, at::Tensor> block_conv_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& kernel, const at::Tensor& mask,
-    bool residual, std::optional<double> negative_slope, std::array<bool, 2> output_mask) {
-  return fourier_block_conv_backward(grad_y, x, kernel, mask, residual, negative_slope, output_mask,
-                                     c10::DeviceType::CPU, kCpuKernels);
-}
-
-std::tuple<at::Tensor, at::Tensor> channel_conv_op_cpu(const at::Tensor& x, const at::Tensor& taps,
-                                                       bool residual,
-                                                       std::optional<double> negative_slope,
-                                                       bool save_mask) {
+std::tuple<at::Tensor, at::Tensor> channel_conv_cpu(const at::Tensor& x, const at::Tensor& taps,
+                                                    bool residual, std::optional<double> negative_slope,
+                                                    bool save_mask) {
   return fourier_channel_conv(x, taps, residual, negative_slope, save_mask, c10::DeviceType::CPU,
                               kCpuKernels);
 }
@@ -228,9 +220,11 @@ TORCH_LIBRARY_IMPL(adjointdeis, CPU, m) {
   m.impl("fourier_kernel_synthesis_adjoint", &fourier_kernel_synthesis_adjoint);
   m.impl("fourier_tap_synthesis", &fourier_taps);
   m.impl("fourier_tap_synthesis_adjoint", &fourier_taps_adjoint);
-  m.impl("fourier_block_conv", &block_conv_cpu);
-  m.impl("fourier_block_conv_backward", &block_conv_backward_cpu);
-  m.impl("fourier_channel_conv", &channel_conv_op_cpu);
+  m.impl("fourier_mode_mixing", &fourier_mode_mixing);
+  m.impl("fourier_mode_mixing_adjoint", &fourier_mode_mixing_adjoint);
+  m.impl("fourier_spectral_conv", &spectral_conv_cpu);
+  m.impl("fourier_spectral_conv_backward", &spectral_conv_backward_cpu);
+  m.impl("fourier_channel_conv", &channel_conv_cpu);
   m.impl("fourier_channel_conv_backward", &channel_conv_backward_cpu);
 }
 
