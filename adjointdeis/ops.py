@@ -295,7 +295,8 @@ def fourier_mode_mixing(weight: Tensor, n_times: int, modes: int) -> Tensor:
     (Re of each bin, Im of each bin other than DC and Nyquist), ordered Re_0, Re_1, Im_1, Re_2, ...;
     P (r, T) takes them from the signal (cos and -sin rows) and E (T, r) synthesises the signal back
     (the inverse real DFT restricted to them). Bin k's block is ``[[Re W_k^T, -Im W_k^T],
-    [Im W_k^T, Re W_k^T]]`` (just ``Re W_k^T`` for DC and Nyquist). Differentiable in weight.
+    [Im W_k^T, Re W_k^T]]`` (just ``Re W_k^T`` for DC and Nyquist); blocks between different bins
+    are zero, and the layer's GEMM only multiplies the blocks within a bin. Differentiable in weight.
 
     Args:
         weight: (K, C_in, C_out) complex64 or complex128.
@@ -354,8 +355,9 @@ def fourier_temporal_conv(x: Tensor, weight: Tensor, modes: int, residual: bool 
 
     ``layer(x) = irfft_T(bins k < modes of rfft_T(x), each multiplied by W_k^T)``, computed without
     any FFT or complex tensor through the factored block-circulant kernel (fourier_mode_mixing): a
-    kernel projects x onto the r = min(2 modes - 1, T) real coordinates of the kept bins, one GEMM
-    with M (r C_out x r C_in) runs over all B * H * W pixels, and a kernel expands back to T with
+    kernel projects x onto the r = min(2 modes - 1, T) real coordinates of the kept bins, a GEMM per
+    group of equally sized bins (a batched one for the complex bins) applies M's diagonal blocks to
+    all B * H * W pixels at once, and a kernel expands back to T with
     the activation and residual fused: ``y = x + LeakyReLU(layer(x))`` (residual) or
     ``y = LeakyReLU(layer(x))``. Kernels and GEMM accumulate in float64 for float64 x and in float32
     otherwise (float16/bfloat16 x is read and written in its dtype; the GEMM's operands are float32).

@@ -488,9 +488,19 @@ def fourier_mode_mixing_adjoint(grad_mixing: Tensor, n_times: int, modes: int, n
     return grad
 
 
+def bin_block_mask(n_times: int, modes: int, c_out: int, c_in: int, dtype=torch.float64, device=None) -> Tensor:
+    """(r C_out, r C_in): 1 on the blocks that couple coordinates of the same bin, 0 elsewhere."""
+    bins = torch.tensor([(j + 1) // 2 for j in range(min(2 * modes - 1, n_times))], device=device)
+    same = (bins[:, None] == bins[None, :]).to(dtype)
+    return torch.kron(same, torch.ones(c_out, c_in, dtype=dtype, device=device))
+
+
 def _spectral_layer(x: Tensor, mixing: Tensor, modes: int) -> Tensor:
-    """(E (x) I) M (P (x) I) x: the layer before activation and residual, in mixing's dtype."""
+    """(E (x) I) M (P (x) I) x: the layer before activation and residual, in mixing's dtype (only
+    M's blocks within a bin are used)."""
     b, n_times, c_in, h, w = x.shape
+    rank = min(2 * modes - 1, n_times)
+    mixing = mixing * bin_block_mask(n_times, modes, mixing.shape[0] // rank, c_in, mixing.dtype, x.device)
     proj, expand = spectral_basis(n_times, modes, mixing.dtype, x.device)
     coords = torch.einsum("jt,btchw->bjchw", proj, x.to(mixing.dtype)).reshape(b, -1, h * w)
     mixed = (mixing @ coords).view(b, proj.shape[0], -1, h, w)
@@ -504,7 +514,8 @@ def fourier_spectral_conv(x: Tensor, mixing: Tensor, modes: int, residual: bool,
 
     Args:
         x: (B, T, C_in, H, W) float64/float32/float16/bfloat16.
-        mixing: (r C_out, r C_in) float64 for float64 x, float32 otherwise (fourier_mode_mixing).
+        mixing: (r C_out, r C_in) float64 for float64 x, float32 otherwise (fourier_mode_mixing);
+            only its blocks within a bin are used (the others are zero in fourier_mode_mixing's output).
         modes: bins kept.
         residual, negative_slope: as in fourier_temporal_conv.
         save_mask: also return the mask ``z <= 0`` (bool, y's shape) the backward needs.

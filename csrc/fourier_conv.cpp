@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "operands.h"
 
@@ -224,6 +225,46 @@ void project_into(const at::Tensor& x4, const at::Tensor& proj, const at::Tensor
                        at::Tensor(), u.permute({2, 0, 1, 3}), at::Tensor(), std::nullopt);
 }
 
+// The bins' coordinates grouped by block size: DC (one coordinate), the complex bins (two each,
+// consecutive), Nyquist (one). The mixing matrix is block-diagonal over bins, so the GEMM runs as
+// one product per group (a batched one for the complex bins): sum_k (size_k C)^2 multiply-adds per
+// pixel instead of (r C)^2.
+struct BinGroup {
+  int64_t first, count, size;  // first coordinate, number of bins, coordinates per bin
+};
+
+std::vector<BinGroup> bin_groups(int64_t n_times, int64_t modes) {
+  std::vector<BinGroup> groups{{0, 1, 1}};
+  const bool nyquist = n_times % 2 == 0 && modes == n_times / 2 + 1;
+  const int64_t complex_bins = modes - 1 - (nyquist ? 1 : 0);
+  if (complex_bins > 0) groups.push_back({1, complex_bins, 2});
+  if (nyquist) groups.push_back({n_times - 1, 1, 1});
+  return groups;
+}
+
+// The group's diagonal blocks of m (r rows_per, r cols_per) as a (count, size rows_per, size cols_per) view.
+at::Tensor diagonal_blocks(const at::Tensor& m, const BinGroup& g, int64_t rows_per, int64_t cols_per) {
+  const int64_t rows = g.size * rows_per, cols = g.size * cols_per;
+  return m.as_strided({g.count, rows, cols}, {rows * m.stride(0) + cols * m.stride(1), m.stride(0), m.stride(1)},
+                      m.storage_offset() + g.first * (rows_per * m.stride(0) + cols_per * m.stride(1)));
+}
+
+// The group's coordinates of a contiguous (r per, n) matrix as a (count, size per, n) view.
+at::Tensor coordinate_blocks(const at::Tensor& a, const BinGroup& g, int64_t per) {
+  return a.narrow(0, g.first * per, g.count * g.size * per).view({g.count, g.size * per, a.size(1)});
+}
+
+// out (r rows_out, n) = blockdiag(m) @ in (r rows_in, n), or its transpose with m^T's blocks.
+void block_diagonal_mm(const at::Tensor& out, const at::Tensor& m, const at::Tensor& in, int64_t rows_out,
+                       int64_t rows_in, bool transpose, const std::vector<BinGroup>& groups) {
+  for (const BinGroup& g : groups) {
+    at::Tensor blocks = transpose ? diagonal_blocks(m, g, rows_in, rows_out).transpose(1, 2)
+                                  : diagonal_blocks(m, g, rows_out, rows_in);
+    at::Tensor result = coordinate_blocks(out, g, rows_out);
+    at::bmm_out(result, blocks, coordinate_blocks(in, g, rows_in));
+  }
+}
+
 // Batch entries per chunk of the pipeline, and contiguous (rows, nb, P) views of scratch storage.
 struct Chunks {
   int64_t batch, pixels, step;
@@ -298,6 +339,7 @@ std::tuple<at::Tensor, at::Tensor> fourier_spectral_conv(const at::Tensor& x, co
   const at::Tensor y4 = y.view({batch, n_times, c_out, pixels});
   const at::Tensor mask4 = mask.numel() > 0 ? mask.view({batch, n_times, c_out, pixels}) : at::Tensor();
   const at::Tensor expand_mix = expand.unsqueeze(2).expand({n_times, rank, c_out});
+  const std::vector<BinGroup> groups = bin_groups(n_times, modes);
   const Chunks chunks(batch, pixels, rank * std::max(c_in, c_out), kernels.chunk_elements);
   const at::Tensor u_store = chunks.scratch(rank * c_in, mixing.options());
   const at::Tensor v_store = chunks.scratch(rank * c_out, mixing.options());
@@ -306,8 +348,8 @@ std::tuple<at::Tensor, at::Tensor> fourier_spectral_conv(const at::Tensor& x, co
     const at::Tensor u = chunks.view(u_store, rank * c_in, nb);
     const at::Tensor v = chunks.view(v_store, rank * c_out, nb);
     project_into(x4.narrow(0, b0, nb), proj, u.view({rank, c_in, nb, pixels}), kernels);
-    at::Tensor v2 = v.view({rank * c_out, nb * pixels});
-    at::mm_out(v2, mixing, u.view({rank * c_in, nb * pixels}));
+    block_diagonal_mm(v.view({rank * c_out, nb * pixels}), mixing, u.view({rank * c_in, nb * pixels}), c_out,
+                      c_in, /*transpose=*/false, groups);
     kernels.temporal_mix(v.view({rank, c_out, nb, pixels}).permute({2, 0, 1, 3}), at::Tensor(), 1.0,
                          expand_mix, residual ? x4.narrow(0, b0, nb) : at::Tensor(), y4.narrow(0, b0, nb),
                          mask4.defined() ? mask4.narrow(0, b0, nb) : at::Tensor(), negative_slope);
@@ -341,6 +383,7 @@ std::tuple<at::Tensor, at::Tensor> fourier_spectral_conv_backward(
     return {grad_x, grad_mixing};
   }
   const at::Tensor dx4 = output_mask[0] ? grad_x.view({batch, n_times, c_in, pixels}) : at::Tensor();
+  const std::vector<BinGroup> groups = bin_groups(n_times, modes);
   const Chunks chunks(batch, pixels, rank * std::max(c_in, c_out), kernels.chunk_elements);
   const at::Tensor dv_store = chunks.scratch(rank * c_out, mixing.options());
   const at::Tensor in_store = chunks.scratch(rank * c_in, mixing.options());
@@ -356,11 +399,15 @@ std::tuple<at::Tensor, at::Tensor> fourier_spectral_conv_backward(
     const at::Tensor scratch = chunks.view(in_store, rank * c_in, nb);
     if (output_mask[1]) {
       project_into(x4.narrow(0, b0, nb), proj, scratch.view({rank, c_in, nb, pixels}), kernels);
-      grad_mixing.addmm_(dv2, scratch.view({rank * c_in, nb * pixels}).t());
+      const at::Tensor u2 = scratch.view({rank * c_in, nb * pixels});
+      for (const BinGroup& g : groups) {
+        diagonal_blocks(grad_mixing, g, c_out, c_in)
+            .baddbmm_(coordinate_blocks(dv2, g, c_out), coordinate_blocks(u2, g, c_in).transpose(1, 2));
+      }
     }
     if (output_mask[0]) {
-      at::Tensor du = scratch.view({rank * c_in, nb * pixels});
-      at::mm_out(du, mixing.t(), dv2);
+      block_diagonal_mm(scratch.view({rank * c_in, nb * pixels}), mixing, dv2, c_in, c_out, /*transpose=*/true,
+                        groups);
       kernels.temporal_mix(scratch.view({rank, c_in, nb, pixels}).permute({2, 0, 1, 3}), at::Tensor(), 1.0,
                            proj.t().unsqueeze(2).expand({n_times, rank, c_in}),
                            residual ? grad4.narrow(0, b0, nb) : at::Tensor(), dx4.narrow(0, b0, nb),

@@ -7,12 +7,13 @@
 //
 //   A = (E (x) I_Cout) M (P (x) I_Cin),   P (r, T): real DFT rows, E (T, r): real inverse DFT columns,
 //
-// with M (r C_out, r C_in) holding [[Re W^T, -Im W^T], [Im W^T, Re W^T]] per bin (fourier_mode_mixing).
-// The op runs as: project x onto the r coordinates (a temporal-mix kernel), one GEMM with M (ATen:
-// BLAS on the CPU, cuBLAS on CUDA) over all pixels of the batch, then expand back to T with the
-// activation and residual fused (the same temporal-mix kernel). The GEMM does r^2 C^2 multiply-adds
-// per pixel instead of the dense kernel's T^2 C^2; the dense A remains available
-// (fourier_kernel_synthesis) and equals the product above.
+// with M (r C_out, r C_in) block-diagonal over bins, holding [[Re W^T, -Im W^T], [Im W^T, Re W^T]]
+// per bin (fourier_mode_mixing). The op runs as: project x onto the r coordinates (a temporal-mix
+// kernel), multiply by M's diagonal blocks over all pixels of the batch (ATen GEMMs: BLAS on the
+// CPU, cuBLAS on CUDA; one batched GEMM for all complex bins), then expand back to T with the
+// activation and residual fused (the same temporal-mix kernel). The GEMMs do about
+// (4 modes - 3) C^2 multiply-adds per pixel instead of the dense kernel's T^2 C^2; the dense A remains
+// available (fourier_kernel_synthesis) and equals the product above.
 //
 // The kernels see activations (B, T, C, H, W) as (B, T, C, P), P = H * W; coordinates are stored
 // as (r, C, B, P) so that the GEMM reads and writes them as plain (r C, B P) matrices.

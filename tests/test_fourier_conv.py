@@ -237,6 +237,15 @@ def test_internal_ops_match_their_twins(device, dtype):
             want = getattr(reference, name + "_backward")(*args)
             assert_close(got[0], want[0], **tol)
             assert_close(got[1], want[1], rtol=tol["rtol"], atol=tol["atol"] * want[1].abs().max().item())
+    # The mixing is block-diagonal over bins: blocks between different bins are ignored (zero gradient).
+    mask = reference.bin_block_mask(4, 2, 3, 3, opmath, device)
+    noisy = mixing + (1 - mask) * 5.0
+    lib = torch.ops.adjointdeis
+    assert torch.equal(lib.fourier_spectral_conv(x, noisy, 2, True, 0.01, False)[0],
+                       lib.fourier_spectral_conv(x, mixing, 2, True, 0.01, False)[0])
+    y, m = lib.fourier_spectral_conv(x, noisy, 2, True, 0.01, True)
+    grad_mixing = lib.fourier_spectral_conv_backward(grad, x, noisy, m, 2, True, 0.01, [False, True])[1]
+    assert torch.all(grad_mixing[mask == 0] == 0) and grad_mixing.abs().sum() > 0
 
 
 @pytest.mark.parametrize("n_times", [2, 3, 4, 7, 8, 16, 32])
