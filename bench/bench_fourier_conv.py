@@ -8,9 +8,10 @@ forward + backward (gradients in x and the complex weight) of ops.fourier_tempor
 LeakyReLU) and of reference.fourier_temporal_conv (rfft / einsum / irfft, autograd), and prints the
 speed-up. "limit" is the larger of two lower bounds on the op's time: moving its tensors once at the
 copy bandwidth measured in the same run (forward: read x, write y; forward + backward: also read x and
-dy, write dx), and the time of a plain matmul of the size of the op's GEMM, (r C x r C) @ (r C x B H W)
-with r = min(2 K - 1, T) (the dense block-circulant kernel would be T C x T C), in the activations'
-dtype (three of them for forward + backward). "% limit" is limit / our time.
+dy, write dx), and the time of plain matmuls of the sizes of the op's GEMMs (C x C for the DC and
+Nyquist bins, a batched 2C x 2C for the complex bins, times B H W columns; the dense block-circulant
+kernel would be T C x T C), in the activations' dtype (three times that for forward + backward).
+"% limit" is limit / our time.
 
 On the CPU the times are CPU time of this process (time.process_time), not wall time: on a shared
 machine that excludes the time other processes hold the core. On CUDA they are wall times.
@@ -48,6 +49,24 @@ def copy_bandwidth(device, dtype, min_run_time, threads) -> float:
                                                           torch.device(device))
 
 
+def gemm_of_the_op(n_times, modes, channels, columns, device, dtype):
+    """The products the op's forward does, as plain matmuls of the same sizes: C x C for the DC and
+    Nyquist bins, a batched 2C x 2C for the complex bins, over all B H W columns."""
+    nyquist = n_times % 2 == 0 and modes == n_times // 2 + 1
+    complex_bins = modes - 1 - int(nyquist)
+    def rand(*shape):
+        return torch.randn(shape, device=device, dtype=dtype)
+    single = [(rand(channels, channels), rand(channels, columns)) for _ in range(1 + int(nyquist))]
+    paired = (rand(complex_bins, 2 * channels, 2 * channels), rand(complex_bins, 2 * channels, columns))
+
+    def run():
+        for a, b in single:
+            torch.mm(a, b)
+        if complex_bins:
+            torch.bmm(*paired)
+    return run
+
+
 def bench_case(shape, device, dtype, min_run_time, threads, bandwidth):
     b, t, k, c, h = shape
     g = torch.Generator(device=device).manual_seed(0)
@@ -69,10 +88,7 @@ def bench_case(shape, device, dtype, min_run_time, threads, bandwidth):
             fn(xg, wg, k).backward(grad)
         return run
 
-    rank = ops.spectral_rank(t, k)
-    mixing = ops.fourier_mode_mixing(weight, t, k).to(dtype)
-    coords = torch.randn(rank * c, b * h * h, device=device, dtype=dtype, generator=g)
-    matmul = seconds(lambda: torch.mm(mixing, coords), min_run_time, threads, device)
+    matmul = seconds(gemm_of_the_op(t, k, c, b * h * h, device, dtype), min_run_time, threads, device)
     moved = x.numel() * x.element_size()
     row = dict(B=b, T=t, K=k, C=c, H=h)
     for name, make, tensors, gemms in (("fwd", forward, 2, 1), ("fwd+bwd", forward_backward, 4, 3)):

@@ -1,6 +1,6 @@
 // Per-element math of the DSNO temporal Fourier convolution (MATH.md section 7), shared by
-// the CPU and CUDA kernels. The layer's pre-activation z (the block-circulant GEMM, or the
-// channel-wise circular convolution) is finished by the epilogue
+// the CPU and CUDA kernels. The layer's pre-activation z (the expansion of the mixed bin
+// coordinates, or the channel-wise circular convolution) is finished by the epilogue
 //
 //   y = x + LeakyReLU_s(z)   (residual)      y = LeakyReLU_s(z)   (no residual)
 //
@@ -11,12 +11,6 @@
 #include <c10/macros/Macros.h>
 
 namespace adjointdeis {
-
-// The epilogue's switches, fixed per launch (compile-time in the kernels).
-struct TemporalEpilogue {
-  bool residual;
-  bool activation;  // false: no LeakyReLU (negative_slope=None)
-};
 
 // One element of the forward epilogue; `negative` receives z <= 0 (the mask the backward reads).
 template <bool Residual, bool Activation, typename T>

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "../fourier_conv.h"
@@ -37,9 +38,10 @@ ADJOINTDEIS_CPU_LOOP void accumulate_tile(acc_t* __restrict acc, const acc_t* __
     const src_t* __restrict row = src + c * src_c;
     acc_t* __restrict out = acc + c * np;
     if constexpr (HasSrcMask) {
-      const bool* __restrict m = src_mask + c * pixels;
-      const acc_t wm = w * mask_slope;
-      for (int64_t p = 0; p < np; ++p) out[p] += (m[p] ? wm : w) * acc_t(row[p * src_p]);
+      // Arithmetic rather than a select on the mask: random signs would defeat branch prediction.
+      const uint8_t* __restrict m = reinterpret_cast<const uint8_t*>(src_mask + c * pixels);
+      const acc_t dw = w * mask_slope - w;
+      for (int64_t p = 0; p < np; ++p) out[p] += (w + dw * acc_t(m[p])) * acc_t(row[p * src_p]);
     } else {
       for (int64_t p = 0; p < np; ++p) out[p] += w * acc_t(row[p * src_p]);
     }
@@ -57,7 +59,11 @@ ADJOINTDEIS_CPU_LOOP void output_tile(const acc_t* __restrict acc, const y_t* __
       const acc_t a = HasAddend ? acc_t(addend[c * addend_c + p * addend_p]) : acc_t(0);
       y[c * y_c + p * y_p] =
           y_t(temporal_epilogue_element<HasAddend, Activation, acc_t>(acc[c * np + p], a, slope, negative));
-      if constexpr (SaveMask) mask[c * pixels + p] = negative;
+    }
+    // A separate loop: storing the mask in the loop above kept it from vectorising.
+    if constexpr (SaveMask) {
+      uint8_t* __restrict m = reinterpret_cast<uint8_t*>(mask + c * pixels);
+      for (int64_t p = 0; p < np; ++p) m[p] = static_cast<uint8_t>(!(acc[c * np + p] > acc_t(0)));
     }
   }
 }
