@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../fourier_conv.h"
@@ -24,6 +26,21 @@ constexpr int64_t kTile = 4096;  // channels x pixels per accumulator tile
 
 int64_t grain_of(int64_t work_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, work_per_item));
+}
+
+// Rounds to the storage type. For bfloat16 a branch-free round-to-nearest-even (c10's conversion
+// tests for NaN with a branch, which keeps the output loops scalar).
+template <typename y_t, typename acc_t>
+inline y_t to_storage(acc_t v) {
+  if constexpr (std::is_same_v<y_t, c10::BFloat16>) {
+    const float f = static_cast<float>(v);
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof(bits));
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+  } else {
+    return y_t(v);
+  }
 }
 
 // A tile of channels x pixels of one (b, t): acc[c][p] += mix[c] * src'[c][p], src' = src scaled by
@@ -49,22 +66,30 @@ ADJOINTDEIS_CPU_LOOP void accumulate_tile(acc_t* __restrict acc, const acc_t* __
 }
 
 // The output stage of a tile: y = addend + act(acc), mask = acc <= 0 (mask rows `pixels` apart).
+// Written as separate simple loops (mask, activation in place, addend, store): fused into one, the
+// mixed float / bool / half-precision accesses kept GCC from vectorising it.
 template <typename y_t, typename acc_t, bool HasAddend, bool Activation, bool SaveMask>
-ADJOINTDEIS_CPU_LOOP void output_tile(const acc_t* __restrict acc, const y_t* __restrict addend, int64_t addend_c,
+ADJOINTDEIS_CPU_LOOP void output_tile(acc_t* __restrict acc, const y_t* __restrict addend, int64_t addend_c,
                                       int64_t addend_p, y_t* __restrict y, int64_t y_c, int64_t y_p,
                                       bool* __restrict mask, int64_t pixels, acc_t slope, int64_t nc, int64_t np) {
   for (int64_t c = 0; c < nc; ++c) {
-    for (int64_t p = 0; p < np; ++p) {
-      bool negative;
-      const acc_t a = HasAddend ? acc_t(addend[c * addend_c + p * addend_p]) : acc_t(0);
-      y[c * y_c + p * y_p] =
-          y_t(temporal_epilogue_element<HasAddend, Activation, acc_t>(acc[c * np + p], a, slope, negative));
-    }
-    // A separate loop: storing the mask in the loop above kept it from vectorising.
+    acc_t* __restrict v = acc + c * np;
     if constexpr (SaveMask) {
       uint8_t* __restrict m = reinterpret_cast<uint8_t*>(mask + c * pixels);
-      for (int64_t p = 0; p < np; ++p) m[p] = static_cast<uint8_t>(!(acc[c * np + p] > acc_t(0)));
+      for (int64_t p = 0; p < np; ++p) m[p] = static_cast<uint8_t>(!(v[p] > acc_t(0)));
     }
+    if constexpr (Activation) {
+      for (int64_t p = 0; p < np; ++p) {
+        bool negative;
+        v[p] = temporal_epilogue_element<false, true, acc_t>(v[p], acc_t(0), slope, negative);
+      }
+    }
+    if constexpr (HasAddend) {
+      const y_t* __restrict a = addend + c * addend_c;
+      for (int64_t p = 0; p < np; ++p) v[p] += acc_t(a[p * addend_p]);
+    }
+    y_t* __restrict out = y + c * y_c;
+    for (int64_t p = 0; p < np; ++p) out[p * y_p] = to_storage<y_t>(v[p]);
   }
 }
 
@@ -92,7 +117,7 @@ template <typename src_t, typename y_t, typename acc_t>
 void run_temporal_mix(const at::Tensor& src, const at::Tensor& src_mask, double mask_slope,
                       const at::Tensor& mix, const at::Tensor& addend, const at::Tensor& y,
                       const at::Tensor& mask, std::optional<double> negative_slope) {
-  using OutputTile = void (*)(const acc_t*, const y_t*, int64_t, int64_t, y_t*, int64_t, int64_t, bool*, int64_t,
+  using OutputTile = void (*)(acc_t*, const y_t*, int64_t, int64_t, y_t*, int64_t, int64_t, bool*, int64_t,
                               acc_t, int64_t, int64_t);
   OutputTile output = nullptr;
   dispatch_output_stage(addend.defined(), negative_slope.has_value(), mask.defined(),
