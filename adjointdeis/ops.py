@@ -357,11 +357,11 @@ def fourier_temporal_conv(x: Tensor, weight: Tensor, modes: int, residual: bool 
     any FFT or complex tensor through the factored block-circulant kernel (fourier_mode_mixing): a
     kernel projects x onto the r = min(2 modes - 1, T) real coordinates of the kept bins, a GEMM per
     group of equally sized bins (a batched one for the complex bins) applies M's diagonal blocks to
-    all B * H * W pixels at once, and a kernel expands back to T with
-    the activation and residual fused: ``y = x + LeakyReLU(layer(x))`` (residual) or
-    ``y = LeakyReLU(layer(x))``. Kernels and GEMM accumulate in float64 for float64 x and in float32
-    otherwise (float16/bfloat16 x is read and written in its dtype; the GEMM's operands are float32).
-    Differentiable in x and weight.
+    all B * H * W pixels at once, and a kernel expands back to T with the activation and residual
+    fused: ``y = x + LeakyReLU(layer(x))`` (residual) or ``y = LeakyReLU(layer(x))``. Kernels and
+    GEMMs accumulate in float64 for float64 x and in float32 otherwise (float16/bfloat16 x is read and
+    written in its dtype; the GEMMs' operands are float32). Differentiable in x and weight (first
+    order: the backward op itself has no derivative).
 
     Args:
         x: (B, T, C_in, H, W) float64/float32/float16/bfloat16, any strides, 2 <= T <= 32.
