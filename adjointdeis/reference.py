@@ -277,3 +277,366 @@ def multi_tensor_axpy_(accumulators: list[Tensor], updates: list[Tensor], scale:
     dtype = accumulators[0].dtype
     products = torch._foreach_mul([u.to(dtype) for u in updates], scale.reshape(()).to(dtype))
     torch._foreach_add_(list(accumulators), products)
+
+
+MAX_TIMES = 32
+_COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+
+
+def check_fourier_operands(x, weight, modes, residual, negative_slope, channelwise=False) -> int:
+    """Validates the operands of fourier_temporal_conv(_channelwise); returns C_out.
+
+    Raises:
+        ValueError / TypeError naming the offending argument.
+    """
+    op = "fourier_temporal_conv_channelwise" if channelwise else "fourier_temporal_conv"
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError(f"{op}: x and weight must be tensors")
+    if x.dtype not in _STEP_DTYPES:
+        raise TypeError(f"{op}: x must be float64, float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 5:
+        raise ValueError(f"{op}: x must have shape (B, T, C, H, W), got {list(x.shape)}")
+    n_times, c_in = x.shape[1], x.shape[2]
+    if not 2 <= n_times <= MAX_TIMES:
+        raise ValueError(f"{op}: x.shape[1] (T) must be in [2, {MAX_TIMES}], got {n_times}")
+    if weight.dtype not in _COMPLEX_DTYPES:
+        raise TypeError(f"{op}: weight must be complex64 or complex128, got {weight.dtype}")
+    if weight.dtype == torch.complex128 and x.dtype != torch.float64:
+        raise TypeError(f"{op}: a complex128 weight needs float64 x, got x of dtype {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"{op}: weight is on {weight.device} but x is on {x.device}")
+    layout = "(K, C)" if channelwise else "(K, C_in, C_out)"
+    if weight.dim() != (2 if channelwise else 3):
+        raise ValueError(f"{op}: weight must have shape {layout}, got {list(weight.shape)}")
+    if weight.shape[1] != c_in:
+        raise ValueError(
+            f"{op}: weight {layout} has {weight.shape[1]} input channels but x has C = {c_in} "
+            f"(x.shape[2])"
+        )
+    if isinstance(modes, bool) or not isinstance(modes, int):
+        raise TypeError(f"{op}: modes must be an int, got {type(modes).__name__}")
+    if not 1 <= modes <= n_times // 2 + 1:
+        raise ValueError(
+            f"{op}: modes must be in [1, T // 2 + 1] = [1, {n_times // 2 + 1}] for T = {n_times}, got {modes}"
+        )
+    if modes > weight.shape[0]:
+        raise ValueError(f"{op}: modes = {modes} but weight holds only {weight.shape[0]} bins (weight.shape[0])")
+    c_out = c_in if channelwise else weight.shape[2]
+    if residual and c_out != c_in:
+        raise ValueError(f"{op}: residual=True needs C_out == C_in, got C_in = {c_in}, C_out = {c_out}")
+    if negative_slope is not None and (isinstance(negative_slope, bool)
+                                       or not isinstance(negative_slope, (int, float))):
+        raise TypeError(f"{op}: negative_slope must be a float or None, got {type(negative_slope).__name__}")
+    return c_out
+
+
+def _bin_weights(n_times: int, modes: int) -> list[float]:
+    """c_k of the real inverse transform: 1 for the DC and Nyquist bins, 2 for the others."""
+    return [1.0 if k == 0 or 2 * k == n_times else 2.0 for k in range(modes)]
+
+
+def _hermitian_spectrum(mixed: Tensor, n_times: int) -> Tensor:
+    """The first bins of a real signal's rfft, zero-padded to T // 2 + 1 bins along dim 1, with the
+    imaginary parts of the DC and Nyquist bins dropped (irfft of a Hermitian spectrum)."""
+    modes = mixed.shape[1]
+    keep = torch.tensor([0.0 if k == 0 or 2 * k == n_times else 1.0 for k in range(modes)],
+                        dtype=mixed.real.dtype, device=mixed.device).view(1, modes, *([1] * (mixed.dim() - 2)))
+    mixed = torch.complex(mixed.real, mixed.imag * keep)
+    pad = mixed.new_zeros((mixed.shape[0], n_times // 2 + 1 - modes, *mixed.shape[2:]))
+    return torch.cat([mixed, pad], dim=1)
+
+
+def _finish_block(x: Tensor, layer: Tensor, residual: bool, negative_slope) -> Tensor:
+    if negative_slope is not None:
+        layer = torch.nn.functional.leaky_relu(layer, negative_slope)
+    if residual:
+        layer = x.to(layer.dtype) + layer
+    return layer.to(x.dtype)
+
+
+def fourier_temporal_conv(x: Tensor, weight: Tensor, modes: int, residual: bool = True,
+                          negative_slope: float | None = 0.01) -> Tensor:
+    """DSNO's temporal Fourier layer, the literal way: ``rfft`` along T, keep ``modes`` bins,
+    multiply bin k by ``W_k`` (``C_in x C_out``), ``irfft``; then LeakyReLU and the residual.
+
+    Args:
+        x: (B, T, C_in, H, W) float64/float32/float16/bfloat16, 2 <= T <= 32.
+        weight: (K, C_in, C_out) complex64 (or complex128 with float64 x), K >= modes.
+        modes: number of bins kept, 1 <= modes <= T // 2 + 1.
+        residual: add x (needs C_out == C_in).
+        negative_slope: LeakyReLU slope; None means no activation.
+
+    Returns:
+        (B, T, C_out, H, W) in x's dtype, computed in float64 for float64 x and in float32
+        (complex64) otherwise. ``Im(W_0)`` (and ``Im(W_{T/2})``) do not affect it.
+    """
+    check_fourier_operands(x, weight, modes, residual, negative_slope)
+    opmath = opmath_dtype(x.dtype)
+    cdtype = torch.complex128 if opmath == torch.float64 else torch.complex64
+    n_times = x.shape[1]
+    spectrum = torch.fft.rfft(x.to(opmath), dim=1)[:, :modes]
+    mixed = torch.einsum("bkihw,kio->bkohw", spectrum, weight[:modes].to(cdtype))
+    layer = torch.fft.irfft(_hermitian_spectrum(mixed, n_times), n=n_times, dim=1)
+    return _finish_block(x, layer, residual, negative_slope)
+
+
+def fourier_temporal_conv_channelwise(x: Tensor, weight: Tensor, modes: int, residual: bool = True,
+                                      negative_slope: float | None = 0.01) -> Tensor:
+    """The channel-wise variant of fourier_temporal_conv: bin k of channel c is multiplied by the
+    complex scalar ``weight[k, c]`` (no channel mixing).
+
+    Args:
+        x: (B, T, C, H, W) float64/float32/float16/bfloat16, 2 <= T <= 32.
+        weight: (K, C) complex64 (or complex128 with float64 x), K >= modes.
+        modes, residual, negative_slope: as in fourier_temporal_conv.
+
+    Returns:
+        (B, T, C, H, W) in x's dtype.
+    """
+    check_fourier_operands(x, weight, modes, residual, negative_slope, channelwise=True)
+    opmath = opmath_dtype(x.dtype)
+    cdtype = torch.complex128 if opmath == torch.float64 else torch.complex64
+    n_times = x.shape[1]
+    spectrum = torch.fft.rfft(x.to(opmath), dim=1)[:, :modes]
+    mixed = spectrum * weight[:modes].to(cdtype)[None, :, :, None, None]
+    layer = torch.fft.irfft(_hermitian_spectrum(mixed, n_times), n=n_times, dim=1)
+    return _finish_block(x, layer, residual, negative_slope)
+
+
+def fourier_tap_synthesis(weight: Tensor, n_times: int, modes: int) -> Tensor:
+    """The real circular-convolution taps of a truncated spectrum, ``Kt[d] = (1/T) sum_{k<modes}
+    c_k Re(W_k e^{2 pi i k d / T})`` (MATH.md section 7).
+
+    Args:
+        weight: (K, N) complex64/complex128, K >= modes.
+        n_times: T.
+        modes: bins used.
+
+    Returns:
+        (T, N) float32 (float64 for complex128).
+    """
+    d = torch.arange(n_times, dtype=torch.float64, device=weight.device)
+    k = torch.arange(modes, dtype=torch.float64, device=weight.device)
+    c = torch.tensor(_bin_weights(n_times, modes), dtype=torch.float64, device=weight.device)
+    phase = torch.polar(c / n_times, 2 * torch.pi * d[:, None] * k[None, :] / n_times)
+    # The DC and Nyquist bins are real parts only (sin(pi d) is not exactly 0 in floating point).
+    real_bin = torch.tensor([k == 0 or 2 * k == n_times for k in range(modes)], device=weight.device)
+    phase = torch.complex(phase.real, torch.where(real_bin, 0.0, phase.imag)).to(weight.dtype)
+    return (phase @ weight[:modes]).real
+
+
+def fourier_tap_synthesis_adjoint(grad_taps: Tensor, n_times: int, modes: int,
+                                  num_weight_modes: int) -> Tensor:
+    """The adjoint of fourier_tap_synthesis: the complex (K, N) weight gradient (PyTorch's
+    convention, ``dL/dRe + i dL/dIm``) of grad_taps (T, N); bins >= modes get zero."""
+    cdtype = torch.complex128 if grad_taps.dtype == torch.float64 else torch.complex64
+    weight = torch.zeros(num_weight_modes, grad_taps.shape[1], dtype=cdtype, device=grad_taps.device,
+                         requires_grad=True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(fourier_tap_synthesis(weight, n_times, modes), weight, grad_taps)
+    return grad
+
+
+def fourier_kernel_synthesis(weight: Tensor, n_times: int, modes: int) -> Tensor:
+    """The real block-circulant matrix of the layer: ``A[(t, o), (tau, i)] = Kt[(t - tau) mod T][o, i]``
+    with ``Kt[d] = (1/T) sum_{k<modes} c_k Re(W_k^T e^{2 pi i k d / T})``, so that
+    ``layer(x)[b] = A @ x[b].view(T * C_in, H * W)``.
+
+    Args:
+        weight: (K, C_in, C_out) complex64/complex128, K >= modes.
+        n_times: T.
+        modes: bins used.
+
+    Returns:
+        (T * C_out, T * C_in) float32 (float64 for complex128).
+    """
+    k_w, c_in, c_out = weight.shape
+    taps = fourier_tap_synthesis(weight.reshape(k_w, c_in * c_out), n_times, modes)
+    t = torch.arange(n_times, device=weight.device)
+    blocks = taps.view(n_times, c_in, c_out)[(t[:, None] - t[None, :]) % n_times]  # (t, tau, i, o)
+    return blocks.permute(0, 3, 1, 2).reshape(n_times * c_out, n_times * c_in)
+
+
+def fourier_kernel_synthesis_adjoint(grad_kernel: Tensor, n_times: int, modes: int,
+                                     num_weight_modes: int, in_channels: int) -> Tensor:
+    """The adjoint of fourier_kernel_synthesis: the complex (K, C_in, C_out) weight gradient of
+    grad_kernel (T * C_out, T * C_in)."""
+    cdtype = torch.complex128 if grad_kernel.dtype == torch.float64 else torch.complex64
+    c_out = grad_kernel.shape[0] // n_times
+    weight = torch.zeros(num_weight_modes, in_channels, c_out, dtype=cdtype, device=grad_kernel.device,
+                         requires_grad=True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(fourier_kernel_synthesis(weight, n_times, modes), weight, grad_kernel)
+    return grad
+
+
+def _activation_mask(z: Tensor, negative_slope, save_mask: bool) -> Tensor:
+    if save_mask and negative_slope is not None:
+        return (z <= 0).contiguous()
+    return torch.empty(0, dtype=torch.bool, device=z.device)
+
+
+def _activation_grad(grad: Tensor, mask: Tensor, negative_slope) -> Tensor:
+    if negative_slope is None:
+        return grad
+    return torch.where(mask, negative_slope * grad, grad)
+
+
+def spectral_basis(n_times: int, modes: int, dtype: torch.dtype = torch.float64,
+                   device=None) -> tuple[Tensor, Tensor]:
+    """The real coordinates of the first ``modes`` bins of a length-T real signal.
+
+    Coordinate j is the real (j odd or 0) or imaginary (j even > 0) part of bin (j + 1) // 2; there
+    are r = min(2 modes - 1, T) of them.
+
+    Returns:
+        ``(P, E)``: P (r, T) with ``coords = P @ signal`` (rows cos, -sin of 2 pi k tau / T), and
+        E (T, r) with ``signal = E @ coords`` for a signal whose other bins are zero
+        (``E[t, j] = c_k P[j, t] / T``).
+    """
+    rank = min(2 * modes - 1, n_times)
+    proj = torch.zeros(rank, n_times, dtype=torch.float64)
+    weights = torch.zeros(rank, dtype=torch.float64)
+    tau = torch.arange(n_times, dtype=torch.float64)
+    for j in range(rank):
+        k = (j + 1) // 2
+        theta = 2 * torch.pi * k * tau / n_times
+        proj[j] = -torch.sin(theta) if j > 0 and j % 2 == 0 else torch.cos(theta)
+        weights[j] = _bin_weights(n_times, modes)[k] / n_times
+    return proj.to(device=device, dtype=dtype), (proj * weights[:, None]).t().to(device=device, dtype=dtype)
+
+
+def fourier_mode_mixing(weight: Tensor, n_times: int, modes: int) -> Tensor:
+    """The layer's weight in the basis of its kept bins (see spectral_basis): the real
+    (r C_out, r C_in) matrix with, for bin k, ``[[Re W_k^T, -Im W_k^T], [Im W_k^T, Re W_k^T]]`` on
+    its (Re, Im) coordinates (``Re W_k^T`` alone for DC and Nyquist), zero between bins.
+
+    Args:
+        weight: (K, C_in, C_out) complex64/complex128, K >= modes.
+
+    Returns:
+        (r C_out, r C_in) float32 (float64 for complex128).
+    """
+    _, c_in, c_out = weight.shape
+    rank = min(2 * modes - 1, n_times)
+    real = weight.real.new_zeros(()).dtype
+    zero = torch.zeros(c_out, c_in, dtype=real, device=weight.device)
+    rows = []
+    for j in range(rank):
+        row = []
+        for col in range(rank):
+            k = (j + 1) // 2
+            if k != (col + 1) // 2:
+                row.append(zero)
+                continue
+            re, im = weight[k].real.t(), weight[k].imag.t()
+            j_im, col_im = j > 0 and j % 2 == 0, col > 0 and col % 2 == 0
+            row.append({(False, False): re, (False, True): -im, (True, False): im, (True, True): re}[(j_im, col_im)])
+        rows.append(torch.cat(row, dim=1))
+    return torch.cat(rows, dim=0)
+
+
+def fourier_mode_mixing_adjoint(grad_mixing: Tensor, n_times: int, modes: int, num_weight_modes: int) -> Tensor:
+    """The adjoint of fourier_mode_mixing: the complex (K, C_in, C_out) weight gradient of
+    grad_mixing (r C_out, r C_in)."""
+    cdtype = torch.complex128 if grad_mixing.dtype == torch.float64 else torch.complex64
+    rank = min(2 * modes - 1, n_times)
+    weight = torch.zeros(num_weight_modes, grad_mixing.shape[1] // rank, grad_mixing.shape[0] // rank,
+                         dtype=cdtype, device=grad_mixing.device, requires_grad=True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(fourier_mode_mixing(weight, n_times, modes), weight, grad_mixing)
+    return grad
+
+
+def bin_block_mask(n_times: int, modes: int, c_out: int, c_in: int, dtype=torch.float64, device=None) -> Tensor:
+    """(r C_out, r C_in): 1 on the blocks that couple coordinates of the same bin, 0 elsewhere."""
+    bins = torch.tensor([(j + 1) // 2 for j in range(min(2 * modes - 1, n_times))], device=device)
+    same = (bins[:, None] == bins[None, :]).to(dtype)
+    return torch.kron(same, torch.ones(c_out, c_in, dtype=dtype, device=device))
+
+
+def _spectral_layer(x: Tensor, mixing: Tensor, modes: int) -> Tensor:
+    """(E (x) I) M (P (x) I) x: the layer before activation and residual, in mixing's dtype (only
+    M's blocks within a bin are used)."""
+    b, n_times, c_in, h, w = x.shape
+    rank = min(2 * modes - 1, n_times)
+    mixing = mixing * bin_block_mask(n_times, modes, mixing.shape[0] // rank, c_in, mixing.dtype, x.device)
+    proj, expand = spectral_basis(n_times, modes, mixing.dtype, x.device)
+    coords = torch.einsum("jt,btchw->bjchw", proj, x.to(mixing.dtype)).reshape(b, -1, h * w)
+    mixed = (mixing @ coords).view(b, proj.shape[0], -1, h, w)
+    return torch.einsum("tj,bjchw->btchw", expand, mixed)
+
+
+def fourier_spectral_conv(x: Tensor, mixing: Tensor, modes: int, residual: bool, negative_slope,
+                          save_mask: bool) -> tuple[Tensor, Tensor]:
+    """The layer given its mode mixing: project onto the kept bins' coordinates, mix, expand, then
+    ``y = x + LeakyReLU(z)`` (residual) or ``LeakyReLU(z)``.
+
+    Args:
+        x: (B, T, C_in, H, W) float64/float32/float16/bfloat16.
+        mixing: (r C_out, r C_in) float64 for float64 x, float32 otherwise (fourier_mode_mixing);
+            only its blocks within a bin are used (the others are zero in fourier_mode_mixing's output).
+        modes: bins kept.
+        residual, negative_slope: as in fourier_temporal_conv.
+        save_mask: also return the mask ``z <= 0`` (bool, y's shape) the backward needs.
+
+    Returns:
+        ``(y, mask)``: y (B, T, C_out, H, W) in x's dtype; mask, or an empty bool tensor when not
+        saved or without activation.
+    """
+    z = _spectral_layer(x, mixing, modes)
+    mask = _activation_mask(z, negative_slope, save_mask)
+    return _finish_block(x, z, residual, negative_slope).contiguous(), mask
+
+
+def fourier_spectral_conv_backward(grad_y: Tensor, x: Tensor, mixing: Tensor, mask: Tensor, modes: int,
+                                   residual: bool, negative_slope, output_mask: list[bool]) -> tuple[Tensor, Tensor]:
+    """Gradients of fourier_spectral_conv in x and mixing (None where output_mask is False)."""
+    dz = _activation_grad(grad_y.to(mixing.dtype), mask, negative_slope)
+    with torch.enable_grad():
+        xd = x.detach().to(mixing.dtype).requires_grad_()
+        md = mixing.detach().requires_grad_()
+        grad_x, grad_mixing = torch.autograd.grad(_spectral_layer(xd, md, modes), (xd, md), dz)
+    if residual:
+        grad_x = grad_x + grad_y.to(mixing.dtype)
+    return (grad_x.to(x.dtype) if output_mask[0] else None, grad_mixing if output_mask[1] else None)
+
+
+def _circulant(taps: Tensor) -> Tensor:
+    """(T, T, C): circ[t, tau, c] = taps[(t - tau) mod T, c]."""
+    t = torch.arange(taps.shape[0], device=taps.device)
+    return taps[(t[:, None] - t[None, :]) % taps.shape[0]]
+
+
+def fourier_channel_conv(x: Tensor, taps: Tensor, residual: bool, negative_slope,
+                         save_mask: bool) -> tuple[Tensor, Tensor]:
+    """The channel-wise layer given its taps: ``z[b, t, c] = sum_tau taps[(t - tau) mod T, c] x[b, tau, c]``
+    then the epilogue of fourier_block_conv.
+
+    Args:
+        x: (B, T, C, H, W) float64/float32/float16/bfloat16.
+        taps: (T, C) float64 for float64 x, float32 otherwise.
+
+    Returns:
+        ``(y, mask)`` as in fourier_block_conv.
+    """
+    z = torch.einsum("tsc,bschw->btchw", _circulant(taps), x.to(taps.dtype))
+    mask = _activation_mask(z, negative_slope, save_mask)
+    return _finish_block(x, z, residual, negative_slope).contiguous(), mask
+
+
+def fourier_channel_conv_backward(grad_y: Tensor, x: Tensor, taps: Tensor, mask: Tensor, residual: bool,
+                                  negative_slope, output_mask: list[bool]) -> tuple[Tensor, Tensor]:
+    """Gradients of fourier_channel_conv in x and taps (None where output_mask is False)."""
+    opmath = taps.dtype
+    dz = _activation_grad(grad_y.to(opmath), mask, negative_slope)
+    grad_x = grad_taps = None
+    if output_mask[0]:
+        dx = torch.einsum("tsc,btchw->bschw", _circulant(taps), dz)
+        grad_x = (dx + grad_y.to(opmath) if residual else dx).to(x.dtype)
+    if output_mask[1]:
+        gram = torch.einsum("btchw,bschw->tsc", dz, x.to(opmath))
+        t = torch.arange(taps.shape[0], device=taps.device)
+        diag = (t[None, :] - t[:, None]) % taps.shape[0]  # [d, t] -> tau = t - d
+        grad_taps = gram[t[None, :], diag].sum(1)
+    return grad_x, grad_taps

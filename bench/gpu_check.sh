@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check for a lent CUDA machine: build the CUDA kernels in place, run the CUDA tests, time the
-# fused step (float32 and bfloat16). Run from the repository root: `bash bench/gpu_check.sh`.
+# fused step (float32 and bfloat16), the adjoint kernels and the DSNO temporal layer. Run from the
+# repository root: `bash bench/gpu_check.sh`.
 # Without a visible GPU or nvcc it says so and exits 0. Logs go to "$OUT" when that is set.
-# Stages are capped (tests 150 s, benchmark 210 s) so that, with the build, it stays under 8 min.
+# Stages are capped (tests 150 + 60 s, benchmarks 210 + 120 + 90 s).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -82,5 +83,10 @@ timeout 210 python3 bench/bench_step.py "${bench_args[@]}"
 
 stage "adjoint kernels (discrete_adjoint_step, multi_tensor_axpy_) against copy bandwidth"
 timeout 120 python3 bench/bench_adjoint_ops.py --device cuda
+
+stage "DSNO temporal layer (fourier_temporal_conv vs the FFT reference, float32 and bfloat16)"
+fourier_args=(--device cuda --dtype float32 --dtype bfloat16 --min-run-time 0.05)
+if [ -n "$LOG_DIR" ]; then fourier_args+=(--json "$LOG_DIR/bench_fourier_conv.json"); fi
+timeout 90 python3 bench/bench_fourier_conv.py "${fourier_args[@]}"
 
 stage "done"

@@ -42,6 +42,32 @@ TORCH_LIBRARY(adjointdeis, m) {
       "discrete_adjoint_step(Tensor xbar, Tensor vjp, Tensor gfull, Tensor? pend1, Tensor? pend2,"
       " Tensor coeffs) -> (Tensor xbar_prev, Tensor gfull_prev, Tensor cot_prev, Tensor pend_prev)");
   m.def("multi_tensor_axpy_(Tensor(a!)[] accumulators, Tensor[] updates, Tensor scale) -> ()");
+  m.def("fourier_kernel_synthesis(Tensor weight, int n_times, int modes) -> Tensor");
+  m.def(
+      "fourier_kernel_synthesis_adjoint(Tensor grad_kernel, int n_times, int modes,"
+      " int num_weight_modes, int in_channels) -> Tensor");
+  m.def("fourier_tap_synthesis(Tensor weight, int n_times, int modes) -> Tensor");
+  m.def(
+      "fourier_tap_synthesis_adjoint(Tensor grad_taps, int n_times, int modes,"
+      " int num_weight_modes) -> Tensor");
+  m.def("fourier_mode_mixing(Tensor weight, int n_times, int modes) -> Tensor");
+  m.def(
+      "fourier_mode_mixing_adjoint(Tensor grad_mixing, int n_times, int modes,"
+      " int num_weight_modes) -> Tensor");
+  m.def(
+      "fourier_spectral_conv(Tensor x, Tensor mixing, int modes, bool residual,"
+      " float? negative_slope, bool save_mask) -> (Tensor y, Tensor mask)");
+  m.def(
+      "fourier_spectral_conv_backward(Tensor grad_y, Tensor x, Tensor mixing, Tensor mask,"
+      " int modes, bool residual, float? negative_slope, bool[2] output_mask)"
+      " -> (Tensor grad_x, Tensor grad_mixing)");
+  m.def(
+      "fourier_channel_conv(Tensor x, Tensor taps, bool residual, float? negative_slope,"
+      " bool save_mask) -> (Tensor y, Tensor mask)");
+  m.def(
+      "fourier_channel_conv_backward(Tensor grad_y, Tensor x, Tensor taps, Tensor mask,"
+      " bool residual, float? negative_slope, bool[2] output_mask)"
+      " -> (Tensor grad_x, Tensor grad_taps)");
   m.def("cuda_version() -> int", &cuda_version);
 }
 

@@ -1,0 +1,427 @@
+"""DSNO's temporal Fourier convolution (ops.fourier_temporal_conv and its channel-wise variant, the
+kernel synthesis, FourierTemporalConv) against the literal rfft / einsum / irfft reference, computed
+on the CPU in float64."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch.testing import assert_close
+
+import adjointdeis as ad
+from adjointdeis import ops, reference
+from conftest import DEVICES, DTYPES
+
+# Tolerances against the float64 reference: the op's output is rounded to x's dtype, and its GEMM
+# accumulates T * C_in products in float32 (float64 for float64 x).
+REFERENCE_TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+SLOPES = [0.01, 0.3, None]
+
+
+def make_x(shape, dtype=torch.float64, device="cpu", seed=0, layout="contiguous"):
+    """Activations (B, T, C, H, W) in the given layout: contiguous, a permuted view (channels
+    last in memory) or a strided slice."""
+    g = torch.Generator().manual_seed(seed)
+    b, t, c, h, w = shape
+    if layout == "permuted":
+        x = torch.randn(b, h, w, t, c, generator=g, dtype=torch.float64).permute(0, 3, 4, 1, 2)
+    elif layout == "sliced":
+        x = torch.randn(b, t, c, h, 2 * w + 1, generator=g, dtype=torch.float64)[..., 1::2]
+    else:
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
+    return x.to(device=device, dtype=dtype)
+
+
+def make_weight(shape, seed=1, device="cpu", dtype=torch.complex64):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=torch.complex128) / shape[1] ** 0.5
+    return w.to(device=device, dtype=dtype)
+
+
+def float64_reference(fn, x, weight, modes, residual, slope):
+    return fn(x.cpu().double(), weight.cpu().to(torch.complex128), modes, residual, slope)
+
+
+@st.composite
+def layer_cases(draw, channelwise=False):
+    n_times = draw(st.integers(2, 32))
+    modes = draw(st.integers(1, n_times // 2 + 1))
+    c_in = draw(st.integers(1, 5))
+    c_out = c_in if channelwise else draw(st.integers(1, 5))
+    residual = c_in == c_out and draw(st.booleans())
+    shape = (draw(st.integers(1, 3)), n_times, c_in, draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    k_w = modes + draw(st.integers(0, 2))
+    weight_shape = (k_w, c_in) if channelwise else (k_w, c_in, c_out)
+    return dict(shape=shape, weight_shape=weight_shape, modes=modes, residual=residual,
+                slope=draw(st.sampled_from(SLOPES)), dtype=draw(st.sampled_from(DTYPES)),
+                layout=draw(st.sampled_from(["contiguous", "permuted", "sliced"])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def check_against_reference(case, op, ref):
+    x = make_x(case["shape"], case["dtype"], seed=case["seed"], layout=case["layout"])
+    weight = make_weight(case["weight_shape"], seed=case["seed"] + 1)
+    y = op(x, weight, case["modes"], case["residual"], case["slope"])
+    want = float64_reference(ref, x, weight, case["modes"], case["residual"], case["slope"])
+    assert y.dtype == x.dtype and y.is_contiguous() and y.shape == want.shape
+    assert_close(y.double(), want, **REFERENCE_TOL[x.dtype])
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=layer_cases())
+def test_matches_float64_reference(case):
+    check_against_reference(case, ops.fourier_temporal_conv, reference.fourier_temporal_conv)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=layer_cases(channelwise=True))
+def test_channelwise_matches_float64_reference(case):
+    check_against_reference(case, ops.fourier_temporal_conv_channelwise,
+                            reference.fourier_temporal_conv_channelwise)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_times,modes", [(2, 2), (4, 2), (5, 3), (16, 9), (32, 5)])
+def test_every_dtype_and_device(device, dtype, n_times, modes):
+    x = make_x((2, n_times, 6, 5, 3), dtype, device)
+    for residual, weight_shape in ((True, (modes, 6, 6)), (False, (modes, 6, 4))):
+        weight = make_weight(weight_shape, device=device)
+        y = ops.fourier_temporal_conv(x, weight, modes, residual)
+        want = float64_reference(reference.fourier_temporal_conv, x, weight, modes, residual, 0.01)
+        assert y.device == x.device and y.dtype == dtype
+        assert_close(y.cpu().double(), want, **REFERENCE_TOL[dtype])
+    weight = make_weight((modes, 6), device=device)
+    y = ops.fourier_temporal_conv_channelwise(x, weight, modes)
+    want = float64_reference(reference.fourier_temporal_conv_channelwise, x, weight, modes, True, 0.01)
+    assert_close(y.cpu().double(), want, **REFERENCE_TOL[dtype])
+
+
+def test_reference_is_the_plain_fft_layer():
+    """The reference equals rfft -> per-bin complex matmul -> irfft written out in a loop."""
+    x, weight, modes = make_x((2, 6, 3, 2, 2)), make_weight((4, 3, 5), dtype=torch.complex128), 3
+    spectrum = torch.fft.rfft(x, dim=1)
+    out = torch.zeros(2, 4, 5, 2, 2, dtype=torch.complex128)
+    for k in range(modes):
+        out[:, k] = torch.einsum("bihw,io->bohw", spectrum[:, k], weight[k])
+    out[:, 0] = out[:, 0].real  # a real signal's DC bin is real
+    want = torch.fft.irfft(out, n=6, dim=1)
+    assert_close(reference.fourier_temporal_conv(x, weight, modes, False, None), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_times", [2, 3, 4, 7, 8, 13, 32])
+def test_synthesis_identity(n_times):
+    """The synthesised block-circulant matrix applied as a 1x1 convolution is the layer, and the op's
+    matrix equals the reference's."""
+    for modes in sorted({1, n_times // 2, n_times // 2 + 1} - {0}):
+        weight = make_weight((modes + 1, 3, 4), dtype=torch.complex128)
+        kernel = ops.fourier_kernel_synthesis(weight, n_times, modes)
+        assert kernel.shape == (n_times * 4, n_times * 3) and kernel.dtype == torch.float64
+        assert_close(kernel, reference.fourier_kernel_synthesis(weight, n_times, modes), rtol=1e-13, atol=1e-13)
+        x = make_x((2, n_times, 3, 3, 2))
+        layer = (kernel @ x.reshape(2, n_times * 3, 6)).view(2, n_times, 4, 3, 2)
+        assert_close(layer, reference.fourier_temporal_conv(x, weight, modes, False, None), rtol=1e-12, atol=1e-12)
+        taps = ops.fourier_tap_synthesis(weight[:, 0], n_times, modes)
+        assert_close(taps, reference.fourier_tap_synthesis(weight[:, 0], n_times, modes), rtol=1e-13, atol=1e-13)
+    assert ops.fourier_kernel_synthesis(weight.to(torch.complex64), n_times, modes).dtype == torch.float32
+
+
+@pytest.mark.parametrize("n_times", [4, 5, 8])
+@pytest.mark.parametrize("channelwise", [False, True])
+def test_imaginary_part_of_real_bins_has_no_effect(n_times, channelwise):
+    modes = n_times // 2 + 1
+    x = make_x((2, n_times, 3, 2, 2))
+    weight = make_weight((modes, 3) if channelwise else (modes, 3, 3), dtype=torch.complex128)
+    op = ops.fourier_temporal_conv_channelwise if channelwise else ops.fourier_temporal_conv
+    ref = reference.fourier_temporal_conv_channelwise if channelwise else reference.fourier_temporal_conv
+    real_bins = [0] + ([n_times // 2] if n_times % 2 == 0 else [])
+    changed = weight.clone()
+    changed[real_bins] = changed[real_bins] + 5j
+    for fn in (op, ref):
+        assert torch.equal(fn(x, changed, modes), fn(x, weight, modes))
+    changed[1] = changed[1] + 0.5j  # the imaginary part of any other bin matters
+    for fn in (op, ref):
+        assert not torch.allclose(fn(x, changed, modes), fn(x, weight, modes))
+
+
+def test_bins_beyond_modes_are_ignored():
+    x, weight = make_x((1, 8, 2, 2, 2)), make_weight((5, 2, 2))
+    changed = weight.clone()
+    changed[2:] = 7.0
+    assert torch.equal(ops.fourier_temporal_conv(x, changed, 2), ops.fourier_temporal_conv(x, weight, 2))
+
+
+@pytest.mark.parametrize("n_times,modes,residual,slope", [(4, 2, True, 0.01), (5, 3, False, 0.2), (6, 4, False, None)])
+def test_gradcheck(n_times, modes, residual, slope):
+    x = make_x((2, n_times, 3, 2, 1)).requires_grad_()
+    c_out = 3 if residual else 2
+    weight = make_weight((modes, 3, c_out), dtype=torch.complex128).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: ops.fourier_temporal_conv(x, w, modes, residual, slope), (x, weight))
+    wc = make_weight((modes, 3), dtype=torch.complex128).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, w: ops.fourier_temporal_conv_channelwise(x, w, modes, True, slope), (x, wc))
+
+
+@pytest.mark.parametrize("n_times,modes", [(4, 3), (7, 2)])
+def test_synthesis_gradcheck_and_gradgradcheck(n_times, modes):
+    weight = make_weight((modes + 1, 2, 3), dtype=torch.complex128).requires_grad_()
+    taps_weight = weight[:, 0].detach().requires_grad_()
+    for fn, w in ((ops.fourier_kernel_synthesis, weight), (ops.fourier_mode_mixing, weight),
+                  (ops.fourier_tap_synthesis, taps_weight)):
+        assert torch.autograd.gradcheck(lambda w: fn(w, n_times, modes), (w,))
+        assert torch.autograd.gradgradcheck(lambda w: fn(w, n_times, modes), (w,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channelwise", [False, True])
+def test_gradients_match_reference(dtype, channelwise):
+    """Gradients in x and the complex weight equal the float64 reference's autograd."""
+    n_times, modes = 6, 3
+    x = make_x((3, n_times, 4, 3, 5), layout="permuted")
+    weight = make_weight((modes, 4) if channelwise else (modes, 4, 4), dtype=torch.complex128)
+    cot = make_x((3, n_times, 4, 3, 5), seed=7)
+    op = ops.fourier_temporal_conv_channelwise if channelwise else ops.fourier_temporal_conv
+    ref = reference.fourier_temporal_conv_channelwise if channelwise else reference.fourier_temporal_conv
+
+    def grads(fn, x, w):
+        x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+        (fn(x, w, modes) * cot.to(x.dtype)).sum().backward()
+        return x.grad, w.grad
+
+    got_x, got_w = grads(op, x.to(dtype), weight.to(torch.complex128 if dtype == torch.float64 else torch.complex64))
+    want_x, want_w = grads(ref, x.to(dtype).double(), weight)
+    tol = REFERENCE_TOL[dtype]
+    assert got_x.dtype == dtype
+    assert_close(got_x.double(), want_x, **tol)
+    scale = want_w.abs().max()  # the weight gradient sums over B * H * W * T products
+    assert_close(got_w.to(torch.complex128) / scale, want_w / scale, **tol)
+
+
+def test_batch_split_into_pipeline_chunks():
+    """Large enough that the CPU pipeline runs over several chunks of the batch (5 = 2 + 2 + 1)."""
+    x = make_x((5, 4, 64, 32, 32), layout="sliced").requires_grad_()
+    weight = make_weight((2, 64, 64), dtype=torch.complex128).requires_grad_()
+    cot = make_x((5, 4, 64, 32, 32), seed=4)
+    y = ops.fourier_temporal_conv(x, weight, 2)
+    (y * cot).sum().backward()
+    got = (y.detach(), x.grad, weight.grad)
+    x.grad = weight.grad = None
+    want = reference.fourier_temporal_conv(x, weight, 2)
+    (want * cot).sum().backward()
+    for g, w in zip(got, (want.detach(), x.grad, weight.grad)):
+        assert_close(g, w, rtol=1e-10, atol=1e-10 * w.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_internal_ops_match_their_twins(device, dtype):
+    """fourier_spectral_conv / fourier_channel_conv and their backward ops against reference.py."""
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    x = make_x((2, 4, 3, 2, 5), dtype, device, layout="sliced")
+    grad = make_x((2, 4, 3, 2, 5), dtype, device, seed=3)
+    mixing = ops.fourier_mode_mixing(make_weight((2, 3, 3), device=device), 4, 2).to(opmath)
+    taps = ops.fourier_tap_synthesis(make_weight((3, 3), device=device), 4, 3).to(opmath)
+    tol = REFERENCE_TOL[dtype]
+    for name, weight, extra in (("fourier_spectral_conv", mixing, (2,)), ("fourier_channel_conv", taps, ())):
+        for residual, slope in ((True, 0.01), (False, None)):
+            y, mask = getattr(torch.ops.adjointdeis, name)(x, weight, *extra, residual, slope, True)
+            want_y, want_mask = getattr(reference, name)(x, weight, *extra, residual, slope, True)
+            assert_close(y, want_y, **tol)
+            assert mask.shape == want_mask.shape
+            args = (grad, x, weight, want_mask, *extra, residual, slope, [True, True])
+            got = getattr(torch.ops.adjointdeis, name + "_backward")(*args)
+            want = getattr(reference, name + "_backward")(*args)
+            assert_close(got[0], want[0], **tol)
+            assert_close(got[1], want[1], rtol=tol["rtol"], atol=tol["atol"] * want[1].abs().max().item())
+    # The mixing is block-diagonal over bins: blocks between different bins are ignored (zero gradient).
+    mask = reference.bin_block_mask(4, 2, 3, 3, opmath, device)
+    noisy = mixing + (1 - mask) * 5.0
+    lib = torch.ops.adjointdeis
+    assert torch.equal(lib.fourier_spectral_conv(x, noisy, 2, True, 0.01, False)[0],
+                       lib.fourier_spectral_conv(x, mixing, 2, True, 0.01, False)[0])
+    y, m = lib.fourier_spectral_conv(x, noisy, 2, True, 0.01, True)
+    grad_mixing = lib.fourier_spectral_conv_backward(grad, x, noisy, m, 2, True, 0.01, [False, True])[1]
+    assert torch.all(grad_mixing[mask == 0] == 0) and grad_mixing.abs().sum() > 0
+
+
+@pytest.mark.parametrize("n_times", [2, 3, 4, 7, 8, 16, 32])
+def test_mode_mixing_factors_the_block_circulant_kernel(n_times):
+    """A = (E (x) I_Cout) M (P (x) I_Cin), and the op's M equals the reference's."""
+    for modes in sorted({1, 2, n_times // 2 + 1}):
+        weight = make_weight((modes + 1, 3, 2), dtype=torch.complex128)
+        mixing = ops.fourier_mode_mixing(weight, n_times, modes)
+        rank = ops.spectral_rank(n_times, modes)
+        assert mixing.shape == (rank * 2, rank * 3) and mixing.dtype == torch.float64
+        assert_close(mixing, reference.fourier_mode_mixing(weight, n_times, modes), rtol=1e-14, atol=1e-14)
+        proj, expand = reference.spectral_basis(n_times, modes)
+        factored = torch.einsum("tj,joli,ls->tosi", expand, mixing.view(rank, 2, rank, 3), proj)
+        factored = factored.reshape(n_times * 2, n_times * 3)
+        assert_close(factored, ops.fourier_kernel_synthesis(weight, n_times, modes), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channelwise", [False, True])
+def test_module_compiles_fullgraph(device, channelwise):
+    torch._dynamo.reset()
+    layer = ad.FourierTemporalConv(4, 4, n_times=4, modes=2, channelwise=channelwise).to(device)
+    with torch.no_grad():
+        layer.weight.normal_()
+    x = make_x((2, 4, 4, 3, 3), torch.float32, device).requires_grad_()
+    compiled = torch.compile(layer, fullgraph=True)
+    y = compiled(x)
+    assert_close(y, layer(x))
+    (y * y).sum().backward()
+    got_x, got_w = x.grad.clone(), layer.weight.grad.clone()
+    x.grad, layer.weight.grad = None, None
+    (layer(x) ** 2).sum().backward()
+    assert_close(got_x, x.grad)
+    assert_close(got_w, layer.weight.grad)
+
+
+def test_module_weight_layout_and_init(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    layer = ad.FourierTemporalConv(32, 32, n_times=4, modes=2)
+    assert layer.weight.shape == (2, 32, 32, 2) and layer.weight.dtype == torch.float32
+    assert ad.FourierTemporalConv(8, 8, 4, 2, channelwise=True).weight.shape == (2, 8, 2)
+    x = make_x((2, 4, 32, 4, 4), torch.float32)
+    # Initialised close to the identity of the residual block.
+    assert (layer(x) - x).norm() < 0.05 * x.norm()
+    save_file(layer.state_dict(), tmp_path / "layer.safetensors")
+    other = ad.FourierTemporalConv(32, 32, n_times=4, modes=2)
+    other.load_state_dict(load_file(tmp_path / "layer.safetensors"))
+    assert torch.equal(other(x), layer(x))
+    # The module is the op with the complex view of its weight.
+    weight = torch.view_as_complex(layer.weight.detach())
+    assert torch.equal(layer(x), ops.fourier_temporal_conv(x, weight, 2))
+    plain = ad.FourierTemporalConv(32, 16, n_times=4, modes=3, residual=False, activation=None)
+    want = reference.fourier_temporal_conv(x.double(), plain.complex_weight(torch.complex128), 3, False, None)
+    assert_close(plain(x).double(), want, **REFERENCE_TOL[torch.float32])
+    assert plain.double()(x.double()).dtype == torch.float64
+
+
+def test_module_runs_in_bfloat16():
+    layer = ad.FourierTemporalConv(8, 8, n_times=4, modes=2).to(torch.bfloat16)
+    x = make_x((2, 4, 8, 4, 4), torch.bfloat16)
+    y = layer(x)
+    want = reference.fourier_temporal_conv(x.double(), layer.complex_weight(torch.complex128), 2)
+    assert y.dtype == torch.bfloat16
+    assert_close(y.double(), want, **REFERENCE_TOL[torch.bfloat16])
+
+
+def bad_case(**change):
+    case = dict(x=torch.zeros(2, 4, 3, 2, 2), weight=torch.zeros(2, 3, 3, dtype=torch.complex64), modes=2,
+                residual=True, negative_slope=0.01)
+    case.update(change)
+    return case
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (dict(x=torch.zeros(2, 4, 3, 4)), ValueError, r"x must have shape \(B, T, C, H, W\)"),
+        (dict(x=torch.zeros(2, 4, 3, 2, 2, dtype=torch.int64)), TypeError, "x must be float64"),
+        (dict(x=torch.zeros(2, 33, 3, 2, 2), modes=2), ValueError, r"T\) must be in \[2, 32\]"),
+        (dict(x=torch.zeros(2, 1, 3, 2, 2), modes=1), ValueError, r"T\) must be in \[2, 32\]"),
+        (dict(weight=torch.zeros(2, 3, 3)), TypeError, "weight must be complex64 or complex128"),
+        (dict(weight=torch.zeros(2, 3, 3, dtype=torch.complex128)), TypeError, "complex128 weight needs float64 x"),
+        (dict(weight=torch.zeros(2, 3, 3, dtype=torch.complex64, device="meta")), ValueError, "weight is on meta"),
+        (dict(weight=torch.zeros(2, 3, dtype=torch.complex64)), ValueError, r"weight must have shape \(K, C_in, C_out\)"),
+        (dict(weight=torch.zeros(2, 5, 3, dtype=torch.complex64)), ValueError, "5 input channels but x has C = 3"),
+        (dict(modes=0), ValueError, r"modes must be in \[1, T // 2 \+ 1\] = \[1, 3\]"),
+        (dict(modes=4), ValueError, r"modes must be in \[1, T // 2 \+ 1\] = \[1, 3\]"),
+        (dict(modes=3), ValueError, "weight holds only 2 bins"),
+        (dict(modes=2.0), TypeError, "modes must be an int"),
+        (dict(weight=torch.zeros(2, 3, 5, dtype=torch.complex64)), ValueError, "residual=True needs C_out == C_in"),
+        (dict(negative_slope="0.1"), TypeError, "negative_slope must be a float or None"),
+    ],
+)
+@pytest.mark.parametrize("impl", [ops.fourier_temporal_conv, reference.fourier_temporal_conv])
+def test_bad_input_names_the_argument(impl, change, error, message):
+    case = bad_case(**change)
+    with pytest.raises(error, match=message):
+        impl(case["x"], case["weight"], case["modes"], case["residual"], case["negative_slope"])
+
+
+@pytest.mark.parametrize("impl", [ops.fourier_temporal_conv_channelwise, reference.fourier_temporal_conv_channelwise])
+def test_bad_input_channelwise(impl):
+    x = torch.zeros(2, 4, 3, 2, 2)
+    with pytest.raises(ValueError, match=r"weight must have shape \(K, C\)"):
+        impl(x, torch.zeros(2, 3, 3, dtype=torch.complex64), 2)
+    with pytest.raises(ValueError, match="4 input channels but x has C = 3"):
+        impl(x, torch.zeros(2, 4, dtype=torch.complex64), 2)
+
+
+def test_bad_input_compiled_ops_name_the_argument():
+    """The C++ checks behind the Python ones (a caller of torch.ops.adjointdeis directly)."""
+    lib = torch.ops.adjointdeis
+    x = torch.zeros(2, 4, 3, 2, 2)
+    with pytest.raises(RuntimeError, match="mixing must be Float"):
+        lib.fourier_spectral_conv(x, torch.zeros(9, 9, dtype=torch.float64), 2, True, 0.01, False)
+    with pytest.raises(RuntimeError, match=r"mixing must have shape \(r \* C_out, r \* C_in\) with r = 3"):
+        lib.fourier_spectral_conv(x, torch.zeros(9, 8), 2, True, 0.01, False)
+    with pytest.raises(RuntimeError, match="residual needs C_out == C_in"):
+        lib.fourier_spectral_conv(x, torch.zeros(6, 9), 2, True, 0.01, False)
+    with pytest.raises(RuntimeError, match="modes must be in"):
+        lib.fourier_spectral_conv(x, torch.zeros(9, 9), 4, True, 0.01, False)
+    with pytest.raises(RuntimeError, match=r"taps must have shape \(T, C\)"):
+        lib.fourier_channel_conv(x, torch.zeros(3, 3), True, 0.01, False)
+    with pytest.raises(RuntimeError, match="modes must be in"):
+        lib.fourier_kernel_synthesis(torch.zeros(5, 3, 3, dtype=torch.complex64), 4, 4)
+    with pytest.raises(RuntimeError, match="n_times must be in"):
+        lib.fourier_kernel_synthesis(torch.zeros(5, 3, 3, dtype=torch.complex64), 33, 2)
+    with pytest.raises(RuntimeError, match="mask must be a contiguous tensor"):
+        lib.fourier_spectral_conv_backward(x, x, torch.zeros(9, 9), torch.zeros(0, dtype=torch.bool), 2, True,
+                                           0.01, [True, True])
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(in_channels=4, out_channels=4, n_times=1, modes=1), r"n_times must be in \[2, 32\]"),
+        (dict(in_channels=4, out_channels=4, n_times=4, modes=4), r"modes must be in \[1, n_times // 2 \+ 1\]"),
+        (dict(in_channels=4, out_channels=5, n_times=4, modes=2), "residual=True needs in_channels == out_channels"),
+        (dict(in_channels=4, out_channels=5, n_times=4, modes=2, residual=False, channelwise=True),
+         "channelwise=True needs in_channels == out_channels"),
+        (dict(in_channels=4, out_channels=4, n_times=4, modes=2, activation="gelu"), "activation must be one of"),
+    ],
+)
+def test_module_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ad.FourierTemporalConv(**kwargs)
+
+
+def test_module_checks_its_input():
+    layer = ad.FourierTemporalConv(3, 3, n_times=4, modes=2)
+    for shape in [(2, 5, 3, 2, 2), (2, 4, 2, 2, 2), (4, 3, 2, 2)]:
+        with pytest.raises(ValueError, match=r"x must have shape \(B, n_times=4, in_channels=3, H, W\)"):
+            layer(torch.zeros(shape))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channelwise", [False, True])
+def test_cuda_forward_backward_match_float64_reference(dtype, channelwise):
+    """Large enough for several blocks per row; misaligned (sliced) and permuted inputs."""
+    for n_times, modes, layout in ((4, 2, "contiguous"), (8, 5, "sliced"), (16, 3, "permuted")):
+        x = make_x((3, n_times, 16, 9, 7), dtype, "cuda", layout=layout)
+        shape = (modes, 16) if channelwise else (modes, 16, 16)
+        weight = make_weight(shape, device="cuda", dtype=torch.complex128 if dtype == torch.float64 else torch.complex64)
+        op = ops.fourier_temporal_conv_channelwise if channelwise else ops.fourier_temporal_conv
+        ref = reference.fourier_temporal_conv_channelwise if channelwise else reference.fourier_temporal_conv
+        xg, wg = x.detach().requires_grad_(), weight.detach().requires_grad_()
+        y = op(xg, wg, modes)
+        cot = make_x(tuple(y.shape), torch.float64, seed=9)
+        (y * cot.to(device="cuda", dtype=dtype)).sum().backward()
+        xr, wr = x.cpu().double().requires_grad_(), weight.cpu().to(torch.complex128).requires_grad_()
+        want = ref(xr, wr, modes)
+        (want * cot).sum().backward()
+        tol = REFERENCE_TOL[dtype]
+        assert_close(y.detach().cpu().double(), want.detach(), **tol)
+        assert_close(xg.grad.cpu().double(), xr.grad, **tol)
+        scale = wr.grad.abs().max()
+        assert_close(wg.grad.cpu().to(torch.complex128) / scale, wr.grad / scale, **tol)
