@@ -17,6 +17,24 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _broadcast_operands(op: str, lead_name: str, lead: Tensor, named: list[tuple[str, Tensor]]) -> torch.Size:
+    """Checks that every (name, tensor) has the lead operand's dtype and device; returns the broadcast shape."""
+    shape = lead.shape
+    for name, t in named:
+        if t.dtype != lead.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {lead_name} has dtype {lead.dtype}")
+        if t.device != lead.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {lead_name} is on {lead.device}")
+        try:
+            shape = torch.broadcast_shapes(shape, t.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{op}: {name} with shape {list(t.shape)} does not broadcast with {lead_name}'s shape "
+                f"{list(lead.shape)}"
+            ) from None
+    return shape
+
+
 def check_step_operands(x, out, history, coeffs, noise) -> torch.Size:
     """Validates the operands of multistep_step and returns the broadcast output shape.
 
@@ -39,20 +57,7 @@ def check_step_operands(x, out, history, coeffs, noise) -> torch.Size:
     named = [("out", out)] + [(f"history[{k}]", h) for k, h in enumerate(history)]
     if noise is not None:
         named.append(("noise", noise))
-    shape = x.shape
-    for name, t in named:
-        if t.dtype != x.dtype:
-            raise TypeError(f"multistep_step: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"multistep_step: {name} is on {t.device} but x is on {x.device}")
-        try:
-            shape = torch.broadcast_shapes(shape, t.shape)
-        except RuntimeError:
-            raise ValueError(
-                f"multistep_step: {name} with shape {list(t.shape)} does not broadcast with "
-                f"x's shape {list(x.shape)}"
-            ) from None
-    return shape
+    return _broadcast_operands("multistep_step", "x", x, named)
 
 
 def multistep_step(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor,
@@ -103,19 +108,7 @@ def check_ctm_operands(x, g, coeffs, noise) -> torch.Size:
     if coeffs.device != x.device:
         raise ValueError(f"{op}: coeffs is on {coeffs.device} but x is on {x.device}")
     named = [("g", g)] + ([("noise", noise)] if noise is not None else [])
-    shape = x.shape
-    for name, t in named:
-        if t.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-        try:
-            shape = torch.broadcast_shapes(shape, t.shape)
-        except RuntimeError:
-            raise ValueError(
-                f"{op}: {name} with shape {list(t.shape)} does not broadcast with x's shape {list(x.shape)}"
-            ) from None
-    return shape
+    return _broadcast_operands(op, "x", x, named)
 
 
 def ctm_step(x: Tensor, g: Tensor, coeffs: Tensor, noise: Tensor | None = None) -> Tensor:
@@ -167,20 +160,7 @@ def check_adjoint_operands(xbar, vjp, gfull, pend1, pend2, coeffs) -> torch.Size
         )
     named = [("vjp", vjp), ("gfull", gfull)]
     named += [(name, t) for name, t in (("pend1", pend1), ("pend2", pend2)) if t is not None]
-    for name, t in named:
-        if t.dtype != xbar.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but xbar has dtype {xbar.dtype}")
-        if t.device != xbar.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but xbar is on {xbar.device}")
-    shape = xbar.shape
-    for name, t in named:
-        try:
-            shape = torch.broadcast_shapes(shape, t.shape)
-        except RuntimeError:
-            raise ValueError(
-                f"{op}: {name} with shape {list(t.shape)} does not broadcast with xbar's shape {list(xbar.shape)}"
-            ) from None
-    return shape
+    return _broadcast_operands(op, "xbar", xbar, named)
 
 
 def discrete_adjoint_step(xbar: Tensor, vjp: Tensor, gfull: Tensor, pend1: Tensor | None,
