@@ -159,8 +159,10 @@ class DSNO(nn.Module):
     Args:
         backbone: ``backbone(x, t)`` or ``backbone(x, t, cond)`` on (N, C, H, W) with t (N,) model times;
             an output with a ``.sample`` attribute (diffusers) is unwrapped. It becomes a submodule.
-        times: (T,) model times of the trajectory points, noisiest first; slice i is told ``times[i]``.
+        times: (T,) model times of the trajectory points, noisiest first (slice i is told ``times[i]``),
+            or the number T of points, placed by :func:`trajectory_times` on `schedule`.
         modes: Fourier modes kept along T (1 .. T//2+1).
+        schedule: the teacher's schedule, needed when `times` is a number.
         channels: how to find the blocks (see :func:`find_blocks`).
         channelwise: temporal blocks without channel mixing.
 
@@ -168,9 +170,15 @@ class DSNO(nn.Module):
         ValueError when no block is found, or for T < 2 or modes out of range.
     """
 
-    def __init__(self, backbone: nn.Module, times: Sequence[float] | Tensor, modes: int = 2,
+    def __init__(self, backbone: nn.Module, times: int | Sequence[float] | Tensor, modes: int = 2, *,
+                 schedule: NoiseSchedule | None = None,
                  channels: Callable[[nn.Module], int | None] = _block_channels, channelwise: bool = False):
         super().__init__()
+        if isinstance(times, int):
+            if schedule is None:
+                raise ValueError(f"DSNO(times={times}) needs schedule= to place {times} trajectory times "
+                                 "(or pass the model times themselves)")
+            times = schedule.model_time(trajectory_times(schedule, times))
         times = torch.as_tensor(times, dtype=torch.float32).flatten()
         n_times = times.numel()
         if n_times < 2:

@@ -106,6 +106,16 @@ def test_wraps_a_diffusers_unet_forward_and_backward():
         assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
+def test_a_number_of_times_is_placed_on_the_schedule():
+    sched = ad.VPSchedule.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    student = dsno.DSNO(tiny_unet(), 4, 2, schedule=sched)
+    want = sched.model_time(dsno.trajectory_times(sched, 4)).float()
+    assert student.n_times == 4 and torch.equal(student.times, want)
+    assert student.times[-1] == 0 and (student.times.diff() < 0).all()
+    with pytest.raises(ValueError, match="needs schedule="):
+        dsno.DSNO(tiny_unet(), 4, 2)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="at least 2"):
         dsno.DSNO(tiny_unet(), [0.0], modes=1)
