@@ -206,3 +206,13 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
     with pytest.raises(ValueError, match="another configuration"):
         dsno.distill(teacher, sched, times=4, n_trajectories=24, iters=6, batch_size=8, lr=5e-3, num_classes=10,
                      steps_per_time=2, checkpoint=tmp_path / "ckpt.safetensors", progress=False)
+
+
+def test_compiles_to_one_graph():
+    student = dsno.DSNO(tiny_unet(), [700.0, 300.0, 30.0, 0.0], modes=2)
+    set_temporal_weights(student, 0.3)
+    noise, cond = torch.randn(3, 1, 8, 8), torch.tensor([1, 4, 10])
+    with torch.no_grad():
+        want = student(noise, cond)
+        got = torch.compile(student, fullgraph=True)(noise, cond)
+    assert_close(got, want, rtol=1e-4, atol=1e-5)
