@@ -16,6 +16,7 @@ import json
 import pathlib
 import sys
 import time
+import warnings
 
 import torch
 
@@ -107,8 +108,10 @@ def diagnose_command(args) -> None:
         raise CommandError(f"--radius must be > 0, got {args.radius}")
     times = args.times or ([0.05, 0.2, 0.5, 0.8] if args.model.startswith("digits-flow") else [50, 200, 500, 800])
     start = time.perf_counter()
-    rows = zoo_table(args.model, times, n=args.n, probes=args.probes, points=args.points, radius=args.radius,
-                     seed=args.seed)
+    with warnings.catch_warnings():   # torch's forward-mode AD setup scripts its decompositions with torch.jit
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+        rows = zoo_table(args.model, times, n=args.n, probes=args.probes, points=args.points, radius=args.radius,
+                         seed=args.seed)
     print(format_table(rows))
     seconds = time.perf_counter() - start
     print(f"{args.n} held-out digits noised at each t, {args.probes} probes, circles of radius {args.radius:g} "
