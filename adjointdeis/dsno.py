@@ -1,6 +1,6 @@
 """DSNO: one network evaluation maps noise to a whole sampling trajectory (operator learning).
 
-    student = ad.dsno.distill(teacher, sched, times=4, n_trajectories=20000, iters=3000, num_classes=10)
+    student = ad.dsno.distill(teacher, sched, times=4, n_trajectories=10000, iters=3000, num_classes=10)
     trajectory = student(noise, cond)          # (B, T, C, H, W); trajectory[:, -1] is the sample
 
 A :class:`DSNO` wraps a UNet (the zoo's :class:`~adjointdeis.zoo.networks.DigitsUNet` or a diffusers
@@ -368,9 +368,9 @@ def _load_checkpoint(path: pathlib.Path, student: DSNO, opt: torch.optim.Optimiz
 
 
 def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequence[float] | Tensor = 4,
-            n_trajectories: int = 10000, iters: int = 2000, *, modes: int = 2, prediction: str = "eps",
+            n_trajectories: int = 10000, iters: int = 3000, *, modes: int = 2, prediction: str = "eps",
             num_classes: int | None = None, shape: Sequence[int] | None = None, solver: str = "dpmpp",
-            order: int | None = None, steps_per_time: int = 5, batch_size: int = 64, lr: float = 2e-4,
+            order: int | None = None, steps_per_time: int = 5, batch_size: int = 64, lr: float = 5e-4,
             seed: int = 0, checkpoint: str | pathlib.Path | None = None, checkpoint_every: int = 250,
             resume: bool = True, data: TeacherTrajectories | None = None, progress: bool = True) -> DSNO:
     """Distils a teacher diffusion model into a one-evaluation DSNO student (the teacher's copy + temporal blocks).
