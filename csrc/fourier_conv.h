@@ -25,7 +25,11 @@
 #include <optional>
 #include <tuple>
 
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
 #include "fourier_conv_math.h"
+#include "operands.h"
 
 namespace adjointdeis {
 
@@ -50,6 +54,33 @@ struct TemporalKernels {
   // projection, the GEMM and the expansion; CUDA runs one GEMM over the whole batch.
   int64_t chunk_elements;
 };
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls run(TypeTag<src_t>{}, TypeTag<y_t>{}, TypeTag<acc_t>{}) with the temporal mix's element types:
+// the data type is whichever of src and y is not the accumulation type (mix's dtype); the other one is
+// the data type too or the accumulation type. Shared by both backends' temporal_mix.
+template <typename Run>
+void dispatch_temporal_mix(const at::Tensor& src, const at::Tensor& mix, const at::Tensor& y, const char* name,
+                           Run&& run) {
+  const bool y_is_acc = y.scalar_type() == mix.scalar_type();
+  const at::ScalarType data = y_is_acc ? src.scalar_type() : y.scalar_type();
+  ADJOINTDEIS_DISPATCH_FLOATING_TYPES(data, "fourier_temporal_mix", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    TORCH_CHECK(mix.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, name, ": mix has dtype ",
+                mix.scalar_type());
+    if (src.scalar_type() == data && y.scalar_type() == data) {
+      run(TypeTag<scalar_t>{}, TypeTag<scalar_t>{}, TypeTag<acc_t>{});
+    } else if (src.scalar_type() == data) {
+      run(TypeTag<scalar_t>{}, TypeTag<acc_t>{}, TypeTag<acc_t>{});
+    } else {
+      run(TypeTag<acc_t>{}, TypeTag<scalar_t>{}, TypeTag<acc_t>{});
+    }
+  });
+}
 
 // Number of real coordinates of `modes` bins of a length-T real signal: min(2 modes - 1, T).
 int64_t spectral_rank(int64_t n_times, int64_t modes);

@@ -103,11 +103,6 @@ ADJOINTDEIS_CPU_LOOP void epilogue_grad_row(const scalar_t* __restrict grad, int
   }
 }
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
 // Offset of element (b, t, c, 0) of a 4-d operand.
 inline int64_t row_offset(const at::Tensor& t, int64_t b, int64_t s, int64_t c) {
   return b * t.stride(0) + s * t.stride(1) + c * t.stride(2);
@@ -165,24 +160,11 @@ void run_temporal_mix(const at::Tensor& src, const at::Tensor& src_mask, double 
 void temporal_mix_cpu(const at::Tensor& src, const at::Tensor& src_mask, double mask_slope,
                       const at::Tensor& mix, const at::Tensor& addend, const at::Tensor& y,
                       const at::Tensor& mask, std::optional<double> negative_slope) {
-  // The data type is whichever of src and y is not the accumulation type (both, or float32/64).
-  const bool y_is_acc = y.scalar_type() == mix.scalar_type();
-  const at::ScalarType data = y_is_acc ? src.scalar_type() : y.scalar_type();
-  ADJOINTDEIS_DISPATCH_FLOATING_TYPES(data, "fourier_temporal_mix_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    TORCH_CHECK(mix.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
-                "fourier_temporal_mix_cpu: mix has dtype ", mix.scalar_type());
-    auto run = [&](auto src_tag, auto y_tag) {
-      run_temporal_mix<typename decltype(src_tag)::type, typename decltype(y_tag)::type, acc_t>(
-          src, src_mask, mask_slope, mix, addend, y, mask, negative_slope);
-    };
-    if (src.scalar_type() == data && y.scalar_type() == data) {
-      run(TypeTag<scalar_t>{}, TypeTag<scalar_t>{});
-    } else if (src.scalar_type() == data) {
-      run(TypeTag<scalar_t>{}, TypeTag<acc_t>{});
-    } else {
-      run(TypeTag<acc_t>{}, TypeTag<scalar_t>{});
-    }
+  dispatch_temporal_mix(src, mix, y, "fourier_temporal_mix_cpu", [&](auto src_tag, auto y_tag, auto acc_tag) {
+    using src_t = typename decltype(src_tag)::type;
+    using y_t = typename decltype(y_tag)::type;
+    using acc_t = typename decltype(acc_tag)::type;
+    run_temporal_mix<src_t, y_t, acc_t>(src, src_mask, mask_slope, mix, addend, y, mask, negative_slope);
   });
 }
 

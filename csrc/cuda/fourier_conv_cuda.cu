@@ -34,11 +34,6 @@ const scalar_t* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
 }
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
 template <typename src_t, typename y_t, typename acc_t>
 struct MixArgs {
   const src_t* src;
@@ -133,21 +128,11 @@ void temporal_mix_cuda(const at::Tensor& src, const at::Tensor& src_mask, double
                        const at::Tensor& mix, const at::Tensor& addend, const at::Tensor& y,
                        const at::Tensor& mask, std::optional<double> negative_slope) {
   TORCH_CHECK(src.size(1) <= kMaxTimes, "fourier_temporal_mix_cuda: at most ", kMaxTimes, " inputs");
-  const bool y_is_acc = y.scalar_type() == mix.scalar_type();
-  const at::ScalarType data = y_is_acc ? src.scalar_type() : y.scalar_type();
-  ADJOINTDEIS_DISPATCH_FLOATING_TYPES(data, "fourier_temporal_mix_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto run = [&](auto src_tag, auto y_tag) {
-      launch_temporal_mix<typename decltype(src_tag)::type, typename decltype(y_tag)::type, acc_t>(
-          src, src_mask, mask_slope, mix, addend, y, mask, negative_slope);
-    };
-    if (src.scalar_type() == data && y.scalar_type() == data) {
-      run(TypeTag<scalar_t>{}, TypeTag<scalar_t>{});
-    } else if (src.scalar_type() == data) {
-      run(TypeTag<scalar_t>{}, TypeTag<acc_t>{});
-    } else {
-      run(TypeTag<acc_t>{}, TypeTag<scalar_t>{});
-    }
+  dispatch_temporal_mix(src, mix, y, "fourier_temporal_mix_cuda", [&](auto src_tag, auto y_tag, auto acc_tag) {
+    using src_t = typename decltype(src_tag)::type;
+    using y_t = typename decltype(y_tag)::type;
+    using acc_t = typename decltype(acc_tag)::type;
+    launch_temporal_mix<src_t, y_t, acc_t>(src, src_mask, mask_slope, mix, addend, y, mask, negative_slope);
   });
 }
 
