@@ -17,8 +17,19 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _broadcast_operands(op: str, lead_name: str, lead: Tensor, named: list[tuple[str, Tensor]]) -> torch.Size:
-    """Checks that every (name, tensor) has the lead operand's dtype and device; returns the broadcast shape."""
+def _check_elementwise(op: str, lead_name: str, lead: Tensor, coeffs: Tensor, coeff_names: tuple[str, ...],
+                       named: list[tuple[str, Tensor]]) -> torch.Size:
+    """The checks shared by the elementwise step ops: the lead operand's dtype, a float64 coefficient vector on
+    its device, and every other (name, tensor) of its dtype and device; returns the broadcast output shape."""
+    if lead.dtype not in _STEP_DTYPES:
+        raise TypeError(f"{op}: {lead_name} must be float64, float32, float16 or bfloat16, got {lead.dtype}")
+    if coeffs.dtype != torch.float64:
+        raise TypeError(f"{op}: coeffs must be float64, got {coeffs.dtype}")
+    if coeffs.shape != (len(coeff_names),):
+        raise ValueError(f"{op}: coeffs must have shape [{len(coeff_names)}] ([{', '.join(coeff_names)}]), "
+                         f"got {list(coeffs.shape)}")
+    if coeffs.device != lead.device:
+        raise ValueError(f"{op}: coeffs is on {coeffs.device} but {lead_name} is on {lead.device}")
     shape = lead.shape
     for name, t in named:
         if t.dtype != lead.dtype:
@@ -41,23 +52,12 @@ def check_step_operands(x, out, history, coeffs, noise) -> torch.Size:
     Raises:
         ValueError / TypeError naming the offending argument.
     """
-    if x.dtype not in _STEP_DTYPES:
-        raise TypeError(f"multistep_step: x must be float64, float32, float16 or bfloat16, got {x.dtype}")
     if len(history) > MAX_HISTORY:
         raise ValueError(f"multistep_step: history holds at most {MAX_HISTORY} tensors, got {len(history)}")
-    if coeffs.dtype != torch.float64:
-        raise TypeError(f"multistep_step: coeffs must be float64, got {coeffs.dtype}")
-    if coeffs.shape != (len(STEP_COEFFS),):
-        raise ValueError(
-            f"multistep_step: coeffs must have shape [{len(STEP_COEFFS)}] ([a, b0, b1, b2, c, p, q]), "
-            f"got {list(coeffs.shape)}"
-        )
-    if coeffs.device != x.device:
-        raise ValueError(f"multistep_step: coeffs is on {coeffs.device} but x is on {x.device}")
     named = [("out", out)] + [(f"history[{k}]", h) for k, h in enumerate(history)]
     if noise is not None:
         named.append(("noise", noise))
-    return _broadcast_operands("multistep_step", "x", x, named)
+    return _check_elementwise("multistep_step", "x", x, coeffs, STEP_COEFFS, named)
 
 
 def multistep_step(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor,
@@ -98,17 +98,8 @@ def check_ctm_operands(x, g, coeffs, noise) -> torch.Size:
     Raises:
         ValueError / TypeError naming the offending argument.
     """
-    op = "ctm_step"
-    if x.dtype not in _STEP_DTYPES:
-        raise TypeError(f"{op}: x must be float64, float32, float16 or bfloat16, got {x.dtype}")
-    if coeffs.dtype != torch.float64:
-        raise TypeError(f"{op}: coeffs must be float64, got {coeffs.dtype}")
-    if coeffs.shape != (len(CTM_COEFFS),):
-        raise ValueError(f"{op}: coeffs must have shape [{len(CTM_COEFFS)}] ([a, b, c]), got {list(coeffs.shape)}")
-    if coeffs.device != x.device:
-        raise ValueError(f"{op}: coeffs is on {coeffs.device} but x is on {x.device}")
     named = [("g", g)] + ([("noise", noise)] if noise is not None else [])
-    return _broadcast_operands(op, "x", x, named)
+    return _check_elementwise("ctm_step", "x", x, coeffs, CTM_COEFFS, named)
 
 
 def ctm_step(x: Tensor, g: Tensor, coeffs: Tensor, noise: Tensor | None = None) -> Tensor:
@@ -146,21 +137,9 @@ def check_adjoint_operands(xbar, vjp, gfull, pend1, pend2, coeffs) -> torch.Size
     Raises:
         ValueError / TypeError naming the offending argument.
     """
-    op = "discrete_adjoint_step"
-    if xbar.dtype not in _STEP_DTYPES:
-        raise TypeError(f"{op}: xbar must be float64, float32, float16 or bfloat16, got {xbar.dtype}")
-    if coeffs.dtype != torch.float64:
-        raise TypeError(f"{op}: coeffs must be float64, got {coeffs.dtype}")
-    if coeffs.device != xbar.device:
-        raise ValueError(f"{op}: coeffs is on {coeffs.device} but xbar is on {xbar.device}")
-    if coeffs.shape != (len(ADJOINT_COEFFS),):
-        raise ValueError(
-            f"{op}: coeffs must have shape [{len(ADJOINT_COEFFS)}] ([a, p, b1, b2, b0_prev, q_prev]), "
-            f"got {list(coeffs.shape)}"
-        )
     named = [("vjp", vjp), ("gfull", gfull)]
     named += [(name, t) for name, t in (("pend1", pend1), ("pend2", pend2)) if t is not None]
-    return _broadcast_operands(op, "xbar", xbar, named)
+    return _check_elementwise("discrete_adjoint_step", "xbar", xbar, coeffs, ADJOINT_COEFFS, named)
 
 
 def discrete_adjoint_step(xbar: Tensor, vjp: Tensor, gfull: Tensor, pend1: Tensor | None,
