@@ -262,6 +262,16 @@ class GaussianEpsModel(torch.nn.Module):
         mu, s = self.mu.to(x), self.s.to(x)
         return sigma * (x - alpha * mu) / (alpha**2 * s**2 + sigma**2)
 
+    def flow_map(self, x: Tensor, t_from, t_to) -> Tensor:
+        """The exact probability-flow ODE solution from time t_from to t_to (floats or 0-d tensors)."""
+        t_from, t_to = (torch.as_tensor(t, dtype=torch.float64) for t in (t_from, t_to))
+
+        def k(t):
+            return torch.sqrt(self.schedule.alpha(t) ** 2 * self.s**2 + self.schedule.sigma(t) ** 2)
+
+        alpha = self.schedule.alpha
+        return alpha(t_to) * self.mu + (x - alpha(t_from) * self.mu) * k(t_to) / k(t_from)
+
 
 @dataclass(frozen=True)
 class DiagnosticRow:
