@@ -88,20 +88,29 @@ def load(name: str = "digits", device: str | torch.device = "cpu") -> ZooModel:
         return flow_entry(model.eval().to(device), meta)
     model = DigitsUNet()
     model.load_state_dict(state)
-    beta_start, beta_end = json.loads(meta["betas"])
-    betas = torch.linspace(beta_start, beta_end, int(meta["num_train_timesteps"]), dtype=torch.float64)
-    return ZooModel(model.eval().to(device), VPSchedule.from_betas(betas), meta["prediction"], (1, 8, 8),
+    return ZooModel(model.eval().to(device), _vp_schedule(meta), meta["prediction"], model.sample_shape,
                     model.num_classes)
 
 
+def _vp_schedule(meta: dict) -> VPSchedule:
+    """The discrete VP schedule of a model's safetensors metadata (linear betas)."""
+    beta_start, beta_end = json.loads(meta["betas"])
+    betas = torch.linspace(beta_start, beta_end, int(meta["num_train_timesteps"]), dtype=torch.float64)
+    return VPSchedule.from_betas(betas)
+
+
 def _load_dsno(device) -> ZooModel:
+    from safetensors import safe_open
+
     from ..dsno import DSNO
 
-    teacher = load("digits")
     state, meta = _load_state(WEIGHTS / "digits-dsno.safetensors")
+    with safe_open(str(WEIGHTS / f"{meta['teacher']}.safetensors"), framework="pt") as f:
+        teacher_meta = f.metadata()   # the teacher's schedule, without loading its tensors
     student = DSNO(DigitsUNet(), state["times"], int(meta["modes"]))
     student.load_state_dict(state)
-    return ZooModel(student.eval().to(device), teacher.schedule, "trajectory", teacher.shape, teacher.num_classes)
+    return ZooModel(student.eval().to(device), _vp_schedule(teacher_meta), "trajectory", DigitsUNet.sample_shape,
+                    student.backbone.num_classes)
 
 
 def load_classifier(device: str | torch.device = "cpu") -> DigitClassifier:
