@@ -126,64 +126,49 @@ def demo(args) -> None:
 
 
 def sample_command(args) -> None:
+    from . import zoo
     from .demo import class_noise, load_kit, sample_digits
     from .images import save_grid
     from .metrics import class_accuracy
 
-    if args.solver == "dsno" or args.model == "digits-dsno":
+    dsno = args.solver == "dsno" or args.model == "digits-dsno"   # the one-evaluation student
+    if dsno:
         if args.model not in ("digits", "digits-dsno"):
             raise CommandError(f"--solver dsno samples the student distilled from digits, not from {args.model}")
-        return dsno_sample_command(args)
-    try:
-        order = resolve_order(args.solver, args.order, args.sde)
-    except ValueError as error:
-        raise CommandError(str(error)) from None
-    if args.digit is not None and not 0 <= args.digit <= 9:
-        raise CommandError(f"--class must be a digit 0-9, got {args.digit}")
-    if args.guidance is not None and args.guidance < 0:
-        raise CommandError(f"--guidance must be >= 0, got {args.guidance}")
-    out = output_file(args.out, ".png")
-    kit = load_kit(args.model)
-    spacing = args.spacing or kit.spacing
-    x_T, labels = class_noise(kit, args.n, args.seed, args.digit)
-    start = time.perf_counter()
-    images = sample_digits(kit, x_T, labels, args.solver, order, args.steps, guidance=args.guidance, seed=args.seed,
-                           sde=args.sde, spacing=spacing, progress=True)
-    seconds = time.perf_counter() - start
-    ncol = 10 if args.digit is None else max(1, int(round(args.n ** 0.5)))
-    save_grid(out, images, ncol)
-    what = "digits 0-9 in columns" if args.digit is None else f"digit {args.digit}"
-    evaluations = 2 * args.steps - 1 if args.solver == "heun" else args.steps
-    guidance = "" if args.guidance is None else f", guidance {args.guidance:g}"
-    print(f"{args.n} samples ({what}) from {args.model}, {args.solver}-{order}{' SDE' if args.sde else ''}, "
-          f"{args.steps} steps = {evaluations} model evaluations ({spacing} grid){guidance}: "
-          f"{seconds:.1f} s; the classifier recognises {class_accuracy(kit.classifier, images, labels):.0%}")
-    print(f"wrote {out}")
-
-
-def dsno_sample_command(args) -> None:
-    """``sample --solver dsno``: the distilled DSNO student, one network evaluation per sample."""
-    from . import zoo
-    from .demo import class_noise, load_kit
-    from .images import save_grid
-    from .metrics import class_accuracy
-
-    for option, value in (("--order", args.order), ("--guidance", args.guidance), ("--sde", args.sde or None)):
-        if value is not None:
-            raise CommandError(f"{option} does not apply to --solver dsno (one evaluation of the distilled student)")
+        for option, value in (("--order", args.order), ("--guidance", args.guidance), ("--sde", args.sde or None)):
+            if value is not None:
+                raise CommandError(f"{option} does not apply to --solver dsno (one evaluation of the distilled "
+                                   "student)")
+    else:
+        try:
+            order = resolve_order(args.solver, args.order, args.sde)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+        if args.guidance is not None and args.guidance < 0:
+            raise CommandError(f"--guidance must be >= 0, got {args.guidance}")
     if args.digit is not None and not 0 <= args.digit <= 9:
         raise CommandError(f"--class must be a digit 0-9, got {args.digit}")
     out = output_file(args.out, ".png")
-    kit = load_kit()
-    student = zoo.load("digits-dsno").model
+    kit = load_kit("digits" if dsno else args.model)
     x_T, labels = class_noise(kit, args.n, args.seed, args.digit)
     start = time.perf_counter()
-    images = torch.cat([student.sample(x_T[i:i + 250], labels[i:i + 250]) for i in range(0, args.n, 250)])
+    if dsno:
+        student = zoo.load("digits-dsno").model
+        images = torch.cat([student.sample(x_T[i:i + 250], labels[i:i + 250]) for i in range(0, args.n, 250)])
+        how = f"with DSNO (digits-dsno, T={student.n_times}), 1 network evaluation"
+    else:
+        spacing = args.spacing or kit.spacing
+        images = sample_digits(kit, x_T, labels, args.solver, order, args.steps, guidance=args.guidance,
+                               seed=args.seed, sde=args.sde, spacing=spacing, progress=True)
+        evaluations = 2 * args.steps - 1 if args.solver == "heun" else args.steps
+        guidance = "" if args.guidance is None else f", guidance {args.guidance:g}"
+        how = (f"from {args.model}, {args.solver}-{order}{' SDE' if args.sde else ''}, {args.steps} steps = "
+               f"{evaluations} model evaluations ({spacing} grid){guidance}")
     seconds = time.perf_counter() - start
     save_grid(out, images, 10 if args.digit is None else max(1, int(round(args.n ** 0.5))))
     what = "digits 0-9 in columns" if args.digit is None else f"digit {args.digit}"
-    print(f"{args.n} samples ({what}), DSNO (digits-dsno, T={student.n_times}), 1 network evaluation: "
-          f"{seconds:.1f} s; the classifier recognises {class_accuracy(kit.classifier, images, labels):.0%}")
+    print(f"{args.n} samples ({what}) {how}: {seconds:.1f} s; "
+          f"the classifier recognises {class_accuracy(kit.classifier, images, labels):.0%}")
     print(f"wrote {out}")
 
 
