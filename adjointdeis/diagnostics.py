@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .models import to_data_and_noise
+from .sampling import model_time_dtype
 from .schedules import NoiseSchedule
 from .solvers import PREDICTIONS
 
@@ -90,7 +91,7 @@ def score_field(model: Callable, t: Tensor, schedule: NoiseSchedule | None = Non
 
     def field(x: Tensor) -> Tensor:
         shape = (-1,) + (1,) * (x.dim() - 1)
-        t_model = t.to(device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        t_model = t.to(device=x.device, dtype=model_time_dtype(x))
         out = model(x, t_model) if cond is None else model(x, t_model, cond)
         if out.shape != x.shape:
             raise ValueError(f"the model returned shape {list(out.shape)} for x of shape {list(x.shape)}")
