@@ -1,18 +1,24 @@
-"""adjointdeis: fused multistep samplers for diffusion and flow models, with gradients through sampling."""
+"""adjointdeis: fused multistep samplers for diffusion and flow models, with gradients through sampling.
+
+The public surface is below; the building blocks stay importable from their modules (``adjointdeis.solvers``
+for the solver registry and coefficient tables, ``adjointdeis.planning`` for grids and the run loop,
+``adjointdeis.predictions``, ``adjointdeis.gradients``, ...). docs/architecture.md maps the modules.
+"""
 
 from . import diagnostics, dsno, ops, reference
 from .ctm import sample_ctm, score_from_ctm
 from .dsno import FourierTemporalConv
+from .gradients import AdjointOptions
 from .guidance import guide
-from .models import PredictionAdapter, evaluate_model
-from .sampling import sample, sampling_grid
+from .models import PredictionAdapter
+from .planning import StepInfo
+from .sampling import sample
 from .schedules import EDMSchedule, FlowSchedule, NoiseSchedule, VPSchedule
-from .solvers import PREDICTIONS, SOLVERS, StepPlan, build_plan
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "EDMSchedule", "FlowSchedule", "FourierTemporalConv", "NoiseSchedule", "PREDICTIONS", "PredictionAdapter",
-    "SOLVERS", "StepPlan", "VPSchedule", "build_plan", "diagnostics", "dsno", "evaluate_model", "guide", "ops",
-    "reference", "sample", "sample_ctm", "sampling_grid", "score_from_ctm",
+    "AdjointOptions", "EDMSchedule", "FlowSchedule", "FourierTemporalConv", "NoiseSchedule", "PredictionAdapter",
+    "StepInfo", "VPSchedule", "diagnostics", "dsno", "guide", "ops", "reference", "sample", "sample_ctm",
+    "score_from_ctm",
 ]

@@ -15,7 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import ops
-from .sampling import model_time_dtype
+from .reference import opmath_dtype
 
 OUTPUTS = ("g", "jump")
 
@@ -139,7 +139,7 @@ def sample_ctm(model: Callable, x_T: Tensor, sigmas, gamma: float = 0.0, generat
     _check_output(output)
     rows, ts, us = ctm_plan(check_sigmas(sigmas), float(gamma), output)
     coeffs = torch.tensor(rows, dtype=torch.float64, device=x_T.device)
-    time_dtype = model_time_dtype(x_T)
+    time_dtype = opmath_dtype(x_T.dtype)
     t_model = torch.tensor(ts, dtype=time_dtype, device=x_T.device)
     u_model = torch.tensor(us, dtype=time_dtype, device=x_T.device)
     batch, x = x_T.shape[0], x_T

@@ -1,4 +1,4 @@
-"""Is the learned field a score? Conservativity diagnostics of a model's score field (MATH.md section 9).
+"""Is the learned field a score? Conservativity diagnostics of a model's score field (docs/math.md section 9).
 
 A true score ``s(x) = grad log p_t(x)`` has a symmetric Jacobian and zero circulation around every
 closed loop. Both estimators below work on ``s(x) = -eps(x, t) / sigma_t`` (the model's prediction
@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .models import to_data_and_noise
-from .sampling import model_time_dtype
+from .predictions import check_prediction, to_data_and_noise
+from .reference import opmath_dtype
 from .schedules import NoiseSchedule
-from .solvers import PREDICTIONS
 
 
 @dataclass(frozen=True)
@@ -65,8 +64,7 @@ def _repeat(cond, times: int):
 def _check_common(x, prediction: str, schedule) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
         raise TypeError("x must be a floating-point tensor (batch, *shape) with at least one feature dimension")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+    check_prediction(prediction)
     if schedule is None and prediction != "eps":
         raise ValueError(f"prediction={prediction!r} needs the schedule to convert the output to eps")
     if schedule is not None and not isinstance(schedule, NoiseSchedule):
@@ -91,7 +89,7 @@ def score_field(model: Callable, t: Tensor, schedule: NoiseSchedule | None = Non
 
     def field(x: Tensor) -> Tensor:
         shape = (-1,) + (1,) * (x.dim() - 1)
-        t_model = t.to(device=x.device, dtype=model_time_dtype(x))
+        t_model = t.to(device=x.device, dtype=opmath_dtype(x.dtype))
         out = model(x, t_model) if cond is None else model(x, t_model, cond)
         if out.shape != x.shape:
             raise ValueError(f"the model returned shape {list(out.shape)} for x of shape {list(x.shape)}")
@@ -318,26 +316,3 @@ def format_table(rows: Sequence[DiagnosticRow]) -> str:
         lines.append(f"| {row.model} | {row.t:g} | {row.asymmetry.estimate:.3g} ± {row.asymmetry.stderr:.1g} | "
                      f"{row.circulation.estimate:.3g} ± {row.circulation.stderr:.1g} |")
     return "\n".join(lines)
-
-
-def zoo_table(name: str = "digits", times: Sequence[float] = (50, 200, 500, 800), n: int = 64, probes: int = 32,
-              points: int = 32, radius: float = 1.0, seed: int = 0) -> list[DiagnosticRow]:
-    """Both diagnostics for a shipped model and for the exact score of a Gaussian fitted to its training data.
-
-    The points are the first `n` held-out digits noised at each t, conditioned on their labels; the
-    Gaussian has the training digits' per-pixel mean and standard deviation (floored at 0.01).
-
-    Args:
-        name: a model of ``adjointdeis.zoo.MODELS``; times: its model times (training steps for "digits").
-        n, probes, points, radius, seed: as in :func:`conservativity_table`.
-    """
-    from . import zoo
-    from .zoo.data import load_digits_split
-
-    entry = zoo.load(name)
-    entry.model.requires_grad_(False)
-    train_x, _, test_x, test_y = load_digits_split()
-    gaussian = GaussianEpsModel(entry.schedule, train_x.mean(0), train_x.std(0).clamp_min(0.01))
-    models = {"Gaussian fit (exact score)": (gaussian, "eps"), name: (entry.model, entry.prediction)}
-    return conservativity_table(models, entry.schedule, test_x[:n], times, cond=test_y[:n], probes=probes,
-                                points=points, radius=radius, seed=seed)

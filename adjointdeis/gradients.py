@@ -1,26 +1,110 @@
-"""Gradients through sampling (MATH.md section 5): the exact discrete adjoint and AdjointDEIS.
+"""Gradients through sampling (docs/math.md section 5): the exact discrete adjoint and AdjointDEIS.
 
 Both run the sampler forward under ``no_grad``, keep only the states, and in the backward pass
 re-run the model once per step with grad enabled, so at most one step's activations are alive.
 The result is attached to autograd through one :class:`torch.autograd.Function` whose inputs are
 x_T, the conditioning tensors and the model's parameters, so ``loss.backward()`` fills their
 ``.grad`` (and a DistributedDataParallel model's parameter gradients are averaged across ranks).
+That function drives the forward run itself, from a :class:`GradientSpec` (the plans of
+:mod:`adjointdeis.planning` and the settings), recording the states it needs through the run loop's callback.
 """
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import ops
-from .models import evaluate_model
-from .solvers import GridPoint, StepPlan, conversion
+from .models import Conditioning, evaluate_model
+from .planning import AdjointGrid, SamplingPlan, StepInfo, run_plan
+from .predictions import conversion
+from .reference import opmath_dtype
+from .solvers import GridPoint
 
 GRAD_MODES = ("discrete", "adjoint", "autograd")
 ADJOINT_FORMS = ("eps", "x0")
 STATE_MODES = ("recorded", "resolved")
+
+
+@dataclass(frozen=True)
+class AdjointOptions:
+    """The settings of ``grad="adjoint"`` (AdjointDEIS), as one object (cf. torchdiffeq's ``adjoint_options``).
+
+    Attributes:
+        order: 1 (AdjointDEIS-1) or 2 (AdjointDEIS-2M).
+        form: "eps" (the paper's noise-prediction form) or "x0" (the data-prediction form, stable on coarse
+            grids; docs/math.md section 5.3).
+        steps: steps of the adjoint grid, uniform in log-SNR between the sampling grid's ends; None: the
+            sampling grid.
+        states: "recorded" (states from a forward solve on the adjoint grid) or "resolved" (re-solved
+            backwards from the sample by DDIM inversion; ODE only).
+
+    Raises:
+        ValueError naming the setting (and its ``sample`` keyword) for a value out of range.
+    """
+
+    order: int = 1
+    form: str = "eps"
+    steps: int | None = None
+    states: str = "recorded"
+
+    def __post_init__(self):
+        if self.order not in (1, 2):
+            raise ValueError(f"AdjointOptions.order (adjoint_order) must be 1 or 2, got {self.order}")
+        if self.form not in ADJOINT_FORMS:
+            raise ValueError(f"AdjointOptions.form (adjoint_form) must be one of {', '.join(ADJOINT_FORMS)}, "
+                             f"got {self.form!r}")
+        if self.states not in STATE_MODES:
+            raise ValueError(f"AdjointOptions.states (states) must be one of {', '.join(STATE_MODES)}, "
+                             f"got {self.states!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"AdjointOptions.steps (adjoint_steps) must be >= 1, got {self.steps}")
+
+    def check_run(self, denoise_to_zero: bool, sde: bool) -> None:
+        """Raises ValueError when these settings cannot differentiate a run with these options."""
+        if denoise_to_zero:
+            raise ValueError("grad='adjoint' integrates the continuous adjoint from the grid's last time; "
+                             "it cannot start at zero noise (denoise_to_zero=True): use grad='discrete'")
+        if sde and self.states == "resolved":
+            raise ValueError("states='resolved' re-solves the ODE backwards; an SDE sample needs states='recorded'")
+
+
+def adjoint_options(adjoint: AdjointOptions | None = None, order: int | None = None, form: str | None = None,
+                    steps: int | None = None, states: str | None = None) -> AdjointOptions:
+    """The AdjointDEIS settings from ``adjoint=`` or from the separate keywords of :func:`adjointdeis.sample`.
+
+    Raises:
+        ValueError when both are given; TypeError when `adjoint` is not an :class:`AdjointOptions`.
+    """
+    given = {name: value for name, value in (("order", order), ("form", form), ("steps", steps),
+                                             ("states", states)) if value is not None}
+    if adjoint is None:
+        return AdjointOptions(**given)
+    if not isinstance(adjoint, AdjointOptions):
+        raise TypeError(f"adjoint must be an AdjointOptions, got {type(adjoint).__name__}")
+    if given:
+        keywords = ", ".join("states" if k == "states" else f"adjoint_{k}" for k in given)
+        raise ValueError(f"pass the AdjointDEIS settings either as adjoint=AdjointOptions(...) or as keywords, "
+                         f"not both (got adjoint= and {keywords})")
+    return adjoint
+
+
+def gradient_mode(grad: str | None, x_T: Tensor, conditioning: Conditioning, params: list[Tensor]) -> str | None:
+    """The gradient mode of a run: `grad`, or "discrete" when something requires grad; None without autograd.
+
+    Raises:
+        ValueError for an unknown mode.
+    """
+    if grad is not None and grad not in GRAD_MODES:
+        raise ValueError(f"unknown grad mode {grad!r}; choose one of {', '.join(GRAD_MODES)} or None")
+    if not torch.is_grad_enabled():
+        return None
+    wants = x_T.requires_grad or any(t.requires_grad for t in conditioning.leaves()) or bool(params)
+    if grad is None:
+        return "discrete" if wants else None
+    return grad
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,91 +112,87 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-@dataclass
-class Conditioning:
-    """Flattens (cond, uncond, guidance_scale) into leaf tensors and back."""
+@dataclass(frozen=True)
+class GradientSpec:
+    """Everything a differentiable run needs besides tensors.
 
-    cond: object
-    uncond: object
-    guidance_scale: object
-
-    def leaves(self) -> list[Tensor]:
-        out = []
-        for value in (self.cond, self.uncond):
-            if isinstance(value, Mapping):
-                out += [value[k] for k in sorted(value)]
-            elif isinstance(value, Tensor):
-                out.append(value)
-        if isinstance(self.guidance_scale, Tensor):
-            out.append(self.guidance_scale)
-        return out
-
-    def rebuild(self, leaves: list[Tensor]):
-        """(cond, uncond, guidance_scale) with the tensors replaced by `leaves`, in order."""
-        it = iter(leaves)
-        rebuilt = []
-        for value in (self.cond, self.uncond):
-            if isinstance(value, Mapping):
-                rebuilt.append({k: next(it) for k in sorted(value)})
-            elif isinstance(value, Tensor):
-                rebuilt.append(next(it))
-            else:
-                rebuilt.append(value)
-        w = next(it) if isinstance(self.guidance_scale, Tensor) else self.guidance_scale
-        return rebuilt[0], rebuilt[1], w
-
-
-@dataclass
-class AdjointConfig:
-    """AdjointDEIS settings: order 1 or 2, "eps" or "x0" form, the adjoint grid and its states."""
-
-    order: int = 1
-    form: str = "eps"
-    grid: list[GridPoint] | None = None      # noisiest first; None: the sampling grid
-    model_times: Tensor | None = None        # model time of every adjoint grid point
-    states: str = "recorded"
-    sde: bool = False
-
-
-@dataclass
-class SamplerSpec:
-    """Everything the backward pass needs besides tensors."""
+    Attributes:
+        model: ``model(x, t[, cond])``.
+        plan: the sampling plan.
+        conditioning: the structure of (cond, uncond, guidance_scale); its tensors are passed separately.
+        num_params: how many parameter tensors follow the conditioning's leaves.
+        mode: "discrete" or "adjoint".
+        adjoint, adjoint_grid: the AdjointDEIS settings and grid (mode "adjoint").
+        generator, progress, check_finite, callback: as for :func:`adjointdeis.planning.run_plan`; the
+            callback sees the sampling run only.
+    """
 
     model: Callable
-    plan: StepPlan
-    t_eval: Tensor
+    plan: SamplingPlan
     conditioning: Conditioning
     num_params: int
     mode: str
-    prediction: str
-    adjoint: AdjointConfig | None = None
+    adjoint: AdjointOptions | None = None
+    adjoint_grid: AdjointGrid | None = None
+    generator: torch.Generator | None = None
+    progress: bool = False
+    check_finite: bool = True
+    callback: Callable[[StepInfo], None] | None = None
 
 
-def vjp_model(model):
-    """The module to differentiate: DDP's wrapped module (its hooks would not fire on a VJP)."""
-    ddp = torch.nn.parallel.DistributedDataParallel
-    return model.module if isinstance(model, ddp) else model
+def sample_with_gradients(spec: GradientSpec, x_T: Tensor, params: list[Tensor]) -> Tensor:
+    """Runs `spec` from x_T and attaches the sample to autograd through x_T, the conditioning and `params`.
+
+    Returns:
+        (batch, *shape) the sample.
+    """
+    return _Sampler.apply(spec, x_T, *spec.conditioning.leaves(), *params)
 
 
-def model_parameters(model, parameters) -> list[Tensor]:
-    """Parameters that receive gradients: the given ones, else the module's that require grad."""
-    if parameters is not None:
-        return [p for p in parameters if p.requires_grad]
-    if isinstance(model, torch.nn.Module):
-        return [p for p in model.parameters() if p.requires_grad]
-    return []
+def _chain(record: Callable[[StepInfo], None], callback: Callable[[StepInfo], None] | None):
+    if callback is None:
+        return record
+
+    def both(info: StepInfo) -> None:
+        record(info)
+        callback(info)
+    return both
+
+
+def _forward(spec: GradientSpec, x_T: Tensor, conditioning: Conditioning) -> tuple[Tensor, list[Tensor]]:
+    """The sampling run and the states the backward pass needs: every row's input (discrete), the grid
+    states with the final one (adjoint, recorded), or none (adjoint, resolved)."""
+    def run(plan, callback):
+        return run_plan(spec.model, x_T, plan, cond=conditioning.cond, guidance_scale=conditioning.guidance_scale,
+                        uncond=conditioning.uncond, generator=spec.generator, progress=spec.progress,
+                        check_finite=spec.check_finite, callback=callback)
+
+    states = []
+    if spec.mode == "discrete":
+        return run(spec.plan, _chain(lambda info: states.append(info.x), spec.callback)), states
+    if spec.adjoint.states == "resolved":
+        return run(spec.plan, spec.callback), states
+
+    def record_grid(info: StepInfo) -> None:
+        if info.starts_step:
+            states.append(info.x)
+
+    if spec.adjoint_grid.forward is None:
+        x = run(spec.plan, _chain(record_grid, spec.callback))
+        return x, states + [x]
+    x = run(spec.plan, spec.callback)
+    return x, states + [run(spec.adjoint_grid.forward, record_grid)]
 
 
 class _Sampler(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec: SamplerSpec, record_run: Callable, x_T: Tensor, *leaves: Tensor):
+    def forward(ctx, spec: GradientSpec, x_T: Tensor, *leaves: Tensor):
         num_cond = len(leaves) - spec.num_params
-        cond, uncond, w = spec.conditioning.rebuild(list(leaves[:num_cond]))
-        x, states, grid_states = record_run(x_T, cond, uncond, w)
+        x, states = _forward(spec, x_T, spec.conditioning.rebuild(list(leaves[:num_cond])))
         ctx.spec = spec
         ctx.num_cond = num_cond
-        ctx.save_for_backward(*leaves, *states, *grid_states)
-        ctx.counts = (len(leaves), len(states))
+        ctx.num_leaves = len(leaves)
+        ctx.save_for_backward(*leaves, *states)
         ctx.final = x if spec.mode == "adjoint" else None
         return x
 
@@ -120,21 +200,24 @@ class _Sampler(torch.autograd.Function):
     def backward(ctx, grad_x: Tensor):
         spec = ctx.spec
         saved = ctx.saved_tensors
-        num_leaves, num_states = ctx.counts
-        leaves = list(saved[:num_leaves])
-        states = list(saved[num_leaves:num_leaves + num_states])
-        grid_states = list(saved[num_leaves + num_states:])
+        leaves, states = list(saved[:ctx.num_leaves]), list(saved[ctx.num_leaves:])
         cond_leaves, params = leaves[:ctx.num_cond], leaves[ctx.num_cond:]
         if spec.mode == "discrete":
             grad_x_T, grad_cond, grad_params = discrete_adjoint(spec, grad_x, states, cond_leaves, params)
         else:
-            grad_x_T, grad_cond, grad_params = continuous_adjoint(spec, grad_x, grid_states, ctx.final,
-                                                                  cond_leaves, params)
+            grad_x_T, grad_cond, grad_params = continuous_adjoint(spec, grad_x, states, ctx.final, cond_leaves,
+                                                                  params)
         reduce_across_ranks(spec.model, grad_params)
         if not torch.isfinite(grad_x_T).all():
             raise FloatingPointError(f"grad={spec.mode!r}: the adjoint state became non-finite (NaN/Inf); "
                                      "for grad='adjoint' try adjoint_form='x0' or a finer adjoint grid")
-        return (None, None, grad_x_T, *grad_cond, *grad_params)
+        return (None, grad_x_T, *grad_cond, *grad_params)
+
+
+def vjp_model(model):
+    """The module to differentiate: DDP's wrapped module (its hooks would not fire on a VJP)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    return model.module if isinstance(model, ddp) else model
 
 
 def reduce_across_ranks(model, grads: list[Tensor | None]) -> None:
@@ -171,7 +254,7 @@ def parameter_names(model, params: list[Tensor]) -> list[str] | None:
     return [names[id(p)] for p in params]
 
 
-def model_vjp(spec: SamplerSpec, x: Tensor, t: Tensor, cond_leaves, params, cotangent_of_out,
+def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cotangent_of_out,
               param_accumulators: tuple[list[str], list[Tensor]] | None = None):
     """Re-runs the model at x with grad enabled and pulls a cotangent back.
 
@@ -190,7 +273,7 @@ def model_vjp(spec: SamplerSpec, x: Tensor, t: Tensor, cond_leaves, params, cota
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         cond_in = [c.detach().requires_grad_(c.requires_grad) for c in cond_leaves]
-        cond, uncond, w = spec.conditioning.rebuild(cond_in)
+        c = spec.conditioning.rebuild(cond_in)
         aliases = []
         if param_accumulators is not None:
             names, buffers = param_accumulators
@@ -199,9 +282,9 @@ def model_vjp(spec: SamplerSpec, x: Tensor, t: Tensor, cond_leaves, params, cota
                 alias.grad = buffer
             replaced = dict(zip(names, aliases))
             call = lambda *args: torch.func.functional_call(model, replaced, args)  # noqa: E731
-            out = evaluate_model(call, x_in, t, cond, w, uncond)
+            out = evaluate_model(call, x_in, t, c.cond, c.guidance_scale, c.uncond)
         else:
-            out = evaluate_model(model, x_in, t, cond, w, uncond)
+            out = evaluate_model(model, x_in, t, c.cond, c.guidance_scale, c.uncond)
         if not out.requires_grad:
             raise RuntimeError(
                 f"grad={spec.mode!r}: the model output does not depend on x or on any tensor that requires "
@@ -238,14 +321,14 @@ def _finish(acc: list[Tensor | None], like: list[Tensor]) -> list[Tensor | None]
     return [None if a is None else a.to(t.dtype) for a, t in zip(acc, like)]
 
 
-def discrete_adjoint(spec: SamplerSpec, grad_x: Tensor, states: list[Tensor], cond_leaves, params):
-    """Exact gradient of the computed sample (MATH 5.1): reverse pass over the plan's rows.
+def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], cond_leaves, params):
+    """Exact gradient of the computed sample (docs/math.md section 5.1): reverse pass over the plan's rows.
 
     Per row j, one model VJP at the recorded x_j with cotangent ``q_j gfull_j``, then one fused
     kernel (:func:`ops.discrete_adjoint_step`) for dL/dx_j and the adjoints of earlier outputs,
     and one fused accumulation of the conditioning and parameter adjoints.
     """
-    plan = spec.plan
+    plan = spec.plan.steps
     device = grad_x.device
     acc_dtype = accumulation_dtype(states[0].dtype)
     a, b0, b1, b2, _, p, q = plan.coeffs.unbind(1)
@@ -253,7 +336,7 @@ def discrete_adjoint(spec: SamplerSpec, grad_x: Tensor, states: list[Tensor], co
     table = torch.stack([a, p, b1, b2, previous(b0), previous(q)], 1).to(device)
     one = torch.ones((), dtype=torch.float64, device=device)
     batch = states[0].shape[0]
-    t_eval = spec.t_eval.to(device, dtype=torch.float64 if states[0].dtype == torch.float64 else torch.float32)
+    t_eval = torch.tensor(spec.plan.t_eval, dtype=torch.float64).to(device, dtype=opmath_dtype(states[0].dtype))
     last = len(plan) - 1
     xbar = grad_x.to(acc_dtype)
     gfull = float(b0[last]) * xbar
@@ -279,7 +362,7 @@ def _adjoint_step_coefficients(form: str, sde: bool, t: GridPoint, s: GridPoint)
     """(A, B, Bz, mx, mz) of one first-order AdjointDEIS step from t (cleaner) to s (noisier).
 
     x: a(s) = A a(t) + B V,  V = mx (a^T dD/dx)   z: a_z(s) = a_z(t) + Bz W,  W = mz (a^T dD/dz)
-    with D = eps-hat (eps form, MATH 5.2) or x0-hat (x0 form, MATH 5.3).
+    with D = eps-hat (eps form, docs/math.md section 5.2) or x0-hat (x0 form, section 5.3).
     """
     h = s.half_log_snr - t.half_log_snr  # < 0
     if form == "eps":
@@ -294,16 +377,17 @@ def _adjoint_step_coefficients(form: str, sde: bool, t: GridPoint, s: GridPoint)
             2.0 * s.alpha / s.sigma * math.expm1(-h), t.sigma**2, t.sigma)
 
 
-def continuous_adjoint(spec: SamplerSpec, grad_x: Tensor, grid_states: list[Tensor], final: Tensor,
+def continuous_adjoint(spec: GradientSpec, grad_x: Tensor, grid_states: list[Tensor], final: Tensor,
                        cond_leaves, params):
-    """AdjointDEIS-1 / -2M (MATH 5.2-5.3) along the adjoint grid, cleaner to noisier.
+    """AdjointDEIS-1 / -2M (docs/math.md sections 5.2-5.3) along the adjoint grid, cleaner to noisier.
 
     Each step is one model VJP, one fused :func:`ops.multistep_step` for the state adjoint
     (``a(s) = A a(t) + B (w0 V_t + w1 V_prev)`` with ``V_t = mx (p a + vjp)`` kept as history) and
     fused accumulations of the conditioning and parameter adjoints.
     """
     cfg = spec.adjoint
-    grid = cfg.grid
+    grid = spec.adjoint_grid.points
+    prediction, sde = spec.plan.settings.prediction, spec.plan.settings.sde
     device = grad_x.device
     acc_dtype = accumulation_dtype(final.dtype)
     target = "eps" if cfg.form == "eps" else "x0"
@@ -312,8 +396,8 @@ def continuous_adjoint(spec: SamplerSpec, grad_x: Tensor, grid_states: list[Tens
     rows, z_scales, cot_scales, h_prev, mz_prev = [], [], [], None, None
     for k in steps:
         t, s = grid[k + 1], grid[k]
-        p, q = conversion(spec.prediction, target, t.alpha, t.sigma)
-        A, B, Bz, mx, mz = _adjoint_step_coefficients(cfg.form, cfg.sde, t, s)
+        p, q = conversion(prediction, target, t.alpha, t.sigma)
+        A, B, Bz, mx, mz = _adjoint_step_coefficients(cfg.form, sde, t, s)
         h = s.half_log_snr - t.half_log_snr
         w0, w1 = (1.0 + 0.5 * h / h_prev, -0.5 * h / h_prev) if cfg.order == 2 and h_prev is not None else (1.0, 0.0)
         rows.append([A, B * w0, B * w1, 0.0, 0.0, mx * p, mx])
@@ -322,7 +406,7 @@ def continuous_adjoint(spec: SamplerSpec, grad_x: Tensor, grid_states: list[Tens
         h_prev, mz_prev = h, mz
     rows = torch.tensor(rows, dtype=torch.float64, device=device)
     z_scales = torch.tensor(z_scales, dtype=torch.float64, device=device)
-    times = cfg.model_times.to(device, dtype=torch.float64 if final.dtype == torch.float64 else torch.float32)
+    times = torch.tensor(spec.adjoint_grid.model_times, dtype=torch.float64).to(device, dtype=opmath_dtype(final.dtype))
     a_x, x_t = grad_x.to(acc_dtype), final
     acc_cond, acc_params = [None] * len(cond_leaves), [None] * len(params)
     hist_v, hist_vjp = None, None
@@ -353,8 +437,8 @@ def _accumulate_split(acc_cond, acc_params, updates, scale):
 @torch.no_grad()
 def _ddim_inversion_step(spec, x_t, t_model, t: GridPoint, s: GridPoint, cond_leaves):
     """x_s = (alpha_s / alpha_t) x_t + alpha_s (rho_s - rho_t) eps(x_t, t): DDIM run backwards."""
-    pe, qe = conversion(spec.prediction, "eps", t.alpha, t.sigma)
-    cond, uncond, w = spec.conditioning.rebuild([c.detach() for c in cond_leaves])
-    out = evaluate_model(vjp_model(spec.model), x_t, t_model, cond, w, uncond)
+    pe, qe = conversion(spec.plan.settings.prediction, "eps", t.alpha, t.sigma)
+    c = spec.conditioning.rebuild([leaf.detach() for leaf in cond_leaves])
+    out = evaluate_model(vjp_model(spec.model), x_t, t_model, c.cond, c.guidance_scale, c.uncond)
     eps = pe * x_t + qe * out.to(x_t.dtype)
     return (s.alpha / t.alpha) * x_t + s.alpha * (s.rho - t.rho) * eps

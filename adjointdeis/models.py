@@ -1,52 +1,67 @@
-"""Model adapters: prediction conversions and classifier-free guidance around any callable model.
+"""Calling models: classifier-free guidance, the conditioning's tensors, prediction adapters.
 
 A model is called as ``model(x, t)`` or ``model(x, t, cond)`` and returns a tensor shaped like x;
-``t`` has shape (batch,) in the schedule's model-time units.
+``t`` has shape (batch,) in the schedule's model-time units; ``cond`` is a tensor or a dict of tensors
+with a leading batch axis.
 """
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .predictions import check_prediction, from_data_and_noise, to_data_and_noise
 from .schedules import NoiseSchedule
-from .solvers import PREDICTIONS
 
-Conditioning = Tensor | Mapping[str, Tensor] | None
+Cond = Tensor | Mapping[str, Tensor] | None
 
 
-def to_data_and_noise(out: Tensor, x: Tensor, alpha, sigma, prediction: str) -> tuple[Tensor, Tensor]:
-    """(x0-hat, eps-hat) from a raw model output, for ``x = alpha x0 + sigma eps``.
+@dataclass(frozen=True)
+class Conditioning:
+    """The conditioning of a sampling run, (cond, uncond, guidance_scale), flattened into leaf tensors and back.
 
-    Args:
-        out: (*shape) model output; x: (*shape) the state it was evaluated at.
-        alpha, sigma: floats or tensors broadcastable to x.
-        prediction: "eps" | "x0" | "v" (``alpha eps - sigma x0``) | "flow" (``eps - x0``).
+    The leaves are what gradients flow to: the tensors of cond, then of uncond (a dict's in sorted key
+    order), then a tensor guidance scale.
     """
-    if prediction == "eps":
-        return (x - sigma * out) / alpha, out
-    if prediction == "x0":
-        return out, (x - alpha * out) / sigma
-    if prediction == "v":
-        norm = alpha * alpha + sigma * sigma
-        return (alpha * x - sigma * out) / norm, (sigma * x + alpha * out) / norm
-    if prediction == "flow":
-        norm = alpha + sigma
-        return (x - sigma * out) / norm, (x + alpha * out) / norm
-    raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+
+    cond: object = None
+    uncond: object = None
+    guidance_scale: object = None
+
+    def leaves(self) -> list[Tensor]:
+        out = []
+        for value in (self.cond, self.uncond):
+            if isinstance(value, Mapping):
+                out += [value[k] for k in sorted(value)]
+            elif isinstance(value, Tensor):
+                out.append(value)
+        if isinstance(self.guidance_scale, Tensor):
+            out.append(self.guidance_scale)
+        return out
+
+    def rebuild(self, leaves: list[Tensor]) -> "Conditioning":
+        """The same structure with the tensors replaced by `leaves`, in the order of :meth:`leaves`."""
+        it = iter(leaves)
+        rebuilt = []
+        for value in (self.cond, self.uncond):
+            if isinstance(value, Mapping):
+                rebuilt.append({k: next(it) for k in sorted(value)})
+            elif isinstance(value, Tensor):
+                rebuilt.append(next(it))
+            else:
+                rebuilt.append(value)
+        w = next(it) if isinstance(self.guidance_scale, Tensor) else self.guidance_scale
+        return Conditioning(rebuilt[0], rebuilt[1], w)
 
 
-def from_data_and_noise(x0: Tensor, eps: Tensor, alpha, sigma, prediction: str) -> Tensor:
-    """The output a `prediction`-type model gives for the given (x0, eps) pair."""
-    if prediction == "eps":
-        return eps
-    if prediction == "x0":
-        return x0
-    if prediction == "v":
-        return alpha * eps - sigma * x0
-    if prediction == "flow":
-        return eps - x0
-    raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+def model_parameters(model, parameters) -> list[Tensor]:
+    """Parameters that receive gradients: the given ones, else the module's that require grad."""
+    if parameters is not None:
+        return [p for p in parameters if p.requires_grad]
+    if isinstance(model, torch.nn.Module):
+        return [p for p in model.parameters() if p.requires_grad]
+    return []
 
 
 class PredictionAdapter(torch.nn.Module):
@@ -62,8 +77,7 @@ class PredictionAdapter(torch.nn.Module):
     def __init__(self, model: Callable, schedule: NoiseSchedule, source: str, target: str):
         super().__init__()
         for name, value in (("source", source), ("target", target)):
-            if value not in PREDICTIONS:
-                raise ValueError(f"unknown {name} prediction {value!r}; choose one of {', '.join(PREDICTIONS)}")
+            check_prediction(value, name)
         self.model, self.schedule, self.source, self.target = model, schedule, source, target
 
     def forward(self, x: Tensor, t: Tensor, *cond) -> Tensor:
@@ -76,7 +90,7 @@ class PredictionAdapter(torch.nn.Module):
         return from_data_and_noise(x0, eps, alpha, sigma, self.target)
 
 
-def _cat_conditioning(uncond: Conditioning, cond: Conditioning):
+def _cat_conditioning(uncond: Cond, cond: Cond):
     if isinstance(cond, Mapping):
         if not isinstance(uncond, Mapping) or set(uncond) != set(cond):
             raise ValueError("uncond must be a dict with the same keys as cond")
@@ -84,8 +98,8 @@ def _cat_conditioning(uncond: Conditioning, cond: Conditioning):
     return torch.cat([uncond, cond])
 
 
-def evaluate_model(model: Callable, x: Tensor, t: Tensor, cond: Conditioning = None,
-                   guidance_scale: float | Tensor | None = None, uncond: Conditioning = None) -> Tensor:
+def evaluate_model(model: Callable, x: Tensor, t: Tensor, cond: Cond = None,
+                   guidance_scale: float | Tensor | None = None, uncond: Cond = None) -> Tensor:
     """One model evaluation, with classifier-free guidance when `guidance_scale` is given.
 
     Guidance evaluates the unconditional and conditional branches in one batched call and

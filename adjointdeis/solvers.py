@@ -1,25 +1,29 @@
-"""Coefficient tables of the multistep samplers (MATH.md sections 2 and 4).
+"""The solver registry and the coefficient tables of its solvers (docs/math.md section 4).
 
 Every supported step has the form ``x_next = a x + b0 m0 + b1 m1 + b2 m2 + c noise`` with
 ``m0 = p x + q out`` the converted model output. A :class:`StepPlan` holds one row per model
 evaluation, computed once per grid in float64 on the host; the sampler then runs the same
 fused op for every row and never syncs the host.
+
+:data:`SOLVERS` maps a solver's name to a :class:`Solver`: its orders, default order, which orders have
+an SDE variant, how many model evaluations a step takes, and its row builder, a function from a
+:class:`PlanRequest` to the plan's :class:`Row` s. Adding a solver is one entry and one row builder.
 """
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from .predictions import conversion
 from .reference import STEP_COEFFS
 
-SOLVERS = ("ddim", "deis", "dpmpp", "heun")
-PREDICTIONS = ("eps", "x0", "v", "flow")
-_ORDERS = {"ddim": (1,), "deis": (1, 2, 3), "dpmpp": (1, 2, 3), "heun": (2,)}
-_DEFAULT_ORDER = {"ddim": 1, "deis": 2, "dpmpp": 2, "heun": 2}
 THIRD_ORDER_VARIANTS = ("published", "taylor")
 HEUN_VARIABLES = ("rho", "flow")
+# diffusers' lower_order_final: below this many steps the last two steps are taken at order <= 1 and <= 2.
+LOWER_ORDER_FINAL_BELOW = 15
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,10 @@ class GridPoint:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """One row per model evaluation.
+    """One row per model evaluation; immutable, so a cached plan can be shared.
 
     Attributes:
-        coeffs: (S, 7) float64 rows ``[a, b0, b1, b2, c, p, q]``.
+        rows: (S, 7) float64 values ``[a, b0, b1, b2, c, p, q]`` per row, as nested tuples.
         eval_index: (S,) index into the time grid of the time the model is evaluated at.
         num_history: per row, how many previous converted outputs it reads (0..2).
         noisy: per row, whether it draws standard normal noise.
@@ -56,97 +60,148 @@ class StepPlan:
             (False for Heun's corrector rows, whose input is the predicted state).
     """
 
-    coeffs: Tensor
-    eval_index: list[int]
-    num_history: list[int]
-    noisy: list[bool]
-    starts_step: list[bool]
+    rows: tuple[tuple[float, ...], ...]
+    eval_index: tuple[int, ...]
+    num_history: tuple[int, ...]
+    noisy: tuple[bool, ...]
+    starts_step: tuple[bool, ...]
 
     def __len__(self) -> int:
         return len(self.eval_index)
 
+    @property
+    def coeffs(self) -> Tensor:
+        """The rows as a new (S, 7) float64 CPU tensor (the caller owns it)."""
+        return torch.tensor(self.rows, dtype=torch.float64).reshape(-1, len(STEP_COEFFS))
 
-def resolve_order(solver: str, order: int | None, sde: bool) -> int:
-    """Validates solver/order/sde and returns the order to use.
 
-    Raises:
-        ValueError naming `solver`, `order` or `sde`.
+@dataclass(frozen=True)
+class PlanRequest:
+    """What a row builder gets: the grid and the settings of one sampling run.
+
+    Attributes:
+        points: the N+1 grid points, noisiest first; the last may be (1, 0), "denoise to zero".
+        order: the validated solver order.
+        sde: stochastic rows (draw noise).
+        lower_order_final: apply diffusers' rule (last two steps at order <= 1, <= 2 below
+            :data:`LOWER_ORDER_FINAL_BELOW` steps), counting ``total_steps``.
+        final_order_one: take the last step at order 1 (diffusers' ``euler_at_final``).
+        total_steps: the steps of the whole run the lower-order rule counts (more than the grid's when
+            the grid is the tail of a run, as a scheduler restarting at a begin index).
+        third_order: DPM-Solver++(3M) variant, see :func:`_dpmpp_row`.
+        heun_variable: the variables Heun integrates in, see :func:`_heun_euler`.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    order = _DEFAULT_ORDER[solver] if order is None else order
-    if order not in _ORDERS[solver]:
-        raise ValueError(f"solver {solver!r} supports order {'/'.join(map(str, _ORDERS[solver]))}, got {order}")
-    if sde and not (solver in ("ddim", "dpmpp") and order <= 2):
-        raise ValueError(f"sde=True is available for solver 'dpmpp' (orders 1, 2) and 'ddim', not {solver!r} order {order}")
-    return order
+
+    points: tuple[GridPoint, ...]
+    order: int
+    sde: bool = False
+    lower_order_final: bool = True
+    final_order_one: bool = False
+    total_steps: int | None = None
+    third_order: str = "published"
+    heun_variable: str = "rho"
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.points) - 1
 
 
-def conversion(prediction: str, target: str, alpha: float, sigma: float) -> tuple[float, float]:
-    """(p, q) such that the `target` quantity ("x0" or "eps") is ``p x + q out``.
+@dataclass(frozen=True)
+class Row:
+    """One model evaluation before its output conversion: ``x_next = a x + sum_k b_k m_k + c noise``.
 
-    Args:
-        prediction: what the model outputs: "eps", "x0", "v" (alpha eps - sigma x0) or
-            "flow" (eps - x0).
-        target: "x0", "eps" or "velocity" (``eps - x0``).
-        alpha, sigma: the schedule at the evaluation time (sigma > 0).
-
-    Raises:
-        ValueError for an unknown prediction or a conversion that divides by zero.
+    Attributes:
+        index: grid index of the evaluation time.
+        a, b, c: the step's weights; ``b`` weights (m0, m1, m2), at most 3 of them.
+        target: what ``m0`` is: "x0", "eps" or "velocity" (eps - x0).
+        num_history: previous converted outputs read (``len(b) - 1`` for a multistep row).
+        starts_step: whether the row's input state is the grid state at `index`.
     """
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
-    if target == "velocity":  # eps - x0, the flow-matching target
-        (pe, qe), (px, qx) = (conversion(prediction, k, alpha, sigma) for k in ("eps", "x0"))
-        return pe - px, qe - qx
-    if prediction == ("eps" if target == "eps" else "x0"):
-        return 0.0, 1.0
-    if prediction == "v":
-        norm = alpha * alpha + sigma * sigma
-        return (alpha / norm, -sigma / norm) if target == "x0" else (sigma / norm, alpha / norm)
-    if prediction == "flow":
-        norm = alpha + sigma
-        return (1.0 / norm, -sigma / norm) if target == "x0" else (1.0 / norm, alpha / norm)
-    divisor = alpha if prediction == "eps" else sigma
-    if divisor == 0.0:
-        raise ValueError(
-            f"cannot convert a {prediction!r} prediction to {target!r} where "
-            f"{'alpha' if prediction == 'eps' else 'sigma'} is 0; start the grid below t = 1")
-    if prediction == "eps":
-        return 1.0 / alpha, -sigma / alpha
-    return 1.0 / sigma, -alpha / sigma
+
+    index: int
+    a: float
+    b: tuple[float, ...]
+    c: float
+    target: str
+    num_history: int
+    starts_step: bool = True
 
 
-def step_orders(num_steps: int, order: int, lower_order_final: bool, final_is_zero: bool) -> list[int]:
-    """Order of each step: warm-up from 1, lowered on the last steps as diffusers does."""
+@dataclass(frozen=True)
+class Solver:
+    """A registry entry.
+
+    Attributes:
+        name: the key users pass (``solver=``).
+        description: one line for messages and docs.
+        orders: the orders it supports; default_order: the one used when none is given.
+        sde_orders: the orders with a stochastic (``sde=True``) variant, empty if none.
+        stages: model evaluations per step (the last step of a multi-stage solver takes one).
+        rows: the row builder, ``PlanRequest -> list[Row]``.
+        alias_of: the solver whose rows it builds, when it is another's special case.
+    """
+
+    name: str
+    description: str
+    orders: tuple[int, ...]
+    default_order: int
+    rows: Callable[[PlanRequest], list[Row]] = field(repr=False)
+    sde_orders: tuple[int, ...] = ()
+    stages: int = 1
+    alias_of: str | None = None
+
+    def evaluations(self, steps: int) -> int:
+        """Model evaluations of a run of `steps` steps."""
+        return steps if self.stages == 1 else self.stages * steps - (self.stages - 1)
+
+
+def step_orders(request: PlanRequest) -> list[int]:
+    """Order of each step of a multistep solver: warm-up from 1, lowered on the last steps as diffusers does."""
+    num_steps = request.num_steps
+    counted = num_steps if request.total_steps is None else request.total_steps
+    lower = request.lower_order_final and counted < LOWER_ORDER_FINAL_BELOW
+    final_first_order = lower or request.final_order_one or request.points[-1].sigma == 0.0
     orders = []
     for i in range(num_steps):
-        k = min(order, i + 1)
-        if i == num_steps - 1 and ((lower_order_final and num_steps < 15) or final_is_zero):
+        k = min(request.order, i + 1)
+        if i == num_steps - 1 and final_first_order:
             k = 1
-        elif i == num_steps - 2 and lower_order_final and num_steps < 15:
+        elif i == num_steps - 2 and lower:
             k = min(k, 2)
         orders.append(k)
     return orders
+
+
+def _multistep(step_row: Callable[[PlanRequest, int, int], tuple[float, list[float], float]],
+               target: str) -> Callable[[PlanRequest], list[Row]]:
+    """The row builder of a multistep solver: one row per step, of the order :func:`step_orders` gives."""
+    def rows(request: PlanRequest) -> list[Row]:
+        out = []
+        for i, k in enumerate(step_orders(request)):
+            a, b, c = step_row(request, i, k)
+            out.append(Row(i, a, tuple(b), c, target, k - 1))
+        return out
+    return rows
 
 
 def _expm1_neg(h: float) -> float:
     return -1.0 if math.isinf(h) else math.expm1(-h)
 
 
-def _dpmpp_row(points, i, k, sde, third_order="published"):
+def _dpmpp_row(request: PlanRequest, i: int, k: int) -> tuple[float, list[float], float]:
     """DPM-Solver++ step i -> i+1 of order k (data prediction), as weights of (m0, m1, m2).
 
     Order 3 ("3M") has two variants. "published" is the update of the DPM-Solver++ paper and
     diffusers: its second-difference term D2 ~ h^2 x0''/2 carries the weight
     ``1/2 - (e^{-h} - 1 + h)/h^2 ~ h/6``, half of the Taylor weight
     ``integral_0^h e^{u-h} u^2 du / h^2 ~ h/3``, so its local error is O(h^3) and the method is
-    globally second order. "taylor" uses the Taylor weight and is third order.
+    globally second order. "taylor" uses the Taylor weight and is third order (docs/math.md section 4.3).
     """
+    points = request.points
     s, t = points[i], points[i + 1]
     h = t.half_log_snr - s.half_log_snr
     phi1 = -_expm1_neg(h)  # 1 - e^{-h}
-    if sde:
+    if request.sde:
         a = (t.sigma / s.sigma) * math.exp(-h)
         d_weight = t.alpha * (-_expm1_neg(2 * h))
         c = t.sigma * math.sqrt(-_expm1_neg(2 * h))
@@ -165,7 +220,7 @@ def _dpmpp_row(points, i, k, sde, third_order="published"):
     d2 = [(u - v) / (r0 + r1) for u, v in zip(d1_0, d1_1)]
     em = math.expm1(-h)
     d2_weight = -t.alpha * ((em + h) / h**2 - 0.5)
-    if third_order == "taylor":
+    if request.third_order == "taylor":
         d2_weight *= 2.0
     d1_weight = t.alpha * (em / h + 1)
     w = [(d_weight if j == 0 else 0.0) + d1_weight * d1[j] + d2_weight * d2[j] for j in range(3)]
@@ -187,8 +242,9 @@ def _exp_moment(n: int, h: float) -> float:
     return moment
 
 
-def _deis_row(points, i, k):
+def _deis_row(request: PlanRequest, i: int, k: int) -> tuple[float, list[float], float]:
     """DEIS (log-rho Adams-Bashforth) step i -> i+1 of order k, weights of eps (m0, m1, m2)."""
+    points = request.points
     s, t = points[i], points[i + 1]
     if not math.isfinite(s.rho):
         raise ValueError("solver 'deis' needs alpha > 0 at every evaluation time; start the grid below t = 1")
@@ -230,17 +286,80 @@ def _heun_euler(s: GridPoint, t: GridPoint, variable: str) -> tuple[float, float
     return t.alpha / s.alpha, t.alpha * (t.rho - s.rho), "eps"
 
 
-def build_plan(points: list[GridPoint], solver: str, order: int, prediction: str, *,
-               sde: bool = False, lower_order_final: bool = True, third_order: str = "published",
-               heun_variable: str = "rho") -> StepPlan:
+def _heun_rows(request: PlanRequest) -> list[Row]:
+    """EDM's Heun: an Euler predictor and a trapezoidal corrector per step, the last step Euler (2N - 1 rows)."""
+    points, num_steps = request.points, request.num_steps
+    rows = []
+    for i in range(num_steps):
+        a, euler, target = _heun_euler(points[i], points[i + 1], request.heun_variable)
+        rows.append(Row(i, a, (euler,), 0.0, target, 0))
+        if i < num_steps - 1:
+            rows.append(Row(i + 1, 1.0, (euler / 2, -euler / 2), 0.0, target, 1, starts_step=False))
+    return rows
+
+
+def _alias(name: str, of: Solver, order: int, description: str) -> Solver:
+    """An entry that is `of` at one fixed order (its rows, and its SDE variant if `of` has one there)."""
+    return Solver(name, description, (order,), order, of.rows, tuple(o for o in of.sde_orders if o == order),
+                  of.stages, of.name)
+
+
+_DPMPP = Solver("dpmpp", "DPM-Solver++ (multistep, data prediction)", (1, 2, 3), 2, _multistep(_dpmpp_row, "x0"),
+                sde_orders=(1, 2))
+SOLVERS: dict[str, Solver] = {s.name: s for s in (
+    _alias("ddim", _DPMPP, 1, "DDIM: DPM-Solver++ of order 1"),
+    Solver("deis", "DEIS (log-rho Adams-Bashforth of the noise prediction)", (1, 2, 3), 2,
+           _multistep(_deis_row, "eps")),
+    _DPMPP,
+    Solver("heun", "EDM's second-order Heun, the last step Euler", (2,), 2, _heun_rows, stages=2),
+)}
+
+
+def check_solver(solver: str) -> Solver:
+    """The registry entry of `solver`.
+
+    Raises:
+        ValueError naming `solver` when it is unknown.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    return SOLVERS[solver]
+
+
+def _sde_solvers() -> str:
+    """The solvers with an SDE variant, as a phrase ("solver 'dpmpp' (orders 1, 2) and 'ddim'"); aliases last."""
+    entries = sorted((e for e in SOLVERS.values() if e.sde_orders), key=lambda e: e.alias_of is not None)
+    names = [f"{e.name!r}" + (f" (orders {', '.join(map(str, e.sde_orders))})" if len(e.orders) > 1 else "")
+             for e in entries]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return "solver " + listed
+
+
+def resolve_order(solver: str, order: int | None, sde: bool) -> int:
+    """Validates solver/order/sde against the registry and returns the order to use.
+
+    Raises:
+        ValueError naming `solver`, `order` or `sde`.
+    """
+    entry = check_solver(solver)
+    order = entry.default_order if order is None else order
+    if order not in entry.orders:
+        raise ValueError(f"solver {solver!r} supports order {'/'.join(map(str, entry.orders))}, got {order}")
+    if sde and order not in entry.sde_orders:
+        raise ValueError(f"sde=True is available for {_sde_solvers()}, not {solver!r} order {order}")
+    return order
+
+
+def build_plan(points, solver: str, order: int, prediction: str, *, sde: bool = False,
+               lower_order_final: bool = True, third_order: str = "published", heun_variable: str = "rho",
+               final_order_one: bool = False, total_steps: int | None = None) -> StepPlan:
     """Coefficient table for sampling along `points` (noisiest first).
 
     Args:
         points: N+1 grid points (alpha, sigma); the last may be (1, 0), "denoise to zero".
         solver, order: as validated by :func:`resolve_order`.
-        prediction: what the model outputs ("eps" | "x0" | "v" | "flow").
-        sde: stochastic DPM-Solver++ (rows draw noise).
-        lower_order_final: lower the order on the last steps when N < 15, as diffusers.
+        prediction: what the model outputs (a key of :data:`adjointdeis.predictions.PREDICTIONS`).
+        sde, lower_order_final, final_order_one, total_steps: see :class:`PlanRequest`.
         third_order: DPM-Solver++(3M) variant, "published" (diffusers-identical, globally
             second order) or "taylor" (third order); see :func:`_dpmpp_row`.
         heun_variable: the variables Heun integrates in: "rho" (EDM: ``x/alpha`` against
@@ -249,40 +368,26 @@ def build_plan(points: list[GridPoint], solver: str, order: int, prediction: str
 
     Returns:
         A :class:`StepPlan` with N rows (2N - 1 for Heun: last step Euler).
+
+    Raises:
+        ValueError for an unknown solver, third_order or heun_variable, or a grid that gives
+        non-finite coefficients.
     """
+    entry = check_solver(solver)
     if third_order not in THIRD_ORDER_VARIANTS:
         raise ValueError(f"third_order must be one of {', '.join(THIRD_ORDER_VARIANTS)}, got {third_order!r}")
     if heun_variable not in HEUN_VARIABLES:
         raise ValueError(f"heun_variable must be one of {', '.join(HEUN_VARIABLES)}, got {heun_variable!r}")
-    num_steps = len(points) - 1
-    final_is_zero = points[-1].sigma == 0.0
-    rows, eval_index, num_history, noisy, starts_step = [], [], [], [], []
-
-    def add(index, a, b, c, target, nh, starts=True):
-        p, q = conversion(prediction, target, points[index].alpha, points[index].sigma)
-        b = list(b) + [0.0] * (3 - len(b))
-        rows.append([a, *b, c, p, q])
-        eval_index.append(index)
-        num_history.append(nh)
-        noisy.append(c != 0.0)
-        starts_step.append(starts)
-
-    if solver == "heun":
-        for i in range(num_steps):
-            a, euler, target = _heun_euler(points[i], points[i + 1], heun_variable)
-            add(i, a, [euler], 0.0, target, 0)
-            if i < num_steps - 1:
-                add(i + 1, 1.0, [euler / 2, -euler / 2], 0.0, target, 1, starts=False)
-    else:
-        orders = step_orders(num_steps, order, lower_order_final, final_is_zero)
-        for i, k in enumerate(orders):
-            if solver == "deis":
-                a, b, c = _deis_row(points, i, k)
-                add(i, a, b, c, "eps", k - 1)
-            else:
-                a, b, c = _dpmpp_row(points, i, k, sde, third_order)
-                add(i, a, b, c, "x0", k - 1)
-    coeffs = torch.tensor(rows, dtype=torch.float64).reshape(-1, len(STEP_COEFFS))
-    if not torch.isfinite(coeffs).all():
+    points = tuple(points)
+    request = PlanRequest(points, order, sde, lower_order_final, final_order_one, total_steps, third_order,
+                          heun_variable)
+    table = []
+    rows = entry.rows(request)
+    for row in rows:
+        point = points[row.index]
+        p, q = conversion(prediction, row.target, point.alpha, point.sigma)
+        table.append((row.a, *row.b, *([0.0] * (3 - len(row.b))), row.c, p, q))
+    if not all(math.isfinite(v) for values in table for v in values):
         raise ValueError("the time grid produced non-finite step coefficients; check its endpoints")
-    return StepPlan(coeffs, eval_index, num_history, noisy, starts_step)
+    return StepPlan(tuple(table), tuple(r.index for r in rows), tuple(r.num_history for r in rows),
+                    tuple(r.c != 0.0 for r in rows), tuple(r.starts_step for r in rows))

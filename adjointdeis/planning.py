@@ -1,0 +1,228 @@
+"""Planning and running a sampling call: the time grid, its coefficient table and the run loop.
+
+:func:`plan_sampling` builds everything a run needs besides tensors, once per call, on the host in
+float64: the grid (docs/math.md section 3), its (alpha, sigma) points, the model times and the solver's
+coefficient table (section 4). The result, a :class:`SamplingPlan`, is plain immutable data, so
+``torch.compile`` treats it as a constant. :func:`run_plan` runs a plan from x_T, one fused
+:func:`adjointdeis.ops.multistep_step` per model evaluation, without syncing the host; a ``callback``
+sees every evaluation (:class:`StepInfo`).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import ops
+from .models import evaluate_model
+from .reference import opmath_dtype
+from .schedules import FlowSchedule, NoiseSchedule
+from .solvers import GridPoint, StepPlan, build_plan, resolve_order
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """The solver of a run, as :func:`adjointdeis.sample` takes it (order resolved)."""
+
+    solver: str
+    order: int
+    prediction: str
+    sde: bool = False
+    lower_order_final: bool = True
+    third_order: str = "published"
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """A sampling run without its tensors: grid, points, model times and coefficient table.
+
+    Attributes:
+        times: (N+1,) schedule times of the grid, noisiest first (the last unused when denoising to zero).
+        points: (N+1,) grid points; the last is (1, 0) when denoising to zero.
+        model_times: (N+1,) the model time of every grid time.
+        steps: the coefficient table, one row per model evaluation.
+        t_eval: the model time of every row's evaluation.
+        settings: the solver that made `steps`.
+    """
+
+    times: tuple[float, ...]
+    points: tuple[GridPoint, ...]
+    model_times: tuple[float, ...]
+    steps: StepPlan
+    t_eval: tuple[float, ...]
+    settings: SolverSettings
+
+
+@dataclass(frozen=True)
+class AdjointGrid:
+    """The grid AdjointDEIS integrates on (noisiest first) and, when it is not the sampling grid and the
+    states are recorded, the plan whose forward run records them."""
+
+    points: tuple[GridPoint, ...]
+    model_times: tuple[float, ...]
+    forward: SamplingPlan | None = None
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What :func:`run_plan` reports to its callback after each model evaluation.
+
+    Attributes:
+        row: index of the evaluation in the plan.
+        step: grid index of the evaluation time (the step it belongs to).
+        starts_step: False for a corrector evaluation inside a step (Heun's second evaluation).
+        t: 0-d model time of the evaluation.
+        x: (batch, *shape) the state the model was evaluated at.
+        output: (batch, *shape) the model's output there (guided).
+        converted: (batch, *shape) the output converted to the solver's quantity (x0 or eps).
+        x_next: (batch, *shape) the state after the row's update.
+    """
+
+    row: int
+    step: int
+    starts_step: bool
+    t: Tensor
+    x: Tensor
+    output: Tensor
+    converted: Tensor
+    x_next: Tensor
+
+
+def heun_variable(sched: NoiseSchedule) -> str:
+    """Heun integrates a flow schedule's own ODE ``dx/dt = eps - x0`` (as the rectified-flow papers and
+    diffusers' ``FlowMatchHeunDiscreteScheduler``), every other schedule in EDM's ``(x/alpha, sigma/alpha)``."""
+    return "flow" if isinstance(sched, FlowSchedule) else "rho"
+
+
+def sampling_grid(sched: NoiseSchedule, steps: int, spacing: str = "logsnr",
+                  timesteps: Tensor | None = None, denoise_to_zero: bool = False) -> tuple[Tensor, list[GridPoint]]:
+    """The time grid of a sampling run and its (alpha, sigma) points.
+
+    Args:
+        sched: the noise schedule.
+        steps: number of steps N (ignored when `timesteps` is given).
+        spacing: grid spacing for ``sched.timesteps``.
+        timesteps: optional explicit grid, (N+1,) strictly decreasing, noisiest first.
+        denoise_to_zero: replace the grid's last point by zero noise (alpha=1, sigma=0),
+            as diffusers' ``final_sigmas_type="zero"``.
+
+    Returns:
+        ``(ts, points)``: ts (N+1,) float64 times (its last entry unused when denoising to
+        zero), points the N+1 grid points.
+
+    Raises:
+        ValueError for a bad step count, spacing or grid.
+    """
+    if timesteps is None:
+        ts = sched.timesteps(steps, spacing)
+    else:
+        ts = sched.check_grid(timesteps)
+    alphas, sigmas = sched.alpha(ts).tolist(), sched.sigma(ts).tolist()
+    points = [GridPoint(a, s) for a, s in zip(alphas, sigmas)]
+    if denoise_to_zero:
+        points[-1] = GridPoint(1.0, 0.0)
+    return ts, points
+
+
+def _plan_on_grid(sched: NoiseSchedule, ts: Tensor, points: list[GridPoint], settings: SolverSettings) -> SamplingPlan:
+    steps = build_plan(points, settings.solver, settings.order, settings.prediction, sde=settings.sde,
+                       lower_order_final=settings.lower_order_final, third_order=settings.third_order,
+                       heun_variable=heun_variable(sched))
+    model_times = tuple(sched.model_time(ts).tolist())
+    return SamplingPlan(tuple(ts.tolist()), tuple(points), model_times, steps,
+                        tuple(model_times[i] for i in steps.eval_index), settings)
+
+
+@torch.compiler.assume_constant_result
+def plan_sampling(sched: NoiseSchedule, steps: int, spacing: str, timesteps: tuple[float, ...] | None,
+                  denoise_to_zero: bool, solver: str, order: int | None, prediction: str, sde: bool = False,
+                  lower_order_final: bool = True, third_order: str = "published") -> SamplingPlan:
+    """The plan of one sampling run (a constant for ``torch.compile``).
+
+    Args:
+        sched, steps, spacing, denoise_to_zero: as for :func:`sampling_grid`.
+        timesteps: an explicit (N+1,) grid as a tuple of floats, or None.
+        solver, order, prediction, sde, lower_order_final, third_order: as for :func:`adjointdeis.sample`.
+
+    Returns:
+        The :class:`SamplingPlan`.
+
+    Raises:
+        ValueError naming the bad argument (solver, order, sde, steps, spacing, timesteps, ...).
+    """
+    settings = SolverSettings(solver, resolve_order(solver, order, sde), prediction, sde, lower_order_final,
+                              third_order)
+    grid = None if timesteps is None else torch.tensor(timesteps, dtype=torch.float64)
+    ts, points = sampling_grid(sched, steps, spacing, grid, denoise_to_zero)
+    return _plan_on_grid(sched, ts, points, settings)
+
+
+def plan_adjoint_grid(sched: NoiseSchedule, plan: SamplingPlan, steps: int | None,
+                      record_states: bool) -> AdjointGrid:
+    """The AdjointDEIS grid of a run: the sampling grid, or `steps` steps uniform in log-SNR between its ends.
+
+    Args:
+        sched: the run's schedule.
+        plan: the sampling plan (not denoising to zero).
+        steps: steps of the adjoint grid; None uses the sampling grid.
+        record_states: whether the states on an adjoint grid of its own come from a forward run on it
+            (then its plan is built, with the sampling plan's solver).
+    """
+    if steps is None:
+        return AdjointGrid(plan.points, plan.model_times)
+    lam = torch.linspace(float(sched.half_log_snr(plan.times[0])), float(sched.half_log_snr(plan.times[-1])),
+                         steps + 1, dtype=torch.float64)
+    ts = sched.time_from_half_log_snr(lam)
+    ts[0], ts[-1] = plan.times[0], plan.times[-1]
+    ts, points = sampling_grid(sched, steps, timesteps=ts)
+    if not record_states:
+        return AdjointGrid(tuple(points), tuple(sched.model_time(ts).tolist()))
+    forward = _plan_on_grid(sched, ts, points, plan.settings)
+    return AdjointGrid(forward.points, forward.model_times, forward)
+
+
+def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, guidance_scale=None, uncond=None,
+             generator: torch.Generator | None = None, progress: bool = False, check_finite: bool = True,
+             callback: Callable[[StepInfo], None] | None = None) -> Tensor:
+    """Runs a :class:`SamplingPlan` from x_T; the loop never syncs the host.
+
+    Args:
+        model: ``model(x, t[, cond])`` -> tensor shaped like x.
+        x_T: (batch, *shape) the initial state.
+        plan: the plan, from :func:`plan_sampling`.
+        cond, guidance_scale, uncond: the conditioning (see :func:`adjointdeis.models.evaluate_model`).
+        generator: draws the noise of stochastic rows.
+        progress: show a tqdm progress bar.
+        check_finite: after the loop (one host sync), raise if the result is not finite.
+        callback: called with a :class:`StepInfo` after every model evaluation.
+
+    Returns:
+        (batch, *shape) the final state.
+
+    Raises:
+        FloatingPointError when `check_finite` and the result is not finite.
+    """
+    steps = plan.steps
+    coeffs = torch.tensor(steps.rows, dtype=torch.float64).to(x_T.device)
+    t_eval = torch.tensor(plan.t_eval, dtype=torch.float64).to(device=x_T.device, dtype=opmath_dtype(x_T.dtype))
+    batch = x_T.shape[0]
+    x, history = x_T, []
+    rows = range(len(steps.eval_index))
+    if progress and not torch.compiler.is_compiling():
+        rows = tqdm(rows, disable=None, desc="sampling", leave=False)
+    for row in rows:
+        out = evaluate_model(model, x, t_eval[row].expand(batch), cond, guidance_scale, uncond)
+        noise = None
+        if steps.noisy[row]:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_next, m0 = ops.multistep_step(x, out.to(x.dtype), history[:steps.num_history[row]], coeffs[row], noise)
+        if callback is not None:
+            callback(StepInfo(row, steps.eval_index[row], steps.starts_step[row], t_eval[row], x, out, m0, x_next))
+        x, history = x_next, [m0] + history[:1]
+    if check_finite and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+        raise FloatingPointError(
+            "sample: the result is not finite: the model returned NaN or Inf during sampling "
+            "(or the grid reaches a time where the prediction cannot be converted)")
+    return x
