@@ -7,6 +7,7 @@ from torch.testing import assert_close
 
 import adjointdeis as ad
 from adjointdeis import dsno
+from adjointdeis.dsno import distillation
 from adjointdeis.zoo.networks import DigitsUNet
 from gaussian import GaussianEps, per_dimension
 
@@ -141,7 +142,7 @@ def test_teacher_trajectories_follow_the_exact_flow_map():
     exact = torch.stack(exact, 1)
     errors = []
     for steps in (10, 40):   # DPM-Solver++(2M) between the trajectory times: second order
-        data = dsno.teacher_trajectories(model, sched, times, noise, steps_per_time=steps, progress=False)
+        data = distillation.teacher_trajectories(model, sched, times, noise, steps_per_time=steps, progress=False)
         errors.append((data.targets - exact).abs().max().item())
     assert errors[1] < 1e-3 and errors[1] < errors[0] / 8, errors
     snr_root = sched.alpha(times) / sched.sigma(times)
@@ -152,14 +153,14 @@ def test_teacher_trajectories_follow_the_exact_flow_map():
 def distill_tiny(tmp_path, iters, name="ckpt.safetensors", resume=True):
     teacher = tiny_unet().requires_grad_(False)
     sched = ad.VPSchedule.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
-    return dsno.distill(teacher, sched, times=4, n_trajectories=24, iters=iters, batch_size=8, lr=1e-3,
+    return distillation.distill(teacher, sched, times=4, n_trajectories=24, iters=iters, batch_size=8, lr=1e-3,
                         num_classes=10, steps_per_time=2, checkpoint=tmp_path / name, checkpoint_every=3,
                         resume=resume, progress=False)
 
 
 def test_interrupted_distillation_resumes_where_it_stopped(tmp_path, monkeypatch):
     straight = distill_tiny(tmp_path, 6, "a.safetensors")
-    loss, calls = dsno.dsno_loss, []
+    loss, calls = distillation.dsno_loss, []
 
     def interrupted_after_4(*args):
         calls.append(1)
@@ -167,15 +168,15 @@ def test_interrupted_distillation_resumes_where_it_stopped(tmp_path, monkeypatch
             raise KeyboardInterrupt
         return loss(*args)
 
-    monkeypatch.setattr(dsno, "dsno_loss", interrupted_after_4)
+    monkeypatch.setattr(distillation, "dsno_loss", interrupted_after_4)
     with pytest.raises(KeyboardInterrupt):   # checkpoint written after step 3, step 5 never happens
         distill_tiny(tmp_path, 6, "b.safetensors")
     assert (tmp_path / "b.safetensors.teacher.safetensors").is_file()
     calls.clear()
-    monkeypatch.setattr(dsno, "dsno_loss", lambda *args: calls.append(1) or loss(*args))
+    monkeypatch.setattr(distillation, "dsno_loss", lambda *args: calls.append(1) or loss(*args))
     resumed = distill_tiny(tmp_path, 6, "b.safetensors")
     assert len(calls) == 3   # steps 4-6 only
-    monkeypatch.setattr(dsno, "dsno_loss", loss)
+    monkeypatch.setattr(distillation, "dsno_loss", loss)
     for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert_close(p, q, rtol=0, atol=0, msg=name)
     fresh = distill_tiny(tmp_path, 6, "b.safetensors", resume=False)   # starts over: same as straight
@@ -189,13 +190,13 @@ def test_distillation_lowers_the_weighted_loss(tmp_path):
     times = dsno.trajectory_times(sched, 4)
     g = torch.Generator().manual_seed(0)
     noise, cond = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
-    data = dsno.teacher_trajectories(teacher, sched, times, noise, cond, prediction="x0", steps_per_time=2,
+    data = distillation.teacher_trajectories(teacher, sched, times, noise, cond, prediction="x0", steps_per_time=2,
                                      progress=False)
-    before = dsno.dsno_loss(dsno.DSNO(tiny_unet(), data.model_times), noise, data.targets, data.weights, cond)
-    student = dsno.distill(teacher, sched, times, 16, 60, batch_size=16, lr=2e-3, num_classes=10, data=data,
+    before = distillation.dsno_loss(dsno.DSNO(tiny_unet(), data.model_times), noise, data.targets, data.weights, cond)
+    student = distillation.distill(teacher, sched, times, 16, 60, batch_size=16, lr=2e-3, num_classes=10, data=data,
                            prediction="x0", progress=False)
     with torch.no_grad():
-        after = dsno.dsno_loss(student, noise, data.targets, data.weights, cond)
+        after = distillation.dsno_loss(student, noise, data.targets, data.weights, cond)
     assert after < 0.5 * before
 
 
@@ -204,7 +205,7 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
     teacher = tiny_unet().requires_grad_(False)
     sched = ad.VPSchedule.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
     with pytest.raises(ValueError, match="another configuration"):
-        dsno.distill(teacher, sched, times=4, n_trajectories=24, iters=6, batch_size=8, lr=5e-3, num_classes=10,
+        distillation.distill(teacher, sched, times=4, n_trajectories=24, iters=6, batch_size=8, lr=5e-3, num_classes=10,
                      steps_per_time=2, checkpoint=tmp_path / "ckpt.safetensors", progress=False)
 
 

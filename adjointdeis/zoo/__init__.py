@@ -4,7 +4,8 @@
     student = ad.zoo.load("digits-dsno")  # student.model(noise, cond) -> trajectory; prediction "trajectory"
 
 Models: "digits" (eps prediction, discrete VP schedule), "digits-flow" (rectified flow: prediction
-"flow" on a :class:`FlowSchedule`), "digits-flow-reflow" (one round of :func:`reflow` on it) and
+"flow" on a :class:`FlowSchedule`), "digits-flow-reflow" (one round of
+:func:`adjointdeis.zoo.reflow.reflow` on it) and
 "digits-dsno" (the DSNO student distilled from "digits": one network evaluation per sample).
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dsno import DSNO
 from ..schedules import FlowSchedule, NoiseSchedule, VPSchedule
 from .networks import DigitClassifier, DigitsUNet, FlowDigitsUNet
 
@@ -50,9 +52,15 @@ class ZooModel:
     denoise_to_zero: bool = False
 
 
-def _load_state(path: pathlib.Path):
+def read_weights(path: pathlib.Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, read without pickle.
+
+    Raises:
+        FileNotFoundError naming the file when it is missing.
+    """
     from safetensors.torch import safe_open
 
+    path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} is not in this installation of adjointdeis ({path.parent})")
     with safe_open(str(path), framework="pt") as f:
@@ -81,7 +89,7 @@ def load(name: str = "digits", device: str | torch.device = "cpu") -> ZooModel:
         raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(MODELS)}")
     if name == "digits-dsno":
         return _load_dsno(device)
-    state, meta = _load_state(WEIGHTS / f"{name}.safetensors")
+    state, meta = read_weights(WEIGHTS / f"{name}.safetensors")
     if meta.get("prediction") == "flow":
         model = FlowDigitsUNet(float(meta.get("time_scale", 1000.0)))
         model.load_state_dict(state)
@@ -102,9 +110,7 @@ def _vp_schedule(meta: dict) -> VPSchedule:
 def _load_dsno(device) -> ZooModel:
     from safetensors import safe_open
 
-    from ..dsno import DSNO
-
-    state, meta = _load_state(WEIGHTS / "digits-dsno.safetensors")
+    state, meta = read_weights(WEIGHTS / "digits-dsno.safetensors")
     with safe_open(str(WEIGHTS / f"{meta['teacher']}.safetensors"), framework="pt") as f:
         teacher_meta = f.metadata()   # the teacher's schedule, without loading its tensors
     student = DSNO(DigitsUNet(), state["times"], int(meta["modes"]))
@@ -115,10 +121,7 @@ def _load_dsno(device) -> ZooModel:
 
 def load_classifier(device: str | torch.device = "cpu") -> DigitClassifier:
     """The digit classifier the metrics use (trained by the same script), in eval mode."""
-    state, _ = _load_state(WEIGHTS / "digits-classifier.safetensors")
+    state, _ = read_weights(WEIGHTS / "digits-classifier.safetensors")
     net = DigitClassifier()
     net.load_state_dict(state)
     return net.eval().to(device)
-
-
-from .reflow import reflow  # noqa: E402  (needs ZooModel)

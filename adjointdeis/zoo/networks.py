@@ -27,6 +27,11 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(channels_out, channels_out, 3, padding=1)
         self.skip = nn.Conv2d(channels_in, channels_out, 1) if channels_in != channels_out else nn.Identity()
 
+    @property
+    def temporal_channels(self) -> int:
+        """Output channels: a DSNO temporal block follows every ResBlock (:func:`adjointdeis.dsno.find_blocks`)."""
+        return self.conv2.out_channels
+
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.emb(emb)[:, :, None, None]
