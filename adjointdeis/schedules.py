@@ -9,14 +9,15 @@ All schedule arithmetic runs in float64 on the CPU. Every method takes a tensor 
 dtype, any device) or a Python number and returns a float64 CPU tensor of the same shape. Differences of
 exponentials go through ``expm1``/``log1p``/``logaddexp`` so that sigma stays accurate as t -> 0.
 
-Grid spacings (``NoiseSchedule.timesteps``):
+Grid spacings (``NoiseSchedule.timesteps``, docs/math.md section 3) are the registry :data:`SPACINGS`:
 
 - ``"uniform"``: uniform in t;
 - ``"logsnr"``: uniform in lambda;
 - ``"quadratic"``: uniform in sqrt(t) (DPM-Solver's ``time_quadratic``);
 - ``"karras"``: uniform in ``(sigma/alpha)^(1/rho) = exp(-lambda/rho)``, rho = 7 unless the schedule sets
   its own (EDM);
-- discrete VP schedules also reproduce diffusers' integer ``"linspace"``, ``"leading"`` and ``"trailing"``.
+- discrete VP schedules also have the integer spacings ``"linspace"``, ``"leading"`` and ``"trailing"`` of
+  Lin et al. (2023), Table 2 (:func:`discrete_timesteps`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import abc
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,11 +42,34 @@ __all__ = [
     "EDMSchedule",
 ]
 
-CONTINUOUS_SPACINGS = ("uniform", "logsnr", "quadratic", "karras")
-DIFFUSERS_SPACINGS = ("linspace", "leading", "trailing")
-DIFFUSERS_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-_GLIDE_COSINE_OFFSET = 0.008
-_GLIDE_MAX_BETA = 0.999
+
+
+@dataclass(frozen=True)
+class Spacing:
+    """A grid spacing of the registry :data:`SPACINGS`.
+
+    Attributes:
+        name: the key ``timesteps`` takes.
+        description: what the grid is uniform in.
+        discrete: integer timesteps of a discrete schedule, then 0 (only :class:`DiscreteVPSchedule` has them).
+    """
+
+    name: str
+    description: str
+    discrete: bool = False
+
+
+SPACINGS: dict[str, Spacing] = {s.name: s for s in (
+    Spacing("uniform", "uniform in t"),
+    Spacing("logsnr", "uniform in the half log-SNR lambda"),
+    Spacing("quadratic", "uniform in sqrt(t)"),
+    Spacing("karras", "uniform in (sigma/alpha)^(1/rho)"),
+    Spacing("linspace", "integer timesteps rounded from a linspace over [0, N - 1]", discrete=True),
+    Spacing("leading", "integer multiples of N // (steps + 1), plus steps_offset", discrete=True),
+    Spacing("trailing", "integer timesteps counted down from N in strides of N / steps", discrete=True),
+)}
+CONTINUOUS_SPACINGS = tuple(name for name, spacing in SPACINGS.items() if not spacing.discrete)
+DISCRETE_SPACINGS = tuple(name for name, spacing in SPACINGS.items() if spacing.discrete)
 
 
 def _format_number(value: float) -> str:
@@ -122,6 +147,84 @@ def _check_steps(steps) -> int:
     if count < 1:
         raise ValueError(f"steps must be a positive integer; got steps={count}")
     return count
+
+
+def check_decreasing(values: Sequence[float], name: str) -> None:
+    """Checks a grid given as Python numbers: every entry finite, then the entries strictly decreasing.
+
+    Raises:
+        ValueError naming the first bad entry, e.g. ``"sigmas must be strictly decreasing; sigmas[2]=10.0 >=
+        sigmas[1]=10.0"``.
+    """
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite; {name}[{i}]={value!r}")
+    for i in range(1, len(values)):
+        if not values[i] < values[i - 1]:
+            raise ValueError(f"{name} must be strictly decreasing; {name}[{i}]={values[i]!r} >= "
+                             f"{name}[{i - 1}]={values[i - 1]!r}")
+
+
+def check_noise_levels(sigmas, name: str = "sigmas") -> tuple[float, ...]:
+    """Validates a grid of VE noise levels (EDM's time, alpha = 1), as CTM and k-diffusion samplers take them.
+
+    Args:
+        sigmas: (N+1,) floating-point tensor or sequence of numbers (a list of floats keeps ``torch.compile``
+            free of graph breaks), N >= 1, finite, strictly decreasing, ``sigmas[-1] >= 0``.
+        name: the argument's name in messages.
+
+    Returns:
+        The grid as a tuple of Python floats (one host sync for a device tensor).
+
+    Raises:
+        ValueError naming the first problem.
+    """
+    if isinstance(sigmas, Tensor):
+        if not sigmas.is_floating_point() or sigmas.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D floating-point tensor, got dtype {sigmas.dtype} and shape "
+                             f"{list(sigmas.shape)}")
+        values = sigmas.detach().to(device="cpu", dtype=torch.float64).tolist()
+    else:
+        try:
+            values = [float(v) for v in sigmas]
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a 1-D tensor or sequence of numbers, got {sigmas!r}") from None
+    if len(values) < 2:
+        raise ValueError(f"{name} must hold at least 2 noise levels (N steps need N + 1), got {len(values)}")
+    check_decreasing(values, name)
+    if values[-1] < 0:
+        raise ValueError(f"{name} must be >= 0; {name}[{len(values) - 1}]={values[-1]!r}")
+    return tuple(values)
+
+
+def discrete_timesteps(spacing: str, steps: int, count: int, steps_offset: int = 0,
+                       last: int | None = None) -> np.ndarray:
+    """The integer timesteps of a discrete spacing (Lin et al. 2023, Table 2), noisiest first.
+
+    These are the ``timestep_spacing`` grids of diffusers' multistep schedulers, computed with the same
+    NumPy float arithmetic, call for call, so the integers are bit-identical. "trailing" keeps only
+    `steps` entries where the float ``arange`` overshoots by one (to timestep -1).
+
+    Args:
+        spacing: one of :data:`DISCRETE_SPACINGS`.
+        steps: number of steps, at least 1.
+        count: N, the number of training timesteps.
+        steps_offset: added to the "leading" timesteps.
+        last: exclusive top of the timesteps, at most N (less when the noisiest ones are left out).
+
+    Returns:
+        (steps,) int64 timesteps, noisiest first (not checked for repeats or range).
+    """
+    last = count if last is None else last
+    if spacing == "linspace":
+        model_times = np.rint(np.linspace(0, last - 1, steps + 1))[:0:-1]
+    elif spacing == "leading":
+        model_times = np.arange(steps, 0, -1, dtype=np.int64) * (last // (steps + 1)) + steps_offset
+    elif spacing == "trailing":
+        model_times = np.rint(np.arange(last, 0, -count / steps))[:steps] - 1
+    else:
+        raise ValueError(f"unknown discrete spacing {spacing!r}; choose one of {', '.join(DISCRETE_SPACINGS)}")
+    return model_times.astype(np.int64)
 
 
 def _softplus(x: Tensor) -> Tensor:
@@ -391,16 +494,7 @@ class NoiseSchedule(abc.ABC):
             raise ValueError(f"timesteps must be 1-D; got shape {tuple(grid.shape)}")
         if grid.numel() < 2:
             raise ValueError(f"timesteps must have at least 2 points; got {grid.numel()}")
-        not_finite = _first_true(~torch.isfinite(grid))
-        if not_finite is not None:
-            raise ValueError(f"timesteps must be finite; timesteps[{not_finite}]={grid[not_finite].item()!r}")
-        not_decreasing = _first_true(grid[1:] >= grid[:-1])
-        if not_decreasing is not None:
-            i = not_decreasing
-            raise ValueError(
-                "timesteps must be strictly decreasing; "
-                f"timesteps[{i + 1}]={grid[i + 1].item()!r} >= timesteps[{i}]={grid[i].item()!r}"
-            )
+        check_decreasing(grid.tolist(), "timesteps")
         outside = _first_true(~self.time_domain.contains(grid))
         if outside is not None:
             raise ValueError(
@@ -413,8 +507,8 @@ class NoiseSchedule(abc.ABC):
 class VPSchedule(NoiseSchedule):
     """A variance-preserving schedule, ``alpha_t^2 + sigma_t^2 == 1``.
 
-    Build one with ``VPSchedule.linear``, ``VPSchedule.cosine``, ``VPSchedule.from_alphas_cumprod``,
-    ``VPSchedule.from_betas`` or ``VPSchedule.from_diffusers_config``.
+    Build one with ``VPSchedule.linear``, ``VPSchedule.cosine``, ``VPSchedule.from_alphas_cumprod`` or
+    ``VPSchedule.from_betas`` (from a diffusers scheduler config: :func:`adjointdeis.diffusers.schedule_from_config`).
     """
 
     is_variance_preserving = True
@@ -504,66 +598,6 @@ class VPSchedule(NoiseSchedule):
             raise ValueError(f"betas[{bad}] must lie in {allowed}; got betas[{bad}]={betas[bad].item()!r}")
         return DiscreteVPSchedule(torch.cumprod(1.0 - betas, dim=0))
 
-    @classmethod
-    def from_diffusers_config(
-        cls,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-    ) -> DiscreteVPSchedule:
-        """A discrete schedule built from diffusers' scheduler config, with the betas made in float64.
-
-        ``"linear"``: ``linspace(beta_start, beta_end, N)``; ``"scaled_linear"``:
-        ``linspace(sqrt(beta_start), sqrt(beta_end), N)^2``; ``"squaredcos_cap_v2"``: the Glide cosine
-        ``beta_n = min(1 - abar((n+1)/N) / abar(n/N), 0.999)``, ``abar(x) = cos(pi/2 (x + 0.008)/1.008)^2``
-        (``beta_start``/``beta_end`` unused). diffusers rounds its betas to float32; these differ from
-        diffusers' by that rounding (relative ~1e-7).
-
-        Args:
-            num_train_timesteps: N, at least 2.
-            beta_start: first beta for the linear schedules.
-            beta_end: last beta for the linear schedules.
-            beta_schedule: one of ``"linear"``, ``"scaled_linear"``, ``"squaredcos_cap_v2"``.
-
-        Returns:
-            a ``DiscreteVPSchedule``.
-
-        Raises:
-            ValueError: for an unknown ``beta_schedule`` or invalid numbers, naming the argument.
-        """
-        try:
-            count = operator.index(num_train_timesteps)
-        except TypeError:
-            count = None
-        if count is None or isinstance(num_train_timesteps, bool) or count < 2:
-            raise ValueError(
-                f"num_train_timesteps must be an integer >= 2; got num_train_timesteps={num_train_timesteps!r}"
-            )
-        if beta_schedule == "squaredcos_cap_v2":
-            start = torch.arange(count, dtype=torch.float64) / count
-            end = torch.arange(1, count + 1, dtype=torch.float64) / count
-            ratio = _glide_alpha_bar(end) / _glide_alpha_bar(start)
-            return cls.from_betas(torch.clamp(1.0 - ratio, max=_GLIDE_MAX_BETA))
-        if beta_schedule not in DIFFUSERS_BETA_SCHEDULES:
-            valid = ", ".join(repr(name) for name in DIFFUSERS_BETA_SCHEDULES)
-            raise ValueError(f"unknown beta_schedule {beta_schedule!r}; valid beta schedules are {valid}")
-        beta_start = _check_real(beta_start, "beta_start")
-        beta_end = _check_real(beta_end, "beta_end")
-        if not 0 <= beta_start < 1:
-            raise ValueError(f"beta_start must lie in [0, 1); got beta_start={beta_start!r}")
-        if not 0 < beta_end < 1:
-            raise ValueError(f"beta_end must lie in (0, 1); got beta_end={beta_end!r}")
-        if beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, count, dtype=torch.float64)
-        else:
-            betas = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), count, dtype=torch.float64) ** 2
-        return cls.from_betas(betas)
-
-
-def _glide_alpha_bar(x: Tensor) -> Tensor:
-    return torch.cos((x + _GLIDE_COSINE_OFFSET) / (1.0 + _GLIDE_COSINE_OFFSET) * (math.pi / 2)) ** 2
-
 
 class LinearVPSchedule(VPSchedule):
     """Continuous VP schedule with linear beta(t) = b0 + (b1 - b0) t; see ``VPSchedule.linear``."""
@@ -643,7 +677,7 @@ class CosineVPSchedule(VPSchedule):
 
 
 class DiscreteVPSchedule(VPSchedule):
-    """A DDPM / diffusers VP schedule given by ``alphas_cumprod`` at the training indices 0..N-1.
+    """A discrete (DDPM) VP schedule given by ``alphas_cumprod`` at the training indices 0..N-1.
 
     Time is the continuous training index ``t`` in ``[0, N - 1]``. At integer ``n``, ``alpha = sqrt(ac[n])``
     and ``sigma = sqrt(1 - ac[n])`` exactly; in between, lambda is interpolated linearly in t and
@@ -653,10 +687,10 @@ class DiscreteVPSchedule(VPSchedule):
     Attributes:
         num_train_timesteps: N.
         alphas_cumprod: ``(N,)`` float64.
-        valid_spacings: the continuous spacings plus diffusers' ``"linspace"``, ``"leading"``, ``"trailing"``.
+        valid_spacings: the continuous spacings plus the discrete ``"linspace"``, ``"leading"``, ``"trailing"``.
     """
 
-    valid_spacings = CONTINUOUS_SPACINGS + DIFFUSERS_SPACINGS
+    valid_spacings = CONTINUOUS_SPACINGS + DISCRETE_SPACINGS
 
     def __init__(self, alphas_cumprod):
         products = _to_float64(alphas_cumprod, "alphas_cumprod").detach().clone()
@@ -740,26 +774,25 @@ class DiscreteVPSchedule(VPSchedule):
         return times.to(torch.float64)
 
     def timesteps(self, steps: int, spacing: str = "logsnr", *, steps_offset: int = 0) -> Tensor:
-        """A grid of ``steps + 1`` times; the diffusers spacings give integer model times then 0.
+        """A grid of ``steps + 1`` times; the discrete spacings give integer model times then 0.
 
-        ``"linspace"``, ``"leading"`` and ``"trailing"`` reproduce exactly the integer timesteps of
-        diffusers' ``DPMSolverMultistepScheduler.set_timesteps(steps)`` for that ``timestep_spacing`` and
-        ``steps_offset`` (which, as in diffusers, only shifts ``"leading"``), and then append the endpoint
-        ``t = 0``. Where diffusers' float ``arange`` overshoots and emits an extra trailing timestep ``-1``
-        (e.g. N = 1000, steps = 61), only the ``steps`` intended timesteps are kept.
+        ``"linspace"``, ``"leading"`` and ``"trailing"`` are the integer timesteps of
+        :func:`discrete_timesteps` (those of diffusers' ``DPMSolverMultistepScheduler.set_timesteps(steps)``
+        for that ``timestep_spacing`` and ``steps_offset``, which only shifts ``"leading"``), then the
+        endpoint ``t = 0``.
 
         Args:
             steps: number of solver steps, at least 1.
             spacing: one of ``valid_spacings``; the continuous ones are as in ``NoiseSchedule.timesteps``.
-            steps_offset: diffusers' ``steps_offset``; only allowed with the diffusers spacings.
+            steps_offset: added to the ``"leading"`` timesteps; only allowed with the discrete spacings.
 
         Returns:
-            ``(steps + 1,)`` float64 CPU tensor, strictly decreasing, ending at 0 (the diffusers spacings)
+            ``(steps + 1,)`` float64 CPU tensor, strictly decreasing, ending at 0 (the discrete spacings)
             or running from ``t_max`` to ``t_min`` (the continuous ones).
 
         Raises:
             ValueError: for ``steps < 1``, an unknown spacing, a non-integer or misplaced ``steps_offset``,
-                or a ``steps`` for which the diffusers grid repeats a timestep or leaves ``[0, N - 1]``.
+                or a ``steps`` for which the discrete grid repeats a timestep or leaves ``[0, N - 1]``.
         """
         steps = _check_steps(steps)
         self._check_spacing(spacing)
@@ -772,25 +805,13 @@ class DiscreteVPSchedule(VPSchedule):
         if spacing in CONTINUOUS_SPACINGS:
             if steps_offset != 0:
                 raise ValueError(
-                    f"steps_offset applies only to the diffusers spacings {DIFFUSERS_SPACINGS}; "
+                    f"steps_offset applies only to the discrete spacings {DISCRETE_SPACINGS}; "
                     f"got steps_offset={steps_offset} with spacing {spacing!r}"
                 )
             return self._continuous_timesteps(steps, spacing)
-        model_times = self._diffusers_model_times(steps, spacing, steps_offset)
-        grid = torch.cat([torch.from_numpy(model_times), torch.zeros(1, dtype=torch.float64)])
+        model_times = discrete_timesteps(spacing, steps, self.num_train_timesteps, steps_offset)
+        grid = torch.cat([torch.from_numpy(model_times.astype(np.float64)), torch.zeros(1, dtype=torch.float64)])
         return self._checked_generated_grid(grid, steps, spacing)
-
-    def _diffusers_model_times(self, steps: int, spacing: str, steps_offset: int) -> np.ndarray:
-        # NumPy float arithmetic, call for call, is what makes these integers bit-identical to diffusers'.
-        count = self.num_train_timesteps
-        if spacing == "linspace":
-            model_times = np.rint(np.linspace(0, count - 1, steps + 1))[:0:-1]
-        elif spacing == "leading":
-            stride = count // (steps + 1)
-            model_times = np.arange(steps, 0, -1, dtype=np.int64) * stride + steps_offset
-        else:
-            model_times = np.rint(np.arange(count, 0, -count / steps))[:steps] - 1
-        return model_times.astype(np.float64)
 
     def __repr__(self) -> str:
         return (

@@ -32,6 +32,7 @@ import torch
 from diffusers import DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler
 
 from adjointdeis import FlowSchedule, VPSchedule, sample
+from adjointdeis.diffusers.config import PREDICTION_TYPES
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
@@ -41,7 +42,7 @@ pytestmark = [
 SHAPE = (2, 3, 8, 8)
 RTOL = 1e-5
 DTYPES = [torch.float64, torch.float32]
-DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction", "flow": "flow_prediction"}
+DIFFUSERS_PREDICTION = {ours: theirs for theirs, ours in PREDICTION_TYPES.items()}
 DPMPP_SOLVERS = [("ddim", 1), ("dpmpp", 1), ("dpmpp", 2), ("dpmpp", 3)]
 SPACINGS = [("linspace", 0), ("leading", 1), ("trailing", 0)]
 STEPS = [8, 20]

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import integrate, optimize
 
+from adjointdeis.diffusers import schedule_from_config
 from adjointdeis.schedules import (
     CosineVPSchedule,
     DiscreteVPSchedule,
@@ -39,8 +40,8 @@ BETA_SCHEDULE_CONFIGS = {
 SCHEDULE_FACTORIES = {
     "vp_linear": lambda: VPSchedule.linear(),
     "vp_cosine": lambda: VPSchedule.cosine(),
-    "vp_discrete_linear": lambda: VPSchedule.from_diffusers_config(),
-    "vp_discrete_cosine": lambda: VPSchedule.from_diffusers_config(beta_schedule="squaredcos_cap_v2"),
+    "vp_discrete_linear": lambda: schedule_from_config({}),
+    "vp_discrete_cosine": lambda: schedule_from_config(dict(beta_schedule="squaredcos_cap_v2")),
     "flow": lambda: FlowSchedule(),
     "flow_shift_3": lambda: FlowSchedule(shift=3.0),
     "edm": lambda: EDMSchedule(),
@@ -340,7 +341,7 @@ def test_flow_from_t_one_needs_uniform_or_quadratic(spacing):
 def test_diffusers_config_betas_and_alphas_cumprod_match_diffusers(beta_schedule):
     config = BETA_SCHEDULE_CONFIGS[beta_schedule]
     theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, **config)
-    ours = VPSchedule.from_diffusers_config(num_train_timesteps=1000, beta_schedule=beta_schedule, **config)
+    ours = schedule_from_config(dict(num_train_timesteps=1000, beta_schedule=beta_schedule, **config))
     assert isinstance(ours, DiscreteVPSchedule) and isinstance(ours, VPSchedule)
     assert ours.num_train_timesteps == 1000
     assert ours.alphas_cumprod.dtype == F64
@@ -376,7 +377,7 @@ def test_discrete_alpha_sigma_exact_at_integer_timesteps(beta_schedule):
 
 
 def test_discrete_lambda_is_piecewise_linear_between_integers():
-    schedule = VPSchedule.from_diffusers_config()
+    schedule = schedule_from_config({})
     products = schedule.alphas_cumprod.numpy()
     lam_nodes = 0.5 * (np.log(products) - np.log1p(-products))
     left = np.arange(999)
@@ -430,7 +431,7 @@ def test_diffusers_config_schedule_sigmas_match_diffusers(beta_schedule):
     config = BETA_SCHEDULE_CONFIGS[beta_schedule]
     reference = DPMSolverMultistepScheduler(beta_schedule=beta_schedule, timestep_spacing="trailing", **config)
     reference.set_timesteps(20)
-    schedule = VPSchedule.from_diffusers_config(beta_schedule=beta_schedule, **config)
+    schedule = schedule_from_config(dict(beta_schedule=beta_schedule, **config))
     grid = schedule.timesteps(20, "trailing")
     sigma_ve = schedule.sigma(grid[:-1]) / schedule.alpha(grid[:-1])
     torch.testing.assert_close(sigma_ve, reference.sigmas[:-1].to(F64), rtol=5e-5, atol=0)
@@ -447,11 +448,11 @@ def test_trailing_spacing_keeps_intended_steps_where_diffusers_overshoots():
 
 def test_discrete_spacing_that_repeats_a_timestep_is_rejected():
     with pytest.raises(ValueError, match="strictly decreasing"):
-        VPSchedule.from_diffusers_config().timesteps(1000, "trailing")
+        schedule_from_config({}).timesteps(1000, "trailing")
 
 
 def test_steps_offset_only_with_diffusers_spacings():
-    schedule = VPSchedule.from_diffusers_config()
+    schedule = schedule_from_config({})
     with pytest.raises(ValueError, match="steps_offset"):
         schedule.timesteps(10, "logsnr", steps_offset=1)
     with pytest.raises(ValueError, match="steps_offset"):
@@ -487,7 +488,7 @@ def test_check_grid_returns_float64_cpu_copy():
     assert schedule.check_grid(as_float64).data_ptr() != as_float64.data_ptr()
     torch.testing.assert_close(schedule.check_grid([0.9, 0.5, 0.1]), torch.tensor([0.9, 0.5, 0.1], dtype=F64))
     torch.testing.assert_close(schedule.check_grid(np.array([0.9, 0.5])), torch.tensor([0.9, 0.5], dtype=F64))
-    discrete = VPSchedule.from_diffusers_config()
+    discrete = schedule_from_config({})
     torch.testing.assert_close(discrete.check_grid([999, 500, 0]), torch.tensor([999.0, 500.0, 0.0], dtype=F64))
 
 
@@ -517,7 +518,7 @@ def test_check_grid_errors(grid, message):
 
 def test_check_grid_domains_of_each_schedule():
     with pytest.raises(ValueError, match=re.escape("[0, 999]")):
-        VPSchedule.from_diffusers_config().check_grid([1000.0, 10.0])
+        schedule_from_config({}).check_grid([1000.0, 10.0])
     with pytest.raises(ValueError, match=re.escape("[0, 1)")):
         VPSchedule.cosine().check_grid([1.0, 0.5])
     with pytest.raises(ValueError, match=re.escape("[0, inf)")):
@@ -560,9 +561,9 @@ def test_check_grid_domains_of_each_schedule():
         (lambda: VPSchedule.from_betas([0.1, 1.0]), "betas"),
         (lambda: VPSchedule.from_betas([-0.1, 0.2]), "betas"),
         (lambda: VPSchedule.from_betas([0.1, 0.0, 0.2]), "betas"),
-        (lambda: VPSchedule.from_diffusers_config(beta_schedule="sigmoid"), "beta_schedule"),
-        (lambda: VPSchedule.from_diffusers_config(num_train_timesteps=1), "num_train_timesteps"),
-        (lambda: VPSchedule.from_diffusers_config(beta_end=1.5), "beta_end"),
+        (lambda: schedule_from_config(dict(beta_schedule="sigmoid")), "beta_schedule"),
+        (lambda: schedule_from_config(dict(num_train_timesteps=1)), "num_train_timesteps"),
+        (lambda: schedule_from_config(dict(beta_end=1.5)), "beta_end"),
     ],
 )
 def test_constructor_errors_name_the_argument(build, argument):
@@ -572,7 +573,7 @@ def test_constructor_errors_name_the_argument(build, argument):
 
 def test_unknown_beta_schedule_lists_valid_ones():
     with pytest.raises(ValueError) as info:
-        VPSchedule.from_diffusers_config(beta_schedule="sigmoid")
+        schedule_from_config(dict(beta_schedule="sigmoid"))
     for name in ("linear", "scaled_linear", "squaredcos_cap_v2"):
         assert repr(name) in str(info.value)
 
@@ -587,7 +588,7 @@ def test_vp_schedule_itself_is_abstract():
 def test_inverse_rejects_nan_and_out_of_range_lambda():
     with pytest.raises(ValueError, match=r"\blam\b"):
         VPSchedule.linear().time_from_half_log_snr(math.nan)
-    discrete = VPSchedule.from_diffusers_config()
+    discrete = schedule_from_config({})
     lam_range = discrete.half_log_snr(torch.tensor([999.0, 0.0], dtype=F64))
     with pytest.raises(ValueError, match=r"\blam\b"):
         discrete.time_from_half_log_snr(lam_range[1] + 0.1)
@@ -636,5 +637,5 @@ def test_repr_shows_parameters(schedule_repr, build):
 
 
 def test_discrete_repr_shows_size_and_ends():
-    text = repr(VPSchedule.from_diffusers_config())
+    text = repr(schedule_from_config({}))
     assert "num_train_timesteps=1000" in text and "alphas_cumprod[0]=0.9999" in text

@@ -1,5 +1,9 @@
 """diffusers integration: a drop-in scheduler that runs adjointdeis' fused, differentiable steps.
 
+``FusedMultistepScheduler`` (the scheduler), ``denoise`` (a pipeline's loop with gradients) and
+``schedule_from_config`` (our noise schedule for a scheduler config) all read diffusers configs through
+:mod:`adjointdeis.diffusers.config`.
+
 Needs the optional dependency diffusers (``pip install adjointdeis[diffusers]``).
 """
 
@@ -10,7 +14,8 @@ except ImportError as error:
         "adjointdeis.diffusers needs the diffusers package, which could not be imported "
         f"({error}); install it with: pip install adjointdeis[diffusers]") from error
 
+from .config import schedule_from_config
 from .scheduler import FusedMultistepScheduler
 from .pipeline import denoise
 
-__all__ = ["FusedMultistepScheduler", "denoise"]
+__all__ = ["FusedMultistepScheduler", "denoise", "schedule_from_config"]

@@ -14,9 +14,8 @@ import torch
 from torch import Tensor
 
 from ..sampling import sample
-from ..schedules import FlowSchedule, NoiseSchedule, VPSchedule
-
-DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
+from ..schedules import NoiseSchedule, VPSchedule
+from . import config as translation
 
 # Config keys whose truthy value changes the grid or the update in a way ``sample`` does not model.
 UNSUPPORTED_CONFIG = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
@@ -54,10 +53,6 @@ class SamplingSetup:
                     sde=self.sde, lower_order_final=self.lower_order_final, denoise_to_zero=self.denoise_to_zero)
 
 
-def _is_flow_matching(config) -> bool:
-    return bool(config.get("use_flow_sigmas")) or ("shift" in config and "beta_start" not in config)
-
-
 def _default_solver(scheduler, config) -> tuple[str, int | None]:
     """(solver, order) that reproduce the scheduler's own algorithm, where we have it."""
     algorithm = str(config.get("algorithm_type", ""))
@@ -65,13 +60,10 @@ def _default_solver(scheduler, config) -> tuple[str, int | None]:
         return config["solver"] or ("deis" if algorithm == "deis" else "dpmpp"), config.get("solver_order")
     name = type(scheduler).__name__
     if name.startswith("DPMSolverMultistep"):
-        if algorithm not in ("dpmsolver++", "sde-dpmsolver++"):
-            raise ValueError(f"scheduler config algorithm_type={algorithm!r} (noise-prediction DPM-Solver) is not "
-                             "implemented; use 'dpmsolver++' or 'sde-dpmsolver++', or pass solver= explicitly")
-        if config.get("solver_type", "midpoint") != "midpoint" and config.get("solver_order", 2) > 1:
-            raise ValueError(f"scheduler config solver_type={config['solver_type']!r} is not implemented "
-                             "(ours is 'midpoint'); pass solver= explicitly to sample anyway")
-        return "dpmpp", config.get("solver_order", 2)
+        solver, _ = translation.algorithm(algorithm)
+        order = config.get("solver_order", 2)
+        translation.check_solver_type(config.get("solver_type", "midpoint"), solver, order)
+        return solver, order
     if name.startswith("DEISMultistep"):
         return "deis", config.get("solver_order", 2)
     if name.startswith("DDIM") or name.startswith("FlowMatchEuler"):
@@ -110,11 +102,8 @@ def setup_from_scheduler(scheduler, num_inference_steps: int, solver: str | None
         raise ValueError(f"{type(scheduler).__name__} scales its latents by init_noise_sigma={float(init_sigma):g} "
                          "(variance-exploding coordinates); denoise expects standard normal latents: build a "
                          "DPMSolverMultistepScheduler.from_config(scheduler.config) instead")
-    flow = _is_flow_matching(config)
-    prediction_type = config.get("prediction_type", "flow_prediction" if flow else "epsilon")
-    if prediction_type not in DIFFUSERS_PREDICTIONS:
-        raise ValueError(f"scheduler config prediction_type={prediction_type!r} is not supported; "
-                         f"choose one of {', '.join(DIFFUSERS_PREDICTIONS)}")
+    flow = translation.is_flow_matching(config)
+    prediction = translation.prediction(config)
     sde = str(config.get("algorithm_type", "")).startswith("sde")
     if solver is None:
         solver, default_order = _default_solver(scheduler, config)
@@ -128,26 +117,22 @@ def setup_from_scheduler(scheduler, num_inference_steps: int, solver: str | None
         denoise_to_zero = bool(grid[-1] == 0)
         if denoise_to_zero:
             grid[-1] = grid[-2] / 2
-        schedule = FlowSchedule(config.get("flow_shift", config.get("shift", 1.0)))
+        schedule = translation.flow_schedule(config)
         time_scale = float(config.get("num_train_timesteps", 1000))
     else:
+        # The noise levels the scheduler itself uses (diffusers' float32 values), else the config's.
         if hasattr(fresh, "alphas_cumprod"):
             schedule = VPSchedule.from_alphas_cumprod(fresh.alphas_cumprod)
-        elif config.get("trained_betas") is not None:
-            schedule = VPSchedule.from_betas(torch.as_tensor(config["trained_betas"], dtype=torch.float64))
         else:
-            schedule = VPSchedule.from_diffusers_config(
-                config.get("num_train_timesteps", 1000), config.get("beta_start", 1e-4),
-                config.get("beta_end", 0.02), config.get("beta_schedule", "linear"))
+            schedule = translation.vp_schedule(config)
         grid = torch.cat([fresh.timesteps.to(torch.float64).cpu(), torch.zeros(1, dtype=torch.float64)])
         final = config.get("final_sigmas_type") or "sigma_min"
-        if final not in ("zero", "sigma_min"):
-            raise ValueError(f"scheduler config final_sigmas_type={final!r} is not supported; "
-                             "use 'zero' or 'sigma_min'")
+        if final not in translation.FINAL_SIGMAS_TYPES:
+            raise translation.config_error("final_sigmas_type", final, translation.FINAL_SIGMAS_TYPES)
         denoise_to_zero = final == "zero" or bool(config.get("set_alpha_to_one", False))
         time_scale = 1.0
     return SamplingSetup(schedule=schedule, timesteps=grid, time_scale=time_scale,
-                         prediction=DIFFUSERS_PREDICTIONS[prediction_type], solver=solver, order=order, sde=sde,
+                         prediction=prediction, solver=solver, order=order, sde=sde,
                          lower_order_final=bool(config.get("lower_order_final", True)),
                          denoise_to_zero=denoise_to_zero)
 

@@ -25,82 +25,17 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from .. import ops
-from ..solvers import GridPoint, StepPlan, build_plan
+from ..schedules import DISCRETE_SPACINGS, discrete_timesteps
+from ..solvers import SOLVERS, GridPoint, StepPlan, build_plan, check_solver
+from .config import (FINAL_SIGMAS_TYPES, PREDICTION_TYPES, algorithm, alphas_cumprod, check_solver_type,
+                     config_error)
 
-PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
-ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++", "deis")
-SOLVER_NAMES = ("dpmpp", "deis", "ddim")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
-FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+# The solvers a scheduler step can run: one model evaluation per step.
+SOLVER_NAMES = tuple(name for name, entry in SOLVERS.items() if entry.stages == 1)
 SIGMA_SPACING_KEYS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
-_SOLVER_TYPE_ALIASES = ("midpoint", "logrho", "bh1", "bh2")
 _LEARNED_VARIANCE = ("learned", "learned_range")
-_ORDERS = {"dpmpp": (1, 2, 3), "deis": (1, 2, 3), "ddim": (1,)}
-_GLIDE_OFFSET = 0.008
-_GLIDE_MAX_BETA = 0.999
-_ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
 _KARRAS_RHO = 7.0
 _BETA_SIGMAS_SHAPE = 0.6
-# Below this many steps the last steps are taken at lower order (``lower_order_final``), as diffusers.
-_LOWER_ORDER_FINAL_BELOW = 15
-
-
-def _config_error(key: str, value, allowed) -> ValueError:
-    choices = ", ".join(repr(v) for v in allowed)
-    return ValueError(f"FusedMultistepScheduler: unknown {key} {value!r}; choose one of {choices}")
-
-
-def training_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
-                   trained_betas=None) -> Tensor:
-    """The (num_train_timesteps,) float32 betas diffusers derives from a scheduler config.
-
-    ``"linear"``: linspace(beta_start, beta_end); ``"scaled_linear"``: linspace of the square roots,
-    squared; ``"squaredcos_cap_v2"``: the Glide cosine ``1 - abar((n+1)/N) / abar(n/N)`` capped at
-    0.999, ``abar(u) = cos(pi/2 (u + 0.008) / 1.008)^2``, computed in float64 and rounded.
-
-    Raises:
-        ValueError naming beta_schedule when it is unknown.
-    """
-    if trained_betas is not None:
-        return torch.tensor(np.asarray(trained_betas), dtype=torch.float32)
-    if beta_schedule == "linear":
-        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
-    if beta_schedule == "scaled_linear":
-        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
-    if beta_schedule == "squaredcos_cap_v2":
-        def alpha_bar(u):
-            return math.cos((u + _GLIDE_OFFSET) / (1 + _GLIDE_OFFSET) * math.pi / 2) ** 2
-        n = num_train_timesteps
-        betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), _GLIDE_MAX_BETA) for i in range(n)]
-        return torch.tensor(betas, dtype=torch.float32)
-    raise _config_error("beta_schedule", beta_schedule, BETA_SCHEDULES)
-
-
-def zero_terminal_snr(betas: Tensor) -> Tensor:
-    """Betas rescaled so that the last timestep has zero SNR (Lin et al. 2023, Algorithm 1), same dtype."""
-    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
-    first, last = root[0].clone(), root[-1].clone()
-    root = (root - last) * (first / (first - last))
-    alpha_bar = root**2
-    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
-    return 1.0 - alphas
-
-
-def _spaced_timesteps(steps: int, spacing: str, num_train: int, last: int, offset: int) -> np.ndarray:
-    """The integer model timesteps of diffusers' spacings (Lin et al. 2023, table 2), noisiest first.
-
-    `last` is the exclusive top of the timesteps (num_train, or less when ``lambda_min_clipped``
-    cuts the noisiest ones); "trailing" keeps only `steps` entries where diffusers' float arange
-    overshoots by one (to timestep -1).
-    """
-    if spacing == "linspace":
-        grid = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1]
-    elif spacing == "leading":
-        grid = (np.arange(0, steps + 1) * (last // (steps + 1))).round()[::-1][:-1] + offset
-    else:
-        grid = (np.arange(last, 0, -num_train / steps).round() - 1)[:steps]
-    return grid.astype(np.int64)
 
 
 def _time_of_sigma(sigmas: np.ndarray, log_table: np.ndarray) -> np.ndarray:
@@ -121,10 +56,11 @@ def _step_table(grid: tuple, flow: bool, solver: str, order: int, prediction: st
                 lower_order_final: bool, euler_at_final: bool, start: int) -> StepPlan:
     """The coefficient rows of steps ``start .. N-1`` along `grid`, with diffusers' order rules.
 
-    Orders warm up from 1 at `start` (history restarts there); with N < 15 steps and
-    `lower_order_final` the last two steps are at most order 1 and 2; the step to zero noise and,
-    with `euler_at_final`, the last step are first order. A last step whose two grid values are
-    equal (diffusers' karras/exponential/beta grids ending at sigma_min) is the identity.
+    Orders warm up from 1 at `start` (history restarts there); `lower_order_final` and `euler_at_final`
+    lower the last orders as :func:`adjointdeis.solvers.step_orders` says, counting all N steps; the step to
+    zero noise is first order. A last step whose two grid values are equal (diffusers'
+    karras/exponential/beta grids ending at sigma_min) is the identity. The plan is immutable, so the cache
+    can share it.
 
     Args:
         grid: N+1 float noise levels (see :func:`_grid_point`), strictly decreasing but for the last pair.
@@ -138,19 +74,14 @@ def _step_table(grid: tuple, flow: bool, solver: str, order: int, prediction: st
     span = points[start:]
     if identity_last:
         span[-1] = GridPoint(1.0, 0.0)
-    plan_solver = "dpmpp" if solver == "ddim" else solver
-    plan = build_plan(span, plan_solver, order, prediction, sde=sde,
-                      lower_order_final=lower_order_final and num_steps < _LOWER_ORDER_FINAL_BELOW)
-    coeffs, num_history = plan.coeffs.clone(), list(plan.num_history)
+    plan = build_plan(span, solver, order, prediction, sde=sde, lower_order_final=lower_order_final,
+                      final_order_one=euler_at_final, total_steps=num_steps)
+    rows, num_history = list(plan.rows), list(plan.num_history)
     if identity_last:
-        coeffs[-1, :5] = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+        rows[-1] = (1.0, 0.0, 0.0, 0.0, 0.0, *rows[-1][5:])
         num_history[-1] = 0
-    elif euler_at_final and num_history[-1] > 0:
-        coeffs[-1] = build_plan(points[-2:], plan_solver, 1, prediction, sde=sde).coeffs[0]
-        num_history[-1] = 0
-    rows = coeffs.shape[0]
-    return StepPlan(coeffs, list(range(start, num_steps)), num_history,
-                    (coeffs[:, 4] != 0).tolist(), [True] * rows)
+    return StepPlan(tuple(rows), tuple(range(start, num_steps)), tuple(num_history),
+                    tuple(row[4] != 0 for row in rows), (True,) * len(rows))
 
 
 class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
@@ -254,44 +185,32 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        if (isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, (int, np.integer))
-                or num_train_timesteps < 2):
-            raise ValueError(f"FusedMultistepScheduler: num_train_timesteps must be an integer >= 2, "
-                             f"got {num_train_timesteps!r}")
         if prediction_type not in PREDICTION_TYPES:
-            raise _config_error("prediction_type", prediction_type, PREDICTION_TYPES)
-        if algorithm_type in ("dpmsolver", "sde-dpmsolver"):
-            raise ValueError(f"FusedMultistepScheduler: algorithm_type {algorithm_type!r} (noise-prediction "
-                             "DPM-Solver) is not implemented; use 'dpmsolver++' or 'sde-dpmsolver++'")
-        if algorithm_type not in ALGORITHM_TYPES:
-            raise _config_error("algorithm_type", algorithm_type, ALGORITHM_TYPES)
-        if solver is None:
-            solver = "deis" if algorithm_type == "deis" else "dpmpp"
+            raise config_error("prediction_type", prediction_type, PREDICTION_TYPES)
+        default_solver, sde = algorithm(algorithm_type)
+        solver = default_solver if solver is None else solver
         if solver not in SOLVER_NAMES:
-            raise _config_error("solver", solver, SOLVER_NAMES)
-        sde = algorithm_type == "sde-dpmsolver++"
-        if sde and solver == "deis":
-            raise ValueError("FusedMultistepScheduler: algorithm_type 'sde-dpmsolver++' needs solver 'dpmpp' or "
-                             "'ddim', not 'deis'")
-        if solver != "ddim":
-            allowed = (1, 2) if sde else _ORDERS[solver]
-            if solver_order not in allowed:
-                raise ValueError(f"FusedMultistepScheduler: solver_order {solver_order!r} is not available for "
-                                 f"solver {solver!r}{' with sde-dpmsolver++' if sde else ''}; choose one of "
-                                 f"{', '.join(map(str, allowed))}")
-        if solver_type == "heun" and solver == "dpmpp" and solver_order > 1:
-            raise ValueError("FusedMultistepScheduler: solver_type 'heun' is not implemented; the second-order "
-                             "DPM-Solver++ step is the 'midpoint' form")
-        if solver_type not in _SOLVER_TYPE_ALIASES + ("heun",):
-            raise _config_error("solver_type", solver_type, _SOLVER_TYPE_ALIASES)
+            raise config_error("solver", solver, SOLVER_NAMES)
+        entry = check_solver(solver)
+        if sde and not entry.sde_orders:
+            able = " or ".join(repr(name) for name in SOLVER_NAMES if SOLVERS[name].sde_orders)
+            raise ValueError(f"FusedMultistepScheduler: algorithm_type 'sde-dpmsolver++' needs solver {able}, "
+                             f"not {solver!r}")
+        order = solver_order if len(entry.orders) > 1 else entry.default_order   # ddim: order 1 whatever solver_order
+        allowed = entry.sde_orders if sde else entry.orders
+        if order not in allowed:
+            raise ValueError(f"FusedMultistepScheduler: solver_order {solver_order!r} is not available for "
+                             f"solver {solver!r}{' with sde-dpmsolver++' if sde else ''}; choose one of "
+                             f"{', '.join(map(str, allowed))}")
+        check_solver_type(solver_type, solver, order)
         if final_sigmas_type is None:
             final_sigmas_type = "sigma_min" if solver == "deis" else "zero"
         if final_sigmas_type not in FINAL_SIGMAS_TYPES:
-            raise _config_error("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
-        if timestep_spacing not in TIMESTEP_SPACINGS:
-            raise _config_error("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+            raise config_error("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
+        if timestep_spacing not in DISCRETE_SPACINGS:
+            raise config_error("timestep_spacing", timestep_spacing, DISCRETE_SPACINGS)
         if time_shift_type != "exponential":
-            raise _config_error("time_shift_type", time_shift_type, ("exponential",))
+            raise config_error("time_shift_type", time_shift_type, ("exponential",))
         spacing_keys = [k for k, v in zip(SIGMA_SPACING_KEYS, (use_karras_sigmas, use_exponential_sigmas,
                                                              use_beta_sigmas, use_lu_lambdas)) if v]
         if len(spacing_keys) > 1:
@@ -310,22 +229,16 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)):
             raise ValueError(f"FusedMultistepScheduler: steps_offset must be an integer, got {steps_offset!r}")
 
+        self.betas, self.alphas_cumprod = alphas_cumprod(self.config, torch.float32)
         algorithm_type = "sde-dpmsolver++" if sde else ("deis" if solver == "deis" else "dpmsolver++")
         self.register_to_config(solver=solver, algorithm_type=algorithm_type, final_sigmas_type=final_sigmas_type,
                                 solver_type="midpoint")
-
-        self.betas = training_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        if rescale_betas_zero_snr:
-            self.betas = zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = _ZERO_SNR_ALPHA_CUMPROD
         ve_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self._ve_table = ve_sigmas.numpy().astype(np.float64)
         self._log_ve_table = np.log(ve_sigmas.numpy()).astype(np.float64)
         self._solver = solver
-        self._order = 1 if solver == "ddim" else solver_order
+        self._order = order
         self._prediction = PREDICTION_TYPES[prediction_type]
         self._sde = sde
         self._flow = use_flow_sigmas
@@ -425,8 +338,8 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
                 level, model_times = self._sigma_spaced(spacing_key, self._check_steps(num_inference_steps))
             else:
                 steps = self._check_steps(num_inference_steps)
-                model_times = _spaced_timesteps(steps, config.timestep_spacing, num_train,
-                                                self._last_timestep(), config.steps_offset)
+                model_times = discrete_timesteps(config.timestep_spacing, steps, num_train, config.steps_offset,
+                                                 self._last_timestep())
                 if model_times.max() >= num_train:
                     raise ValueError(f"set_timesteps: {steps} 'leading' steps with steps_offset "
                                      f"{config.steps_offset} reach timestep {int(model_times.max())}, beyond the "
