@@ -1,4 +1,4 @@
-"""Consistency-trajectory (gamma) sampling of two-time models on the EDM grid (MATH.md section 8).
+"""Consistency-trajectory (gamma) sampling of two-time models on the EDM grid (docs/math.md section 8).
 
 A two-time model jumps along the probability-flow ODE from noise level t to noise level u <= t
 (alpha = 1, sigma = t). It is called as ``G(x, t, u)`` or ``G(x, t, u, cond)`` with t and u of
@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .reference import opmath_dtype
+from .schedules import check_noise_levels
 
 OUTPUTS = ("g", "jump")
 
@@ -36,42 +37,6 @@ def _call_two_time(model: Callable, x: Tensor, t: Tensor, u: Tensor, cond) -> Te
 def _check_output(output: str) -> None:
     if output not in OUTPUTS:
         raise ValueError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
-
-
-def check_sigmas(sigmas) -> tuple[float, ...]:
-    """Validates an EDM noise-level grid for :func:`sample_ctm`.
-
-    Args:
-        sigmas: (N+1,) tensor or sequence of numbers (a list of floats keeps ``torch.compile`` free of
-            graph breaks), N >= 1, finite, strictly decreasing, ``sigmas[-1] >= 0``.
-
-    Returns:
-        The grid as a tuple of Python floats.
-
-    Raises:
-        ValueError naming the first bad entry.
-    """
-    if isinstance(sigmas, Tensor):
-        if not sigmas.is_floating_point() or sigmas.dim() != 1:
-            raise ValueError(f"sigmas must be a 1-D floating-point tensor, got dtype {sigmas.dtype} and shape "
-                             f"{list(sigmas.shape)}")
-        values = sigmas.detach().to(device="cpu", dtype=torch.float64).tolist()
-    else:
-        try:
-            values = [float(v) for v in sigmas]
-        except (TypeError, ValueError):
-            raise ValueError(f"sigmas must be a 1-D tensor or sequence of numbers, got {sigmas!r}") from None
-    if len(values) < 2:
-        raise ValueError(f"sigmas must hold at least 2 noise levels (one step), got {len(values)}")
-    for i, value in enumerate(values):
-        if not math.isfinite(value):
-            raise ValueError(f"sigmas must be finite; sigmas[{i}]={value!r}")
-        if i > 0 and not value < values[i - 1]:
-            raise ValueError(f"sigmas must be strictly decreasing; sigmas[{i}]={value!r} >= "
-                             f"sigmas[{i - 1}]={values[i - 1]!r}")
-    if values[-1] < 0:
-        raise ValueError(f"sigmas must be >= 0; sigmas[{len(values) - 1}]={values[-1]!r}")
-    return tuple(values)
 
 
 @torch.compiler.assume_constant_result
@@ -137,7 +102,7 @@ def sample_ctm(model: Callable, x_T: Tensor, sigmas, gamma: float = 0.0, generat
     if isinstance(gamma, Tensor) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
     _check_output(output)
-    rows, ts, us = ctm_plan(check_sigmas(sigmas), float(gamma), output)
+    rows, ts, us = ctm_plan(check_noise_levels(sigmas), float(gamma), output)
     coeffs = torch.tensor(rows, dtype=torch.float64, device=x_T.device)
     time_dtype = opmath_dtype(x_T.dtype)
     t_model = torch.tensor(ts, dtype=time_dtype, device=x_T.device)

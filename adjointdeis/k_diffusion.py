@@ -24,70 +24,54 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
+from .planning import StepInfo
 from .sampling import sample
-from .schedules import EDMSchedule
+from .schedules import EDMSchedule, check_noise_levels
 
 __all__ = ["sample_deis", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m", "sample_euler",
            "sample_heun"]
 
 
-def _sigma_grid(sigmas: Tensor) -> list[float]:
-    """The sigmas as Python floats (one host sync), validated: 1-D, >= 2 entries, strictly decreasing, >= 0."""
-    if not isinstance(sigmas, Tensor) or sigmas.dim() != 1 or sigmas.numel() < 2:
-        raise ValueError("sigmas must be a 1-D tensor of at least 2 noise levels (N steps need N + 1)")
-    values = sigmas.detach().to(device="cpu", dtype=torch.float64).tolist()
-    for i, (high, low) in enumerate(zip(values, values[1:])):
-        if not low < high:
-            raise ValueError(f"sigmas must be strictly decreasing; sigmas[{i + 1}]={low!r} >= sigmas[{i}]={high!r}")
-    if not (values[-1] >= 0 and all(math.isfinite(v) for v in values)):
-        raise ValueError(f"sigmas must be finite and non-negative; got sigmas[-1]={values[-1]!r}")
-    return values
-
-
 class _Denoiser:
-    """``model(x, t[, cond])`` for ``sample`` over a k-diffusion denoiser, firing the callback.
+    """``model(x, t[, cond])`` for ``sample`` over a k-diffusion denoiser.
 
     Tensors of extra_args travel as sample's cond (so they receive gradients), everything else is
-    passed as it is. The first ``len(step_of_row)`` calls are the forward pass, one per plan row;
-    later calls (the backward pass re-running the model) fire no callback.
+    passed as it is.
     """
 
-    def __init__(self, model: Callable, constants: dict, callback: Callable | None, sigmas: Tensor,
-                 step_of_row: list[int | None]):
-        self.model, self.constants, self.callback = model, constants, callback
-        self.sigmas, self.step_of_row = sigmas, step_of_row
-        self.calls = 0
+    def __init__(self, model: Callable, constants: dict):
+        self.model, self.constants = model, constants
 
     def __call__(self, x: Tensor, t: Tensor, cond: Mapping | None = None) -> Tensor:
-        denoised = self.model(x, t, **self.constants, **(cond or {}))
-        if self.callback is not None and self.calls < len(self.step_of_row):
-            step = self.step_of_row[self.calls]
-            if step is not None:
-                sigma = self.sigmas[step]
-                self.callback({"x": x, "i": step, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-        self.calls += 1
-        return denoised
+        return self.model(x, t, **self.constants, **(cond or {}))
+
+
+def _step_callback(callback: Callable | None, sigmas) -> Callable[[StepInfo], None] | None:
+    """k-diffusion's per-step callback as a run-loop callback: once per step, at its first evaluation."""
+    if callback is None:
+        return None
+
+    def report(info: StepInfo) -> None:
+        if info.starts_step:
+            sigma = sigmas[info.step]
+            callback({"x": info.x, "i": info.step, "sigma": sigma, "sigma_hat": sigma, "denoised": info.output})
+    return report
 
 
 def _run(model, x, sigmas, extra_args, callback, disable, *, solver, order, sde=False, generator=None, grad=None):
-    grid = _sigma_grid(sigmas)
-    steps = len(grid) - 1
-    if solver == "heun":
-        if grid[-1] != 0:
-            raise ValueError("sample_heun: our Heun's last step is an Euler step, which k-diffusion takes only "
-                             "when sigmas ends in 0; append a 0 to sigmas")
-        step_of_row = [None if r % 2 else r // 2 for r in range(2 * steps - 1)]
-    else:
-        step_of_row = list(range(steps))
+    grid = check_noise_levels(sigmas)
+    if solver == "heun" and grid[-1] != 0:
+        raise ValueError("sample_heun: our Heun's last step is an Euler step, which k-diffusion takes only "
+                         "when sigmas ends in 0; append a 0 to sigmas")
     extra_args = {} if extra_args is None else dict(extra_args)
     cond = {k: v for k, v in extra_args.items() if isinstance(v, Tensor)}
     constants = {k: v for k, v in extra_args.items() if not isinstance(v, Tensor)}
-    denoiser = _Denoiser(model, constants, callback, sigmas, step_of_row)
     parameters = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else []
-    return sample(denoiser, x, EDMSchedule(), steps=steps, solver=solver, order=order, prediction="x0",
-                  cond=cond or None, sde=sde, generator=generator, timesteps=torch.tensor(grid, dtype=torch.float64),
-                  lower_order_final=False, denoise_to_zero=grid[-1] == 0, grad=grad, parameters=parameters,
-                  progress=disable is not True)
+    return sample(_Denoiser(model, constants), x, EDMSchedule(), steps=len(grid) - 1, solver=solver, order=order,
+                  prediction="x0", cond=cond or None, sde=sde, generator=generator,
+                  timesteps=torch.tensor(grid, dtype=torch.float64), lower_order_final=False,
+                  denoise_to_zero=grid[-1] == 0, grad=grad, parameters=parameters, progress=disable is not True,
+                  callback=_step_callback(callback, sigmas))
 
 
 def sample_dpmpp_2m(model: Callable, x: Tensor, sigmas: Tensor, extra_args: dict | None = None,
