@@ -1,8 +1,9 @@
-"""``adjointdeis bench``: small versions of the repository's benchmarks that run from the installed package.
+"""``adjointdeis bench``: the benchmark cases that run from the installed package (an application).
 
-The full benchmarks are scripts in the source repository (``bench/bench_step.py``, ``bench/bench_scheduler.py``,
-``bench/bench_gradients.py``, ``bench/bench_quality.py``) and are not in the wheel. This module keeps one case
-family of each of the first three, on the CPU, with one table of rows
+The full benchmarks are scripts in the source repository (``bench/``, not in the wheel); they take their
+shared pieces from here (:func:`eager_step`, :func:`tensor_peak_bytes`, :func:`bench_overhead` for
+``bench/bench_sample.py``), so each case has one implementation. This module runs one case family of each
+of the kernel, sampler-overhead and gradient benchmarks on the CPU, as one table of rows
 ``(section, case, metric, ours, baseline, baseline_name, ratio)``, ratio = baseline / ours:
 
 - kernel: one DPM-Solver++(2M) step, the fused ``ops.multistep_step`` against the same update written
@@ -46,7 +47,8 @@ def _seconds(fn, min_run_time: float) -> float:
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 
-def _eager_step(x, out, m1, a, b0, b1, p, q):
+def eager_step(x, out, m1, a, b0, b1, p, q):
+    """The DPM-Solver++(2M) update as a user writes it in torch: x, out, m1 (*shape) -> (x_next, m0)."""
     m0 = p * x + q * out
     return a * x + b0 * m0 + b1 * m1, m0
 
@@ -60,7 +62,7 @@ def bench_kernel(quick: bool = False) -> list[dict]:
         g = torch.Generator().manual_seed(0)
         x, out, m1 = (torch.randn(size, generator=g) for _ in range(3))
         ours = _seconds(lambda: ops.multistep_step(x, out, [m1], coeffs, None), 0.2 if quick else 1.0)
-        eager = _seconds(lambda: _eager_step(x, out, m1, a, b0, b1, p, q), 0.2 if quick else 1.0)
+        eager = _seconds(lambda: eager_step(x, out, m1, a, b0, b1, p, q), 0.2 if quick else 1.0)
         rows.append(_row("kernel", f"2M step {'x'.join(map(str, size))} float32", "us", ours * 1e6, eager * 1e6,
                          "eager torch"))
     return rows
@@ -80,8 +82,14 @@ def _diffusers_loop(steps, x, out):
     return loop
 
 
-def bench_overhead(quick: bool = False) -> list[dict]:
-    """Whole sampling loops with a free model: microseconds per step, ours against diffusers' scheduler loop."""
+def bench_overhead(quick: bool = False, steps_list=OVERHEAD_STEPS, min_run_time: float | None = None) -> list[dict]:
+    """Whole sampling loops with a free model: microseconds per step, ours against diffusers' scheduler loop.
+
+    Args:
+        quick: the first two step counts, shorter timing.
+        steps_list: the step counts N.
+        min_run_time: seconds per measurement (default 1, or 0.2 when quick).
+    """
     try:
         import diffusers  # noqa: F401
         have_diffusers = True
@@ -95,10 +103,11 @@ def bench_overhead(quick: bool = False) -> list[dict]:
         return out
 
     rows = []
-    for steps in OVERHEAD_STEPS[:2] if quick else OVERHEAD_STEPS:
+    run_time = min_run_time or (0.2 if quick else 1.0)
+    for steps in steps_list[:2] if quick else steps_list:
         ours = _seconds(lambda: sample(model, x, sched, steps=steps, spacing="linspace", denoise_to_zero=True),
-                        0.2 if quick else 1.0) / steps
-        theirs = _seconds(_diffusers_loop(steps, x, out), 0.2 if quick else 1.0) / steps if have_diffusers else None
+                        run_time) / steps
+        theirs = _seconds(_diffusers_loop(steps, x, out), run_time) / steps if have_diffusers else None
         rows.append(_row("overhead", f"sample() N={steps}, {'x'.join(map(str, OVERHEAD_SHAPE))}", "us/step",
                          ours * 1e6, None if theirs is None else theirs * 1e6,
                          "diffusers DPMSolverMultistep" if have_diffusers else "(diffusers not installed)"))

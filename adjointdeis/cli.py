@@ -22,10 +22,10 @@ import torch
 
 from . import __version__, ops
 from ._extension import build_info
+from .schedules import SPACINGS
 from .solvers import SOLVERS, resolve_order
 from .zoo import MODELS
 
-SPACINGS = ("logsnr", "uniform", "quadratic", "karras", "linspace", "leading", "trailing")
 THREADS_HELP = ("torch CPU threads (default 1: the networks are tiny, and more threads only help large batches "
                 "on an otherwise idle machine)")
 
@@ -98,7 +98,8 @@ def accuracy(args) -> None:
 
 def diagnose_command(args) -> None:
     """Conservativity diagnostics of a shipped model next to an exact Gaussian score, per time."""
-    from .diagnostics import format_table, zoo_table
+    from .demo import zoo_table
+    from .diagnostics import format_table
 
     if args.probes < 2:
         raise CommandError(f"--probes must be >= 2, got {args.probes}")
@@ -160,7 +161,7 @@ def sample_command(args) -> None:
         spacing = args.spacing or kit.spacing
         images = sample_digits(kit, x_T, labels, args.solver, order, args.steps, guidance=args.guidance,
                                seed=args.seed, sde=args.sde, spacing=spacing, progress=True)
-        evaluations = 2 * args.steps - 1 if args.solver == "heun" else args.steps
+        evaluations = SOLVERS[args.solver].evaluations(args.steps)
         guidance = "" if args.guidance is None else f", guidance {args.guidance:g}"
         how = (f"from {args.model}, {args.solver}-{order}{' SDE' if args.sde else ''}, {args.steps} steps = "
                f"{evaluations} model evaluations ({spacing} grid){guidance}")
@@ -262,8 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", choices=(*SOLVERS, "dsno"), default="dpmpp",
                    help="a fused solver, or dsno: one evaluation of the DSNO student distilled from digits "
                         "(default dpmpp)")
-    p.add_argument("--order", type=int, help="solver order (ddim 1; deis and dpmpp 1-3; heun 2); default: the solver's")
-    p.add_argument("--steps", type=positive_int, default=10, help="sampling steps = model evaluations (2 steps - 1 for heun) (default 10)")
+    orders = "; ".join(f"{name} {'/'.join(map(str, entry.orders))}" for name, entry in SOLVERS.items())
+    p.add_argument("--order", type=int, help=f"solver order ({orders}); default: the solver's")
+    p.add_argument("--steps", type=positive_int, default=10,
+                   help="sampling steps = model evaluations (2 steps - 1 for heun) (default 10)")
     p.add_argument("--class", dest="digit", type=int, metavar="DIGIT",
                    help="the digit 0-9 to sample (default: the digits 0-9 in turn, one per column)")
     p.add_argument("--n", type=positive_int, default=64, help="number of samples (default 64)")
@@ -296,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
 
     p = command("bench", bench_command, "kernel, sampler-overhead and gradient benchmarks in one table",
-                "Runs the package's own small versions of the repository's benchmarks (bench/bench_step.py, "
-                "bench_scheduler.py, bench_gradients.py, which are not in the wheel): the fused 2M step against "
+                "Runs the package's benchmark cases (adjointdeis.benchmarks; the repository's bench/ scripts, not in "
+                "the wheel, are their full versions): the fused 2M step against "
                 "eager torch, sample()'s per-step overhead against diffusers' scheduler loop, and gradient time and "
                 "peak memory on the digits model (discrete and AdjointDEIS against autograd). Prints one table.")
     p.add_argument("--quick", action="store_true", help="fewer cases, shorter timing")

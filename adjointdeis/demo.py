@@ -7,7 +7,8 @@ sampler so the sample's classifier features are equally close to both endpoints'
 loss of the AdjointDEIS face-morphing experiment, with the digit classifier in place of a face recogniser).
 
 The Gaussian oracle (``adjointdeis accuracy``) compares every solver with the closed-form solution of the
-probability-flow ODE of Gaussian data.
+probability-flow ODE of Gaussian data; :func:`zoo_table` (``adjointdeis diagnose``) runs the conservativity
+diagnostics on a shipped model next to the exact score of a Gaussian.
 """
 
 import pathlib
@@ -19,11 +20,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .diagnostics import GaussianEpsModel
+from . import zoo
+from .diagnostics import DiagnosticRow, GaussianEpsModel, conservativity_table
+from .gradients import AdjointOptions
 from .guidance import guide
 from .metrics import class_accuracy, classifier_features, frechet_distance
 from .sampling import sample
 from .schedules import NoiseSchedule, VPSchedule
+from .zoo.data import load_digits_split
 
 _SOLVERS = [("ddim", 1), ("deis", 2), ("deis", 3), ("dpmpp", 2), ("dpmpp", 3), ("heun", 2)]
 DEMO_SOLVERS = (("ddim", 1), ("deis", 3), ("dpmpp", 2))
@@ -80,9 +84,6 @@ class DigitsKit:
 def load_kit(name: str = "digits") -> DigitsKit:
     """Loads a shipped digits model (a name of ``zoo.MODELS``) and the classifier (no network) and the
     held-out split of sklearn's digits."""
-    from . import zoo
-    from .zoo.data import load_digits_split
-
     entry = zoo.load(name)
     classifier = zoo.load_classifier()
     for net in (entry.model, classifier):
@@ -330,7 +331,7 @@ def morph(kit: DigitsKit, pairs: Sequence[tuple[int, int]], steps: int = 10, ite
 
     adjoint = {}
     if grad == "adjoint":
-        adjoint = dict(adjoint_order=adjoint_order, adjoint_steps=adjoint_steps, adjoint_form=adjoint_form)
+        adjoint = dict(adjoint=AdjointOptions(order=adjoint_order, form=adjoint_form, steps=adjoint_steps))
     start = time.perf_counter()
     result = guide(kit.model, kit.schedule, loss_fn, x_T, cond=z, optimize=("x_T", "cond"), steps=steps,
                    iters=iters, lr=lr, grad=grad, progress=progress, callback=record, solver=solver, order=order,
@@ -402,3 +403,23 @@ def run_demo(out: pathlib.Path, quick: bool = False, seed: int = 0, progress: bo
          f"{', '.join(map(str, sorted(result.snapshots)))} and after the last | endpoint B")
     echo(f"done in {time.perf_counter() - started:.0f} s; pictures in {out.resolve()}")
     return {"fd": results, "morph": result, "files": files}
+
+
+def zoo_table(name: str = "digits", times: Sequence[float] = (50, 200, 500, 800), n: int = 64, probes: int = 32,
+              points: int = 32, radius: float = 1.0, seed: int = 0) -> list[DiagnosticRow]:
+    """Both diagnostics for a shipped model and for the exact score of a Gaussian fitted to its training data.
+
+    The points are the first `n` held-out digits noised at each t, conditioned on their labels; the
+    Gaussian has the training digits' per-pixel mean and standard deviation (floored at 0.01).
+
+    Args:
+        name: a model of ``adjointdeis.zoo.MODELS``; times: its model times (training steps for "digits").
+        n, probes, points, radius, seed: as in :func:`conservativity_table`.
+    """
+    entry = zoo.load(name)
+    entry.model.requires_grad_(False)
+    train_x, _, test_x, test_y = load_digits_split()
+    gaussian = GaussianEpsModel(entry.schedule, train_x.mean(0), train_x.std(0).clamp_min(0.01))
+    models = {"Gaussian fit (exact score)": (gaussian, "eps"), name: (entry.model, entry.prediction)}
+    return conservativity_table(models, entry.schedule, test_x[:n], times, cond=test_y[:n], probes=probes,
+                                points=points, radius=radius, seed=seed)

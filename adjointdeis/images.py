@@ -1,12 +1,10 @@
-"""PNG output with no imaging library: digit grids (zlib PNG writer) and line plots (matplotlib if installed).
+"""PNG output: digit grids and line plots (Pillow writes the PNGs; matplotlib draws the plots if installed).
 
 Images are (batch, 1, h, w) tensors in the data range [-1, 1] (ink = +1, as the zoo's digits) and are
 drawn as dark ink on white. A grid is a list of rows, each a list of images or ``None`` for a blank cell.
 """
 
 import pathlib
-import struct
-import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -23,23 +21,17 @@ def write_png(path, pixels: np.ndarray) -> pathlib.Path:
         the path written.
 
     Raises:
-        ValueError for another shape or dtype.
+        ValueError for another shape or dtype; ImportError without Pillow (``pip install adjointdeis[zoo]``).
     """
     pixels = np.ascontiguousarray(pixels)
     if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
         raise ValueError(f"pixels must be uint8 (h, w) or (h, w, 3), got {pixels.dtype} {pixels.shape}")
-    height, width = pixels.shape[:2]
-    colour_type = 0 if pixels.ndim == 2 else 2
-    rows = pixels.reshape(height, -1)
-    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 on every scanline
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    try:
+        from PIL import Image
+    except ImportError as error:
+        raise ImportError("writing PNGs needs Pillow: pip install 'adjointdeis[zoo]'") from error
     path = pathlib.Path(path)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-                     + chunk(b"IEND", b""))
+    Image.fromarray(pixels).save(path, format="PNG")   # uint8: "L" for (h, w), "RGB" for (h, w, 3)
     return path
 
 

@@ -1,4 +1,4 @@
-"""Is the learned field a score? Both conservativity diagnostics (MATH.md section 9) for the shipped digits model
+"""Is the learned field a score? Both conservativity diagnostics (docs/math.md section 9) for the shipped digits model
 next to the exact score of a Gaussian fitted to the training digits, at several times.
 
 Usage: python bench/bench_diagnostics.py [--times 50 200 500 800] [--n 64] [--probes 32] [--points 32]
@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from adjointdeis.diagnostics import format_table, loop_circulation, zoo_table  # noqa: E402
+from adjointdeis.demo import zoo_table  # noqa: E402
+from adjointdeis.diagnostics import format_table, loop_circulation  # noqa: E402
 from machine import cpu_name  # noqa: E402
 
 

@@ -4,11 +4,11 @@ Usage: python bench/bench_gradients.py [--quick] [--json PATH] [--only accuracy,
 
 Sections:
 
-- accuracy (MATH.md 5.4): Gaussian data N(0.7, 0.3^2) per dimension, VP linear schedule, t in [1e-3, 1],
+- accuracy (docs/math.md section 5.4): Gaussian data N(0.7, 0.3^2) per dimension, VP linear schedule, t in [1e-3, 1],
   uniform-logSNR grid, L = sum(x_0). The PF-ODE map is affine with slope k(t_min)/k(t_max),
   k(t) = sqrt(alpha_t^2 s^2 + sigma_t^2), so the exact dL/dx_T is that slope in every dimension. The error
   |dL/dx_T - exact| of AdjointDEIS (eps and x0 forms, orders 1 and 2M) and of the exact discrete adjoint
-  of DPM-Solver++(2M) is printed next to MATH's table.
+  of DPM-Solver++(2M) is printed next to the reference values of docs/math.md section 5.4.
 - memory (small diffusers UNet2DModel, class embedding "identity" as a differentiable conditioning z):
   dL/d(x_T, z, theta) through DPM-Solver++(2M) with grad="autograd", "discrete", "adjoint" (x0 form,
   order 2) and per-step ``torch.utils.checkpoint`` around each model call in a plain sampling loop.
@@ -42,6 +42,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import adjointdeis  # noqa: E402
 from adjointdeis import ops  # noqa: E402
 from adjointdeis.benchmarks import tensor_peak_bytes  # noqa: E402
+from adjointdeis.planning import plan_sampling, run_plan  # noqa: E402
 from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
 
 SECTIONS = ("accuracy", "memory", "baselines")
@@ -59,7 +60,7 @@ ACCURACY_METHODS = {
     "discrete-lof": dict(grad="discrete", lower_order_final=True),
 }
 ADJOINT_COLUMNS = ("eps-1", "eps-2M", "x0-1", "x0-2M")
-MATH_TABLE = {  # MATH.md 5.4, absolute error of dL/dx_T; None where MATH gives no number.
+REFERENCE_TABLE = {  # docs/math.md section 5.4: the reference errors of dL/dx_T; None where it gives none.
     5: {"eps-1": 7.6e3, "eps-2M": 3.2e4, "x0-1": 0.26, "x0-2M": 0.24, "discrete": 0.024},
     10: {"eps-1": 0.55, "eps-2M": 4.9e2, "x0-1": 0.22, "x0-2M": 0.19, "discrete": 0.0086},
     20: {"eps-1": 0.30, "eps-2M": 1.6, "x0-1": 0.18, "x0-2M": 0.11, "discrete": 0.0039},
@@ -85,7 +86,7 @@ DIFFEQ_OURS_STEPS = (10, 20, 40, 80)
 
 
 class GaussianEps(nn.Module):
-    """The exact noise prediction eps*(x, t) for data ~ N(mu, s^2) per dimension (MATH.md 6).
+    """The exact noise prediction eps*(x, t) for data ~ N(mu, s^2) per dimension (docs/math.md section 6).
 
     x: (batch, dim), t: (batch,) -> (batch, dim).
     """
@@ -138,7 +139,7 @@ def run_accuracy(quick):
         _, grad_discrete = gradient_error(model, sched, n, exact, GAUSSIAN_DIM, grad="discrete")
         _, grad_autograd = gradient_error(model, sched, n, exact, GAUSSIAN_DIM, grad="autograd")
         discrete_vs_autograd = (grad_discrete - grad_autograd).abs().max().item()
-        rows.append({"steps": n, "error": errors, "math": MATH_TABLE[n], "discrete_vs_autograd": discrete_vs_autograd})
+        rows.append({"steps": n, "error": errors, "math": REFERENCE_TABLE[n], "discrete_vs_autograd": discrete_vs_autograd})
     return {"exact": exact, "dim": GAUSSIAN_DIM, "rows": rows}
 
 
@@ -149,9 +150,9 @@ def ratio(ours, theirs):
 
 
 def print_accuracy(result):
-    print(f"\n## Accuracy of dL/dx_T on the Gaussian oracle (MATH.md 5.4): exact {result['exact']:.6f}, "
+    print(f"\n## Accuracy of dL/dx_T on the Gaussian oracle (docs/math.md section 5.4): exact {result['exact']:.6f}, "
           f"{result['dim']} dims, float64, L = sum(x_0)")
-    print("ours / MATH (ratio); 'discrete' is lower_order_final=False, 'discrete-lof' the default True")
+    print("ours / reference (ratio); 'discrete' is lower_order_final=False, 'discrete-lof' the default True")
     names = list(ACCURACY_METHODS)
     print(f"{'N':>3} " + " ".join(f"{name:>24}" for name in names) + f" {'|discrete-autograd|':>20}")
     for row in result["rows"]:
@@ -167,7 +168,7 @@ def print_accuracy(result):
 
 
 def accuracy_targets(result):
-    """(description, met, detail) for the adjoint columns and the discrete column against MATH."""
+    """(description, met, detail) for the adjoint columns and the discrete column against the reference."""
     checks = []
     groups = ((ADJOINT_COLUMNS, "AdjointDEIS columns"), (("discrete",), "discrete (lower_order_final=False)"),
               (("discrete-lof",), "discrete (lower_order_final=True, default)"))
@@ -182,7 +183,7 @@ def accuracy_targets(result):
                 if worst is None or dev > worst[0]:
                     worst = (dev, name, row["steps"])
         met = worst[0] <= ACCURACY_TOLERANCE
-        checks.append((f"{label} within {100 * ACCURACY_TOLERANCE:.0f}% of MATH 5.4 per entry", met,
+        checks.append((f"{label} within {100 * ACCURACY_TOLERANCE:.0f}% of docs/math.md 5.4 per entry", met,
                        f"worst {100 * worst[0]:.1f}% at {worst[1]} N={worst[2]}"))
     return checks
 
@@ -217,21 +218,17 @@ def unet_problem(seed=0):
 
 
 def checkpointed_sample(model, x_T, sched, steps, z):
-    """DPM-Solver++(2M) as a plain loop of fused steps, each model call under torch.utils.checkpoint.
+    """DPM-Solver++(2M) as the plain run loop of fused steps, each model call under torch.utils.checkpoint.
 
     The same grid and coefficients as ``adjointdeis.sample(..., solver="dpmpp", order=2)``.
     x_T: (batch, *shape), z: (batch, COND_DIM) -> (batch, *shape).
     """
-    ts, points = adjointdeis.sampling_grid(sched, steps, "logsnr")
-    plan = adjointdeis.build_plan(points, "dpmpp", 2, "eps", lower_order_final=True)
-    t_eval = sched.model_time(ts)[plan.eval_index].to(torch.float32)
-    x, history = x_T, []
-    for row in range(len(plan)):
-        t = t_eval[row].expand(x.shape[0])
-        out = torch.utils.checkpoint.checkpoint(model, x, t, z, use_reentrant=False)
-        x, m0 = ops.multistep_step(x, out, history[:plan.num_history[row]], plan.coeffs[row])
-        history = [m0] + history[:1]
-    return x
+    plan = plan_sampling(sched, steps, "logsnr", None, False, "dpmpp", 2, "eps")
+
+    def checkpointed(x, t, cond):
+        return torch.utils.checkpoint.checkpoint(model, x, t, cond, use_reentrant=False)
+
+    return run_plan(checkpointed, x_T, plan, cond=z, check_finite=False)
 
 
 def unet_gradient(method, model, x_T, z, target, sched, steps):

@@ -2,7 +2,7 @@
 
 Usage: python bench/bench_step.py [--device cpu|cuda] [--quick] [--json PATH]
 
-The step (MATH.md section 4) for an eps-prediction model, with m1 the previous step's x0:
+The step (docs/math.md section 4) for an eps-prediction model, with m1 the previous step's x0:
 
     m0 = p x + q out               p = 1/alpha_s, q = -sigma_s/alpha_s, a = sigma_t/sigma_s,
     x_next = a x + b0 m0 + b1 m1   b0 = -alpha_t expm1(-h) (1 + 1/(2r)), b1 = alpha_t expm1(-h)/(2r)
@@ -28,6 +28,7 @@ from torch.utils import benchmark
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from adjointdeis import ops, reference  # noqa: E402
+from adjointdeis.benchmarks import eager_step  # noqa: E402
 from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
 
 SIZES = [(1, 4, 64, 64), (4, 4, 64, 64), (16, 4, 64, 64), (4, 4, 128, 128), (16, 4, 128, 128)]
@@ -39,13 +40,6 @@ COPY_BYTES = 256 * 2**20
 TENSORS_MOVED = 5
 TARGETS = {"diffusers_speedup": 5.0, "compile_speedup": 1.0, "copy_fraction": {"cpu": 0.6, "cuda": 0.8}}
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
-
-
-def eager_step(x, out, m1, a, b0, b1, p, q):
-    """The 2M update as a user writes it in torch: x: (*shape) -> (x_next, m0), both (*shape)."""
-    m0 = p * x + q * out
-    x_next = a * x + b0 * m0 + b1 * m1
-    return x_next, m0
 
 
 def make_scheduler(device):

@@ -13,6 +13,7 @@ import torch
 import adjointdeis as ad
 from adjointdeis import zoo
 from adjointdeis.metrics import class_accuracy
+from adjointdeis.zoo.reflow import reflow
 
 
 @pytest.fixture(autouse=True)
@@ -187,12 +188,12 @@ def test_reflow_straightens_few_step_sampling():
 
 def test_reflow_tiny_run_fits_its_pairs_and_leaves_the_model_alone():
     from adjointdeis.zoo.reflow import reflow_pairs
-    from adjointdeis.zoo.train import flow_loss
+    from adjointdeis.zoo.training import flow_loss
 
     entry = zoo.load("digits-flow")
     before = {k: v.clone() for k, v in entry.model.state_dict().items()}
     kwargs = dict(n_pairs=64, solver="ddim", steps=2, seed=3)
-    tuned = zoo.reflow(entry, iters=20, lr=2e-3, progress=False, **kwargs)
+    tuned = reflow(entry, iters=20, lr=2e-3, progress=False, **kwargs)
     assert all(torch.equal(v, entry.model.state_dict()[k]) for k, v in before.items())
     assert isinstance(tuned, zoo.ZooModel) and tuned.model is not entry.model and not tuned.model.training
     assert tuned.schedule is entry.schedule and tuned.prediction == "flow" and tuned.spacing == entry.spacing
@@ -213,12 +214,12 @@ def test_reflow_tiny_run_fits_its_pairs_and_leaves_the_model_alone():
 
 def test_reflow_rejects_bad_arguments():
     with pytest.raises(ValueError, match="flow"):
-        zoo.reflow(zoo.load("digits"), n_pairs=4, iters=1, progress=False)
+        reflow(zoo.load("digits"), n_pairs=4, iters=1, progress=False)
     flow = zoo.load("digits-flow")
     with pytest.raises(ValueError, match="n_pairs"):
-        zoo.reflow(flow, n_pairs=0, iters=1, progress=False)
+        reflow(flow, n_pairs=0, iters=1, progress=False)
     with pytest.raises(ValueError, match="iters"):
-        zoo.reflow(flow, n_pairs=4, iters=0, progress=False)
+        reflow(flow, n_pairs=4, iters=0, progress=False)
 
 
 def test_training_script_writes_flow_and_reflow_weights(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import pathlib
 
 import torch
 
-from .. import dsno
+from ..dsno.distillation import distill
 from . import load
 
 TIMES, MODES = 4, 2
@@ -38,9 +38,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(max(1, args.threads))
     teacher = load("digits")
     teacher.model.requires_grad_(False)
-    student = dsno.distill(teacher.model, teacher.schedule, TIMES, args.trajectories, args.iters, modes=MODES,
-                           prediction=teacher.prediction, num_classes=teacher.num_classes,
-                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint=args.checkpoint)
+    student = distill(teacher.model, teacher.schedule, TIMES, args.trajectories, args.iters, modes=MODES,
+                      prediction=teacher.prediction, num_classes=teacher.num_classes,
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint=args.checkpoint)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"teacher": "digits", "modes": str(MODES), "times": json.dumps(student.times.tolist()),
             "iters": str(args.iters), "trajectories": str(args.trajectories), "seed": str(args.seed)}

@@ -1,4 +1,4 @@
-"""One round of ReFlow (Liu et al., "Flow Straight and Fast", 2022) for the zoo's flow models.
+"""One round of ReFlow (Liu et al., "Flow Straight and Fast", 2022) for the zoo's flow models (an application).
 
     pairs = reflow_pairs(entry, n_pairs=10000, solver="heun", steps=25)   # (noise, sample, labels)
     straighter = reflow(entry, n_pairs=10000, iters=3000)                 # a new ZooModel
@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..sampling import sample
 from . import ZooModel
+from .training import train_diffusion
 
 
 def _check_flow(entry: ZooModel) -> None:
@@ -75,8 +76,6 @@ def reflow(entry: ZooModel, n_pairs: int = 10000, iters: int = 3000, solver: str
     Raises:
         ValueError for a non-flow entry, n_pairs < 1 or iters < 1.
     """
-    from .train import train_diffusion
-
     _check_flow(entry)
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
