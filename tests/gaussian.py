@@ -1,4 +1,4 @@
-"""Closed-form oracle (MATH.md section 6): Gaussian data N(mu, s^2) per dimension."""
+"""Closed-form oracle (docs/math.md section 6): Gaussian data N(mu, s^2) per dimension."""
 
 import torch
 

@@ -1,5 +1,5 @@
 """Consistency-trajectory (gamma) sampling and the score_from_ctm adapter, with the exact Gaussian flow map as the
-two-time model (MATH.md sections 6 and 8)."""
+two-time model (docs/math.md sections 6 and 8)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Conservativity diagnostics (MATH.md section 9): zero for an exact score, the closed form for a rotated field,
+"""Conservativity diagnostics (docs/math.md section 9): zero for an exact score, the closed form for a rotated field,
 clearly nonzero for the shipped digits model."""
 
 import math

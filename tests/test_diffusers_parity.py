@@ -1,6 +1,6 @@
 """``sample`` against diffusers' multistep schedulers, every intermediate state, step for step.
 
-diffusers is the independent oracle (MATH.md section 4): ``DPMSolverMultistepScheduler``
+diffusers is the independent oracle (docs/math.md section 4): ``DPMSolverMultistepScheduler``
 ("dpmsolver++" and "sde-dpmsolver++", solver_type "midpoint") and ``DEISMultistepScheduler``
 ("deis", "logrho"). Both samplers run the same deterministic fake model from the same x_T; the
 model records the state it is called with, so the N states a run visits plus its result are

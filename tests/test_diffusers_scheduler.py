@@ -7,7 +7,7 @@
   rejects those, so its checks step along ``scheduler.timesteps``.
 - Parity: the same denoising loop (a deterministic nonlinear fake model, the pipeline's calling
   convention) with our scheduler and with ``DPMSolverMultistepScheduler`` / ``DEISMultistepScheduler``
-  built from the same config; every state agrees to 1e-5 relative to its norm (MATH.md section 4).
+  built from the same config; every state agrees to 1e-5 relative to its norm (docs/math.md section 4).
   DEIS order 3 is compared with diffusers' DEIS run in float64, since its float32 coefficients alone
   are off by 2e-5 (see tests/test_diffusers_parity.py).
 - A ``DDPMPipeline`` with a small random ``UNet2DModel`` gives the same images with our scheduler as

@@ -1,5 +1,5 @@
 """Flow matching end to end: every solver and gradient mode with a flow-prediction model on
-FlowSchedule, against the closed-form Gaussian oracle (MATH.md sections 1, 2, 4 and 6)."""
+FlowSchedule, against the closed-form Gaussian oracle (docs/math.md sections 1, 2, 4 and 6)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Flow-matching parity with diffusers, step for step (MATH.md sections 1, 4; diffusers' float32 floor).
+"""Flow-matching parity with diffusers, step for step (docs/math.md sections 1, 4; diffusers' float32 floor).
 
 Both loops drive the same model at the same times: the model takes ``1000 t`` (diffusers' flow
 convention, ``timestep = 1000 sigma``); ours is called with the schedule time t and scales it.
