@@ -573,6 +573,17 @@ def test_step_index_bookkeeping():
     assert scheduler.step_index == 4 and scheduler.begin_index == 3
 
 
+def test_a_shared_cached_plan_cannot_be_changed_through_a_scheduler():
+    """Schedulers with the same grid share one cached coefficient table; what one hands out is a copy."""
+    first, second = FusedMultistepScheduler(solver_order=2), FusedMultistepScheduler(solver_order=2)
+    first.set_timesteps(12)
+    want = loop(first, initial_noise())[-1]
+    first.step_plan.coeffs.zero_()
+    second.set_timesteps(12)
+    assert second.step_plan is first.step_plan
+    assert torch.equal(loop(second, initial_noise())[-1], want)
+
+
 def test_history_is_reset_by_set_timesteps():
     """Running the loop twice on one scheduler gives the same result: no history leaks between runs."""
     scheduler = FusedMultistepScheduler(solver_order=3)

@@ -217,3 +217,14 @@ def test_compiles_to_one_graph():
         want = student(noise, cond)
         got = torch.compile(student, fullgraph=True)(noise, cond)
     assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_backbone_gets_no_hooks_and_train_eval_reach_the_student():
+    backbone = tiny_unet()
+    student = dsno.DSNO(backbone, [700.0, 300.0, 0.0], modes=2)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in backbone.modules())
+    assert {id(p) for p in student._student.parameters()} == {id(p) for p in student.parameters()}
+    student.eval()
+    assert not any(m.training for m in student._student.modules())
+    student.train()
+    assert all(m.training for m in student._student.modules())

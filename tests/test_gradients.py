@@ -233,3 +233,36 @@ def test_disconnected_model_and_non_finite_adjoint_errors():
     x = ad.sample(model, x_T, sched, steps=3, grad="adjoint", adjoint_form="eps", parameters=[], check_finite=False)
     with pytest.raises(FloatingPointError, match="adjoint state became non-finite"):
         (x * float("inf")).sum().backward()
+
+
+def test_adjoint_options_equal_the_separate_keywords():
+    sched = ad.VPSchedule.linear()
+    model = GaussianEps(sched, *per_dimension(3, seed=6))
+    x_T = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+
+    def adjoint_grad(**kwargs):
+        x = ad.sample(model, x_T, sched, steps=12, grad="adjoint", parameters=[], **kwargs)
+        return torch.autograd.grad(x.sum(), x_T)[0]
+
+    options = ad.AdjointOptions(order=2, form="x0", steps=20, states="resolved")
+    assert torch.equal(adjoint_grad(adjoint=options),
+                       adjoint_grad(adjoint_order=2, adjoint_form="x0", adjoint_steps=20, states="resolved"))
+    assert torch.equal(adjoint_grad(), adjoint_grad(adjoint=ad.AdjointOptions()))
+    with pytest.raises(ValueError, match="not both"):
+        adjoint_grad(adjoint=options, adjoint_order=1)
+    with pytest.raises(ValueError, match="adjoint_steps"):
+        ad.AdjointOptions(steps=0)
+
+
+@pytest.mark.parametrize("mode", ["discrete", "adjoint"])
+def test_callback_fires_once_per_evaluation_of_the_sampling_run_only(mode):
+    net, x_T, cond, _ = real_network_case(5)
+    seen = []
+    x = ad.sample(net, x_T.requires_grad_(), ad.VPSchedule.linear(), steps=4, solver="heun", cond=cond, grad=mode,
+                  adjoint_steps=6 if mode == "adjoint" else None, callback=seen.append)
+    assert [(info.row, info.step, info.starts_step) for info in seen] == [
+        (0, 0, True), (1, 1, False), (2, 1, True), (3, 2, False), (4, 2, True), (5, 3, False), (6, 3, True)]
+    assert torch.equal(seen[0].x, x_T) and torch.equal(seen[-1].x_next, x)
+    assert all(torch.equal(a.x_next, b.x) for a, b in zip(seen, seen[1:]))
+    x.sum().backward()
+    assert len(seen) == 7

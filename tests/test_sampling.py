@@ -266,3 +266,49 @@ def test_cuda_sample_matches_cpu_without_host_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_solver_registry_describes_every_solver():
+    from adjointdeis.solvers import SOLVERS, check_solver, resolve_order
+
+    sched = ad.VPSchedule.linear()
+    ts = sched.timesteps(5)
+    points = [ad.solvers.GridPoint(a, s) for a, s in zip(sched.alpha(ts).tolist(), sched.sigma(ts).tolist())]
+    assert list(SOLVERS) == ["ddim", "deis", "dpmpp", "heun"]
+    assert SOLVERS["ddim"].alias_of == "dpmpp" and SOLVERS["ddim"].orders == (1,)
+    assert build_plan(points, "ddim", 1, "eps") == build_plan(points, "dpmpp", 1, "eps")
+    assert build_plan(points, "ddim", 1, "eps", sde=True) == build_plan(points, "dpmpp", 1, "eps", sde=True)
+    for name, entry in SOLVERS.items():
+        assert check_solver(name) is entry and resolve_order(name, None, False) == entry.default_order
+        for order in entry.orders:
+            assert len(build_plan(points, name, order, "eps")) == entry.evaluations(5)
+        for order in entry.sde_orders:
+            assert resolve_order(name, order, True) == order
+    assert SOLVERS["heun"].evaluations(5) == 9
+
+
+def test_plans_are_immutable_and_hand_out_their_own_tensors():
+    sched = ad.VPSchedule.linear()
+    ts = sched.timesteps(4)
+    points = [ad.solvers.GridPoint(a, s) for a, s in zip(sched.alpha(ts).tolist(), sched.sigma(ts).tolist())]
+    plan = build_plan(points, "dpmpp", 2, "eps")
+    want = plan.coeffs.clone()
+    plan.coeffs.zero_()
+    assert torch.equal(plan.coeffs, want)
+    with pytest.raises(AttributeError):
+        plan.rows = ()
+
+
+def test_callback_sees_every_evaluation_without_changing_the_sample():
+    sched, model, x_T = oracle("vp_linear")
+    seen = []
+    with torch.no_grad():
+        plain = ad.sample(model, x_T, sched, steps=6, solver="dpmpp", order=3)
+        watched = ad.sample(model, x_T, sched, steps=6, solver="dpmpp", order=3, callback=seen.append)
+    assert torch.equal(plain, watched)
+    ts = sched.timesteps(6)
+    assert [info.step for info in seen] == list(range(6)) and all(info.starts_step for info in seen)
+    for info in seen:
+        assert info.t.item() == pytest.approx(ts[info.step].item(), rel=1e-15)
+        assert torch.equal(info.output, model(info.x, info.t.expand(len(x_T))))
+    assert torch.equal(seen[-1].x_next, watched)

@@ -639,3 +639,14 @@ def test_repr_shows_parameters(schedule_repr, build):
 def test_discrete_repr_shows_size_and_ends():
     text = repr(schedule_from_config({}))
     assert "num_train_timesteps=1000" in text and "alphas_cumprod[0]=0.9999" in text
+
+
+@pytest.mark.parametrize("beta_schedule", list(BETA_SCHEDULE_CONFIGS))
+def test_schedule_from_config_in_float32_is_diffusers_own(beta_schedule):
+    theirs = DDPMScheduler(beta_schedule=beta_schedule, **BETA_SCHEDULE_CONFIGS[beta_schedule])
+    ours = schedule_from_config(theirs.config, torch.float32)
+    assert torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod.to(F64))
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
+        schedule_from_config(DDPMScheduler(rescale_betas_zero_snr=True).config)
+    flow = schedule_from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    assert isinstance(flow, FlowSchedule) and flow.shift == 3.0

@@ -170,9 +170,13 @@ def vp_schedule(config: Mapping, dtype: torch.dtype = torch.float64) -> Discrete
     """The discrete VP schedule of a config, its betas computed in `dtype` (see :func:`betas`).
 
     Raises:
-        ValueError naming the key of a value it cannot honour, or for betas outside (0, 1).
+        ValueError naming the key of a value it cannot honour (rescale_betas_zero_snr among them: a schedule
+        reaching zero SNR has no finite half log-SNR at its end), or for betas outside (0, 1).
     """
-    if config.get("rescale_betas_zero_snr", False) or dtype != torch.float64:
+    if config.get("rescale_betas_zero_snr", False):
+        raise ValueError("scheduler config: rescale_betas_zero_snr=True ends the schedule at zero SNR, which a "
+                         "DiscreteVPSchedule cannot represent; build it from the scheduler's alphas_cumprod")
+    if dtype != torch.float64:
         return VPSchedule.from_alphas_cumprod(alphas_cumprod(config, dtype)[1])
     return VPSchedule.from_betas(betas(config, dtype))
 
