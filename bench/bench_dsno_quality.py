@@ -23,6 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench_quality import SOLVERS, our_sample  # noqa: E402
 
 from adjointdeis import dsno, zoo  # noqa: E402
+from adjointdeis.dsno.distillation import teacher_trajectories  # noqa: E402
 from adjointdeis.demo import fd_digits, load_kit  # noqa: E402
 from adjointdeis.metrics import class_accuracy  # noqa: E402
 
@@ -57,8 +58,8 @@ def main() -> None:
             images = our_sample(kit, factory(), nfe, x_T, labels, 1, options, to_zero)
             record(name, nfe, images, time.perf_counter() - start)
     start = time.perf_counter()
-    teacher = dsno.teacher_trajectories(kit.model, kit.schedule, dsno.trajectory_times(kit.schedule, student.n_times),
-                                        x_T, labels, progress=False)
+    teacher = teacher_trajectories(kit.model, kit.schedule, dsno.trajectory_times(kit.schedule, student.n_times),
+                                   x_T, labels, progress=False)
     record("teacher", 20, teacher.targets[:, -1], time.perf_counter() - start)
 
     print(f"FD-digits / classifier accuracy, {n} class-conditional samples per cell (lower FD is better; not FID)")
