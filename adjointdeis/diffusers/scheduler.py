@@ -53,20 +53,22 @@ def _grid_point(sigma: float, flow: bool) -> GridPoint:
 
 @functools.lru_cache(maxsize=64)
 def _step_table(grid: tuple, flow: bool, solver: str, order: int, prediction: str, sde: bool,
-                lower_order_final: bool, euler_at_final: bool, start: int) -> StepPlan:
+                lower_order_final: bool, euler_at_final: bool, start: int) -> tuple[StepPlan, Tensor]:
     """The coefficient rows of steps ``start .. N-1`` along `grid`, with diffusers' order rules.
 
     Orders warm up from 1 at `start` (history restarts there); `lower_order_final` and `euler_at_final`
     lower the last orders as :func:`adjointdeis.solvers.step_orders` says, counting all N steps; the step to
     zero noise is first order. A last step whose two grid values are equal (diffusers'
     karras/exponential/beta grids ending at sigma_min) is the identity. The plan is immutable, so the cache
-    can share it.
+    can share it; its rows as a tensor are cached beside it for the steps, which only read them (users get
+    ``step_plan``, whose ``coeffs`` is a copy).
 
     Args:
         grid: N+1 float noise levels (see :func:`_grid_point`), strictly decreasing but for the last pair.
 
     Returns:
-        A :class:`StepPlan` with ``N - start`` rows, ``eval_index`` the global step indices.
+        ``(plan, coeffs)``: a :class:`StepPlan` with ``N - start`` rows, ``eval_index`` the global step
+        indices, and its (N - start, 7) float64 rows.
     """
     num_steps = len(grid) - 1
     points = [_grid_point(s, flow) for s in grid]
@@ -80,8 +82,9 @@ def _step_table(grid: tuple, flow: bool, solver: str, order: int, prediction: st
     if identity_last:
         rows[-1] = (1.0, 0.0, 0.0, 0.0, 0.0, *rows[-1][5:])
         num_history[-1] = 0
-    return StepPlan(tuple(rows), tuple(range(start, num_steps)), tuple(num_history),
+    plan = StepPlan(tuple(rows), tuple(range(start, num_steps)), tuple(num_history),
                     tuple(row[4] != 0 for row in rows), (True,) * len(rows))
+    return plan, plan.coeffs
 
 
 class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
@@ -250,7 +253,7 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = ve_sigmas
         self._grid = None
         self._timestep_list = None
-        self._plan = None
+        self._plan, self._coeffs = None, None
         self._plan_start = 0
         self._device_rows = {}
         self._history = []
@@ -503,8 +506,8 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
 
     def _use_plan(self, start: int) -> None:
         config = self.config
-        self._plan = _step_table(self._grid, self._flow, self._solver, self._order, self._prediction, self._sde,
-                                 config.lower_order_final, config.euler_at_final, start)
+        self._plan, self._coeffs = _step_table(self._grid, self._flow, self._solver, self._order, self._prediction,
+                                               self._sde, config.lower_order_final, config.euler_at_final, start)
         self._plan_start = start
         self._device_rows = {}
 
@@ -512,7 +515,7 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         """Per step, its coefficient row on `device` (copied there once per plan) and its history length."""
         rows = self._device_rows.get(device)
         if rows is None:
-            rows = list(zip(self._plan.coeffs.to(device).unbind(0), self._plan.num_history))
+            rows = list(zip(self._coeffs.to(device).unbind(0), self._plan.num_history))
             self._device_rows[device] = rows
         return rows
 
