@@ -1,5 +1,7 @@
 // CUDA kernel of the fused multistep step: the shared elementwise kernel (elementwise.cuh) with the
 // step of step_math.h; coefficients read from device memory (no sync).
+#include <cuda.h>
+
 #include "elementwise.cuh"
 
 #include "../build.h"
