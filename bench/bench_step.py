@@ -2,7 +2,7 @@
 
 Usage: python bench/bench_step.py [--device cpu|cuda] [--quick] [--json PATH]
 
-The step (MATH.md section 4) for an eps-prediction model, with m1 the previous step's x0:
+The step (docs/math.md section 4) for an eps-prediction model, with m1 the previous step's x0:
 
     m0 = p x + q out               p = 1/alpha_s, q = -sigma_s/alpha_s, a = sigma_t/sigma_s,
     x_next = a x + b0 m0 + b1 m1   b0 = -alpha_t expm1(-h) (1 + 1/(2r)), b1 = alpha_t expm1(-h)/(2r)
