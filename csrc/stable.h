@@ -12,6 +12,7 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <optional>
@@ -155,8 +156,22 @@ void dispatch_bool(bool flag, F&& f) {
   else f(std::false_type{});
 }
 
+// A contiguous uninitialised tensor, through the C shim's allocator entry (no dispatcher call: the
+// elementwise ops allocate their outputs on every call).
 inline Tensor empty(const Shape& shape, ScalarType dtype, const Device& device) {
-  return torch::stable::empty(IntRef(shape), dtype, std::nullopt, device);
+  Shape strides(shape.size());
+  int64_t stride = 1;
+  for (size_t k = shape.size(); k-- > 0;) {
+    strides[k] = stride;
+    stride *= std::max<int64_t>(shape[k], 1);
+  }
+  using torch::stable::detail::from;
+  using torch::stable::detail::to;
+  AtenTensorHandle handle = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
+      static_cast<int64_t>(shape.size()), shape.data(), strides.data(), to<int32_t>(from(dtype)),
+      to<int32_t>(from(device.type())), device.index(), &handle));
+  return Tensor(handle);
 }
 
 inline Tensor zeros(const Shape& shape, ScalarType dtype, const Device& device) {
