@@ -53,7 +53,7 @@ for flavour in $flavours; do
      "$python" -m pip wheel -q --no-build-isolation --no-deps -w "$work/raw-$flavour" .)
   echo "== $flavour: built in $((SECONDS - start)) s; auditwheel repair --plat $plat"
   rm -f "$out/$flavour"/adjointdeis-*.whl
-  "$python" -m auditwheel repair --plat "$plat" -w "$out/$flavour" \
+  "$python" -m auditwheel repair --only-plat --plat "$plat" -w "$out/$flavour" \
     --exclude 'libtorch*.so' --exclude 'libc10*.so' --exclude 'libcudart.so*' "$work/raw-$flavour"/adjointdeis-*.whl
   ls -l "$out/$flavour"/adjointdeis-*.whl
 done
