@@ -64,6 +64,7 @@ def _multistep_step_setup_context(ctx, inputs, output):
     ctx.save_for_backward(coeffs)
     ctx.shapes = (x.shape, out.shape, [h.shape for h in history], None if noise is None else noise.shape)
     ctx.save_m0 = flags[0] if flags else True
+    ctx.num_inputs = len(inputs)  # torch 2.13 leaves out a trailing argument equal to its default
 
 
 def _multistep_step_backward(ctx, grad_x_next, grad_m0):
@@ -75,7 +76,7 @@ def _multistep_step_backward(ctx, grad_x_next, grad_m0):
     grad_out = (q * grad_total_m0).sum_to_size(out_shape)
     grad_history = [(b * grad_x_next).sum_to_size(s) for b, s in zip((b1, b2, *wide), history_shapes)]
     grad_noise = None if noise_shape is None else (c * grad_x_next).sum_to_size(noise_shape)
-    return grad_x, grad_out, grad_history, None, grad_noise, None
+    return (grad_x, grad_out, grad_history, None, grad_noise, None)[:ctx.num_inputs]
 
 
 torch.library.register_autograd(
