@@ -54,17 +54,16 @@ def multistep_step(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor
 
 
 @torch.library.register_fake("adjointdeis::multistep_step")
-def _multistep_step_fake(x, out, history, coeffs, noise, save_m0=True):
+def _multistep_step_fake(x, out, history, coeffs, noise, save_m0):
     shape = reference.check_step_operands(x, out, history, coeffs, noise)
     return x.new_empty(shape), x.new_empty(shape if save_m0 else (0,))
 
 
 def _multistep_step_setup_context(ctx, inputs, output):
-    x, out, history, coeffs, noise, *flags = inputs
+    x, out, history, coeffs, noise, save_m0 = inputs
     ctx.save_for_backward(coeffs)
     ctx.shapes = (x.shape, out.shape, [h.shape for h in history], None if noise is None else noise.shape)
-    ctx.save_m0 = flags[0] if flags else True
-    ctx.num_inputs = len(inputs)  # torch 2.13 leaves out a trailing argument equal to its default
+    ctx.save_m0 = save_m0
 
 
 def _multistep_step_backward(ctx, grad_x_next, grad_m0):
@@ -76,7 +75,7 @@ def _multistep_step_backward(ctx, grad_x_next, grad_m0):
     grad_out = (q * grad_total_m0).sum_to_size(out_shape)
     grad_history = [(b * grad_x_next).sum_to_size(s) for b, s in zip((b1, b2, *wide), history_shapes)]
     grad_noise = None if noise_shape is None else (c * grad_x_next).sum_to_size(noise_shape)
-    return (grad_x, grad_out, grad_history, None, grad_noise, None)[:ctx.num_inputs]
+    return grad_x, grad_out, grad_history, None, grad_noise, None
 
 
 torch.library.register_autograd(

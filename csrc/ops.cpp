@@ -36,7 +36,7 @@ void register_cuda_build(int64_t version, const char* arch_list) {
 STABLE_TORCH_LIBRARY(adjointdeis, m) {
   m.def(
       "multistep_step(Tensor x, Tensor out, Tensor[] history, Tensor coeffs, Tensor? noise,"
-      " bool save_m0=True) -> (Tensor x_next, Tensor m0)");
+      " bool save_m0) -> (Tensor x_next, Tensor m0)");
   m.def(
       "discrete_adjoint_step(Tensor xbar, Tensor vjp, Tensor gfull, Tensor? pend1, Tensor? pend2,"
       " Tensor coeffs) -> (Tensor xbar_prev, Tensor gfull_prev, Tensor cot_prev, Tensor pend_prev)");
