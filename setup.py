@@ -1,11 +1,18 @@
-"""Builds adjointdeis._C: CPU kernels always, CUDA kernels when a toolkit and a CUDA torch exist.
+"""Builds adjointdeis._C on the LibTorch stable ABI: one binary for every torch >= 2.13 and every CPython >= 3.10.
 
 Switches (environment):
-  ADJOINTDEIS_CUDA=0   build CPU kernels only
-  ADJOINTDEIS_CUDA=1   require the CUDA kernels (fail if no toolkit or a CPU-only torch)
-  (unset)              build CUDA kernels when possible; no visible GPU is needed
+  ADJOINTDEIS_CUDA=0   build the CPU kernels only
+  ADJOINTDEIS_CUDA=1   also build the CUDA kernels, with or without a GPU here (wheel builds and CI);
+                       fail if there is no toolkit or torch is a CPU-only build
+  (unset)              build the CUDA kernels only when this machine can run them: a toolkit, a CUDA
+                       torch and a visible GPU
   CUDA_HOME            the toolkit root; otherwise /usr/local/cuda, then the nvcc on PATH
-  TORCH_CUDA_ARCH_LIST compute capabilities to compile for (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST compute capabilities to compile for; default: the visible GPUs' (unset mode) or
+                       RELEASE_ARCHS (ADJOINTDEIS_CUDA=1)
+
+The kernels call libtorch only through its stable C shim (csrc/stable.h), compiled with
+TORCH_TARGET_VERSION = TARGET_TORCH, and the module uses only Python's limited API (abi3), so the wheel
+is tagged cp310-abi3 and loads in any later torch and Python.
 """
 
 import glob
@@ -17,6 +24,8 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+TARGET_TORCH = (2, 13)
+RELEASE_ARCHS = "8.0;9.0;10.0;12.0+PTX"
 
 
 def find_cuda_home():
@@ -33,7 +42,16 @@ def find_cuda_home():
     return None
 
 
+def visible_gpu_archs(torch):
+    """"8.0;9.0"-style capabilities of the GPUs torch sees here ("" when none)."""
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return ""
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(f"{major}.{minor}" for major, minor in caps)
+
+
 def resolve_switches():
+    """(build_cuda, cuda_home, why, torch): what to build, and why not CUDA when it is off."""
     mode = os.environ.get("ADJOINTDEIS_CUDA", "").strip()
     if mode not in ("", "0", "1"):
         sys.exit(f"ADJOINTDEIS_CUDA must be 0, 1 or unset, got {mode!r}")
@@ -43,44 +61,62 @@ def resolve_switches():
         os.environ["CUDA_HOME"] = cuda_home
     import torch
 
-    torch_has_cuda = torch.version.cuda is not None
-    build_cuda = mode != "0" and cuda_home is not None and torch_has_cuda
-    if mode == "1" and not build_cuda:
-        why = "no CUDA toolkit found (set CUDA_HOME)" if cuda_home is None else (
-            f"torch {torch.__version__} is a CPU-only build")
-        sys.exit(f"ADJOINTDEIS_CUDA=1 but the CUDA kernels cannot be built: {why}")
-    if build_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    return build_cuda, cuda_home, torch
+    if mode == "0":
+        return False, None, "ADJOINTDEIS_CUDA=0", torch
+    why = None
+    if cuda_home is None:
+        why = "no CUDA toolkit found (set CUDA_HOME)"
+    elif torch.version.cuda is None:
+        why = f"torch {torch.__version__} is a CPU-only build"
+    if mode == "1":
+        if why:
+            sys.exit(f"ADJOINTDEIS_CUDA=1 but the CUDA kernels cannot be built: {why}")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", RELEASE_ARCHS)
+        return True, cuda_home, None, torch
+    archs = "" if why else visible_gpu_archs(torch)
+    if not why and not archs:
+        why = "no GPU visible (ADJOINTDEIS_CUDA=1 builds them anyway)"
+    if why:
+        return False, None, why, torch
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)
+    return True, cuda_home, None, torch
 
 
 def extension_modules():
-    build_cuda, cuda_home, torch = resolve_switches()
+    build_cuda, cuda_home, why, torch = resolve_switches()
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < TARGET_TORCH:
+        sys.exit(f"adjointdeis builds against torch >= {'.'.join(map(str, TARGET_TORCH))}, "
+                 f"found torch {torch.__version__}")
+    target = f"-DTORCH_TARGET_VERSION=0x{TARGET_TORCH[0]:02x}{TARGET_TORCH[1]:02x}000000000000"
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    extra = {"cxx": ["-O3"]}
+    extra = {"cxx": ["-O3", "-fvisibility=hidden", target]}
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if build_cuda else ""
     print(
-        f"adjointdeis build: torch {torch.__version__}, CUDA kernels "
-        f"{'ON' if build_cuda else 'OFF'}"
-        + (f" (CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={arch_list})" if build_cuda else "")
-        + f", ADJOINTDEIS_CUDA={os.environ.get('ADJOINTDEIS_CUDA', '<unset>')}",
+        f"adjointdeis build: torch {torch.__version__} (stable ABI target {'.'.join(map(str, TARGET_TORCH))}), "
+        f"CUDA kernels {'ON' if build_cuda else 'OFF'}"
+        + (f" (CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={arch_list})" if build_cuda else f": {why}"),
         flush=True,
     )
     write_build_info(torch, build_cuda, arch_list)
+    # An in-place build of the unstable-ABI era (_C.cpython-3XX-*.so) would shadow _C.abi3.so on import.
+    for stale in glob.glob(os.path.join(ROOT, "adjointdeis", "_C.cpython-*.so")):
+        os.remove(stale)
+    options = dict(extra_compile_args=extra, py_limited_api=True)
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
-        return [CUDAExtension("adjointdeis._C", sources, extra_compile_args=extra)]
-    return [CppExtension("adjointdeis._C", sources, extra_compile_args=extra)]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", target, "-DUSE_CUDA"]
+        return [CUDAExtension("adjointdeis._C", sources, **options)]
+    return [CppExtension("adjointdeis._C", sources, **options)]
 
 
 def write_build_info(torch, build_cuda, arch_list):
     """Records what _C is built against, readable even when _C itself cannot be loaded."""
     info = {
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
+        "torch_target": ".".join(map(str, TARGET_TORCH)),
+        "built_with_torch": torch.__version__,
+        "torch_cuda": torch.version.cuda if build_cuda else None,
         "cuda_kernels": build_cuda,
         "cuda_arch_list": arch_list,
     }
@@ -94,4 +130,5 @@ if __name__ == "__main__":
     modules = extension_modules()
     from torch.utils.cpp_extension import BuildExtension
 
-    setup(ext_modules=modules, cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+    setup(ext_modules=modules, cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+          options={"bdist_wheel": {"py_limited_api": "cp310"}})

@@ -1,7 +1,13 @@
-"""Loads the compiled extension adjointdeis._C and says how to fix a missing or stale build."""
+"""Loads the compiled extension adjointdeis._C and says how to fix a missing build or a torch too old for it.
+
+_C is built on the LibTorch stable ABI with ``TORCH_TARGET_VERSION`` set to the oldest supported torch
+(``torch_target`` in ``_build_info.json``): it loads in that torch and every later one, whichever torch
+built it, and in every CPython from 3.10 on (abi3).
+"""
 
 import json
 import pathlib
+import re
 
 import torch
 
@@ -13,21 +19,31 @@ _HOW_TO_BUILD = (
 
 
 def build_info() -> dict:
-    """What _C was built against: torch version, CUDA kernels and architectures ({} if unknown)."""
+    """What _C was built with: the stable-ABI target torch, the building torch, CUDA kernels ({} if unknown)."""
     try:
         return json.loads(_BUILD_INFO.read_text())
     except (OSError, ValueError):
         return {}
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a version string such as "2.14.1+cu130" or "2.15.0.dev20261001"."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
 def load():
-    """Imports adjointdeis._C, raising an ImportError that says how to build it if that fails."""
+    """Imports adjointdeis._C.
+
+    Raises:
+        ImportError naming both versions when the installed torch is older than the stable-ABI target
+        _C was built for, and saying how to build _C when it is missing or fails to load.
+    """
     info = build_info()
-    built_for = info.get("torch")
-    if built_for is not None and built_for != torch.__version__:
+    target = info.get("torch_target")
+    if target is not None and _release(torch.__version__)[:2] < _release(target)[:2]:
         raise ImportError(
-            f"adjointdeis._C was built for torch {built_for}, but torch {torch.__version__} is "
-            f"installed; rebuild against this torch: {_HOW_TO_BUILD}"
+            f"adjointdeis._C needs torch >= {target} (its LibTorch stable-ABI target), but torch "
+            f"{torch.__version__} is installed: upgrade torch (pip install 'torch>={target}')"
         )
     try:
         from adjointdeis import _C
@@ -35,6 +51,7 @@ def load():
         if not info:
             raise ImportError(f"adjointdeis._C is not built; {_HOW_TO_BUILD}") from error
         raise ImportError(
-            f"adjointdeis._C (built for torch {built_for}) failed to load: {error}; {_HOW_TO_BUILD}"
+            f"adjointdeis._C (stable ABI, torch >= {target}) failed to load under torch {torch.__version__}: "
+            f"{error}; {_HOW_TO_BUILD}"
         ) from error
     return _C

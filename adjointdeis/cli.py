@@ -80,7 +80,8 @@ def info(_args) -> None:
     built = build_info()
     cuda = ops.cuda_version()
     print(f"adjointdeis {__version__}")
-    print(f"torch {torch.__version__} (CUDA runtime {torch.version.cuda}); _C built against torch {built.get('torch', '?')}")
+    print(f"torch {torch.__version__} (CUDA runtime {torch.version.cuda}); _C: LibTorch stable ABI for torch >= "
+          f"{built.get('torch_target', '?')}, built with torch {built.get('built_with_torch', '?')}")
     if cuda >= 0:
         print(f"CUDA kernels: compiled with CUDA {cuda // 1000}.{cuda % 1000 // 10} "
               f"for compute capabilities {ops.cuda_arch_list()}")

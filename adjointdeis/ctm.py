@@ -103,7 +103,8 @@ def sample_ctm(model: Callable, x_T: Tensor, sigmas, gamma: float = 0.0, generat
         raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
     _check_output(output)
     rows, ts, us = ctm_plan(check_noise_levels(sigmas), float(gamma), output)
-    coeffs = torch.tensor(rows, dtype=torch.float64, device=x_T.device)
+    # Each jump [a, b, c] is the multistep row [a, b0=b, 0, 0, c, p=0, q=1] with out = g.
+    coeffs = torch.tensor([[a, b, 0.0, 0.0, c, 0.0, 1.0] for a, b, c in rows], dtype=torch.float64, device=x_T.device)
     time_dtype = opmath_dtype(x_T.dtype)
     t_model = torch.tensor(ts, dtype=time_dtype, device=x_T.device)
     u_model = torch.tensor(us, dtype=time_dtype, device=x_T.device)
@@ -116,7 +117,7 @@ def sample_ctm(model: Callable, x_T: Tensor, sigmas, gamma: float = 0.0, generat
         noise = None
         if n < len(rows) - 1 and gamma > 0:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = ops.ctm_step(x, out.to(x.dtype), coeffs[n], noise)
+        x, _ = ops.multistep_step(x, out.to(x.dtype), [], coeffs[n], noise, save_m0=False)
     if check_finite and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
         raise FloatingPointError("sample_ctm: the result is not finite: the model returned NaN or Inf")
     return x

@@ -1,4 +1,10 @@
-"""Typed wrappers of the compiled ops, with their fake (meta) and autograd registrations."""
+"""Typed wrappers of the compiled ops, with their fake (meta) and autograd registrations.
+
+Each op ``adjointdeis::NAME`` has its wrapper ``ops.NAME`` and its pure-PyTorch twin ``reference.NAME``,
+with one signature. The DSNO layer's user-facing functions (``fourier_temporal_conv`` and its
+channel-wise variant) compose an op with the weight's synthesis, which is plain differentiable
+PyTorch on the (small) weight.
+"""
 
 import torch
 from torch import Tensor
@@ -10,115 +16,75 @@ _C = _extension.load()
 
 def cuda_version() -> int:
     """CUDA_VERSION the CUDA kernels were compiled with (e.g. 13000), or -1 for a CPU-only build."""
-    return torch.ops.adjointdeis.cuda_version()
+    return torch.ops.adjointdeis.cuda_build()[0]
 
 
 def cuda_arch_list() -> str:
     """Compute capabilities the CUDA kernels were compiled for, e.g. "800,900" ("" if none)."""
-    return _C.cuda_arch_list()
+    return torch.ops.adjointdeis.cuda_build()[1]
 
 
-def multistep_step(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor,
-                   noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One fused solver step: ``m0 = p x + q out``, ``x_next = a x + b0 m0 + b1 m1 + b2 m2 + c noise``.
+def multistep_step(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor, noise: Tensor | None = None,
+                   save_m0: bool = True) -> tuple[Tensor, Tensor]:
+    """One fused solver step (docs/math.md section 4): ``m0 = p x + q out``,
+    ``x_next = a x + b0 m0 + b1 m1 + b2 m2 + b3 m3 + c noise``.
 
-    One pass over memory on CPU or CUDA; differentiable in x, out, history and noise.
+    One pass over memory on CPU or CUDA; differentiable in x, out, history and noise. A
+    consistency-trajectory (gamma) jump ``x_next = a x + b g + c noise`` (docs/math.md section 8) is the
+    row ``[a, b, 0, 0, c, 0, 1]`` with ``out = g``, no history and ``save_m0=False``.
 
     Args:
         x: (*shape) current state, float64/float32/float16/bfloat16.
         out: (*shape) raw model output at x (broadcastable to the common shape), same dtype.
-        history: up to two previous converted outputs ``[m1, m2]`` (broadcastable), same dtype.
-        coeffs: (7,) float64 ``[a, b0, b1, b2, c, p, q]`` on x's device (a row of a
-            precomputed table, so no host sync happens per step).
+        history: up to three previous converted outputs ``[m1, m2, m3]`` (broadcastable), same dtype.
+        coeffs: (7,) float64 ``[a, b0, b1, b2, c, p, q]`` on x's device, or (8,) with ``b3`` appended
+            (required with three history terms); a row of a precomputed table, so no host sync
+            happens per step.
         noise: optional standard normal noise (broadcastable), same dtype.
+        save_m0: also return m0; False skips writing it (the last step, or a step nobody keeps).
 
     Returns:
-        ``(x_next, m0)``: the next state and the converted output to keep as history.
+        ``(x_next, m0)``: the next state and the converted output to keep as history, contiguous with
+        the broadcast shape and x's dtype; m0 is an empty tensor when not saved.
 
     Raises:
         RuntimeError naming the argument for a dtype, device or shape mismatch.
     """
-    return torch.ops.adjointdeis.multistep_step.default(x, out, list(history), coeffs, noise)
+    return torch.ops.adjointdeis.multistep_step.default(x, out, list(history), coeffs, noise, save_m0)
 
 
 @torch.library.register_fake("adjointdeis::multistep_step")
-def _multistep_step_fake(x, out, history, coeffs, noise):
+def _multistep_step_fake(x, out, history, coeffs, noise, save_m0):
     shape = reference.check_step_operands(x, out, history, coeffs, noise)
-    return x.new_empty(shape), x.new_empty(shape)
+    return x.new_empty(shape), x.new_empty(shape if save_m0 else (0,))
 
 
 def _multistep_step_setup_context(ctx, inputs, output):
-    x, out, history, coeffs, noise = inputs
+    x, out, history, coeffs, noise, save_m0 = inputs
     ctx.save_for_backward(coeffs)
-    ctx.shapes = (x.shape, out.shape, [h.shape for h in history],
-                  None if noise is None else noise.shape)
+    ctx.shapes = (x.shape, out.shape, [h.shape for h in history], None if noise is None else noise.shape)
+    ctx.save_m0 = save_m0
 
 
 def _multistep_step_backward(ctx, grad_x_next, grad_m0):
     (coeffs,) = ctx.saved_tensors
     x_shape, out_shape, history_shapes, noise_shape = ctx.shapes
-    a, b0, b1, b2, c, p, q = coeffs.to(grad_x_next.dtype).unbind()
-    grad_total_m0 = b0 * grad_x_next + grad_m0
+    a, b0, b1, b2, c, p, q, *wide = coeffs.to(grad_x_next.dtype).unbind()
+    grad_total_m0 = b0 * grad_x_next + grad_m0 if ctx.save_m0 else b0 * grad_x_next
     grad_x = (a * grad_x_next + p * grad_total_m0).sum_to_size(x_shape)
     grad_out = (q * grad_total_m0).sum_to_size(out_shape)
-    grad_history = [(b * grad_x_next).sum_to_size(s) for b, s in zip((b1, b2), history_shapes)]
+    grad_history = [(b * grad_x_next).sum_to_size(s) for b, s in zip((b1, b2, *wide), history_shapes)]
     grad_noise = None if noise_shape is None else (c * grad_x_next).sum_to_size(noise_shape)
-    return grad_x, grad_out, grad_history, None, grad_noise
+    return grad_x, grad_out, grad_history, None, grad_noise, None
 
 
 torch.library.register_autograd(
-    "adjointdeis::multistep_step", _multistep_step_backward,
-    setup_context=_multistep_step_setup_context)
-
-
-def ctm_step(x: Tensor, g: Tensor, coeffs: Tensor, noise: Tensor | None = None) -> Tensor:
-    """One fused consistency-trajectory (gamma) step: ``x_next = a x + b g + c noise`` (MATH.md 8).
-
-    With ``a = u/t``, ``b = 1 - u/t`` it is CTM's jump ``G(x, t, u) = (u/t) x + (1 - u/t) g`` and
-    ``c = sqrt(t_next^2 - u^2)`` scales the fresh noise; one pass over memory on CPU or CUDA,
-    differentiable in x, g and noise.
-
-    Args:
-        x: (*shape) current state, float64/float32/float16/bfloat16.
-        g: (*shape) the two-time model's output (broadcastable to the common shape), same dtype.
-        coeffs: (3,) float64 ``[a, b, c]`` on x's device (precomputed on the host, so no host
-            sync happens per step).
-        noise: optional standard normal noise (broadcastable), same dtype.
-
-    Returns:
-        (*shape) x_next, contiguous, with the broadcast shape and x's dtype.
-
-    Raises:
-        RuntimeError naming the argument for a dtype, device or shape mismatch.
-    """
-    return torch.ops.adjointdeis.ctm_step.default(x, g, coeffs, noise)
-
-
-@torch.library.register_fake("adjointdeis::ctm_step")
-def _ctm_step_fake(x, g, coeffs, noise):
-    return x.new_empty(reference.check_ctm_operands(x, g, coeffs, noise))
-
-
-def _ctm_step_setup_context(ctx, inputs, output):
-    x, g, coeffs, noise = inputs
-    ctx.save_for_backward(coeffs)
-    ctx.shapes = (x.shape, g.shape, None if noise is None else noise.shape)
-
-
-def _ctm_step_backward(ctx, grad_x_next):
-    (coeffs,) = ctx.saved_tensors
-    x_shape, g_shape, noise_shape = ctx.shapes
-    a, b, c = coeffs.to(grad_x_next.dtype).unbind()
-    grad_noise = None if noise_shape is None else (c * grad_x_next).sum_to_size(noise_shape)
-    return (a * grad_x_next).sum_to_size(x_shape), (b * grad_x_next).sum_to_size(g_shape), None, grad_noise
-
-
-torch.library.register_autograd("adjointdeis::ctm_step", _ctm_step_backward, setup_context=_ctm_step_setup_context)
+    "adjointdeis::multistep_step", _multistep_step_backward, setup_context=_multistep_step_setup_context)
 
 
 def discrete_adjoint_step(xbar: Tensor, vjp: Tensor, gfull: Tensor, pend1: Tensor | None,
                           pend2: Tensor | None, coeffs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One fused row j of the exact discrete adjoint (MATH.md 5.1), after the model's VJP at x_j.
+    """One fused row j of the exact discrete adjoint (docs/math.md section 5.1), after the model's VJP at x_j.
 
     ``xbar_prev = a xbar + p gfull + vjp``, ``gfull_prev = pend1 + b1 xbar + b0_prev xbar_prev``,
     ``cot_prev = q_prev gfull_prev``, ``pend_prev = pend2 + b2 xbar``, in one pass over memory on
@@ -205,28 +171,6 @@ def _multi_tensor_axpy_fake(accumulators, updates, scale):
     reference.check_axpy_operands(accumulators, updates, scale)
 
 
-def fourier_kernel_synthesis(weight: Tensor, n_times: int, modes: int) -> Tensor:
-    """The real block-circulant matrix of DSNO's temporal layer (MATH.md section 7).
-
-    ``A[(t, o), (tau, i)] = Kt[(t - tau) mod T][o, i]`` with
-    ``Kt[d] = (1/T) sum_{k<modes} c_k Re(W_k^T e^{2 pi i k d / T})`` (c_0 = c_{T/2} = 1, else 2), so
-    the layer is ``A @ x[b].view(T * C_in, H * W)``. Differentiable in weight (its backward is the
-    adjoint of the synthesis, op ``fourier_kernel_synthesis_adjoint``).
-
-    Args:
-        weight: (K, C_in, C_out) complex64 or complex128; bins >= modes are not used.
-        n_times: T, in [2, 32].
-        modes: bins used, in [1, min(K, T // 2 + 1)].
-
-    Returns:
-        (T * C_out, T * C_in) float32 (float64 for a complex128 weight), on weight's device.
-
-    Raises:
-        RuntimeError naming the argument for a bad dtype, shape or range.
-    """
-    return torch.ops.adjointdeis.fourier_kernel_synthesis.default(weight, n_times, modes)
-
-
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.complex128, torch.float64) else torch.float32
 
@@ -246,102 +190,52 @@ def _check_synthesis(op, weight, dim, n_times, modes):
         raise ValueError(f"{op}: modes must be in [1, min(n_times // 2 + 1, weight.shape[0])], got {modes}")
 
 
-@torch.library.register_fake("adjointdeis::fourier_kernel_synthesis")
-def _fourier_kernel_synthesis_fake(weight, n_times, modes):
-    _check_synthesis("fourier_kernel_synthesis", weight, 3, n_times, modes)
-    _, c_in, c_out = weight.shape
-    return weight.new_empty((n_times * c_out, n_times * c_in), dtype=_real_dtype(weight.dtype))
-
-
-@torch.library.register_fake("adjointdeis::fourier_kernel_synthesis_adjoint")
-def _fourier_kernel_synthesis_adjoint_fake(grad_kernel, n_times, modes, num_weight_modes, in_channels):
-    c_out = grad_kernel.shape[0] // n_times
-    return grad_kernel.new_empty((num_weight_modes, in_channels, c_out), dtype=_complex_dtype(grad_kernel.dtype))
-
-
-def _synthesis_setup_context(ctx, inputs, output):
-    weight, n_times, modes = inputs
-    ctx.args = (n_times, modes, weight.shape)
-
-
-def _fourier_kernel_synthesis_backward(ctx, grad_kernel):
-    n_times, modes, (k_w, c_in, _) = ctx.args
-    grad = torch.ops.adjointdeis.fourier_kernel_synthesis_adjoint.default(grad_kernel, n_times, modes, k_w, c_in)
-    return grad, None, None
-
-
-def _adjoint_setup_context(ctx, inputs, output):
-    ctx.args = inputs[1:3]
-
-
-def _fourier_kernel_synthesis_adjoint_backward(ctx, grad_weight):
-    # The synthesis is real-linear, so the adjoint of its adjoint is the synthesis itself.
-    n_times, modes = ctx.args
-    return torch.ops.adjointdeis.fourier_kernel_synthesis.default(grad_weight, n_times, modes), None, None, None, None
-
-
-torch.library.register_autograd(
-    "adjointdeis::fourier_kernel_synthesis", _fourier_kernel_synthesis_backward,
-    setup_context=_synthesis_setup_context)
-torch.library.register_autograd(
-    "adjointdeis::fourier_kernel_synthesis_adjoint", _fourier_kernel_synthesis_adjoint_backward,
-    setup_context=_adjoint_setup_context)
+def spectral_rank(n_times: int, modes: int) -> int:
+    """Real coordinates of ``modes`` kept bins of a length-T real signal: min(2 modes - 1, T)."""
+    return min(2 * modes - 1, n_times)
 
 
 def fourier_tap_synthesis(weight: Tensor, n_times: int, modes: int) -> Tensor:
     """The real circular-convolution taps ``Kt[d] = (1/T) sum_{k<modes} c_k Re(W_k e^{2 pi i k d / T})``
-    of a per-channel truncated spectrum (the channel-wise layer's kernel). Differentiable in weight.
+    of a per-channel truncated spectrum (c_0 = c_{T/2} = 1, else 2; docs/math.md section 7).
+
+    Plain PyTorch on the weight (differentiable to any order): ``Kt = C Re W + S Im W`` with the real
+    synthesis tables C, S built in float64; ``Im(W_0)`` and ``Im(W_{T/2})`` have no effect.
 
     Args:
-        weight: (K, C) complex64 or complex128.
+        weight: (K, N) complex64 or complex128.
         n_times: T, in [2, 32].
         modes: bins used, in [1, min(K, T // 2 + 1)].
 
     Returns:
-        (T, C) float32 (float64 for a complex128 weight).
+        (T, N) float32 (float64 for a complex128 weight), on weight's device.
+
+    Raises:
+        TypeError / ValueError naming the argument for a bad dtype, shape or range.
     """
-    return torch.ops.adjointdeis.fourier_tap_synthesis.default(weight, n_times, modes)
-
-
-@torch.library.register_fake("adjointdeis::fourier_tap_synthesis")
-def _fourier_tap_synthesis_fake(weight, n_times, modes):
     _check_synthesis("fourier_tap_synthesis", weight, 2, n_times, modes)
-    return weight.new_empty((n_times, weight.shape[1]), dtype=_real_dtype(weight.dtype))
-
-
-@torch.library.register_fake("adjointdeis::fourier_tap_synthesis_adjoint")
-def _fourier_tap_synthesis_adjoint_fake(grad_taps, n_times, modes, num_weight_modes):
-    return grad_taps.new_empty((num_weight_modes, grad_taps.shape[1]), dtype=_complex_dtype(grad_taps.dtype))
-
-
-def _fourier_tap_synthesis_backward(ctx, grad_taps):
-    n_times, modes, (k_w, _) = ctx.args
-    return torch.ops.adjointdeis.fourier_tap_synthesis_adjoint.default(grad_taps, n_times, modes, k_w), None, None
-
-
-def _fourier_tap_synthesis_adjoint_backward(ctx, grad_weight):
-    n_times, modes = ctx.args
-    return torch.ops.adjointdeis.fourier_tap_synthesis.default(grad_weight, n_times, modes), None, None, None
-
-
-torch.library.register_autograd(
-    "adjointdeis::fourier_tap_synthesis", _fourier_tap_synthesis_backward,
-    setup_context=_synthesis_setup_context)
-torch.library.register_autograd(
-    "adjointdeis::fourier_tap_synthesis_adjoint", _fourier_tap_synthesis_adjoint_backward,
-    setup_context=_adjoint_setup_context)
+    options = dict(dtype=torch.float64, device=weight.device)
+    d, k = torch.arange(n_times, **options)[:, None], torch.arange(modes, **options)[None, :]
+    theta = torch.remainder(d * k, n_times) * (2 * torch.pi / n_times)
+    single = (k == 0) | (2 * k == n_times)
+    c = (2.0 - single.double()) / n_times
+    real = _real_dtype(weight.dtype)
+    cos, sin = (c * torch.cos(theta)).to(real), torch.where(single, 0.0, -c * torch.sin(theta)).to(real)
+    parts = torch.view_as_real(weight[:modes])
+    return cos @ parts[..., 0] + sin @ parts[..., 1]
 
 
 def fourier_mode_mixing(weight: Tensor, n_times: int, modes: int) -> Tensor:
     """The layer's weight in the basis of its kept bins: the real (r C_out, r C_in) matrix M with
-    ``fourier_kernel_synthesis(weight) = (E (x) I) M (P (x) I)``.
+    ``reference.fourier_kernel_synthesis(weight) = (E (x) I) M (P (x) I)``.
 
     Keeping ``modes`` bins of a length-T real signal leaves r = min(2 modes - 1, T) real coordinates
     (Re of each bin, Im of each bin other than DC and Nyquist), ordered Re_0, Re_1, Im_1, Re_2, ...;
     P (r, T) takes them from the signal (cos and -sin rows) and E (T, r) synthesises the signal back
     (the inverse real DFT restricted to them). Bin k's block is ``[[Re W_k^T, -Im W_k^T],
     [Im W_k^T, Re W_k^T]]`` (just ``Re W_k^T`` for DC and Nyquist); blocks between different bins
-    are zero, and the layer's GEMM only multiplies the blocks within a bin. Differentiable in weight.
+    are zero, and the layer's GEMM only multiplies the blocks within a bin. Plain PyTorch on the
+    weight (differentiable to any order).
 
     Args:
         weight: (K, C_in, C_out) complex64 or complex128.
@@ -350,44 +244,72 @@ def fourier_mode_mixing(weight: Tensor, n_times: int, modes: int) -> Tensor:
 
     Returns:
         (r C_out, r C_in) float32 (float64 for a complex128 weight).
+
+    Raises:
+        TypeError / ValueError naming the argument for a bad dtype, shape or range.
     """
-    return torch.ops.adjointdeis.fourier_mode_mixing.default(weight, n_times, modes)
-
-
-def spectral_rank(n_times: int, modes: int) -> int:
-    """Real coordinates of ``modes`` kept bins of a length-T real signal: min(2 modes - 1, T)."""
-    return min(2 * modes - 1, n_times)
-
-
-@torch.library.register_fake("adjointdeis::fourier_mode_mixing")
-def _fourier_mode_mixing_fake(weight, n_times, modes):
     _check_synthesis("fourier_mode_mixing", weight, 3, n_times, modes)
-    rank = spectral_rank(n_times, modes)
-    return weight.new_empty((rank * weight.shape[2], rank * weight.shape[1]), dtype=_real_dtype(weight.dtype))
+    parts = torch.view_as_real(weight[:modes]).transpose(1, 2)  # (modes, C_out, C_in, 2): real ops only
+    re, im = parts[..., 0], parts[..., 1]
+    nyquist = 2 * (modes - 1) == n_times
+    pairs = slice(1, modes - 1 if nyquist else modes)
+    blocks = [re[0]]
+    if pairs.stop > 1:
+        rp, ip = re[pairs], im[pairs]
+        blocks += torch.cat([torch.cat([rp, -ip], 2), torch.cat([ip, rp], 2)], 1).unbind(0)
+    if nyquist:
+        blocks.append(re[modes - 1])
+    return torch.block_diag(*blocks)
 
 
-@torch.library.register_fake("adjointdeis::fourier_mode_mixing_adjoint")
-def _fourier_mode_mixing_adjoint_fake(grad_mixing, n_times, modes, num_weight_modes):
-    rank = spectral_rank(n_times, modes)
-    return grad_mixing.new_empty((num_weight_modes, grad_mixing.shape[1] // rank, grad_mixing.shape[0] // rank),
-                                 dtype=_complex_dtype(grad_mixing.dtype))
+def fourier_spectral_conv(x: Tensor, mixing: Tensor, modes: int, residual: bool, negative_slope: float | None,
+                          save_mask: bool) -> tuple[Tensor, Tensor]:
+    """The temporal layer given its mode mixing M (fourier_mode_mixing), with its activation and residual.
+
+    A kernel projects x onto the r = min(2 modes - 1, T) real coordinates of the kept bins, a GEMM per
+    group of equally sized bins (a batched one for the complex bins) applies M's diagonal blocks to
+    all B * H * W pixels at once, and a kernel expands back to T with the activation and residual
+    fused: ``y = x + LeakyReLU(z)`` (residual) or ``y = LeakyReLU(z)``. Kernels and GEMMs accumulate
+    in float64 for float64 x and in float32 otherwise (float16/bfloat16 x is read and written in its
+    dtype). Differentiable in x and mixing (first order: the backward op itself has no derivative).
+
+    Args:
+        x: (B, T, C_in, H, W) float64/float32/float16/bfloat16, any strides, 2 <= T <= 32.
+        mixing: (r C_out, r C_in) float64 for float64 x, float32 otherwise; only its blocks within
+            a bin are read.
+        modes: bins kept, 1 <= modes <= T // 2 + 1.
+        residual: add x (needs C_out == C_in).
+        negative_slope: LeakyReLU slope; None means no activation.
+        save_mask: also return the mask ``z <= 0`` the backward needs.
+
+    Returns:
+        ``(y, mask)``: y (B, T, C_out, H, W) contiguous in x's dtype; mask (y's shape, bool), or an
+        empty bool tensor when not saved or without activation.
+
+    Raises:
+        RuntimeError naming the argument (dtype, device, shape, modes out of range).
+    """
+    return torch.ops.adjointdeis.fourier_spectral_conv.default(x, mixing, modes, residual, negative_slope, save_mask)
 
 
-def _fourier_mode_mixing_backward(ctx, grad_mixing):
-    n_times, modes, (k_w, _, _) = ctx.args
-    return torch.ops.adjointdeis.fourier_mode_mixing_adjoint.default(grad_mixing, n_times, modes, k_w), None, None
+def fourier_channel_conv(x: Tensor, kernel: Tensor, residual: bool, negative_slope: float | None,
+                         save_mask: bool) -> tuple[Tensor, Tensor]:
+    """A per-channel temporal mix ``z[b, t, c] = sum_s kernel[t, s, c] x[b, s, c]`` with the activation
+    and residual fused, in one kernel (the channel-wise layer, whose kernel is the circulant matrix of
+    its taps). Differentiable in x and kernel (first order).
 
+    Args:
+        x: (B, T, C, H, W) float64/float32/float16/bfloat16, any strides, 2 <= T <= 32.
+        kernel: (T, T, C) float64 for float64 x, float32 otherwise.
+        residual, negative_slope, save_mask: as in fourier_spectral_conv.
 
-def _fourier_mode_mixing_adjoint_backward(ctx, grad_weight):
-    n_times, modes = ctx.args
-    return torch.ops.adjointdeis.fourier_mode_mixing.default(grad_weight, n_times, modes), None, None, None
+    Returns:
+        ``(y, mask)`` as in fourier_spectral_conv, y of x's shape.
 
-
-torch.library.register_autograd(
-    "adjointdeis::fourier_mode_mixing", _fourier_mode_mixing_backward, setup_context=_synthesis_setup_context)
-torch.library.register_autograd(
-    "adjointdeis::fourier_mode_mixing_adjoint", _fourier_mode_mixing_adjoint_backward,
-    setup_context=_adjoint_setup_context)
+    Raises:
+        RuntimeError naming the argument.
+    """
+    return torch.ops.adjointdeis.fourier_channel_conv.default(x, kernel, residual, negative_slope, save_mask)
 
 
 def _needs_mask(x: Tensor, kernel: Tensor) -> bool:
@@ -396,17 +318,12 @@ def _needs_mask(x: Tensor, kernel: Tensor) -> bool:
 
 def fourier_temporal_conv(x: Tensor, weight: Tensor, modes: int, residual: bool = True,
                           negative_slope: float | None = 0.01) -> Tensor:
-    """DSNO's temporal Fourier layer with its block's LeakyReLU and residual, fused.
+    """DSNO's temporal Fourier layer with its block's LeakyReLU and residual (docs/math.md section 7).
 
     ``layer(x) = irfft_T(bins k < modes of rfft_T(x), each multiplied by W_k^T)``, computed without
-    any FFT or complex tensor through the factored block-circulant kernel (fourier_mode_mixing): a
-    kernel projects x onto the r = min(2 modes - 1, T) real coordinates of the kept bins, a GEMM per
-    group of equally sized bins (a batched one for the complex bins) applies M's diagonal blocks to
-    all B * H * W pixels at once, and a kernel expands back to T with the activation and residual
-    fused: ``y = x + LeakyReLU(layer(x))`` (residual) or ``y = LeakyReLU(layer(x))``. Kernels and
-    GEMMs accumulate in float64 for float64 x and in float32 otherwise (float16/bfloat16 x is read and
-    written in its dtype; the GEMMs' operands are float32). Differentiable in x and weight (first
-    order: the backward op itself has no derivative).
+    any FFT or complex tensor as ``fourier_spectral_conv(x, fourier_mode_mixing(weight))``:
+    ``y = x + LeakyReLU(layer(x))`` (residual) or ``y = LeakyReLU(layer(x))``. Differentiable in x and
+    weight (first order in x).
 
     Args:
         x: (B, T, C_in, H, W) float64/float32/float16/bfloat16, any strides, 2 <= T <= 32.
@@ -425,8 +342,7 @@ def fourier_temporal_conv(x: Tensor, weight: Tensor, modes: int, residual: bool 
     reference.check_fourier_operands(x, weight, modes, residual, negative_slope)
     mixing = fourier_mode_mixing(weight.to(_complex_dtype(x.dtype)), x.shape[1], modes)
     slope = None if negative_slope is None else float(negative_slope)
-    y, _ = torch.ops.adjointdeis.fourier_spectral_conv.default(
-        x, mixing, modes, residual, slope, _needs_mask(x, mixing))
+    y, _ = fourier_spectral_conv(x, mixing, modes, residual, slope, _needs_mask(x, mixing))
     return y
 
 
@@ -435,8 +351,8 @@ def fourier_temporal_conv_channelwise(x: Tensor, weight: Tensor, modes: int, res
     """The channel-wise variant of fourier_temporal_conv: bin k of channel c is multiplied by the
     complex scalar ``weight[k, c]`` (no channel mixing).
 
-    Runs as a direct kernel: a circular convolution along T with the per-channel real taps
-    (fourier_tap_synthesis), with the activation and residual fused in.
+    Runs as ``fourier_channel_conv`` with the circulant matrix of the per-channel real taps
+    (fourier_tap_synthesis): a circular convolution along T, the activation and residual fused in.
 
     Args:
         x: (B, T, C, H, W) float64/float32/float16/bfloat16, any strides, 2 <= T <= 32.
@@ -450,9 +366,12 @@ def fourier_temporal_conv_channelwise(x: Tensor, weight: Tensor, modes: int, res
         ValueError / TypeError naming the argument.
     """
     reference.check_fourier_operands(x, weight, modes, residual, negative_slope, channelwise=True)
-    taps = fourier_tap_synthesis(weight.to(_complex_dtype(x.dtype)), x.shape[1], modes)
+    n_times = x.shape[1]
+    taps = fourier_tap_synthesis(weight.to(_complex_dtype(x.dtype)), n_times, modes)
+    t = torch.arange(n_times, device=x.device)
+    kernel = taps[torch.remainder(t[:, None] - t[None, :], n_times)]  # kernel[t, s] = taps[(t - s) mod T]
     slope = None if negative_slope is None else float(negative_slope)
-    y, _ = torch.ops.adjointdeis.fourier_channel_conv.default(x, taps, residual, slope, _needs_mask(x, taps))
+    y, _ = fourier_channel_conv(x, kernel, residual, slope, _needs_mask(x, kernel))
     return y
 
 
@@ -461,8 +380,7 @@ def _conv_fake(x, weight, residual, negative_slope, save_mask, out_channels):
         raise ValueError(f"x must have shape (B, T, C, H, W), got {list(x.shape)}")
     shape = (x.shape[0], x.shape[1], out_channels, x.shape[3], x.shape[4])
     mask_shape = shape if save_mask and negative_slope is not None else (0,)
-    return (x.new_empty(shape),
-            x.new_empty(mask_shape, dtype=torch.bool))
+    return x.new_empty(shape), x.new_empty(mask_shape, dtype=torch.bool)
 
 
 @torch.library.register_fake("adjointdeis::fourier_spectral_conv")
@@ -472,8 +390,8 @@ def _fourier_spectral_conv_fake(x, mixing, modes, residual, negative_slope, save
 
 
 @torch.library.register_fake("adjointdeis::fourier_channel_conv")
-def _fourier_channel_conv_fake(x, taps, residual, negative_slope, save_mask):
-    return _conv_fake(x, taps, residual, negative_slope, save_mask, x.shape[2])
+def _fourier_channel_conv_fake(x, kernel, residual, negative_slope, save_mask):
+    return _conv_fake(x, kernel, residual, negative_slope, save_mask, x.shape[2])
 
 
 def _conv_backward_fake(grad_y, x, weight, mask, *args):
@@ -515,12 +433,6 @@ torch.library.register_autograd(
 
 if cuda_version() < 0:
     # CPU-only build: CUDA tensors take the reference path, so callers never branch on the build.
-    torch.library.impl("adjointdeis::multistep_step", "CUDA", reference.multistep_step)
-    torch.library.impl("adjointdeis::ctm_step", "CUDA", reference.ctm_step)
-    torch.library.impl("adjointdeis::discrete_adjoint_step", "CUDA", reference.discrete_adjoint_step)
-    torch.library.impl("adjointdeis::multi_tensor_axpy_", "CUDA", reference.multi_tensor_axpy_)
-    for _name in ("fourier_kernel_synthesis", "fourier_kernel_synthesis_adjoint", "fourier_tap_synthesis",
-                  "fourier_tap_synthesis_adjoint", "fourier_mode_mixing", "fourier_mode_mixing_adjoint",
-                  "fourier_spectral_conv", "fourier_spectral_conv_backward",
-                  "fourier_channel_conv", "fourier_channel_conv_backward"):
+    for _name in ("multistep_step", "discrete_adjoint_step", "multi_tensor_axpy_", "fourier_spectral_conv",
+                  "fourier_spectral_conv_backward", "fourier_channel_conv", "fourier_channel_conv_backward"):
         torch.library.impl(f"adjointdeis::{_name}", "CUDA", getattr(reference, _name))

@@ -1,14 +1,18 @@
 """Pure-PyTorch twins of the compiled ops, with the same signatures and semantics.
 
-They serve as the test oracle for the kernels, as the CUDA implementation when the
-extension was built without CUDA, and as readable documentation of each op.
+They serve as the test oracle for the kernels, as the CUDA implementation when the extension was
+built without CUDA, and as readable documentation of each op; the arguments and results are
+documented once, on the op's wrapper in :mod:`adjointdeis.ops`. The literal constructions of the
+DSNO layer (rfft / irfft, the dense block-circulant matrix, the bin-by-bin mode mixing) are here too,
+as oracles for the factored ones.
 """
 
 import torch
 from torch import Tensor
 
 STEP_COEFFS = ("a", "b0", "b1", "b2", "c", "p", "q")
-MAX_HISTORY = 2
+STEP_COEFFS_WIDE = STEP_COEFFS + ("b3",)  # a row of a step that reads three previous outputs
+MAX_HISTORY = 3
 _STEP_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -57,75 +61,27 @@ def check_step_operands(x, out, history, coeffs, noise) -> torch.Size:
     named = [("out", out)] + [(f"history[{k}]", h) for k, h in enumerate(history)]
     if noise is not None:
         named.append(("noise", noise))
-    return _check_elementwise("multistep_step", "x", x, coeffs, STEP_COEFFS, named)
+    wide = len(history) == MAX_HISTORY or tuple(coeffs.shape) == (len(STEP_COEFFS_WIDE),)
+    return _check_elementwise("multistep_step", "x", x, coeffs, STEP_COEFFS_WIDE if wide else STEP_COEFFS, named)
 
 
-def multistep_step(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor,
-                   noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One fused solver step: ``m0 = p x + q out``, ``x_next = a x + b0 m0 + b1 m1 + b2 m2 + c noise``.
-
-    Args:
-        x: (*shape) current state, float64/float32/float16/bfloat16.
-        out: (*shape) raw model output at x (broadcastable), same dtype.
-        history: up to two previous converted outputs ``[m1, m2]`` (broadcastable), same dtype.
-        coeffs: (7,) float64 ``[a, b0, b1, b2, c, p, q]`` on x's device.
-        noise: optional (*shape) standard normal noise, same dtype; ``c`` is ignored without it.
-
-    Returns:
-        ``(x_next, m0)``, both contiguous with the broadcast shape and x's dtype. Arithmetic
-        runs in float64 for float64 inputs and in float32 otherwise.
-    """
+def multistep_step(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor, noise: Tensor | None = None,
+                   save_m0: bool = True) -> tuple[Tensor, Tensor]:
+    """The twin of :func:`adjointdeis.ops.multistep_step`: ``m0 = p x + q out``,
+    ``x_next = a x + b0 m0 + b1 m1 + b2 m2 (+ b3 m3) + c noise``, in float64 for float64 inputs and in
+    float32 otherwise; m0 is an empty tensor when not saved."""
     shape = check_step_operands(x, out, history, coeffs, noise)
     opmath = opmath_dtype(x.dtype)
-    a, b0, b1, b2, c, p, q = coeffs.to(opmath).unbind()
+    a, b0, b1, b2, c, p, q, *wide = coeffs.to(opmath).unbind()
     xf = x.to(opmath)
     m0 = p * xf + q * out.to(opmath)
     acc = a * xf + b0 * m0
-    for b, m in zip((b1, b2), history):
+    for b, m in zip((b1, b2, *wide), history):
         acc = acc + b * m.to(opmath)
     if noise is not None:
         acc = acc + c * noise.to(opmath)
-    return (acc.expand(shape).to(x.dtype).contiguous(),
-            m0.expand(shape).to(x.dtype).contiguous())
-
-
-CTM_COEFFS = ("a", "b", "c")
-
-
-def check_ctm_operands(x, g, coeffs, noise) -> torch.Size:
-    """Validates the operands of ctm_step and returns the broadcast output shape.
-
-    Raises:
-        ValueError / TypeError naming the offending argument.
-    """
-    named = [("g", g)] + ([("noise", noise)] if noise is not None else [])
-    return _check_elementwise("ctm_step", "x", x, coeffs, CTM_COEFFS, named)
-
-
-def ctm_step(x: Tensor, g: Tensor, coeffs: Tensor, noise: Tensor | None = None) -> Tensor:
-    """One consistency-trajectory (gamma) step (MATH.md section 8): ``x_next = a x + b g + c noise``.
-
-    With ``a = u/t``, ``b = 1 - u/t`` this is CTM's jump ``G(x, t, u) = (u/t) x + (1 - u/t) g``
-    followed by fresh noise ``c xi`` with ``c = sqrt(t_next^2 - u^2)``.
-
-    Args:
-        x: (*shape) current state, float64/float32/float16/bfloat16.
-        g: (*shape) the two-time model's output g(x, t, u) (broadcastable), same dtype.
-        coeffs: (3,) float64 ``[a, b, c]`` on x's device.
-        noise: optional (*shape) standard normal noise (broadcastable), same dtype; ``c`` is
-            ignored without it.
-
-    Returns:
-        (*shape) x_next, contiguous with the broadcast shape and x's dtype. Arithmetic runs in
-        float64 for float64 inputs and in float32 otherwise.
-    """
-    shape = check_ctm_operands(x, g, coeffs, noise)
-    opmath = opmath_dtype(x.dtype)
-    a, b, c = coeffs.to(opmath).unbind()
-    acc = a * x.to(opmath) + b * g.to(opmath)
-    if noise is not None:
-        acc = acc + c * noise.to(opmath)
-    return acc.expand(shape).to(x.dtype).contiguous()
+    m0 = m0.expand(shape).to(x.dtype).contiguous() if save_m0 else x.new_empty(0)
+    return acc.expand(shape).to(x.dtype).contiguous(), m0
 
 
 ADJOINT_COEFFS = ("a", "p", "b1", "b2", "b0_prev", "q_prev")
@@ -144,25 +100,8 @@ def check_adjoint_operands(xbar, vjp, gfull, pend1, pend2, coeffs) -> torch.Size
 
 def discrete_adjoint_step(xbar: Tensor, vjp: Tensor, gfull: Tensor, pend1: Tensor | None,
                           pend2: Tensor | None, coeffs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One row j of the exact discrete adjoint (MATH.md 5.1), after the model's VJP at x_j.
-
-    ``xbar_prev = a xbar + p gfull + vjp``, ``gfull_prev = pend1 + b1 xbar + b0_prev xbar_prev``,
-    ``cot_prev = q_prev gfull_prev``, ``pend_prev = pend2 + b2 xbar``.
-
-    Args:
-        xbar: (*shape) dL/dx_{j+1}, float64/float32/float16/bfloat16.
-        vjp: (*shape) ``(d out_j / d x_j)^T (q_j gfull)`` (broadcastable), same dtype.
-        gfull: (*shape) full adjoint of m_j (broadcastable), same dtype.
-        pend1: optional (*shape) partial adjoint of m_{j-1}; None counts as zero.
-        pend2: optional (*shape) partial adjoint of m_{j-2}; None counts as zero.
-        coeffs: (6,) float64 ``[a_j, p_j, b1_j, b2_j, b0_{j-1}, q_{j-1}]`` on xbar's device.
-
-    Returns:
-        ``(xbar_prev, gfull_prev, cot_prev, pend_prev)``: dL/dx_j, the full adjoint of m_{j-1},
-        the cotangent of the next VJP and the partial adjoint of m_{j-2}, all contiguous with the
-        broadcast shape and xbar's dtype. Arithmetic runs in float64 for float64 inputs and in
-        float32 otherwise.
-    """
+    """The twin of :func:`adjointdeis.ops.discrete_adjoint_step` (docs/math.md section 5.1), in float64
+    for float64 inputs and in float32 otherwise."""
     shape = check_adjoint_operands(xbar, vjp, gfull, pend1, pend2, coeffs)
     opmath = opmath_dtype(xbar.dtype)
     a, p, b1, b2, b0_prev, q_prev = coeffs.to(opmath).unbind()
@@ -221,15 +160,8 @@ def check_axpy_operands(accumulators, updates, scale) -> None:
 
 
 def multi_tensor_axpy_(accumulators: list[Tensor], updates: list[Tensor], scale: Tensor) -> None:
-    """In place, for every k: ``accumulators[k] += scale * updates[k]``.
-
-    Args:
-        accumulators: contiguous float32 or float64 tensors (all one dtype), updated in place.
-        updates: tensors of the same shapes as their accumulators, any float dtype (all one
-            dtype), converted to the accumulators' dtype before the product.
-        scale: one-element float64 tensor on the tensors' device, rounded to the accumulators'
-            dtype.
-    """
+    """The twin of :func:`adjointdeis.ops.multi_tensor_axpy_`: ``accumulators[k] += scale * updates[k]``,
+    the updates converted to the accumulators' dtype and scale rounded to it."""
     check_axpy_operands(accumulators, updates, scale)
     if not accumulators:
         return
@@ -315,20 +247,9 @@ def _finish_block(x: Tensor, layer: Tensor, residual: bool, negative_slope) -> T
 
 def fourier_temporal_conv(x: Tensor, weight: Tensor, modes: int, residual: bool = True,
                           negative_slope: float | None = 0.01) -> Tensor:
-    """DSNO's temporal Fourier layer, the literal way: ``rfft`` along T, keep ``modes`` bins,
-    multiply bin k by ``W_k`` (``C_in x C_out``), ``irfft``; then LeakyReLU and the residual.
-
-    Args:
-        x: (B, T, C_in, H, W) float64/float32/float16/bfloat16, 2 <= T <= 32.
-        weight: (K, C_in, C_out) complex64 (or complex128 with float64 x), K >= modes.
-        modes: number of bins kept, 1 <= modes <= T // 2 + 1.
-        residual: add x (needs C_out == C_in).
-        negative_slope: LeakyReLU slope; None means no activation.
-
-    Returns:
-        (B, T, C_out, H, W) in x's dtype, computed in float64 for float64 x and in float32
-        (complex64) otherwise. ``Im(W_0)`` (and ``Im(W_{T/2})``) do not affect it.
-    """
+    """The twin of :func:`adjointdeis.ops.fourier_temporal_conv`, the literal way: ``rfft`` along T, keep
+    ``modes`` bins, multiply bin k by ``W_k`` (``C_in x C_out``), ``irfft``; then LeakyReLU and the
+    residual; in float64 (complex128) for float64 x and in float32 (complex64) otherwise."""
     check_fourier_operands(x, weight, modes, residual, negative_slope)
     opmath = opmath_dtype(x.dtype)
     cdtype = torch.complex128 if opmath == torch.float64 else torch.complex64
@@ -341,17 +262,8 @@ def fourier_temporal_conv(x: Tensor, weight: Tensor, modes: int, residual: bool 
 
 def fourier_temporal_conv_channelwise(x: Tensor, weight: Tensor, modes: int, residual: bool = True,
                                       negative_slope: float | None = 0.01) -> Tensor:
-    """The channel-wise variant of fourier_temporal_conv: bin k of channel c is multiplied by the
-    complex scalar ``weight[k, c]`` (no channel mixing).
-
-    Args:
-        x: (B, T, C, H, W) float64/float32/float16/bfloat16, 2 <= T <= 32.
-        weight: (K, C) complex64 (or complex128 with float64 x), K >= modes.
-        modes, residual, negative_slope: as in fourier_temporal_conv.
-
-    Returns:
-        (B, T, C, H, W) in x's dtype.
-    """
+    """The twin of :func:`adjointdeis.ops.fourier_temporal_conv_channelwise` through rfft / irfft: bin k
+    of channel c is multiplied by the complex scalar ``weight[k, c]``."""
     check_fourier_operands(x, weight, modes, residual, negative_slope, channelwise=True)
     opmath = opmath_dtype(x.dtype)
     cdtype = torch.complex128 if opmath == torch.float64 else torch.complex64
@@ -363,17 +275,8 @@ def fourier_temporal_conv_channelwise(x: Tensor, weight: Tensor, modes: int, res
 
 
 def fourier_tap_synthesis(weight: Tensor, n_times: int, modes: int) -> Tensor:
-    """The real circular-convolution taps of a truncated spectrum, ``Kt[d] = (1/T) sum_{k<modes}
-    c_k Re(W_k e^{2 pi i k d / T})`` (MATH.md section 7).
-
-    Args:
-        weight: (K, N) complex64/complex128, K >= modes.
-        n_times: T.
-        modes: bins used.
-
-    Returns:
-        (T, N) float32 (float64 for complex128).
-    """
+    """The twin of :func:`adjointdeis.ops.fourier_tap_synthesis` through complex phases:
+    ``Kt[d] = (1/T) sum_{k<modes} c_k Re(W_k e^{2 pi i k d / T})`` (docs/math.md section 7)."""
     d = torch.arange(n_times, dtype=torch.float64, device=weight.device)
     k = torch.arange(modes, dtype=torch.float64, device=weight.device)
     c = torch.tensor(_bin_weights(n_times, modes), dtype=torch.float64, device=weight.device)
@@ -384,22 +287,10 @@ def fourier_tap_synthesis(weight: Tensor, n_times: int, modes: int) -> Tensor:
     return (phase @ weight[:modes]).real
 
 
-def fourier_tap_synthesis_adjoint(grad_taps: Tensor, n_times: int, modes: int,
-                                  num_weight_modes: int) -> Tensor:
-    """The adjoint of fourier_tap_synthesis: the complex (K, N) weight gradient (PyTorch's
-    convention, ``dL/dRe + i dL/dIm``) of grad_taps (T, N); bins >= modes get zero."""
-    cdtype = torch.complex128 if grad_taps.dtype == torch.float64 else torch.complex64
-    weight = torch.zeros(num_weight_modes, grad_taps.shape[1], dtype=cdtype, device=grad_taps.device,
-                         requires_grad=True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(fourier_tap_synthesis(weight, n_times, modes), weight, grad_taps)
-    return grad
-
-
 def fourier_kernel_synthesis(weight: Tensor, n_times: int, modes: int) -> Tensor:
-    """The real block-circulant matrix of the layer: ``A[(t, o), (tau, i)] = Kt[(t - tau) mod T][o, i]``
-    with ``Kt[d] = (1/T) sum_{k<modes} c_k Re(W_k^T e^{2 pi i k d / T})``, so that
-    ``layer(x)[b] = A @ x[b].view(T * C_in, H * W)``.
+    """The dense real block-circulant matrix of the layer, the oracle of the factored one:
+    ``A[(t, o), (tau, i)] = Kt[(t - tau) mod T][i, o]`` with Kt the taps of :func:`fourier_tap_synthesis`,
+    so that ``layer(x)[b] = A @ x[b].view(T * C_in, H * W)``.
 
     Args:
         weight: (K, C_in, C_out) complex64/complex128, K >= modes.
@@ -414,19 +305,6 @@ def fourier_kernel_synthesis(weight: Tensor, n_times: int, modes: int) -> Tensor
     t = torch.arange(n_times, device=weight.device)
     blocks = taps.view(n_times, c_in, c_out)[(t[:, None] - t[None, :]) % n_times]  # (t, tau, i, o)
     return blocks.permute(0, 3, 1, 2).reshape(n_times * c_out, n_times * c_in)
-
-
-def fourier_kernel_synthesis_adjoint(grad_kernel: Tensor, n_times: int, modes: int,
-                                     num_weight_modes: int, in_channels: int) -> Tensor:
-    """The adjoint of fourier_kernel_synthesis: the complex (K, C_in, C_out) weight gradient of
-    grad_kernel (T * C_out, T * C_in)."""
-    cdtype = torch.complex128 if grad_kernel.dtype == torch.float64 else torch.complex64
-    c_out = grad_kernel.shape[0] // n_times
-    weight = torch.zeros(num_weight_modes, in_channels, c_out, dtype=cdtype, device=grad_kernel.device,
-                         requires_grad=True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(fourier_kernel_synthesis(weight, n_times, modes), weight, grad_kernel)
-    return grad
 
 
 def _activation_mask(z: Tensor, negative_slope, save_mask: bool) -> Tensor:
@@ -466,16 +344,9 @@ def spectral_basis(n_times: int, modes: int, dtype: torch.dtype = torch.float64,
 
 
 def fourier_mode_mixing(weight: Tensor, n_times: int, modes: int) -> Tensor:
-    """The layer's weight in the basis of its kept bins (see spectral_basis): the real
-    (r C_out, r C_in) matrix with, for bin k, ``[[Re W_k^T, -Im W_k^T], [Im W_k^T, Re W_k^T]]`` on
-    its (Re, Im) coordinates (``Re W_k^T`` alone for DC and Nyquist), zero between bins.
-
-    Args:
-        weight: (K, C_in, C_out) complex64/complex128, K >= modes.
-
-    Returns:
-        (r C_out, r C_in) float32 (float64 for complex128).
-    """
+    """The twin of :func:`adjointdeis.ops.fourier_mode_mixing`, block by block: for bin k,
+    ``[[Re W_k^T, -Im W_k^T], [Im W_k^T, Re W_k^T]]`` on its (Re, Im) coordinates (``Re W_k^T`` alone for
+    DC and Nyquist), zero between bins."""
     _, c_in, c_out = weight.shape
     rank = min(2 * modes - 1, n_times)
     real = weight.real.new_zeros(()).dtype
@@ -493,18 +364,6 @@ def fourier_mode_mixing(weight: Tensor, n_times: int, modes: int) -> Tensor:
             row.append({(False, False): re, (False, True): -im, (True, False): im, (True, True): re}[(j_im, col_im)])
         rows.append(torch.cat(row, dim=1))
     return torch.cat(rows, dim=0)
-
-
-def fourier_mode_mixing_adjoint(grad_mixing: Tensor, n_times: int, modes: int, num_weight_modes: int) -> Tensor:
-    """The adjoint of fourier_mode_mixing: the complex (K, C_in, C_out) weight gradient of
-    grad_mixing (r C_out, r C_in)."""
-    cdtype = torch.complex128 if grad_mixing.dtype == torch.float64 else torch.complex64
-    rank = min(2 * modes - 1, n_times)
-    weight = torch.zeros(num_weight_modes, grad_mixing.shape[1] // rank, grad_mixing.shape[0] // rank,
-                         dtype=cdtype, device=grad_mixing.device, requires_grad=True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(fourier_mode_mixing(weight, n_times, modes), weight, grad_mixing)
-    return grad
 
 
 def bin_block_mask(n_times: int, modes: int, c_out: int, c_in: int, dtype=torch.float64, device=None) -> Tensor:
@@ -528,21 +387,8 @@ def _spectral_layer(x: Tensor, mixing: Tensor, modes: int) -> Tensor:
 
 def fourier_spectral_conv(x: Tensor, mixing: Tensor, modes: int, residual: bool, negative_slope,
                           save_mask: bool) -> tuple[Tensor, Tensor]:
-    """The layer given its mode mixing: project onto the kept bins' coordinates, mix, expand, then
-    ``y = x + LeakyReLU(z)`` (residual) or ``LeakyReLU(z)``.
-
-    Args:
-        x: (B, T, C_in, H, W) float64/float32/float16/bfloat16.
-        mixing: (r C_out, r C_in) float64 for float64 x, float32 otherwise (fourier_mode_mixing);
-            only its blocks within a bin are used (the others are zero in fourier_mode_mixing's output).
-        modes: bins kept.
-        residual, negative_slope: as in fourier_temporal_conv.
-        save_mask: also return the mask ``z <= 0`` (bool, y's shape) the backward needs.
-
-    Returns:
-        ``(y, mask)``: y (B, T, C_out, H, W) in x's dtype; mask, or an empty bool tensor when not
-        saved or without activation.
-    """
+    """The twin of :func:`adjointdeis.ops.fourier_spectral_conv`: project onto the kept bins'
+    coordinates, mix (only M's blocks within a bin), expand, then the epilogue."""
     z = _spectral_layer(x, mixing, modes)
     mask = _activation_mask(z, negative_slope, save_mask)
     return _finish_block(x, z, residual, negative_slope).contiguous(), mask
@@ -561,41 +407,24 @@ def fourier_spectral_conv_backward(grad_y: Tensor, x: Tensor, mixing: Tensor, ma
     return (grad_x.to(x.dtype) if output_mask[0] else None, grad_mixing if output_mask[1] else None)
 
 
-def _circulant(taps: Tensor) -> Tensor:
-    """(T, T, C): circ[t, tau, c] = taps[(t - tau) mod T, c]."""
-    t = torch.arange(taps.shape[0], device=taps.device)
-    return taps[(t[:, None] - t[None, :]) % taps.shape[0]]
-
-
-def fourier_channel_conv(x: Tensor, taps: Tensor, residual: bool, negative_slope,
+def fourier_channel_conv(x: Tensor, kernel: Tensor, residual: bool, negative_slope,
                          save_mask: bool) -> tuple[Tensor, Tensor]:
-    """The channel-wise layer given its taps: ``z[b, t, c] = sum_tau taps[(t - tau) mod T, c] x[b, tau, c]``
-    then the epilogue of fourier_block_conv.
-
-    Args:
-        x: (B, T, C, H, W) float64/float32/float16/bfloat16.
-        taps: (T, C) float64 for float64 x, float32 otherwise.
-
-    Returns:
-        ``(y, mask)`` as in fourier_block_conv.
-    """
-    z = torch.einsum("tsc,bschw->btchw", _circulant(taps), x.to(taps.dtype))
+    """The twin of :func:`adjointdeis.ops.fourier_channel_conv`:
+    ``z[b, t, c] = sum_s kernel[t, s, c] x[b, s, c]``, then the epilogue."""
+    z = torch.einsum("tsc,bschw->btchw", kernel, x.to(kernel.dtype))
     mask = _activation_mask(z, negative_slope, save_mask)
     return _finish_block(x, z, residual, negative_slope).contiguous(), mask
 
 
-def fourier_channel_conv_backward(grad_y: Tensor, x: Tensor, taps: Tensor, mask: Tensor, residual: bool,
+def fourier_channel_conv_backward(grad_y: Tensor, x: Tensor, kernel: Tensor, mask: Tensor, residual: bool,
                                   negative_slope, output_mask: list[bool]) -> tuple[Tensor, Tensor]:
-    """Gradients of fourier_channel_conv in x and taps (None where output_mask is False)."""
-    opmath = taps.dtype
+    """Gradients of fourier_channel_conv in x and kernel (None where output_mask is False)."""
+    opmath = kernel.dtype
     dz = _activation_grad(grad_y.to(opmath), mask, negative_slope)
-    grad_x = grad_taps = None
+    grad_x = grad_kernel = None
     if output_mask[0]:
-        dx = torch.einsum("tsc,btchw->bschw", _circulant(taps), dz)
+        dx = torch.einsum("tsc,btchw->bschw", kernel, dz)
         grad_x = (dx + grad_y.to(opmath) if residual else dx).to(x.dtype)
     if output_mask[1]:
-        gram = torch.einsum("btchw,bschw->tsc", dz, x.to(opmath))
-        t = torch.arange(taps.shape[0], device=taps.device)
-        diag = (t[None, :] - t[:, None]) % taps.shape[0]  # [d, t] -> tau = t - d
-        grad_taps = gram[t[None, :], diag].sum(1)
-    return grad_x, grad_taps
+        grad_kernel = torch.einsum("btchw,bschw->tsc", dz, x.to(opmath))
+    return grad_x, grad_kernel

@@ -19,12 +19,16 @@ machine that excludes the time other processes hold the core. On CUDA they are w
 
 import argparse
 import json
+import pathlib
+import sys
 import time
 
 import torch
 from torch.utils import benchmark
 
-from adjointdeis import ops, reference
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from adjointdeis import ops, reference  # noqa: E402
 from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
 
 DSNO_SHAPES = [(b, 4, 2, c, h) for b in (32, 128) for c in (128, 256) for h in (8, 16, 32)]

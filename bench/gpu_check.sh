@@ -72,8 +72,7 @@ else
     echo "CUDA tests failed (pytest exit $rc)"
     exit "$rc"
   fi
-  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_adjoint_ops.py tests/test_ctm_step.py \
-    tests/test_fourier_conv.py \
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_adjoint_ops.py tests/test_fourier_conv.py \
     -k "bad_input" \
     || echo "bad-input tests failed or crashed (exit $?)"
 fi

@@ -1,229 +1,73 @@
 #include "fourier_conv.h"
 
 #include <algorithm>
-#include <cmath>
-#include <vector>
-
-#include "operands.h"
 
 namespace adjointdeis {
 namespace {
 
-// The real synthesis matrices (n_times, modes): Kt[d] = sum_k cos[d, k] Re W_k + sin[d, k] Im W_k,
-// cos[d, k] = c_k cos(2 pi k d / T) / T, sin[d, k] = -c_k sin(2 pi k d / T) / T, with c_0 = 1,
-// c_{T/2} = 1 and c_k = 2 otherwise. Built in float64, then cast to `dtype`.
-std::tuple<at::Tensor, at::Tensor> synthesis_tables(int64_t n_times, int64_t modes,
-                                                    at::ScalarType dtype, at::Device device) {
-  const auto options = at::TensorOptions().dtype(at::kDouble).device(device);
-  const at::Tensor d = at::arange(n_times, options).unsqueeze(1);
-  const at::Tensor k = at::arange(modes, options).unsqueeze(0);
-  const at::Tensor theta = d * k * (2.0 * M_PI / static_cast<double>(n_times));
-  const at::Tensor single = (k == 0).logical_or(k * 2 == n_times);
-  const at::Tensor c = (2.0 - single.to(at::kDouble)) / static_cast<double>(n_times);
-  // sin(pi d) is not exactly 0 in floating point: zero it so Im(W_{T/2}) has no effect at all.
-  const at::Tensor sin = at::where(single, 0.0, -c * at::sin(theta));
-  return {(c * at::cos(theta)).to(dtype), sin.to(dtype)};
+void check_activations(const char* op, const Tensor& x, DeviceType device_type) {
+  ADJOINTDEIS_CHECK(is_step_dtype(x.scalar_type()), op, ": x must be float64, float32, float16 or bfloat16, got ",
+                    x.scalar_type());
+  ADJOINTDEIS_CHECK(x.device().type() == device_type, op, ": x is on ", device_name(x.device()), ", expected a ",
+                    device_type_name(device_type), " tensor");
+  ADJOINTDEIS_CHECK(x.dim() == 5, op, ": x must have shape (B, T, C, H, W), got ", shape_name(x.sizes()));
+  ADJOINTDEIS_CHECK(x.size(1) >= 2 && x.size(1) <= kMaxTimes, op, ": x.shape[1] (T) must be in [2, ", kMaxTimes,
+                    "], got ", x.size(1));
 }
 
-at::ScalarType real_dtype_of(const at::Tensor& weight) {
-  return weight.scalar_type() == at::kComplexDouble ? at::kDouble : at::kFloat;
+void check_operand(const char* op, const char* name, const Tensor& t, const Tensor& x, ScalarType dtype) {
+  ADJOINTDEIS_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, " for x of dtype ",
+                    x.scalar_type(), ", got ", t.scalar_type());
+  ADJOINTDEIS_CHECK(t.device() == x.device(), op, ": ", name, " is on ", device_name(t.device()), " but x is on ",
+                    device_name(x.device()));
 }
 
-void check_synthesis_args(const char* op, const at::Tensor& weight, int64_t dim, int64_t n_times,
-                          int64_t modes) {
-  TORCH_CHECK(weight.scalar_type() == at::kComplexFloat || weight.scalar_type() == at::kComplexDouble,
-              op, ": weight must be complex64 or complex128, got ", weight.scalar_type());
-  TORCH_CHECK(weight.dim() == dim, op, ": weight must have ", dim, " dimensions, got shape ",
-              weight.sizes());
-  TORCH_CHECK(n_times >= 2 && n_times <= kMaxTimes, op, ": n_times must be in [2, ", kMaxTimes,
-              "], got ", n_times);
-  TORCH_CHECK(modes >= 1 && modes <= n_times / 2 + 1 && modes <= weight.size(0), op,
-              ": modes must be in [1, min(n_times // 2 + 1, weight.shape[0])] = [1, ",
-              std::min<int64_t>(n_times / 2 + 1, weight.size(0)), "], got ", modes);
-}
-
-// (t, tau) -> (t - tau) mod T, flattened over (t, tau).
-at::Tensor circulant_index(int64_t n_times, at::Device device) {
-  const auto options = at::TensorOptions().dtype(at::kLong).device(device);
-  const at::Tensor t = at::arange(n_times, options);
-  return at::remainder(t.unsqueeze(1) - t.unsqueeze(0), n_times).flatten();
-}
-
-// (d, t) -> t * T + (t - d) mod T: the entries (t, tau) of a T x T block grid on diagonal d.
-at::Tensor diagonal_index(int64_t n_times, at::Device device) {
-  const auto options = at::TensorOptions().dtype(at::kLong).device(device);
-  const at::Tensor t = at::arange(n_times, options).unsqueeze(0);
-  const at::Tensor d = at::arange(n_times, options).unsqueeze(1);
-  return (t * n_times + at::remainder(t - d, n_times)).flatten();
-}
-
-at::ScalarType opmath_of(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_activations(const char* op, const at::Tensor& x, c10::DeviceType device_type) {
-  TORCH_CHECK(is_step_dtype(x.scalar_type()), op,
-              ": x must be float64, float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.device().type() == device_type, op, ": x is on ", x.device(), ", expected a ",
-              device_type, " tensor");
-  TORCH_CHECK(x.dim() == 5, op, ": x must have shape (B, T, C, H, W), got ", x.sizes());
-  TORCH_CHECK(x.size(1) >= 2 && x.size(1) <= kMaxTimes, op, ": x.shape[1] (T) must be in [2, ",
-              kMaxTimes, "], got ", x.size(1));
-}
-
-void check_operand(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
-                   at::ScalarType dtype) {
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, " for x of dtype ",
-              x.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-}
-
-void check_grad_and_mask(const char* op, const at::Tensor& grad_y, const at::Tensor& mask,
-                         const at::Tensor& x, at::IntArrayRef y_shape,
-                         std::optional<double> negative_slope) {
+void check_grad_and_mask(const char* op, const Tensor& grad_y, const Tensor& mask, const Tensor& x,
+                         const Shape& y_shape, std::optional<double> negative_slope) {
   check_operand(op, "grad_y", grad_y, x, x.scalar_type());
-  TORCH_CHECK(grad_y.sizes() == y_shape, op, ": grad_y must have shape ", y_shape, ", got ",
-              grad_y.sizes());
+  ADJOINTDEIS_CHECK(same_shape(grad_y.sizes(), IntRef(y_shape)), op, ": grad_y must have shape ",
+                    shape_name(IntRef(y_shape)), ", got ", shape_name(grad_y.sizes()));
   if (negative_slope.has_value()) {
-    check_operand(op, "mask", mask, x, at::kBool);
-    TORCH_CHECK(mask.sizes() == y_shape && mask.is_contiguous(), op,
-                ": mask must be a contiguous tensor of shape ", y_shape, ", got ", mask.sizes());
+    check_operand(op, "mask", mask, x, ScalarType::Bool);
+    ADJOINTDEIS_CHECK(same_shape(mask.sizes(), IntRef(y_shape)) && mask.is_contiguous(), op,
+                      ": mask must be a contiguous tensor of shape ", shape_name(IntRef(y_shape)), ", got ",
+                      shape_name(mask.sizes()));
   }
 }
 
-// t as a contiguous tensor of `dtype`, in one pass (no pass when it already is one).
-at::Tensor dense_copy(const at::Tensor& t, at::ScalarType dtype) {
-  if (t.scalar_type() == dtype && t.is_contiguous()) return t;
-  return at::empty(t.sizes(), t.options().dtype(dtype)).copy_(t);
+void check_output_mask(const char* op, const std::vector<bool>& output_mask) {
+  ADJOINTDEIS_CHECK(output_mask.size() == 2, op, ": output_mask must hold 2 flags, got ", output_mask.size());
 }
 
-at::Tensor make_mask(bool wanted, std::optional<double> negative_slope, at::IntArrayRef shape,
-                     const at::Tensor& x) {
-  if (wanted && negative_slope.has_value()) return at::empty(shape, x.options().dtype(at::kBool));
-  return at::empty({0}, x.options().dtype(at::kBool));
+template <int N>
+Strided<N> strided(const Tensor& t, const std::array<int64_t, N>& stride) {
+  Strided<N> s;
+  s.data = static_cast<char*>(const_cast<void*>(t.const_data_ptr()));
+  s.dtype = t.scalar_type();
+  s.itemsize = static_cast<int64_t>(t.element_size());
+  s.stride = stride;
+  return s;
 }
 
-}  // namespace
-
-at::Tensor fourier_taps(const at::Tensor& weight, int64_t n_times, int64_t modes) {
-  check_synthesis_args("fourier_tap_synthesis", weight, 2, n_times, modes);
-  const at::Tensor parts = at::view_as_real(weight.slice(0, 0, modes));
-  const auto [cos, sin] = synthesis_tables(n_times, modes, real_dtype_of(weight), weight.device());
-  return at::addmm(at::mm(cos, parts.select(-1, 0)), sin, parts.select(-1, 1));
+// t (B, T, C, H, W) as a (B, T, C, P) view, P = H W: H and W merge when their strides allow, else t
+// is first copied contiguous into `owner`.
+View4 activations(const Tensor& t, Tensor& owner) {
+  const bool mergeable = t.size(4) == 1 || t.size(3) == 1 || t.stride(3) == t.stride(4) * t.size(4);
+  owner = mergeable ? t : torch::stable::contiguous(t);
+  const int64_t p_stride = owner.size(4) == 1 ? owner.stride(3) : owner.stride(4);
+  return strided<4>(owner, {owner.stride(0), owner.stride(1), owner.stride(2), p_stride});
 }
 
-at::Tensor fourier_taps_adjoint(const at::Tensor& grad_taps, int64_t n_times, int64_t modes,
-                                int64_t num_weight_modes) {
-  TORCH_CHECK(grad_taps.scalar_type() == at::kFloat || grad_taps.scalar_type() == at::kDouble,
-              "fourier_tap_synthesis_adjoint: grad_taps must be float32 or float64, got ",
-              grad_taps.scalar_type());
-  TORCH_CHECK(grad_taps.dim() == 2 && grad_taps.size(0) == n_times,
-              "fourier_tap_synthesis_adjoint: grad_taps must have shape (n_times, N), got ",
-              grad_taps.sizes());
-  TORCH_CHECK(modes >= 1 && modes <= n_times / 2 + 1 && modes <= num_weight_modes,
-              "fourier_tap_synthesis_adjoint: modes out of range: ", modes);
-  const auto [cos, sin] =
-      synthesis_tables(n_times, modes, grad_taps.scalar_type(), grad_taps.device());
-  at::Tensor grad = at::zeros({num_weight_modes, grad_taps.size(1), 2}, grad_taps.options());
-  grad.slice(0, 0, modes).select(-1, 0).copy_(at::mm(cos.t(), grad_taps));
-  grad.slice(0, 0, modes).select(-1, 1).copy_(at::mm(sin.t(), grad_taps));
-  return at::view_as_complex(grad);
+// A contiguous (B, T, C, P) tensor as a view.
+View4 dense4(const Tensor& t, int64_t n_times, int64_t channels, int64_t pixels) {
+  return strided<4>(t, {n_times * channels * pixels, channels * pixels, pixels, 1});
 }
 
-at::Tensor fourier_kernel_synthesis(const at::Tensor& weight, int64_t n_times, int64_t modes) {
-  check_synthesis_args("fourier_kernel_synthesis", weight, 3, n_times, modes);
-  const int64_t c_in = weight.size(1), c_out = weight.size(2);
-  const at::Tensor taps = fourier_taps(weight.reshape({weight.size(0), c_in * c_out}), n_times, modes);
-  return taps.index_select(0, circulant_index(n_times, weight.device()))
-      .view({n_times, n_times, c_in, c_out})
-      .permute({0, 3, 1, 2})
-      .reshape({n_times * c_out, n_times * c_in});
+Tensor make_mask(bool wanted, std::optional<double> negative_slope, const Shape& shape, const Tensor& x) {
+  return empty(wanted && negative_slope.has_value() ? shape : Shape{0}, ScalarType::Bool, x.device());
 }
 
-at::Tensor fourier_kernel_synthesis_adjoint(const at::Tensor& grad_kernel, int64_t n_times,
-                                            int64_t modes, int64_t num_weight_modes,
-                                            int64_t in_channels) {
-  TORCH_CHECK(grad_kernel.dim() == 2 && in_channels >= 1 && grad_kernel.size(1) == n_times * in_channels &&
-                  grad_kernel.size(0) % n_times == 0,
-              "fourier_kernel_synthesis_adjoint: grad_kernel must have shape (n_times * C_out, "
-              "n_times * C_in), got ", grad_kernel.sizes());
-  const int64_t c_out = grad_kernel.size(0) / n_times;
-  const at::Tensor blocks = grad_kernel.reshape({n_times, c_out, n_times, in_channels})
-                                .permute({0, 2, 3, 1})
-                                .reshape({n_times * n_times, in_channels * c_out});
-  const at::Tensor grad_taps = blocks.index_select(0, diagonal_index(n_times, grad_kernel.device()))
-                                   .view({n_times, n_times, in_channels * c_out})
-                                   .sum(1);
-  return fourier_taps_adjoint(grad_taps, n_times, modes, num_weight_modes)
-      .view({num_weight_modes, in_channels, c_out});
-}
-
-int64_t spectral_rank(int64_t n_times, int64_t modes) {
-  return std::min<int64_t>(2 * modes - 1, n_times);
-}
-
-namespace {
-
-// Coordinate j of the kept spectrum: bin (j + 1) / 2, imaginary part for even j > 0.
-struct Coordinates {
-  at::Tensor bin;        // (r,) float64
-  at::Tensor imaginary;  // (r,) bool
-};
-
-Coordinates coordinates(int64_t n_times, int64_t modes, at::Device device) {
-  const at::Tensor j = at::arange(spectral_rank(n_times, modes),
-                                  at::TensorOptions().dtype(at::kLong).device(device));
-  return {at::floor_divide(j + 1, 2).to(at::kDouble), (j > 0).logical_and(at::remainder(j, 2) == 0)};
-}
-
-// P (r, T): coordinate j of x is sum_tau P[j, tau] x_tau (cos for Re, -sin for Im); and
-// E (T, r): x_t = sum_j E[t, j] coordinate j, E[t, j] = c_k P[j, t] / T.
-std::tuple<at::Tensor, at::Tensor> spectral_basis(int64_t n_times, int64_t modes, at::ScalarType dtype,
-                                                  at::Device device) {
-  const Coordinates coords = coordinates(n_times, modes, device);
-  const at::Tensor tau = at::arange(n_times, at::TensorOptions().dtype(at::kDouble).device(device));
-  const at::Tensor theta = coords.bin.unsqueeze(1) * tau.unsqueeze(0) * (2.0 * M_PI / n_times);
-  const at::Tensor proj = at::where(coords.imaginary.unsqueeze(1), -at::sin(theta), at::cos(theta));
-  const at::Tensor single = (coords.bin == 0).logical_or(coords.bin * 2 == n_times);
-  const at::Tensor c = (2.0 - single.to(at::kDouble)) / static_cast<double>(n_times);
-  return {proj.to(dtype), (proj * c.unsqueeze(1)).t().to(dtype)};
-}
-
-// S (r, r, modes, 2): M[(j, o), (l, i)] = sum_{k, q} S[j, l, k, q] W[k, i, o, q] (q: Re, Im).
-at::Tensor mixing_selector(int64_t n_times, int64_t modes, at::ScalarType dtype, at::Device device) {
-  const Coordinates coords = coordinates(n_times, modes, device);
-  const at::Tensor k = at::arange(modes, at::TensorOptions().dtype(at::kDouble).device(device));
-  const at::Tensor in_bin = (coords.bin.unsqueeze(1) == k.unsqueeze(0)).to(dtype);  // (r, modes)
-  const at::Tensor same_bin = in_bin.unsqueeze(1) * in_bin.unsqueeze(0);           // (j, l, k)
-  const at::Tensor im_row = coords.imaginary.unsqueeze(1).to(dtype);
-  const at::Tensor im_col = coords.imaginary.unsqueeze(0).to(dtype);
-  // Re rows: [Re W^T, -Im W^T]; Im rows: [Im W^T, Re W^T].
-  const at::Tensor re_part = 1.0 - (im_row - im_col).abs();
-  const at::Tensor im_part = im_row - im_col;
-  return same_bin.unsqueeze(-1) * at::stack({re_part, im_part}, -1).unsqueeze(2);
-}
-
-void check_mixing(const char* op, const at::Tensor& mixing, const at::Tensor& x, int64_t modes,
-                  int64_t& c_out) {
-  check_operand(op, "mixing", mixing, x, opmath_of(x.scalar_type()));
-  const int64_t n_times = x.size(1), c_in = x.size(2);
-  TORCH_CHECK(modes >= 1 && modes <= n_times / 2 + 1, op, ": modes must be in [1, T // 2 + 1] = [1, ",
-              n_times / 2 + 1, "], got ", modes);
-  const int64_t rank = spectral_rank(n_times, modes);
-  TORCH_CHECK(mixing.dim() == 2 && mixing.size(1) == rank * c_in && mixing.size(0) % rank == 0, op,
-              ": mixing must have shape (r * C_out, r * C_in) with r = ", rank, ", C_in = ", c_in,
-              ", got ", mixing.sizes());
-  c_out = mixing.size(0) / rank;
-}
-
-// Writes the r coordinates of x (nb, T, C, P) into u, a contiguous (r, C, nb, P) tensor of the
-// accumulation type.
-void project_into(const at::Tensor& x4, const at::Tensor& proj, const at::Tensor& u,
-                  const TemporalKernels& kernels) {
-  kernels.temporal_mix(x4, at::Tensor(), 1.0, proj.unsqueeze(2).expand({proj.size(0), x4.size(1), x4.size(2)}),
-                       at::Tensor(), u.permute({2, 0, 1, 3}), at::Tensor(), std::nullopt);
-}
+bool* mask_data(const Tensor& mask) { return mask.numel() > 0 ? mask.mutable_data_ptr<bool>() : nullptr; }
 
 // The bins' coordinates grouped by block size: DC (one coordinate), the complex bins (two each,
 // consecutive), Nyquist (one). The mixing matrix is block-diagonal over bins, so the GEMM runs as
@@ -242,30 +86,35 @@ std::vector<BinGroup> bin_groups(int64_t n_times, int64_t modes) {
   return groups;
 }
 
-// The group's diagonal blocks of m (r rows_per, r cols_per) as a (count, size rows_per, size cols_per) view.
-at::Tensor diagonal_blocks(const at::Tensor& m, const BinGroup& g, int64_t rows_per, int64_t cols_per) {
+// The group's diagonal blocks of m (r rows_per, r cols_per) as a (count, size rows_per, size cols_per)
+// view, or its blockwise transpose.
+Tensor diagonal_blocks(const Tensor& m, const BinGroup& g, int64_t rows_per, int64_t cols_per, bool transpose) {
   const int64_t rows = g.size * rows_per, cols = g.size * cols_per;
-  return m.as_strided({g.count, rows, cols}, {rows * m.stride(0) + cols * m.stride(1), m.stride(0), m.stride(1)},
-                      m.storage_offset() + g.first * (rows_per * m.stride(0) + cols_per * m.stride(1)));
+  const int64_t s0 = m.stride(0), s1 = m.stride(1), step = rows * s0 + cols * s1;
+  const int64_t offset = g.first * (rows_per * s0 + cols_per * s1);
+  if (transpose) return view_of(m, offset, {g.count, cols, rows}, {step, s1, s0});
+  return view_of(m, offset, {g.count, rows, cols}, {step, s0, s1});
 }
 
-// The group's coordinates of a contiguous (r per, n) matrix as a (count, size per, n) view.
-at::Tensor coordinate_blocks(const at::Tensor& a, const BinGroup& g, int64_t per) {
-  return a.narrow(0, g.first * per, g.count * g.size * per).view({g.count, g.size * per, a.size(1)});
+// The group's coordinates of a contiguous (r per, n) buffer as a (count, size per, n) view, or its
+// blockwise transpose (count, n, size per).
+Tensor coordinate_blocks(const Tensor& buffer, int64_t n, const BinGroup& g, int64_t per, bool transpose = false) {
+  const int64_t rows = g.size * per;
+  if (transpose) return view_of(buffer, g.first * per * n, {g.count, n, rows}, {rows * n, 1, n});
+  return view_of(buffer, g.first * per * n, {g.count, rows, n}, {rows * n, n, 1});
 }
 
 // out (r rows_out, n) = blockdiag(m) @ in (r rows_in, n), or its transpose with m^T's blocks.
-void block_diagonal_mm(const at::Tensor& out, const at::Tensor& m, const at::Tensor& in, int64_t rows_out,
+void block_diagonal_mm(const Tensor& out, const Tensor& m, const Tensor& in, int64_t n, int64_t rows_out,
                        int64_t rows_in, bool transpose, const std::vector<BinGroup>& groups) {
   for (const BinGroup& g : groups) {
-    at::Tensor blocks = transpose ? diagonal_blocks(m, g, rows_in, rows_out).transpose(1, 2)
-                                  : diagonal_blocks(m, g, rows_out, rows_in);
-    at::Tensor result = coordinate_blocks(out, g, rows_out);
-    at::bmm_out(result, blocks, coordinate_blocks(in, g, rows_in));
+    const Tensor blocks = transpose ? diagonal_blocks(m, g, rows_in, rows_out, true)
+                                    : diagonal_blocks(m, g, rows_out, rows_in, false);
+    aten::bmm_out(coordinate_blocks(out, n, g, rows_out), blocks, coordinate_blocks(in, n, g, rows_in));
   }
 }
 
-// Batch entries per chunk of the pipeline, and contiguous (rows, nb, P) views of scratch storage.
+// Batch entries per chunk of the pipeline, and the scratch storage of one chunk's coordinates.
 struct Chunks {
   int64_t batch, pixels, step;
 
@@ -275,218 +124,228 @@ struct Chunks {
       step = std::clamp<int64_t>(chunk_elements / (rows * pixels), 1, std::max<int64_t>(batch, 1));
     }
   }
-  at::Tensor scratch(int64_t rows, const at::TensorOptions& options) const {
-    return at::empty({rows * step * pixels}, options);
+  Tensor scratch(int64_t rows, ScalarType dtype, const Device& device) const {
+    return empty({rows * step * pixels}, dtype, device);
   }
-  // The first rows * nb * P elements of storage as a contiguous (rows, nb, P) tensor.
-  at::Tensor view(const at::Tensor& storage, int64_t rows, int64_t nb) const {
-    return storage.narrow(0, 0, rows * nb * pixels).view({rows, nb, pixels});
+  // A (r, C, nb, P) coordinate buffer as the (nb, r, C, P) operand of a temporal mix.
+  View4 coordinates(const Tensor& buffer, int64_t channels, int64_t nb) const {
+    return strided<4>(buffer, {pixels, channels * nb * pixels, nb * pixels, 1});
   }
 };
 
+// The projection P and the expansion weights W of the kept bins (see TemporalKernels::spectral_basis).
+struct SpectralBasis {
+  Tensor storage;
+  int64_t rank, n_times;
+
+  SpectralBasis(int64_t n_times, int64_t modes, ScalarType dtype, const Device& device,
+                const TemporalKernels& kernels)
+      : storage(empty({2, spectral_rank(n_times, modes), n_times}, dtype, device)),
+        rank(spectral_rank(n_times, modes)),
+        n_times(n_times) {
+    kernels.spectral_basis(storage, n_times, modes);
+  }
+  // mix[j, t, c] = P[j, t] (projection) and mix[t, j, c] = P[j, t] (its transpose).
+  View3 project() const { return strided<3>(storage, {n_times, 1, 0}); }
+  View3 project_transposed() const { return strided<3>(storage, {1, n_times, 0}); }
+  // mix[t, j, c] = E[t, j] = W[j, t] (expansion) and mix[j, t, c] = W[j, t] (its transpose).
+  View3 expand() const { return strided<3>(storage, {1, n_times, 0}).shifted(rank * n_times); }
+  View3 expand_transposed() const { return strided<3>(storage, {n_times, 1, 0}).shifted(rank * n_times); }
+};
+
+void check_mixing(const char* op, const Tensor& mixing, const Tensor& x, int64_t modes, int64_t& c_out) {
+  check_operand(op, "mixing", mixing, x, opmath_of(x.scalar_type()));
+  const int64_t n_times = x.size(1), c_in = x.size(2);
+  ADJOINTDEIS_CHECK(modes >= 1 && modes <= n_times / 2 + 1, op, ": modes must be in [1, T // 2 + 1] = [1, ",
+                    n_times / 2 + 1, "], got ", modes);
+  const int64_t rank = spectral_rank(n_times, modes);
+  ADJOINTDEIS_CHECK(mixing.dim() == 2 && mixing.size(1) == rank * c_in && mixing.size(0) % rank == 0, op,
+                    ": mixing must have shape (r * C_out, r * C_in) with r = ", rank, ", C_in = ", c_in, ", got ",
+                    shape_name(mixing.sizes()));
+  c_out = mixing.size(0) / rank;
+}
+
+void check_kernel(const char* op, const Tensor& kernel, const Tensor& x) {
+  check_operand(op, "kernel", kernel, x, opmath_of(x.scalar_type()));
+  ADJOINTDEIS_CHECK(kernel.dim() == 3 && kernel.size(0) == x.size(1) && kernel.size(1) == x.size(1) &&
+                        kernel.size(2) == x.size(2),
+                    op, ": kernel must have shape (T, T, C) = (", x.size(1), ", ", x.size(1), ", ", x.size(2),
+                    "), got ", shape_name(kernel.sizes()));
+}
+
 }  // namespace
 
-at::Tensor fourier_mode_mixing(const at::Tensor& weight, int64_t n_times, int64_t modes) {
-  check_synthesis_args("fourier_mode_mixing", weight, 3, n_times, modes);
-  const int64_t rank = spectral_rank(n_times, modes), c_in = weight.size(1), c_out = weight.size(2);
-  const at::Tensor parts = at::view_as_real(weight.slice(0, 0, modes));  // (modes, C_in, C_out, 2)
-  const at::Tensor selector =
-      mixing_selector(n_times, modes, real_dtype_of(weight), weight.device());
-  return at::einsum("jlkq,kioq->joli", {selector, parts}).reshape({rank * c_out, rank * c_in});
-}
-
-at::Tensor fourier_mode_mixing_adjoint(const at::Tensor& grad_mixing, int64_t n_times, int64_t modes,
-                                       int64_t num_weight_modes) {
-  TORCH_CHECK(grad_mixing.scalar_type() == at::kFloat || grad_mixing.scalar_type() == at::kDouble,
-              "fourier_mode_mixing_adjoint: grad_mixing must be float32 or float64, got ",
-              grad_mixing.scalar_type());
-  TORCH_CHECK(modes >= 1 && modes <= n_times / 2 + 1 && modes <= num_weight_modes,
-              "fourier_mode_mixing_adjoint: modes out of range: ", modes);
-  const int64_t rank = spectral_rank(n_times, modes);
-  TORCH_CHECK(grad_mixing.dim() == 2 && grad_mixing.size(1) % rank == 0 &&
-                  grad_mixing.size(0) % rank == 0,
-              "fourier_mode_mixing_adjoint: grad_mixing must have shape (r * C_out, r * C_in) with r = ",
-              rank, ", got ", grad_mixing.sizes());
-  const int64_t c_out = grad_mixing.size(0) / rank, in_channels = grad_mixing.size(1) / rank;
-  const at::Tensor selector =
-      mixing_selector(n_times, modes, grad_mixing.scalar_type(), grad_mixing.device());
-  const at::Tensor blocks = grad_mixing.reshape({rank, c_out, rank, in_channels});
-  at::Tensor grad = at::zeros({num_weight_modes, in_channels, c_out, 2}, grad_mixing.options());
-  grad.slice(0, 0, modes).copy_(at::einsum("jlkq,joli->kioq", {selector, blocks}));
-  return at::view_as_complex(grad);
-}
-
-std::tuple<at::Tensor, at::Tensor> fourier_spectral_conv(const at::Tensor& x, const at::Tensor& mixing,
-                                                         int64_t modes, bool residual,
-                                                         std::optional<double> negative_slope,
-                                                         bool save_mask, c10::DeviceType device_type,
-                                                         const TemporalKernels& kernels) {
+std::tuple<Tensor, Tensor> fourier_spectral_conv(const Tensor& x, const Tensor& mixing, int64_t modes,
+                                                 bool residual, std::optional<double> negative_slope,
+                                                 bool save_mask, DeviceType device_type,
+                                                 const TemporalKernels& kernels) {
   const char* op = "fourier_spectral_conv";
   check_activations(op, x, device_type);
   int64_t c_out = 0;
   check_mixing(op, mixing, x, modes, c_out);
   const int64_t batch = x.size(0), n_times = x.size(1), c_in = x.size(2);
   const int64_t pixels = x.size(3) * x.size(4), rank = spectral_rank(n_times, modes);
-  TORCH_CHECK(!residual || c_out == c_in, op, ": residual needs C_out == C_in, got C_in = ", c_in,
-              " and C_out = ", c_out);
-  const std::array<int64_t, 5> y_shape{batch, n_times, c_out, x.size(3), x.size(4)};
-  at::Tensor y = at::empty(y_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor mask = make_mask(save_mask, negative_slope, y_shape, x);
+  ADJOINTDEIS_CHECK(!residual || c_out == c_in, op, ": residual needs C_out == C_in, got C_in = ", c_in,
+                    " and C_out = ", c_out);
+  const Shape y_shape{batch, n_times, c_out, x.size(3), x.size(4)};
+  Tensor y = empty(y_shape, x.scalar_type(), x.device());
+  Tensor mask = make_mask(save_mask, negative_slope, y_shape, x);
   if (y.numel() == 0) return {y, mask};
 
-  const auto [proj, expand] = spectral_basis(n_times, modes, mixing.scalar_type(), x.device());
-  const at::Tensor x4 = x.reshape({batch, n_times, c_in, pixels});
-  const at::Tensor y4 = y.view({batch, n_times, c_out, pixels});
-  const at::Tensor mask4 = mask.numel() > 0 ? mask.view({batch, n_times, c_out, pixels}) : at::Tensor();
-  const at::Tensor expand_mix = expand.unsqueeze(2).expand({n_times, rank, c_out});
+  const ScalarType acc = mixing.scalar_type();
+  const SpectralBasis basis(n_times, modes, acc, x.device(), kernels);
+  Tensor x_owner;
+  const View4 x4 = activations(x, x_owner), y4 = dense4(y, n_times, c_out, pixels);
+  bool* mask4 = mask_data(mask);
   const std::vector<BinGroup> groups = bin_groups(n_times, modes);
   const Chunks chunks(batch, pixels, rank * std::max(c_in, c_out), kernels.chunk_elements);
-  const at::Tensor u_store = chunks.scratch(rank * c_in, mixing.options());
-  const at::Tensor v_store = chunks.scratch(rank * c_out, mixing.options());
+  const Tensor u = chunks.scratch(rank * c_in, acc, x.device());
+  const Tensor v = chunks.scratch(rank * c_out, acc, x.device());
+  const int64_t y_batch = n_times * c_out * pixels;
   for (int64_t b0 = 0; b0 < batch; b0 += chunks.step) {
     const int64_t nb = std::min(chunks.step, batch - b0);
-    const at::Tensor u = chunks.view(u_store, rank * c_in, nb);
-    const at::Tensor v = chunks.view(v_store, rank * c_out, nb);
-    project_into(x4.narrow(0, b0, nb), proj, u.view({rank, c_in, nb, pixels}), kernels);
-    block_diagonal_mm(v.view({rank * c_out, nb * pixels}), mixing, u.view({rank * c_in, nb * pixels}), c_out,
-                      c_in, /*transpose=*/false, groups);
-    kernels.temporal_mix(v.view({rank, c_out, nb, pixels}).permute({2, 0, 1, 3}), at::Tensor(), 1.0,
-                         expand_mix, residual ? x4.narrow(0, b0, nb) : at::Tensor(), y4.narrow(0, b0, nb),
-                         mask4.defined() ? mask4.narrow(0, b0, nb) : at::Tensor(), negative_slope);
+    const View4 x_chunk = x4.shifted(b0 * x4.stride[0]);
+    kernels.temporal_mix({nb, rank, n_times, c_in, pixels, x_chunk, nullptr, 1.0, basis.project(), View4{},
+                          chunks.coordinates(u, c_in, nb), nullptr, std::nullopt});
+    block_diagonal_mm(v, mixing, u, nb * pixels, c_out, c_in, /*transpose=*/false, groups);
+    kernels.temporal_mix({nb, n_times, rank, c_out, pixels, chunks.coordinates(v, c_out, nb), nullptr, 1.0,
+                          basis.expand(), residual ? x_chunk : View4{}, y4.shifted(b0 * y_batch),
+                          mask4 == nullptr ? nullptr : mask4 + b0 * y_batch, negative_slope});
   }
   return {y, mask};
 }
 
-std::tuple<at::Tensor, at::Tensor> fourier_spectral_conv_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mixing, const at::Tensor& mask,
-    int64_t modes, bool residual, std::optional<double> negative_slope,
-    std::array<bool, 2> output_mask, c10::DeviceType device_type, const TemporalKernels& kernels) {
+std::tuple<Tensor, Tensor> fourier_spectral_conv_backward(const Tensor& grad_y, const Tensor& x,
+                                                          const Tensor& mixing, const Tensor& mask, int64_t modes,
+                                                          bool residual, std::optional<double> negative_slope,
+                                                          const std::vector<bool>& output_mask,
+                                                          DeviceType device_type, const TemporalKernels& kernels) {
   const char* op = "fourier_spectral_conv_backward";
   check_activations(op, x, device_type);
+  check_output_mask(op, output_mask);
   int64_t c_out = 0;
   check_mixing(op, mixing, x, modes, c_out);
   const int64_t batch = x.size(0), n_times = x.size(1), c_in = x.size(2);
   const int64_t pixels = x.size(3) * x.size(4), rank = spectral_rank(n_times, modes);
-  const std::array<int64_t, 5> y_shape{batch, n_times, c_out, x.size(3), x.size(4)};
+  const Shape y_shape{batch, n_times, c_out, x.size(3), x.size(4)};
   check_grad_and_mask(op, grad_y, mask, x, y_shape, negative_slope);
 
-  const auto [proj, expand] = spectral_basis(n_times, modes, mixing.scalar_type(), x.device());
-  const at::Tensor x4 = x.reshape({batch, n_times, c_in, pixels});
-  const at::Tensor grad4 = grad_y.reshape({batch, n_times, c_out, pixels});
-  const at::Tensor mask4 =
-      negative_slope.has_value() ? mask.view({batch, n_times, c_out, pixels}) : at::Tensor();
-  at::Tensor grad_x, grad_mixing;
-  if (output_mask[0]) grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (output_mask[1]) grad_mixing = at::zeros_like(mixing, at::MemoryFormat::Contiguous);
+  const ScalarType acc = mixing.scalar_type();
+  Tensor grad_x, grad_mixing;
+  if (output_mask[0]) grad_x = empty(shape_of(x), x.scalar_type(), x.device());
+  if (output_mask[1]) grad_mixing = zeros(shape_of(mixing), acc, x.device());
   if (x.numel() == 0 || grad_y.numel() == 0) {
-    if (output_mask[0]) grad_x.zero_();
+    if (output_mask[0]) torch::stable::zero_(grad_x);
     return {grad_x, grad_mixing};
   }
-  const at::Tensor dx4 = output_mask[0] ? grad_x.view({batch, n_times, c_in, pixels}) : at::Tensor();
+  const SpectralBasis basis(n_times, modes, acc, x.device(), kernels);
+  Tensor x_owner, grad_owner;
+  const View4 x4 = activations(x, x_owner), grad4 = activations(grad_y, grad_owner);
+  const bool* mask4 = negative_slope.has_value() ? mask.const_data_ptr<bool>() : nullptr;
+  const View4 dx4 = output_mask[0] ? dense4(grad_x, n_times, c_in, pixels) : View4{};
   const std::vector<BinGroup> groups = bin_groups(n_times, modes);
   const Chunks chunks(batch, pixels, rank * std::max(c_in, c_out), kernels.chunk_elements);
-  const at::Tensor dv_store = chunks.scratch(rank * c_out, mixing.options());
-  const at::Tensor in_store = chunks.scratch(rank * c_in, mixing.options());
+  const Tensor dv = chunks.scratch(rank * c_out, acc, x.device());
+  const Tensor scratch = chunks.scratch(rank * c_in, acc, x.device());
+  std::vector<Tensor> grad_blocks;  // per bin group: the mixing gradient's diagonal blocks so far
+  const int64_t y_batch = n_times * c_out * pixels, x_batch = n_times * c_in * pixels;
   for (int64_t b0 = 0; b0 < batch; b0 += chunks.step) {
-    const int64_t nb = std::min(chunks.step, batch - b0);
+    const int64_t nb = std::min(chunks.step, batch - b0), n = nb * pixels;
     // dv: the adjoint of the expansion applied to dL/d(pre-activation).
-    const at::Tensor dv = chunks.view(dv_store, rank * c_out, nb);
-    kernels.temporal_mix(grad4.narrow(0, b0, nb), mask4.defined() ? mask4.narrow(0, b0, nb) : at::Tensor(),
-                         negative_slope.value_or(1.0), expand.t().unsqueeze(2).expand({rank, n_times, c_out}),
-                         at::Tensor(), dv.view({rank, c_out, nb, pixels}).permute({2, 0, 1, 3}), at::Tensor(),
-                         std::nullopt);
-    const at::Tensor dv2 = dv.view({rank * c_out, nb * pixels});
-    const at::Tensor scratch = chunks.view(in_store, rank * c_in, nb);
+    const View4 grad_chunk = grad4.shifted(b0 * grad4.stride[0]);
+    kernels.temporal_mix({nb, rank, n_times, c_out, pixels, grad_chunk,
+                          mask4 == nullptr ? nullptr : mask4 + b0 * y_batch, negative_slope.value_or(1.0),
+                          basis.expand_transposed(), View4{}, chunks.coordinates(dv, c_out, nb), nullptr,
+                          std::nullopt});
     if (output_mask[1]) {
-      project_into(x4.narrow(0, b0, nb), proj, scratch.view({rank, c_in, nb, pixels}), kernels);
-      const at::Tensor u2 = scratch.view({rank * c_in, nb * pixels});
-      for (const BinGroup& g : groups) {
-        diagonal_blocks(grad_mixing, g, c_out, c_in)
-            .baddbmm_(coordinate_blocks(dv2, g, c_out), coordinate_blocks(u2, g, c_in).transpose(1, 2));
+      kernels.temporal_mix({nb, rank, n_times, c_in, pixels, x4.shifted(b0 * x4.stride[0]), nullptr, 1.0,
+                            basis.project(), View4{}, chunks.coordinates(scratch, c_in, nb), nullptr, std::nullopt});
+      for (size_t k = 0; k < groups.size(); ++k) {
+        const Tensor partial = aten::bmm(coordinate_blocks(dv, n, groups[k], c_out),
+                                         coordinate_blocks(scratch, n, groups[k], c_in, /*transpose=*/true));
+        // 2.13's stable API has no in-place add: total - (-1) partial.
+        if (b0 == 0) grad_blocks.push_back(partial);
+        else grad_blocks[k] = torch::stable::subtract(grad_blocks[k], partial, -1.0);
       }
     }
     if (output_mask[0]) {
-      block_diagonal_mm(scratch.view({rank * c_in, nb * pixels}), mixing, dv2, c_in, c_out, /*transpose=*/true,
-                        groups);
-      kernels.temporal_mix(scratch.view({rank, c_in, nb, pixels}).permute({2, 0, 1, 3}), at::Tensor(), 1.0,
-                           proj.t().unsqueeze(2).expand({n_times, rank, c_in}),
-                           residual ? grad4.narrow(0, b0, nb) : at::Tensor(), dx4.narrow(0, b0, nb),
-                           at::Tensor(), std::nullopt);
+      block_diagonal_mm(scratch, mixing, dv, n, c_in, c_out, /*transpose=*/true, groups);
+      kernels.temporal_mix({nb, n_times, rank, c_in, pixels, chunks.coordinates(scratch, c_in, nb), nullptr, 1.0,
+                            basis.project_transposed(), residual ? grad_chunk : View4{}, dx4.shifted(b0 * x_batch),
+                            nullptr, std::nullopt});
     }
+  }
+  for (size_t k = 0; k < grad_blocks.size(); ++k) {
+    Tensor target = diagonal_blocks(grad_mixing, groups[k], c_out, c_in, false);
+    torch::stable::copy_(target, grad_blocks[k]);
   }
   return {grad_x, grad_mixing};
 }
 
-std::tuple<at::Tensor, at::Tensor> fourier_channel_conv(const at::Tensor& x, const at::Tensor& taps,
-                                                        bool residual,
-                                                        std::optional<double> negative_slope,
-                                                        bool save_mask, c10::DeviceType device_type,
-                                                        const TemporalKernels& kernels) {
+std::tuple<Tensor, Tensor> fourier_channel_conv(const Tensor& x, const Tensor& kernel, bool residual,
+                                                std::optional<double> negative_slope, bool save_mask,
+                                                DeviceType device_type, const TemporalKernels& kernels) {
   const char* op = "fourier_channel_conv";
   check_activations(op, x, device_type);
-  check_operand(op, "taps", taps, x, opmath_of(x.scalar_type()));
-  const int64_t batch = x.size(0), n_times = x.size(1), channels = x.size(2);
-  const int64_t pixels = x.size(3) * x.size(4);
-  TORCH_CHECK(taps.dim() == 2 && taps.size(0) == n_times && taps.size(1) == channels, op,
-              ": taps must have shape (T, C) = (", n_times, ", ", channels, "), got ", taps.sizes());
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor mask = make_mask(save_mask, negative_slope, x.sizes(), x);
+  check_kernel(op, kernel, x);
+  const int64_t batch = x.size(0), n_times = x.size(1), channels = x.size(2), pixels = x.size(3) * x.size(4);
+  const Shape shape = shape_of(x);
+  Tensor y = empty(shape, x.scalar_type(), x.device());
+  Tensor mask = make_mask(save_mask, negative_slope, shape, x);
   if (y.numel() > 0) {
-    const std::array<int64_t, 4> shape4{batch, n_times, channels, pixels};
-    const at::Tensor x4 = x.reshape(shape4);
-    const at::Tensor circulant = taps.index_select(0, circulant_index(n_times, x.device()))
-                                     .view({n_times, n_times, channels});
-    kernels.temporal_mix(x4, at::Tensor(), 1.0, circulant, residual ? x4 : at::Tensor(), y.view(shape4),
-                         mask.numel() > 0 ? mask.view(shape4) : at::Tensor(), negative_slope);
+    Tensor x_owner;
+    const View4 x4 = activations(x, x_owner);
+    kernels.temporal_mix({batch, n_times, n_times, channels, pixels, x4, nullptr, 1.0,
+                          strided<3>(kernel, {kernel.stride(0), kernel.stride(1), kernel.stride(2)}),
+                          residual ? x4 : View4{}, dense4(y, n_times, channels, pixels), mask_data(mask),
+                          negative_slope});
   }
   return {y, mask};
 }
 
-std::tuple<at::Tensor, at::Tensor> fourier_channel_conv_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& taps, const at::Tensor& mask,
-    bool residual, std::optional<double> negative_slope, std::array<bool, 2> output_mask,
-    c10::DeviceType device_type, const TemporalKernels& kernels) {
+std::tuple<Tensor, Tensor> fourier_channel_conv_backward(const Tensor& grad_y, const Tensor& x,
+                                                         const Tensor& kernel, const Tensor& mask, bool residual,
+                                                         std::optional<double> negative_slope,
+                                                         const std::vector<bool>& output_mask,
+                                                         DeviceType device_type, const TemporalKernels& kernels) {
   const char* op = "fourier_channel_conv_backward";
   check_activations(op, x, device_type);
-  const at::ScalarType opmath = opmath_of(x.scalar_type());
-  check_operand(op, "taps", taps, x, opmath);
-  const int64_t batch = x.size(0), n_times = x.size(1), channels = x.size(2);
-  const int64_t pixels = x.size(3) * x.size(4);
-  TORCH_CHECK(taps.dim() == 2 && taps.size(0) == n_times && taps.size(1) == channels, op,
-              ": taps must have shape (T, C), got ", taps.sizes());
-  check_grad_and_mask(op, grad_y, mask, x, x.sizes(), negative_slope);
-
-  const std::array<int64_t, 4> shape4{batch, n_times, channels, pixels};
-  const at::Tensor grad4 = grad_y.reshape(shape4);
-  const at::Tensor act_mask = negative_slope.has_value() ? mask.view(shape4) : at::Tensor();
-  at::Tensor grad_x, grad_taps;
+  check_output_mask(op, output_mask);
+  check_kernel(op, kernel, x);
+  const int64_t batch = x.size(0), n_times = x.size(1), channels = x.size(2), pixels = x.size(3) * x.size(4);
+  const Shape shape = shape_of(x);
+  check_grad_and_mask(op, grad_y, mask, x, shape, negative_slope);
+  const ScalarType acc = kernel.scalar_type();
+  Tensor grad_owner;
+  const View4 grad4 = activations(grad_y, grad_owner);
+  const bool* act_mask = negative_slope.has_value() ? mask.const_data_ptr<bool>() : nullptr;
+  Tensor grad_x, grad_kernel;
   if (output_mask[0]) {
-    // The transpose of the circular convolution, applied to dL/d(pre-activation).
-    const at::Tensor circulant = taps.index_select(0, circulant_index(n_times, x.device()))
-                                     .view({n_times, n_times, channels});
-    grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    // The transpose of the per-channel mix, applied to dL/d(pre-activation).
+    grad_x = empty(shape, x.scalar_type(), x.device());
     if (grad_x.numel() > 0) {
-      kernels.temporal_mix(grad4, act_mask, negative_slope.value_or(1.0), circulant.transpose(0, 1),
-                           residual ? grad4 : at::Tensor(), grad_x.view(shape4), at::Tensor(),
-                           std::nullopt);
+      kernels.temporal_mix({batch, n_times, n_times, channels, pixels, grad4, act_mask, negative_slope.value_or(1.0),
+                            strided<3>(kernel, {kernel.stride(1), kernel.stride(0), kernel.stride(2)}),
+                            residual ? grad4 : View4{}, dense4(grad_x, n_times, channels, pixels), nullptr,
+                            std::nullopt});
     }
   }
   if (output_mask[1]) {
-    // dz as (C, T, B, P); G[c, t, tau] = sum_{b, p} dz[b, t, c, p] x[b, tau, c, p];
-    // grad_taps[d, c] = sum_t G[c, t, (t - d) mod T].
-    at::Tensor dz = at::empty({channels, n_times, batch, pixels}, x.options().dtype(opmath));
-    if (dz.numel() > 0) kernels.epilogue_backward(grad4, act_mask, dz.permute({2, 1, 0, 3}), negative_slope);
-    const at::Tensor x_cols = dense_copy(x.reshape(shape4).permute({2, 1, 0, 3}), opmath)
-                                  .view({channels, n_times, batch * pixels});
-    const at::Tensor gram = at::bmm(dz.view({channels, n_times, batch * pixels}), x_cols.transpose(1, 2));
-    grad_taps = gram.view({channels, n_times * n_times})
-                    .index_select(1, diagonal_index(n_times, x.device()))
-                    .view({channels, n_times, n_times})
-                    .sum(2)
-                    .t()
-                    .contiguous();
+    // dz and x as (C, T, B P); G[c, t, s] = sum_{b, p} dz[b, t, c, p] x[b, s, c, p]; grad_kernel = G as (T, T, C).
+    const int64_t n = batch * pixels;
+    Tensor dz = empty({channels, n_times, batch, pixels}, acc, x.device());
+    Tensor x_cols = empty({channels, n_times, batch, x.size(3), x.size(4)}, acc, x.device());
+    if (dz.numel() > 0) {
+      kernels.epilogue_backward({batch, n_times, channels, pixels, grad4, act_mask,
+                                 strided<4>(dz, {pixels, batch * pixels, n_times * batch * pixels, 1}),
+                                 negative_slope});
+      torch::stable::copy_(x_cols, aten::permute(x, {2, 1, 0, 3, 4}));
+    }
+    const Tensor gram = aten::bmm(view_of(dz, 0, {channels, n_times, n}, {n_times * n, n, 1}),
+                                  view_of(x_cols, 0, {channels, n, n_times}, {n_times * n, 1, n}));
+    grad_kernel = torch::stable::contiguous(aten::permute(gram, {1, 2, 0}));
   }
-  return {grad_x, grad_taps};
+  return {grad_x, grad_kernel};
 }
 
 }  // namespace adjointdeis

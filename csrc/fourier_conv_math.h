@@ -1,4 +1,4 @@
-// Per-element math of the DSNO temporal Fourier convolution (MATH.md section 7), shared by
+// Per-element math of the DSNO temporal Fourier convolution (docs/math.md section 7), shared by
 // the CPU and CUDA kernels. The layer's pre-activation z (the expansion of the mixed bin
 // coordinates, or the channel-wise circular convolution) is finished by the epilogue
 //
@@ -8,7 +8,10 @@
 // torch.nn.functional.leaky_relu: the slope s applies where z <= 0, the identity where z > 0.
 #pragma once
 
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
 
 namespace adjointdeis {
 
@@ -31,5 +34,25 @@ C10_HOST_DEVICE inline T temporal_epilogue_grad(T grad_y, bool negative, T slope
 
 // Largest number of trajectory points the kernels support (per-column arrays of this size).
 constexpr int kMaxTimes = 32;
+
+// Number of real coordinates of `modes` bins of a length-T real signal: min(2 modes - 1, T).
+C10_HOST_DEVICE inline int64_t spectral_rank(int64_t n_times, int64_t modes) {
+  return 2 * modes - 1 < n_times ? 2 * modes - 1 : n_times;
+}
+
+// Entry (j, t) of the projection P (r, T) onto the kept bins' coordinates and of the expansion
+// weights W (r, T), E = W^T: coordinate j is the real part (j = 0 or odd) or the imaginary part (even
+// j > 0) of bin k = (j + 1) / 2, P[j, t] = cos(2 pi k t / T) or -sin(2 pi k t / T), and
+// W[j, t] = c_k P[j, t] / T with c_k = 1 for the DC and Nyquist bins, 2 otherwise. Computed in
+// double, the angle reduced modulo T.
+template <typename T>
+C10_HOST_DEVICE inline void spectral_basis_entry(int64_t j, int64_t t, int64_t n_times, T& proj, T& weight) {
+  const int64_t k = (j + 1) / 2;
+  const double theta = 6.283185307179586476925 * static_cast<double>((k * t) % n_times) / static_cast<double>(n_times);
+  const double p = (j > 0 && j % 2 == 0) ? -sin(theta) : cos(theta);
+  const double c = (k == 0 || 2 * k == n_times ? 1.0 : 2.0) / static_cast<double>(n_times);
+  proj = T(p);
+  weight = T(c * p);
+}
 
 }  // namespace adjointdeis

@@ -2,8 +2,6 @@
 // shared by the CPU and CUDA backends.
 #pragma once
 
-#include <ATen/ATen.h>
-
 #include <vector>
 
 #include "operands.h"
@@ -14,14 +12,14 @@ namespace adjointdeis {
 // Operands of one call after validation. accumulators are the caller's tensors (updated in
 // place); updates are contiguous (copies where the caller's were not).
 struct AxpyOperands {
-  std::vector<at::Tensor> accumulators;
-  std::vector<at::Tensor> updates;
-  at::Tensor scale;  // one float64 element on the accumulators' device
-  at::ScalarType accumulator_dtype = at::kFloat;
-  at::ScalarType update_dtype = at::kFloat;
+  std::vector<Tensor> accumulators;
+  std::vector<Tensor> updates;
+  Tensor scale;  // one float64 element on the accumulators' device
+  ScalarType accumulator_dtype = ScalarType::Float;
+  ScalarType update_dtype = ScalarType::Float;
 };
 
-AxpyOperands prepare_multi_tensor_axpy(at::TensorList accumulators, at::TensorList updates,
-                                       const at::Tensor& scale, c10::DeviceType device_type);
+AxpyOperands prepare_multi_tensor_axpy(const std::vector<Tensor>& accumulators, const std::vector<Tensor>& updates,
+                                       const Tensor& scale, DeviceType device_type);
 
 }  // namespace adjointdeis

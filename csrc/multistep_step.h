@@ -1,47 +1,43 @@
 // Host-side contract of the fused multistep step, shared by the CPU and CUDA backends.
 #pragma once
 
-#include <ATen/ATen.h>
-
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "operands.h"
 #include "step_math.h"
 
 namespace adjointdeis {
 
-// Operands of one step after validation: every input expanded to the common shape and
-// contiguous, outputs allocated. Unused history / noise slots hold undefined tensors.
+// Operands of one step after validation: every input broadcast to the common shape and
+// contiguous, the outputs allocated (m0 empty when it is not saved).
 struct StepOperands {
-  at::Tensor x, out, m1, m2, noise, coeffs;
-  at::Tensor x_next, m0;
-  int num_history = 0;
+  Tensor x, out, noise, coeffs;
+  std::vector<Tensor> history;
+  Tensor x_next, m0;
   bool has_noise = false;
+  bool save_m0 = true;
 };
 
-StepOperands prepare_multistep_step(const at::Tensor& x, const at::Tensor& out,
-                                    at::TensorList history, const at::Tensor& coeffs,
-                                    const std::optional<at::Tensor>& noise,
-                                    c10::DeviceType device_type);
+StepOperands prepare_multistep_step(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
+                                    const Tensor& coeffs, const std::optional<Tensor>& noise, bool save_m0,
+                                    DeviceType device_type);
 
-// Calls f(std::integral_constant<int, NumHistory>, std::bool_constant<HasNoise>) for the
-// runtime variant of the step, so each backend instantiates branch-free loops.
+// Calls f(std::integral_constant<int, NumHistory>, std::bool_constant<HasNoise>,
+// std::bool_constant<SaveM0>) for the runtime variant of the step, so each backend instantiates
+// branch-free loops.
 template <typename F>
-void dispatch_step_variant(int num_history, bool has_noise, F&& f) {
-  auto with_noise = [&](auto nh) {
-    if (has_noise) f(nh, std::true_type{});
-    else f(nh, std::false_type{});
+void dispatch_step_variant(size_t num_history, bool has_noise, bool save_m0, F&& f) {
+  auto with_flags = [&](auto nh) {
+    dispatch_bool(has_noise, [&](auto noisy) { dispatch_bool(save_m0, [&](auto save) { f(nh, noisy, save); }); });
   };
   switch (num_history) {
-    case 0: with_noise(std::integral_constant<int, 0>{}); break;
-    case 1: with_noise(std::integral_constant<int, 1>{}); break;
-    default: with_noise(std::integral_constant<int, 2>{}); break;
+    case 0: with_flags(std::integral_constant<int, 0>{}); break;
+    case 1: with_flags(std::integral_constant<int, 1>{}); break;
+    case 2: with_flags(std::integral_constant<int, 2>{}); break;
+    default: with_flags(std::integral_constant<int, 3>{}); break;
   }
 }
-
-// Records what the CUDA part of the build was compiled with (called by the CUDA
-// translation unit at load time; a CPU-only build never calls it).
-void register_cuda_build(int64_t cuda_version, const char* arch_list);
 
 }  // namespace adjointdeis

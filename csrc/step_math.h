@@ -1,10 +1,13 @@
-// Per-element math of the fused ops (multistep step, consistency-trajectory step, discrete
-// adjoint step, scaled accumulation), shared by the CPU and CUDA kernels.
+// Per-element math of the fused ops (multistep step, discrete adjoint step, scaled accumulation),
+// shared by the CPU and CUDA kernels.
 //
-// One solver step of every supported sampler has the form (MATH.md section 4)
+// One solver step of every supported sampler has the form (docs/math.md section 4)
 //
 //   m0     = p * x + q * out                                   (model output converted)
-//   x_next = a * x + b0 * m0 + b1 * m1 + b2 * m2 + c * noise
+//   x_next = a * x + b0 * m0 + b1 * m1 + b2 * m2 + b3 * m3 + c * noise
+//
+// A consistency-trajectory (gamma) step (docs/math.md section 8), x_next = a x + b g + c noise, is the
+// row [a, b, 0, 0, c, 0, 1] with out = g and no history.
 //
 // with scalars precomputed on the host. The functions take the accumulation type (float,
 // or double for float64 data) and are called per element by the CPU loops (which the
@@ -12,67 +15,46 @@
 // is written once.
 #pragma once
 
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
 
 namespace adjointdeis {
 
-// Layout of one row of the coefficient table: [a, b0, b1, b2, c, p, q].
-enum StepCoeff : int { kA = 0, kB0, kB1, kB2, kC, kP, kQ, kNumStepCoeffs };
+// Layout of one row of the coefficient table: [a, b0, b1, b2, c, p, q], then b3 for a step that
+// reads three previous outputs (rows of 7 entries serve every step with at most two).
+enum StepCoeff : int { kA = 0, kB0, kB1, kB2, kC, kP, kQ, kB3, kNumStepCoeffs };
 
-// Maximum number of previous converted outputs a step reads (3M / DEIS-3).
-constexpr int kMaxHistory = 2;
+// Maximum number of previous converted outputs a step reads (LMS / iPNDM of order 4).
+constexpr int kMaxHistory = 3;
+
+// Entries of a row for a step reading num_history previous outputs.
+constexpr int step_coeff_count(int num_history) { return num_history >= 3 ? kNumStepCoeffs : kB3; }
 
 template <typename T>
 struct StepCoeffs {
-  T a, b0, b1, b2, c, p, q;
+  T a, b0, b1, b2, b3, c, p, q;
 
-  template <typename Scalar>
+  template <int NumHistory, typename Scalar>
   C10_HOST_DEVICE static StepCoeffs load(const Scalar* row) {
-    return {T(row[kA]), T(row[kB0]), T(row[kB1]), T(row[kB2]),
+    return {T(row[kA]), T(row[kB0]), T(row[kB1]), T(row[kB2]), NumHistory >= 3 ? T(row[kB3]) : T(0),
             T(row[kC]), T(row[kP]),  T(row[kQ])};
   }
 };
 
-// One element of the step. `NumHistory` previous outputs and an optional noise term
-// are compile-time switches so the inner loops carry no branches.
+// One element of the step; m holds the NumHistory previous outputs m1, m2, m3. The number of
+// history terms and the noise term are compile-time switches so the inner loops carry no branches.
 template <int NumHistory, bool HasNoise, typename T>
-C10_HOST_DEVICE inline void multistep_step_element(
-    const StepCoeffs<T>& k, T x, T out, T m1, T m2, T noise, T& x_next, T& m0) {
+C10_HOST_DEVICE inline void multistep_step_element(const StepCoeffs<T>& k, T x, T out, const T* m, T noise,
+                                                   T& x_next, T& m0) {
   m0 = k.p * x + k.q * out;
   T acc = k.a * x + k.b0 * m0;
-  if constexpr (NumHistory >= 1) acc = acc + k.b1 * m1;
-  if constexpr (NumHistory >= 2) acc = acc + k.b2 * m2;
+  if constexpr (NumHistory >= 1) acc = acc + k.b1 * m[0];
+  if constexpr (NumHistory >= 2) acc = acc + k.b2 * m[1];
+  if constexpr (NumHistory >= 3) acc = acc + k.b3 * m[2];
   if constexpr (HasNoise) acc = acc + k.c * noise;
   x_next = acc;
 }
 
-// Layout of the coefficients of one consistency-trajectory step (MATH.md section 8): [a, b, c].
-enum CtmCoeff : int { kCtmA = 0, kCtmB, kCtmC, kNumCtmCoeffs };
-
-template <typename T>
-struct CtmCoeffs {
-  T a, b, c;
-
-  template <typename Scalar>
-  C10_HOST_DEVICE static CtmCoeffs load(const Scalar* row) {
-    return {T(row[kCtmA]), T(row[kCtmB]), T(row[kCtmC])};
-  }
-};
-
-// One element of a consistency-trajectory (gamma) step: the jump of a two-time model in
-// CTM's parameterisation, G(x, t, u) = a x + b g, followed by fresh noise scaled by c:
-//
-//   x_next = a * x + b * g + c * noise
-//
-// The noise term is a compile-time switch (the last step draws none).
-template <bool HasNoise, typename T>
-C10_HOST_DEVICE inline T ctm_step_element(const CtmCoeffs<T>& k, T x, T g, T noise) {
-  T acc = k.a * x + k.b * g;
-  if constexpr (HasNoise) acc = acc + k.c * noise;
-  return acc;
-}
-
-// Layout of the coefficients of row j of the exact discrete adjoint (MATH.md section 5.1):
+// Layout of the coefficients of row j of the exact discrete adjoint (docs/math.md section 5.1):
 // [a_j, p_j, b1_j, b2_j, b0_{j-1}, q_{j-1}].
 enum AdjointCoeff : int { kAdjA = 0, kAdjP, kAdjB1, kAdjB2, kAdjB0Prev, kAdjQPrev, kNumAdjointCoeffs };
 

@@ -1,6 +1,9 @@
-"""Loading the compiled extension, and the command line that reports what was built."""
+"""Loading the compiled extension (the LibTorch stable ABI, abi3), and the command line that reports what
+was built."""
 
 import json
+import pathlib
+import struct
 import subprocess
 import sys
 
@@ -11,21 +14,61 @@ import adjointdeis
 from adjointdeis import _extension, ops
 
 
-def test_build_info_matches_the_running_torch():
+def test_build_info_matches_the_binary():
     info = _extension.build_info()
-    assert info["torch"] == torch.__version__
+    assert info["torch_target"] == "2.13"
+    assert _extension._release(torch.__version__)[:2] >= (2, 13)
     assert info["cuda_kernels"] == (ops.cuda_version() >= 0)
     if info["cuda_kernels"]:
         wanted = {a.replace(".", "").replace("+PTX", "") + "0" for a in info["cuda_arch_list"].split(";")}
         assert set(ops.cuda_arch_list().split(",")) == wanted
+    else:
+        assert ops.cuda_arch_list() == ""
 
 
-def test_import_error_names_the_torch_it_was_built_for(tmp_path, monkeypatch):
-    stale = tmp_path / "_build_info.json"
-    stale.write_text(json.dumps({"torch": "1.13.0", "cuda_kernels": False}))
-    monkeypatch.setattr(_extension, "_BUILD_INFO", stale)
-    with pytest.raises(ImportError, match=r"built for torch 1\.13\.0.*rebuild"):
+def undefined_dynamic_symbols(path):
+    """Names of the undefined symbols in an ELF64 shared object's .dynsym (what it imports)."""
+    data = pathlib.Path(path).read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2, "not an ELF64 file"
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + k * shentsize) for k in range(shnum)]
+    dynsym = next(sec for sec in sections if sec[1] == 11)  # SHT_DYNSYM
+    strtab = sections[dynsym[6]]
+    names = []
+    for offset in range(dynsym[4], dynsym[4] + dynsym[5], 24):
+        name, _, _, shndx = struct.unpack_from("<IBBH", data, offset)
+        if shndx == 0 and name:
+            start = strtab[4] + name
+            names.append(data[start:data.index(b"\0", start)].decode())
+    return names
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the ELF symbol table of a Linux build")
+def test_binary_uses_only_the_stable_c_shim_and_the_limited_api():
+    """_C imports libtorch only through C functions of its stable shim (no C++ symbol of at::, c10:: or
+    torch::, which tie a binary to one torch) and is an abi3 module."""
+    path = adjointdeis._C.__file__
+    assert path.endswith(".abi3.so")
+    imported = undefined_dynamic_symbols(path)
+    assert "torch_call_dispatcher" in imported and "aoti_torch_get_sizes" in imported
+    cxx_torch = [name for name in imported if name.startswith(("_ZN2at", "_ZN3c10", "_ZN5torch", "_ZNK2at",
+                                                              "_ZNK3c10", "_ZNK5torch"))]
+    assert cxx_torch == []
+    python = [name for name in imported if name.startswith(("Py", "_Py"))]
+    assert python == ["PyModule_Create2"]
+
+
+def test_import_error_names_both_versions_for_a_torch_older_than_the_target(monkeypatch):
+    monkeypatch.setattr(_extension.torch, "__version__", "2.12.1+cpu")
+    with pytest.raises(ImportError, match=r"needs torch >= 2\.13 .*torch 2\.12\.1\+cpu is installed"):
         _extension.load()
+
+
+@pytest.mark.parametrize("version", ["2.13.0", "2.14.1+cu130", "2.15.0.dev20261001", "3.0.0"])
+def test_newer_torches_load(monkeypatch, version):
+    monkeypatch.setattr(_extension.torch, "__version__", version)
+    assert _extension.load() is adjointdeis._C
 
 
 def test_import_error_says_how_to_build(tmp_path, monkeypatch):
@@ -45,7 +88,11 @@ def test_cli_info():
     result = run_cli("info")
     assert result.returncode == 0, result.stderr
     assert f"adjointdeis {adjointdeis.__version__}" in result.stdout
-    assert f"_C built against torch {torch.__version__}" in result.stdout
+    info = _extension.build_info()
+    assert (f"_C: LibTorch stable ABI for torch >= 2.13, built with torch {info['built_with_torch']}"
+            in result.stdout)
+    kernels = "CUDA kernels: compiled with CUDA" if info["cuda_kernels"] else "CUDA kernels: not compiled"
+    assert kernels in result.stdout
 
 
 def test_cli_accuracy_reports_converging_errors():

@@ -1,6 +1,7 @@
-"""DSNO's temporal Fourier convolution (ops.fourier_temporal_conv and its channel-wise variant, the
-kernel synthesis, FourierTemporalConv) against the literal rfft / einsum / irfft reference, computed
-on the CPU in float64."""
+"""DSNO's temporal Fourier convolution (ops.fourier_temporal_conv and its channel-wise variant, the ops
+fourier_spectral_conv and fourier_channel_conv behind them, the weight synthesis, FourierTemporalConv)
+against the literal rfft / einsum / irfft reference and the dense block-circulant matrix, computed on
+the CPU in float64."""
 
 import pytest
 import torch
@@ -40,6 +41,12 @@ def make_weight(shape, seed=1, device="cpu", dtype=torch.complex64):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g, dtype=torch.complex128) / shape[1] ** 0.5
     return w.to(device=device, dtype=dtype)
+
+
+def circulant(taps):
+    """(T, T, C) kernel[t, s] = taps[(t - s) mod T] of the channel-wise layer."""
+    t = torch.arange(taps.shape[0], device=taps.device)
+    return taps[(t[:, None] - t[None, :]) % taps.shape[0]]
 
 
 def float64_reference(fn, x, weight, modes, residual, slope):
@@ -115,19 +122,19 @@ def test_reference_is_the_plain_fft_layer():
 
 @pytest.mark.parametrize("n_times", [2, 3, 4, 7, 8, 13, 32])
 def test_synthesis_identity(n_times):
-    """The synthesised block-circulant matrix applied as a 1x1 convolution is the layer, and the op's
-    matrix equals the reference's."""
+    """The dense block-circulant matrix applied as a 1x1 convolution is the layer, and the taps of the
+    op's synthesis equal the reference's."""
     for modes in sorted({1, n_times // 2, n_times // 2 + 1} - {0}):
         weight = make_weight((modes + 1, 3, 4), dtype=torch.complex128)
-        kernel = ops.fourier_kernel_synthesis(weight, n_times, modes)
+        kernel = reference.fourier_kernel_synthesis(weight, n_times, modes)
         assert kernel.shape == (n_times * 4, n_times * 3) and kernel.dtype == torch.float64
-        assert_close(kernel, reference.fourier_kernel_synthesis(weight, n_times, modes), rtol=1e-13, atol=1e-13)
         x = make_x((2, n_times, 3, 3, 2))
         layer = (kernel @ x.reshape(2, n_times * 3, 6)).view(2, n_times, 4, 3, 2)
         assert_close(layer, reference.fourier_temporal_conv(x, weight, modes, False, None), rtol=1e-12, atol=1e-12)
         taps = ops.fourier_tap_synthesis(weight[:, 0], n_times, modes)
         assert_close(taps, reference.fourier_tap_synthesis(weight[:, 0], n_times, modes), rtol=1e-13, atol=1e-13)
-    assert ops.fourier_kernel_synthesis(weight.to(torch.complex64), n_times, modes).dtype == torch.float32
+        assert taps.dtype == torch.float64
+    assert ops.fourier_tap_synthesis(weight[:, 0].to(torch.complex64), n_times, modes).dtype == torch.float32
 
 
 @pytest.mark.parametrize("n_times", [4, 5, 8])
@@ -170,8 +177,7 @@ def test_gradcheck(n_times, modes, residual, slope):
 def test_synthesis_gradcheck_and_gradgradcheck(n_times, modes):
     weight = make_weight((modes + 1, 2, 3), dtype=torch.complex128).requires_grad_()
     taps_weight = weight[:, 0].detach().requires_grad_()
-    for fn, w in ((ops.fourier_kernel_synthesis, weight), (ops.fourier_mode_mixing, weight),
-                  (ops.fourier_tap_synthesis, taps_weight)):
+    for fn, w in ((ops.fourier_mode_mixing, weight), (ops.fourier_tap_synthesis, taps_weight)):
         assert torch.autograd.gradcheck(lambda w: fn(w, n_times, modes), (w,))
         assert torch.autograd.gradgradcheck(lambda w: fn(w, n_times, modes), (w,))
 
@@ -224,9 +230,9 @@ def test_internal_ops_match_their_twins(device, dtype):
     x = make_x((2, 4, 3, 2, 5), dtype, device, layout="sliced")
     grad = make_x((2, 4, 3, 2, 5), dtype, device, seed=3)
     mixing = ops.fourier_mode_mixing(make_weight((2, 3, 3), device=device), 4, 2).to(opmath)
-    taps = ops.fourier_tap_synthesis(make_weight((3, 3), device=device), 4, 3).to(opmath)
+    kernel = circulant(ops.fourier_tap_synthesis(make_weight((3, 3), device=device), 4, 3)).to(opmath)
     tol = REFERENCE_TOL[dtype]
-    for name, weight, extra in (("fourier_spectral_conv", mixing, (2,)), ("fourier_channel_conv", taps, ())):
+    for name, weight, extra in (("fourier_spectral_conv", mixing, (2,)), ("fourier_channel_conv", kernel, ())):
         for residual, slope in ((True, 0.01), (False, None)):
             y, mask = getattr(torch.ops.adjointdeis, name)(x, weight, *extra, residual, slope, True)
             want_y, want_mask = getattr(reference, name)(x, weight, *extra, residual, slope, True)
@@ -260,7 +266,18 @@ def test_mode_mixing_factors_the_block_circulant_kernel(n_times):
         proj, expand = reference.spectral_basis(n_times, modes)
         factored = torch.einsum("tj,joli,ls->tosi", expand, mixing.view(rank, 2, rank, 3), proj)
         factored = factored.reshape(n_times * 2, n_times * 3)
-        assert_close(factored, ops.fourier_kernel_synthesis(weight, n_times, modes), rtol=1e-12, atol=1e-12)
+        assert_close(factored, reference.fourier_kernel_synthesis(weight, n_times, modes), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("residual,slope", [(True, 0.01), (False, None)])
+def test_opcheck(device, residual, slope):
+    """Schema, fake (meta) kernel, autograd registration and dispatch of both ops."""
+    x = make_x((2, 4, 3, 2, 3), torch.float32, device, layout="sliced").requires_grad_()
+    mixing = ops.fourier_mode_mixing(make_weight((2, 3, 3), device=device), 4, 2).detach().requires_grad_()
+    kernel = circulant(ops.fourier_tap_synthesis(make_weight((3, 3), device=device), 4, 3)).detach().requires_grad_()
+    torch.library.opcheck(torch.ops.adjointdeis.fourier_spectral_conv.default, (x, mixing, 2, residual, slope, True))
+    torch.library.opcheck(torch.ops.adjointdeis.fourier_channel_conv.default, (x, kernel, residual, slope, True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -368,12 +385,14 @@ def test_bad_input_compiled_ops_name_the_argument():
         lib.fourier_spectral_conv(x, torch.zeros(6, 9), 2, True, 0.01, False)
     with pytest.raises(RuntimeError, match="modes must be in"):
         lib.fourier_spectral_conv(x, torch.zeros(9, 9), 4, True, 0.01, False)
-    with pytest.raises(RuntimeError, match=r"taps must have shape \(T, C\)"):
-        lib.fourier_channel_conv(x, torch.zeros(3, 3), True, 0.01, False)
-    with pytest.raises(RuntimeError, match="modes must be in"):
-        lib.fourier_kernel_synthesis(torch.zeros(5, 3, 3, dtype=torch.complex64), 4, 4)
-    with pytest.raises(RuntimeError, match="n_times must be in"):
-        lib.fourier_kernel_synthesis(torch.zeros(5, 3, 3, dtype=torch.complex64), 33, 2)
+    with pytest.raises(RuntimeError, match=r"kernel must have shape \(T, T, C\) = \(4, 4, 3\)"):
+        lib.fourier_channel_conv(x, torch.zeros(4, 3), True, 0.01, False)
+    with pytest.raises(RuntimeError, match="kernel must be Float for x of dtype Float, got Double"):
+        lib.fourier_channel_conv(x, torch.zeros(4, 4, 3, dtype=torch.float64), True, 0.01, False)
+    with pytest.raises(ValueError, match="modes must be in"):
+        ops.fourier_mode_mixing(torch.zeros(5, 3, 3, dtype=torch.complex64), 4, 4)
+    with pytest.raises(ValueError, match="n_times must be in"):
+        ops.fourier_tap_synthesis(torch.zeros(5, 3, dtype=torch.complex64), 33, 2)
     with pytest.raises(RuntimeError, match="mask must be a contiguous tensor"):
         lib.fourier_spectral_conv_backward(x, x, torch.zeros(9, 9), torch.zeros(0, dtype=torch.bool), 2, True,
                                            0.01, [True, True])

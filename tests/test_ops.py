@@ -1,4 +1,5 @@
-"""The fused step op against its pure-PyTorch reference: dtypes, shapes, layouts, autograd, compile."""
+"""The fused step op against its pure-PyTorch reference: dtypes, shapes, layouts, autograd, compile;
+up to three history terms, with and without m0, and the consistency-trajectory row folded into it."""
 
 import pytest
 import torch
@@ -17,14 +18,17 @@ def make_case(shape, dtype, device, num_history, noisy, seed=0):
         return torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     x, out = rand(*shape), rand(*shape)
     history = [rand(*shape) for _ in range(num_history)]
-    coeffs = torch.randn(7, generator=g, dtype=torch.float64).to(device)
+    coeffs = torch.randn(8 if num_history == 3 else 7, generator=g, dtype=torch.float64).to(device)
     noise = rand(*shape) if noisy else None
     return x, out, history, coeffs, noise
 
 
-def assert_matches_reference(x, out, history, coeffs, noise):
-    got = ops.multistep_step(x, out, history, coeffs, noise)
-    want = reference.multistep_step(x, out, history, coeffs, noise)
+def assert_matches_reference(x, out, history, coeffs, noise, save_m0=True):
+    got = ops.multistep_step(x, out, history, coeffs, noise, save_m0)
+    want = reference.multistep_step(x, out, history, coeffs, noise, save_m0)
+    if not save_m0:
+        assert got[1].shape == (0,) and got[1].dtype == x.dtype
+        got, want = got[:1], want[:1]
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.dtype == w.dtype and g.is_contiguous()
         assert_close(g, w, **KERNEL_TOL[x.dtype])
@@ -34,9 +38,11 @@ def assert_matches_reference(x, out, history, coeffs, noise):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("num_history,noisy", [(0, False), (1, False), (2, False), (1, True), (2, True)])
-def test_matches_reference(device, dtype, shape, num_history, noisy):
-    assert_matches_reference(*make_case(shape, dtype, device, num_history, noisy))
+@pytest.mark.parametrize("num_history,noisy", [(0, False), (1, False), (2, False), (3, False), (1, True), (2, True),
+                                               (3, True)])
+@pytest.mark.parametrize("save_m0", [True, False])
+def test_matches_reference(device, dtype, shape, num_history, noisy, save_m0):
+    assert_matches_reference(*make_case(shape, dtype, device, num_history, noisy), save_m0=save_m0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -50,6 +56,46 @@ def test_matches_float64_formula(dtype):
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     assert_close(m0.double(), want_m0, **tol)
     assert_close(x_next.double(), want_x, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_three_history_terms_match_float64_formula(dtype):
+    x, out, (m1, m2, m3), coeffs, noise = make_case((5, 9), dtype, "cpu", 3, True)
+    a, b0, b1, b2, c, p, q, b3 = coeffs.tolist()
+    x_next, m0 = ops.multistep_step(x, out, [m1, m2, m3], coeffs, noise)
+    d = [t.double() for t in (x, out, m1, m2, m3, noise)]
+    want_m0 = p * d[0] + q * d[1]
+    want_x = a * d[0] + b0 * want_m0 + b1 * d[2] + b2 * d[3] + b3 * d[4] + c * d[5]
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    assert_close(m0.double(), want_m0, **tol)
+    assert_close(x_next.double(), want_x, **tol)
+
+
+def test_eight_entry_rows_serve_fewer_history_terms():
+    x, out, history, coeffs, noise = make_case((4, 6), torch.float64, "cpu", 2, True)
+    wide = torch.cat([coeffs, torch.tensor([123.0], dtype=torch.float64)])  # b3 is not read
+    for got, want in zip(ops.multistep_step(x, out, history, wide, noise), ops.multistep_step(x, out, history, coeffs, noise)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("noisy", [False, True])
+def test_consistency_trajectory_row(dtype, noisy):
+    """The gamma step of a two-time model, x_next = a x + b g + c noise, is the row [a, b, 0, 0, c, 0, 1]."""
+    x, g, _, _, noise = make_case((3, 5, 7), dtype, "cpu", 0, noisy)
+    a, b, c = 0.3, 0.7, 1.9
+    row = torch.tensor([a, b, 0.0, 0.0, c, 0.0, 1.0], dtype=torch.float64)
+    x_next, m0 = ops.multistep_step(x, g, [], row, noise, save_m0=False)
+    want = a * x.double() + b * g.double() + (c * noise.double() if noisy else 0.0)
+    assert m0.numel() == 0 and x_next.dtype == dtype
+    assert_close(x_next.double(), want, **KERNEL_TOL[dtype])
+
+
+def test_noise_coefficient_is_ignored_without_noise():
+    x, out, history, coeffs, _ = make_case((4, 5), torch.float64, "cpu", 1, False)
+    other = coeffs.clone()
+    other[4] = 1e6
+    assert torch.equal(ops.multistep_step(x, out, history, coeffs)[0], ops.multistep_step(x, out, history, other)[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -90,29 +136,32 @@ def test_outputs_are_fresh_tensors():
 @given(
     shape=st.lists(st.integers(0, 9), min_size=0, max_size=4),
     dtype=st.sampled_from(DTYPES),
-    num_history=st.integers(0, 2),
+    num_history=st.integers(0, 3),
     noisy=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
     transpose=st.booleans(),
+    save_m0=st.booleans(),
 )
-def test_property_matches_reference(shape, dtype, num_history, noisy, seed, transpose):
+def test_property_matches_reference(shape, dtype, num_history, noisy, seed, transpose, save_m0):
     x, out, history, coeffs, noise = make_case(tuple(shape), dtype, "cpu", num_history, noisy, seed)
     if transpose and len(shape) >= 2:
         x, out = x.transpose(0, -1), out.transpose(0, -1)
         history = [h.transpose(0, -1) for h in history]
         noise = None if noise is None else noise.transpose(0, -1)
-    assert_matches_reference(x, out, history, coeffs, noise)
+    assert_matches_reference(x, out, history, coeffs, noise, save_m0)
 
 
-@pytest.mark.parametrize("num_history,noisy", [(0, False), (1, True), (2, True)])
-def test_gradcheck(num_history, noisy):
+@pytest.mark.parametrize("num_history,noisy,save_m0", [(0, False, True), (1, True, True), (2, True, True),
+                                                       (3, True, True), (0, True, False), (2, False, False)])
+def test_gradcheck(num_history, noisy, save_m0):
     x, out, history, coeffs, noise = make_case((3, 4), torch.float64, "cpu", num_history, noisy)
     out = out[:1]  # broadcast input: its gradient is summed
     tensors = [t.requires_grad_() for t in (x, out, *history)] + ([noise.requires_grad_()] if noisy else [])
 
     def step(x, out, *rest):
         hist, nz = (rest[:-1], rest[-1]) if noisy else (rest, None)
-        return ops.multistep_step(x, out, list(hist), coeffs, nz)
+        x_next, m0 = ops.multistep_step(x, out, list(hist), coeffs, nz, save_m0)
+        return (x_next, m0) if save_m0 else x_next
 
     assert torch.autograd.gradcheck(step, tensors)
     assert torch.autograd.gradgradcheck(step, tensors)
@@ -132,24 +181,25 @@ def test_grad_matches_reference_autograd():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("num_history,noisy", [(0, False), (2, True)])
-def test_opcheck(device, num_history, noisy):
+@pytest.mark.parametrize("num_history,noisy,save_m0", [(0, False, True), (2, True, True), (3, True, True),
+                                                       (0, True, False)])
+def test_opcheck(device, num_history, noisy, save_m0):
     x, out, history, coeffs, noise = make_case((2, 3, 4), torch.float32, device, num_history, noisy)
     for t in (x, out, *history):
         t.requires_grad_()
-    torch.library.opcheck(torch.ops.adjointdeis.multistep_step.default, (x, out, history, coeffs, noise))
+    torch.library.opcheck(torch.ops.adjointdeis.multistep_step.default, (x, out, history, coeffs, noise, save_m0))
 
 
 def test_compile_fullgraph():
     x, out, history, coeffs, noise = make_case((4, 8), torch.float32, "cpu", 2, True)
 
-    def two_steps(x, out, m1, m2, coeffs, noise):
+    def three_steps(x, out, m1, m2, coeffs, noise):
         x1, m0 = ops.multistep_step(x, out, [m1, m2], coeffs, noise)
-        return ops.multistep_step(x1, out * 0.5, [m0, m1], coeffs, None)
+        x2, m00 = ops.multistep_step(x1, out * 0.5, [m0, m1, m2], torch.cat([coeffs, coeffs[:1]]), None)
+        return ops.multistep_step(x2, out * 0.25, [m00], coeffs, noise, save_m0=False)[0]
 
-    compiled = torch.compile(two_steps, fullgraph=True)
-    for got, want in zip(compiled(x, out, *history, coeffs, noise), two_steps(x, out, *history, coeffs, noise)):
-        assert_close(got, want)
+    compiled = torch.compile(three_steps, fullgraph=True)
+    assert_close(compiled(x, out, *history, coeffs, noise), three_steps(x, out, *history, coeffs, noise))
 
 
 @pytest.mark.parametrize(
@@ -157,7 +207,8 @@ def test_compile_fullgraph():
     [
         (lambda c: c.update(out=c["out"].double()), "out has dtype"),
         (lambda c: c.update(out=torch.zeros(2, 5)), "out with shape"),
-        (lambda c: c.update(history=[torch.zeros(3, 4)] * 3), "history holds at most 2"),
+        (lambda c: c.update(history=[torch.zeros(3, 4)] * 4), "history holds at most 3"),
+        (lambda c: c.update(history=[torch.zeros(3, 4)] * 3), "coeffs must have shape [8]"),
         (lambda c: c.update(history=[torch.zeros(3, 4, dtype=torch.float16)]), "history[0] has dtype"),
         (lambda c: c.update(noise=torch.zeros(4, 4)), "noise with shape"),
         (lambda c: c.update(coeffs=c["coeffs"].float()), "coeffs must be float64"),
@@ -176,7 +227,7 @@ def test_bad_input_names_the_argument(impl, mutate, message):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_history,noisy", [(0, False), (1, False), (2, True)])
+@pytest.mark.parametrize("num_history,noisy", [(0, False), (1, False), (2, True), (3, True)])
 def test_cuda_matches_cpu(dtype, num_history, noisy):
     for shape in [(1,), (5,), (4, 4, 64, 64), (3, 7, 11)]:
         cpu = make_case(shape, dtype, "cpu", num_history, noisy)
@@ -187,7 +238,8 @@ def test_cuda_matches_cpu(dtype, num_history, noisy):
 
 
 @pytest.mark.cuda
-def test_cuda_misaligned_and_large():
+@pytest.mark.parametrize("save_m0", [True, False])
+def test_cuda_misaligned_and_large(save_m0):
     x, out, history, coeffs, noise = make_case(((1 << 20) + 3,), torch.float32, "cuda", 2, True)
-    assert_matches_reference(x[1:], out[1:], [h[1:] for h in history], coeffs, noise[1:])
-    assert_matches_reference(x, out, history, coeffs, noise)
+    assert_matches_reference(x[1:], out[1:], [h[1:] for h in history], coeffs, noise[1:], save_m0)
+    assert_matches_reference(x, out, history, coeffs, noise, save_m0)

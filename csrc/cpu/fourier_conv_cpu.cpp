@@ -1,13 +1,8 @@
 // CPU kernels of the DSNO temporal Fourier convolution: the temporal mix (projection onto the kept
-// bins, expansion back to T with the fused activation and residual, the channel-wise circular
-// convolution, and their transposes) and the activation's backward. Rows of P = H * W pixels are
+// bins, expansion back to T with the fused activation and residual, the channel-wise mix, and their
+// transposes), the activation's backward and the spectral basis. Rows of P = H * W pixels are
 // processed in chunks by multiversioned vectorisable loops, parallel over (batch, channel); the GEMMs
-// run in ATen (fourier_conv.cpp).
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+// run in ATen through the dispatcher (fourier_conv.cpp).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -15,7 +10,6 @@
 #include <vector>
 
 #include "../fourier_conv.h"
-#include "../operands.h"
 #include "multiversion.h"
 
 namespace adjointdeis {
@@ -32,12 +26,12 @@ int64_t grain_of(int64_t work_per_item) {
 // tests for NaN with a branch, which keeps the output loops scalar).
 template <typename y_t, typename acc_t>
 inline y_t to_storage(acc_t v) {
-  if constexpr (std::is_same_v<y_t, c10::BFloat16>) {
+  if constexpr (std::is_same_v<y_t, BFloat16>) {
     const float f = static_cast<float>(v);
     uint32_t bits;
     std::memcpy(&bits, &f, sizeof(bits));
     const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+    return BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), BFloat16::from_bits());
   } else {
     return y_t(v);
   }
@@ -104,38 +98,38 @@ ADJOINTDEIS_CPU_LOOP void epilogue_grad_row(const scalar_t* __restrict grad, int
 }
 
 // Offset of element (b, t, c, 0) of a 4-d operand.
-inline int64_t row_offset(const at::Tensor& t, int64_t b, int64_t s, int64_t c) {
-  return b * t.stride(0) + s * t.stride(1) + c * t.stride(2);
+inline int64_t row_offset(const View4& v, int64_t b, int64_t s, int64_t c) {
+  return b * v.stride[0] + s * v.stride[1] + c * v.stride[2];
 }
 
 template <typename src_t, typename y_t, typename acc_t>
-void run_temporal_mix(const at::Tensor& src, const at::Tensor& src_mask, double mask_slope,
-                      const at::Tensor& mix, const at::Tensor& addend, const at::Tensor& y,
-                      const at::Tensor& mask, std::optional<double> negative_slope) {
+void run_temporal_mix(const TemporalMix& call) {
   using OutputTile = void (*)(acc_t*, const y_t*, int64_t, int64_t, y_t*, int64_t, int64_t, bool*, int64_t,
                               acc_t, int64_t, int64_t);
   OutputTile output = nullptr;
-  dispatch_output_stage(addend.defined(), negative_slope.has_value(), mask.defined(),
+  dispatch_output_stage(call.addend.defined(), call.negative_slope.has_value(), call.mask != nullptr,
                         [&](auto add, auto act, auto save) {
     output = &output_tile<y_t, acc_t, decltype(add)::value, decltype(act)::value, decltype(save)::value>;
   });
-  const auto accumulate = src_mask.defined() ? &accumulate_tile<src_t, acc_t, true>
-                                             : &accumulate_tile<src_t, acc_t, false>;
-  const int64_t batch = y.size(0), n_out = y.size(1), channels = y.size(2), pixels = y.size(3);
-  const int64_t n_in = src.size(1);
+  const auto accumulate = call.src_mask != nullptr ? &accumulate_tile<src_t, acc_t, true>
+                                                   : &accumulate_tile<src_t, acc_t, false>;
+  const int64_t batch = call.batch, n_out = call.n_out, channels = call.channels, pixels = call.pixels;
+  const int64_t n_in = call.n_in;
   // Tiles of at most kTile elements: tile_p pixels of tile_c channels.
   const int64_t tile_p = std::min(pixels, kTile), tile_c = std::max<int64_t>(1, kTile / tile_p);
   const int64_t blocks_c = (channels + tile_c - 1) / tile_c, blocks_p = (pixels + tile_p - 1) / tile_p;
-  const src_t* sp = src.const_data_ptr<src_t>();
-  const bool* smp = src_mask.defined() ? src_mask.const_data_ptr<bool>() : nullptr;
-  const acc_t* mp = mix.const_data_ptr<acc_t>();
-  const y_t* ap = addend.defined() ? addend.const_data_ptr<y_t>() : nullptr;
-  y_t* yp = y.mutable_data_ptr<y_t>();
-  bool* op = mask.defined() ? mask.mutable_data_ptr<bool>() : nullptr;
-  const acc_t slope = acc_t(negative_slope.value_or(1.0)), masked = acc_t(mask_slope);
-  const int64_t add_c = addend.defined() ? addend.stride(2) : 0, add_p = addend.defined() ? addend.stride(3) : 0;
+  const View4 &src = call.src, &addend = call.addend, &y = call.y;
+  const View3& mix = call.mix;
+  const src_t* sp = src.ptr<const src_t>();
+  const bool* smp = call.src_mask;
+  const acc_t* mp = mix.ptr<const acc_t>();
+  const y_t* ap = addend.ptr<const y_t>();
+  y_t* yp = y.ptr<y_t>();
+  bool* op = call.mask;
+  const acc_t slope = acc_t(call.negative_slope.value_or(1.0)), masked = acc_t(call.mask_slope);
+  const int64_t add_c = addend.stride[2], add_p = addend.stride[3];
   const int64_t tasks = batch * n_out * blocks_c * blocks_p;
-  at::parallel_for(0, tasks, grain_of(kTile * n_in), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, tasks, grain_of(kTile * n_in), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(static_cast<size_t>(kTile));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pb = task % blocks_p, rest = task / blocks_p;
@@ -146,99 +140,96 @@ void run_temporal_mix(const at::Tensor& src, const at::Tensor& src_mask, double 
       std::fill(acc.begin(), acc.begin() + nc * np, acc_t(0));
       for (int64_t s = 0; s < n_in; ++s) {
         const bool* tile_mask = smp == nullptr ? nullptr : smp + ((b * n_in + s) * channels + c0) * pixels + p0;
-        accumulate(acc.data(), mp + t * mix.stride(0) + s * mix.stride(1) + c0 * mix.stride(2), mix.stride(2),
-                   sp + row_offset(src, b, s, c0) + p0 * src.stride(3), src.stride(2), src.stride(3), tile_mask,
+        accumulate(acc.data(), mp + t * mix.stride[0] + s * mix.stride[1] + c0 * mix.stride[2], mix.stride[2],
+                   sp + row_offset(src, b, s, c0) + p0 * src.stride[3], src.stride[2], src.stride[3], tile_mask,
                    pixels, masked, nc, np);
       }
       output(acc.data(), ap == nullptr ? nullptr : ap + row_offset(addend, b, t, c0) + p0 * add_p, add_c, add_p,
-             yp + row_offset(y, b, t, c0) + p0 * y.stride(3), y.stride(2), y.stride(3),
+             yp + row_offset(y, b, t, c0) + p0 * y.stride[3], y.stride[2], y.stride[3],
              op == nullptr ? nullptr : op + ((b * n_out + t) * channels + c0) * pixels + p0, pixels, slope, nc, np);
     }
   });
 }
 
-void temporal_mix_cpu(const at::Tensor& src, const at::Tensor& src_mask, double mask_slope,
-                      const at::Tensor& mix, const at::Tensor& addend, const at::Tensor& y,
-                      const at::Tensor& mask, std::optional<double> negative_slope) {
-  dispatch_temporal_mix(src, mix, y, "fourier_temporal_mix_cpu", [&](auto src_tag, auto y_tag, auto acc_tag) {
-    using src_t = typename decltype(src_tag)::type;
-    using y_t = typename decltype(y_tag)::type;
-    using acc_t = typename decltype(acc_tag)::type;
-    run_temporal_mix<src_t, y_t, acc_t>(src, src_mask, mask_slope, mix, addend, y, mask, negative_slope);
+void temporal_mix_cpu(const TemporalMix& call) {
+  dispatch_temporal_mix(call, [&](auto src_tag, auto y_tag, auto acc_tag) {
+    run_temporal_mix<typename decltype(src_tag)::type, typename decltype(y_tag)::type,
+                     typename decltype(acc_tag)::type>(call);
   });
 }
 
-void epilogue_backward_cpu(const at::Tensor& grad, const at::Tensor& mask, const at::Tensor& dz,
-                           std::optional<double> negative_slope) {
-  const int64_t n_times = dz.size(1), channels = dz.size(2), pixels = dz.size(3);
-  ADJOINTDEIS_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fourier_epilogue_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-    const bool* mp = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-    acc_t* dp = dz.mutable_data_ptr<acc_t>();
-    const acc_t slope = acc_t(negative_slope.value_or(1.0));
-    const auto row_fn = negative_slope.has_value() ? &epilogue_grad_row<scalar_t, acc_t, true>
-                                                   : &epilogue_grad_row<scalar_t, acc_t, false>;
-    at::parallel_for(0, dz.numel() / pixels, grain_of(pixels), [&](int64_t begin, int64_t end) {
+void epilogue_backward_cpu(const EpilogueBackward& call) {
+  const int64_t n_times = call.n_times, channels = call.channels, pixels = call.pixels;
+  dispatch_step_types(call.grad.dtype, "fourier_epilogue_backward", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using acc_t = opmath_t<scalar_t>;
+    const scalar_t* gp = call.grad.ptr<const scalar_t>();
+    acc_t* dp = call.dz.ptr<acc_t>();
+    const acc_t slope = acc_t(call.negative_slope.value_or(1.0));
+    const auto row_fn = call.negative_slope.has_value() ? &epilogue_grad_row<scalar_t, acc_t, true>
+                                                        : &epilogue_grad_row<scalar_t, acc_t, false>;
+    torch::stable::parallel_for(0, call.batch * n_times * channels, grain_of(pixels), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t c = row % channels, bt = row / channels;
         const int64_t b = bt / n_times, t = bt % n_times;
-        row_fn(gp + row_offset(grad, b, t, c), grad.stride(3),
-               mp == nullptr ? nullptr : mp + row * pixels, dp + row_offset(dz, b, t, c), dz.stride(3),
-               slope, pixels);
+        row_fn(gp + row_offset(call.grad, b, t, c), call.grad.stride[3],
+               call.mask == nullptr ? nullptr : call.mask + row * pixels, dp + row_offset(call.dz, b, t, c),
+               call.dz.stride[3], slope, pixels);
       }
     });
+  });
+}
+
+void spectral_basis_cpu(const Tensor& basis, int64_t n_times, int64_t modes) {
+  dispatch_opmath_types(basis.scalar_type(), "fourier_spectral_basis", [&](auto tag) {
+    using acc_t = typename decltype(tag)::type;
+    const int64_t rank = spectral_rank(n_times, modes);
+    acc_t* proj = basis.mutable_data_ptr<acc_t>();
+    acc_t* weight = proj + rank * n_times;
+    for (int64_t i = 0; i < rank * n_times; ++i) {
+      spectral_basis_entry(i / n_times, i % n_times, n_times, proj[i], weight[i]);
+    }
   });
 }
 
 // About 2 MiB of float32 coordinates per chunk: they stay in L2 between the pipeline's stages.
 constexpr int64_t kChunkElements = int64_t{1} << 19;
 
-const TemporalKernels kCpuKernels{&temporal_mix_cpu, &epilogue_backward_cpu, kChunkElements};
+const TemporalKernels kCpuKernels{&temporal_mix_cpu, &epilogue_backward_cpu, &spectral_basis_cpu, kChunkElements};
 
-std::tuple<at::Tensor, at::Tensor> spectral_conv_cpu(const at::Tensor& x, const at::Tensor& mixing,
-                                                     int64_t modes, bool residual,
+std::tuple<Tensor, Tensor> spectral_conv_cpu(const Tensor& x, const Tensor& mixing, int64_t modes, bool residual,
+                                             std::optional<double> negative_slope, bool save_mask) {
+  return fourier_spectral_conv(x, mixing, modes, residual, negative_slope, save_mask, DeviceType::CPU, kCpuKernels);
+}
+
+std::tuple<Tensor, Tensor> spectral_conv_backward_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& mixing,
+                                                      const Tensor& mask, int64_t modes, bool residual,
+                                                      std::optional<double> negative_slope,
+                                                      const std::vector<bool>& output_mask) {
+  return fourier_spectral_conv_backward(grad_y, x, mixing, mask, modes, residual, negative_slope, output_mask,
+                                        DeviceType::CPU, kCpuKernels);
+}
+
+std::tuple<Tensor, Tensor> channel_conv_cpu(const Tensor& x, const Tensor& kernel, bool residual,
+                                            std::optional<double> negative_slope, bool save_mask) {
+  return fourier_channel_conv(x, kernel, residual, negative_slope, save_mask, DeviceType::CPU, kCpuKernels);
+}
+
+std::tuple<Tensor, Tensor> channel_conv_backward_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& kernel,
+                                                     const Tensor& mask, bool residual,
                                                      std::optional<double> negative_slope,
-                                                     bool save_mask) {
-  return fourier_spectral_conv(x, mixing, modes, residual, negative_slope, save_mask,
-                               c10::DeviceType::CPU, kCpuKernels);
-}
-
-std::tuple<at::Tensor, at::Tensor> spectral_conv_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mixing, const at::Tensor& mask,
-    int64_t modes, bool residual, std::optional<double> negative_slope,
-    std::array<bool, 2> output_mask) {
-  return fourier_spectral_conv_backward(grad_y, x, mixing, mask, modes, residual, negative_slope,
-                                        output_mask, c10::DeviceType::CPU, kCpuKernels);
-}
-
-std::tuple<at::Tensor, at::Tensor> channel_conv_cpu(const at::Tensor& x, const at::Tensor& taps,
-                                                    bool residual, std::optional<double> negative_slope,
-                                                    bool save_mask) {
-  return fourier_channel_conv(x, taps, residual, negative_slope, save_mask, c10::DeviceType::CPU,
-                              kCpuKernels);
-}
-
-std::tuple<at::Tensor, at::Tensor> channel_conv_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& taps, const at::Tensor& mask,
-    bool residual, std::optional<double> negative_slope, std::array<bool, 2> output_mask) {
-  return fourier_channel_conv_backward(grad_y, x, taps, mask, residual, negative_slope, output_mask,
-                                       c10::DeviceType::CPU, kCpuKernels);
+                                                     const std::vector<bool>& output_mask) {
+  return fourier_channel_conv_backward(grad_y, x, kernel, mask, residual, negative_slope, output_mask,
+                                       DeviceType::CPU, kCpuKernels);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(adjointdeis, CPU, m) {
-  m.impl("fourier_kernel_synthesis", &fourier_kernel_synthesis);
-  m.impl("fourier_kernel_synthesis_adjoint", &fourier_kernel_synthesis_adjoint);
-  m.impl("fourier_tap_synthesis", &fourier_taps);
-  m.impl("fourier_tap_synthesis_adjoint", &fourier_taps_adjoint);
-  m.impl("fourier_mode_mixing", &fourier_mode_mixing);
-  m.impl("fourier_mode_mixing_adjoint", &fourier_mode_mixing_adjoint);
-  m.impl("fourier_spectral_conv", &spectral_conv_cpu);
-  m.impl("fourier_spectral_conv_backward", &spectral_conv_backward_cpu);
-  m.impl("fourier_channel_conv", &channel_conv_cpu);
-  m.impl("fourier_channel_conv_backward", &channel_conv_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(adjointdeis, CPU, m) {
+  m.impl("fourier_spectral_conv", TORCH_BOX(&spectral_conv_cpu));
+  m.impl("fourier_spectral_conv_backward", TORCH_BOX(&spectral_conv_backward_cpu));
+  m.impl("fourier_channel_conv", TORCH_BOX(&channel_conv_cpu));
+  m.impl("fourier_channel_conv_backward", TORCH_BOX(&channel_conv_backward_cpu));
 }
 
 }  // namespace adjointdeis

@@ -1,9 +1,5 @@
 // CPU kernel of the fused multistep step: one pass over memory, a multiversioned (AVX-512 /
 // AVX2 / baseline) vectorised loop, parallel over chunks of the flattened operands.
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include "../multistep_step.h"
 #include "multiversion.h"
 
@@ -12,49 +8,49 @@ namespace {
 
 constexpr int64_t kGrainSize = 32768;
 
-template <typename scalar_t, int NumHistory, bool HasNoise>
-ADJOINTDEIS_CPU_LOOP void step_range(const StepCoeffs<at::opmath_type<scalar_t>> k,
-                                     const scalar_t* __restrict x, const scalar_t* __restrict out,
-                                     const scalar_t* __restrict m1, const scalar_t* __restrict m2,
+template <typename scalar_t, int NumHistory, bool HasNoise, bool SaveM0>
+ADJOINTDEIS_CPU_LOOP void step_range(const StepCoeffs<opmath_t<scalar_t>> k, const scalar_t* __restrict x,
+                                     const scalar_t* __restrict out, const scalar_t* __restrict m1,
+                                     const scalar_t* __restrict m2, const scalar_t* __restrict m3,
                                      const scalar_t* __restrict noise, scalar_t* __restrict x_next,
                                      scalar_t* __restrict m0, int64_t begin, int64_t end) {
-  using opmath_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_t<scalar_t>;
   for (int64_t i = begin; i < end; ++i) {
-    opmath_t xn, mn;
-    multistep_step_element<NumHistory, HasNoise, opmath_t>(
-        k, opmath_t(x[i]), opmath_t(out[i]), NumHistory >= 1 ? opmath_t(m1[i]) : opmath_t(0),
-        NumHistory >= 2 ? opmath_t(m2[i]) : opmath_t(0), HasNoise ? opmath_t(noise[i]) : opmath_t(0),
-        xn, mn);
+    const acc_t m[3] = {NumHistory >= 1 ? acc_t(m1[i]) : acc_t(0), NumHistory >= 2 ? acc_t(m2[i]) : acc_t(0),
+                        NumHistory >= 3 ? acc_t(m3[i]) : acc_t(0)};
+    acc_t xn, mn;
+    multistep_step_element<NumHistory, HasNoise, acc_t>(k, acc_t(x[i]), acc_t(out[i]), m,
+                                                        HasNoise ? acc_t(noise[i]) : acc_t(0), xn, mn);
     x_next[i] = scalar_t(xn);
-    m0[i] = scalar_t(mn);
+    if constexpr (SaveM0) m0[i] = scalar_t(mn);
   }
 }
 
-template <typename scalar_t, int NumHistory, bool HasNoise>
+template <typename scalar_t, int NumHistory, bool HasNoise, bool SaveM0>
 void run_step(const StepOperands& ops) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const auto k = StepCoeffs<opmath_t>::load(ops.coeffs.data_ptr<double>());
+  const auto k = StepCoeffs<opmath_t<scalar_t>>::template load<NumHistory>(ops.coeffs.const_data_ptr<double>());
+  const scalar_t* m[kMaxHistory] = {};
+  for (int j = 0; j < NumHistory; ++j) m[j] = ops.history[j].template const_data_ptr<scalar_t>();
   const scalar_t* x = ops.x.const_data_ptr<scalar_t>();
   const scalar_t* out = ops.out.const_data_ptr<scalar_t>();
-  const scalar_t* m1 = NumHistory >= 1 ? ops.m1.const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* m2 = NumHistory >= 2 ? ops.m2.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* noise = HasNoise ? ops.noise.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* x_next = ops.x_next.mutable_data_ptr<scalar_t>();
-  scalar_t* m0 = ops.m0.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, ops.x.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
-    step_range<scalar_t, NumHistory, HasNoise>(k, x, out, m1, m2, noise, x_next, m0, begin, end);
+  scalar_t* m0 = SaveM0 ? ops.m0.mutable_data_ptr<scalar_t>() : nullptr;
+  torch::stable::parallel_for(0, ops.x.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
+    step_range<scalar_t, NumHistory, HasNoise, SaveM0>(k, x, out, m[0], m[1], m[2], noise, x_next, m0,
+                                                       begin, end);
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> multistep_step_cpu(
-    const at::Tensor& x, const at::Tensor& out, at::TensorList history,
-    const at::Tensor& coeffs, const std::optional<at::Tensor>& noise) {
-  StepOperands ops =
-      prepare_multistep_step(x, out, history, coeffs, noise, c10::DeviceType::CPU);
+std::tuple<Tensor, Tensor> multistep_step_cpu(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
+                                              const Tensor& coeffs, const std::optional<Tensor>& noise,
+                                              bool save_m0) {
+  StepOperands ops = prepare_multistep_step(x, out, history, coeffs, noise, save_m0, DeviceType::CPU);
   if (ops.x.numel() > 0) {
-    ADJOINTDEIS_DISPATCH_FLOATING_TYPES(ops.x.scalar_type(), "multistep_step_cpu", [&] {
-      dispatch_step_variant(ops.num_history, ops.has_noise, [&](auto nh, auto noisy) {
-        run_step<scalar_t, decltype(nh)::value, decltype(noisy)::value>(ops);
+    dispatch_step_types(ops.x.scalar_type(), "multistep_step", [&](auto tag) {
+      using scalar_t = typename decltype(tag)::type;
+      dispatch_step_variant(ops.history.size(), ops.has_noise, ops.save_m0, [&](auto nh, auto noisy, auto save) {
+        run_step<scalar_t, decltype(nh)::value, decltype(noisy)::value, decltype(save)::value>(ops);
       });
     });
   }
@@ -63,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor> multistep_step_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(adjointdeis, CPU, m) {
-  m.impl("multistep_step", &multistep_step_cpu);
+STABLE_TORCH_LIBRARY_IMPL(adjointdeis, CPU, m) {
+  m.impl("multistep_step", TORCH_BOX(&multistep_step_cpu));
 }
 
 }  // namespace adjointdeis

@@ -1,128 +1,57 @@
-// CUDA kernel of the fused discrete-adjoint update: grid-stride loop, 16-byte vector loads
-// and stores when every operand is aligned, coefficients read from device memory (no sync).
-#include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
+// CUDA kernel of the fused discrete-adjoint update: the shared elementwise kernel (elementwise.cuh)
+// with the row of step_math.h; coefficients read from device memory (no sync).
 #include "elementwise.cuh"
-
-#include <optional>
 
 #include "../discrete_adjoint_step.h"
 
 namespace adjointdeis {
 namespace {
 
-using cuda::kThreads;
-using cuda::load_pack;
-using cuda::Pack;
+// Inputs xbar, vjp, gfull[, pend1][, pend2]; outputs xbar_prev, gfull_prev, cot_prev, pend_prev.
+template <typename acc_t, bool HasPend1, bool HasPend2>
+struct AdjointFunction {
+  static constexpr int kIn = 3 + (HasPend1 ? 1 : 0) + (HasPend2 ? 1 : 0), kOut = 4;
+  const double* coeffs;
 
-
-template <typename scalar_t>
-struct AdjointPointers {
-  const scalar_t* xbar;
-  const scalar_t* vjp;
-  const scalar_t* gfull;
-  const scalar_t* pend1;
-  const scalar_t* pend2;
-  scalar_t* xbar_prev;
-  scalar_t* gfull_prev;
-  scalar_t* cot_prev;
-  scalar_t* pend_prev;
-};
-
-template <typename scalar_t, bool HasPend1, bool HasPend2, int Width>
-__global__ void discrete_adjoint_kernel(AdjointPointers<scalar_t> ptr, const double* coeffs,
-                                        int64_t n) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const auto k = AdjointCoeffs<opmath_t>::load(coeffs);
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t packs = n / Width;
-
-  for (int64_t i = start; i < packs; i += stride) {
-    using P = Pack<scalar_t, Width>;
-    const P xbar = load_pack<Width>(ptr.xbar, i);
-    const P vjp = load_pack<Width>(ptr.vjp, i);
-    const P gfull = load_pack<Width>(ptr.gfull, i);
-    P pend1{}, pend2{};
-    if constexpr (HasPend1) pend1 = load_pack<Width>(ptr.pend1, i);
-    if constexpr (HasPend2) pend2 = load_pack<Width>(ptr.pend2, i);
-    P xbar_prev, gfull_prev, cot_prev, pend_prev;
-#pragma unroll
-    for (int j = 0; j < Width; ++j) {
-      opmath_t xp, gp, cp, pp;
-      discrete_adjoint_element<HasPend1, HasPend2, opmath_t>(
-          k, opmath_t(xbar.v[j]), opmath_t(vjp.v[j]), opmath_t(gfull.v[j]),
-          opmath_t(pend1.v[j]), opmath_t(pend2.v[j]), xp, gp, cp, pp);
-      xbar_prev.v[j] = scalar_t(xp);
-      gfull_prev.v[j] = scalar_t(gp);
-      cot_prev.v[j] = scalar_t(cp);
-      pend_prev.v[j] = scalar_t(pp);
+  struct Bound {
+    AdjointCoeffs<acc_t> k;
+    __device__ void operator()(const acc_t (&in)[kIn], acc_t (&out)[kOut]) const {
+      acc_t pend1 = acc_t(0), pend2 = acc_t(0);
+      if constexpr (HasPend1) pend1 = in[3];
+      if constexpr (HasPend2) pend2 = in[kIn - 1];
+      discrete_adjoint_element<HasPend1, HasPend2, acc_t>(k, in[0], in[1], in[2], pend1, pend2, out[0], out[1],
+                                                          out[2], out[3]);
     }
-    reinterpret_cast<P*>(ptr.xbar_prev)[i] = xbar_prev;
-    reinterpret_cast<P*>(ptr.gfull_prev)[i] = gfull_prev;
-    reinterpret_cast<P*>(ptr.cot_prev)[i] = cot_prev;
-    reinterpret_cast<P*>(ptr.pend_prev)[i] = pend_prev;
-  }
-  for (int64_t i = packs * Width + start; i < n; i += stride) {
-    opmath_t xp, gp, cp, pp;
-    discrete_adjoint_element<HasPend1, HasPend2, opmath_t>(
-        k, opmath_t(ptr.xbar[i]), opmath_t(ptr.vjp[i]), opmath_t(ptr.gfull[i]),
-        HasPend1 ? opmath_t(ptr.pend1[i]) : opmath_t(0),
-        HasPend2 ? opmath_t(ptr.pend2[i]) : opmath_t(0), xp, gp, cp, pp);
-    ptr.xbar_prev[i] = scalar_t(xp);
-    ptr.gfull_prev[i] = scalar_t(gp);
-    ptr.cot_prev[i] = scalar_t(cp);
-    ptr.pend_prev[i] = scalar_t(pp);
-  }
-}
+  };
+  __device__ Bound bind() const { return {AdjointCoeffs<acc_t>::load(coeffs)}; }
+};
 
 template <typename scalar_t, bool HasPend1, bool HasPend2>
 void launch_adjoint(const AdjointOperands& ops) {
-  AdjointPointers<scalar_t> ptr{
-      ops.xbar.const_data_ptr<scalar_t>(),
-      ops.vjp.const_data_ptr<scalar_t>(),
-      ops.gfull.const_data_ptr<scalar_t>(),
-      HasPend1 ? ops.pend1.const_data_ptr<scalar_t>() : nullptr,
-      HasPend2 ? ops.pend2.const_data_ptr<scalar_t>() : nullptr,
-      ops.xbar_prev.mutable_data_ptr<scalar_t>(),
-      ops.gfull_prev.mutable_data_ptr<scalar_t>(),
-      ops.cot_prev.mutable_data_ptr<scalar_t>(),
-      ops.pend_prev.mutable_data_ptr<scalar_t>()};
-  const bool vectorisable =
-      cuda::all_aligned_16(ptr.xbar, ptr.vjp, ptr.gfull, ptr.pend1, ptr.pend2, ptr.xbar_prev,
-                           ptr.gfull_prev, ptr.cot_prev, ptr.pend_prev);
-  constexpr int kWidth = 16 / sizeof(scalar_t);
-  const int64_t n = ops.xbar.numel();
-  const int width = vectorisable ? kWidth : 1;
-  const int64_t work = (n + width - 1) / width;
-  const int blocks = cuda::grid_size(work, ops.xbar.device().index());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const double* coeffs = ops.coeffs.const_data_ptr<double>();
-  if (vectorisable) {
-    discrete_adjoint_kernel<scalar_t, HasPend1, HasPend2, kWidth>
-        <<<blocks, kThreads, 0, stream>>>(ptr, coeffs, n);
-  } else {
-    discrete_adjoint_kernel<scalar_t, HasPend1, HasPend2, 1>
-        <<<blocks, kThreads, 0, stream>>>(ptr, coeffs, n);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  using F = AdjointFunction<opmath_t<scalar_t>, HasPend1, HasPend2>;
+  cuda::Arrays<scalar_t, F::kIn, F::kOut> a{};
+  a.in[0] = ops.xbar.const_data_ptr<scalar_t>();
+  a.in[1] = ops.vjp.const_data_ptr<scalar_t>();
+  a.in[2] = ops.gfull.const_data_ptr<scalar_t>();
+  if constexpr (HasPend1) a.in[3] = ops.pend1.const_data_ptr<scalar_t>();
+  if constexpr (HasPend2) a.in[F::kIn - 1] = ops.pend2.const_data_ptr<scalar_t>();
+  a.out[0] = ops.xbar_prev.mutable_data_ptr<scalar_t>();
+  a.out[1] = ops.gfull_prev.mutable_data_ptr<scalar_t>();
+  a.out[2] = ops.cot_prev.mutable_data_ptr<scalar_t>();
+  a.out[3] = ops.pend_prev.mutable_data_ptr<scalar_t>();
+  cuda::launch_elementwise(a, F{ops.coeffs.const_data_ptr<double>()}, ops.xbar.numel());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> discrete_adjoint_step_cuda(
-    const at::Tensor& xbar, const at::Tensor& vjp, const at::Tensor& gfull,
-    const std::optional<at::Tensor>& pend1, const std::optional<at::Tensor>& pend2,
-    const at::Tensor& coeffs) {
-  // Optional so that a CPU xbar reaches the check that names it.
-  const c10::cuda::OptionalCUDAGuard guard(
-      xbar.is_cuda() ? std::make_optional(xbar.device()) : std::nullopt);
-  AdjointOperands ops = prepare_discrete_adjoint_step(xbar, vjp, gfull, pend1, pend2, coeffs,
-                                                      c10::DeviceType::CUDA);
+std::tuple<Tensor, Tensor, Tensor, Tensor> discrete_adjoint_step_cuda(const Tensor& xbar, const Tensor& vjp,
+                                                                      const Tensor& gfull,
+                                                                      const std::optional<Tensor>& pend1,
+                                                                      const std::optional<Tensor>& pend2,
+                                                                      const Tensor& coeffs) {
+  const auto guard = cuda::guard_device_of(xbar);
+  AdjointOperands ops = prepare_discrete_adjoint_step(xbar, vjp, gfull, pend1, pend2, coeffs, DeviceType::CUDA);
   if (ops.xbar.numel() > 0) {
-    ADJOINTDEIS_DISPATCH_FLOATING_TYPES(ops.xbar.scalar_type(), "discrete_adjoint_step_cuda", [&] {
+    dispatch_step_types(ops.xbar.scalar_type(), "discrete_adjoint_step", [&](auto tag) {
+      using scalar_t = typename decltype(tag)::type;
       dispatch_adjoint_variant(ops.has_pend1, ops.has_pend2, [&](auto p1, auto p2) {
         launch_adjoint<scalar_t, decltype(p1)::value, decltype(p2)::value>(ops);
       });
@@ -133,8 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> discrete_adjoint_step
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(adjointdeis, CUDA, m) {
-  m.impl("discrete_adjoint_step", &discrete_adjoint_step_cuda);
+STABLE_TORCH_LIBRARY_IMPL(adjointdeis, CUDA, m) {
+  m.impl("discrete_adjoint_step", TORCH_BOX(&discrete_adjoint_step_cuda));
 }
 
 }  // namespace adjointdeis

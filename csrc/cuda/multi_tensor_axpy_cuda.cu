@@ -1,15 +1,9 @@
 // CUDA kernel of multi_tensor_axpy_: one launch for all tensors of a call. The host writes a
 // small table (pointers, sizes, chunk offsets) into pinned memory and copies it to the device
 // asynchronously; every block walks chunks of kChunk elements, each chunk inside one tensor.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <algorithm>
 
 #include "elementwise.cuh"
-
-#include <algorithm>
-#include <optional>
 
 #include "../multi_tensor_axpy.h"
 
@@ -78,54 +72,47 @@ __global__ void multi_tensor_axpy_kernel(AxpyTable table, const double* scale_pt
 template <typename acc_t, typename update_t>
 void launch_axpy(const AxpyOperands& ops) {
   const int64_t count = static_cast<int64_t>(ops.accumulators.size());
-  at::Tensor table_host =
-      at::empty({4 * count + 1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  const Tensor table_host = torch::stable::empty({4 * count + 1}, ScalarType::Long, std::nullopt,
+                                                 Device(DeviceType::CPU), /*pin_memory=*/true);
   int64_t* host = table_host.mutable_data_ptr<int64_t>();
   int64_t* chunk_offsets = host + 3 * count;
   chunk_offsets[0] = 0;
   for (int64_t k = 0; k < count; ++k) {
     const int64_t numel = ops.accumulators[k].numel();
-    host[k] = reinterpret_cast<int64_t>(ops.accumulators[k].mutable_data_ptr<acc_t>());
-    host[count + k] = reinterpret_cast<int64_t>(ops.updates[k].const_data_ptr<update_t>());
+    host[k] = reinterpret_cast<int64_t>(ops.accumulators[k].template mutable_data_ptr<acc_t>());
+    host[count + k] = reinterpret_cast<int64_t>(ops.updates[k].template const_data_ptr<update_t>());
     host[2 * count + k] = numel;
     chunk_offsets[k + 1] = chunk_offsets[k] + (numel + kChunk - 1) / kChunk;
   }
   const int64_t total_chunks = chunk_offsets[count];
   if (total_chunks == 0) return;
   // The caching host allocator keeps the pinned block alive until the copy has run.
-  const at::Tensor table_device =
-      table_host.to(ops.scale.device(), at::kLong, /*non_blocking=*/true);
+  const Tensor table_device = torch::stable::to(table_host, ops.scale.device(), /*non_blocking=*/true);
   const int64_t* device = table_device.const_data_ptr<int64_t>();
   const AxpyTable table{device, device + count, device + 2 * count, device + 3 * count, count};
 
-  const int blocks = static_cast<int>(
-      std::min<int64_t>(total_chunks, cuda::max_blocks(ops.scale.device().index())));
+  const int blocks = static_cast<int>(std::min<int64_t>(total_chunks, cuda::max_blocks(cuda::current_device())));
   multi_tensor_axpy_kernel<acc_t, update_t>
-      <<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          table, ops.scale.const_data_ptr<double>(), total_chunks);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      <<<blocks, kThreads, 0, cuda::current_stream()>>>(table, ops.scale.const_data_ptr<double>(), total_chunks);
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void multi_tensor_axpy_cuda(at::TensorList accumulators, at::TensorList updates,
-                            const at::Tensor& scale) {
-  // Optional so that a CPU scale reaches the check that names it.
-  const c10::cuda::OptionalCUDAGuard guard(
-      scale.is_cuda() ? std::make_optional(scale.device()) : std::nullopt);
-  AxpyOperands ops =
-      prepare_multi_tensor_axpy(accumulators, updates, scale, c10::DeviceType::CUDA);
+void multi_tensor_axpy_cuda(const std::vector<Tensor>& accumulators, const std::vector<Tensor>& updates,
+                            const Tensor& scale) {
+  const auto guard = cuda::guard_device_of(scale);
+  AxpyOperands ops = prepare_multi_tensor_axpy(accumulators, updates, scale, DeviceType::CUDA);
   if (ops.accumulators.empty()) return;
-  AT_DISPATCH_FLOATING_TYPES(ops.accumulator_dtype, "multi_tensor_axpy_cuda", [&] {
-    using acc_t = scalar_t;
-    ADJOINTDEIS_DISPATCH_FLOATING_TYPES(ops.update_dtype, "multi_tensor_axpy_cuda", [&] {
-      launch_axpy<acc_t, scalar_t>(ops);
+  dispatch_opmath_types(ops.accumulator_dtype, "multi_tensor_axpy_", [&](auto acc_tag) {
+    dispatch_step_types(ops.update_dtype, "multi_tensor_axpy_", [&](auto update_tag) {
+      launch_axpy<typename decltype(acc_tag)::type, typename decltype(update_tag)::type>(ops);
     });
   });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(adjointdeis, CUDA, m) {
-  m.impl("multi_tensor_axpy_", &multi_tensor_axpy_cuda);
+STABLE_TORCH_LIBRARY_IMPL(adjointdeis, CUDA, m) {
+  m.impl("multi_tensor_axpy_", TORCH_BOX(&multi_tensor_axpy_cuda));
 }
 
 }  // namespace adjointdeis
