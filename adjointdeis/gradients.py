@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import ops
 from .models import Conditioning, evaluate_model
-from .planning import AdjointGrid, SamplingPlan, StepInfo, run_plan
+from .planning import AdjointGrid, SamplingPlan, StepInfo, row_output, run_plan
 from .predictions import conversion
 from .reference import opmath_dtype
 from .solvers import GridPoint
@@ -62,8 +62,11 @@ class AdjointOptions:
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"AdjointOptions.steps (adjoint_steps) must be >= 1, got {self.steps}")
 
-    def check_run(self, denoise_to_zero: bool, sde: bool) -> None:
+    def check_run(self, denoise_to_zero: bool, sde: bool, thresholded: bool = False) -> None:
         """Raises ValueError when these settings cannot differentiate a run with these options."""
+        if thresholded:
+            raise ValueError("grad='adjoint' integrates the probability-flow ODE's adjoint, which a thresholded "
+                             "sampler (threshold=...: diffusers' thresholding) does not solve: use grad='discrete'")
         if denoise_to_zero:
             raise ValueError("grad='adjoint' integrates the continuous adjoint from the grid's last time; "
                              "it cannot start at zero noise (denoise_to_zero=True): use grad='discrete'")
@@ -255,10 +258,12 @@ def parameter_names(model, params: list[Tensor]) -> list[str] | None:
 
 
 def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cotangent_of_out,
-              param_accumulators: tuple[list[str], list[Tensor]] | None = None):
+              param_accumulators: tuple[list[str], list[Tensor]] | None = None, row: int | None = None):
     """Re-runs the model at x with grad enabled and pulls a cotangent back.
 
     Args:
+        row: the plan's row whose output is differentiated (:func:`adjointdeis.planning.row_output`: the
+            thresholded x0 with thresholding); None: the model's output itself.
         cotangent_of_out: callable mapping the output's dtype to the cotangent tensor.
         param_accumulators: optional (names, buffers): the parameters' gradients are then added
             into the buffers in place as each becomes ready (the model runs through
@@ -285,6 +290,8 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
             out = evaluate_model(call, x_in, t, c.cond, c.guidance_scale, c.uncond)
         else:
             out = evaluate_model(model, x_in, t, c.cond, c.guidance_scale, c.uncond)
+        if row is not None:
+            out = row_output(spec.plan, row, x_in, out)
         if not out.requires_grad:
             raise RuntimeError(
                 f"grad={spec.mode!r}: the model output does not depend on x or on any tensor that requires "
@@ -348,7 +355,7 @@ def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], c
     in_place = None if names is None else (names, acc_params)
     for j in range(last, -1, -1):
         vjp_x, vjp_cond, vjp_params = model_vjp(spec, states[j], t_eval[j].expand(batch), cond_leaves, params,
-                                                lambda out, c=cot: c.to(out.dtype), in_place)
+                                                lambda out, c=cot: c.to(out.dtype), in_place, row=j)
         _accumulate(acc_cond, vjp_cond, one)
         if in_place is None:
             _accumulate(acc_params, vjp_params, one)
