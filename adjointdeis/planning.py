@@ -38,6 +38,7 @@ class SolverSettings:
     third_order: str = "published"
     second_order: str = "midpoint"
     threshold: DynamicThreshold | None = None
+    euler_at_final: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ def _plan_on_grid(sched: NoiseSchedule, ts: Tensor, points: list[GridPoint], set
     steps = build_plan(points, settings.solver, settings.order, "x0" if threshold else settings.prediction,
                        sde=settings.sde, lower_order_final=settings.lower_order_final,
                        third_order=settings.third_order, heun_variable=heun_variable(sched),
-                       second_order=settings.second_order)
+                       second_order=settings.second_order, final_order_one=settings.euler_at_final)
     x0_rows = None
     if threshold is not None:
         x0_rows = tuple(conversion(settings.prediction, "x0", points[i].alpha, points[i].sigma)
@@ -184,14 +185,14 @@ def _plan_on_grid(sched: NoiseSchedule, ts: Tensor, points: list[GridPoint], set
 def plan_sampling(sched: NoiseSchedule, steps: int, spacing: str, timesteps: tuple[float, ...] | None,
                   denoise_to_zero: bool, solver: str, order: int | None, prediction: str, sde: bool = False,
                   lower_order_final: bool = True, third_order: str = "published", second_order: str = "midpoint",
-                  threshold: DynamicThreshold | None = None) -> SamplingPlan:
+                  threshold: DynamicThreshold | None = None, euler_at_final: bool = False) -> SamplingPlan:
     """The plan of one sampling run (a constant for ``torch.compile``).
 
     Args:
         sched, steps, spacing, denoise_to_zero: as for :func:`sampling_grid`.
         timesteps: an explicit (N+1,) grid as a tuple of floats, or None.
-        solver, order, prediction, sde, lower_order_final, third_order, second_order, threshold: as for
-            :func:`adjointdeis.sample`.
+        solver, order, prediction, sde, lower_order_final, third_order, second_order, threshold,
+            euler_at_final: as for :func:`adjointdeis.sample`.
 
     Returns:
         The :class:`SamplingPlan`.
@@ -200,7 +201,7 @@ def plan_sampling(sched: NoiseSchedule, steps: int, spacing: str, timesteps: tup
         ValueError naming the bad argument (solver, order, sde, steps, spacing, timesteps, ...).
     """
     settings = SolverSettings(solver, resolve_order(solver, order, sde), prediction, sde, lower_order_final,
-                              third_order, second_order, threshold)
+                              third_order, second_order, threshold, euler_at_final)
     grid = None if timesteps is None else torch.tensor(timesteps, dtype=torch.float64)
     ts, points = sampling_grid(sched, steps, spacing, grid, denoise_to_zero)
     return _plan_on_grid(sched, ts, points, settings)

@@ -22,7 +22,8 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
            check_finite: bool = True, *, adjoint: AdjointOptions | None = None,
            callback: Callable[[StepInfo], None] | None = None, adjoint_order: int | None = None,
            adjoint_form: str | None = None, adjoint_steps: int | None = None, states: str | None = None,
-           second_order: str = "midpoint", threshold: DynamicThreshold | None = None) -> Tensor:
+           second_order: str = "midpoint", threshold: DynamicThreshold | None = None,
+           euler_at_final: bool = False) -> Tensor:
     """Samples from a diffusion or flow model, noise to data, one fused kernel per step.
 
     Args:
@@ -91,7 +92,7 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
         raise TypeError(f"threshold must be an adjointdeis.DynamicThreshold, got {type(threshold).__name__}")
     steps, grid, denoise_to_zero = resolve_grid(sched, steps, timesteps, denoise_to_zero)
     plan = plan_sampling(sched, steps, spacing, grid, denoise_to_zero, solver, order, prediction, sde,
-                         lower_order_final, third_order, second_order, threshold)
+                         lower_order_final, third_order, second_order, threshold, euler_at_final)
     conditioning = Conditioning(cond, uncond, guidance_scale)
     params = model_parameters(model, parameters)
     mode = gradient_mode(grad, x_T, conditioning, params)

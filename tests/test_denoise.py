@@ -177,21 +177,22 @@ def test_scheduler_is_left_untouched():
     assert torch.equal(scheduler.timesteps, before)
 
 
-@pytest.mark.filterwarnings("ignore:.*algorithm_type dpmsolver is deprecated:FutureWarning")
 def test_bad_configurations_raise():
     unet = conditional_unet()
     latents, embeds, negative = inputs(torch.float32)
-    with pytest.raises(ValueError, match="use_karras_sigmas"):
-        denoise(unet, latents, DPMSolverMultistepScheduler(use_karras_sigmas=True), prompt_embeds=embeds,
-                num_inference_steps=3)
     with pytest.raises(ValueError, match="init_noise_sigma"):
         denoise(unet, latents, EulerDiscreteScheduler(), prompt_embeds=embeds, num_inference_steps=3)
     with pytest.raises(ValueError, match="negative_prompt_embeds"):
         denoise(unet, latents, DPMSolverMultistepScheduler(), prompt_embeds=embeds, guidance_scale=5.0,
                 num_inference_steps=3)
-    with pytest.raises(ValueError, match="algorithm_type"):
-        denoise(unet, latents, DPMSolverMultistepScheduler(algorithm_type="dpmsolver"), prompt_embeds=embeds,
-                num_inference_steps=3)
+    with pytest.raises(ValueError, match="mu needs use_dynamic_shifting"):
+        denoise(unet, latents, DPMSolverMultistepScheduler(), prompt_embeds=embeds, num_inference_steps=3, mu=0.5)
+    with pytest.raises(ValueError, match="thresholding"):
+        denoise(unet, latents, DPMSolverMultistepScheduler(thresholding=True, final_sigmas_type="sigma_min"),
+                prompt_embeds=embeds, num_inference_steps=3, grad="adjoint")
+    with pytest.raises(ValueError, match="solver_order"):
+        denoise(unet, latents, DPMSolverMultistepScheduler(solver_order=3), prompt_embeds=embeds,
+                num_inference_steps=3, solver="dpmsolver", order=4)
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         denoise(unconditional_unet(), latents, DPMSolverMultistepScheduler(), prompt_embeds=embeds,
                 num_inference_steps=3)
