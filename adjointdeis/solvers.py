@@ -187,10 +187,22 @@ def step_orders(request: PlanRequest) -> list[int]:
 
 def _multistep(step_row: Callable[[PlanRequest, int, int], tuple[float, list[float], float]],
                target: str) -> Callable[[PlanRequest], list[Row]]:
-    """The row builder of a multistep solver: one row per step, of the order :func:`step_orders` gives."""
+    """The row builder of a multistep solver: one row per step, of the order :func:`step_orders` gives.
+
+    A noise-prediction (`target` "eps") ODE step from a point with alpha = 0 (a flow grid's t = 1) divides by
+    alpha there; it is taken as its limit, the first-order step in data form (DDIM, ``x_t = sigma_t x_s/sigma_s +
+    alpha_t x0-hat``), and the history restarts after it (an extrapolation over an infinite log-SNR interval adds
+    nothing, as DPM-Solver++'s does at r = inf).
+    """
     def rows(request: PlanRequest) -> list[Row]:
-        out = []
+        out, start = [], 0
         for i, k in enumerate(step_orders(request)):
+            s, t = request.points[i], request.points[i + 1]
+            if target == "eps" and s.alpha == 0.0 and not request.sde:
+                out.append(Row(i, t.sigma / s.sigma, (t.alpha,), 0.0, "x0", 0))
+                start = i + 1
+                continue
+            k = min(k, i - start + 1)
             a, b, c = step_row(request, i, k)
             out.append(Row(i, a, tuple(b), c, target, k - 1))
         return out
