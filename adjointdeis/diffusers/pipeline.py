@@ -167,6 +167,10 @@ def _grid_schedule(levels: Tensor, flow: bool) -> NoiseSchedule:
 
 
 def _setup_from_own_timesteps(scheduler, config: dict, steps: int | None, overrides: dict, timesteps) -> SamplingSetup:
+    is_ddim = type(scheduler).__name__.startswith("DDIM")
+    if is_ddim and config.get("clip_sample"):
+        raise ValueError("scheduler config: clip_sample=True (DDIM clamps x0 to clip_sample_range) is not supported "
+                         "by denoise; set clip_sample=False (or thresholding=True, which is)")
     fresh = type(scheduler).from_config(config)
     if timesteps is not None:
         fresh.set_timesteps(timesteps=timesteps)
@@ -184,7 +188,6 @@ def _setup_from_own_timesteps(scheduler, config: dict, steps: int | None, overri
     to_zero = final == "zero" or bool(config.get("set_alpha_to_one", False))
     end = torch.zeros(1) if to_zero else table[:1]
     levels = torch.cat([table[model_times], end]).to(torch.float64)
-    is_ddim = type(scheduler).__name__.startswith("DDIM")
     spec = translation.translate({**config, "solver": "ddim" if is_ddim else "dpmpp", "solver_order": 2,
                                   "algorithm_type": None, "solver_type": None, "final_sigmas_type": final,
                                   **overrides}, "dpmsolver")
