@@ -8,6 +8,7 @@ coefficient table (section 4). The result, a :class:`SamplingPlan`, is plain imm
 sees every evaluation (:class:`StepInfo`).
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -211,23 +212,37 @@ def plan_adjoint_grid(sched: NoiseSchedule, plan: SamplingPlan, steps: int | Non
                       record_states: bool) -> AdjointGrid:
     """The AdjointDEIS grid of a run: the sampling grid, or `steps` steps uniform in log-SNR between its ends.
 
+    A run that denoises to zero noise ends its continuous adjoint at the grid's last time before zero noise (the
+    step to zero noise is differentiated exactly, see :func:`adjointdeis.gradients.continuous_adjoint`); a grid
+    that starts at pure noise keeps its first step and spaces the rest.
+
     Args:
         sched: the run's schedule.
-        plan: the sampling plan (not denoising to zero).
+        plan: the sampling plan.
         steps: steps of the adjoint grid; None uses the sampling grid.
         record_states: whether the states on an adjoint grid of its own come from a forward run on it
             (then its plan is built, with the sampling plan's solver).
+
+    Raises:
+        ValueError for `steps` < 2 on a grid that starts at pure noise.
     """
+    end = -1 if plan.points[-1].sigma == 0.0 else None
+    points, model_times, times = plan.points[:end], plan.model_times[:end], plan.times[:end]
     if steps is None:
-        return AdjointGrid(plan.points, plan.model_times)
-    lam = torch.linspace(float(sched.half_log_snr(plan.times[0])), float(sched.half_log_snr(plan.times[-1])),
-                         steps + 1, dtype=torch.float64)
+        return AdjointGrid(points, model_times)
+    # From pure noise (log-SNR -inf: a flow grid's t = 1) the first step is the sampling grid's own.
+    head = () if math.isfinite(float(sched.half_log_snr(times[0]))) else times[:1]
+    if head and steps < 2:
+        raise ValueError("adjoint_steps must be >= 2 on a grid that starts at pure noise (its first step is kept)")
+    start = times[len(head)]
+    lam = torch.linspace(float(sched.half_log_snr(start)), float(sched.half_log_snr(times[-1])),
+                         steps + 1 - len(head), dtype=torch.float64)
     ts = sched.time_from_half_log_snr(lam)
-    ts[0], ts[-1] = plan.times[0], plan.times[-1]
-    ts, points = sampling_grid(sched, steps, timesteps=ts)
+    ts[0], ts[-1] = start, times[-1]
+    ts, grid = sampling_grid(sched, steps, timesteps=torch.cat([torch.tensor(head, dtype=torch.float64), ts]))
     if not record_states:
-        return AdjointGrid(tuple(points), tuple(sched.model_time(ts).tolist()))
-    forward = _plan_on_grid(sched, ts, points, plan.settings)
+        return AdjointGrid(tuple(grid), tuple(sched.model_time(ts).tolist()))
+    forward = _plan_on_grid(sched, ts, grid, plan.settings)
     return AdjointGrid(forward.points, forward.model_times, forward)
 
 

@@ -103,7 +103,7 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
     options, adjoint_grid = None, None
     if mode == "adjoint":
         options = adjoint_options(adjoint, adjoint_order, adjoint_form, adjoint_steps, states)
-        options.check_run(denoise_to_zero, sde, threshold is not None)
+        options.check_run(sde, threshold is not None, plan.points[0].alpha == 0.0)
         adjoint_grid = plan_adjoint_grid(sched, plan, options.steps, options.states == "recorded")
     spec = GradientSpec(model, plan, conditioning, len(params), mode, options, adjoint_grid, generator, progress,
                         check_finite, callback)

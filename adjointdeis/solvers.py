@@ -250,6 +250,9 @@ def _dpm_row(request: PlanRequest, i: int, k: int, data: bool) -> tuple[float, l
     """
     points, sde = request.points, request.sde
     s, t = points[i], points[i + 1]
+    if not data and s.alpha == 0.0:
+        raise ValueError("solver 'dpmsolver' with sde=True needs alpha > 0 at every evaluation time; start the grid "
+                         "below t = 1")
     h = t.half_log_snr - s.half_log_snr
     a, w, c = _dpm_first_order(s, t, h, data, sde)
     if k == 1:

@@ -239,6 +239,23 @@ def test_sd3_gradients_equal_autograd_through_the_pipeline_loop():
 
     want = hand_loop(call, config, None, None, steps, latents)
     check_gradients(got, want, [latents, *emb.values(), *params])
-    with pytest.raises(ValueError, match="zero noise"):
-        denoise(pipe, latents, pipe.scheduler, guidance_scale=5.0, num_inference_steps=steps, grad="adjoint",
-                **sd3_conditioning(emb))
+
+
+def test_adjoint_gradients_through_sd3():
+    """grad="adjoint" on SD3's grid (from t = 1 to zero noise): the x0 form, 2M, its own finer grid after the first
+    step; near the discrete gradient of the same run (they converge to the same continuous gradient: see
+    tests/test_flow.py::test_adjoint_from_pure_noise_to_zero_noise for the exact oracle). The eps form refuses t = 1."""
+    config = FlowMatchEulerDiscreteScheduler(**CONFIGS["sd3", "SD3/SD3.5"]).config
+    pipe = pipeline("sd3", FlowMatchEulerDiscreteScheduler.from_config(config), dtype=torch.float64)
+    emb = embeddings("sd3", torch.float64)
+    grads = {}
+    for grad, options in (("discrete", {}), ("adjoint", dict(adjoint_form="x0", adjoint_order=2, adjoint_steps=16))):
+        latents = sd3_latents(torch.float64).requires_grad_()
+        out = denoise(pipe, latents, pipe.scheduler, guidance_scale=5.0, num_inference_steps=4, grad=grad,
+                      parameters=[], **sd3_conditioning(emb), **options)
+        grads[grad] = torch.autograd.grad(out.square().sum(), latents)[0]
+    cosine = torch.nn.functional.cosine_similarity(grads["adjoint"].flatten(), grads["discrete"].flatten(), dim=0)
+    assert torch.isfinite(grads["adjoint"]).all() and cosine > 0.9, cosine
+    with pytest.raises(ValueError, match="adjoint_form='x0'"):
+        denoise(pipe, sd3_latents(torch.float64).requires_grad_(), pipe.scheduler, guidance_scale=5.0,
+                num_inference_steps=4, grad="adjoint", **sd3_conditioning(emb))
