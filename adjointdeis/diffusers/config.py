@@ -397,8 +397,11 @@ class Grid:
     sigmas: Tensor = field(compare=False)
 
 
-def _init_keys(class_name: str) -> tuple[str, ...]:
-    return tuple(inspect.signature(getattr(diffusers, class_name).__init__).parameters)[1:]
+@functools.lru_cache(maxsize=None)
+def _init_defaults(class_name: str) -> dict:
+    """The keyword arguments of a diffusers class's ``__init__`` and their defaults (do not modify)."""
+    parameters = list(inspect.signature(getattr(diffusers, class_name).__init__).parameters.values())[1:]
+    return {p.name: p.default for p in parameters}
 
 
 _GRID_KEYS = {
@@ -419,12 +422,12 @@ def _grid_source(config: Mapping, family: str, final: str) -> tuple[str, tuple]:
         name, keys = "FlowMatchEulerDiscreteScheduler", _GRID_KEYS["flow"]
     else:
         name, keys = "DPMSolverMultistepScheduler", _GRID_KEYS["dpmsolver"]
-        defaults = inspect.signature(diffusers.DPMSolverMultistepScheduler.__init__).parameters
-        dpm_only = any(k != "final_sigmas_type" and config.get(k, defaults[k].default) != defaults[k].default
+        defaults = _init_defaults("DPMSolverMultistepScheduler")
+        dpm_only = any(k != "final_sigmas_type" and config.get(k, defaults[k]) != defaults[k]
                        for k in _DPM_ONLY_GRID_KEYS) or final == "zero"
         if family == "deis" and not dpm_only:
             name = "DEISMultistepScheduler"
-    accepted = set(_init_keys(name))
+    accepted = _init_defaults(name)
     values = {k: config[k] for k in keys if k in config and k in accepted}
     if "final_sigmas_type" in accepted:
         values["final_sigmas_type"] = final
@@ -468,6 +471,12 @@ def _cached_grid(name: str, kwargs: tuple, steps: int | None, timesteps: tuple |
     sigma = reference.sigmas.to(torch.float32)
     levels = 1.0 - sigma if options.get("invert_sigmas") else sigma
     return Grid(tuple(levels.tolist()), reference.timesteps.clone(), sigma.clone())
+
+
+def clear_grid_cache() -> None:
+    """Forgets the memoised grids (for cold timings; the diffusers schedulers that compute them, one per config,
+    stay)."""
+    _cached_grid.cache_clear()
 
 
 def grid(config: Mapping, spec: SchedulerSpec, num_inference_steps: int | None = None, timesteps=None, sigmas=None,

@@ -344,9 +344,12 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         self._full_plan = None
         self._use_plan(0)
         self._full_plan = self._plan
-        rows = self._plan.eval_index
-        self.timesteps = grid.timesteps[list(rows)].to(device=device)
-        self.sigmas = torch.cat([grid.sigmas[list(rows)], grid.sigmas[-1:]])
+        rows = list(self._plan.eval_index)
+        if rows == list(range(self.num_inference_steps)):  # one evaluation per step: diffusers' own arrays
+            self.timesteps, self.sigmas = grid.timesteps.to(device=device, copy=True), grid.sigmas.clone()
+        else:
+            self.timesteps = grid.timesteps[rows].to(device=device)
+            self.sigmas = torch.cat([grid.sigmas[rows], grid.sigmas[-1:]])
         self._timestep_list = self.timesteps.cpu().tolist()
         if device is not None:
             self._rows_on(device)
