@@ -312,3 +312,18 @@ def test_family_detection():
     assert FusedMultistepScheduler(algorithm_type="deis").config.family == "deis"
     assert math.isclose(FusedMultistepScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config).config
                         .shift, 3.0)
+
+
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+def test_sample_takes_diffusers_timesteps(final):
+    """ad.sample(..., steps=N, timesteps=scheduler.timesteps): diffusers' N timesteps, the end implied (zero noise
+    by default, t_min = diffusers' sigma_min with denoise_to_zero=False): DPMSolverMultistep's sample."""
+    theirs = DPMSolverMultistepScheduler(final_sigmas_type=final)
+    theirs.set_timesteps(10)
+    sched = ad.VPSchedule.from_alphas_cumprod(theirs.alphas_cumprod)
+    x_T = initial_noise()
+    with torch.no_grad():
+        got = ad.sample(lambda x, t: fake_model(x, t.view(-1, 1, 1, 1)), x_T, sched, steps=10,
+                        timesteps=theirs.timesteps, denoise_to_zero=None if final == "zero" else False)
+    want = loop(theirs, x_T)[-1]
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5

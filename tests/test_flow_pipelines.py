@@ -63,7 +63,8 @@ def pipeline(kind, scheduler, guidance_embeds=False, dtype=torch.float32):
 def embeddings(kind, dtype=torch.float32):
     g = torch.Generator().manual_seed(1)
     pooled = 32 if kind == "flux" else 64
-    out = dict(prompt_embeds=torch.randn(1, 12, 32, generator=g), pooled_prompt_embeds=torch.randn(1, pooled, generator=g),
+    out = dict(prompt_embeds=torch.randn(1, 12, 32, generator=g),
+               pooled_prompt_embeds=torch.randn(1, pooled, generator=g),
                negative_prompt_embeds=torch.randn(1, 12, 32, generator=g),
                negative_pooled_prompt_embeds=torch.randn(1, pooled, generator=g))
     if kind == "flux":

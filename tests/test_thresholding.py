@@ -13,8 +13,10 @@ from adjointdeis.thresholding import DynamicThreshold, dynamic_threshold
 from gaussian import GaussianEps, per_dimension
 
 diffusers = pytest.importorskip("diffusers")
-pytestmark = [pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
+]
 
 
 def reference(x0, ratio, max_value):
@@ -108,3 +110,21 @@ def test_thresholded_sample_compiles_to_one_graph():
 
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(run, fullgraph=True)(x_T), run(x_T), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_thresholded_cuda_loop_never_syncs():
+    """A thresholded scheduler loop on CUDA under sync debug mode "error" (the quantile's ranks are host integers)."""
+    from adjointdeis.diffusers import FusedMultistepScheduler
+
+    scheduler = FusedMultistepScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5)
+    scheduler.set_timesteps(10, device="cuda")
+    scheduler.set_begin_index(0)
+    x = 2 * torch.randn(2, 4, 16, 16, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in scheduler.timesteps:
+            x = scheduler.step(0.9 * x, t, x).prev_sample
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x.cpu()).all()

@@ -1,7 +1,8 @@
 """diffusers integration: a drop-in scheduler that runs adjointdeis' fused, differentiable steps.
 
 ``FusedMultistepScheduler`` (the scheduler; ``FusedDPMSolverMultistepScheduler``, ``FusedDEISMultistepScheduler``,
-``FusedFlowMatchEulerDiscreteScheduler`` and ``FusedFlowMatchHeunDiscreteScheduler`` fix its family), ``denoise`` (a pipeline's loop with gradients) and
+``FusedFlowMatchEulerDiscreteScheduler`` and ``FusedFlowMatchHeunDiscreteScheduler`` fix its family), ``denoise``
+(a pipeline's loop with gradients) and
 ``schedule_from_config`` (our noise schedule for a scheduler config) all read diffusers configs through
 :mod:`adjointdeis.diffusers.config`.
 

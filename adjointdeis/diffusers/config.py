@@ -3,8 +3,9 @@
 A diffusers config (``scheduler.config``, a dict, or the keyword arguments of a scheduler) names its noise
 schedule (``beta_schedule``, ``beta_start``, ``beta_end``, ``trained_betas``, ``rescale_betas_zero_snr``,
 ``use_flow_sigmas``, ``flow_shift``, FlowMatch's ``shift``), its prediction (``prediction_type``), its algorithm
-(``algorithm_type``, ``solver_type``, ``thresholding``) and its grid. :class:`~adjointdeis.diffusers.FusedMultistepScheduler`,
-:func:`~adjointdeis.diffusers.denoise` and :func:`schedule_from_config` all read them here:
+(``algorithm_type``, ``solver_type``, ``thresholding``) and its grid.
+:class:`~adjointdeis.diffusers.FusedMultistepScheduler`, :func:`~adjointdeis.diffusers.denoise` and
+:func:`schedule_from_config` all read them here:
 
 - :func:`detect_family`: which diffusers scheduler a config belongs to (:data:`FAMILIES`);
 - :func:`translate`: the sampler a config means in that family (:class:`SchedulerSpec`), validated;

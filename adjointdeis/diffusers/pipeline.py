@@ -117,7 +117,8 @@ def _family_config(scheduler) -> tuple[dict, str | None]:
 
 
 def setup_from_scheduler(scheduler, num_inference_steps: int | None, solver: str | None = None,
-                         order: int | None = None, timesteps=None, sigmas=None, mu: float | None = None) -> SamplingSetup:
+                         order: int | None = None, timesteps=None, sigmas=None,
+                         mu: float | None = None) -> SamplingSetup:
     """Our schedule, grid and solver from a diffusers scheduler's configuration (the scheduler is not modified).
 
     DPMSolverMultistep, DEISMultistep, FlowMatchEuler, FlowMatchHeun and our schedulers: the grid of
@@ -155,15 +156,16 @@ def setup_from_scheduler(scheduler, num_inference_steps: int | None, solver: str
             raise ValueError("denoise: pass exactly one of num_inference_steps, timesteps or sigmas for this scheduler")
     grid = translation.grid(config, spec, num_inference_steps, timesteps, sigmas, mu)
     levels = torch.tensor(grid.levels, dtype=torch.float64)
-    return SamplingSetup(_grid_schedule(levels, spec.flow), levels, grid.timesteps.to(torch.float64), spec.prediction, spec.solver, spec.order,
+    return _setup(spec, levels, grid.timesteps)
+
+
+def _setup(spec: translation.SchedulerSpec, levels: Tensor, timesteps: Tensor) -> SamplingSetup:
+    """The setup of a grid: its schedule in the grid's variable, with t_min below the cleanest non-zero level."""
+    t_min, t_max = 0.5 * float(levels[levels > 0].min()), float(levels[0])
+    schedule = FlowSchedule(t_min=t_min, t_max=t_max) if spec.flow else VELevelSchedule(t_min, t_max)
+    return SamplingSetup(schedule, levels, timesteps.to(torch.float64), spec.prediction, spec.solver, spec.order,
                          spec.sde, spec.lower_order_final, spec.euler_at_final, spec.second_order, spec.threshold,
                          spec.output_sign, spec.learned_variance)
-
-
-def _grid_schedule(levels: Tensor, flow: bool) -> NoiseSchedule:
-    """The schedule in the grid's variable, its ends the grid's (t_min below the cleanest non-zero level)."""
-    t_min, t_max = 0.5 * float(levels[levels > 0].min()), float(levels[0])
-    return FlowSchedule(t_min=t_min, t_max=t_max) if flow else VELevelSchedule(t_min, t_max)
 
 
 def _setup_from_own_timesteps(scheduler, config: dict, steps: int | None, overrides: dict, timesteps) -> SamplingSetup:
@@ -191,9 +193,7 @@ def _setup_from_own_timesteps(scheduler, config: dict, steps: int | None, overri
     spec = translation.translate({**config, "solver": "ddim" if is_ddim else "dpmpp", "solver_order": 2,
                                   "algorithm_type": None, "solver_type": None, "final_sigmas_type": final,
                                   **overrides}, "dpmsolver")
-    return SamplingSetup(_grid_schedule(levels, False), levels, model_times.to(torch.float64), spec.prediction, spec.solver, spec.order,
-                         spec.sde, spec.lower_order_final, spec.euler_at_final, spec.second_order, spec.threshold,
-                         spec.output_sign, spec.learned_variance)
+    return _setup(spec, levels, model_times)
 
 
 def _network(pipe_or_unet) -> torch.nn.Module:
