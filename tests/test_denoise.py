@@ -168,6 +168,7 @@ def test_forward_matches_flow_match_euler():
     assert relative_error(ours, theirs) < FORWARD_RTOL
 
 
+@pytest.mark.filterwarnings("ignore:.*algorithm_type dpmsolver is deprecated:FutureWarning")
 @pytest.mark.parametrize("scheduler", [
     lambda: DPMSolverMultistepScheduler(use_karras_sigmas=True, solver_order=3),
     lambda: DPMSolverMultistepScheduler(use_lu_lambdas=True, prediction_type="v_prediction"),

@@ -393,13 +393,15 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
                              "pass s_churn=0")
         if self._plan is None:
             raise ValueError("FusedMultistepScheduler.step: call set_timesteps before step")
-        index = self._step_index
+        index, looked_up = self._step_index, False
         if index is None:
+            looked_up = self._begin_index is None  # then the index comes from the timestep itself
             index = self._init_step_index(timestep)
         if index >= len(self._timestep_list):
             raise ValueError(f"FusedMultistepScheduler.step: all {len(self._timestep_list)} steps are done; "
                              "call set_timesteps to sample again")
-        self._check_timestep(index, timestep)
+        if not looked_up:
+            self._check_timestep(index, timestep)
         if self._spec.learned_variance and model_output.shape[1] != sample.shape[1]:
             model_output = model_output[:, : sample.shape[1]]
         out = model_output.to(sample.dtype)
