@@ -14,11 +14,12 @@ from .models import PredictionAdapter
 from .planning import StepInfo
 from .sampling import sample
 from .schedules import EDMSchedule, FlowSchedule, NoiseSchedule, VPSchedule
+from .thresholding import DynamicThreshold
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdjointOptions", "EDMSchedule", "FlowSchedule", "FourierTemporalConv", "NoiseSchedule", "PredictionAdapter",
+    "AdjointOptions", "DynamicThreshold", "EDMSchedule", "FlowSchedule", "FourierTemporalConv", "NoiseSchedule", "PredictionAdapter",
     "StepInfo", "VPSchedule", "diagnostics", "dsno", "guide", "ops", "reference", "sample", "sample_ctm",
     "score_from_ctm",
 ]

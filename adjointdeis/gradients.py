@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import ops
 from .models import Conditioning, evaluate_model
-from .planning import AdjointGrid, SamplingPlan, StepInfo, run_plan
+from .planning import AdjointGrid, SamplingPlan, StepInfo, row_output, run_plan
 from .predictions import conversion
 from .reference import opmath_dtype
 from .solvers import GridPoint
@@ -62,11 +62,14 @@ class AdjointOptions:
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"AdjointOptions.steps (adjoint_steps) must be >= 1, got {self.steps}")
 
-    def check_run(self, denoise_to_zero: bool, sde: bool) -> None:
+    def check_run(self, sde: bool, thresholded: bool = False, pure_noise_start: bool = False) -> None:
         """Raises ValueError when these settings cannot differentiate a run with these options."""
-        if denoise_to_zero:
-            raise ValueError("grad='adjoint' integrates the continuous adjoint from the grid's last time; "
-                             "it cannot start at zero noise (denoise_to_zero=True): use grad='discrete'")
+        if pure_noise_start and self.form == "eps":
+            raise ValueError("grad='adjoint': the grid starts at pure noise (alpha = 0, a flow grid's t = 1), where "
+                             "the eps form divides by alpha; use adjoint_form='x0'")
+        if thresholded:
+            raise ValueError("grad='adjoint' integrates the probability-flow ODE's adjoint, which a thresholded "
+                             "sampler (threshold=...: diffusers' thresholding) does not solve: use grad='discrete'")
         if sde and self.states == "resolved":
             raise ValueError("states='resolved' re-solves the ODE backwards; an SDE sample needs states='recorded'")
 
@@ -170,18 +173,22 @@ def _forward(spec: GradientSpec, x_T: Tensor, conditioning: Conditioning) -> tup
     states = []
     if spec.mode == "discrete":
         return run(spec.plan, _chain(lambda info: states.append(info.x), spec.callback)), states
+    last_row, last_input = len(spec.plan.steps) - 1, []
+    callback = spec.callback
+    if _ends_at_zero_noise(spec.plan):  # the step to zero noise is differentiated exactly, from its input
+        callback = _chain(lambda info: last_input.append(info.x) if info.row == last_row else None, callback)
     if spec.adjoint.states == "resolved":
-        return run(spec.plan, spec.callback), states
+        return run(spec.plan, callback), last_input
 
     def record_grid(info: StepInfo) -> None:
         if info.starts_step:
             states.append(info.x)
 
     if spec.adjoint_grid.forward is None:
-        x = run(spec.plan, _chain(record_grid, spec.callback))
-        return x, states + [x]
-    x = run(spec.plan, spec.callback)
-    return x, states + [run(spec.adjoint_grid.forward, record_grid)]
+        x = run(spec.plan, _chain(record_grid, callback))
+        return x, states + [x] + last_input
+    x = run(spec.plan, callback)
+    return x, states + [run(spec.adjoint_grid.forward, record_grid)] + last_input
 
 
 class _Sampler(torch.autograd.Function):
@@ -193,7 +200,9 @@ class _Sampler(torch.autograd.Function):
         ctx.num_cond = num_cond
         ctx.num_leaves = len(leaves)
         ctx.save_for_backward(*leaves, *states)
-        ctx.final = x if spec.mode == "adjoint" else None
+        ctx.final = None
+        if spec.mode == "adjoint":
+            ctx.final = states[-1] if _ends_at_zero_noise(spec.plan) else x
         return x
 
     @staticmethod
@@ -255,10 +264,12 @@ def parameter_names(model, params: list[Tensor]) -> list[str] | None:
 
 
 def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cotangent_of_out,
-              param_accumulators: tuple[list[str], list[Tensor]] | None = None):
+              param_accumulators: tuple[list[str], list[Tensor]] | None = None, row: int | None = None):
     """Re-runs the model at x with grad enabled and pulls a cotangent back.
 
     Args:
+        row: the plan's row whose output is differentiated (:func:`adjointdeis.planning.row_output`: the
+            thresholded x0 with thresholding); None: the model's output itself.
         cotangent_of_out: callable mapping the output's dtype to the cotangent tensor.
         param_accumulators: optional (names, buffers): the parameters' gradients are then added
             into the buffers in place as each becomes ready (the model runs through
@@ -285,6 +296,8 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
             out = evaluate_model(call, x_in, t, c.cond, c.guidance_scale, c.uncond)
         else:
             out = evaluate_model(model, x_in, t, c.cond, c.guidance_scale, c.uncond)
+        if row is not None:
+            out = row_output(spec.plan, row, x_in, out)
         if not out.requires_grad:
             raise RuntimeError(
                 f"grad={spec.mode!r}: the model output does not depend on x or on any tensor that requires "
@@ -348,7 +361,7 @@ def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], c
     in_place = None if names is None else (names, acc_params)
     for j in range(last, -1, -1):
         vjp_x, vjp_cond, vjp_params = model_vjp(spec, states[j], t_eval[j].expand(batch), cond_leaves, params,
-                                                lambda out, c=cot: c.to(out.dtype), in_place)
+                                                lambda out, c=cot: c.to(out.dtype), in_place, row=j)
         _accumulate(acc_cond, vjp_cond, one)
         if in_place is None:
             _accumulate(acc_params, vjp_params, one)
@@ -358,13 +371,30 @@ def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], c
     return xbar.to(grad_x.dtype), _finish(acc_cond, cond_leaves), _finish(acc_params, params)
 
 
+def _ends_at_zero_noise(plan: SamplingPlan) -> bool:
+    return plan.points[-1].sigma == 0.0
+
+
 def _adjoint_step_coefficients(form: str, sde: bool, t: GridPoint, s: GridPoint):
     """(A, B, Bz, mx, mz) of one first-order AdjointDEIS step from t (cleaner) to s (noisier).
 
     x: a(s) = A a(t) + B V,  V = mx (a^T dD/dx)   z: a_z(s) = a_z(t) + Bz W,  W = mz (a^T dD/dz)
-    with D = eps-hat (eps form, docs/math.md section 5.2) or x0-hat (x0 form, section 5.3).
+    with D = eps-hat (eps form, docs/math.md section 5.2) or x0-hat (x0 form, section 5.3). A step to pure
+    noise (alpha_s = 0, a flow grid's t = 1) uses ``alpha_s e^{-h} = alpha_t sigma_s / sigma_t``, the exact limit
+    of the x0 form there; the eps form divides by alpha_s and is refused.
+
+    Raises:
+        ValueError for the eps form at alpha_s = 0.
     """
     h = s.half_log_snr - t.half_log_snr  # < 0
+    if s.alpha == 0.0:
+        if form == "eps":
+            raise ValueError("grad='adjoint': the grid starts at pure noise (alpha = 0, a flow grid's t = 1), where "
+                             "the eps form divides by alpha; use adjoint_form='x0'")
+        scaled = t.alpha * s.sigma / t.sigma  # alpha_s e^{-h}
+        if not sde:
+            return t.sigma / s.sigma, scaled / s.sigma**2, scaled / s.sigma, t.sigma**2, t.sigma
+        return 0.0, 0.0, 2.0 * scaled / s.sigma, t.sigma**2, t.sigma
     if form == "eps":
         factor = 2.0 if sde else 1.0
         return (t.alpha / s.alpha, factor * s.sigma * math.expm1(h) / s.alpha**2,
@@ -392,6 +422,9 @@ def continuous_adjoint(spec: GradientSpec, grad_x: Tensor, grid_states: list[Ten
     acc_dtype = accumulation_dtype(final.dtype)
     target = "eps" if cfg.form == "eps" else "x0"
     batch = final.shape[0]
+    acc_cond, acc_params = [None] * len(cond_leaves), [None] * len(params)
+    if _ends_at_zero_noise(spec.plan):
+        grad_x = _last_step_vjp(spec, grad_x.to(acc_dtype), final, cond_leaves, params, acc_cond, acc_params)
     steps = list(range(len(grid) - 2, -1, -1))
     rows, z_scales, cot_scales, h_prev, mz_prev = [], [], [], None, None
     for k in steps:
@@ -399,7 +432,8 @@ def continuous_adjoint(spec: GradientSpec, grad_x: Tensor, grid_states: list[Ten
         p, q = conversion(prediction, target, t.alpha, t.sigma)
         A, B, Bz, mx, mz = _adjoint_step_coefficients(cfg.form, sde, t, s)
         h = s.half_log_snr - t.half_log_snr
-        w0, w1 = (1.0 + 0.5 * h / h_prev, -0.5 * h / h_prev) if cfg.order == 2 and h_prev is not None else (1.0, 0.0)
+        second = cfg.order == 2 and h_prev is not None and math.isfinite(h)  # first order into pure noise
+        w0, w1 = (1.0 + 0.5 * h / h_prev, -0.5 * h / h_prev) if second else (1.0, 0.0)
         rows.append([A, B * w0, B * w1, 0.0, 0.0, mx * p, mx])
         z_scales.append([Bz * w0 * mz, 0.0 if mz_prev is None else Bz * w1 * mz_prev])  # W = mz * vjp
         cot_scales.append(q)
@@ -408,7 +442,6 @@ def continuous_adjoint(spec: GradientSpec, grad_x: Tensor, grid_states: list[Ten
     z_scales = torch.tensor(z_scales, dtype=torch.float64, device=device)
     times = torch.tensor(spec.adjoint_grid.model_times, dtype=torch.float64).to(device, dtype=opmath_dtype(final.dtype))
     a_x, x_t = grad_x.to(acc_dtype), final
-    acc_cond, acc_params = [None] * len(cond_leaves), [None] * len(params)
     hist_v, hist_vjp = None, None
     for i, k in enumerate(steps):
         t, s = grid[k + 1], grid[k]
@@ -427,6 +460,26 @@ def continuous_adjoint(spec: GradientSpec, grad_x: Tensor, grid_states: list[Ten
             x_t = _ddim_inversion_step(spec, x_t, t_model, t, s, cond_leaves)
         a_x, hist_v, hist_vjp = a_next, v_t, vjps
     return a_x.to(grad_x.dtype), _finish(acc_cond, cond_leaves), _finish(acc_params, params)
+
+
+def _last_step_vjp(spec: GradientSpec, grad_x: Tensor, x: Tensor, cond_leaves, params, acc_cond, acc_params) -> Tensor:
+    """The exact VJP of a run's last row, the first-order step to zero noise from its input x, into the
+    accumulators; returns dL/dx there (the continuous adjoint then starts from the grid's last time before zero).
+
+    Raises:
+        ValueError when that row reads a history (it cannot: a step to zero noise is first order).
+    """
+    steps = spec.plan.steps
+    a, b0, _, _, _, p, q = steps.rows[-1]
+    if steps.num_history[-1]:
+        raise ValueError("grad='adjoint': the step to zero noise must be first order")
+    t = torch.tensor(spec.plan.t_eval[-1], dtype=torch.float64).to(x.device, dtype=opmath_dtype(x.dtype))
+    cot = (q * b0) * grad_x
+    vjp_x, vjp_cond, vjp_params = model_vjp(spec, x, t.expand(x.shape[0]), cond_leaves, params,
+                                            lambda out: cot.to(out.dtype))
+    one = torch.ones((), dtype=torch.float64, device=x.device)
+    _accumulate_split(acc_cond, acc_params, vjp_cond + vjp_params, one)
+    return (a + b0 * p) * grad_x + vjp_x.to(grad_x.dtype)
 
 
 def _accumulate_split(acc_cond, acc_params, updates, scale):

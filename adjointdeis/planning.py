@@ -8,6 +8,7 @@ coefficient table (section 4). The result, a :class:`SamplingPlan`, is plain imm
 sees every evaluation (:class:`StepInfo`).
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,9 +18,13 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .models import evaluate_model
+from .predictions import conversion
 from .reference import opmath_dtype
 from .schedules import FlowSchedule, NoiseSchedule
 from .solvers import GridPoint, StepPlan, build_plan, resolve_order
+from .thresholding import DynamicThreshold
+
+DEFAULT_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,9 @@ class SolverSettings:
     sde: bool = False
     lower_order_final: bool = True
     third_order: str = "published"
+    second_order: str = "midpoint"
+    threshold: DynamicThreshold | None = None
+    euler_at_final: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,8 @@ class SamplingPlan:
         steps: the coefficient table, one row per model evaluation.
         t_eval: the model time of every row's evaluation.
         settings: the solver that made `steps`.
+        x0_rows: with thresholding, per row the ``(p, q)`` of the model output's conversion to x0; the rows of
+            `steps` then take the thresholded x0 as their output (see :func:`row_output`).
     """
 
     times: tuple[float, ...]
@@ -53,6 +63,7 @@ class SamplingPlan:
     steps: StepPlan
     t_eval: tuple[float, ...]
     settings: SolverSettings
+    x0_rows: tuple[tuple[float, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,32 @@ def heun_variable(sched: NoiseSchedule) -> str:
     return "flow" if isinstance(sched, FlowSchedule) else "rho"
 
 
+def resolve_grid(sched: NoiseSchedule, steps: int | None, timesteps, denoise_to_zero: bool | None
+                 ) -> tuple[int, tuple[float, ...] | None, bool]:
+    """What a sample call's `steps`, `timesteps` and `denoise_to_zero` mean: (steps, grid, denoise_to_zero).
+
+    Without `timesteps`: `steps` steps (default 20) spaced by the call's spacing. With `timesteps` of
+    ``steps + 1`` values (or `steps` omitted): that grid. With exactly `steps` values: diffusers' convention,
+    the model timesteps of the N steps with the end implied: zero noise (`denoise_to_zero` defaults to True), or
+    with ``denoise_to_zero=False`` the schedule's cleanest time ``t_min`` (diffusers' ``final_sigmas_type=
+    "sigma_min"``; a last timestep already there makes the last step the identity).
+
+    Raises:
+        ValueError naming `timesteps` when its length is neither `steps` nor ``steps + 1``.
+    """
+    if timesteps is None:
+        return (DEFAULT_STEPS if steps is None else steps), None, bool(denoise_to_zero)
+    values = tuple(torch.as_tensor(timesteps).to(torch.float64).reshape(-1).tolist())
+    if steps is None or steps == len(values) - 1:
+        return len(values) - 1, values, bool(denoise_to_zero)
+    if steps == len(values):
+        end = min(float(sched.t_min), values[-1])
+        return steps, values + (end,), True if denoise_to_zero is None else bool(denoise_to_zero)
+    raise ValueError(f"timesteps has {len(values)} values for steps={steps}: pass steps + 1 values (the whole grid, "
+                     "noisiest first, ending where the last step lands) or steps values (diffusers' convention: "
+                     "the model timesteps of the steps, the end implied)")
+
+
 def sampling_grid(sched: NoiseSchedule, steps: int, spacing: str = "logsnr",
                   timesteps: Tensor | None = None, denoise_to_zero: bool = False) -> tuple[Tensor, list[GridPoint]]:
     """The time grid of a sampling run and its (alpha, sigma) points.
@@ -104,7 +141,8 @@ def sampling_grid(sched: NoiseSchedule, steps: int, spacing: str = "logsnr",
         sched: the noise schedule.
         steps: number of steps N (ignored when `timesteps` is given).
         spacing: grid spacing for ``sched.timesteps``.
-        timesteps: optional explicit grid, (N+1,) strictly decreasing, noisiest first.
+        timesteps: optional explicit grid, (N+1,) strictly decreasing, noisiest first; its last two
+            entries may be equal (a zero-length last step, the identity; or, denoising to zero, an unused end).
         denoise_to_zero: replace the grid's last point by zero noise (alpha=1, sigma=0),
             as diffusers' ``final_sigmas_type="zero"``.
 
@@ -117,6 +155,9 @@ def sampling_grid(sched: NoiseSchedule, steps: int, spacing: str = "logsnr",
     """
     if timesteps is None:
         ts = sched.timesteps(steps, spacing)
+    elif len(timesteps) > 2 and timesteps[-1] == timesteps[-2]:
+        ts = sched.check_grid(timesteps[:-1])
+        ts = torch.cat([ts, ts[-1:]])
     else:
         ts = sched.check_grid(timesteps)
     alphas, sigmas = sched.alpha(ts).tolist(), sched.sigma(ts).tolist()
@@ -127,24 +168,32 @@ def sampling_grid(sched: NoiseSchedule, steps: int, spacing: str = "logsnr",
 
 
 def _plan_on_grid(sched: NoiseSchedule, ts: Tensor, points: list[GridPoint], settings: SolverSettings) -> SamplingPlan:
-    steps = build_plan(points, settings.solver, settings.order, settings.prediction, sde=settings.sde,
-                       lower_order_final=settings.lower_order_final, third_order=settings.third_order,
-                       heun_variable=heun_variable(sched))
+    threshold = settings.threshold
+    steps = build_plan(points, settings.solver, settings.order, "x0" if threshold else settings.prediction,
+                       sde=settings.sde, lower_order_final=settings.lower_order_final,
+                       third_order=settings.third_order, heun_variable=heun_variable(sched),
+                       second_order=settings.second_order, final_order_one=settings.euler_at_final)
+    x0_rows = None
+    if threshold is not None:
+        x0_rows = tuple(conversion(settings.prediction, "x0", points[i].alpha, points[i].sigma)
+                        for i in steps.eval_index)
     model_times = tuple(sched.model_time(ts).tolist())
     return SamplingPlan(tuple(ts.tolist()), tuple(points), model_times, steps,
-                        tuple(model_times[i] for i in steps.eval_index), settings)
+                        tuple(model_times[i] for i in steps.eval_index), settings, x0_rows)
 
 
 @torch.compiler.assume_constant_result
 def plan_sampling(sched: NoiseSchedule, steps: int, spacing: str, timesteps: tuple[float, ...] | None,
                   denoise_to_zero: bool, solver: str, order: int | None, prediction: str, sde: bool = False,
-                  lower_order_final: bool = True, third_order: str = "published") -> SamplingPlan:
+                  lower_order_final: bool = True, third_order: str = "published", second_order: str = "midpoint",
+                  threshold: DynamicThreshold | None = None, euler_at_final: bool = False) -> SamplingPlan:
     """The plan of one sampling run (a constant for ``torch.compile``).
 
     Args:
         sched, steps, spacing, denoise_to_zero: as for :func:`sampling_grid`.
         timesteps: an explicit (N+1,) grid as a tuple of floats, or None.
-        solver, order, prediction, sde, lower_order_final, third_order: as for :func:`adjointdeis.sample`.
+        solver, order, prediction, sde, lower_order_final, third_order, second_order, threshold,
+            euler_at_final: as for :func:`adjointdeis.sample`.
 
     Returns:
         The :class:`SamplingPlan`.
@@ -153,7 +202,7 @@ def plan_sampling(sched: NoiseSchedule, steps: int, spacing: str, timesteps: tup
         ValueError naming the bad argument (solver, order, sde, steps, spacing, timesteps, ...).
     """
     settings = SolverSettings(solver, resolve_order(solver, order, sde), prediction, sde, lower_order_final,
-                              third_order)
+                              third_order, second_order, threshold, euler_at_final)
     grid = None if timesteps is None else torch.tensor(timesteps, dtype=torch.float64)
     ts, points = sampling_grid(sched, steps, spacing, grid, denoise_to_zero)
     return _plan_on_grid(sched, ts, points, settings)
@@ -163,24 +212,51 @@ def plan_adjoint_grid(sched: NoiseSchedule, plan: SamplingPlan, steps: int | Non
                       record_states: bool) -> AdjointGrid:
     """The AdjointDEIS grid of a run: the sampling grid, or `steps` steps uniform in log-SNR between its ends.
 
+    A run that denoises to zero noise ends its continuous adjoint at the grid's last time before zero noise (the
+    step to zero noise is differentiated exactly, see :func:`adjointdeis.gradients.continuous_adjoint`); a grid
+    that starts at pure noise keeps its first step and spaces the rest.
+
     Args:
         sched: the run's schedule.
-        plan: the sampling plan (not denoising to zero).
+        plan: the sampling plan.
         steps: steps of the adjoint grid; None uses the sampling grid.
         record_states: whether the states on an adjoint grid of its own come from a forward run on it
             (then its plan is built, with the sampling plan's solver).
+
+    Raises:
+        ValueError for `steps` < 2 on a grid that starts at pure noise.
     """
+    end = -1 if plan.points[-1].sigma == 0.0 else None
+    points, model_times, times = plan.points[:end], plan.model_times[:end], plan.times[:end]
     if steps is None:
-        return AdjointGrid(plan.points, plan.model_times)
-    lam = torch.linspace(float(sched.half_log_snr(plan.times[0])), float(sched.half_log_snr(plan.times[-1])),
-                         steps + 1, dtype=torch.float64)
+        return AdjointGrid(points, model_times)
+    # From pure noise (log-SNR -inf: a flow grid's t = 1) the first step is the sampling grid's own.
+    head = () if math.isfinite(float(sched.half_log_snr(times[0]))) else times[:1]
+    if head and steps < 2:
+        raise ValueError("adjoint_steps must be >= 2 on a grid that starts at pure noise (its first step is kept)")
+    start = times[len(head)]
+    lam = torch.linspace(float(sched.half_log_snr(start)), float(sched.half_log_snr(times[-1])),
+                         steps + 1 - len(head), dtype=torch.float64)
     ts = sched.time_from_half_log_snr(lam)
-    ts[0], ts[-1] = plan.times[0], plan.times[-1]
-    ts, points = sampling_grid(sched, steps, timesteps=ts)
+    ts[0], ts[-1] = start, times[-1]
+    ts, grid = sampling_grid(sched, steps, timesteps=torch.cat([torch.tensor(head, dtype=torch.float64), ts]))
     if not record_states:
-        return AdjointGrid(tuple(points), tuple(sched.model_time(ts).tolist()))
-    forward = _plan_on_grid(sched, ts, points, plan.settings)
+        return AdjointGrid(tuple(grid), tuple(sched.model_time(ts).tolist()))
+    forward = _plan_on_grid(sched, ts, grid, plan.settings)
     return AdjointGrid(forward.points, forward.model_times, forward)
+
+
+def row_output(plan: SamplingPlan, row: int, x: Tensor, out: Tensor) -> Tensor:
+    """What row `row` of `plan` takes as its output: the model's, or with thresholding the thresholded x0.
+
+    Args:
+        x: (batch, *shape) the state the model was evaluated at; out: (batch, *shape) its (guided) output.
+    """
+    out = out.to(x.dtype)
+    if plan.x0_rows is None:
+        return out
+    p, q = plan.x0_rows[row]
+    return plan.settings.threshold(p * x + q * out)
 
 
 def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, guidance_scale=None, uncond=None,
@@ -217,7 +293,8 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
         noise = None
         if steps.noisy[row]:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_next, m0 = ops.multistep_step(x, out.to(x.dtype), history[:steps.num_history[row]], coeffs[row], noise)
+        x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), history[:steps.num_history[row]],
+                                        coeffs[row], noise)
         if callback is not None:
             callback(StepInfo(row, steps.eval_index[row], steps.starts_step[row], t_eval[row], x, out, m0, x_next))
         x, history = x_next, [m0] + history[:1]

@@ -7,20 +7,23 @@ from torch import Tensor
 
 from .gradients import AdjointOptions, GradientSpec, adjoint_options, gradient_mode, sample_with_gradients
 from .models import Conditioning, model_parameters
-from .planning import StepInfo, plan_adjoint_grid, plan_sampling, run_plan
+from .planning import StepInfo, plan_adjoint_grid, plan_sampling, resolve_grid, run_plan
 from .predictions import check_prediction
 from .schedules import NoiseSchedule
+from .thresholding import DynamicThreshold
 
 
-def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int = 20, solver: str = "dpmpp",
+def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None = None, solver: str = "dpmpp",
            order: int | None = None, spacing: str = "logsnr", prediction: str = "eps",
            cond=None, guidance_scale: float | Tensor | None = None, uncond=None, sde: bool = False,
            generator: torch.Generator | None = None, timesteps: Tensor | None = None,
-           lower_order_final: bool = True, denoise_to_zero: bool = False, third_order: str = "published",
+           lower_order_final: bool = True, denoise_to_zero: bool | None = None, third_order: str = "published",
            grad: str | None = None, parameters: Iterable[Tensor] | None = None, progress: bool = False,
            check_finite: bool = True, *, adjoint: AdjointOptions | None = None,
            callback: Callable[[StepInfo], None] | None = None, adjoint_order: int | None = None,
-           adjoint_form: str | None = None, adjoint_steps: int | None = None, states: str | None = None) -> Tensor:
+           adjoint_form: str | None = None, adjoint_steps: int | None = None, states: str | None = None,
+           second_order: str = "midpoint", threshold: DynamicThreshold | None = None,
+           euler_at_final: bool = False) -> Tensor:
     """Samples from a diffusion or flow model, noise to data, one fused kernel per step.
 
     Args:
@@ -29,9 +32,10 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int = 20, 
         x_T: (batch, *shape) initial noise (scaled for the schedule: ``sigma(t_max)``-sized
             for EDM, standard normal for VP and flow).
         sched: the noise schedule.
-        steps: number of steps N >= 1.
-        solver: a name of :data:`adjointdeis.solvers.SOLVERS`: "ddim" | "deis" | "dpmpp" | "heun".
-        order: solver order (ddim 1; deis/dpmpp 1-3; heun 2); None picks the solver's default.
+        steps: number of steps N >= 1 (default 20; with `timesteps`, see there).
+        solver: a name of :data:`adjointdeis.solvers.SOLVERS`: "ddim" | "deis" | "dpmpp" | "dpmsolver" |
+            "heun" | "renoise".
+        order: solver order (ddim, renoise 1; deis/dpmpp/dpmsolver 1-3; heun 2); None picks the solver's default.
             "heun" is EDM's second-order Heun with a last Euler step (2N - 1 model evaluations); on a
             :class:`FlowSchedule` it integrates ``dx/dt = eps - x0`` in t, elsewhere in EDM's
             ``(x/alpha, sigma/alpha)`` (see :func:`adjointdeis.planning.heun_variable`).
@@ -42,11 +46,16 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int = 20, 
         guidance_scale: classifier-free guidance scale (scalar or tensor broadcastable to the
             output); requires `uncond`.
         uncond: the unconditional conditioning, same structure as `cond`.
-        sde: stochastic DPM-Solver++ (orders 1 and 2), noise drawn from `generator`.
+        sde: stochastic DPM-Solver++ (orders 1-3) or DPM-Solver (orders 1, 2), noise drawn from `generator`.
         generator: torch.Generator for the SDE noise (reproducible runs).
-        timesteps: explicit (N+1,) grid, strictly decreasing; overrides steps and spacing.
+        timesteps: an explicit grid, strictly decreasing, in model-time units; overrides spacing. With
+            ``steps + 1`` values (or `steps` omitted) it is the whole grid, ending where the last step lands.
+            With exactly `steps` values it is diffusers' convention (``pipe.scheduler.timesteps``): the model
+            timesteps of the steps, the end implied by `denoise_to_zero` (see
+            :func:`adjointdeis.planning.resolve_grid`). Any other length raises.
         lower_order_final: lower the order on the final steps when N < 15 (as diffusers).
-        denoise_to_zero: the last step lands on zero noise instead of the grid's last time.
+        denoise_to_zero: the last step lands on zero noise instead of the grid's last time; None: True for
+            diffusers' N-timestep convention, False otherwise.
         third_order: for dpmpp order 3, "published" (DPM-Solver++(3M) exactly as in the paper
             and diffusers, which is globally second order) or "taylor" (third order).
         grad: how gradients flow to x_T, the conditioning and the model's parameters:
@@ -79,9 +88,11 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int = 20, 
     check_prediction(prediction)
     if guidance_scale is not None and (cond is None or uncond is None):
         raise ValueError("guidance_scale needs both cond and uncond")
-    grid = None if timesteps is None else tuple(torch.as_tensor(timesteps, dtype=torch.float64).tolist())
+    if threshold is not None and not isinstance(threshold, DynamicThreshold):
+        raise TypeError(f"threshold must be an adjointdeis.DynamicThreshold, got {type(threshold).__name__}")
+    steps, grid, denoise_to_zero = resolve_grid(sched, steps, timesteps, denoise_to_zero)
     plan = plan_sampling(sched, steps, spacing, grid, denoise_to_zero, solver, order, prediction, sde,
-                         lower_order_final, third_order)
+                         lower_order_final, third_order, second_order, threshold, euler_at_final)
     conditioning = Conditioning(cond, uncond, guidance_scale)
     params = model_parameters(model, parameters)
     mode = gradient_mode(grad, x_T, conditioning, params)
@@ -92,7 +103,7 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int = 20, 
     options, adjoint_grid = None, None
     if mode == "adjoint":
         options = adjoint_options(adjoint, adjoint_order, adjoint_form, adjoint_steps, states)
-        options.check_run(denoise_to_zero, sde)
+        options.check_run(sde, threshold is not None, plan.points[0].alpha == 0.0)
         adjoint_grid = plan_adjoint_grid(sched, plan, options.steps, options.states == "recorded")
     spec = GradientSpec(model, plan, conditioning, len(params), mode, options, adjoint_grid, generator, progress,
                         check_finite, callback)

@@ -10,6 +10,7 @@ an SDE variant, how many model evaluations a step takes, and its row builder, a 
 :class:`PlanRequest` to the plan's :class:`Row` s. Adding a solver is one entry and one row builder.
 """
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from .predictions import conversion
 from .reference import STEP_COEFFS
 
 THIRD_ORDER_VARIANTS = ("published", "taylor")
+# The two second-order DPM-Solver updates (diffusers' solver_type): midpoint and Heun weights of D1.
+SECOND_ORDER_VARIANTS = ("midpoint", "heun")
 HEUN_VARIABLES = ("rho", "flow")
 # diffusers' lower_order_final: below this many steps the last two steps are taken at order <= 1 and <= 2.
 LOWER_ORDER_FINAL_BELOW = 15
@@ -88,8 +91,9 @@ class PlanRequest:
         final_order_one: take the last step at order 1 (diffusers' ``euler_at_final``).
         total_steps: the steps of the whole run the lower-order rule counts (more than the grid's when
             the grid is the tail of a run, as a scheduler restarting at a begin index).
-        third_order: DPM-Solver++(3M) variant, see :func:`_dpmpp_row`.
+        third_order: DPM-Solver++(3M) variant, see :func:`_dpm_row`.
         heun_variable: the variables Heun integrates in, see :func:`_heun_euler`.
+        second_order: the second-order DPM-Solver update, "midpoint" or "heun" (see :func:`_dpm_row`).
     """
 
     points: tuple[GridPoint, ...]
@@ -100,6 +104,7 @@ class PlanRequest:
     total_steps: int | None = None
     third_order: str = "published"
     heun_variable: str = "rho"
+    second_order: str = "midpoint"
 
     @property
     def num_steps(self) -> int:
@@ -156,28 +161,48 @@ class Solver:
 
 
 def step_orders(request: PlanRequest) -> list[int]:
-    """Order of each step of a multistep solver: warm-up from 1, lowered on the last steps as diffusers does."""
-    num_steps = request.num_steps
+    """Order of each step of a multistep solver: warm-up from 1, lowered on the last steps as diffusers does.
+
+    A zero-length step (two equal grid points: a repeated timestep, or a grid ending at its own last level) is
+    first order, which makes it the identity, and the history restarts after it: the step that follows warms
+    up from order 1 again (its previous output is at the same time, so no difference can be formed).
+    """
+    num_steps, points = request.num_steps, request.points
     counted = num_steps if request.total_steps is None else request.total_steps
     lower = request.lower_order_final and counted < LOWER_ORDER_FINAL_BELOW
-    final_first_order = lower or request.final_order_one or request.points[-1].sigma == 0.0
-    orders = []
+    final_first_order = lower or request.final_order_one or points[-1].sigma == 0.0
+    orders, since_restart = [], 0
     for i in range(num_steps):
-        k = min(request.order, i + 1)
+        k = min(request.order, since_restart + 1)
         if i == num_steps - 1 and final_first_order:
             k = 1
         elif i == num_steps - 2 and lower:
             k = min(k, 2)
+        since_restart += 1
+        if points[i + 1] == points[i]:
+            k, since_restart = 1, 0
         orders.append(k)
     return orders
 
 
 def _multistep(step_row: Callable[[PlanRequest, int, int], tuple[float, list[float], float]],
                target: str) -> Callable[[PlanRequest], list[Row]]:
-    """The row builder of a multistep solver: one row per step, of the order :func:`step_orders` gives."""
+    """The row builder of a multistep solver: one row per step, of the order :func:`step_orders` gives.
+
+    A noise-prediction (`target` "eps") ODE step from a point with alpha = 0 (a flow grid's t = 1) divides by
+    alpha there; it is taken as its limit, the first-order step in data form (DDIM, ``x_t = sigma_t x_s/sigma_s +
+    alpha_t x0-hat``), and the history restarts after it (an extrapolation over an infinite log-SNR interval adds
+    nothing, as DPM-Solver++'s does at r = inf).
+    """
     def rows(request: PlanRequest) -> list[Row]:
-        out = []
+        out, start = [], 0
         for i, k in enumerate(step_orders(request)):
+            s, t = request.points[i], request.points[i + 1]
+            if target == "eps" and s.alpha == 0.0 and not request.sde:
+                out.append(Row(i, t.sigma / s.sigma, (t.alpha,), 0.0, "x0", 0))
+                start = i + 1
+                continue
+            k = min(k, i - start + 1)
             a, b, c = step_row(request, i, k)
             out.append(Row(i, a, tuple(b), c, target, k - 1))
         return out
@@ -188,43 +213,76 @@ def _expm1_neg(h: float) -> float:
     return -1.0 if math.isinf(h) else math.expm1(-h)
 
 
-def _dpmpp_row(request: PlanRequest, i: int, k: int) -> tuple[float, list[float], float]:
-    """DPM-Solver++ step i -> i+1 of order k (data prediction), as weights of (m0, m1, m2).
+def _dpm_first_order(s: GridPoint, t: GridPoint, h: float, data: bool, sde: bool) -> tuple[float, float, float]:
+    """(a, w, c) of the first-order DPM-Solver step s -> t: ``x_t = a x_s + w m + c noise``.
 
-    Order 3 ("3M") has two variants. "published" is the update of the DPM-Solver++ paper and
-    diffusers: its second-difference term D2 ~ h^2 x0''/2 carries the weight
-    ``1/2 - (e^{-h} - 1 + h)/h^2 ~ h/6``, half of the Taylor weight
-    ``integral_0^h e^{u-h} u^2 du / h^2 ~ h/3``, so its local error is O(h^3) and the method is
-    globally second order. "taylor" uses the Taylor weight and is third order (docs/math.md section 4.3).
+    m is the data prediction (`data`, DPM-Solver++) or the noise prediction (DPM-Solver). The noise forms use
+    ``sigma_t (e^h - 1) = alpha_t (rho_s - rho_t)``, exact and finite where the step lands on zero noise.
     """
-    points = request.points
+    if data and sde:
+        return (t.sigma / s.sigma) * math.exp(-h), t.alpha * -_expm1_neg(2 * h), t.sigma * math.sqrt(-_expm1_neg(2 * h))
+    if data:
+        return t.sigma / s.sigma, t.alpha * -_expm1_neg(h), 0.0
+    growth = t.alpha * (s.rho - t.rho)  # sigma_t (e^h - 1)
+    if sde:
+        return t.alpha / s.alpha, -2.0 * growth, t.alpha * math.sqrt((s.rho - t.rho) * (s.rho + t.rho))
+    return t.alpha / s.alpha, -growth, 0.0
+
+
+def _dpm_heun_weight(t: GridPoint, h: float, data: bool, sde: bool) -> float:
+    """The weight of D1 in the "heun" second-order update and in every third-order update."""
+    if data:
+        return t.alpha * ((-_expm1_neg(2 * h)) / (-2 * h) + 1) if sde else t.alpha * (_expm1_neg(h) / h + 1)
+    return -(2.0 if sde else 1.0) * t.sigma * (math.expm1(h) / h - 1)
+
+
+def _dpm_row(request: PlanRequest, i: int, k: int, data: bool) -> tuple[float, list[float], float]:
+    """DPM-Solver++ (`data`) or DPM-Solver (noise prediction) step i -> i+1 of order k, as weights of (m0, m1, m2).
+
+    With ``D1 = (m0 - m1)/r0`` the second-order update adds D1 with the weight of its `second_order` form:
+    "midpoint" half the first-order weight, "heun" :func:`_dpm_heun_weight` (diffusers' ``solver_type``).
+    Order 3 ("3M") adds ``D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1)`` and ``D2 = (D1_0 - D1_1)/(r0 + r1)`` with
+    diffusers' weights; the noise-prediction SDE has no third order. For the data-prediction ODE there are two
+    variants. "published" is the update of the DPM-Solver++ paper and diffusers: its second-difference term
+    D2 ~ h^2 x0''/2 carries the weight ``1/2 - (e^{-h} - 1 + h)/h^2 ~ h/6``, half of the Taylor weight
+    ``integral_0^h e^{u-h} u^2 du / h^2 ~ h/3``, so its local error is O(h^3) and the method is globally second
+    order. "taylor" uses the Taylor weight and is third order (docs/math.md section 4.3).
+    """
+    points, sde = request.points, request.sde
     s, t = points[i], points[i + 1]
+    if not data and s.alpha == 0.0:
+        raise ValueError("solver 'dpmsolver' with sde=True needs alpha > 0 at every evaluation time; start the grid "
+                         "below t = 1")
     h = t.half_log_snr - s.half_log_snr
-    phi1 = -_expm1_neg(h)  # 1 - e^{-h}
-    if request.sde:
-        a = (t.sigma / s.sigma) * math.exp(-h)
-        d_weight = t.alpha * (-_expm1_neg(2 * h))
-        c = t.sigma * math.sqrt(-_expm1_neg(2 * h))
-    else:
-        a, d_weight, c = t.sigma / s.sigma, t.alpha * phi1, 0.0
+    a, w, c = _dpm_first_order(s, t, h, data, sde)
     if k == 1:
-        return a, [d_weight], c
+        return a, [w], c
     r0 = (s.half_log_snr - points[i - 1].half_log_snr) / h
     if k == 2:
-        return a, [d_weight * (1 + 0.5 / r0), -d_weight * 0.5 / r0], c
+        d1 = 0.5 * w if request.second_order == "midpoint" else _dpm_heun_weight(t, h, data, sde)
+        return a, [w + d1 / r0, -d1 / r0], c
     r1 = (points[i - 1].half_log_snr - points[i - 2].half_log_snr) / h
     # D1_0, D1_1, D1, D2 as weights of (m0, m1, m2).
     d1_0 = (1 / r0, -1 / r0, 0.0)
     d1_1 = (0.0, 1 / r1, -1 / r1)
     d1 = [u + r0 / (r0 + r1) * (u - v) for u, v in zip(d1_0, d1_1)]
     d2 = [(u - v) / (r0 + r1) for u, v in zip(d1_0, d1_1)]
-    em = math.expm1(-h)
-    d2_weight = -t.alpha * ((em + h) / h**2 - 0.5)
-    if request.third_order == "taylor":
-        d2_weight *= 2.0
-    d1_weight = t.alpha * (em / h + 1)
-    w = [(d_weight if j == 0 else 0.0) + d1_weight * d1[j] + d2_weight * d2[j] for j in range(3)]
-    return a, w, c
+    if data and sde:
+        d2_weight = t.alpha * ((-_expm1_neg(2 * h) - 2 * h) / (2 * h) ** 2 - 0.5)
+    elif data:
+        d2_weight = -t.alpha * ((math.expm1(-h) + h) / h**2 - 0.5)
+        if request.third_order == "taylor":
+            d2_weight *= 2.0
+    else:
+        d2_weight = -t.sigma * ((math.expm1(h) - h) / h**2 - 0.5)
+    d1_weight = _dpm_heun_weight(t, h, data, sde)
+    weights = [(w if j == 0 else 0.0) + d1_weight * d1[j] + d2_weight * d2[j] for j in range(3)]
+    return a, weights, c
+
+
+def _renoise_rows(request: PlanRequest) -> list[Row]:
+    """Every step re-noises the data prediction: ``x_t = alpha_t x0-hat + sigma_t noise`` (fresh noise)."""
+    return [Row(i, 0.0, (t.alpha,), t.sigma, "x0", 0) for i, t in enumerate(request.points[1:])]
 
 
 def _exp_moment(n: int, h: float) -> float:
@@ -304,14 +362,18 @@ def _alias(name: str, of: Solver, order: int, description: str) -> Solver:
                   of.stages, of.name)
 
 
-_DPMPP = Solver("dpmpp", "DPM-Solver++ (multistep, data prediction)", (1, 2, 3), 2, _multistep(_dpmpp_row, "x0"),
-                sde_orders=(1, 2))
+_DPMPP = Solver("dpmpp", "DPM-Solver++ (multistep, data prediction)", (1, 2, 3), 2,
+                _multistep(functools.partial(_dpm_row, data=True), "x0"), sde_orders=(1, 2, 3))
 SOLVERS: dict[str, Solver] = {s.name: s for s in (
     _alias("ddim", _DPMPP, 1, "DDIM: DPM-Solver++ of order 1"),
     Solver("deis", "DEIS (log-rho Adams-Bashforth of the noise prediction)", (1, 2, 3), 2,
            _multistep(_deis_row, "eps")),
     _DPMPP,
+    Solver("dpmsolver", "DPM-Solver (multistep, noise prediction)", (1, 2, 3), 2,
+           _multistep(functools.partial(_dpm_row, data=False), "eps"), sde_orders=(1, 2)),
     Solver("heun", "EDM's second-order Heun, the last step Euler", (2,), 2, _heun_rows, stages=2),
+    Solver("renoise", "re-noise the data prediction every step (FlowMatchEuler's stochastic_sampling)", (1,), 1,
+           _renoise_rows),
 )}
 
 
@@ -352,7 +414,8 @@ def resolve_order(solver: str, order: int | None, sde: bool) -> int:
 
 def build_plan(points, solver: str, order: int, prediction: str, *, sde: bool = False,
                lower_order_final: bool = True, third_order: str = "published", heun_variable: str = "rho",
-               final_order_one: bool = False, total_steps: int | None = None) -> StepPlan:
+               final_order_one: bool = False, total_steps: int | None = None,
+               second_order: str = "midpoint") -> StepPlan:
     """Coefficient table for sampling along `points` (noisiest first).
 
     Args:
@@ -361,7 +424,9 @@ def build_plan(points, solver: str, order: int, prediction: str, *, sde: bool = 
         prediction: what the model outputs (a key of :data:`adjointdeis.predictions.PREDICTIONS`).
         sde, lower_order_final, final_order_one, total_steps: see :class:`PlanRequest`.
         third_order: DPM-Solver++(3M) variant, "published" (diffusers-identical, globally
-            second order) or "taylor" (third order); see :func:`_dpmpp_row`.
+            second order) or "taylor" (third order; the DPM-Solver++ ODE only); see :func:`_dpm_row`.
+        second_order: the second-order DPM-Solver / DPM-Solver++ update, "midpoint" or "heun"
+            (diffusers' ``solver_type``); see :func:`_dpm_row`.
         heun_variable: the variables Heun integrates in: "rho" (EDM: ``x/alpha`` against
             ``sigma/alpha``) or "flow" (``x/(alpha+sigma)`` against ``sigma/(alpha+sigma)``; for the
             flow schedule the plain ``dx/dt = eps - x0``, which also starts from t = 1).
@@ -370,17 +435,21 @@ def build_plan(points, solver: str, order: int, prediction: str, *, sde: bool = 
         A :class:`StepPlan` with N rows (2N - 1 for Heun: last step Euler).
 
     Raises:
-        ValueError for an unknown solver, third_order or heun_variable, or a grid that gives
-        non-finite coefficients.
+        ValueError for an unknown solver, third_order, second_order or heun_variable, "taylor" for a
+        solver other than the DPM-Solver++ ODE, or a grid that gives non-finite coefficients.
     """
     entry = check_solver(solver)
     if third_order not in THIRD_ORDER_VARIANTS:
         raise ValueError(f"third_order must be one of {', '.join(THIRD_ORDER_VARIANTS)}, got {third_order!r}")
     if heun_variable not in HEUN_VARIABLES:
         raise ValueError(f"heun_variable must be one of {', '.join(HEUN_VARIABLES)}, got {heun_variable!r}")
+    if second_order not in SECOND_ORDER_VARIANTS:
+        raise ValueError(f"second_order must be one of {', '.join(SECOND_ORDER_VARIANTS)}, got {second_order!r}")
+    if third_order == "taylor" and order == 3 and (sde or (entry.alias_of or entry.name) != "dpmpp"):
+        raise ValueError("third_order='taylor' is derived for the DPM-Solver++ ODE (solver 'dpmpp', sde=False) only")
     points = tuple(points)
     request = PlanRequest(points, order, sde, lower_order_final, final_order_one, total_steps, third_order,
-                          heun_variable)
+                          heun_variable, second_order)
     table = []
     rows = entry.rows(request)
     for row in rows:

@@ -8,8 +8,9 @@ For N = 10, 25, 50 steps on the latents of a tiny UNet2DModel (batch 1, 4 x 32 x
   network replaced by a precomputed output: ``set_timesteps(N)`` then N x (``scale_model_input`` +
   ``step``);
 - step: (loop overhead - set_timesteps) / N;
-- set_timesteps: ours memoises its coefficient table per grid (repeated calls with the same N, as a
-  pipeline makes, are cheap), so it is also timed "cold", with the memo cleared before every call;
+- set_timesteps: ours memoises its grid (computed by the config's diffusers scheduler) and its coefficient table
+  (repeated calls with the same N, as a pipeline makes, are cheap), so it is also timed "cold", with both memos
+  cleared before every call;
 - full loop: the same loop with the tiny UNet, to show the overhead's share of a real loop (not
   with --quick).
 
@@ -37,6 +38,7 @@ from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, UNet
 
 from adjointdeis import ops  # noqa: E402
 from adjointdeis.diffusers import FusedMultistepScheduler  # noqa: E402
+from adjointdeis.diffusers.config import clear_grid_cache  # noqa: E402
 from adjointdeis.diffusers.scheduler import _step_table  # noqa: E402
 from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
 
@@ -92,6 +94,7 @@ def model_loop(scheduler, unet, steps, x, device):
 
 def cold_set_timesteps(scheduler, steps, device):
     _step_table.cache_clear()
+    clear_grid_cache()
     scheduler.set_timesteps(steps, device=device)
 
 

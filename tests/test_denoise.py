@@ -11,8 +11,9 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import (DDPMPipeline, DEISMultistepScheduler, DPMSolverMultistepScheduler,  # noqa: E402
-                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel, UNet2DModel)
+from diffusers import (DDIMScheduler, DDPMPipeline, DEISMultistepScheduler, DPMSolverMultistepScheduler,  # noqa: E402
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
+                       UNet2DConditionModel, UNet2DModel)
 
 from adjointdeis.diffusers.pipeline import denoise  # noqa: E402
 
@@ -167,6 +168,50 @@ def test_forward_matches_flow_match_euler():
     assert relative_error(ours, theirs) < FORWARD_RTOL
 
 
+@pytest.mark.filterwarnings("ignore:.*algorithm_type dpmsolver is deprecated:FutureWarning")
+@pytest.mark.parametrize("scheduler", [
+    lambda: DPMSolverMultistepScheduler(use_karras_sigmas=True, solver_order=3),
+    lambda: DPMSolverMultistepScheduler(use_lu_lambdas=True, prediction_type="v_prediction"),
+    lambda: DPMSolverMultistepScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=0.8),
+    lambda: DPMSolverMultistepScheduler(algorithm_type="dpmsolver", solver_type="heun", final_sigmas_type="sigma_min"),
+    lambda: DPMSolverMultistepScheduler(solver_type="heun", euler_at_final=True, lower_order_final=False),
+    lambda: DPMSolverMultistepScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                                        timestep_spacing="trailing"),
+    lambda: DEISMultistepScheduler(use_exponential_sigmas=True),
+    lambda: DDIMScheduler(timestep_spacing="leading", steps_offset=0, set_alpha_to_one=False, clip_sample=False),
+    lambda: DDIMScheduler(timestep_spacing="leading", steps_offset=0, set_alpha_to_one=True, clip_sample=False),
+    lambda: FlowMatchEulerDiscreteScheduler(shift=3.0, invert_sigmas=True),
+    lambda: FlowMatchEulerDiscreteScheduler(shift_terminal=0.1, use_karras_sigmas=True),
+    lambda: FlowMatchHeunDiscreteScheduler(shift=2.0),
+], ids=["karras3", "lu_v", "thresholding", "dpmsolver_heun", "euler_at_final", "zero_snr", "deis_exponential",
+        "ddim_leading", "ddim_leading_alpha_one", "flow_invert", "flow_terminal_karras", "flow_heun"])
+def test_forward_matches_every_config(scheduler):
+    """denoise takes every config the scheduler takes (the DDIM grid ending at timestep 0 included: its last
+    step is the identity with set_alpha_to_one=False, a step to zero noise with True)."""
+    pytest.importorskip("scipy")
+    unet, scheduler = unconditional_unet(), scheduler()
+    latents = inputs(torch.float32)[0]
+    with torch.no_grad():
+        ours = denoise(unet, latents, scheduler, num_inference_steps=6)
+    theirs = diffusers_loop(unet, scheduler, latents, 6)
+    assert relative_error(ours, theirs) < FORWARD_RTOL
+
+
+def test_forward_matches_custom_timesteps():
+    unet, scheduler = unconditional_unet(), DPMSolverMultistepScheduler(solver_order=3)
+    latents = inputs(torch.float32)[0]
+    custom = [999, 800, 611, 400, 250, 120, 31]
+    with torch.no_grad():
+        ours = denoise(unet, latents, scheduler, num_inference_steps=None, timesteps=custom)
+    reference = DPMSolverMultistepScheduler.from_config(scheduler.config)
+    reference.set_timesteps(timesteps=custom)
+    x = latents.clone()
+    with torch.no_grad():
+        for t in reference.timesteps:
+            x = reference.step(unet(x, t).sample, t, x).prev_sample
+    assert relative_error(ours, x) < FORWARD_RTOL
+
+
 def test_scheduler_is_left_untouched():
     unet = unconditional_unet()
     scheduler = DPMSolverMultistepScheduler()
@@ -177,21 +222,24 @@ def test_scheduler_is_left_untouched():
     assert torch.equal(scheduler.timesteps, before)
 
 
-@pytest.mark.filterwarnings("ignore:.*algorithm_type dpmsolver is deprecated:FutureWarning")
 def test_bad_configurations_raise():
     unet = conditional_unet()
     latents, embeds, negative = inputs(torch.float32)
-    with pytest.raises(ValueError, match="use_karras_sigmas"):
-        denoise(unet, latents, DPMSolverMultistepScheduler(use_karras_sigmas=True), prompt_embeds=embeds,
-                num_inference_steps=3)
     with pytest.raises(ValueError, match="init_noise_sigma"):
         denoise(unet, latents, EulerDiscreteScheduler(), prompt_embeds=embeds, num_inference_steps=3)
     with pytest.raises(ValueError, match="negative_prompt_embeds"):
         denoise(unet, latents, DPMSolverMultistepScheduler(), prompt_embeds=embeds, guidance_scale=5.0,
                 num_inference_steps=3)
-    with pytest.raises(ValueError, match="algorithm_type"):
-        denoise(unet, latents, DPMSolverMultistepScheduler(algorithm_type="dpmsolver"), prompt_embeds=embeds,
-                num_inference_steps=3)
+    with pytest.raises(ValueError, match="mu needs use_dynamic_shifting"):
+        denoise(unet, latents, DPMSolverMultistepScheduler(), prompt_embeds=embeds, num_inference_steps=3, mu=0.5)
+    with pytest.raises(ValueError, match="thresholding"):
+        denoise(unet, latents, DPMSolverMultistepScheduler(thresholding=True, final_sigmas_type="sigma_min"),
+                prompt_embeds=embeds, num_inference_steps=3, grad="adjoint")
+    with pytest.raises(ValueError, match="solver_order"):
+        denoise(unet, latents, DPMSolverMultistepScheduler(solver_order=3), prompt_embeds=embeds,
+                num_inference_steps=3, solver="dpmsolver", order=4)
+    with pytest.raises(ValueError, match="clip_sample"):
+        denoise(unet, latents, DDIMScheduler(), prompt_embeds=embeds, num_inference_steps=3)
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         denoise(unconditional_unet(), latents, DPMSolverMultistepScheduler(), prompt_embeds=embeds,
                 num_inference_steps=3)

@@ -16,11 +16,13 @@
   scheduler as a second implementation.
 """
 
+import contextlib
 import functools
 import importlib
 import inspect
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import pytest
@@ -41,7 +43,8 @@ from diffusers import (  # noqa: E402
     UniPCMultistepScheduler,
 )
 
-from adjointdeis.diffusers import FusedMultistepScheduler  # noqa: E402
+from adjointdeis.diffusers import (FusedDEISMultistepScheduler, FusedDPMSolverMultistepScheduler,  # noqa: E402
+                                   FusedMultistepScheduler)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
@@ -250,17 +253,15 @@ def test_order_schedule_matches_deis(lower_order_final, steps):
     assert_same_states(loop(ours, x_T), loop(upcast_deis(theirs), x_T))
 
 
-def test_saved_deis_config_selects_deis():
-    """A saved config (as a pipeline's on the Hub) sets every key, so algorithm_type="deis" picks DEIS.
-
-    diffusers' from_config carries only the values a config set explicitly: an in-memory
-    ``DEISMultistepScheduler()`` leaves algorithm_type at its default, and gives DPM-Solver++ here.
-    """
+def test_deis_configs_select_deis():
+    """A saved DEIS config (its _class_name) and an in-memory one (whose algorithm_type diffusers' from_config
+    would hide as a default value) both give the DEIS family."""
     with tempfile.TemporaryDirectory() as directory:
         DEISMultistepScheduler().save_pretrained(directory)
-        ours = FusedMultistepScheduler.from_pretrained(directory)
-    assert (ours.config.solver, ours.config.final_sigmas_type) == ("deis", "sigma_min")
-    assert FusedMultistepScheduler.from_config(DEISMultistepScheduler().config).config.solver == "dpmpp"
+        saved = FusedMultistepScheduler.from_pretrained(directory)
+    in_memory = FusedMultistepScheduler.from_config(DEISMultistepScheduler().config)
+    for ours in (saved, in_memory):
+        assert (ours.config.family, ours.config.solver, ours.config.final_sigmas_type) == ("deis", "deis", "sigma_min")
 
 
 @pytest.mark.parametrize("source", [
@@ -324,9 +325,15 @@ def test_compatibles_round_trip():
         for cls in compatible_classes():
             if cls is DEISMultistepScheduler and ours.config.algorithm_type == "sde-dpmsolver++":
                 continue
-            back = FusedMultistepScheduler.from_config(cls.from_config(ours.config).config)
-            kept = {k: v for k, v in back.config.items() if k in ours.config}
-            assert kept == dict(ours.config), cls.__name__
+            through = cls.from_config(ours.config).config
+            back = FusedMultistepScheduler.from_config(through)
+            if cls is DEISMultistepScheduler:
+                # DEIS stores algorithm_type "deis": its config is a DEIS one; read as DPM-Solver it is ours again.
+                assert back.config.family == "deis"
+                back = (FusedDEISMultistepScheduler if ours.config.family == "deis"
+                        else FusedDPMSolverMultistepScheduler).from_config(through, solver=ours.config.solver)
+            kept = {k: v for k, v in back.config.items() if k in ours.config and not k.startswith("_")}
+            assert kept == {k: v for k, v in ours.config.items() if not k.startswith("_")}, cls.__name__
             init_keys = inspect.signature(FusedMultistepScheduler.__init__).parameters
             assert not {k for k in back.config if k not in ours.config} & set(init_keys), cls.__name__
 
@@ -464,22 +471,23 @@ def test_config_attribute_access_behaves_like_diffusers():
 @pytest.mark.parametrize("spacing,steps_offset", SPACINGS)
 @pytest.mark.parametrize("scheduler_class", [DPMSolverMultistepScheduler, DEISMultistepScheduler])
 def test_timesteps_match_diffusers(scheduler_class, spacing, steps_offset):
-    """Every spacing and a wide range of step counts; where diffusers repeats a timestep we refuse the grid."""
-    solver = "deis" if scheduler_class is DEISMultistepScheduler else "dpmpp"
+    """Every spacing and a wide range of step counts, repeated timesteps included (diffusers' 1000 "linspace"
+    steps repeat one; "leading" with steps_offset reaches timestep 1000): the same grid, and a repeated level
+    is a zero-length step (the identity), so a whole loop stays finite where diffusers' order 2 gives NaN."""
     theirs = scheduler_class(timestep_spacing=spacing, steps_offset=steps_offset)
-    ours = FusedMultistepScheduler.from_config(theirs.config, solver=solver)
+    ours = FusedMultistepScheduler.from_config(theirs.config)
     for steps in (1, 2, 3, 5, 10, 50, 100, 999, 1000):
         theirs.set_timesteps(steps)
-        timesteps = theirs.timesteps.tolist()
-        if len(set(timesteps)) < steps or max(timesteps) >= 1000:
-            with pytest.raises(ValueError, match="strictly decreasing|beyond the 1000 training timesteps"):
-                ours.set_timesteps(steps)
-            continue
         ours.set_timesteps(steps)
         assert ours.timesteps.tolist() == theirs.timesteps.tolist(), steps
         assert torch.equal(ours.sigmas, theirs.sigmas), steps
         assert ours.timesteps.dtype == torch.int64 and ours.sigmas.dtype == torch.float32
         assert len(ours.step_plan) == ours.num_inference_steps == steps
+        levels = ours.sigmas.tolist()
+        for row, (a, b) in enumerate(zip(levels[:-1], levels[1:])):
+            if a == b:
+                assert ours.step_plan.rows[row][:5] == (1.0, 0.0, 0.0, 0.0, 0.0)
+                assert row + 1 == len(levels) - 1 or ours.step_plan.num_history[row + 1] == 0
 
 
 def test_custom_timesteps_match_diffusers():
@@ -496,11 +504,12 @@ def test_custom_timesteps_match_diffusers():
 @pytest.mark.parametrize("config", [dict(), dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"),
                                     dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)])
 def test_custom_sigmas_reproduce_the_grid(config):
-    """set_timesteps(sigmas=s.sigmas) rebuilds the grid of another scheduler with the same config."""
+    """set_timesteps(sigmas=<its N levels>) rebuilds the grid of another scheduler with the same config: N
+    values, the end appended as final_sigmas_type says (the convention of every diffusers scheduler with sigmas=)."""
     reference = FusedMultistepScheduler(**config)
     reference.set_timesteps(12)
     custom = FusedMultistepScheduler(**{k: v for k, v in config.items() if k != "use_karras_sigmas"})
-    custom.set_timesteps(sigmas=reference.sigmas.tolist())
+    custom.set_timesteps(sigmas=reference.sigmas[:-1].tolist())
     assert torch.equal(custom.sigmas, reference.sigmas)
     assert custom.timesteps.tolist() == reference.timesteps.tolist()
     assert_same_states(loop(custom, initial_noise()), loop(reference, initial_noise()), rtol=0)
@@ -595,20 +604,25 @@ def test_history_is_reset_by_set_timesteps():
 
 
 @pytest.mark.parametrize("key,value", [
-    ("beta_schedule", "quadratic"), ("prediction_type", "noise"), ("solver", "heun"), ("algorithm_type", "unipc"),
-    ("algorithm_type", "dpmsolver"), ("solver_order", 4), ("timestep_spacing", "uniform"),
-    ("final_sigmas_type", "sigma_max"), ("solver_type", "bh3"), ("thresholding", True), ("time_shift_type", "linear"),
+    ("beta_schedule", "quadratic"), ("prediction_type", "noise"), ("solver", "euler"), ("algorithm_type", "unipc"),
+    ("solver_order", 4), ("timestep_spacing", "uniform"), ("final_sigmas_type", "sigma_max"), ("solver_type", "bh3"),
+    ("time_shift_type", "linear"), ("family", "flow_lcm"), ("sample_max_value", 0.0),
+    ("dynamic_thresholding_ratio", 1.5),
 ])
 def test_config_it_cannot_honour_names_the_key(key, value):
     with pytest.raises(ValueError, match=key):
-        FusedMultistepScheduler(**{key: value})
+        FusedMultistepScheduler(**{key: value, **({"thresholding": True} if "thresholding" in key or "max" in key
+                                                   else {})})
 
 
 @pytest.mark.parametrize("config,match", [
-    (dict(algorithm_type="sde-dpmsolver++", solver_order=3), "solver_order"),
+    (dict(algorithm_type="sde-dpmsolver", solver_order=3), "solver_order"),
     (dict(algorithm_type="sde-dpmsolver++", solver="deis"), "sde-dpmsolver"),
-    (dict(solver_type="heun"), "solver_type"),
     (dict(use_karras_sigmas=True, use_exponential_sigmas=True), "only one of"),
+    (dict(use_karras_sigmas=True, use_lu_lambdas=True), "only one of"),
+    (dict(family="dpmsolver", shift=3.0), "shift=3.0 is not a key of DPMSolverMultistepScheduler"),
+    (dict(family="flow_euler", beta_schedule="scaled_linear"), "beta_schedule"),
+    (dict(family="flow_euler", stochastic_sampling=True, solver="dpmpp"), "stochastic_sampling"),
     (dict(use_karras_sigmas=True, use_flow_sigmas=True), "use_flow_sigmas"),
     (dict(num_train_timesteps=1), "num_train_timesteps"),
 ])
@@ -622,21 +636,33 @@ def test_from_config_of_a_config_it_cannot_honour_names_the_key():
         FusedMultistepScheduler.from_config(DDPMScheduler(prediction_type="unknown_type").config)
 
 
-def test_step_out_of_order_raises():
+def test_unexpected_timesteps_warn_and_follow_diffusers_step_index():
+    """A first timestep not in the schedule starts at the last step (DPMSolverMultistep's index_for_timestep);
+    a later unexpected one does not move the step index. Both warn, naming the timestep."""
     scheduler = FusedMultistepScheduler()
     sample = initial_noise()
     with pytest.raises(ValueError, match="set_timesteps"):
         scheduler.step(sample, 999, sample)
+    for cls in (FusedMultistepScheduler, DPMSolverMultistepScheduler):
+        reference = cls()
+        reference.set_timesteps(3)
+        with pytest.warns(UserWarning, match="timestep 998 is not one of") if cls is FusedMultistepScheduler else \
+                contextlib.nullcontext():
+            reference.step(0.1 * sample, 998, sample)
+        assert reference.step_index == 3
     scheduler.set_timesteps(3)
     t0, t1, t2 = scheduler.timesteps.tolist()
-    with pytest.raises(ValueError, match="not one of"):
-        scheduler.step(sample, 998, sample)
     scheduler.step(sample, t0, sample)
     for wrong in (t0, float(t2), torch.tensor(t2), torch.tensor([t1, t2])):
-        with pytest.raises(ValueError, match=f"step 1 expects timestep {t1}"):
+        scheduler._step_index = 1
+        with pytest.warns(UserWarning, match=f"step 1 is at timestep {t1}, got timestep"):
             scheduler.step(sample, wrong, sample)
-    scheduler.step(sample, torch.tensor(t1), sample)
-    scheduler.step(sample, float(t2), sample)
+        assert scheduler.step_index == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler._step_index = 1
+        scheduler.step(sample, torch.tensor(t1), sample)
+        scheduler.step(sample, float(t2), sample)
     with pytest.raises(ValueError, match="all 3 steps are done"):
         scheduler.step(sample, t2, sample)
 
@@ -654,9 +680,9 @@ def test_device_timestep_is_not_read():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(), "exactly one"), (dict(num_inference_steps=5, timesteps=[9, 5]), "exactly one"),
     (dict(num_inference_steps=0), "positive integer"), (dict(timesteps=[5, 9]), "non-increasing"),
-    (dict(timesteps=[1000, 5]), r"\[0, 1000\)"), (dict(sigmas=[3.0, 3.0, 2.0]), "strictly decreasing"),
-    (dict(sigmas=[3.0, 1.0, 2.0]), "raise the noise"),
-    (dict(sigmas=[3.0, 0.0, 0.0]), "zero noise"), (dict(num_inference_steps=5, mu=0.5), "use_dynamic_shifting"),
+    (dict(timesteps=[1000, 5]), r"\[0, 1000\)"), (dict(sigmas=[3.0, 1.0, 2.0]), "raise the noise"),
+    (dict(sigmas=[3.0, 0.0]), "zero noise"), (dict(sigmas=[]), "non-empty"), (dict(sigmas=[3.0, -1.0]), ">= 0"),
+    (dict(num_inference_steps=5, mu=0.5), "use_dynamic_shifting"),
 ])
 def test_set_timesteps_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

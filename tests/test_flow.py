@@ -143,6 +143,25 @@ def test_adjoint_gradients_converge_with_a_flow_model(form):
     assert errors[1] < errors[0] / 8 and errors[1] < 2e-2, errors
 
 
+def test_adjoint_from_pure_noise_to_zero_noise():
+    """A FlowMatch-style grid, t = 1 down to zero noise: the step to zero noise is differentiated exactly, the
+    continuous adjoint (x0 form, 2M) runs on a log-SNR grid of its own after the grid's first step (from t = 1,
+    with the exact limit of its coefficients), and converges to the exact gradient of the flow map from 1 to 0."""
+    sched, eps, flow, x_T = flow_oracle(1.0, batch=4, t_max=1.0)
+    x_T.requires_grad_()
+    cond = torch.full((4, 6), 0.2, dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad((flow.mu + cond + x_T * flow.s).pow(2).sum(), [x_T, cond, flow.mu, flow.s])
+    timesteps = sched.timesteps(40, "uniform")[:-1]  # diffusers' convention: the end is zero noise
+    errors = []
+    for adjoint_steps in (50, 200):
+        got = sampled_gradients(eps, flow, x_T, cond, sched, steps=40, timesteps=timesteps, grad="adjoint",
+                                adjoint_form="x0", adjoint_order=2, adjoint_steps=adjoint_steps)
+        errors.append(max(relative_error(g, w) for g, w in zip(got, want)))
+    assert errors[1] < errors[0] / 5 and errors[1] < 1e-2, errors
+    with pytest.raises(ValueError, match="adjoint_form='x0'"):
+        sampled_gradients(eps, flow, x_T, cond, sched, steps=40, timesteps=timesteps, grad="adjoint")
+
+
 def test_adjoint_sde_gradient_with_a_flow_model():
     """The reverse SDE is linear in x for Gaussian data: dx_0/dx_T = (k(t1)/k(t0))^2 alpha(t0)/alpha(t1)."""
     sched, eps, flow, x_T = flow_oracle(1.0, batch=4, dim=3)
@@ -181,7 +200,13 @@ def test_schedule_outside_zero_one_is_rejected(kwargs, message):
         ad.FlowSchedule(**kwargs)
 
 
-def test_solvers_needing_alpha_say_so_at_t_one():
-    sched, _, flow, x_T = flow_oracle(t_max=1.0)
-    with pytest.raises(ValueError, match="deis"):
-        ad.sample(flow, x_T, sched, solver="deis", prediction="flow", spacing="uniform")
+def test_solvers_needing_alpha_at_t_one():
+    """DEIS and DPM-Solver start from t = 1 by their data-form limit; the noise-prediction SDE (no such limit)
+    and an eps model (no x0 there) say so."""
+    sched, eps, flow, x_T = flow_oracle(t_max=1.0)
+    for solver in ("deis", "dpmsolver"):
+        assert torch.isfinite(ad.sample(flow, x_T, sched, solver=solver, prediction="flow", spacing="uniform")).all()
+    with pytest.raises(ValueError, match="sde=True needs alpha > 0"):
+        ad.sample(flow, x_T, sched, solver="dpmsolver", sde=True, prediction="flow", spacing="uniform")
+    with pytest.raises(ValueError, match="start the grid below t = 1"):
+        ad.sample(eps, x_T, sched, solver="deis", prediction="eps", spacing="uniform")

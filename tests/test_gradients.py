@@ -214,7 +214,7 @@ def test_bad_gradient_arguments():
         (dict(grad="adjoint", adjoint_order=3), "adjoint_order"),
         (dict(grad="adjoint", adjoint_form="v"), "adjoint_form"),
         (dict(grad="adjoint", states="cached"), "states"),
-        (dict(grad="adjoint", denoise_to_zero=True), "denoise_to_zero"),
+        (dict(grad="adjoint", threshold=ad.DynamicThreshold()), "thresholded"),
         (dict(grad="adjoint", sde=True, states="resolved"), "resolved"),
     ]
     for kwargs, message in cases:

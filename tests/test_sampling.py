@@ -128,6 +128,117 @@ def test_edm_schedule_heun_and_dpmpp():
             assert abs(slope(errs) - 2) < 0.3, (solver, errs)
 
 
+@pytest.mark.parametrize("schedule_name", ["vp_linear", "flow"])
+def test_dpmsolver_and_the_heun_second_order_converge(schedule_name):
+    """The noise-prediction DPM-Solver at orders 1-3 and the "heun" second-order form of both DPM-Solvers."""
+    def errs(solver, order, second_order="midpoint"):
+        sched, model, x_T = oracle(schedule_name)
+        out = []
+        for n in STEPS:
+            ts = sched.timesteps(n)
+            with torch.no_grad():
+                x = ad.sample(model, x_T, sched, steps=n, solver=solver, order=order, lower_order_final=False,
+                              second_order=second_order)
+            out.append((x - model.flow_map(x_T, ts[0], ts[-1])).abs().max().item())
+        return out
+
+    assert abs(slope(errs("dpmsolver", 1)) - 1) < 0.3
+    second = {}
+    for solver, form in [("dpmsolver", "midpoint"), ("dpmsolver", "heun"), ("dpmpp", "heun")]:
+        second[solver, form] = errs(solver, 2, form)
+        assert abs(slope(second[solver, form]) - 2) < 0.3, (solver, form, second[solver, form])
+    third = errs("dpmsolver", 3)
+    assert all(e3 < e2 for n, e3, e2 in zip(STEPS, third, second["dpmsolver", "midpoint"]) if n >= 40), third
+
+
+@pytest.mark.parametrize("solver,order", [("dpmsolver", 2), ("dpmpp", 3)])
+def test_new_sde_forms_match_the_data_distribution(solver, order):
+    """The noise-prediction SDE-DPM-Solver-2 and SDE-DPM-Solver++(3M) sample the data's law (4000 samples)."""
+    sched = ad.VPSchedule.linear()
+    mu, s = per_dimension(4)
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn(4000, 4, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        x = ad.sample(GaussianEps(sched, mu, s), x_T, sched, steps=200, solver=solver, order=order, sde=True,
+                      generator=g)
+    # Standard errors of the mean and the std over 4000 samples: s/63 and s/89, plus 2% for the bias.
+    assert ((x.mean(0) - mu).abs() < 4 * s / 63 + 0.02 * s).all(), x.mean(0) - mu
+    assert ((x.std(0) - s).abs() < 4 * s / 89 + 0.02 * s).all(), x.std(0) - s
+
+
+def test_renoise_rows_re_noise_the_data_prediction():
+    """solver="renoise": every step is alpha_t x0-hat + sigma_t xi, xi drawn from the generator in order."""
+    sched, model, x_T = oracle("vp_linear")
+    ts = sched.timesteps(3)
+    with torch.no_grad():
+        got = ad.sample(model, x_T, sched, timesteps=ts, solver="renoise", generator=torch.Generator().manual_seed(4))
+        g, x = torch.Generator().manual_seed(4), x_T
+        for s, t in zip(ts[:-1], ts[1:]):
+            x0 = (x - sched.sigma(s) * model(x, s.expand(len(x)))) / sched.alpha(s)
+            x = sched.alpha(t) * x0 + sched.sigma(t) * torch.randn(x.shape, generator=g, dtype=x.dtype)
+    assert_close(got, x, rtol=1e-12, atol=1e-12)
+
+
+def test_diffusers_timestep_convention():
+    """N timesteps with steps=N: the end is implied (zero noise by default, or the schedule's t_min)."""
+    sched, model, x_T = oracle("vp_discrete")
+    timesteps = torch.tensor([999.0, 799.0, 599.0, 399.0, 199.0], dtype=torch.float64)
+    with torch.no_grad():
+        implied = ad.sample(model, x_T, sched, steps=5, timesteps=timesteps)
+        explicit = ad.sample(model, x_T, sched, timesteps=torch.cat([timesteps, torch.zeros(1)]), denoise_to_zero=True)
+        assert torch.equal(implied, explicit)
+        to_t_min = ad.sample(model, x_T, sched, steps=5, timesteps=timesteps, denoise_to_zero=False)
+        assert torch.equal(to_t_min, ad.sample(model, x_T, sched, timesteps=torch.cat([timesteps, torch.zeros(1)])))
+        # A last timestep at t_min: its step is the identity (diffusers' DDIM with set_alpha_to_one=False).
+        ending = torch.tensor([999.0, 666.0, 333.0, 0.0], dtype=torch.float64)
+        identity = ad.sample(model, x_T, sched, steps=4, timesteps=ending, denoise_to_zero=False, solver="ddim")
+        assert torch.equal(identity, ad.sample(model, x_T, sched, timesteps=ending, solver="ddim"))
+        # ... and with denoise_to_zero the last step goes from t = 0 to zero noise: x0-hat there.
+        cleaner = ad.sample(model, x_T, sched, steps=4, timesteps=ending, solver="ddim")
+        zero = torch.zeros(1, dtype=torch.float64)
+        x0_hat = (identity - sched.sigma(zero) * model(identity, zero.expand(len(x_T)))) / sched.alpha(zero)
+        assert_close(cleaner, x0_hat, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["deis", "dpmsolver"])
+def test_noise_prediction_solvers_start_at_pure_noise(solver):
+    """From a flow grid's t = 1 (alpha = 0) the eps-form step is its limit, the data-form DDIM step; the history
+    restarts after it, and the solver still converges at second order."""
+    from gaussian import GaussianFlow
+    sched = ad.FlowSchedule(t_max=1.0)
+    model = GaussianFlow(sched, *per_dimension(DIM))
+    x_T = torch.randn(64, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ts = sched.timesteps(8, "uniform")
+    points = [ad.solvers.GridPoint(a, s) for a, s in zip(sched.alpha(ts).tolist(), sched.sigma(ts).tolist())]
+    plan = build_plan(points, solver, 3, "flow", lower_order_final=False)
+    assert plan.rows[0] == build_plan(points, "ddim", 1, "flow").rows[0]
+    assert plan.num_history[:4] == (0, 0, 1, 2)
+    errs = {}
+    for name, order in ((solver, 2), ("ddim", 1)):
+        errs[name] = []
+        for n in STEPS:
+            ts = sched.timesteps(n, "uniform")
+            with torch.no_grad():
+                x = ad.sample(model, x_T, sched, timesteps=ts, solver=name, order=order, prediction="flow",
+                              lower_order_final=False)
+            errs[name].append((x - model.flow_map(x_T, ts[0], ts[-1])).abs().max().item())
+    # The uniform-t grid's last step is a long jump in log-SNR, so the slope is still rising (1.6 at N <= 160).
+    assert slope(errs[solver]) > 1.5 and errs[solver][-1] < errs["ddim"][-1] / 5, errs
+    assert all(e < d for e, d in zip(errs[solver], errs["ddim"])), errs
+
+
+def test_a_zero_length_step_is_the_identity_and_restarts_the_history():
+    sched = ad.VPSchedule.linear()
+    ts = torch.tensor([1.0, 0.7, 0.5, 0.5, 0.3, 0.2, 0.1], dtype=torch.float64)
+    points = [ad.solvers.GridPoint(a, s) for a, s in zip(sched.alpha(ts).tolist(), sched.sigma(ts).tolist())]
+    for solver in ("dpmpp", "deis", "dpmsolver"):
+        plan = build_plan(points, solver, 3, "eps", lower_order_final=False)
+        assert plan.num_history == (0, 1, 0, 0, 1, 2), (solver, plan.num_history)
+        assert plan.rows[2][:5] == (1.0, 0.0, 0.0, 0.0, 0.0)
+        full = build_plan(points[3:], solver, 3, "eps", lower_order_final=False)
+        assert plan.rows[3:] == full.rows  # after the restart: the plan of the grid that starts there
+
+
 def test_denoise_to_zero_lands_on_the_data_mean_map():
     sched, model, x_T = oracle("vp_linear")
     with torch.no_grad():
@@ -233,7 +344,11 @@ def test_compile_whole_sample_fullgraph():
         (dict(solver="ddim", order=2), ValueError, "supports order"),
         (dict(solver="heun", order=3), ValueError, "supports order"),
         (dict(solver="deis", sde=True), ValueError, "sde=True"),
-        (dict(timesteps=torch.tensor([0.5, 0.7, 0.1], dtype=torch.float64)), ValueError, "decreasing"),
+        (dict(steps=None, timesteps=torch.tensor([0.5, 0.7, 0.1], dtype=torch.float64)), ValueError, "decreasing"),
+        (dict(timesteps=torch.tensor([0.7, 0.5, 0.1], dtype=torch.float64)), ValueError, "timesteps has 3 values"),
+        (dict(solver="dpmsolver", sde=True, order=3), ValueError, "sde=True"),
+        (dict(second_order="trapezoid"), ValueError, "second_order"),
+        (dict(threshold=(0.9, 1.0)), TypeError, "DynamicThreshold"),
         (dict(guidance_scale=2.0), ValueError, "uncond"),
     ],
 )
@@ -274,7 +389,7 @@ def test_the_solver_registry_describes_every_solver():
     sched = ad.VPSchedule.linear()
     ts = sched.timesteps(5)
     points = [ad.solvers.GridPoint(a, s) for a, s in zip(sched.alpha(ts).tolist(), sched.sigma(ts).tolist())]
-    assert list(SOLVERS) == ["ddim", "deis", "dpmpp", "heun"]
+    assert list(SOLVERS) == ["ddim", "deis", "dpmpp", "dpmsolver", "heun", "renoise"]
     assert SOLVERS["ddim"].alias_of == "dpmpp" and SOLVERS["ddim"].orders == (1,)
     assert build_plan(points, "ddim", 1, "eps") == build_plan(points, "dpmpp", 1, "eps")
     assert build_plan(points, "ddim", 1, "eps", sde=True) == build_plan(points, "dpmpp", 1, "eps", sde=True)

@@ -1,6 +1,8 @@
 """diffusers integration: a drop-in scheduler that runs adjointdeis' fused, differentiable steps.
 
-``FusedMultistepScheduler`` (the scheduler), ``denoise`` (a pipeline's loop with gradients) and
+``FusedMultistepScheduler`` (the scheduler; ``FusedDPMSolverMultistepScheduler``, ``FusedDEISMultistepScheduler``,
+``FusedFlowMatchEulerDiscreteScheduler`` and ``FusedFlowMatchHeunDiscreteScheduler`` fix its family), ``denoise``
+(a pipeline's loop with gradients) and
 ``schedule_from_config`` (our noise schedule for a scheduler config) all read diffusers configs through
 :mod:`adjointdeis.diffusers.config`.
 
@@ -15,7 +17,10 @@ except ImportError as error:
         f"({error}); install it with: pip install adjointdeis[diffusers]") from error
 
 from .config import schedule_from_config
-from .scheduler import FusedMultistepScheduler
+from .scheduler import (FusedDEISMultistepScheduler, FusedDPMSolverMultistepScheduler,
+                        FusedFlowMatchEulerDiscreteScheduler, FusedFlowMatchHeunDiscreteScheduler,
+                        FusedMultistepScheduler)
 from .pipeline import denoise
 
-__all__ = ["FusedMultistepScheduler", "denoise", "schedule_from_config"]
+__all__ = ["FusedDEISMultistepScheduler", "FusedDPMSolverMultistepScheduler", "FusedFlowMatchEulerDiscreteScheduler",
+           "FusedFlowMatchHeunDiscreteScheduler", "FusedMultistepScheduler", "denoise", "schedule_from_config"]

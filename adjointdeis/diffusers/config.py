@@ -2,21 +2,34 @@
 
 A diffusers config (``scheduler.config``, a dict, or the keyword arguments of a scheduler) names its noise
 schedule (``beta_schedule``, ``beta_start``, ``beta_end``, ``trained_betas``, ``rescale_betas_zero_snr``,
-``use_flow_sigmas``, ``flow_shift``), its prediction (``prediction_type``) and its algorithm
-(``algorithm_type``, ``solver_type``). :class:`~adjointdeis.diffusers.FusedMultistepScheduler`,
-:func:`~adjointdeis.diffusers.denoise` and :func:`schedule_from_config` all read them here. A value that
-cannot be honoured raises ``ValueError`` naming the key.
+``use_flow_sigmas``, ``flow_shift``, FlowMatch's ``shift``), its prediction (``prediction_type``), its algorithm
+(``algorithm_type``, ``solver_type``, ``thresholding``) and its grid.
+:class:`~adjointdeis.diffusers.FusedMultistepScheduler`, :func:`~adjointdeis.diffusers.denoise` and
+:func:`schedule_from_config` all read them here:
+
+- :func:`detect_family`: which diffusers scheduler a config belongs to (:data:`FAMILIES`);
+- :func:`translate`: the sampler a config means in that family (:class:`SchedulerSpec`), validated;
+- :func:`grid`: the noise levels and model timesteps of ``set_timesteps``, computed by the family's own
+  diffusers scheduler (so every spacing key is diffusers' arithmetic bit for bit) and memoised.
+
+A value that cannot be honoured raises ``ValueError`` naming the key.
 """
 
+import functools
+import inspect
 import math
 import operator
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
+import diffusers
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule, VPSchedule
+from ..schedules import DISCRETE_SPACINGS, DiscreteVPSchedule, FlowSchedule, NoiseSchedule, VPSchedule
+from ..solvers import SOLVERS, check_solver, resolve_order
+from ..thresholding import DynamicThreshold
 
 PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -25,13 +38,58 @@ GLIDE_OFFSET = 0.008
 GLIDE_MAX_BETA = 0.999
 # rescale_betas_zero_snr: diffusers sets the last alphas_cumprod to this instead of 0.
 ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
-# algorithm_type -> (our solver, sde) for the algorithms we implement.
-ALGORITHMS = {"dpmsolver++": ("dpmpp", False), "sde-dpmsolver++": ("dpmpp", True), "deis": ("deis", False)}
-# The noise-prediction DPM-Solver, which is not implemented.
-NOISE_PREDICTION_ALGORITHMS = ("dpmsolver", "sde-dpmsolver")
-# solver_type: the second-order DPM-Solver++ form is "midpoint"; the other schedulers' names mean the same here.
-SOLVER_TYPES = ("midpoint", "logrho", "bh1", "bh2")
+# algorithm_type -> (our solver, sde).
+ALGORITHMS = {"dpmsolver++": ("dpmpp", False), "sde-dpmsolver++": ("dpmpp", True), "dpmsolver": ("dpmsolver", False),
+              "sde-dpmsolver": ("dpmsolver", True), "deis": ("deis", False)}
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+# The keys only FlowMatch schedulers have (the pipelines read the sequence-length ones to compute mu).
+FLOW_MATCH_KEYS = ("shift", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "invert_sigmas",
+                   "shift_terminal", "stochastic_sampling")
+SIGMA_SPACING_KEYS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
+LEARNED_VARIANCE = ("learned", "learned_range")
+TIME_SHIFT_TYPES = ("exponential", "linear")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A diffusers scheduler this package reproduces, and its config rules.
+
+    Attributes:
+        name: the key of :data:`FAMILIES` (stored as the ``family`` config value).
+        reference: the diffusers class whose samples it gives.
+        flow: grid values are flow times t (alpha = 1 - t, sigma = t) rather than VE levels sigma/alpha.
+        algorithms: the ``algorithm_type`` values it accepts, the first the default (None: no algorithm key).
+        algorithm_renames: the values diffusers' ``__init__`` stores as another one.
+        solver_types, solver_type_renames: likewise for ``solver_type``.
+        default_solver: our solver when neither ``solver`` nor ``algorithm_type`` says.
+    """
+
+    name: str
+    reference: str
+    flow: bool
+    algorithms: tuple[str | None, ...]
+    algorithm_renames: dict = field(default_factory=dict)
+    solver_types: tuple[str | None, ...] = ("midpoint", "heun")
+    solver_type_renames: dict = field(default_factory=dict)
+    default_solver: str | None = None
+
+
+_DPM_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
+FAMILIES = {f.name: f for f in (
+    Family("dpmsolver", "DPMSolverMultistepScheduler", False, _DPM_ALGORITHMS, {"deis": "dpmsolver++"},
+           ("midpoint", "heun"), {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}),
+    Family("deis", "DEISMultistepScheduler", False, ("deis",), {"dpmsolver": "deis", "dpmsolver++": "deis"},
+           ("logrho",), {k: "logrho" for k in ("midpoint", "heun", "bh1", "bh2")}),
+    Family("flow_euler", "FlowMatchEulerDiscreteScheduler", True, (None, *_DPM_ALGORITHMS),
+           solver_types=(None, "midpoint", "heun"), default_solver="ddim"),
+    Family("flow_heun", "FlowMatchHeunDiscreteScheduler", True, (None, *_DPM_ALGORITHMS),
+           solver_types=(None, "midpoint", "heun"), default_solver="heun"),
+)}
+# Our scheduler classes' names (saved configs carry them as _class_name) -> family; "FusedMultistepScheduler"
+# stores its family as a key.
+FUSED_CLASS_FAMILIES = {"FusedDPMSolverMultistepScheduler": "dpmsolver", "FusedDEISMultistepScheduler": "deis",
+                        "FusedFlowMatchEulerDiscreteScheduler": "flow_euler",
+                        "FusedFlowMatchHeunDiscreteScheduler": "flow_heun"}
 
 
 def config_error(key: str, value, allowed) -> ValueError:
@@ -52,37 +110,36 @@ def prediction(config: Mapping) -> str:
     return PREDICTION_TYPES[value]
 
 
-def algorithm(algorithm_type: str) -> tuple[str, bool]:
-    """(our solver, sde) for a diffusers ``algorithm_type``.
-
-    Raises:
-        ValueError naming algorithm_type for the noise-prediction DPM-Solver or an unknown algorithm.
-    """
-    if algorithm_type in NOISE_PREDICTION_ALGORITHMS:
-        raise ValueError(f"scheduler config: algorithm_type {algorithm_type!r} (noise-prediction DPM-Solver) is not "
-                         "implemented; use 'dpmsolver++' or 'sde-dpmsolver++'")
-    if algorithm_type not in ALGORITHMS:
-        raise config_error("algorithm_type", algorithm_type, ALGORITHMS)
-    return ALGORITHMS[algorithm_type]
-
-
-def check_solver_type(solver_type: str, solver: str, order: int) -> None:
-    """Checks ``solver_type`` against the solver it would shape.
-
-    Raises:
-        ValueError naming solver_type for "heun" with second-order DPM-Solver++ (not implemented) or an
-        unknown value.
-    """
-    if solver_type == "heun" and solver == "dpmpp" and order > 1:
-        raise ValueError("scheduler config: solver_type 'heun' is not implemented; the second-order DPM-Solver++ "
-                         "step is the 'midpoint' form")
-    if solver_type not in SOLVER_TYPES + ("heun",):
-        raise config_error("solver_type", solver_type, SOLVER_TYPES)
-
-
 def is_flow_matching(config: Mapping) -> bool:
     """Whether the config describes a flow-matching schedule (alpha = 1 - t, sigma = t)."""
-    return bool(config.get("use_flow_sigmas")) or ("shift" in config and "beta_start" not in config)
+    return bool(config.get("use_flow_sigmas")) or FAMILIES[detect_family(config)].flow
+
+
+def detect_family(config: Mapping) -> str:
+    """The family (:data:`FAMILIES`) of a scheduler config: which diffusers scheduler it belongs to.
+
+    Read from, in order: our ``family`` key; the ``_class_name`` a saved config carries; the keys themselves
+    (pass the full ``scheduler.config``: diffusers' own ``from_config`` hides the default-valued ones, this
+    does not): FlowMatch keys without betas are FlowMatchEuler's, only ``num_train_timesteps`` and ``shift``
+    FlowMatchHeun's; ``algorithm_type="deis"`` DEIS'; anything else (DDPM, DDIM, PNDM, UniPC, Euler, ...)
+    DPMSolverMultistep's, as ``DPMSolverMultistepScheduler.from_config`` reads it.
+
+    Raises:
+        ValueError naming family for an unknown ``family`` value.
+    """
+    family = config.get("family")
+    if family is not None:
+        if family not in FAMILIES:
+            raise config_error("family", family, FAMILIES)
+        return family
+    name = config.get("_class_name")
+    by_name = {**{f.reference: f.name for f in FAMILIES.values()}, **FUSED_CLASS_FAMILIES}
+    if isinstance(name, str) and name in by_name:
+        return by_name[name]
+    keys = {k for k in config if not k.startswith("_")}
+    if "shift" in keys and not keys & {"beta_start", "beta_end", "beta_schedule", "trained_betas"}:
+        return "flow_heun" if keys <= {"num_train_timesteps", "shift"} else "flow_euler"
+    return "deis" if config.get("algorithm_type") == "deis" else "dpmsolver"
 
 
 def _num_train_timesteps(config: Mapping) -> int:
@@ -201,3 +258,279 @@ def schedule_from_config(config: Mapping, dtype: torch.dtype = torch.float64) ->
         ValueError naming the key of a value it cannot honour.
     """
     return flow_schedule(config) if is_flow_matching(config) else vp_schedule(config, dtype)
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """What a scheduler config means for our sampler, in one family (see :func:`translate`).
+
+    Attributes:
+        family: the key of :data:`FAMILIES`.
+        flow: grid values are flow times (alpha = 1 - t, sigma = t), else VE levels sigma/alpha.
+        solver, order, sde, second_order: the solver run (a :data:`adjointdeis.solvers.SOLVERS` name).
+        prediction: what the model outputs, our name ("eps", "x0", "v", "flow").
+        output_sign: -1 where the model's output is the negated prediction (FlowMatch's ``invert_sigmas``).
+        threshold: dynamic thresholding of the data prediction, or None.
+        lower_order_final, euler_at_final: diffusers' lowered final orders.
+        learned_variance: the model output carries a variance in its second half of channels.
+        noise_every_step: draw noise on every step (FlowMatch's ``stochastic_sampling``, to keep the
+            generator's stream), not only where a row is stochastic.
+        resolved: the config values as resolved, to store (algorithm_type, solver_type, solver, ...).
+    """
+
+    family: str
+    flow: bool
+    solver: str
+    order: int
+    sde: bool
+    second_order: str
+    prediction: str
+    output_sign: float
+    threshold: DynamicThreshold | None
+    lower_order_final: bool
+    euler_at_final: bool
+    learned_variance: bool
+    noise_every_step: bool
+    resolved: tuple[tuple[str, object], ...]
+
+
+def _resolve(key: str, value, allowed, renames) -> object:
+    value = renames.get(value, value)
+    if value not in allowed:
+        raise config_error(key, value, [v for v in allowed if v is not None] + list(renames))
+    return value
+
+
+def translate(config: Mapping, family: str) -> SchedulerSpec:
+    """The sampler a scheduler config means in `family`, validated.
+
+    ``solver`` (ours; None: the family's, or what ``algorithm_type`` says: "dpmpp" for the data-prediction
+    DPM-Solver++, "dpmsolver" for the noise prediction, "deis"; "ddim" for FlowMatchEuler, "renoise" with its
+    ``stochastic_sampling``, "heun" for FlowMatchHeun) runs at order ``solver_order`` (1 for "ddim" and
+    "renoise"), stochastic for the "sde-" algorithms. ``algorithm_type`` and ``solver_type`` follow the family's
+    diffusers class, renames included (DPMSolverMultistep stores "deis" as "dpmsolver++", DEIS stores the
+    DPM-Solver names as "deis"). ``final_sigmas_type`` None means "sigma_min" for the noise-prediction solvers
+    (as DEISMultistepScheduler) and "zero" otherwise.
+
+    Raises:
+        ValueError naming the key of a value it cannot honour (prediction_type, algorithm_type, solver_type,
+        solver, solver_order, final_sigmas_type, time_shift_type, thresholding's ratio and maximum,
+        stochastic_sampling with another solver, per-family combinations).
+    """
+    spec_family = FAMILIES[family]
+    flow = spec_family.flow or bool(config.get("use_flow_sigmas", False))
+    _num_train_timesteps(config)
+    if not spec_family.flow:
+        alphas_cumprod(config)  # raises naming a betas key it cannot honour
+        if config.get("timestep_spacing", "linspace") not in DISCRETE_SPACINGS:
+            raise config_error("timestep_spacing", config.get("timestep_spacing"), DISCRETE_SPACINGS)
+    prediction_type = config.get("prediction_type") or ("flow_prediction" if spec_family.flow else "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise config_error("prediction_type", prediction_type, PREDICTION_TYPES)
+    algorithm_type = _resolve("algorithm_type", config.get("algorithm_type") or spec_family.algorithms[0],
+                              spec_family.algorithms, spec_family.algorithm_renames)
+    solver_type = _resolve("solver_type", config.get("solver_type") or spec_family.solver_types[0],
+                           spec_family.solver_types, spec_family.solver_type_renames)
+    stochastic = bool(config.get("stochastic_sampling", False)) and spec_family.flow
+    algorithm_solver, sde = ALGORITHMS[algorithm_type] if algorithm_type else (None, False)
+    default_solver = "renoise" if stochastic else (spec_family.default_solver or algorithm_solver)
+    solver = config.get("solver") or default_solver
+    if solver not in SOLVERS:
+        raise config_error("solver", solver, SOLVERS)
+    if stochastic and solver != "renoise":
+        raise ValueError(f"scheduler config: stochastic_sampling=True re-noises every step (solver 'renoise'); it "
+                         f"cannot run solver {solver!r}")
+    entry = check_solver(solver)
+    if sde and not entry.sde_orders:
+        able = ", ".join(repr(n) for n, e in SOLVERS.items() if e.sde_orders)
+        raise ValueError(f"scheduler config: algorithm_type {algorithm_type!r} is stochastic and needs solver {able}, "
+                         f"not {solver!r}")
+    order = config.get("solver_order", 2) if len(entry.orders) > 1 else entry.default_order
+    try:
+        order = resolve_order(solver, order, sde)
+    except ValueError as error:
+        raise ValueError(f"scheduler config: solver_order {config.get('solver_order')!r}: {error}") from None
+    final = config.get("final_sigmas_type") or ("sigma_min" if solver in ("deis", "dpmsolver") else "zero")
+    if final not in FINAL_SIGMAS_TYPES:
+        raise config_error("final_sigmas_type", final, FINAL_SIGMAS_TYPES)
+    time_shift = config.get("time_shift_type", "exponential")
+    allowed_shifts = TIME_SHIFT_TYPES if spec_family.flow else TIME_SHIFT_TYPES[:1]
+    if time_shift not in allowed_shifts:
+        raise config_error("time_shift_type", time_shift, allowed_shifts)
+    spacing_keys = [k for k in SIGMA_SPACING_KEYS if config.get(k)]
+    if len(spacing_keys) > 1:
+        raise ValueError(f"scheduler config: only one of {', '.join(SIGMA_SPACING_KEYS)} can be set, got "
+                         f"{', '.join(spacing_keys)}")
+    if spacing_keys and config.get("use_flow_sigmas") and not spec_family.flow:
+        raise ValueError(f"scheduler config: {spacing_keys[0]} cannot be combined with use_flow_sigmas")
+    threshold = None
+    if config.get("thresholding", False):
+        try:
+            threshold = DynamicThreshold(config.get("dynamic_thresholding_ratio", 0.995),
+                                         config.get("sample_max_value", 1.0))
+        except ValueError as error:
+            raise ValueError(f"scheduler config: {error}") from None
+    resolved = dict(family=family, solver=solver, algorithm_type=algorithm_type, solver_type=solver_type,
+                    prediction_type=prediction_type, final_sigmas_type=final)
+    return SchedulerSpec(
+        family=family, flow=flow, solver=solver, order=order, sde=sde,
+        second_order="heun" if solver_type == "heun" else "midpoint", prediction=PREDICTION_TYPES[prediction_type],
+        output_sign=-1.0 if spec_family.flow and config.get("invert_sigmas", False) else 1.0,
+        threshold=threshold, lower_order_final=bool(config.get("lower_order_final", True)),
+        euler_at_final=bool(config.get("euler_at_final", False)),
+        learned_variance=config.get("variance_type") in LEARNED_VARIANCE, noise_every_step=stochastic,
+        resolved=tuple(resolved.items()))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The grid of one ``set_timesteps`` call, as the family's diffusers scheduler computes it.
+
+    Attributes:
+        levels: N+1 float32 noise levels (VE sigma/alpha, or flow t), noisiest first; the last is where the
+            last step lands (0: zero noise). For FlowMatch's ``invert_sigmas``, ``1 - sigma``.
+        timesteps: (N,) the model timesteps (int64, or float32 for FlowMatch), as diffusers exposes them.
+        sigmas: (N+1,) float32, the ``sigmas`` diffusers exposes (inverted for ``invert_sigmas``).
+    """
+
+    levels: tuple[float, ...]
+    timesteps: Tensor = field(compare=False)
+    sigmas: Tensor = field(compare=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _init_defaults(class_name: str) -> dict:
+    """The keyword arguments of a diffusers class's ``__init__`` and their defaults (do not modify)."""
+    parameters = list(inspect.signature(getattr(diffusers, class_name).__init__).parameters.values())[1:]
+    return {p.name: p.default for p in parameters}
+
+
+_GRID_KEYS = {
+    "dpmsolver": ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                  *SIGMA_SPACING_KEYS, "use_flow_sigmas", "flow_shift", "final_sigmas_type", "lambda_min_clipped",
+                  "timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "use_dynamic_shifting",
+                  "time_shift_type"),
+    "flow": ("num_train_timesteps", "shift", "use_dynamic_shifting", "invert_sigmas", "shift_terminal",
+             "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "time_shift_type"),
+}
+# The DPM-Solver keys that DEISMultistepScheduler lacks: a DEIS config that sets them takes DPMSolverMultistep's grid.
+_DPM_ONLY_GRID_KEYS = ("use_lu_lambdas", "lambda_min_clipped", "rescale_betas_zero_snr", "final_sigmas_type")
+
+
+def _grid_source(config: Mapping, family: str, final: str) -> tuple[str, tuple]:
+    """(diffusers class name, its keyword arguments as sorted pairs) that computes the family's grids."""
+    if FAMILIES[family].flow:
+        name, keys = "FlowMatchEulerDiscreteScheduler", _GRID_KEYS["flow"]
+    else:
+        name, keys = "DPMSolverMultistepScheduler", _GRID_KEYS["dpmsolver"]
+        defaults = _init_defaults("DPMSolverMultistepScheduler")
+        dpm_only = any(k != "final_sigmas_type" and config.get(k, defaults[k]) != defaults[k]
+                       for k in _DPM_ONLY_GRID_KEYS) or final == "zero"
+        if family == "deis" and not dpm_only:
+            name = "DEISMultistepScheduler"
+    accepted = _init_defaults(name)
+    values = {k: config[k] for k in keys if k in config and k in accepted}
+    if "final_sigmas_type" in accepted:
+        values["final_sigmas_type"] = final
+    if values.get("trained_betas") is not None:
+        values["trained_betas"] = tuple(np.asarray(values["trained_betas"], dtype=np.float64).tolist())
+    return name, tuple(sorted(values.items()))
+
+
+@functools.lru_cache(maxsize=8)
+def _reference(name: str, kwargs: tuple):
+    return getattr(diffusers, name)(**dict(kwargs))
+
+
+def reference_scheduler(config: Mapping, spec: SchedulerSpec):
+    """A new instance of the diffusers scheduler that computes the family's grids (its training-time
+    ``betas``, ``alphas_cumprod``, ``sigmas`` and ``timesteps``).
+
+    Raises:
+        what that scheduler raises for the config (``ValueError``, ``ImportError`` for beta sigmas without scipy).
+    """
+    name, kwargs = _grid_source(config, spec.family, dict(spec.resolved)["final_sigmas_type"])
+    return getattr(diffusers, name)(**dict(kwargs))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_grid(name: str, kwargs: tuple, steps: int | None, timesteps: tuple | None, sigmas: tuple | None,
+                 mu: float | None) -> Grid:
+    reference = _reference(name, kwargs)
+    options = dict(kwargs)
+    if mu is not None and name == "DPMSolverMultistepScheduler":
+        # DPMSolverMultistep writes exp(mu) into its config for good; a fresh one keeps it to this grid.
+        reference = getattr(diffusers, name)(**options)
+    call = {"num_inference_steps": steps}
+    if timesteps is not None:
+        call["timesteps"] = list(timesteps)
+    if sigmas is not None:
+        call["sigmas"] = list(sigmas)
+    if mu is not None:
+        call["mu"] = mu
+    reference.set_timesteps(**call)
+    sigma = reference.sigmas.to(torch.float32)
+    levels = 1.0 - sigma if options.get("invert_sigmas") else sigma
+    return Grid(tuple(levels.tolist()), reference.timesteps.clone(), sigma.clone())
+
+
+def clear_grid_cache() -> None:
+    """Forgets the memoised grids (for cold timings; the diffusers schedulers that compute them, one per config,
+    stay)."""
+    _cached_grid.cache_clear()
+
+
+def grid(config: Mapping, spec: SchedulerSpec, num_inference_steps: int | None = None, timesteps=None, sigmas=None,
+         mu: float | None = None) -> Grid:
+    """The grid of ``set_timesteps`` for a config in its family, computed by the family's diffusers scheduler.
+
+    DPMSolverMultistep (DEISMultistep for DEIS configs that set none of the keys it lacks) for VP families and
+    FlowMatchEuler for flow families, called as ``set_timesteps(num_inference_steps | timesteps | sigmas, mu)``
+    with the arguments the caller checked (FlowMatchHeun's grid is FlowMatchEuler's with the same shift). Where
+    diffusers has no such argument (``sigmas=`` for the VP families, ``timesteps=`` for DEIS) the grid is ours:
+    :func:`vp_custom_grid`. Results are memoised per config and arguments.
+
+    Raises:
+        ValueError from diffusers for arguments it rejects.
+    """
+    final = dict(spec.resolved)["final_sigmas_type"]
+    name, kwargs = _grid_source(config, spec.family, final)
+    if not FAMILIES[spec.family].flow and sigmas is not None:
+        return vp_custom_grid(config, spec, sigmas, final)
+    if name == "DEISMultistepScheduler" and timesteps is not None:
+        name, kwargs = _grid_source(config, "dpmsolver", final)  # the same levels; DEIS takes no timesteps=
+    as_tuple = (lambda v: None if v is None else tuple(np.asarray(v.cpu() if isinstance(v, Tensor) else v,
+                                                                  dtype=np.float64).reshape(-1).tolist()))
+    return _cached_grid(name, kwargs, num_inference_steps, as_tuple(timesteps), as_tuple(sigmas),
+                        None if mu is None else float(mu))
+
+
+def vp_custom_grid(config: Mapping, spec: SchedulerSpec, sigmas, final: str) -> Grid:
+    """The grid of N custom noise levels for a VP family (diffusers' DPM-Solver and DEIS take none).
+
+    As every diffusers scheduler that takes ``sigmas=``: the N levels (VE sigma/alpha, or flow t with
+    use_flow_sigmas) are the evaluation points and the end is appended per ``final_sigmas_type``; each model
+    timestep is the nearest training timestep (VP, interpolating log sigma) or ``int(t N)`` (flow).
+
+    Raises:
+        ValueError naming sigmas for values that are not a non-empty 1-D list of finite levels >= 0.
+    """
+    values = np.asarray(sigmas.cpu() if isinstance(sigmas, Tensor) else sigmas, dtype=np.float64)
+    if values.ndim != 1 or values.size < 1 or not np.all(np.isfinite(values)) or values.min() < 0 or (
+            spec.flow and values.max() > 1):
+        raise ValueError("set_timesteps: sigmas must be a non-empty 1-D list of finite noise levels >= 0"
+                         f"{' and <= 1' if spec.flow else ''} (one per step; the end is appended), got "
+                         f"{values.tolist()}")
+    products = alphas_cumprod(config, torch.float32)[1]
+    table = ((1 - products) / products) ** 0.5
+    num_train = len(table)
+    end = 0.0 if final == "zero" else float(table[0])
+    levels = np.concatenate([values, [end]]).astype(np.float32)
+    evaluated = levels[:-1].astype(np.float64)
+    if spec.flow:
+        model_times = (evaluated * num_train).astype(np.int64)
+    else:
+        log_table = np.log(table.numpy()).astype(np.float64)
+        position = np.interp(np.log(np.maximum(evaluated, 1e-10)), log_table, np.arange(num_train, dtype=np.float64))
+        model_times = position.round().astype(np.int64)
+    return Grid(tuple(levels.tolist()), torch.from_numpy(model_times), torch.from_numpy(levels))

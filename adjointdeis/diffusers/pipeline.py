@@ -1,29 +1,70 @@
 """``denoise``: a diffusers pipeline's denoising loop through ``adjointdeis.sample``, with gradients.
 
 diffusers runs its loop under ``torch.no_grad``; here the same loop (same UNet or transformer, same
-scheduler configuration, same classifier-free guidance) is one ``sample`` call, so ``loss(latents).backward()``
+scheduler configuration and grid, same guidance) is one ``sample`` call, so ``loss(latents).backward()``
 reaches the initial latents, the prompt embeddings and the network's weights through our gradient modes.
+It takes every config ``FusedMultistepScheduler`` takes (the grid comes from the same translation,
+:mod:`adjointdeis.diffusers.config`), and the conventions of the pipelines that drive the network:
+UNet pipelines (integer timesteps, batched classifier-free guidance), ``StableDiffusion3Pipeline``
+(1000-scale float timesteps, pooled projections, batched CFG, ``mu`` only with dynamic shifting) and
+``FluxPipeline`` (packed latents, the pipeline's ``sigmas`` and ``mu``, timesteps / 1000, text and image ids,
+the guidance embedding, and "true CFG").
 """
 
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from numbers import Number
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..sampling import sample
-from ..schedules import NoiseSchedule, VPSchedule
+from ..schedules import FlowSchedule, NoiseSchedule, _Interval
+from ..thresholding import DynamicThreshold
 from . import config as translation
-
-# Config keys whose truthy value changes the grid or the update in a way ``sample`` does not model.
-UNSUPPORTED_CONFIG = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
-                      "thresholding", "use_dynamic_shifting", "invert_sigmas", "shift_terminal", "euler_at_final",
-                      "stochastic_sampling")
 
 _ENCODER_KEY = "encoder_hidden_states"
 _ADDED_PREFIX = "added_cond_kwargs."
+# The pipelines whose network call and grid arguments ``denoise`` reproduces, by network class.
+_FLUX, _SD3 = "FluxTransformer2DModel", "SD3Transformer2DModel"
+
+
+class VELevelSchedule(NoiseSchedule):
+    """A VP schedule whose time is the VE noise level ``t = sigma/alpha``: ``alpha = 1/sqrt(1 + t^2)``.
+
+    The variable of diffusers' DPM-Solver and DEIS grids, so that a grid of their levels (karras, exponential,
+    beta, log-SNR, custom) is a grid of this schedule exactly; t = 0 is zero noise.
+    """
+
+    is_variance_preserving = True
+
+    def __init__(self, t_min: float, t_max: float):
+        self.t_min, self.t_max = t_min, t_max
+
+    @property
+    def time_domain(self) -> _Interval:
+        return _Interval(0.0, math.inf, True, False)
+
+    def _log_alpha(self, t: Tensor) -> Tensor:
+        return -0.5 * torch.log1p(t * t)
+
+    def _alpha(self, t: Tensor) -> Tensor:
+        return 1.0 / torch.sqrt(1.0 + t * t)
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        return t / torch.sqrt(1.0 + t * t)
+
+    def _log_sigma(self, t: Tensor) -> Tensor:
+        return torch.log(t) - 0.5 * torch.log1p(t * t)
+
+    def _time_from_half_log_snr(self, lam: Tensor) -> Tensor:
+        return torch.exp(-lam)
+
+    def __repr__(self) -> str:
+        return f"VELevelSchedule(t_min={self.t_min!r}, t_max={self.t_max!r})"
 
 
 @dataclass(frozen=True)
@@ -31,110 +72,128 @@ class SamplingSetup:
     """What a diffusers scheduler configuration means for ``sample``.
 
     Attributes:
-        schedule: the noise schedule (discrete VP or flow).
-        timesteps: (N+1,) float64 grid, noisiest first, in the schedule's time.
-        time_scale: factor from the schedule's time to the network's timestep (1 for VP, the
-            number of training steps for flow models).
-        prediction, solver, order, sde, lower_order_final, denoise_to_zero: as in ``sample``.
+        schedule: the noise schedule, in the grid's own variable (flow t, or the VE level sigma/alpha).
+        levels: (N+1,) float64 grid, noisiest first; the last is where the last step lands (0: zero noise).
+        timesteps: (N,) the model timesteps diffusers passes at ``levels[:-1]`` (float64).
+        prediction, solver, order, sde, lower_order_final, euler_at_final, second_order, threshold: as in
+            ``sample``.
+        output_sign: -1 when the network's output is the negated prediction (FlowMatch's ``invert_sigmas``).
+        learned_variance: the network's output carries a variance in its second half of channels.
     """
 
     schedule: NoiseSchedule
+    levels: Tensor
     timesteps: Tensor
-    time_scale: float
     prediction: str
     solver: str
-    order: int | None
+    order: int
     sde: bool
     lower_order_final: bool
-    denoise_to_zero: bool
+    euler_at_final: bool
+    second_order: str
+    threshold: DynamicThreshold | None
+    output_sign: float = 1.0
+    learned_variance: bool = False
 
     def sample_kwargs(self) -> dict:
-        return dict(timesteps=self.timesteps, prediction=self.prediction, solver=self.solver, order=self.order,
-                    sde=self.sde, lower_order_final=self.lower_order_final, denoise_to_zero=self.denoise_to_zero)
+        """``sample``'s grid and solver arguments: N timesteps and zero noise, or the N+1 levels."""
+        to_zero = bool(self.levels[-1] == 0)
+        grid = dict(steps=len(self.levels) - 1, timesteps=self.levels[:-1] if to_zero else self.levels,
+                    denoise_to_zero=to_zero)
+        return dict(grid, prediction=self.prediction, solver=self.solver, order=self.order, sde=self.sde,
+                    lower_order_final=self.lower_order_final, euler_at_final=self.euler_at_final,
+                    second_order=self.second_order, threshold=self.threshold)
 
 
-def _default_solver(scheduler, config) -> tuple[str, int | None]:
-    """(solver, order) that reproduce the scheduler's own algorithm, where we have it."""
-    algorithm = str(config.get("algorithm_type", ""))
-    if "solver" in config:
-        return config["solver"] or ("deis" if algorithm == "deis" else "dpmpp"), config.get("solver_order")
+def _family_config(scheduler) -> tuple[dict, str | None]:
+    """The scheduler's config with its class name, and its family when it is one our scheduler reproduces."""
+    config = dict(scheduler.config)
     name = type(scheduler).__name__
-    if name.startswith("DPMSolverMultistep"):
-        solver, _ = translation.algorithm(algorithm)
-        order = config.get("solver_order", 2)
-        translation.check_solver_type(config.get("solver_type", "midpoint"), solver, order)
-        return solver, order
-    if name.startswith("DEISMultistep"):
-        return "deis", config.get("solver_order", 2)
-    if name.startswith("DDIM") or name.startswith("FlowMatchEuler"):
-        return "ddim", 1
-    return "dpmpp", 2
+    references = {f.reference for f in translation.FAMILIES.values()} | set(translation.FUSED_CLASS_FAMILIES)
+    if "family" in config or name in references:
+        config.setdefault("_class_name", name)
+        return config, translation.detect_family(config)
+    return config, None
 
 
-def setup_from_scheduler(scheduler, num_inference_steps: int, solver: str | None = None,
-                         order: int | None = None) -> SamplingSetup:
-    """Our schedule, grid and solver from a diffusers scheduler's configuration.
+def setup_from_scheduler(scheduler, num_inference_steps: int | None, solver: str | None = None,
+                         order: int | None = None, timesteps=None, sigmas=None,
+                         mu: float | None = None) -> SamplingSetup:
+    """Our schedule, grid and solver from a diffusers scheduler's configuration (the scheduler is not modified).
 
-    The grid is the one the scheduler's own ``set_timesteps(num_inference_steps)`` produces, taken
-    from a fresh instance built with ``from_config`` (the given scheduler is not modified): the
-    integer timesteps followed by 0 for VP schedules, the sigmas for flow schedules.
+    DPMSolverMultistep, DEISMultistep, FlowMatchEuler, FlowMatchHeun and our schedulers: the grid of
+    ``set_timesteps(num_inference_steps | timesteps | sigmas, mu)`` as ``FusedMultistepScheduler`` computes it,
+    every config key honoured. Any other scheduler (DDIM, DDPM, PNDM, UniPC, ...): its own timesteps, taken from
+    a fresh instance, the levels of its ``alphas_cumprod`` there, and the end at zero noise when it says so
+    (``final_sigmas_type="zero"``, DDIM's ``set_alpha_to_one``) or else at its cleanest level (a last timestep
+    there makes the last step the identity, as in DDIM); DDIM runs "ddim", the others DPM-Solver++(2M).
 
     Args:
-        scheduler: a diffusers scheduler (``SchedulerMixin, ConfigMixin``) whose latents start as
-            standard normal noise (``init_noise_sigma == 1``).
-        num_inference_steps: N.
-        solver, order: override the solver the scheduler's class implies (DPMSolverMultistep:
-            "dpmpp" of its ``solver_order``; DEIS: "deis"; DDIM and FlowMatchEuler: "ddim";
-            others: "dpmpp" order 2).
+        scheduler: a diffusers scheduler whose latents start as standard normal noise (``init_noise_sigma == 1``).
+        num_inference_steps, timesteps, sigmas, mu: as for the scheduler's ``set_timesteps``.
+        solver, order: override the solver the configuration implies.
 
     Raises:
-        ValueError naming the config key for a configuration ``sample`` cannot reproduce
-        (Karras/exponential/beta/Lu sigmas, thresholding, dynamic shifting, an unknown
-        prediction_type, latents scaled by ``init_noise_sigma != 1``).
+        ValueError naming the config key for a configuration it cannot reproduce, or for latents scaled by
+        ``init_noise_sigma != 1``.
     """
-    config = scheduler.config
-    for key in UNSUPPORTED_CONFIG:
-        if config.get(key):
-            raise ValueError(f"scheduler config {key}={config[key]!r} is not supported by denoise; "
-                             f"build the scheduler with {key} off")
     init_sigma = getattr(scheduler, "init_noise_sigma", 1.0)
     if float(init_sigma) != 1.0:
         raise ValueError(f"{type(scheduler).__name__} scales its latents by init_noise_sigma={float(init_sigma):g} "
                          "(variance-exploding coordinates); denoise expects standard normal latents: build a "
                          "DPMSolverMultistepScheduler.from_config(scheduler.config) instead")
-    flow = translation.is_flow_matching(config)
-    prediction = translation.prediction(config)
-    sde = str(config.get("algorithm_type", "")).startswith("sde")
-    if solver is None:
-        solver, default_order = _default_solver(scheduler, config)
-        order = default_order if order is None else order
-    elif order is None and solver in ("dpmpp", "deis"):
-        order = config.get("solver_order")
+    config, family = _family_config(scheduler)
+    overrides = {k: v for k, v in (("solver", solver), ("solver_order", order)) if v is not None}
+    if family is None:
+        return _setup_from_own_timesteps(scheduler, config, num_inference_steps, overrides, timesteps)
+    config.update(overrides)
+    spec = translation.translate(config, family)
+    if not translation.FAMILIES[family].flow:
+        if mu is not None and not config.get("use_dynamic_shifting"):
+            raise ValueError("denoise: mu needs use_dynamic_shifting=True in the scheduler config")
+        given = [v for v in (num_inference_steps, timesteps, sigmas) if v is not None]
+        if len(given) != 1:
+            raise ValueError("denoise: pass exactly one of num_inference_steps, timesteps or sigmas for this scheduler")
+    grid = translation.grid(config, spec, num_inference_steps, timesteps, sigmas, mu)
+    levels = torch.tensor(grid.levels, dtype=torch.float64)
+    return _setup(spec, levels, grid.timesteps)
+
+
+def _setup(spec: translation.SchedulerSpec, levels: Tensor, timesteps: Tensor) -> SamplingSetup:
+    """The setup of a grid: its schedule in the grid's variable, with t_min below the cleanest non-zero level."""
+    t_min, t_max = 0.5 * float(levels[levels > 0].min()), float(levels[0])
+    schedule = FlowSchedule(t_min=t_min, t_max=t_max) if spec.flow else VELevelSchedule(t_min, t_max)
+    return SamplingSetup(schedule, levels, timesteps.to(torch.float64), spec.prediction, spec.solver, spec.order,
+                         spec.sde, spec.lower_order_final, spec.euler_at_final, spec.second_order, spec.threshold,
+                         spec.output_sign, spec.learned_variance)
+
+
+def _setup_from_own_timesteps(scheduler, config: dict, steps: int | None, overrides: dict, timesteps) -> SamplingSetup:
+    is_ddim = type(scheduler).__name__.startswith("DDIM")
+    if is_ddim and config.get("clip_sample"):
+        raise ValueError("scheduler config: clip_sample=True (DDIM clamps x0 to clip_sample_range) is not supported "
+                         "by denoise; set clip_sample=False (or thresholding=True, which is)")
     fresh = type(scheduler).from_config(config)
-    fresh.set_timesteps(num_inference_steps)
-    if flow:
-        grid = fresh.sigmas.to(torch.float64).clone()
-        denoise_to_zero = bool(grid[-1] == 0)
-        if denoise_to_zero:
-            grid[-1] = grid[-2] / 2
-        schedule = translation.flow_schedule(config)
-        time_scale = float(config.get("num_train_timesteps", 1000))
+    if timesteps is not None:
+        fresh.set_timesteps(timesteps=timesteps)
     else:
-        # The noise levels the scheduler itself uses (diffusers' float32 values), else the config's.
-        if hasattr(fresh, "alphas_cumprod"):
-            schedule = VPSchedule.from_alphas_cumprod(fresh.alphas_cumprod)
-        else:
-            schedule = translation.vp_schedule(config)
-        grid = torch.cat([fresh.timesteps.to(torch.float64).cpu(), torch.zeros(1, dtype=torch.float64)])
-        final = config.get("final_sigmas_type") or "sigma_min"
-        if final not in translation.FINAL_SIGMAS_TYPES:
-            raise translation.config_error("final_sigmas_type", final, translation.FINAL_SIGMAS_TYPES)
-        denoise_to_zero = final == "zero" or bool(config.get("set_alpha_to_one", False))
-        time_scale = 1.0
-    return SamplingSetup(schedule=schedule, timesteps=grid, time_scale=time_scale,
-                         prediction=prediction, solver=solver, order=order, sde=sde,
-                         lower_order_final=bool(config.get("lower_order_final", True)),
-                         denoise_to_zero=denoise_to_zero)
+        fresh.set_timesteps(steps)
+    if not hasattr(fresh, "alphas_cumprod"):
+        raise ValueError(f"denoise: {type(scheduler).__name__} has no alphas_cumprod; use a DPM-Solver, DEIS or "
+                         "FlowMatch scheduler (or FusedMultistepScheduler.from_config of this config)")
+    products = fresh.alphas_cumprod.to(torch.float32)
+    table = ((1 - products) / products) ** 0.5
+    model_times = fresh.timesteps.to(torch.int64).cpu()
+    final = config.get("final_sigmas_type") or "sigma_min"
+    if final not in translation.FINAL_SIGMAS_TYPES:
+        raise translation.config_error("final_sigmas_type", final, translation.FINAL_SIGMAS_TYPES)
+    to_zero = final == "zero" or bool(config.get("set_alpha_to_one", False))
+    end = torch.zeros(1) if to_zero else table[:1]
+    levels = torch.cat([table[model_times], end]).to(torch.float64)
+    spec = translation.translate({**config, "solver": "ddim" if is_ddim else "dpmpp", "solver_order": 2,
+                                  "algorithm_type": None, "solver_type": None, "final_sigmas_type": final,
+                                  **overrides}, "dpmsolver")
+    return _setup(spec, levels, model_times)
 
 
 def _network(pipe_or_unet) -> torch.nn.Module:
@@ -151,17 +210,29 @@ def _network(pipe_or_unet) -> torch.nn.Module:
 class NetworkCall:
     """``model(x, t[, cond])`` over a diffusers UNet or transformer, for ``sample``.
 
-    cond is a dict: ``"encoder_hidden_states"`` and the added conditioning keys prefixed by
-    ``"added_cond_kwargs."``; a network whose forward takes ``added_cond_kwargs`` (SDXL UNets)
-    receives them as that dict, any other (transformers: ``pooled_projections``) as keywords.
+    ``t`` is a grid level; the network gets diffusers' timestep there (looked up on the device by exact
+    equality, so nothing is read back), scaled as its pipeline scales it (FLUX: cast to the latents' dtype and
+    divided by 1000). cond is a dict: ``"encoder_hidden_states"`` and the added conditioning keys prefixed by
+    ``"added_cond_kwargs."``; a network whose forward takes ``added_cond_kwargs`` (SDXL UNets) receives them as
+    that dict, any other (transformers: ``pooled_projections``) as keywords.
     """
 
-    def __init__(self, net: torch.nn.Module, time_scale: float, model_kwargs: Mapping | None = None):
-        self.net, self.time_scale = net, time_scale
+    def __init__(self, net: torch.nn.Module, setup: SamplingSetup, model_kwargs: Mapping | None = None):
+        self.net = net
+        self.levels = setup.levels[:-1]
+        self.timesteps = setup.timesteps
+        self.sign, self.learned_variance = setup.output_sign, setup.learned_variance
+        self.flux = type(net).__name__ == _FLUX
         self.model_kwargs = dict(model_kwargs or {})
         params = inspect.signature(net.forward).parameters
         self.takes_added_dict = "added_cond_kwargs" in params
         self.takes_encoder = _ENCODER_KEY in params
+
+    def timestep(self, x: Tensor, t: Tensor) -> Tensor:
+        """The network's timestep for grid levels `t` (batch,)."""
+        index = (t[:, None] == self.levels.to(device=t.device, dtype=t.dtype)[None]).to(torch.int64).argmax(1)
+        timestep = self.timesteps.to(device=t.device, dtype=torch.float32)[index]
+        return timestep.to(x.dtype) / 1000 if self.flux else timestep
 
     def __call__(self, x: Tensor, t: Tensor, cond: Mapping | None = None) -> Tensor:
         kwargs = dict(self.model_kwargs)
@@ -173,8 +244,10 @@ class NetworkCall:
                 kwargs["added_cond_kwargs"] = added
             else:
                 kwargs.update(added)
-        timestep = t * self.time_scale if self.time_scale != 1.0 else t
-        return self.net(x, timestep=timestep, return_dict=False, **kwargs)[0]
+        out = self.net(x, timestep=self.timestep(x, t), return_dict=False, **kwargs)[0]
+        if self.learned_variance and out.shape[1] != x.shape[1]:
+            out = out[:, :x.shape[1]]
+        return -out if self.sign < 0 else out
 
 
 def _conditioning(prompt_embeds, added_cond_kwargs):
@@ -193,73 +266,133 @@ def _guided(guidance_scale) -> bool:
     return isinstance(guidance_scale, Tensor) or (isinstance(guidance_scale, Number) and guidance_scale > 1)
 
 
+def _pipeline_grid(net, scheduler, latents: Tensor, steps: int | None, sigmas, mu):
+    """The ``sigmas`` and ``mu`` the network's pipeline passes to ``set_timesteps`` (unless given)."""
+    config = scheduler.config
+    name = type(net).__name__
+    if name == _FLUX:
+        if sigmas is None and steps is not None and not config.get("use_flow_sigmas"):
+            sigmas = np.linspace(1.0, 1 / steps, steps)
+        if mu is None:
+            mu = _calculate_shift(latents.shape[1], config.get("base_image_seq_len", 256),
+                                  config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                  config.get("max_shift", 1.15))
+        return (None if sigmas is not None else steps), sigmas, mu
+    if name == _SD3 and mu is None and config.get("use_dynamic_shifting"):
+        patch = net.config.patch_size
+        mu = _calculate_shift((latents.shape[2] // patch) * (latents.shape[3] // patch),
+                              config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                              config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+    return (None if sigmas is not None else steps), sigmas, mu
+
+
+def _calculate_shift(seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
+    """The pipelines' resolution-dependent shift: linear in the image sequence length."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return seq_len * m + (base_shift - m * base_seq_len)
+
+
+def _flux_kwargs(net, latents: Tensor, prompt_embeds: Tensor | None, guidance_scale, height: int | None,
+                 width: int | None) -> dict:
+    """FluxPipeline's constant transformer arguments: text and image ids, and the guidance embedding's input."""
+    seq = latents.shape[1]
+    rows, cols = (math.isqrt(seq),) * 2 if height is None or width is None else (height, width)
+    if rows * cols != seq:
+        raise ValueError(f"denoise: FLUX image ids of {rows} x {cols} tokens for latents of {seq} tokens; pass "
+                         "height= and width= (the packed latents' rows and columns)")
+    ids = torch.zeros(rows, cols, 3, dtype=latents.dtype, device=latents.device)
+    ids[..., 1] += torch.arange(rows, device=latents.device)[:, None]
+    ids[..., 2] += torch.arange(cols, device=latents.device)[None, :]
+    text = 0 if prompt_embeds is None else prompt_embeds.shape[1]
+    kwargs = dict(img_ids=ids.reshape(rows * cols, 3),
+                  txt_ids=torch.zeros(text, 3, dtype=latents.dtype, device=latents.device), joint_attention_kwargs={})
+    if net.config.guidance_embeds:
+        scale = 3.5 if guidance_scale is None else guidance_scale
+        # FluxPipeline expands it to the batch; one value broadcasts the same, also over a guided batch.
+        kwargs["guidance"] = torch.full([1], scale, dtype=torch.float32, device=latents.device)
+    return kwargs
+
+
 def denoise(pipe_or_unet, latents: Tensor, scheduler, prompt_embeds: Tensor | None = None,
             negative_prompt_embeds: Tensor | None = None, guidance_scale: float | Tensor | None = None,
-            num_inference_steps: int = 50, grad: str | None = "discrete",
+            num_inference_steps: int | None = 50, grad: str | None = "discrete",
             added_cond_kwargs: Mapping[str, Tensor] | None = None,
             negative_added_cond_kwargs: Mapping[str, Tensor] | None = None, solver: str | None = None,
             order: int | None = None, generator: torch.Generator | None = None,
-            model_kwargs: Mapping | None = None, progress: bool = False, **sample_kwargs) -> Tensor:
+            model_kwargs: Mapping | None = None, progress: bool = False, *, sigmas=None, timesteps=None,
+            mu: float | None = None, true_cfg_scale: float | None = None, height: int | None = None,
+            width: int | None = None, **sample_kwargs) -> Tensor:
     """A diffusers pipeline's denoising loop, differentiable in the latents, the embeddings and the weights.
 
-    Equivalent to the pipeline's loop (``for t in scheduler.timesteps: noise_pred = unet(...);
-    latents = scheduler.step(...)``) with classifier-free guidance, run as one ``adjointdeis.sample``
-    call and attached to autograd per `grad`. It returns the final latents (not decoded).
+    Equivalent to the pipeline's loop (``for t in scheduler.timesteps: noise_pred = net(...);
+    latents = scheduler.step(...)``) with its guidance, run as one ``adjointdeis.sample`` call and attached to
+    autograd per `grad`. It returns the final latents (not decoded): the pipeline's ``output_type="latent"``.
 
     Args:
         pipe_or_unet: a pipeline (its ``.unet`` or ``.transformer`` is used) or the network itself
-            (``UNet2DConditionModel``, ``UNet2DModel``, a diffusers transformer).
-        latents: (batch, C, H, W) initial standard normal latents (what ``pipe.prepare_latents``
-            returns for schedulers with ``init_noise_sigma == 1``).
-        scheduler: the diffusers scheduler whose configuration (betas / alphas_cumprod,
-            prediction_type, timestep_spacing, steps_offset, final_sigmas_type, flow settings)
-            defines the schedule and grid; it is not modified. See :func:`setup_from_scheduler`.
-        prompt_embeds: (batch, seq, dim) text embeddings, the ``encoder_hidden_states``; None for
-            an unconditional network (``UNet2DModel``).
-        negative_prompt_embeds: (batch, seq, dim) embeddings of the unconditional branch; needed
-            when guidance is on.
-        guidance_scale: classifier-free guidance scale w (``uncond + w (cond - uncond)``, both
-            branches in one batched call); as in diffusers, guidance is on for w > 1 (or any tensor).
+            (``UNet2DConditionModel``, ``UNet2DModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ...).
+        latents: the initial standard normal latents as ``pipe.prepare_latents`` returns them: (batch, C, H, W);
+            FLUX's packed (batch, tokens, 4C).
+        scheduler: the diffusers scheduler whose configuration defines the schedule, the grid and the solver
+            (not modified); see :func:`setup_from_scheduler`.
+        prompt_embeds: (batch, seq, dim) text embeddings, the ``encoder_hidden_states``; None for an
+            unconditional network (``UNet2DModel``).
+        negative_prompt_embeds: (batch, seq, dim) embeddings of the unconditional branch; needed when
+            classifier-free guidance is on.
+        guidance_scale: classifier-free guidance scale w (``uncond + w (cond - uncond)``, both branches in one
+            batched call); as in diffusers, on for w > 1 (or any tensor). For FLUX it is the guidance
+            embedding's input, as in FluxPipeline (default 3.5); its CFG is `true_cfg_scale`.
         num_inference_steps: N.
         grad: "discrete" (exact gradient, one network re-run per step), "adjoint" (AdjointDEIS),
             "autograd" or None; see ``adjointdeis.sample``.
-        added_cond_kwargs: extra conditioning tensors, batch-leading (SDXL ``text_embeds``,
-            ``time_ids``; SD3 ``pooled_projections``); they receive gradients like the embeddings.
+        added_cond_kwargs: extra conditioning tensors, batch-leading (SDXL ``text_embeds``, ``time_ids``; SD3
+            and FLUX ``pooled_projections``); they receive gradients like the embeddings.
         negative_added_cond_kwargs: the unconditional branch's; defaults to `added_cond_kwargs`.
-        solver, order: override the solver implied by the scheduler (see :func:`setup_from_scheduler`).
-        generator: noise for SDE configs (``algorithm_type="sde-dpmsolver++"``).
+        solver, order: override the solver implied by the scheduler (DPM-Solver++ on FlowMatch's grid, ...).
+        generator: noise for stochastic configs (SDE algorithms, FlowMatch's ``stochastic_sampling``).
         model_kwargs: constant keyword arguments for every network call (``cross_attention_kwargs``...).
         progress: show a progress bar.
-        **sample_kwargs: passed to ``adjointdeis.sample`` (``adjoint_order``, ``adjoint_form``,
-            ``parameters``, ``check_finite``...); they override what the scheduler implies
-            (``sde``, ``lower_order_final``, ``denoise_to_zero``).
+        sigmas, timesteps, mu: the arguments of the scheduler's ``set_timesteps``; by default what the pipeline
+            passes (FLUX: ``sigmas = linspace(1, 1/N, N)`` and ``mu`` from the packed sequence length; SD3: ``mu``
+            with dynamic shifting).
+        true_cfg_scale: FLUX's true classifier-free guidance with `negative_prompt_embeds` (> 1 turns it on).
+        height, width: FLUX only: the latent grid in tokens (rows, columns) for the image ids; default square.
+        **sample_kwargs: passed to ``adjointdeis.sample`` (``adjoint_order``, ``adjoint_form``, ``parameters``,
+            ``check_finite``...); they override what the scheduler implies.
 
     Returns:
-        (batch, C, H, W) the denoised latents, latents' dtype, attached to autograd.
+        The denoised latents, shaped and typed like `latents`, attached to autograd.
 
     Raises:
-        ValueError for a scheduler configuration that cannot be reproduced (naming the key),
-        guidance without negative_prompt_embeds, or embeddings given to a network that takes none.
+        ValueError for a scheduler configuration that cannot be reproduced (naming the key), guidance without
+        negative_prompt_embeds, or embeddings given to a network that takes none.
     """
     net = _network(pipe_or_unet)
-    setup = setup_from_scheduler(scheduler, num_inference_steps, solver, order)
-    call = NetworkCall(net, setup.time_scale, model_kwargs)
+    steps, sigmas, mu = _pipeline_grid(net, scheduler, latents, num_inference_steps, sigmas, mu)
+    if timesteps is not None:
+        steps = None if sigmas is None else steps
+    setup = setup_from_scheduler(scheduler, steps, solver, order, timesteps=timesteps, sigmas=sigmas, mu=mu)
+    extra = dict(model_kwargs or {})
+    cfg_scale = guidance_scale
+    if type(net).__name__ == _FLUX:
+        extra = {**_flux_kwargs(net, latents, prompt_embeds, guidance_scale, height, width), **extra}
+        cfg_scale = true_cfg_scale
+    call = NetworkCall(net, setup, extra)
     if prompt_embeds is not None and not call.takes_encoder:
         raise ValueError(f"{type(net).__name__} takes no encoder_hidden_states; pass prompt_embeds=None")
     cond = _conditioning(prompt_embeds, added_cond_kwargs)
     uncond, scale = None, None
-    if _guided(guidance_scale):
+    if _guided(cfg_scale):
         if negative_prompt_embeds is None and prompt_embeds is not None:
-            raise ValueError("guidance_scale > 1 needs negative_prompt_embeds (the unconditional branch)")
+            raise ValueError("classifier-free guidance needs negative_prompt_embeds (the unconditional branch)")
         negative_added = added_cond_kwargs if negative_added_cond_kwargs is None else negative_added_cond_kwargs
         uncond = _conditioning(negative_prompt_embeds, negative_added)
         if cond is None or uncond is None:
-            raise ValueError("guidance_scale > 1 needs conditioning for both branches")
-        scale = guidance_scale
+            raise ValueError("classifier-free guidance needs conditioning for both branches")
+        scale = cfg_scale
     parameters = sample_kwargs.pop("parameters", None)
     if parameters is None:
         parameters = [p for p in net.parameters() if p.requires_grad]
     options = {**setup.sample_kwargs(), **sample_kwargs}
-    return sample(call, latents, setup.schedule, steps=num_inference_steps, cond=cond, uncond=uncond,
-                  guidance_scale=scale, grad=grad, generator=generator, parameters=parameters, progress=progress,
-                  **options)
+    return sample(call, latents, setup.schedule, cond=cond, uncond=uncond, guidance_scale=scale, grad=grad,
+                  generator=generator, parameters=parameters, progress=progress, **options)

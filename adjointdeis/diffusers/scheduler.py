@@ -1,21 +1,28 @@
 """``FusedMultistepScheduler``: a diffusers scheduler whose every step is one fused adjointdeis kernel.
 
-It reads the configs of diffusers' DDPM/DDIM/PNDM/DPM-Solver/DEIS/UniPC/Euler schedulers (keys that
-only those schedulers know are ignored, as diffusers' ``from_config`` does) and reproduces
-``DPMSolverMultistepScheduler`` ("dpmsolver++", "sde-dpmsolver++", solver_type "midpoint") and
-``DEISMultistepScheduler`` ("deis", "logrho") step for step. Per-step coefficients are one float64
-table per grid, computed on the host by :func:`adjointdeis.solvers.build_plan` in ``set_timesteps``
-and copied once to the sample's device; ``step`` then only picks a row and calls
-:func:`adjointdeis.ops.multistep_step`, so it never waits on the device and autograd flows through it.
+It reproduces four diffusers schedulers, its *families* (:data:`adjointdeis.diffusers.config.FAMILIES`):
+``DPMSolverMultistepScheduler``, ``DEISMultistepScheduler``, ``FlowMatchEulerDiscreteScheduler`` and
+``FlowMatchHeunDiscreteScheduler``, with every key of their configs, and reads the configs of the other
+diffusers schedulers (DDPM, DDIM, PNDM, UniPC, Euler, ...) as ``DPMSolverMultistepScheduler.from_config``
+does. ``from_config`` detects the family; :class:`FusedDPMSolverMultistepScheduler`,
+:class:`FusedDEISMultistepScheduler`, :class:`FusedFlowMatchEulerDiscreteScheduler` and
+:class:`FusedFlowMatchHeunDiscreteScheduler` are the same scheduler with the family fixed (for a config that
+is valid in several families, and to be a drop-in for one class).
 
-Noise levels follow diffusers' precision: betas, ``alphas_cumprod`` and the grid's ``sigmas`` are the
-float32 values diffusers computes from the same config (the model was trained with those), and
-each step's coefficients are computed from them in float64.
+The grid of ``set_timesteps`` is computed by the family's own diffusers scheduler
+(:func:`adjointdeis.diffusers.config.grid`: diffusers' float32 noise levels and timesteps bit for bit). Per-step
+coefficients are one float64 table per grid, computed on the host by :func:`adjointdeis.solvers.build_plan`
+and copied once to the sample's device; ``step`` then only picks a row and calls
+:func:`adjointdeis.ops.multistep_step` (after dynamic thresholding, with ``thresholding=True``), so it never
+waits on the device and autograd flows through it.
 """
 
 import functools
+import inspect
 import math
 import operator
+import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -25,137 +32,129 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from .. import ops
-from ..schedules import DISCRETE_SPACINGS, discrete_timesteps
-from ..solvers import SOLVERS, GridPoint, StepPlan, build_plan, check_solver
-from .config import (FINAL_SIGMAS_TYPES, PREDICTION_TYPES, algorithm, alphas_cumprod, check_solver_type,
-                     config_error)
+from ..predictions import conversion
+from ..solvers import GridPoint, StepPlan, build_plan
+from . import config as translation
 
-# The solvers a scheduler step can run: one model evaluation per step.
-SOLVER_NAMES = tuple(name for name, entry in SOLVERS.items() if entry.stages == 1)
-SIGMA_SPACING_KEYS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
-_LEARNED_VARIANCE = ("learned", "learned_range")
-_KARRAS_RHO = 7.0
-_BETA_SIGMAS_SHAPE = 0.6
+# Keys that only one kind of family reads; a non-default value in the other kind cannot be honoured.
+_FLOW_ONLY_KEYS = ("shift", "invert_sigmas", "shift_terminal", "stochastic_sampling")
+_VP_ONLY_KEYS = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "timestep_spacing", "steps_offset",
+                 "rescale_betas_zero_snr", "lambda_min_clipped", "use_lu_lambdas", "flow_shift")
 
 
-def _time_of_sigma(sigmas: np.ndarray, log_table: np.ndarray) -> np.ndarray:
-    """Fractional training timesteps of VE noise levels: linear interpolation in log sigma, clamped."""
-    return np.interp(np.log(np.maximum(sigmas, 1e-10)), log_table, np.arange(len(log_table), dtype=np.float64))
+def _given_family(given: Mapping) -> str:
+    """The family of a scheduler built from the keys `given` explicitly: ``family``, else DEIS for
+    ``algorithm_type="deis"``, FlowMatchEuler when a FlowMatch key is given, DPMSolverMultistep otherwise."""
+    if given.get("family") is not None:
+        return translation.detect_family({"family": given["family"]})
+    if any(k in given for k in translation.FLOW_MATCH_KEYS):
+        return "flow_euler"
+    return "deis" if given.get("algorithm_type") == "deis" else "dpmsolver"
 
 
-def _grid_point(sigma: float, flow: bool) -> GridPoint:
+def _grid_point(level: float, flow: bool) -> GridPoint:
     """(alpha, sigma) of one grid value: flow t (alpha = 1 - t) or a VP level in VE units sigma/alpha."""
     if flow:
-        return GridPoint(1.0 - sigma, sigma)
-    alpha = 1.0 / math.sqrt(1.0 + sigma * sigma)
-    return GridPoint(alpha, sigma * alpha)
+        return GridPoint(1.0 - level, level)
+    alpha = 1.0 / math.sqrt(1.0 + level * level)
+    return GridPoint(alpha, level * alpha)
 
 
 @functools.lru_cache(maxsize=64)
-def _step_table(grid: tuple, flow: bool, solver: str, order: int, prediction: str, sde: bool,
-                lower_order_final: bool, euler_at_final: bool, start: int) -> tuple[StepPlan, Tensor]:
-    """The coefficient rows of steps ``start .. N-1`` along `grid`, with diffusers' order rules.
+def _step_table(levels: tuple, spec: translation.SchedulerSpec, start: int) -> tuple[StepPlan, Tensor, tuple | None]:
+    """The coefficient rows of the run along `levels` from grid index `start`, with diffusers' order rules.
 
-    Orders warm up from 1 at `start` (history restarts there); `lower_order_final` and `euler_at_final`
-    lower the last orders as :func:`adjointdeis.solvers.step_orders` says, counting all N steps; the step to
-    zero noise is first order. A last step whose two grid values are equal (diffusers'
-    karras/exponential/beta grids ending at sigma_min) is the identity. The plan is immutable, so the cache
-    can share it; its rows as a tensor are cached beside it for the steps, which only read them (users get
-    ``step_plan``, whose ``coeffs`` is a copy).
-
-    Args:
-        grid: N+1 float noise levels (see :func:`_grid_point`), strictly decreasing but for the last pair.
+    Orders warm up from 1 at `start` (the history restarts there); the lowered final orders count all N steps;
+    a zero-length step (two equal levels) is the identity and restarts the history. With thresholding the rows
+    take the thresholded data prediction as their output, and the third element gives each row's ``(p, q)``
+    conversion of the model output to x0. `spec.output_sign` multiplies every q. The plan is immutable, so the
+    cache can share it; its rows as a tensor are cached beside it for the steps, which only read them (users
+    get ``step_plan``, whose ``coeffs`` is a copy).
 
     Returns:
-        ``(plan, coeffs)``: a :class:`StepPlan` with ``N - start`` rows, ``eval_index`` the global step
-        indices, and its (N - start, 7) float64 rows.
+        ``(plan, coeffs, x0_rows)``: a :class:`StepPlan` whose ``eval_index`` are global grid indices, its
+        (rows, 7) float64 table, and the x0 conversions (None without thresholding).
     """
-    num_steps = len(grid) - 1
-    points = [_grid_point(s, flow) for s in grid]
-    identity_last = grid[-1] == grid[-2]
+    points = [_grid_point(level, spec.flow) for level in levels]
     span = points[start:]
-    if identity_last:
-        span[-1] = GridPoint(1.0, 0.0)
-    plan = build_plan(span, solver, order, prediction, sde=sde, lower_order_final=lower_order_final,
-                      final_order_one=euler_at_final, total_steps=num_steps)
-    rows, num_history = list(plan.rows), list(plan.num_history)
-    if identity_last:
-        rows[-1] = (1.0, 0.0, 0.0, 0.0, 0.0, *rows[-1][5:])
-        num_history[-1] = 0
-    plan = StepPlan(tuple(rows), tuple(range(start, num_steps)), tuple(num_history),
-                    tuple(row[4] != 0 for row in rows), (True,) * len(rows))
-    return plan, plan.coeffs
+    prediction = "x0" if spec.threshold else spec.prediction
+    plan = build_plan(span, spec.solver, spec.order, prediction, sde=spec.sde,
+                      lower_order_final=spec.lower_order_final, final_order_one=spec.euler_at_final,
+                      total_steps=len(levels) - 1, heun_variable="flow" if spec.flow else "rho",
+                      second_order=spec.second_order)
+    sign = spec.output_sign
+    rows = plan.rows if sign == 1.0 or spec.threshold else tuple(row[:6] + (sign * row[6],) for row in plan.rows)
+    plan = StepPlan(rows, tuple(start + i for i in plan.eval_index), plan.num_history, plan.noisy, plan.starts_step)
+    x0_rows = None
+    if spec.threshold:
+        x0_rows = tuple((p, sign * q) for p, q in (conversion(spec.prediction, "x0", points[i].alpha, points[i].sigma)
+                                                   for i in plan.eval_index))
+    return plan, plan.coeffs, x0_rows
 
 
 class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
-    """Multistep DPM-Solver++ / DEIS / DDIM for diffusers pipelines, one fused kernel per step.
+    """DPM-Solver / DEIS / FlowMatch Euler and Heun for diffusers pipelines, one fused kernel per step.
 
-    Swap it into a pipeline with ``pipe.scheduler = FusedMultistepScheduler.from_config(pipe.scheduler.config)``.
-    With ``solver=None`` the solver follows ``algorithm_type``: a DEIS config gives DEIS, any other
-    DPM-Solver++; a DPM-Solver config gives the same samples as ``DPMSolverMultistepScheduler`` and a
-    DEIS config those of ``DEISMultistepScheduler`` (to float32 rounding).
+    Swap it into a pipeline with ``pipe.scheduler = FusedMultistepScheduler.from_config(pipe.scheduler.config)``:
+    ``from_config`` reads the family from the config (:func:`adjointdeis.diffusers.config.detect_family`) and the
+    scheduler gives the samples of that family's diffusers scheduler (to float32 rounding), with the same
+    ``timesteps`` and ``sigmas``. Built directly, its family is ``family``, else DEIS for
+    ``algorithm_type="deis"``, FlowMatchEuler when a FlowMatch key is given, DPMSolverMultistep otherwise.
+    ``solver`` runs another solver on the family's grid (DPM-Solver++ 2M/3M or DEIS on FlowMatchEuler's grid).
 
     ``step`` keeps the converted outputs of the last two steps as history on the scheduler
     (``set_timesteps`` clears it), never synchronises with the device (the step index is counted; the
     timestep is looked up once, on the first step, only when no begin index was set), and is
     differentiable in ``model_output``, ``sample`` and ``variance_noise``.
 
-    diffusers' ``from_config`` passes on only the values a config set explicitly (a saved config, such
-    as a pipeline's on the Hub, sets them all): the config of an in-memory ``DEISMultistepScheduler()``
-    leaves algorithm_type at its default, so pass ``solver="deis"`` there.
-
-    Where it departs from diffusers: a step computes in the sample's dtype (DPMSolverMultistep upcasts
-    to float32) and returns it; a first timestep that is not in ``timesteps`` raises (diffusers takes
-    the last index); a grid that repeats a noise level before its last step raises (diffusers' 1000
-    "linspace" steps do, and its multistep updates then divide by zero); a zero-length last step (a
-    karras/exponential/beta/log-SNR grid ending at sigma_min) is the identity (diffusers' third-order
-    update gives NaN there); prediction conversions are exact for the grid's (alpha, sigma), where
-    diffusers assumes VP for "v_prediction" and flow sigmas for "flow_prediction"; with
-    use_flow_sigmas and "sigma_min" the last level is DPMSolverMultistep's, for DEIS too (whose flow
-    grid ends with a zero-length step).
+    Where it departs from diffusers: a step computes in the sample's dtype (diffusers upcasts to float32) and
+    returns it; a timestep that is not the expected one warns (diffusers' step index decides, as in diffusers;
+    a first timestep that is not in ``timesteps`` starts at the last step, as DPMSolverMultistep); a zero-length
+    step (a repeated timestep, or a karras/exponential/beta/log-SNR grid ending at sigma_min) is the identity and
+    restarts the history (diffusers' multistep updates divide by zero there and give NaN); prediction
+    conversions are exact for the grid's (alpha, sigma), where diffusers assumes VP for "v_prediction"; the
+    noise-prediction DPM-Solver can land on zero noise (diffusers refuses final_sigmas_type "zero" for it);
+    ``set_timesteps(sigmas=)`` exists for every family and FlowMatchHeun takes FlowMatchEuler's arguments; with
+    ``mu``, DPMSolverMultistep's ``exp(mu)`` shift holds for that grid only (diffusers keeps it in its config).
 
     Args:
         num_train_timesteps: number of training noise levels N.
-        beta_start, beta_end, beta_schedule: the VP betas: "linear", "scaled_linear" or
-            "squaredcos_cap_v2" (Glide cosine; beta_start/beta_end unused).
-        trained_betas: explicit betas instead of the three above.
-        solver: "dpmpp" (DPM-Solver++), "deis" (log-rho DEIS) or "ddim" (order 1, ignores
-            solver_order); None: "deis" if algorithm_type is "deis", else "dpmpp".
-        solver_order: 1, 2 or 3 (1 or 2 for the SDE).
-        prediction_type: "epsilon", "sample", "v_prediction" or "flow_prediction".
-        algorithm_type: "dpmsolver++", "sde-dpmsolver++" (stochastic; solver "dpmpp" or "ddim") or
-            "deis" (picks the solver when ``solver`` is None). Stored normalised to the solver run.
-        solver_type: "midpoint", the only second-order DPM-Solver++ form; the other schedulers'
-            names ("logrho", "bh1", "bh2") are accepted and stored as "midpoint".
+        beta_start, beta_end, beta_schedule, trained_betas: the VP betas ("linear", "scaled_linear",
+            "squaredcos_cap_v2") or explicit ones.
+        solver: our solver (a name of :data:`adjointdeis.solvers.SOLVERS`); None: the family's (see
+            :func:`adjointdeis.diffusers.config.translate`).
+        solver_order: 1, 2 or 3 (DPM-Solver's noise-prediction SDE: 1 or 2).
+        prediction_type: "epsilon", "sample", "v_prediction" or "flow_prediction"; None: "flow_prediction" for the
+            FlowMatch families, "epsilon" otherwise.
+        thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of the data prediction
+            (:class:`adjointdeis.DynamicThreshold`).
+        algorithm_type: DPMSolverMultistep's "dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"
+            (and "deis", stored as "dpmsolver++"); DEIS' "deis"; None: the family's.
+        solver_type: the second-order DPM-Solver update, "midpoint" or "heun" ("logrho" for DEIS); None: the
+            family's.
         lower_order_final: with fewer than 15 steps, take the last two at order at most 1 and 2.
         euler_at_final: take the last step at order 1.
-        final_sigmas_type: where the last step lands: "zero" (no noise) or "sigma_min" (the
-            cleanest training level); None: "sigma_min" for DEIS (as DEISMultistepScheduler),
-            "zero" otherwise. Stored resolved.
-        use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, use_lu_lambdas: noise levels
-            spaced in sigma^(1/7), log sigma, a Beta(0.6, 0.6) quantile ramp or log-SNR between the
-            training extremes, instead of ``timestep_spacing``; at most one.
-        use_flow_sigmas: flow matching (alpha = 1 - t, sigma = t), t uniform then shifted by flow_shift.
-        flow_shift: the shift s: ``t -> s t / (1 + (s - 1) t)``.
-        use_dynamic_shifting, time_shift_type: with a ``mu`` passed to set_timesteps the shift is
-            ``exp(mu)`` ("exponential", the only type).
-        lambda_min_clipped: leave out the training timesteps whose half log-SNR is below this.
-        variance_type: "learned" / "learned_range": the model output carries a variance in its second
-            half of channels, which is dropped; other values (DDPM's "fixed_small", ...) change nothing.
-        thresholding: dynamic thresholding is not supported (must be False).
-        timestep_spacing: "linspace", "leading" (plus steps_offset) or "trailing".
-        steps_offset: added to the "leading" timesteps.
-        rescale_betas_zero_snr: rescale the betas to zero terminal SNR (the last ``alphas_cumprod``
-            is then 2^-24, as diffusers).
+        final_sigmas_type: "zero" or "sigma_min" (VP families); None: "sigma_min" for DEIS and the noise-prediction
+            DPM-Solver, "zero" otherwise.
+        use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, use_lu_lambdas: diffusers' sigma spacings.
+        use_flow_sigmas, flow_shift: DPMSolverMultistep's and DEIS' flow-matching grid.
+        use_dynamic_shifting, time_shift_type: the shift from ``set_timesteps(mu=)`` ("linear" for FlowMatch only).
+        lambda_min_clipped, variance_type, timestep_spacing, steps_offset, rescale_betas_zero_snr: as in
+            DPMSolverMultistepScheduler ("learned"/"learned_range": the second half of the channels is dropped).
+        shift, base_shift, max_shift, base_image_seq_len, max_image_seq_len, invert_sigmas, shift_terminal,
+            stochastic_sampling: as in FlowMatchEulerDiscreteScheduler (the pipelines read the four sequence-length
+            keys to compute mu; ``stochastic_sampling`` runs solver "renoise").
+        family: "dpmsolver", "deis", "flow_euler" or "flow_heun"; None: see above.
 
     Raises:
-        ValueError naming the config key for a value it cannot honour (unknown beta_schedule,
-        prediction_type, solver, algorithm_type, solver_order, ...); ImportError for
-        use_beta_sigmas without scipy.
+        ValueError naming the config key for a value it cannot honour (unknown beta_schedule, prediction_type,
+        solver, algorithm_type, solver_order, a key of another family, ...); ImportError for use_beta_sigmas
+        without scipy.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
+    _family: str | None = None
 
     @register_to_config
     def __init__(
@@ -167,9 +166,12 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         trained_betas: np.ndarray | list[float] | None = None,
         solver: str | None = None,
         solver_order: int = 2,
-        prediction_type: str = "epsilon",
-        algorithm_type: str = "dpmsolver++",
-        solver_type: str = "midpoint",
+        prediction_type: str | None = None,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        algorithm_type: str | None = None,
+        solver_type: str | None = None,
         lower_order_final: bool = True,
         euler_at_final: bool = False,
         final_sigmas_type: str | None = None,
@@ -183,82 +185,80 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         time_shift_type: str = "exponential",
         lambda_min_clipped: float = -math.inf,
         variance_type: str | None = None,
-        thresholding: bool = False,
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
+        shift: float = 1.0,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        invert_sigmas: bool = False,
+        shift_terminal: float | None = None,
+        stochastic_sampling: bool = False,
+        family: str | None = None,
     ):
-        if prediction_type not in PREDICTION_TYPES:
-            raise config_error("prediction_type", prediction_type, PREDICTION_TYPES)
-        default_solver, sde = algorithm(algorithm_type)
-        solver = default_solver if solver is None else solver
-        if solver not in SOLVER_NAMES:
-            raise config_error("solver", solver, SOLVER_NAMES)
-        entry = check_solver(solver)
-        if sde and not entry.sde_orders:
-            able = " or ".join(repr(name) for name in SOLVER_NAMES if SOLVERS[name].sde_orders)
-            raise ValueError(f"FusedMultistepScheduler: algorithm_type 'sde-dpmsolver++' needs solver {able}, "
-                             f"not {solver!r}")
-        order = solver_order if len(entry.orders) > 1 else entry.default_order   # ddim: order 1 whatever solver_order
-        allowed = entry.sde_orders if sde else entry.orders
-        if order not in allowed:
-            raise ValueError(f"FusedMultistepScheduler: solver_order {solver_order!r} is not available for "
-                             f"solver {solver!r}{' with sde-dpmsolver++' if sde else ''}; choose one of "
-                             f"{', '.join(map(str, allowed))}")
-        check_solver_type(solver_type, solver, order)
-        if final_sigmas_type is None:
-            final_sigmas_type = "sigma_min" if solver == "deis" else "zero"
-        if final_sigmas_type not in FINAL_SIGMAS_TYPES:
-            raise config_error("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
-        if timestep_spacing not in DISCRETE_SPACINGS:
-            raise config_error("timestep_spacing", timestep_spacing, DISCRETE_SPACINGS)
-        if time_shift_type != "exponential":
-            raise config_error("time_shift_type", time_shift_type, ("exponential",))
-        spacing_keys = [k for k, v in zip(SIGMA_SPACING_KEYS, (use_karras_sigmas, use_exponential_sigmas,
-                                                             use_beta_sigmas, use_lu_lambdas)) if v]
-        if len(spacing_keys) > 1:
-            raise ValueError(f"FusedMultistepScheduler: only one of {', '.join(SIGMA_SPACING_KEYS)} can be set, "
-                             f"got {', '.join(spacing_keys)}")
-        if spacing_keys and use_flow_sigmas:
-            raise ValueError(f"FusedMultistepScheduler: {spacing_keys[0]} cannot be combined with use_flow_sigmas")
-        if use_beta_sigmas:
-            try:
-                import scipy.stats  # noqa: F401
-            except ImportError as error:
-                raise ImportError("FusedMultistepScheduler: use_beta_sigmas needs scipy") from error
-        if thresholding:
-            raise ValueError("FusedMultistepScheduler: thresholding=True (dynamic thresholding of x0) is not "
-                             "supported; set thresholding=False")
+        family = self._pick_family(family)
+        self._check_foreign_keys(family)
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)):
             raise ValueError(f"FusedMultistepScheduler: steps_offset must be an integer, got {steps_offset!r}")
-
-        self.betas, self.alphas_cumprod = alphas_cumprod(self.config, torch.float32)
-        algorithm_type = "sde-dpmsolver++" if sde else ("deis" if solver == "deis" else "dpmsolver++")
-        self.register_to_config(solver=solver, algorithm_type=algorithm_type, final_sigmas_type=final_sigmas_type,
-                                solver_type="midpoint")
-        self.alphas = 1.0 - self.betas
-        ve_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
-        self._ve_table = ve_sigmas.numpy().astype(np.float64)
-        self._log_ve_table = np.log(ve_sigmas.numpy()).astype(np.float64)
-        self._solver = solver
-        self._order = order
-        self._prediction = PREDICTION_TYPES[prediction_type]
-        self._sde = sde
-        self._flow = use_flow_sigmas
-        self._learned_variance = variance_type in _LEARNED_VARIANCE
-
+        spec = translation.translate(self.config, family)
+        self.register_to_config(**dict(spec.resolved))
+        self._spec = spec
+        if spec.solver == "heun":
+            self.order = 2
+        # The family's diffusers scheduler (a config it rejects fails here) gives the training-time values.
+        reference = translation.reference_scheduler(self.config, spec)
+        for name in ("betas", "alphas", "alphas_cumprod"):
+            if hasattr(reference, name):
+                setattr(self, name, getattr(reference, name))
+        self.sigmas, self.timesteps = reference.sigmas, reference.timesteps
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
-        self.timesteps = torch.arange(self.alphas_cumprod.numel() - 1, -1, -1, dtype=torch.int64)
-        self.sigmas = ve_sigmas
-        self._grid = None
+        self._levels = None
         self._timestep_list = None
-        self._plan, self._coeffs = None, None
+        self._plan, self._coeffs, self._x0_rows = None, None, None
+        self._full_plan = None
         self._plan_start = 0
         self._device_rows = {}
         self._history = []
         self._step_index = None
         self._begin_index = None
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """A scheduler from a diffusers config, its family detected from the whole config (see the class).
+
+        diffusers' own ``from_config`` passes on only the values a config set explicitly; the family is read
+        before that, from every key (and from ``_class_name`` when the config was saved).
+        """
+        if isinstance(config, Mapping) and kwargs.get("family") is None:
+            family = cls._family or translation.detect_family({**config, **kwargs})
+            hidden = set(config.get("_use_default_values", ()))
+            given = {**{k: v for k, v in config.items() if not k.startswith("_") and k not in hidden}, **kwargs}
+            # Passed only where it would not be the family anyway (so the config stays diffusers' own).
+            if given.get("family") not in (None, family) or (cls._family is None and _given_family(given) != family):
+                kwargs["family"] = family
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def _pick_family(self, family: str | None) -> str:
+        fixed = type(self)._family
+        if fixed is not None:
+            if family not in (None, fixed):
+                raise ValueError(f"{type(self).__name__}: family is {fixed!r}, got family={family!r}")
+            return fixed
+        hidden = set(self.config.get("_use_default_values", ()))
+        return _given_family({k: v for k, v in self.config.items() if k not in hidden})
+
+    def _check_foreign_keys(self, family: str) -> None:
+        flow = translation.FAMILIES[family].flow
+        defaults = _INIT_DEFAULTS
+        for key in _VP_ONLY_KEYS if flow else _FLOW_ONLY_KEYS:
+            value = self.config[key]
+            if not (value is defaults[key] or (value is not None and np.all(np.asarray(value) == defaults[key]))):
+                reference = translation.FAMILIES[family].reference
+                raise ValueError(f"scheduler config: {key}={value!r} is not a key of {reference}, whose samples this "
+                                 f"scheduler gives (family {family!r}); it cannot be honoured there")
 
     @property
     def step_index(self) -> int | None:
@@ -275,8 +275,8 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         """The coefficient table of the current grid (None before ``set_timesteps``).
 
         Rows cover the steps from the index the history (re)started at, ``eval_index`` giving their
-        step indices; row ``[a, b0, b1, b2, c, p, q]`` is what :func:`adjointdeis.ops.multistep_step`
-        takes, with the model evaluated at ``timesteps[eval_index[row]]``.
+        grid indices; row ``[a, b0, b1, b2, c, p, q]`` is what :func:`adjointdeis.ops.multistep_step`
+        takes (with thresholding, applied to the thresholded data prediction).
         """
         return self._plan
 
@@ -289,140 +289,140 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = begin_index
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      timesteps: list[int] | None = None, sigmas: list[float] | None = None,
+                      timesteps: list[int] | list[float] | None = None, sigmas: list[float] | None = None,
                       mu: float | None = None) -> None:
         """Builds the time grid and its coefficient table; clears the history and the step index.
+
+        As the family's diffusers scheduler: DPM-Solver and DEIS take exactly one of `num_inference_steps`,
+        `timesteps` or `sigmas`; FlowMatch takes `num_inference_steps`, `sigmas` and `timesteps` as
+        ``FlowMatchEulerDiscreteScheduler.set_timesteps`` does (FluxPipeline passes N sigmas and mu).
 
         Args:
             num_inference_steps: number of steps N, spaced by the config.
             device: where ``timesteps`` and the coefficient table go (else the table follows the
                 sample on its first step).
-            timesteps: custom integer model timesteps, non-increasing, in [0, num_train_timesteps);
-                the last step lands as final_sigmas_type says.
-            sigmas: custom noise levels, N+1 values including where the last step lands (0 or not):
-                VE sigma = sigma_t / alpha_t for VP configs, t for flow configs; strictly
-                decreasing (the last two may be equal: an identity last step). Model timesteps are
-                the nearest training timestep (VP) or ``int(t * num_train_timesteps)`` (flow).
-            mu: with use_dynamic_shifting, the flow shift is ``exp(mu)`` for this grid.
+            timesteps: custom model timesteps, N of them: integers, non-increasing, in [0, num_train_timesteps)
+                for the VP families (the last step lands as final_sigmas_type says); FlowMatch's float timesteps.
+            sigmas: N custom noise levels, one per step, the end appended (as every diffusers scheduler that
+                takes them): VE sigma = sigma_t / alpha_t for VP configs (model timesteps the nearest training
+                timestep), t for flow configs (FlowMatch shifts them as FlowMatchEulerDiscreteScheduler does).
+            mu: the dynamic shift (``use_dynamic_shifting``): ``exp(mu)`` for DPM-Solver and DEIS; FlowMatch's
+                time shift, ignored without dynamic shifting (as FlowMatchEulerDiscreteScheduler).
 
         Raises:
-            ValueError: not exactly one of num_inference_steps / timesteps / sigmas, a custom grid
-                that is not as described, or a grid that repeats a noise level before its last step.
+            ValueError: arguments the family does not take, a custom grid that is not as described, or a
+                grid whose noise rises.
         """
-        given = [name for name, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
-                                      ("sigmas", sigmas)) if v is not None]
-        if len(given) != 1:
-            raise ValueError("set_timesteps: pass exactly one of num_inference_steps, timesteps or sigmas"
-                             f"{'' if not given else f'; got {given}'}")
         config = self.config
-        spacing_key = next((k for k in SIGMA_SPACING_KEYS if config[k]), None)
-        if spacing_key is not None and (timesteps is not None or sigmas is not None):
-            raise ValueError(f"set_timesteps: custom {given[0]} cannot be combined with {spacing_key}=True")
-        if mu is not None and not config.use_dynamic_shifting:
-            raise ValueError("set_timesteps: mu needs use_dynamic_shifting=True")
-        shift = math.exp(mu) if mu is not None else config.flow_shift
+        spec = self._spec
         num_train = config.num_train_timesteps
-        if len(self._ve_table) != num_train:
-            raise ValueError(f"set_timesteps: trained_betas has {len(self._ve_table)} entries but "
-                             f"num_train_timesteps is {num_train}")
-
-        if sigmas is not None:
-            grid, model_times = self._custom_sigmas(sigmas, num_train)
-        else:
+        if not translation.FAMILIES[spec.family].flow:
+            given = [name for name, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
+                                          ("sigmas", sigmas)) if v is not None]
+            if len(given) != 1:
+                raise ValueError("set_timesteps: pass exactly one of num_inference_steps, timesteps or sigmas"
+                                 f"{'' if not given else f'; got {given}'}")
+            spacing_key = next((k for k in translation.SIGMA_SPACING_KEYS if config[k]), None)
+            if spacing_key is not None and (timesteps is not None or sigmas is not None):
+                raise ValueError(f"set_timesteps: custom {given[0]} cannot be combined with {spacing_key}=True")
+            if mu is not None and not config.use_dynamic_shifting:
+                raise ValueError("set_timesteps: mu needs use_dynamic_shifting=True")
+            if num_inference_steps is not None:
+                self._check_steps(num_inference_steps)
             if timesteps is not None:
-                model_times = self._custom_timesteps(timesteps, num_train)
-                level = model_times / num_train if self._flow else self._ve_table[model_times]
-            elif self._flow:
-                steps = self._check_steps(num_inference_steps)
-                ramp = 1.0 - np.linspace(1, 1 / num_train, steps + 1)
-                level = np.flip(shift * ramp / (1 + (shift - 1) * ramp))[:-1].copy()
-                model_times = (level * num_train).astype(np.int64)
-            elif spacing_key is not None:
-                level, model_times = self._sigma_spaced(spacing_key, self._check_steps(num_inference_steps))
-            else:
-                steps = self._check_steps(num_inference_steps)
-                model_times = discrete_timesteps(config.timestep_spacing, steps, num_train, config.steps_offset,
-                                                 self._last_timestep())
-                if model_times.max() >= num_train:
-                    raise ValueError(f"set_timesteps: {steps} 'leading' steps with steps_offset "
-                                     f"{config.steps_offset} reach timestep {int(model_times.max())}, beyond the "
-                                     f"{num_train} training timesteps; use fewer steps")
-                level = self._ve_table[model_times]
-            final = 0.0 if config.final_sigmas_type == "zero" else self._ve_table[0]
-            grid = np.concatenate([level, [final]]).astype(np.float32)
-        self._check_grid(grid, model_times)
-
+                timesteps = self._custom_timesteps(timesteps, num_train)
+            if len(self.alphas_cumprod) != num_train:
+                raise ValueError(f"set_timesteps: trained_betas has {len(self.alphas_cumprod)} entries but "
+                                 f"num_train_timesteps is {num_train}")
+        elif num_inference_steps is not None:
+            self._check_steps(num_inference_steps)
+        grid = translation.grid(config, spec, num_inference_steps, timesteps, sigmas, mu)
+        self._check_grid(grid.levels)
         device = self._resolve_device(device)
-        self.sigmas = torch.from_numpy(grid)
-        self.timesteps = torch.from_numpy(np.asarray(model_times, dtype=np.int64)).to(device=device)
-        self.num_inference_steps = len(model_times)
-        self._grid = tuple(grid.astype(np.float64).tolist())
-        self._timestep_list = np.asarray(model_times, dtype=np.int64).tolist()
+        self._levels = grid.levels
+        self.num_inference_steps = len(grid.levels) - 1
+        self._full_plan = None
         self._use_plan(0)
+        self._full_plan = self._plan
+        rows = list(self._plan.eval_index)
+        if rows == list(range(self.num_inference_steps)):  # one evaluation per step: diffusers' own arrays
+            self.timesteps, self.sigmas = grid.timesteps.to(device=device, copy=True), grid.sigmas.clone()
+        else:
+            self.timesteps = grid.timesteps[rows].to(device=device)
+            self.sigmas = torch.cat([grid.sigmas[rows], grid.sigmas[-1:]])
+        self._timestep_list = self.timesteps.cpu().tolist()
         if device is not None:
             self._rows_on(device)
         self._history = []
         self._step_index = None
         self._begin_index = None
 
-    def step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor,
+    def step(self, model_output: Tensor, timestep: int | float | Tensor, sample: Tensor,
              generator: torch.Generator | None = None, variance_noise: Tensor | None = None,
-             return_dict: bool = True) -> SchedulerOutput | tuple:
-        """One solver step from ``timesteps[step_index]`` to the next noise level, as one fused kernel.
+             return_dict: bool = True, *, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+             s_noise: float = 1.0, per_token_timesteps: Tensor | None = None) -> SchedulerOutput | tuple:
+        """One solver step (one row of the table) from ``timesteps[step_index]``, as one fused kernel.
 
-        ``timestep`` is checked against the expected one only when it is a Python number or a CPU
-        tensor; a tensor on an accelerator is not read (that would wait for the device), so a wrong
-        one goes unnoticed there.
+        ``timestep`` is compared with the expected one only when it is a Python number or a CPU tensor (a
+        tensor on an accelerator is not read: that would wait for the device); a different one warns and the
+        step index decides, as in diffusers.
 
         Args:
             model_output: (batch, C, ...) the model's output at (sample, timestep); (batch, 2C, ...)
                 with a learned variance_type.
             timestep: the current timestep, ``timesteps[step_index]``.
             sample: (batch, C, ...) the current state; the step computes in its dtype.
-            generator: draws the SDE noise (float32 standard normal, as diffusers).
-            variance_noise: (batch, C, ...) SDE noise to use instead of drawing it.
+            generator: draws the noise of stochastic steps (float32 standard normal, as diffusers).
+            variance_noise: (batch, C, ...) that noise, instead of drawing it.
             return_dict: return a SchedulerOutput rather than a tuple.
+            s_churn, s_tmin, s_tmax, s_noise: FlowMatch's arguments; unused by Euler, as in diffusers
+                (FlowMatchHeun's churn, ``s_churn > 0``, is not supported).
+            per_token_timesteps: FlowMatchEuler's per-token timesteps: not supported (must be None).
 
         Returns:
             ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``, prev_sample shaped and typed like sample.
 
         Raises:
-            ValueError: before set_timesteps, after the last step, or with an unexpected timestep.
+            ValueError: before set_timesteps, after the last step, for per_token_timesteps or s_churn > 0.
         """
+        if per_token_timesteps is not None:
+            raise ValueError("FusedMultistepScheduler.step: per_token_timesteps (per-token noise levels) is not "
+                             "supported; pass per_token_timesteps=None")
+        if s_churn != 0.0 and self._spec.solver == "heun":
+            raise ValueError(f"FusedMultistepScheduler.step: s_churn={s_churn!r} (Heun's churn) is not supported; "
+                             "pass s_churn=0")
         if self._plan is None:
             raise ValueError("FusedMultistepScheduler.step: call set_timesteps before step")
-        index = self._step_index
+        index, looked_up = self._step_index, False
         if index is None:
+            looked_up = self._begin_index is None  # then the index comes from the timestep itself
             index = self._init_step_index(timestep)
-        if index >= self.num_inference_steps:
-            raise ValueError(f"FusedMultistepScheduler.step: all {self.num_inference_steps} steps are done; "
+        if index >= len(self._timestep_list):
+            raise ValueError(f"FusedMultistepScheduler.step: all {len(self._timestep_list)} steps are done; "
                              "call set_timesteps to sample again")
-        expected = self._timestep_list[index]
-        if isinstance(timestep, Tensor):
-            if timestep.device.type == "cpu" and (
-                    timestep.item() != expected if timestep.numel() == 1 else not bool((timestep == expected).all())):
-                self._wrong_timestep(index, timestep)
-        elif timestep != expected:
-            self._wrong_timestep(index, timestep)
-        if self._learned_variance and model_output.shape[1] != sample.shape[1]:
+        if not looked_up:
+            self._check_timestep(index, timestep)
+        if self._spec.learned_variance and model_output.shape[1] != sample.shape[1]:
             model_output = model_output[:, : sample.shape[1]]
-        if model_output.dtype != sample.dtype:
-            model_output = model_output.to(sample.dtype)
+        out = model_output.to(sample.dtype)
+        rows = self._device_rows.get(sample.device) or self._rows_on(sample.device)
+        coeffs, num_history, noisy = rows[index - self._plan_start]
+        if self._x0_rows is not None:
+            p, q = self._x0_rows[index - self._plan_start]
+            out = self._spec.threshold(p * sample + q * out)
         noise = None
-        if self._sde:
+        if noisy:
             if variance_noise is None:
                 noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
             else:
                 noise = variance_noise
             noise = noise.to(device=sample.device, dtype=sample.dtype)
-        rows = self._device_rows.get(sample.device) or self._rows_on(sample.device)
-        coeffs, num_history = rows[index - self._plan_start]
         history = self._history
         if num_history < len(history):
             history = history[:num_history]
         if history and history[0].dtype != sample.dtype:
             history = [h.to(sample.dtype) for h in history]
-        prev_sample, converted = ops.multistep_step(sample, model_output, history, coeffs, noise)
+        prev_sample, converted = ops.multistep_step(sample, out, history, coeffs, noise)
         self._history = [converted, self._history[0]] if self._history else [converted]
         self._step_index = index + 1
         if not return_dict:
@@ -444,51 +444,71 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         Args:
             original_samples: (batch, ...) clean samples x0.
             noise: (batch, ...) standard normal noise.
-            timesteps: (batch,) or scalar integer timesteps.
+            timesteps: (batch,) or scalar timesteps.
 
         Returns:
             (batch, ...) noisy samples, original_samples' dtype and device.
-
-        Raises:
-            ValueError when a looked-up timestep is not in ``timesteps``.
         """
         device, dtype = original_samples.device, original_samples.dtype
         timesteps = torch.as_tensor(timesteps, device=device).reshape(-1)
-        if self._grid is None:
-            if self._flow:
+        flow = self._spec.flow
+        if self._levels is None:
+            if flow:
                 sigma = timesteps.to(torch.float64) / self.config.num_train_timesteps
                 alpha = 1.0 - sigma
             else:
                 products = self.alphas_cumprod.to(device=device, dtype=torch.float64)[timesteps.long()]
                 alpha, sigma = products.sqrt(), (1.0 - products).sqrt()
         else:
-            if self._begin_index is None:
-                indices = [self.index_for_timestep(t) for t in timesteps.tolist()]
-            else:
-                index = self._step_index if self._step_index is not None else self._begin_index
-                indices = [index] * timesteps.numel()
-            points = [_grid_point(self._grid[i], self._flow) for i in indices]
+            steps = self._full_plan.eval_index
+            points = [_grid_point(self._levels[steps[i]], flow) for i in self._noise_indices(timesteps)]
             alpha = torch.tensor([p.alpha for p in points], dtype=torch.float64, device=device)
             sigma = torch.tensor([p.sigma for p in points], dtype=torch.float64, device=device)
         shape = (-1,) + (1,) * (original_samples.dim() - 1)
         return (alpha.to(dtype).reshape(shape) * original_samples
                 + sigma.to(dtype).reshape(shape) * noise)
 
+    def scale_noise(self, sample: Tensor, timestep: float | Tensor, noise: Tensor | None = None) -> Tensor:
+        """FlowMatch's forward process ``sigma noise + (1 - sigma) sample`` (img2img and inpainting pipelines).
+
+        sigma is ``sigmas`` at the step index when stepping has begun, else at the begin index when set, else at
+        each timestep looked up in ``timesteps`` (as FlowMatchEulerDiscreteScheduler).
+
+        Args:
+            sample: (batch, ...) clean latents; noise: (batch, ...) standard normal noise.
+            timestep: (batch,) or scalar timesteps.
+
+        Returns:
+            (batch, ...) noisy latents, sample's dtype.
+        """
+        timesteps = torch.as_tensor(timestep).reshape(-1)
+        sigma = self.sigmas.to(device=sample.device, dtype=sample.dtype)[self._noise_indices(timesteps)]
+        sigma = sigma.reshape((-1,) + (1,) * (sample.dim() - 1))
+        return sigma * noise + (1.0 - sigma) * sample
+
+    def _noise_indices(self, timesteps: Tensor) -> list[int]:
+        if self._begin_index is None:
+            return [self.index_for_timestep(t) for t in timesteps.tolist()]
+        index = self._step_index if self._step_index is not None else self._begin_index
+        return [index] * timesteps.numel()
+
     def index_for_timestep(self, timestep: int | float | Tensor) -> int:
-        """Index of `timestep` in ``timesteps`` (the second one where it repeats, as diffusers).
+        """Index of `timestep` in ``timesteps`` (the second one where it repeats, as diffusers); when it is not
+        there, the last index (as DPMSolverMultistepScheduler), with a warning naming it.
 
         Reads `timestep` on the host (a device tensor is synchronised).
 
         Raises:
-            ValueError before set_timesteps or when `timestep` is not among ``timesteps``.
+            ValueError before set_timesteps.
         """
         if self._timestep_list is None:
             raise ValueError("FusedMultistepScheduler: call set_timesteps first")
         value = timestep.item() if isinstance(timestep, Tensor) else timestep
         matches = [i for i, t in enumerate(self._timestep_list) if t == value]
         if not matches:
-            raise ValueError(f"FusedMultistepScheduler: timestep {value} is not one of this scheduler's "
-                             f"timesteps {self._timestep_list}")
+            warnings.warn(f"FusedMultistepScheduler: timestep {value} is not one of this scheduler's timesteps; "
+                          f"taking the last one, {self._timestep_list[-1]}, as diffusers does", stacklevel=3)
+            return len(self._timestep_list) - 1
         return matches[1] if len(matches) > 1 else matches[0]
 
     def __len__(self) -> int:
@@ -496,26 +516,45 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
 
     def _init_step_index(self, timestep) -> int:
         index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
-        if not 0 <= index < self.num_inference_steps:
+        if not 0 <= index < len(self._timestep_list):
             raise ValueError(f"FusedMultistepScheduler: begin index {index} is outside the "
-                             f"{self.num_inference_steps} steps")
+                             f"{len(self._timestep_list)} steps")
+        if not self._full_plan.starts_step[index]:
+            raise ValueError(f"FusedMultistepScheduler: step {index} is the second evaluation of a Heun step; "
+                             "begin at a step that starts one (an even index)")
         if index != self._plan_start:
             self._use_plan(index)
         self._step_index = index
         return index
 
-    def _use_plan(self, start: int) -> None:
-        config = self.config
-        self._plan, self._coeffs = _step_table(self._grid, self._flow, self._solver, self._order, self._prediction,
-                                               self._sde, config.lower_order_final, config.euler_at_final, start)
-        self._plan_start = start
+    def _check_timestep(self, index: int, timestep) -> None:
+        """Warns when a host-readable `timestep` is not ``timesteps[index]``: the step index decides."""
+        expected = self._timestep_list[index]
+        if isinstance(timestep, Tensor):
+            if timestep.device.type != "cpu" or (timestep.item() == expected if timestep.numel() == 1
+                                                 else bool((timestep == expected).all())):
+                return
+        elif timestep == expected:
+            return
+        value = timestep.tolist() if isinstance(timestep, Tensor) else timestep
+        warnings.warn(f"FusedMultistepScheduler.step: step {index} is at timestep {expected}, got timestep {value}; "
+                      "stepping from timesteps[step_index] as diffusers does (call set_timesteps to start again)",
+                      stacklevel=3)
+
+    def _use_plan(self, row: int) -> None:
+        """The table of the run that (re)starts at row `row` of the whole grid's table (its history empty)."""
+        start = 0 if self._full_plan is None else self._full_plan.eval_index[row]
+        self._plan, self._coeffs, self._x0_rows = _step_table(self._levels, self._spec, start)
+        self._plan_start = row
         self._device_rows = {}
 
     def _rows_on(self, device: torch.device) -> list:
-        """Per step, its coefficient row on `device` (copied there once per plan) and its history length."""
+        """Per row, its coefficients on `device` (copied there once per plan), history length and whether it
+        draws noise."""
         rows = self._device_rows.get(device)
         if rows is None:
-            rows = list(zip(self._coeffs.to(device).unbind(0), self._plan.num_history))
+            noisy = [n or self._spec.noise_every_step for n in self._plan.noisy]
+            rows = list(zip(self._coeffs.to(device).unbind(0), self._plan.num_history, noisy))
             self._device_rows[device] = rows
         return rows
 
@@ -528,12 +567,6 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
             device = torch.device("cuda", torch.cuda.current_device())
         return device
 
-    def _wrong_timestep(self, index: int, timestep) -> None:
-        value = timestep.tolist() if isinstance(timestep, Tensor) else timestep
-        raise ValueError(f"FusedMultistepScheduler.step: step {index} expects timestep "
-                         f"{self._timestep_list[index]}, got {value}; steps must follow scheduler.timesteps "
-                         "in order (call set_timesteps to start again)")
-
     @staticmethod
     def _check_steps(steps) -> int:
         try:
@@ -544,37 +577,8 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"set_timesteps: num_inference_steps must be a positive integer, got {steps!r}")
         return count
 
-    def _last_timestep(self) -> int:
-        clip = self.config.lambda_min_clipped
-        if clip == -math.inf:
-            return self.config.num_train_timesteps
-        products = self.alphas_cumprod
-        half_log_snr = torch.log(products.sqrt()) - torch.log((1 - products).sqrt())
-        return self.config.num_train_timesteps - int((half_log_snr < clip).sum())
-
-    def _sigma_spaced(self, key: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
-        """N noise levels between the training extremes spaced as `key` says, and their model timesteps."""
-        low, high = float(self._ve_table[0]), float(self._ve_table[-1])
-        ramp = np.linspace(0, 1, steps)
-        if key == "use_karras_sigmas":
-            top, bottom = high ** (1 / _KARRAS_RHO), low ** (1 / _KARRAS_RHO)
-            level = (top + ramp * (bottom - top)) ** _KARRAS_RHO
-        elif key == "use_lu_lambdas":
-            top, bottom = float(self._log_ve_table[-1]), float(self._log_ve_table[0])
-            level = np.exp(top + ramp * (bottom - top))
-        elif key == "use_exponential_sigmas":
-            level = np.exp(np.linspace(math.log(high), math.log(low), steps))
-        else:
-            import scipy.stats
-            quantiles = scipy.stats.beta.ppf(1 - ramp, _BETA_SIGMAS_SHAPE, _BETA_SIGMAS_SHAPE)
-            level = low + quantiles * (high - low)
-        times = _time_of_sigma(level, self._log_ve_table)
-        rounded = key in ("use_karras_sigmas", "use_lu_lambdas") and self.config.beta_schedule != "squaredcos_cap_v2"
-        # As diffusers: karras / log-SNR timesteps are rounded, the others truncated.
-        model_times = (times.round() if rounded else times).astype(np.int64)
-        return level, model_times
-
-    def _custom_timesteps(self, timesteps, num_train: int) -> np.ndarray:
+    @staticmethod
+    def _custom_timesteps(timesteps, num_train: int) -> list[int]:
         values = np.asarray(timesteps.cpu() if isinstance(timesteps, Tensor) else timesteps, dtype=np.float64)
         if values.ndim != 1 or values.size < 1:
             raise ValueError(f"set_timesteps: timesteps must be a non-empty 1-D list, got shape {values.shape}")
@@ -582,35 +586,43 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"set_timesteps: timesteps must be integers in [0, {num_train}), got {values.tolist()}")
         if np.any(values[1:] > values[:-1]):
             raise ValueError(f"set_timesteps: timesteps must be non-increasing, got {values.tolist()}")
-        return values.astype(np.int64)
-
-    def _custom_sigmas(self, sigmas, num_train: int) -> tuple[np.ndarray, np.ndarray]:
-        grid = np.asarray(sigmas.cpu() if isinstance(sigmas, Tensor) else sigmas, dtype=np.float64)
-        if grid.ndim != 1 or grid.size < 2:
-            raise ValueError("set_timesteps: sigmas must be a 1-D list of N+1 noise levels (the last one where "
-                             f"the last step lands), got shape {grid.shape}")
-        if not np.all(np.isfinite(grid)) or grid.min() < 0 or (self._flow and grid.max() > 1):
-            raise ValueError(f"set_timesteps: sigmas must be finite, >= 0{' and <= 1' if self._flow else ''}, "
-                             f"got {grid.tolist()}")
-        grid = grid.astype(np.float32)
-        level = grid[:-1].astype(np.float64)
-        if self._flow:
-            model_times = (level * num_train).astype(np.int64)
-        else:
-            model_times = _time_of_sigma(level, self._log_ve_table).round().astype(np.int64)
-        return grid, model_times
+        return values.astype(np.int64).tolist()
 
     @staticmethod
-    def _check_grid(grid: np.ndarray, model_times: np.ndarray) -> None:
-        if grid[-2] == 0:
+    def _check_grid(levels: tuple) -> None:
+        if 0.0 in levels[:-1]:
             raise ValueError("set_timesteps: only the point the last step lands on may have zero noise")
-        repeated = np.nonzero(grid[1:-1] >= grid[:-2])[0]
-        if repeated.size:
-            i = int(repeated[0])
-            raise ValueError(
-                f"set_timesteps: steps {i} and {i + 1} (timesteps {int(model_times[i])}, {int(model_times[i + 1])}) "
-                f"have noise levels {float(grid[i])!r} <= {float(grid[i + 1])!r}; the grid must be strictly "
-                "decreasing: use fewer steps or another spacing")
-        if grid[-1] > grid[-2]:
-            raise ValueError(f"set_timesteps: the last step would raise the noise from {float(grid[-2])!r} to "
-                             f"{float(grid[-1])!r}")
+        rising = [i for i in range(len(levels) - 1) if levels[i + 1] > levels[i]]
+        if rising:
+            i = rising[0]
+            raise ValueError(f"set_timesteps: step {i} would raise the noise from {levels[i]!r} to {levels[i + 1]!r}; "
+                             "the grid must be non-increasing")
+
+
+_INIT_DEFAULTS = {name: p.default for name, p in inspect.signature(FusedMultistepScheduler.__init__).parameters.items()}
+
+
+class FusedDPMSolverMultistepScheduler(FusedMultistepScheduler):
+    """:class:`FusedMultistepScheduler` as ``DPMSolverMultistepScheduler``: every config is read as one of its
+    (``algorithm_type="deis"`` is stored as "dpmsolver++", as diffusers does)."""
+
+    _family = "dpmsolver"
+
+
+class FusedDEISMultistepScheduler(FusedMultistepScheduler):
+    """:class:`FusedMultistepScheduler` as ``DEISMultistepScheduler`` (algorithm_type "deis", solver_type
+    "logrho"; the DPM-Solver names are stored as those, as diffusers does)."""
+
+    _family = "deis"
+
+
+class FusedFlowMatchEulerDiscreteScheduler(FusedMultistepScheduler):
+    """:class:`FusedMultistepScheduler` as ``FlowMatchEulerDiscreteScheduler`` (FLUX, SD3, Wan, ...)."""
+
+    _family = "flow_euler"
+
+
+class FusedFlowMatchHeunDiscreteScheduler(FusedMultistepScheduler):
+    """:class:`FusedMultistepScheduler` as ``FlowMatchHeunDiscreteScheduler`` (order 2: 2N - 1 timesteps)."""
+
+    _family = "flow_heun"
