@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import ops
 from .models import Conditioning, evaluate_model
-from .planning import AdjointGrid, SamplingPlan, StepInfo, row_output, run_plan
+from .planning import AdjointGrid, NoiseSource, SamplingPlan, StepInfo, row_output, run_plan
 from .predictions import conversion
 from .reference import opmath_dtype
 from .solvers import GridPoint
@@ -126,7 +126,7 @@ class GradientSpec:
         num_params: how many parameter tensors follow the conditioning's leaves.
         mode: "discrete" or "adjoint".
         adjoint, adjoint_grid: the AdjointDEIS settings and grid (mode "adjoint").
-        generator, progress, check_finite, callback: as for :func:`adjointdeis.planning.run_plan`; the
+        generator, progress, check_finite, callback, noise: as for :func:`adjointdeis.planning.run_plan`; the
             callback sees the sampling run only.
     """
 
@@ -141,6 +141,7 @@ class GradientSpec:
     progress: bool = False
     check_finite: bool = True
     callback: Callable[[StepInfo], None] | None = None
+    noise: NoiseSource | None = None
 
 
 def sample_with_gradients(spec: GradientSpec, x_T: Tensor, params: list[Tensor]) -> Tensor:
@@ -168,7 +169,7 @@ def _forward(spec: GradientSpec, x_T: Tensor, conditioning: Conditioning) -> tup
     def run(plan, callback):
         return run_plan(spec.model, x_T, plan, cond=conditioning.cond, guidance_scale=conditioning.guidance_scale,
                         uncond=conditioning.uncond, generator=spec.generator, progress=spec.progress,
-                        check_finite=spec.check_finite, callback=callback)
+                        check_finite=spec.check_finite, callback=callback, noise=spec.noise)
 
     states = []
     if spec.mode == "discrete":

@@ -246,6 +246,11 @@ def plan_adjoint_grid(sched: NoiseSchedule, plan: SamplingPlan, steps: int | Non
     return AdjointGrid(forward.points, forward.model_times, forward)
 
 
+NoiseSource = Callable[[int, Tensor], Tensor]
+"""Where a run's injected noise comes from: ``noise(row, x)`` returns the standard normal noise of stochastic row
+`row` (a :class:`SamplingPlan` row index), shaped like the current state `x`, on its device and in its dtype."""
+
+
 def row_output(plan: SamplingPlan, row: int, x: Tensor, out: Tensor) -> Tensor:
     """What row `row` of `plan` takes as its output: the model's, or with thresholding the thresholded x0.
 
@@ -261,7 +266,7 @@ def row_output(plan: SamplingPlan, row: int, x: Tensor, out: Tensor) -> Tensor:
 
 def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, guidance_scale=None, uncond=None,
              generator: torch.Generator | None = None, progress: bool = False, check_finite: bool = True,
-             callback: Callable[[StepInfo], None] | None = None) -> Tensor:
+             callback: Callable[[StepInfo], None] | None = None, noise: NoiseSource | None = None) -> Tensor:
     """Runs a :class:`SamplingPlan` from x_T; the loop never syncs the host.
 
     Args:
@@ -269,10 +274,12 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
         x_T: (batch, *shape) the initial state.
         plan: the plan, from :func:`plan_sampling`.
         cond, guidance_scale, uncond: the conditioning (see :func:`adjointdeis.models.evaluate_model`).
-        generator: draws the noise of stochastic rows.
+        generator: draws the noise of stochastic rows (when `noise` is None).
         progress: show a tqdm progress bar.
         check_finite: after the loop (one host sync), raise if the result is not finite.
         callback: called with a :class:`StepInfo` after every model evaluation.
+        noise: the noise of stochastic rows, ``noise(row, x) -> Tensor`` shaped like x (see :data:`NoiseSource`);
+            default: standard normal draws from `generator`.
 
     Returns:
         (batch, *shape) the final state.
@@ -290,11 +297,12 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
         rows = tqdm(rows, disable=None, desc="sampling", leave=False)
     for row in rows:
         out = evaluate_model(model, x, t_eval[row].expand(batch), cond, guidance_scale, uncond)
-        noise = None
+        z = None
         if steps.noisy[row]:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if noise is None
+                 else noise(row, x))
         x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), history[:steps.num_history[row]],
-                                        coeffs[row], noise)
+                                        coeffs[row], z)
         if callback is not None:
             callback(StepInfo(row, steps.eval_index[row], steps.starts_step[row], t_eval[row], x, out, m0, x_next))
         x, history = x_next, [m0] + history[:1]

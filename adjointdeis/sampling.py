@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .gradients import AdjointOptions, GradientSpec, adjoint_options, gradient_mode, sample_with_gradients
 from .models import Conditioning, model_parameters
-from .planning import StepInfo, plan_adjoint_grid, plan_sampling, resolve_grid, run_plan
+from .planning import NoiseSource, StepInfo, plan_adjoint_grid, plan_sampling, resolve_grid, run_plan
 from .predictions import check_prediction
 from .schedules import NoiseSchedule
 from .thresholding import DynamicThreshold
@@ -23,7 +23,7 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
            callback: Callable[[StepInfo], None] | None = None, adjoint_order: int | None = None,
            adjoint_form: str | None = None, adjoint_steps: int | None = None, states: str | None = None,
            second_order: str = "midpoint", threshold: DynamicThreshold | None = None,
-           euler_at_final: bool = False) -> Tensor:
+           euler_at_final: bool = False, noise: NoiseSource | None = None) -> Tensor:
     """Samples from a diffusion or flow model, noise to data, one fused kernel per step.
 
     Args:
@@ -48,6 +48,8 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
         uncond: the unconditional conditioning, same structure as `cond`.
         sde: stochastic DPM-Solver++ (orders 1-3) or DPM-Solver (orders 1, 2), noise drawn from `generator`.
         generator: torch.Generator for the SDE noise (reproducible runs).
+        noise: where the SDE noise comes from instead, ``noise(row, x) -> Tensor`` (see
+            :data:`adjointdeis.planning.NoiseSource`); not together with `generator`.
         timesteps: an explicit grid, strictly decreasing, in model-time units; overrides spacing. With
             ``steps + 1`` values (or `steps` omitted) it is the whole grid, ending where the last step lands.
             With exactly `steps` values it is diffusers' convention (``pipe.scheduler.timesteps``): the model
@@ -90,6 +92,10 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
         raise ValueError("guidance_scale needs both cond and uncond")
     if threshold is not None and not isinstance(threshold, DynamicThreshold):
         raise TypeError(f"threshold must be an adjointdeis.DynamicThreshold, got {type(threshold).__name__}")
+    if noise is not None and generator is not None:
+        raise ValueError("sample: pass the noise either as noise= or drawn from generator=, not both")
+    if noise is not None and not callable(noise):
+        raise TypeError(f"noise must be callable as noise(row, x) -> Tensor, got {type(noise).__name__}")
     steps, grid, denoise_to_zero = resolve_grid(sched, steps, timesteps, denoise_to_zero)
     plan = plan_sampling(sched, steps, spacing, grid, denoise_to_zero, solver, order, prediction, sde,
                          lower_order_final, third_order, second_order, threshold, euler_at_final)
@@ -99,12 +105,13 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
     if mode in (None, "autograd"):
         with torch.set_grad_enabled(mode == "autograd"):
             return run_plan(model, x_T, plan, cond=cond, guidance_scale=guidance_scale, uncond=uncond,
-                            generator=generator, progress=progress, check_finite=check_finite, callback=callback)
+                            generator=generator, progress=progress, check_finite=check_finite, callback=callback,
+                            noise=noise)
     options, adjoint_grid = None, None
     if mode == "adjoint":
         options = adjoint_options(adjoint, adjoint_order, adjoint_form, adjoint_steps, states)
         options.check_run(sde, threshold is not None, plan.points[0].alpha == 0.0)
         adjoint_grid = plan_adjoint_grid(sched, plan, options.steps, options.states == "recorded")
     spec = GradientSpec(model, plan, conditioning, len(params), mode, options, adjoint_grid, generator, progress,
-                        check_finite, callback)
+                        check_finite, callback, noise)
     return sample_with_gradients(spec, x_T, params)

@@ -270,6 +270,27 @@ def test_sde_reproducible_from_the_generator_seed():
     assert not torch.equal(runs[0], runs[2])
 
 
+def test_noise_source_replaces_the_generator():
+    """noise(row, x) supplies the stochastic rows' noise: the same draws as the generator give the same sample,
+    the rows it is asked for are the plan's noisy ones, in order, and it cannot be combined with a generator."""
+    sched, model, x_T = oracle("vp_linear")
+    g = torch.Generator().manual_seed(3)
+    asked = []
+
+    def noise(row, x):
+        asked.append(row)
+        return torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+    from_source = ad.sample(model, x_T, sched, steps=6, order=2, sde=True, noise=noise)
+    from_generator = ad.sample(model, x_T, sched, steps=6, order=2, sde=True, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(from_source, from_generator)
+    assert asked == list(range(6))
+    with pytest.raises(ValueError, match="not both"):
+        ad.sample(model, x_T, sched, steps=6, sde=True, noise=noise, generator=g)
+    with pytest.raises(TypeError, match="noise must be callable"):
+        ad.sample(model, x_T, sched, steps=6, sde=True, noise=torch.zeros(6, *x_T.shape))
+
+
 def test_batch_independence_and_dtypes():
     sched, model, x_T = oracle("vp_linear")
     with torch.no_grad():
