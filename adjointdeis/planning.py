@@ -122,7 +122,10 @@ def resolve_grid(sched: NoiseSchedule, steps: int | None, timesteps, denoise_to_
     """
     if timesteps is None:
         return (DEFAULT_STEPS if steps is None else steps), None, bool(denoise_to_zero)
-    values = tuple(torch.as_tensor(timesteps).to(torch.float64).reshape(-1).tolist())
+    if isinstance(timesteps, Tensor):
+        values = tuple(timesteps.to(torch.float64).reshape(-1).tolist())
+    else:  # a sequence of numbers: read on the host, which torch.compile traces (a tensor's .tolist() it cannot)
+        values = tuple(float(v) for v in timesteps)
     if steps is None or steps == len(values) - 1:
         return len(values) - 1, values, bool(denoise_to_zero)
     if steps == len(values):
@@ -246,6 +249,38 @@ def plan_adjoint_grid(sched: NoiseSchedule, plan: SamplingPlan, steps: int | Non
     return AdjointGrid(forward.points, forward.model_times, forward)
 
 
+_DEVICE_TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
+DEVICE_TABLES_KEPT = 1024
+"""How many (plan, device, dtype) coefficient tables :func:`device_tables` keeps; later ones are uploaded per call."""
+
+
+def device_tables(plan: SamplingPlan, device: torch.device, time_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A plan's coefficient table (S, 7+) float64 and its evaluation times (S,) `time_dtype`, on `device`.
+
+    Kept for the life of the process (never evicted, a few KB each), so that a run reuses them instead of
+    copying from the host every call, and a CUDA graph that captured a run keeps reading live memory: a graph
+    is captured after a warm-up run of the same plan, and the capture then copies nothing from the host.
+    """
+    def upload() -> tuple[Tensor, Tensor]:
+        return (torch.tensor(plan.steps.rows, dtype=torch.float64).to(device),
+                torch.tensor(plan.t_eval, dtype=torch.float64).to(device=device, dtype=time_dtype))
+
+    if torch.compiler.is_compiling():  # a compiled graph holds them as constants
+        return upload()
+    key = (plan.steps, plan.t_eval, str(device), time_dtype)
+    tables = _DEVICE_TABLES.get(key)
+    if tables is None:
+        tables = upload()
+        if len(_DEVICE_TABLES) < DEVICE_TABLES_KEPT:
+            _DEVICE_TABLES[key] = tables
+    return tables
+
+
+def _capturing(x: Tensor) -> bool:
+    """Whether `x`'s CUDA stream is being captured into a graph (no host sync is allowed then)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 NoiseSource = Callable[[int, Tensor], Tensor]
 """Where a run's injected noise comes from: ``noise(row, x)`` returns the standard normal noise of stochastic row
 `row` (a :class:`SamplingPlan` row index), shaped like the current state `x`, on its device and in its dtype."""
@@ -288,8 +323,7 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
         FloatingPointError when `check_finite` and the result is not finite.
     """
     steps = plan.steps
-    coeffs = torch.tensor(steps.rows, dtype=torch.float64).to(x_T.device)
-    t_eval = torch.tensor(plan.t_eval, dtype=torch.float64).to(device=x_T.device, dtype=opmath_dtype(x_T.dtype))
+    coeffs, t_eval = device_tables(plan, x_T.device, opmath_dtype(x_T.dtype))
     batch = x_T.shape[0]
     x, history = x_T, []
     rows = range(len(steps.eval_index))
@@ -306,7 +340,7 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
         if callback is not None:
             callback(StepInfo(row, steps.eval_index[row], steps.starts_step[row], t_eval[row], x, out, m0, x_next))
         x, history = x_next, [m0] + history[:1]
-    if check_finite and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+    if check_finite and not torch.compiler.is_compiling() and not _capturing(x) and not torch.isfinite(x).all():
         raise FloatingPointError(
             "sample: the result is not finite: the model returned NaN or Inf during sampling "
             "(or the grid reaches a time where the prediction cannot be converted)")

@@ -404,6 +404,46 @@ def test_cuda_sample_matches_cpu_without_host_sync():
     assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("sde", [False, True], ids=["ode", "sde"])
+def test_cuda_graph_captures_a_whole_sample_call(sde):
+    """After one warm-up run, a whole ``sample`` call captures into a CUDA graph (the coefficient tables are
+    the warm-up's, the finiteness check is skipped while capturing); replays on new noise match eager runs."""
+    sched, _, x_T = oracle("vp_linear")
+    model = lambda x, t: torch.tanh(x) * 0.5 + t[:, None].to(x) * 1e-3
+    static = x_T.float().cuda()
+    run = lambda: ad.sample(model, static, sched, steps=10, order=2, sde=sde, generator=None)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()  # warm-up: uploads the plan's tables
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        for seed in (1, 2):
+            static.copy_(torch.randn(x_T.shape, generator=torch.Generator().manual_seed(seed)))
+            if sde:
+                torch.cuda.manual_seed(seed)
+            graph.replay()
+            if sde:
+                torch.cuda.manual_seed(seed)
+            assert_close(out, run(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_plan_uploads_its_tables_once_per_device_and_dtype():
+    from adjointdeis.planning import device_tables, plan_sampling
+
+    sched = ad.VPSchedule.linear()
+    plan = plan_sampling(sched, 8, "logsnr", None, False, "dpmpp", 2, "eps")
+    again = plan_sampling(sched, 8, "logsnr", None, False, "dpmpp", 2, "eps")
+    first = device_tables(plan, torch.device("cpu"), torch.float32)
+    assert all(a is b for a, b in zip(first, device_tables(again, torch.device("cpu"), torch.float32)))
+    assert device_tables(plan, torch.device("cpu"), torch.float64)[1].dtype == torch.float64
+    assert torch.equal(first[0], plan.steps.coeffs) and first[1].dtype == torch.float32
+
+
 def test_the_solver_registry_describes_every_solver():
     from adjointdeis.solvers import SOLVERS, check_solver, resolve_order
 
