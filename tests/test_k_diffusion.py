@@ -284,3 +284,54 @@ def test_bad_arguments_raise():
         kd.sample_dpmpp_sde(model, x, sigmas, r=0.0, disable=True)
     with pytest.raises(ValueError, match="grad='adjoint'"):
         kd.sample_heun(model, x.requires_grad_(), sigmas, grad="adjoint", disable=True)
+
+
+class SeededNoise:
+    """noise_sampler(sigma, sigma_next): the k-th call returns the k-th draw of a fixed seed (the same for every run)."""
+
+    def __init__(self, like, seed=4):
+        self.g, self.like = torch.Generator().manual_seed(seed), like
+
+    def __call__(self, sigma, sigma_next):
+        return torch.randn(self.like.shape, generator=self.g, dtype=self.like.dtype)
+
+
+# sampler, options, noise: "sampler" (a fresh SeededNoise per run), "generator" (a fresh seeded generator) or None
+EVERY_SAMPLER = {
+    "euler_churn": (kd.sample_euler, {"s_churn": 1.0}, "generator"),
+    "heun_churn": (kd.sample_heun, {"s_churn": 1.0}, "generator"),
+    "dpm_2": (kd.sample_dpm_2, {}, None),
+    "dpm_2_churn": (kd.sample_dpm_2, {"s_churn": 1.0}, "generator"),
+    "euler_ancestral": (kd.sample_euler_ancestral, {}, "sampler"),
+    "dpm_2_ancestral": (kd.sample_dpm_2_ancestral, {"eta": 0.7}, "sampler"),
+    "dpmpp_2s_ancestral": (kd.sample_dpmpp_2s_ancestral, {}, "sampler"),
+    "dpmpp_sde": (kd.sample_dpmpp_sde, {"r": 0.4}, "sampler"),
+    "dpmpp_2m_sde_heun": (kd.sample_dpmpp_2m_sde, {"solver_type": "heun", "eta": 0.6}, "sampler"),
+    "dpmpp_3m_sde": (kd.sample_dpmpp_3m_sde, {}, "sampler"),
+    "lms": (kd.sample_lms, {}, None),
+    "ipndm": (kd.sample_ipndm, {}, None),
+    "res_multistep": (kd.sample_res_multistep, {}, None),
+    "res_multistep_ancestral": (kd.sample_res_multistep_ancestral, {}, "generator"),
+}
+
+
+@pytest.mark.parametrize("final_zero", [True, False], ids=["to_zero", "not_to_zero"])
+@pytest.mark.parametrize("name", list(EVERY_SAMPLER))
+def test_every_sampler_discrete_gradients_equal_autograd(name, final_zero):
+    """x, a conditioning tensor of extra_args and the model's parameters, with the same noise in both runs."""
+    sampler, options, noise = EVERY_SAMPLER[name]
+    model, x, cond = setup(torch.float64)
+    sigmas = karras_sigmas(5, final_zero=final_zero)
+    leaves = [x.requires_grad_(), cond.requires_grad_()] + list(model.parameters())
+    grads = {}
+    for grad in ("discrete", "autograd"):
+        kwargs = dict(options)
+        if noise == "sampler":
+            kwargs["noise_sampler"] = SeededNoise(x)
+        elif noise == "generator":
+            kwargs["generator"] = torch.Generator().manual_seed(9)
+        out = sampler(model, x, sigmas, extra_args={"cond": cond, "scale": 0.7}, disable=True, grad=grad, **kwargs)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).square().sum()
+        grads[grad] = torch.autograd.grad(loss, leaves)
+    for got, want in zip(grads["discrete"], grads["autograd"]):
+        assert relative_error(got, want) < 1e-8
