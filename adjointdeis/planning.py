@@ -293,6 +293,7 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
     batch = x_T.shape[0]
     x, x_start, history = x_T, x_T, []
     depth = max(steps.num_history, default=0)
+    skips = steps.skip or (False,) * len(steps.eval_index)
     rows = range(len(steps.eval_index))
     if progress and not torch.compiler.is_compiling():
         rows = tqdm(rows, disable=None, desc="sampling", leave=False)
@@ -304,7 +305,7 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
         if steps.noisy[row]:
             z = (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if noise is None
                  else noise(row, x))
-        operands = history[:steps.num_history[row]] + ([x_start] if steps.skips(row) else [])
+        operands = history[:steps.num_history[row]] + ([x_start] if skips[row] else [])
         x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), operands, coeffs[row], z)
         if callback is not None:
             callback(StepInfo(row, steps.eval_index[row], steps.starts_step[row], t_eval[row], x, out, m0, x_next))
