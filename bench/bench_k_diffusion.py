@@ -15,7 +15,6 @@ the samples and of the 297 held-out digits (``adjointdeis.demo.fd_digits``; not 
 import argparse
 import math
 import pathlib
-import platform
 import sys
 import time
 
@@ -26,6 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from adjointdeis import k_diffusion as kd  # noqa: E402
 from adjointdeis.demo import class_noise, fd_digits, load_kit  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 # name: (sampler, options, model evaluations per step, stochastic)
 SAMPLERS = {
@@ -96,7 +96,7 @@ def main() -> None:
         used = steps if stages == 1 else 2 * steps - 1
         table[name, nfe] = (fd_digits(kit, images.clamp(-1, 1)), used)
     print(f"FD-digits against NFE, {args.samples} class-conditional samples per cell, Karras grid (rho 7, sigma "
-          f"{sigma_min:.3g}..{sigma_max:.4g}, then 0); lower is better, not FID. {platform.processor() or 'CPU'}, "
+          f"{sigma_min:.3g}..{sigma_max:.4g}, then 0); lower is better, not FID. {cpu_name()}, "
           f"{args.threads} thread(s), {time.perf_counter() - start:.0f} s in all")
     print("| sampler | NFE/step | " + " | ".join(f"NFE {k}" for k in args.nfe) + " |")
     print("|---|---|" + "---|" * len(args.nfe))
