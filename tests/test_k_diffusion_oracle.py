@@ -7,6 +7,7 @@ relative in float64 on Karras and exponential grids, ending at 0 and not.
 """
 
 import math
+import sys
 
 import pytest
 import torch
@@ -199,3 +200,29 @@ def test_callback_matches_k_diffusion(kdiff, name):
         assert math.isclose(float(ours["sigma_hat"]), float(theirs["sigma_hat"]), rel_tol=1e-14)
         assert relative_error(ours["x"], theirs["x"]) < 1e-10
         assert relative_error(ours["denoised"], theirs["denoised"]) < 1e-10
+
+
+@pytest.mark.parametrize("function", ["sample_euler_ancestral", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral"])
+def test_default_noise_with_the_same_global_seed(kdiff, function):
+    model, x, cond = setup(torch.float64)
+    sigmas = GRIDS["exponential"]
+    results = []
+    for fn in (getattr(kd, function), getattr(kdiff, function)):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            results.append(fn(model, x, sigmas, extra_args={"cond": cond}, disable=True))
+    assert relative_error(*results) < 1e-10
+
+
+def test_brownian_tree_without_torchsde_names_the_extra(monkeypatch):
+    _, x, _ = setup(torch.float64)
+    monkeypatch.setitem(sys.modules, "torchsde", None)
+    with pytest.raises(ImportError, match=r"adjointdeis\[k-diffusion\]"):
+        kd.BrownianTreeNoiseSampler(x, 0.1, 10.0)
+    model, _, cond = setup(torch.float64)
+    with pytest.raises(ImportError, match="torchsde"):
+        kd.sample_dpmpp_sde(model, x, karras_sigmas(3), extra_args={"cond": cond}, disable=True)
+    with torch.no_grad():  # generator= needs no torchsde
+        out = kd.sample_dpmpp_sde(model, x, karras_sigmas(3), extra_args={"cond": cond}, disable=True,
+                                  generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out).all()
