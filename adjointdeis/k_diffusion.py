@@ -1,7 +1,10 @@
 """k-diffusion-style samplers: ``sample_dpmpp_2m(model, x, sigmas, extra_args, callback, disable)`` and siblings.
 
-Drop-in replacements for the functions of the same name in k-diffusion, run as one
-``adjointdeis.sample`` call (fused steps, no host sync inside the loop) and differentiable.
+Drop-in replacements for the functions of the same name in k-diffusion (and for ComfyUI's ``ipndm`` and
+``res_multistep``), each model evaluation one fused step with coefficients precomputed on the host (no host
+sync inside the loop), and differentiable. ``dpmpp_2m``, ``dpmpp_3m`` and ``deis`` run as one
+``adjointdeis.sample`` call; the others run the plan :mod:`adjointdeis.k_diffusion_plans` builds from
+k-diffusion's own expressions through the same run loop and discrete adjoint.
 
 The calling convention is k-diffusion's: the denoiser ``model(x, sigma * s_in, **extra_args)``
 returns the denoised x0 for a state in variance-exploding coordinates ``x = x0 + sigma * eps``;
@@ -11,6 +14,7 @@ step with the step's input state; ``disable`` turns the progress bar off.
 
 In our terms: an ``EDMSchedule`` (alpha = 1, sigma = t, model time = sigma), ``prediction="x0"``,
 ``timesteps=sigmas`` and no lowered final orders (k-diffusion lowers only the step to sigma = 0).
+Noise: see :class:`BrownianTreeNoiseSampler` and the samplers' ``noise_sampler`` and ``generator``.
 
 Unlike k-diffusion's (which run under ``torch.no_grad``) these keep gradients: with grad enabled and
 x, a tensor in `extra_args` or a parameter of `model` requiring grad, the result is attached to autograd
@@ -51,15 +55,20 @@ class _Denoiser:
         return self.model(x, t, **self.constants, **(cond or {}))
 
 
-def _step_callback(callback: Callable | None, sigmas) -> Callable[[StepInfo], None] | None:
-    """k-diffusion's per-step callback as a run-loop callback: once per step, at its first evaluation."""
+def _step_callback(callback: Callable | None, sigmas, sigma_hat=None) -> Callable[[StepInfo], None] | None:
+    """k-diffusion's per-step callback as a run-loop callback: once per step, at its first evaluation.
+
+    Args:
+        sigma_hat: per step, the noise level of its first evaluation (default: ``sigmas``).
+    """
     if callback is None:
         return None
+    sigma_hat = sigmas if sigma_hat is None else sigma_hat
 
     def report(info: StepInfo) -> None:
         if info.starts_step:
-            sigma = sigmas[info.step]
-            callback({"x": info.x, "i": info.step, "sigma": sigma, "sigma_hat": sigma, "denoised": info.output})
+            callback({"x": info.x, "i": info.step, "sigma": sigmas[info.step], "sigma_hat": sigma_hat[info.step],
+                      "denoised": info.output})
     return report
 
 
@@ -97,17 +106,6 @@ def _noise_source(kplan: plans.KPlan, noise_sampler: Callable | None, generator:
     return noise
 
 
-def _kd_callback(callback: Callable | None, sigmas, kplan: plans.KPlan) -> Callable[[StepInfo], None] | None:
-    if callback is None:
-        return None
-
-    def report(info: StepInfo) -> None:
-        if info.starts_step:
-            callback({"x": info.x, "i": info.step, "sigma": sigmas[info.step], "sigma_hat": kplan.sigma_hat[info.step],
-                      "denoised": info.output})
-    return report
-
-
 def _run_rows(name: str, model, x: Tensor, sigmas, kplan: plans.KPlan, extra_args, callback, disable, *,
               noise_sampler=None, generator=None, grad=None) -> Tensor:
     """Runs a k-diffusion sampler's plan: plain, through autograd, or with the exact discrete adjoint."""
@@ -121,7 +119,7 @@ def _run_rows(name: str, model, x: Tensor, sigmas, kplan: plans.KPlan, extra_arg
         x = x + kplan.churn * z if kplan.churn > 0 else x
     denoiser, conditioning = _Denoiser(model, constants), Conditioning(cond or None)
     noise = _noise_source(kplan, noise_sampler, generator)
-    progress, report = disable is not True, _kd_callback(callback, sigmas, kplan)
+    progress, report = disable is not True, _step_callback(callback, sigmas, kplan.sigma_hat)
     mode = gradient_mode(grad, x, conditioning, params)
     if mode == "adjoint":
         raise ValueError(f"sample_{name}: grad='adjoint' (AdjointDEIS) is not available for this sampler; use "
@@ -220,7 +218,8 @@ class BrownianTreeNoiseSampler:
         try:
             import torchsde
         except ImportError:
-            raise ImportError("BrownianTreeNoiseSampler needs torchsde: pip install 'adjointdeis[k-diffusion]'") from None
+            raise ImportError("BrownianTreeNoiseSampler needs torchsde: "
+                              "pip install 'adjointdeis[k-diffusion]'") from None
         self.transform = transform
         t0, t1 = transform(torch.as_tensor(sigma_min)), transform(torch.as_tensor(sigma_max))
         t0, t1, self.sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)

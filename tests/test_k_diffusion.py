@@ -287,7 +287,7 @@ def test_bad_arguments_raise():
 
 
 class SeededNoise:
-    """noise_sampler(sigma, sigma_next): the k-th call returns the k-th draw of a fixed seed (the same for every run)."""
+    """noise_sampler(sigma, sigma_next): the k-th call returns the k-th draw of a fixed seed (alike in every run)."""
 
     def __init__(self, like, seed=4):
         self.g, self.like = torch.Generator().manual_seed(seed), like
