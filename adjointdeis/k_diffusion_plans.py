@@ -89,11 +89,11 @@ def _sigma(t: Tensor) -> Tensor:
     return t.neg().exp()
 
 
-def _euler(step: int, sigma: Tensor, target: Tensor, **extra) -> KRow:
+def _euler(step: int, sigma: Tensor, target: Tensor) -> KRow:
     """``x + (x - D)/sigma (target - sigma)``."""
     dt = float(target - sigma)
     s = float(sigma)
-    return KRow(step, s, 1 + dt / s, (-dt / s,), **extra)
+    return KRow(step, s, 1 + dt / s, (-dt / s,))
 
 
 def _first_stage(step: int, sigma: Tensor, a: float, b0: float) -> KRow:
