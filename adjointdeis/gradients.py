@@ -345,7 +345,10 @@ def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], c
     plan = spec.plan.steps
     device = grad_x.device
     acc_dtype = accumulation_dtype(states[0].dtype)
-    a, b0, b1, b2, _, p, q = plan.coeffs.unbind(1)
+    coeffs = plan.coeffs
+    skip_weight, starts = _skip_operands(plan, coeffs)
+    a, b0, b1, b2, _, p, q = coeffs[:, :7].unbind(1)
+    b3 = coeffs[:, 7] if coeffs.shape[1] > 7 else torch.zeros_like(a)
     previous = lambda v: torch.cat([v.new_zeros(1), v[:-1]])  # row j-1's value at row j; 0 before row 0
     table = torch.stack([a, p, b1, b2, previous(b0), previous(q)], 1).to(device)
     one = torch.ones((), dtype=torch.float64, device=device)
@@ -355,21 +358,48 @@ def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], c
     xbar = grad_x.to(acc_dtype)
     gfull = float(b0[last]) * xbar
     cot = float(q[last]) * gfull
-    pending = None
+    pending, pending3, start_adjoint = None, None, {}
     acc_cond = [None] * len(cond_leaves)
     names = parameter_names(vjp_model(spec.model), params)
     acc_params = [None] * len(params) if names is None else [torch.zeros_like(p) for p in params]
     in_place = None if names is None else (names, acc_params)
     for j in range(last, -1, -1):
+        if starts[j] is not None:  # x_{j+1} reads the step's start state x_s: its partial adjoint e_j xbar_{j+1}
+            part = skip_weight[j] * xbar
+            start_adjoint[starts[j]] = part if starts[j] not in start_adjoint else start_adjoint[starts[j]] + part
+        reaches_m3 = float(b3[j]) * xbar if plan.num_history[j] == 3 else None  # partial adjoint of m_{j-3}
         vjp_x, vjp_cond, vjp_params = model_vjp(spec, states[j], t_eval[j].expand(batch), cond_leaves, params,
                                                 lambda out, c=cot: c.to(out.dtype), in_place, row=j)
         _accumulate(acc_cond, vjp_cond, one)
         if in_place is None:
             _accumulate(acc_params, vjp_params, one)
-        xbar, gfull, cot, pend_prev = ops.discrete_adjoint_step(xbar, vjp_x.to(acc_dtype), gfull, pending, None,
-                                                                table[j])
-        pending = pend_prev if plan.num_history[j] == 2 else None  # only 3rd-order rows reach m_{j-2}
+        vjp_x = vjp_x.to(acc_dtype)
+        if j in start_adjoint:
+            vjp_x = vjp_x + start_adjoint.pop(j)
+        xbar, gfull, cot, pend_prev = ops.discrete_adjoint_step(xbar, vjp_x, gfull, pending, pending3, table[j])
+        # rows of order >= 3 reach m_{j-2}; a four-term row's m_{j-3} term arrives one row later, as pend2
+        pending = pend_prev if plan.num_history[j] >= 2 or pending3 is not None else None
+        pending3 = reaches_m3
     return xbar.to(grad_x.dtype), _finish(acc_cond, cond_leaves), _finish(acc_params, params)
+
+
+def _skip_operands(plan, coeffs: Tensor) -> tuple[list[float], list[int | None]]:
+    """Per row, the weight of its step-start operand and the row whose input that state is (None: no such operand).
+
+    The weight is zeroed in `coeffs` (in place), whose history columns the fused adjoint reads as outputs.
+    """
+    weights, starts, start = [], [], 0
+    for j in range(len(plan)):
+        start = j if plan.starts_step[j] else start
+        if plan.skips(j):
+            column = 2 + plan.num_history[j] if plan.num_history[j] < 2 else 7
+            weights.append(float(coeffs[j, column]))
+            starts.append(start)
+            coeffs[j, column] = 0.0
+        else:
+            weights.append(0.0)
+            starts.append(None)
+    return weights, starts
 
 
 def _ends_at_zero_noise(plan: SamplingPlan) -> bool:

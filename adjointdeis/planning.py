@@ -325,21 +325,25 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
     steps = plan.steps
     coeffs, t_eval = device_tables(plan, x_T.device, opmath_dtype(x_T.dtype))
     batch = x_T.shape[0]
-    x, history = x_T, []
+    x, x_start, history = x_T, x_T, []
+    depth = max(steps.num_history, default=0)
+    skips = steps.skip or (False,) * len(steps.eval_index)
     rows = range(len(steps.eval_index))
     if progress and not torch.compiler.is_compiling():
         rows = tqdm(rows, disable=None, desc="sampling", leave=False)
     for row in rows:
+        if steps.starts_step[row]:
+            x_start = x
         out = evaluate_model(model, x, t_eval[row].expand(batch), cond, guidance_scale, uncond)
         z = None
         if steps.noisy[row]:
             z = (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if noise is None
                  else noise(row, x))
-        x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), history[:steps.num_history[row]],
-                                        coeffs[row], z)
+        operands = history[:steps.num_history[row]] + ([x_start] if skips[row] else [])
+        x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), operands, coeffs[row], z)
         if callback is not None:
             callback(StepInfo(row, steps.eval_index[row], steps.starts_step[row], t_eval[row], x, out, m0, x_next))
-        x, history = x_next, [m0] + history[:1]
+        x, history = x_next, ([m0] + history)[:depth]
     if check_finite and not torch.compiler.is_compiling() and not _capturing(x) and not torch.isfinite(x).all():
         raise FloatingPointError(
             "sample: the result is not finite: the model returned NaN or Inf during sampling "

@@ -22,7 +22,7 @@ LAYERS = {
     "_extension": 0, "reference": 0, "ops": 0,                       # the compiled ops and their twins
     "schedules": 1, "predictions": 1, "thresholding": 1,             # alpha, sigma, grids; what models predict
     "solvers": 2, "models": 2,                                       # coefficient tables; calling models
-    "planning": 3,                                                   # a run's plan and the run loop
+    "planning": 3, "k_diffusion_plans": 3,                           # a run's plan and the run loop; k-diffusion's plans
     "gradients": 4,                                                  # gradients through a run
     "sampling": 5,                                                   # sample()
     "ctm": 6, "guidance": 6, "k_diffusion": 6, "diagnostics": 6,     # integrations and tools
