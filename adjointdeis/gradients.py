@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .models import Conditioning, evaluate_model
+from .models import Conditioning, ParameterAliases, evaluate_model
 from .planning import AdjointGrid, NoiseSource, SamplingPlan, StepInfo, row_output, run_plan
 from .predictions import conversion
 from .reference import opmath_dtype
@@ -250,32 +250,19 @@ def reduce_across_ranks(model, grads: list[Tensor | None]) -> None:
         offset += g.numel()
 
 
-def parameter_names(model, params: list[Tensor]) -> list[str] | None:
-    """Names of `params` in `model` when their gradients can be accumulated in place.
-
-    That needs an nn.Module owning every parameter, in float32 or float64 (a gradient buffer has
-    its parameter's dtype; half-precision parameters accumulate in float32 instead).
-    """
-    if not params or not isinstance(model, torch.nn.Module):
-        return None
-    names = {id(p): n for n, p in model.named_parameters()}
-    if any(id(p) not in names or p.dtype not in (torch.float32, torch.float64) for p in params):
-        return None
-    return [names[id(p)] for p in params]
-
-
 def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cotangent_of_out,
-              param_accumulators: tuple[list[str], list[Tensor]] | None = None, row: int | None = None):
+              aliases: ParameterAliases | None = None, row: int | None = None):
     """Re-runs the model at x with grad enabled and pulls a cotangent back.
 
     Args:
         row: the plan's row whose output is differentiated (:func:`adjointdeis.planning.row_output`: the
             thresholded x0 with thresholding); None: the model's output itself.
         cotangent_of_out: callable mapping the output's dtype to the cotangent tensor.
-        param_accumulators: optional (names, buffers): the parameters' gradients are then added
-            into the buffers in place as each becomes ready (the model runs through
-            ``torch.func.functional_call`` on aliases whose ``.grad`` are the buffers), so no second
-            parameter-sized set of gradients is alive at once.
+        aliases: optional :class:`ParameterAliases` of `params`: the model then runs as ``aliases.module`` and the
+            parameters' gradients are added into ``aliases.grads`` in place, so no second parameter-sized set of
+            gradients is alive at once and the user's module is not touched. When the forward reaches one of
+            the user's parameters itself (see :meth:`ParameterAliases.escaped`), the aliases are dropped for
+            this and later calls (``aliases.module`` becomes None) and the gradients are returned instead.
 
     Returns:
         (vjp_x, [vjp_cond...], [vjp_param...]) with None where a leaf is not reached (and for
@@ -286,27 +273,23 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
         x_in = x.detach().requires_grad_(True)
         cond_in = [c.detach().requires_grad_(c.requires_grad) for c in cond_leaves]
         c = spec.conditioning.rebuild(cond_in)
-        aliases = []
-        if param_accumulators is not None:
-            names, buffers = param_accumulators
-            aliases = [p.detach().requires_grad_(True) for p in params]
-            for alias, buffer in zip(aliases, buffers):
-                alias.grad = buffer
-            replaced = dict(zip(names, aliases))
-            call = lambda *args: torch.func.functional_call(model, replaced, args)  # noqa: E731
-            out = evaluate_model(call, x_in, t, c.cond, c.guidance_scale, c.uncond)
-        else:
-            out = evaluate_model(model, x_in, t, c.cond, c.guidance_scale, c.uncond)
-        if row is not None:
-            out = row_output(spec.plan, row, x_in, out)
+
+        def output(module):
+            out = evaluate_model(module, x_in, t, c.cond, c.guidance_scale, c.uncond)
+            return out if row is None else row_output(spec.plan, row, x_in, out)
+
+        in_place = aliases is not None and aliases.module is not None
+        out = output(aliases.module if in_place else model)
+        if in_place and aliases.escaped(out):
+            aliases.module, in_place = None, False
+            out = output(model)
         if not out.requires_grad:
             raise RuntimeError(
                 f"grad={spec.mode!r}: the model output does not depend on x or on any tensor that requires "
                 "grad; is the model's output connected to its inputs?")
         cond_wrt = [c for c in cond_in if c.requires_grad]
-        if param_accumulators is not None:
-            torch.autograd.backward(out, cotangent_of_out(out), inputs=[x_in, *cond_wrt, *aliases])
-            buffers[:] = [alias.grad for alias in aliases]  # in place, unless autograd replaced one
+        if in_place:
+            torch.autograd.backward(out, cotangent_of_out(out), inputs=[x_in, *cond_wrt, *aliases.aliases])
             grads = [x_in.grad] + [c.grad for c in cond_wrt] + [None] * len(params)
         else:
             grads = torch.autograd.grad(out, [x_in, *cond_wrt, *params], grad_outputs=cotangent_of_out(out),
@@ -357,18 +340,18 @@ def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], c
     cot = float(q[last]) * gfull
     pending = None
     acc_cond = [None] * len(cond_leaves)
-    names = parameter_names(vjp_model(spec.model), params)
-    acc_params = [None] * len(params) if names is None else [torch.zeros_like(p) for p in params]
-    in_place = None if names is None else (names, acc_params)
+    aliases = ParameterAliases.of(vjp_model(spec.model), params)
+    acc_params = [None] * len(params) if aliases is None else aliases.grads
     for j in range(last, -1, -1):
         vjp_x, vjp_cond, vjp_params = model_vjp(spec, states[j], t_eval[j].expand(batch), cond_leaves, params,
-                                                lambda out, c=cot: c.to(out.dtype), in_place, row=j)
+                                                lambda out, c=cot: c.to(out.dtype), aliases, row=j)
         _accumulate(acc_cond, vjp_cond, one)
-        if in_place is None:
-            _accumulate(acc_params, vjp_params, one)
+        _accumulate(acc_params, vjp_params, one)  # all None when added in place
         xbar, gfull, cot, pend_prev = ops.discrete_adjoint_step(xbar, vjp_x.to(acc_dtype), gfull, pending, None,
                                                                 table[j])
         pending = pend_prev if plan.num_history[j] == 2 else None  # only 3rd-order rows reach m_{j-2}
+    if aliases is not None and aliases.module is not None:
+        acc_params = aliases.grads
     return xbar.to(grad_x.dtype), _finish(acc_cond, cond_leaves), _finish(acc_params, params)
 
 
