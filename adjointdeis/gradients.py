@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .models import Conditioning, ParameterAliases, evaluate_model
+from .models import Conditioning, ParameterAliases, evaluate_model, fully_sharded
 from .planning import (AdjointGrid, NoiseSource, SamplingPlan, StepInfo, noisy_rows, row_output, run_plan,
                        tensor_noise)
 from .predictions import conversion
@@ -244,6 +244,8 @@ class _Sampler(torch.autograd.Function):
         num_cond = len(leaves) - spec.num_params - spec.num_noises
         noises = leaves[num_cond:num_cond + spec.num_noises]
         noise = tensor_noise(spec.plan, list(noises)) if noises else spec.noise
+        if spec.num_params and fully_sharded(vjp_model(spec.model)):
+            check_sharded(spec, vjp_model(spec.model), list(leaves[num_cond + spec.num_noises:]))
         x, states = _forward(spec, x_T, spec.conditioning.rebuild(list(leaves[:num_cond])), noise)
         ctx.spec = spec
         ctx.num_cond = num_cond
@@ -317,6 +319,9 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
             gradients is alive at once and the user's module is not touched. When the forward reaches one of
             the user's parameters itself (see :meth:`ParameterAliases.escaped`), the aliases are dropped for
             this and later calls (``aliases.module`` becomes None) and the gradients are returned instead.
+            An FSDP2 model (:func:`adjointdeis.models.fully_sharded`) is differentiated by a plain backward pass
+            instead: FSDP's own hooks then add the (averaged) parameter gradients into the sharded parameters'
+            ``.grad`` at every call, so None is returned for them.
 
     Returns:
         (vjp_x, [vjp_cond...], [vjp_param...]) with None where a leaf is not reached (and for
@@ -332,6 +337,7 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
             out = evaluate_model(module, x_in, t, c.cond, c.guidance_scale, c.uncond)
             return out if row is None else row_output(spec.plan, row, x_in, out)
 
+        sharded = bool(params) and fully_sharded(model)
         in_place = aliases is not None and aliases.module is not None
         out = output(aliases.module if in_place else model)
         if in_place and aliases.escaped(out):
@@ -342,7 +348,10 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
                 f"grad={spec.mode!r}: the model output does not depend on x or on any tensor that requires "
                 "grad; is the model's output connected to its inputs?")
         cond_wrt = [c for c in cond_in if c.requires_grad]
-        if in_place:
+        if sharded:  # FSDP's post-backward hooks reduce-scatter into the parameters' .grad (not with inputs=)
+            torch.autograd.backward(out, cotangent_of_out(out))
+            grads = [x_in.grad] + [c.grad for c in cond_wrt] + [None] * len(params)
+        elif in_place:
             torch.autograd.backward(out, cotangent_of_out(out), inputs=[x_in, *cond_wrt, *aliases.aliases])
             grads = [x_in.grad] + [c.grad for c in cond_wrt] + [None] * len(params)
         else:
@@ -353,6 +362,19 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
     vjp_cond = [next(it) if c.requires_grad else None for c in cond_in]
     vjp_params = list(it)
     return vjp_x, vjp_cond, vjp_params
+
+
+def check_sharded(spec: GradientSpec, model, params: list[Tensor]) -> None:
+    """Raises ValueError for what an FSDP2 model's parameter gradients cannot do: FSDP adds every VJP into
+    ``.grad`` unscaled, so only grad="discrete" (whose parameter VJPs all have weight 1) and all the parameters
+    that require grad (``parameters=`` a subset would not restrict FSDP's hooks)."""
+    if spec.mode != "discrete":
+        raise ValueError(f"grad={spec.mode!r} cannot differentiate the parameters of an FSDP2 (fully_shard) model: "
+                         "FSDP adds each model VJP into .grad unscaled; use grad='discrete', or parameters=[]")
+    wanted = {id(p) for p in model.parameters() if p.requires_grad}
+    if {id(p) for p in params} != wanted:
+        raise ValueError("parameters= of an FSDP2 (fully_shard) model must be all its parameters that require grad "
+                         "(FSDP's hooks fill every one); freeze the others with requires_grad_(False)")
 
 
 def _accumulate(acc: list[Tensor | None], updates: list[Tensor | None], scale: Tensor) -> None:

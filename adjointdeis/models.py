@@ -88,6 +88,15 @@ def _shadow(module: torch.nn.Module, aliases: dict[int, Tensor], memo: dict[int,
     return copy
 
 
+def fully_sharded(model) -> bool:
+    """Whether `model` is (or holds) a module sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``), whose
+    hooks gather its parameters around every forward and reduce-scatter their gradients into the sharded
+    parameters' ``.grad`` after every backward."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # loaded by fully_shard
+    return (fsdp is not None and isinstance(model, torch.nn.Module)
+            and any(isinstance(m, fsdp.FSDPModule) for m in model.modules()))
+
+
 class ParameterAliases:
     """The user's module run on detached aliases of some of its parameters, without touching the module.
 
@@ -111,9 +120,10 @@ class ParameterAliases:
     @staticmethod
     def of(model, params: list[Tensor]) -> "ParameterAliases | None":
         """Aliases of `params` in `model`, or None when they cannot accumulate in place: without parameters,
-        a model that is not an nn.Module, a parameter it does not own, or one not in float32/float64 (a
+        a model that is not an nn.Module or is sharded (:func:`fully_sharded`: its hooks swap the parameters
+        themselves), a parameter it does not own, or one not in float32/float64 (a
         gradient buffer has its parameter's dtype; half-precision parameters accumulate in float32 instead)."""
-        if not params or not isinstance(model, torch.nn.Module):
+        if not params or not isinstance(model, torch.nn.Module) or fully_sharded(model):
             return None
         owned = {id(p) for p in model.parameters()}
         if any(id(p) not in owned or p.dtype not in (torch.float32, torch.float64) for p in params):
