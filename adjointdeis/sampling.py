@@ -98,7 +98,8 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
 
     Raises:
         ValueError for an unknown solver, prediction or gradient option, an unsupported order,
-        steps < 1, a bad grid, missing uncond, or a model output of the wrong shape;
+        steps < 1, a bad grid, missing uncond, a model output of the wrong shape, noise tensors of the wrong
+        count, shape or device, or a bad `grad_steps`; TypeError naming `noise` for a wrong type or dtype;
         FloatingPointError when the result is not finite (NaN or Inf in a model output).
     """
     if not isinstance(x_T, Tensor) or not x_T.is_floating_point() or x_T.dim() < 1:

@@ -62,35 +62,10 @@ def test_ddp_parameter_gradients_are_reduced(tmp_path):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-class SavedBytes:
-    """Live and peak bytes of the tensors autograd saves for backward while its hooks are active
-    (``torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack)``); a saved tensor counts until its graph
-    is freed."""
-
-    def __init__(self):
-        self.live, self.peak = 0, 0
-
-    def pack(self, t):
-        return _Held(t, self)
-
-    @staticmethod
-    def unpack(held):
-        return held.t
-
-
-class _Held:
-    def __init__(self, t, meter):
-        self.t, self.meter, self.size = t, meter, t.numel() * t.element_size()
-        meter.live += self.size
-        meter.peak = max(meter.peak, meter.live)
-
-    def __del__(self):
-        self.meter.live -= self.size
-
-
 def _fsdp_main(rank, init_file, results_dir):
     sys.path.insert(0, os.path.dirname(__file__))
     import adjointdeis as ad
+    from memory import SavedBytes
     from nets import TinyConvNet
     from torch.distributed.fsdp import fully_shard
 

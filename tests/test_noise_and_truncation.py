@@ -5,6 +5,7 @@ import torch
 
 import adjointdeis as ad
 from adjointdeis.gradients import truncation_steps
+from memory import SavedBytes
 from nets import TinyConvNet
 
 # Every stochastic solver and order: (solver, order, sde, prediction).
@@ -180,3 +181,27 @@ def test_bad_truncation_arguments():
             ad.sample(net, x_in, sched, steps=STEPS, cond=cond, grad_steps=grad_steps)
     with pytest.raises(ValueError, match="grad_steps .* needs grad='discrete' or 'autograd'"):
         ad.sample(net, x_in, sched, steps=STEPS, cond=cond, grad="adjoint", grad_steps=2)
+
+
+def saved_peak(run):
+    meter = SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        run()
+    return meter.peak
+
+
+def test_noise_gradients_save_nothing_more_and_truncation_saves_less():
+    """What autograd keeps for backward: the same with differentiated noise tensors as with drawn noise, and
+    (N - K) recorded states less with grad_steps=K."""
+    net, x_T, cond, weight, sched = case(5)
+    x_in = x_T.clone().requires_grad_()
+
+    def run(**kwargs):
+        x = ad.sample(net, x_in, sched, steps=STEPS, sde=True, cond=cond, grad="discrete", **kwargs)
+        (weight * x).sum().backward()
+
+    drawn = saved_peak(lambda: run(generator=torch.Generator().manual_seed(0)))
+    given = saved_peak(lambda: run(noise=torch.randn(STEPS, *x_T.shape, dtype=torch.float64, requires_grad=True)))
+    truncated = saved_peak(lambda: run(generator=torch.Generator().manual_seed(0), grad_steps=1))
+    assert given == drawn
+    assert drawn - truncated == (STEPS - 1) * x_T.numel() * x_T.element_size()
