@@ -80,10 +80,12 @@ def _shadow(module: torch.nn.Module, aliases: dict[int, Tensor], memo: dict[int,
         copy = type(module)(_shadow(module._orig_mod, aliases, memo), module.dynamo_ctx)
     else:
         copy = object.__new__(type(module))
-        copy.__dict__.update(module.__dict__)
-        copy._parameters = {k: None if v is None else aliases.get(id(v), v) for k, v in module._parameters.items()}
-        copy._buffers = dict(module._buffers)
-        copy._modules = {k: None if v is None else _shadow(v, aliases, memo) for k, v in module._modules.items()}
+        state = copy.__dict__
+        state.update(module.__dict__)
+        state["_parameters"] = {k: None if v is None else aliases.get(id(v), v) for k, v in module._parameters.items()}
+        state["_buffers"] = dict(module._buffers)
+        memo[id(module)] = copy  # before the children: a submodule may hold its parent
+        state["_modules"] = {k: None if v is None else _shadow(v, aliases, memo) for k, v in module._modules.items()}
     memo[id(module)] = copy
     return copy
 

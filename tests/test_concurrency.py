@@ -119,7 +119,8 @@ def test_tied_buffers_hooks_and_escaping_parameters(escaping):
 
 
 def test_compiled_module():
-    """A ``torch.compile``'d model: the same gradients as its eager original, its parameters untouched."""
+    """A ``torch.compile``'d model: the same gradients as its eager original, its parameters untouched, compiled
+    once."""
     torch.manual_seed(2)
     net = TinyConvNet().double()
     compiled = torch.compile(net)
@@ -128,4 +129,7 @@ def test_compiled_module():
     got = discrete_gradients(compiled, 0)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    discrete_gradients(compiled, 1)  # a new shadow copy per backward pass: no recompilation
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert all(p is q and type(p) is nn.Parameter for p, q in zip(compiled.parameters(), originals))
