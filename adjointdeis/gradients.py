@@ -3,8 +3,11 @@
 Both run the sampler forward under ``no_grad``, keep only the states, and in the backward pass
 re-run the model once per step with grad enabled, so at most one step's activations are alive.
 The result is attached to autograd through one :class:`torch.autograd.Function` whose inputs are
-x_T, the conditioning tensors and the model's parameters, so ``loss.backward()`` fills their
-``.grad`` (and a DistributedDataParallel model's parameter gradients are averaged across ranks).
+x_T, the conditioning tensors, the explicit per-step noises and the model's parameters, so ``loss.backward()``
+fills their ``.grad`` (a DistributedDataParallel model's parameter gradients averaged across ranks; an FSDP2
+model's reduce-scattered by FSDP). The user's module is never modified: the model re-runs on a shadow copy
+of its module tree (:class:`adjointdeis.models.ParameterAliases`). Truncation (``grad_from``) treats the first
+rows as constants.
 That function drives the forward run itself, from a :class:`GradientSpec` (the plans of
 :mod:`adjointdeis.planning` and the settings), recording the states it needs through the run loop's callback.
 """
