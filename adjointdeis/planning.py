@@ -286,6 +286,68 @@ NoiseSource = Callable[[int, Tensor], Tensor]
 `row` (a :class:`SamplingPlan` row index), shaped like the current state `x`, on its device and in its dtype."""
 
 
+def noisy_rows(plan: SamplingPlan) -> tuple[int, ...]:
+    """The rows of `plan` that inject noise, in order (N of them: the length of a run's explicit noise)."""
+    return tuple(row for row, noisy in enumerate(plan.steps.noisy) if noisy)
+
+
+def noise_tensors(noise, plan: SamplingPlan, x_T: Tensor) -> list[Tensor] | None:
+    """The explicit per-row noises of a run: `noise` as a sequence of N tensors or one ``(N, *x_T.shape)`` tensor,
+    N the plan's noisy rows (:func:`noisy_rows`); None when `noise` is None or a :data:`NoiseSource`.
+
+    Returns:
+        N tensors shaped like x_T (rows of a stacked tensor are its views, so gradients flow back to it).
+
+    Raises:
+        TypeError naming `noise` for anything else, a non-tensor entry or a dtype other than x_T's;
+        ValueError naming `noise` for a wrong count, shape or device.
+    """
+    if noise is None or callable(noise):
+        return None
+    count = len(noisy_rows(plan))
+    if isinstance(noise, Tensor):
+        if noise.shape != (count, *x_T.shape):
+            raise ValueError(f"noise: a tensor of noises must have shape (N, *x_T.shape) = {[count, *x_T.shape]} "
+                             f"(N = {count} noisy rows in this run), got {list(noise.shape)}")
+        tensors = list(noise.unbind(0))
+    elif isinstance(noise, (list, tuple)):
+        tensors = list(noise)
+        if len(tensors) != count:
+            raise ValueError(f"noise: got {len(tensors)} tensors for a run with {count} noisy rows")
+        for i, z in enumerate(tensors):
+            if not isinstance(z, Tensor):
+                raise TypeError(f"noise[{i}] must be a tensor, got {type(z).__name__}")
+            if z.shape != x_T.shape:
+                raise ValueError(f"noise[{i}] must have x_T's shape {list(x_T.shape)}, got {list(z.shape)}")
+    else:
+        raise TypeError("noise must be callable as noise(row, x) -> Tensor, a sequence of tensors or one "
+                        f"(N, *x_T.shape) tensor, got {type(noise).__name__}")
+    for i, z in enumerate(tensors):
+        if z.dtype != x_T.dtype:
+            raise TypeError(f"noise[{i}] must have x_T's dtype {x_T.dtype}, got {z.dtype}")
+        if z.device != x_T.device:
+            raise ValueError(f"noise[{i}] must be on x_T's device {x_T.device}, got {z.device}")
+    return tensors
+
+
+def tensor_noise(plan: SamplingPlan, tensors: list[Tensor]) -> NoiseSource:
+    """The :data:`NoiseSource` that hands noisy row ``noisy_rows(plan)[k]`` the tensor ``tensors[k]``."""
+    index = {row: k for k, row in enumerate(noisy_rows(plan))}
+    return lambda row, x: tensors[index[row]]
+
+
+def truncation_row(plan: SamplingPlan, grad_steps: int) -> int:
+    """The first row of the last `grad_steps` steps of `plan` (a step's rows: its evaluation and any corrector).
+
+    Raises:
+        ValueError naming `grad_steps` unless 1 <= grad_steps <= the plan's steps.
+    """
+    starts = [row for row, starts_step in enumerate(plan.steps.starts_step) if starts_step]
+    if isinstance(grad_steps, bool) or not isinstance(grad_steps, int) or not 1 <= grad_steps <= len(starts):
+        raise ValueError(f"grad_steps must be an integer in [1, {len(starts)}] (the run's steps), got {grad_steps!r}")
+    return starts[len(starts) - grad_steps]
+
+
 def row_output(plan: SamplingPlan, row: int, x: Tensor, out: Tensor) -> Tensor:
     """What row `row` of `plan` takes as its output: the model's, or with thresholding the thresholded x0.
 
@@ -301,7 +363,8 @@ def row_output(plan: SamplingPlan, row: int, x: Tensor, out: Tensor) -> Tensor:
 
 def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, guidance_scale=None, uncond=None,
              generator: torch.Generator | None = None, progress: bool = False, check_finite: bool = True,
-             callback: Callable[[StepInfo], None] | None = None, noise: NoiseSource | None = None) -> Tensor:
+             callback: Callable[[StepInfo], None] | None = None, noise: NoiseSource | None = None,
+             grad_from: int = 0) -> Tensor:
     """Runs a :class:`SamplingPlan` from x_T; the loop never syncs the host.
 
     Args:
@@ -315,6 +378,8 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
         callback: called with a :class:`StepInfo` after every model evaluation.
         noise: the noise of stochastic rows, ``noise(row, x) -> Tensor`` shaped like x (see :data:`NoiseSource`);
             default: standard normal draws from `generator`.
+        grad_from: rows before this one run under ``torch.no_grad()`` (constants for autograd: truncated
+            backpropagation, see :func:`truncation_row`).
 
     Returns:
         (batch, *shape) the final state.
@@ -334,13 +399,14 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
     for row in rows:
         if steps.starts_step[row]:
             x_start = x
-        out = evaluate_model(model, x, t_eval[row].expand(batch), cond, guidance_scale, uncond)
-        z = None
-        if steps.noisy[row]:
-            z = (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if noise is None
-                 else noise(row, x))
-        operands = history[:steps.num_history[row]] + ([x_start] if skips[row] else [])
-        x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), operands, coeffs[row], z)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and row >= grad_from):
+            out = evaluate_model(model, x, t_eval[row].expand(batch), cond, guidance_scale, uncond)
+            z = None
+            if steps.noisy[row]:
+                z = (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if noise is None
+                     else noise(row, x))
+            operands = history[:steps.num_history[row]] + ([x_start] if skips[row] else [])
+            x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), operands, coeffs[row], z)
         if callback is not None:
             callback(StepInfo(row, steps.eval_index[row], steps.starts_step[row], t_eval[row], x, out, m0, x_next))
         x, history = x_next, ([m0] + history)[:depth]

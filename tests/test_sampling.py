@@ -272,7 +272,8 @@ def test_sde_reproducible_from_the_generator_seed():
 
 def test_noise_source_replaces_the_generator():
     """noise(row, x) supplies the stochastic rows' noise: the same draws as the generator give the same sample,
-    the rows it is asked for are the plan's noisy ones, in order, and it cannot be combined with a generator."""
+    the rows it is asked for are the plan's noisy ones, in order, and it cannot be combined with a generator; the
+    draws as one tensor give the same sample."""
     sched, model, x_T = oracle("vp_linear")
     g = torch.Generator().manual_seed(3)
     asked = []
@@ -288,7 +289,10 @@ def test_noise_source_replaces_the_generator():
     with pytest.raises(ValueError, match="not both"):
         ad.sample(model, x_T, sched, steps=6, sde=True, noise=noise, generator=g)
     with pytest.raises(TypeError, match="noise must be callable"):
-        ad.sample(model, x_T, sched, steps=6, sde=True, noise=torch.zeros(6, *x_T.shape))
+        ad.sample(model, x_T, sched, steps=6, sde=True, noise=3.0)
+    # The noises themselves, one (N, *x.shape) tensor: the draws the source handed out, the same sample.
+    draws = torch.randn(6, *x_T.shape, generator=torch.Generator().manual_seed(3), dtype=x_T.dtype)
+    assert torch.equal(ad.sample(model, x_T, sched, steps=6, order=2, sde=True, noise=draws), from_generator)
 
 
 def test_batch_independence_and_dtypes():
