@@ -36,7 +36,7 @@ LAYERS = {
 COMPILED = {"_C"}
 # Applications: they import the library (and each other), the library never imports them.
 APPLICATIONS = {"__main__", "cli", "demo", "benchmarks", "dsno.distillation", "zoo.train", "zoo.training",
-                "zoo.reflow", "zoo.distill"}
+                "zoo.reflow", "zoo.distill", "zoo.finetune"}
 
 
 def module_name(path: pathlib.Path) -> str:
