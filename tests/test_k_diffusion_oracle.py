@@ -21,8 +21,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Should have tb<=t1")
 
 
 @pytest.fixture(scope="session")
-def wheel_cache(request):
-    return request.config.cache.mkdir("oracle-wheels")
+def wheel_cache(request, tmp_path_factory):
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider (as CI runs): once per session
+    return tmp_path_factory.mktemp("oracle-wheels") if cache is None else cache.mkdir("oracle-wheels")
 
 
 @pytest.fixture(scope="session")
