@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from .gradients import AdjointOptions, GradientSpec, adjoint_options, gradient_mode, sample_with_gradients
-from .models import Conditioning, model_parameters
+from . import validation
+from .models import Conditioning, check_conditioning, model_parameters
 from .planning import NoiseSource, StepInfo, plan_adjoint_grid, plan_sampling, resolve_grid, run_plan
 from .predictions import check_prediction
 from .schedules import NoiseSchedule
@@ -85,17 +86,24 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
         steps < 1, a bad grid, missing uncond, or a model output of the wrong shape;
         FloatingPointError when the result is not finite (NaN or Inf in a model output).
     """
-    if not isinstance(x_T, Tensor) or not x_T.is_floating_point() or x_T.dim() < 1:
-        raise TypeError("x_T must be a floating-point tensor with a leading batch dimension")
+    validation.function(model, "model", "model(x, t[, cond]) -> Tensor")
+    validation.floating(x_T, "x_T", min_dim=1)
+    validation.instance(sched, "sched", NoiseSchedule, "a NoiseSchedule (VPSchedule, EDMSchedule, FlowSchedule)")
+    validation.flag(sde, "sde")
     check_prediction(prediction)
-    if guidance_scale is not None and (cond is None or uncond is None):
-        raise ValueError("guidance_scale needs both cond and uncond")
-    if threshold is not None and not isinstance(threshold, DynamicThreshold):
-        raise TypeError(f"threshold must be an adjointdeis.DynamicThreshold, got {type(threshold).__name__}")
+    check_conditioning(x_T, cond, guidance_scale, uncond)
+    if threshold is not None:
+        validation.instance(threshold, "threshold", DynamicThreshold, "an adjointdeis.DynamicThreshold")
+    if generator is not None:
+        validation.instance(generator, "generator", torch.Generator, "a torch.Generator")
     if noise is not None and generator is not None:
         raise ValueError("sample: pass the noise either as noise= or drawn from generator=, not both")
-    if noise is not None and not callable(noise):
-        raise TypeError(f"noise must be callable as noise(row, x) -> Tensor, got {type(noise).__name__}")
+    if noise is not None:
+        validation.function(noise, "noise", "noise(row, x) -> Tensor")
+    if callback is not None:
+        validation.function(callback, "callback", "callback(StepInfo)")
+    if parameters is not None:
+        parameters = validation.tensors(parameters, "parameters")
     steps, grid, denoise_to_zero = resolve_grid(sched, steps, timesteps, denoise_to_zero)
     plan = plan_sampling(sched, steps, spacing, grid, denoise_to_zero, solver, order, prediction, sde,
                          lower_order_final, third_order, second_order, threshold, euler_at_final)
