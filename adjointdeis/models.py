@@ -101,13 +101,12 @@ def check_conditioning(x: Tensor, cond: Cond, guidance_scale, uncond: Cond) -> N
     """Checks a run's conditioning once, before the loop (:func:`evaluate_model` assumes it).
 
     Raises:
-        ValueError / TypeError naming cond, uncond or guidance_scale: not None, a tensor or a dict of tensors
-        leading with x's batch; guidance without both branches; uncond not of cond's structure; a scale that is not
+        ValueError / TypeError naming cond, uncond or guidance_scale: not None, a tensor or a dict of tensors;
+        guidance without both branches; uncond not of cond's structure; a scale that is not
         a finite number or a floating tensor broadcastable to x.
     """
-    batch = x.shape[0]
-    validation.conditioning(cond, "cond", batch)
-    validation.conditioning(uncond, "uncond", batch)
+    validation.conditioning(cond, "cond")
+    validation.conditioning(uncond, "uncond")
     if guidance_scale is None:
         return
     if cond is None or uncond is None:

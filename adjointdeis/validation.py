@@ -40,16 +40,20 @@ def integer(value, name: str, minimum: int | None = None, maximum: int | None = 
     Raises:
         ArgumentTypeError for a value that is not an integer; ValueError for one out of range.
     """
-    bounds = (f" >= {minimum}" if maximum is None else f" in [{minimum}, {maximum}]") if minimum is not None else (
-        "" if maximum is None else f" <= {maximum}")
+    if minimum == 1 and maximum is None:
+        expected = "a positive integer"
+    elif minimum is None:
+        expected = "an integer" + ("" if maximum is None else f" <= {maximum}")
+    else:
+        expected = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
     if isinstance(value, bool) or isinstance(value, Tensor):
-        raise _fail(ArgumentTypeError, name, f"an integer{bounds}", value)
+        raise _fail(ArgumentTypeError, name, expected, value)
     try:
         number = operator.index(value)
     except TypeError:
-        raise _fail(ArgumentTypeError, name, f"an integer{bounds}", value) from None
+        raise _fail(ArgumentTypeError, name, expected, value) from None
     if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
-        raise _fail(ValueError, name, f"an integer{bounds}", value)
+        raise _fail(ValueError, name, expected, value)
     return number
 
 
@@ -176,16 +180,13 @@ def model_output(out, x: Tensor, who: str = "the model") -> Tensor:
     return out
 
 
-def conditioning(value, name: str, batch: int | None = None) -> object:
-    """None, a tensor or a mapping of names to tensors (every tensor batch-leading with `batch` rows, when given)."""
+def conditioning(value, name: str) -> object:
+    """None, a tensor or a mapping of names to tensors."""
     if value is None:
         return value
-    tensors = value.values() if isinstance(value, Mapping) else [value]
-    for tensor in tensors:
+    for tensor in value.values() if isinstance(value, Mapping) else [value]:
         if not isinstance(tensor, Tensor):
             raise _fail(ArgumentTypeError, name, "None, a tensor or a dict of tensors", value)
-        if batch is not None and (tensor.dim() == 0 or tensor.shape[0] != batch):
-            raise ValueError(f"{name} must lead with the batch dimension {batch}; got shape {list(tensor.shape)}")
     return value
 
 

@@ -18,7 +18,6 @@ A value that cannot be honoured raises ``ValueError`` naming the key.
 import functools
 import inspect
 import math
-import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import validation
 from ..schedules import DISCRETE_SPACINGS, DiscreteVPSchedule, FlowSchedule, NoiseSchedule, VPSchedule
 from ..solvers import SOLVERS, check_solver, resolve_order
 from ..thresholding import DynamicThreshold
@@ -143,29 +143,25 @@ def detect_family(config: Mapping) -> str:
 
 
 def _num_train_timesteps(config: Mapping) -> int:
-    value = config.get("num_train_timesteps", 1000)
-    try:
-        count = operator.index(value)
-    except TypeError:
-        count = None
-    if count is None or isinstance(value, bool) or count < 2:
-        raise ValueError(f"scheduler config: num_train_timesteps must be an integer >= 2, got {value!r}")
-    return count
+    return validation.count(config.get("num_train_timesteps", 1000), "scheduler config: num_train_timesteps", 2)
 
 
 def _beta_range(config: Mapping) -> tuple[float, float]:
-    values = []
-    for key, default, low_closed in (("beta_start", 0.0001, True), ("beta_end", 0.02, False)):
-        value = config.get(key, default)
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if isinstance(value, bool) or not (0 <= number < 1 if low_closed else 0 < number < 1):
-            raise ValueError(f"scheduler config: {key} must lie in {'[0, 1)' if low_closed else '(0, 1)'}, "
-                             f"got {key}={value!r}")
-        values.append(number)
-    return values[0], values[1]
+    start = validation.real(config.get("beta_start", 0.0001), "scheduler config: beta_start", 0.0, 1.0,
+                            high_open=True)
+    end = validation.real(config.get("beta_end", 0.02), "scheduler config: beta_end", 0.0, 1.0, low_open=True,
+                          high_open=True)
+    return start, end
+
+
+def _trained_betas(values) -> list[float]:
+    """``trained_betas``: a sequence of numbers, the first in [0, 1), the others in (0, 1)."""
+    betas = validation.reals(values, "scheduler config: trained_betas")
+    bad = next((i for i, b in enumerate(betas) if not (0 <= b < 1 if i == 0 else 0 < b < 1)), None)
+    if bad is not None:
+        raise ValueError(f"scheduler config: trained_betas[{bad}] must lie in {'[0, 1)' if bad == 0 else '(0, 1)'}; "
+                         f"got trained_betas[{bad}]={betas[bad]!r}")
+    return list(betas)
 
 
 def betas(config: Mapping, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -183,7 +179,7 @@ def betas(config: Mapping, dtype: torch.dtype = torch.float64) -> Tensor:
     count = _num_train_timesteps(config)
     trained = config.get("trained_betas")
     if trained is not None:
-        return torch.tensor(np.asarray(trained), dtype=dtype)
+        return torch.tensor(_trained_betas(trained), dtype=dtype)
     beta_schedule = config.get("beta_schedule", "linear")
     if beta_schedule == "squaredcos_cap_v2":
         def alpha_bar(u):
@@ -239,8 +235,28 @@ def vp_schedule(config: Mapping, dtype: torch.dtype = torch.float64) -> Discrete
 
 
 def flow_schedule(config: Mapping) -> FlowSchedule:
-    """The flow-matching schedule of a config: ``FlowSchedule(flow_shift)`` (or ``shift``, FlowMatch configs)."""
-    return FlowSchedule(config.get("flow_shift", config.get("shift", 1.0)))
+    """The flow-matching schedule of a config: ``FlowSchedule(flow_shift)`` (or ``shift``, FlowMatch configs).
+
+    Raises:
+        ValueError naming the key for a shift that is not a finite number > 0.
+    """
+    key = "flow_shift" if "flow_shift" in config else "shift"
+    return FlowSchedule(validation.positive(config.get(key, 1.0), f"scheduler config: {key}"))
+
+
+def check_values(config: Mapping, family: str) -> None:
+    """Checks the numbers of a config where diffusers' own constructor accepts impossible ones (betas outside
+    (0, 1), a negative shift), so that they fail when the scheduler is built, naming the key.
+
+    Raises:
+        ValueError / TypeError naming the key.
+    """
+    if FAMILIES[family].flow:
+        validation.positive(config.get("shift", 1.0), "scheduler config: shift")
+        return
+    betas(config)
+    if config.get("use_flow_sigmas", False):
+        validation.positive(config.get("flow_shift", 1.0), "scheduler config: flow_shift")
 
 
 def schedule_from_config(config: Mapping, dtype: torch.dtype = torch.float64) -> NoiseSchedule:
@@ -257,6 +273,7 @@ def schedule_from_config(config: Mapping, dtype: torch.dtype = torch.float64) ->
     Raises:
         ValueError naming the key of a value it cannot honour.
     """
+    validation.instance(config, "config", Mapping, "a diffusers scheduler config (scheduler.config or a dict)")
     return flow_schedule(config) if is_flow_matching(config) else vp_schedule(config, dtype)
 
 
