@@ -31,7 +31,8 @@ def _shown(value) -> str:
 
 
 def _fail(kind: type, name: str, expected: str, value) -> Exception:
-    return kind(f"{name} must be {expected}; got {name}={_shown(value)}")
+    """``"<where>: <argument> must be <expected>; got <argument>=<value>"`` for a name ``"<where>: <argument>"``."""
+    return kind(f"{name} must be {expected}; got {name.rpartition(': ')[2]}={_shown(value)}")
 
 
 def integer(value, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -109,7 +110,7 @@ def choice(value, name: str, choices: Iterable) -> object:
     except TypeError:
         known = False
     if not known:
-        raise ValueError(f"{name} must be one of {', '.join(repr(o) for o in options)}; got {name}={_shown(value)}")
+        raise _fail(ValueError, name, f"one of {', '.join(repr(o) for o in options)}", value)
     return value
 
 
