@@ -257,3 +257,15 @@ def real_number(value) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise TypeError(type(value).__name__) from None
+
+
+def device(value, name: str) -> torch.device:
+    """A torch.device, or a string or index torch.device reads (``"cpu"``, ``"cuda:1"``, 0)."""
+    if isinstance(value, torch.device):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _fail(ArgumentTypeError, name, "a torch.device or a device string such as 'cpu' or 'cuda'", value)
+    try:
+        return torch.device(value)
+    except RuntimeError:
+        raise _fail(ValueError, name, "a torch.device or a device string such as 'cpu' or 'cuda'", value) from None

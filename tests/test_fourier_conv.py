@@ -401,8 +401,8 @@ def test_bad_input_compiled_ops_name_the_argument():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(in_channels=4, out_channels=4, n_times=1, modes=1), r"n_times must be in \[2, 32\]"),
-        (dict(in_channels=4, out_channels=4, n_times=4, modes=4), r"modes must be in \[1, n_times // 2 \+ 1\]"),
+        (dict(in_channels=4, out_channels=4, n_times=1, modes=1), r"n_times must be an integer in \[2, 32\]"),
+        (dict(in_channels=4, out_channels=4, n_times=4, modes=4), r"modes must be an integer in \[1, 3\]"),
         (dict(in_channels=4, out_channels=5, n_times=4, modes=2), "residual=True needs in_channels == out_channels"),
         (dict(in_channels=4, out_channels=5, n_times=4, modes=2, residual=False, channelwise=True),
          "channelwise=True needs in_channels == out_channels"),
