@@ -27,8 +27,9 @@ def _check_elementwise(op: str, lead_name: str, lead: Tensor, coeffs: Tensor, co
                        named: list[tuple[str, Tensor]]) -> torch.Size:
     """The checks shared by the elementwise step ops: the lead operand's dtype, a float64 coefficient vector on
     its device, and every other (name, tensor) of its dtype and device; returns the broadcast output shape."""
-    for name, t in [(lead_name, lead), ("coeffs", coeffs)] + named:
-        validation.instance(t, f"{op}: {name}", Tensor, "a tensor")
+    if not (isinstance(lead, Tensor) and isinstance(coeffs, Tensor) and all(isinstance(t, Tensor) for _, t in named)):
+        for name, t in [(lead_name, lead), ("coeffs", coeffs)] + named:
+            validation.instance(t, f"{op}: {name}", Tensor, "a tensor")
     if lead.dtype not in _STEP_DTYPES:
         raise TypeError(f"{op}: {lead_name} must be float64, float32, float16 or bfloat16, got {lead.dtype}")
     if coeffs.dtype != torch.float64:
