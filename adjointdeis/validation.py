@@ -260,12 +260,14 @@ def real_number(value) -> float:
 
 
 def device(value, name: str) -> torch.device:
-    """A torch.device, or a string or index torch.device reads (``"cpu"``, ``"cuda:1"``, 0)."""
-    if isinstance(value, torch.device):
-        return value
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
+    """A torch.device, or a string or index torch.device reads (``"cpu"``, ``"cuda:1"``, 0); CUDA only where
+    a CUDA device is available."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, torch.device)):
         raise _fail(ArgumentTypeError, name, "a torch.device or a device string such as 'cpu' or 'cuda'", value)
     try:
-        return torch.device(value)
+        found = torch.device(value)
     except RuntimeError:
         raise _fail(ValueError, name, "a torch.device or a device string such as 'cpu' or 'cuda'", value) from None
+    if found.type == "cuda" and not torch.cuda.is_available():
+        raise _fail(ValueError, name, "a device this machine has (no CUDA device is available)", value)
+    return found

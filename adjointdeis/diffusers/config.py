@@ -312,9 +312,12 @@ class SchedulerSpec:
 
 
 def _resolve(key: str, value, allowed, renames) -> object:
+    choices = [v for v in allowed if v is not None] + list(renames)
+    if not isinstance(value, (str, type(None), bool, int)):
+        raise config_error(key, value, choices)
     value = renames.get(value, value)
     if value not in allowed:
-        raise config_error(key, value, [v for v in allowed if v is not None] + list(renames))
+        raise config_error(key, value, choices)
     return value
 
 
@@ -385,6 +388,8 @@ def translate(config: Mapping, family: str) -> SchedulerSpec:
         try:
             threshold = DynamicThreshold(config.get("dynamic_thresholding_ratio", 0.995),
                                          config.get("sample_max_value", 1.0))
+        except validation.ArgumentTypeError as error:
+            raise validation.ArgumentTypeError(f"scheduler config: {error}") from None
         except ValueError as error:
             raise ValueError(f"scheduler config: {error}") from None
     resolved = dict(family=family, solver=solver, algorithm_type=algorithm_type, solver_type=solver_type,
