@@ -89,7 +89,15 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
     validation.function(model, "model", "model(x, t[, cond]) -> Tensor")
     validation.floating(x_T, "x_T", min_dim=1)
     validation.instance(sched, "sched", NoiseSchedule, "a NoiseSchedule (VPSchedule, EDMSchedule, FlowSchedule)")
-    validation.flag(sde, "sde")
+    for name, value in (("sde", sde), ("lower_order_final", lower_order_final), ("progress", progress),
+                        ("check_finite", check_finite), ("euler_at_final", euler_at_final)):
+        validation.flag(value, name)
+    if denoise_to_zero is not None:
+        validation.flag(denoise_to_zero, "denoise_to_zero")
+    if adjoint_order is not None:
+        validation.integer(adjoint_order, "adjoint_order")
+    if adjoint_steps is not None:
+        validation.integer(adjoint_steps, "adjoint_steps")
     check_prediction(prediction)
     check_conditioning(x_T, cond, guidance_scale, uncond)
     if threshold is not None:

@@ -394,7 +394,7 @@ class NoiseSchedule(abc.ABC):
         return self._continuous_timesteps(steps, spacing)
 
     def _check_spacing(self, spacing) -> None:
-        if spacing not in self.valid_spacings:
+        if not validation.known(spacing, self.valid_spacings):
             valid = ", ".join(repr(name) for name in self.valid_spacings)
             raise ValueError(f"unknown spacing {spacing!r}; valid spacings are {valid}")
 
@@ -439,6 +439,12 @@ class NoiseSchedule(abc.ABC):
                 f"steps={steps} with spacing {spacing!r} gives an invalid grid for {self!r}: {error}"
             ) from None
 
+    def _check_signal_at_t_max(self) -> None:
+        """Raises naming t_max where alpha underflows to 0 inside the time domain (no signal, no log-SNR)."""
+        if float(self.alpha(self.t_max)) == 0.0 and self.t_max < self.time_domain.high:
+            raise ValueError(f"t_max={self.t_max!r} is where alpha underflows to 0 (no signal left); choose a smaller "
+                             "t_max")
+
     def check_grid(self, ts) -> Tensor:
         """Validate a user-supplied time grid.
 
@@ -474,6 +480,11 @@ class NoiseSchedule(abc.ABC):
                 f"timesteps[{outside}]={grid[outside].item()!r} is outside the time domain "
                 f"{self.time_domain} of {self!r}"
             )
+        # Where alpha underflows to 0 before the end of the domain there is no signal and no log-SNR to step in.
+        empty = _first_true((self.alpha(grid) == 0) & (grid < self.time_domain.high))
+        if empty is not None:
+            raise ValueError(f"timesteps[{empty}]={grid[empty].item()!r} is where alpha underflows to 0 in {self!r} "
+                             "(no signal left); start the grid at a smaller time")
         return grid
 
 
@@ -585,6 +596,7 @@ class LinearVPSchedule(VPSchedule):
         self.beta_min = beta_min
         self.beta_max = beta_max
         self.t_min, self.t_max = _check_time_range(t_min, t_max, self.time_domain)
+        self._check_signal_at_t_max()
 
     @property
     def time_domain(self) -> _Interval:
@@ -617,6 +629,7 @@ class CosineVPSchedule(VPSchedule):
         self._offset_angle = 0.5 * math.pi * s / (1.0 + s)
         self._angle_per_time = 0.5 * math.pi / (1.0 + s)
         self.t_min, self.t_max = _check_time_range(t_min, t_max, self.time_domain)
+        self._check_signal_at_t_max()
 
     @property
     def time_domain(self) -> _Interval:
@@ -785,6 +798,11 @@ class DiscreteVPSchedule(VPSchedule):
         )
 
 
+MIN_SHIFT = 1e-12
+"""The smallest flow shift (and 1 / MIN_SHIFT the largest): a log-SNR offset of at most log(1e12) ~ 27.6, beyond
+which float64 grids in the unshifted variable collapse."""
+
+
 class FlowSchedule(NoiseSchedule):
     """Flow matching / rectified flow: ``alpha_t = 1 - t``, ``sigma_t = t``, time domain ``(0, 1]``.
 
@@ -797,13 +815,14 @@ class FlowSchedule(NoiseSchedule):
     take ``1000 t``; the caller scales).
 
     Attributes:
-        shift: the shift s > 0 (1 means none).
+        shift: the shift s in [1e-12, 1e12] (1 means none).
     """
 
     def __init__(self, shift: float = 1.0, t_min: float = 1e-3, t_max: float = 1.0 - 1e-3):
-        shift = validation.positive(shift, "shift")
+        shift = validation.real(shift, "shift", MIN_SHIFT, 1.0 / MIN_SHIFT)
         self.shift = shift
         self.t_min, self.t_max = _check_time_range(t_min, t_max, self.time_domain)
+        self._check_signal_at_t_max()
 
     @property
     def time_domain(self) -> _Interval:

@@ -80,7 +80,7 @@ def real(value, name: str, low: float = -math.inf, high: float = math.inf, *, lo
         parts.append(f"{'<' if high_open else '<='} {high:g}")
     expected = "a finite number" + (f" {' and '.join(parts)}" if parts else "")
     if isinstance(value, bool) or isinstance(value, (str, bytes)) or (
-            isinstance(value, Tensor) and (value.numel() != 1 or value.is_complex())):
+            isinstance(value, Tensor) and (value.numel() != 1 or value.is_complex() or value.dtype == torch.bool)):
         raise _fail(ArgumentTypeError, name, expected, value)
     try:
         number = float(value)
@@ -271,3 +271,8 @@ def device(value, name: str) -> torch.device:
     if found.type == "cuda" and not torch.cuda.is_available():
         raise _fail(ValueError, name, "a device this machine has (no CUDA device is available)", value)
     return found
+
+
+def known(value, registry) -> bool:
+    """Whether `value` is a name of `registry` (a dict or tuple of names); False for unhashable values."""
+    return isinstance(value, str) and value in registry

@@ -105,7 +105,7 @@ def prediction(config: Mapping) -> str:
         ValueError naming prediction_type when it is not one of :data:`PREDICTION_TYPES`.
     """
     value = config.get("prediction_type", "flow_prediction" if is_flow_matching(config) else "epsilon")
-    if value not in PREDICTION_TYPES:
+    if not validation.known(value, PREDICTION_TYPES):
         raise config_error("prediction_type", value, PREDICTION_TYPES)
     return PREDICTION_TYPES[value]
 
@@ -129,7 +129,7 @@ def detect_family(config: Mapping) -> str:
     """
     family = config.get("family")
     if family is not None:
-        if family not in FAMILIES:
+        if not validation.known(family, FAMILIES):
             raise config_error("family", family, FAMILIES)
         return family
     name = config.get("_class_name")
@@ -157,6 +157,8 @@ def _beta_range(config: Mapping) -> tuple[float, float]:
 def _trained_betas(values) -> list[float]:
     """``trained_betas``: a sequence of numbers, the first in [0, 1), the others in (0, 1)."""
     betas = validation.reals(values, "scheduler config: trained_betas")
+    if len(betas) < 2:
+        raise ValueError(f"scheduler config: trained_betas must hold at least 2 betas; got {len(betas)}")
     bad = next((i for i, b in enumerate(betas) if not (0 <= b < 1 if i == 0 else 0 < b < 1)), None)
     if bad is not None:
         raise ValueError(f"scheduler config: trained_betas[{bad}] must lie in {'[0, 1)' if bad == 0 else '(0, 1)'}; "
@@ -254,7 +256,12 @@ def check_values(config: Mapping, family: str) -> None:
     if FAMILIES[family].flow:
         validation.positive(config.get("shift", 1.0), "scheduler config: shift")
         return
-    betas(config)
+    products = alphas_cumprod(config)[1]   # in float32, as the family's diffusers scheduler keeps them
+    if not config.get("rescale_betas_zero_snr", False) and not bool(products[-1] > 0):
+        key = "trained_betas" if config.get("trained_betas") is not None else "beta_end"
+        raise ValueError(f"scheduler config: {key} drives alphas_cumprod to 0 in float32 before the last training "
+                         "timestep (zero SNR, where no step is defined); use smaller betas or "
+                         "rescale_betas_zero_snr=True")
     if config.get("use_flow_sigmas", False):
         validation.positive(config.get("flow_shift", 1.0), "scheduler config: flow_shift")
 
@@ -311,6 +318,12 @@ class SchedulerSpec:
     resolved: tuple[tuple[str, object], ...]
 
 
+def _given(config: Mapping, key: str, default):
+    """config[key], or `default` where it is absent or None (a name key: an empty string counts as absent)."""
+    value = config.get(key)
+    return default if value is None or (isinstance(value, str) and not value) else value
+
+
 def _resolve(key: str, value, allowed, renames) -> object:
     choices = [v for v in allowed if v is not None] + list(renames)
     if not isinstance(value, (str, type(None), bool, int)):
@@ -342,20 +355,20 @@ def translate(config: Mapping, family: str) -> SchedulerSpec:
     _num_train_timesteps(config)
     if not spec_family.flow:
         alphas_cumprod(config)  # raises naming a betas key it cannot honour
-        if config.get("timestep_spacing", "linspace") not in DISCRETE_SPACINGS:
+        if not validation.known(config.get("timestep_spacing", "linspace"), DISCRETE_SPACINGS):
             raise config_error("timestep_spacing", config.get("timestep_spacing"), DISCRETE_SPACINGS)
-    prediction_type = config.get("prediction_type") or ("flow_prediction" if spec_family.flow else "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
+    prediction_type = _given(config, "prediction_type", "flow_prediction" if spec_family.flow else "epsilon")
+    if not validation.known(prediction_type, PREDICTION_TYPES):
         raise config_error("prediction_type", prediction_type, PREDICTION_TYPES)
-    algorithm_type = _resolve("algorithm_type", config.get("algorithm_type") or spec_family.algorithms[0],
+    algorithm_type = _resolve("algorithm_type", _given(config, "algorithm_type", spec_family.algorithms[0]),
                               spec_family.algorithms, spec_family.algorithm_renames)
-    solver_type = _resolve("solver_type", config.get("solver_type") or spec_family.solver_types[0],
+    solver_type = _resolve("solver_type", _given(config, "solver_type", spec_family.solver_types[0]),
                            spec_family.solver_types, spec_family.solver_type_renames)
     stochastic = bool(config.get("stochastic_sampling", False)) and spec_family.flow
     algorithm_solver, sde = ALGORITHMS[algorithm_type] if algorithm_type else (None, False)
     default_solver = "renoise" if stochastic else (spec_family.default_solver or algorithm_solver)
-    solver = config.get("solver") or default_solver
-    if solver not in SOLVERS:
+    solver = _given(config, "solver", default_solver)
+    if not validation.known(solver, SOLVERS):
         raise config_error("solver", solver, SOLVERS)
     if stochastic and solver != "renoise":
         raise ValueError(f"scheduler config: stochastic_sampling=True re-noises every step (solver 'renoise'); it "

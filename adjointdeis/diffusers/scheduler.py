@@ -200,6 +200,10 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         family = self._pick_family(family)
         self._check_foreign_keys(family)
         validation.integer(steps_offset, "scheduler config: steps_offset")
+        for key, value in self.config.items():   # diffusers computes with config values as they are
+            if isinstance(value, Tensor) and key != "trained_betas":
+                raise validation.ArgumentTypeError(f"scheduler config: {key} must be a Python value, not a tensor; "
+                                                   f"got {key}={value!r}")
         translation.check_values(self.config, family)
         spec = translation.translate(self.config, family)
         self.register_to_config(**dict(spec.resolved))
@@ -337,6 +341,10 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
             self._check_steps(num_inference_steps)
         grid = translation.grid(config, spec, num_inference_steps, timesteps, sigmas, mu)
         self._check_grid(grid.levels)
+        if spec.flow and max(grid.levels) > 1.0:
+            raise ValueError(f"set_timesteps: the grid's noise level {max(grid.levels)!r} exceeds 1 (t > 1, where alpha "
+                             "< 0): diffusers' float32 grid overshoots for this shift (scheduler config: shift, "
+                             "flow_shift); use a larger shift or pass sigmas")
         device = self._resolve_device(device)
         self._levels = grid.levels
         self.num_inference_steps = len(grid.levels) - 1

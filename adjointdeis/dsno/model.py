@@ -113,7 +113,7 @@ class DSNO(nn.Module):
                 raise ValueError(f"DSNO(times={times}) needs schedule= to place {times} trajectory times "
                                  "(or pass the model times themselves)")
             times = schedule.model_time(trajectory_times(schedule, times))
-        times = torch.as_tensor(times, dtype=torch.float32).flatten()
+        times = torch.tensor(validation.reals(times, "times"), dtype=torch.float32)
         n_times = times.numel()
         if n_times < 2:
             raise ValueError(f"times must hold at least 2 trajectory times, got {n_times}")
