@@ -68,7 +68,8 @@ def test_discrete_gradients_repeat_bit_for_bit():
     def gradients():
         x = x_T(dtype=torch.float64).requires_grad_()
         net.zero_grad()
-        ad.sample(lambda x, t: net(x, t), x, SCHED, steps=5, grad="discrete").square().sum().backward()
+        ad.sample(lambda x, t: net(x, t), x, SCHED, steps=5, grad="discrete",
+                  parameters=list(net.parameters())).square().sum().backward()
         return [x.grad.clone()] + [p.grad.clone() for p in net.parameters() if p.grad is not None]
 
     first, second = gradients(), gradients()
