@@ -9,6 +9,9 @@ Switches (environment):
   CUDA_HOME            the toolkit root; otherwise /usr/local/cuda, then the nvcc on PATH
   TORCH_CUDA_ARCH_LIST compute capabilities to compile for; default: the visible GPUs' (unset mode) or
                        RELEASE_ARCHS (ADJOINTDEIS_CUDA=1)
+  ADJOINTDEIS_TORCH_TARGET=2.11  an older stable-ABI target (OLDEST_TARGET at the least), for a machine whose
+                       torch predates TARGET_TORCH (a lent GPU machine's 2.11): that build is for that machine
+                       only, not a release (its Python layer is tested on TARGET_TORCH and later)
 
 The kernels call libtorch only through its stable C shim (csrc/stable.h), compiled with
 TORCH_TARGET_VERSION = TARGET_TORCH, and the module uses only Python's limited API (abi3), so the wheel
@@ -25,6 +28,7 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TARGET_TORCH = (2, 13)
+OLDEST_TARGET = (2, 11)
 RELEASE_ARCHS = "8.0;9.0;10.0;12.0+PTX"
 
 
@@ -82,24 +86,40 @@ def resolve_switches():
     return True, cuda_home, None, torch
 
 
+def torch_target():
+    """The stable-ABI target: TARGET_TORCH, or ADJOINTDEIS_TORCH_TARGET ("2.11") no older than OLDEST_TARGET."""
+    value = os.environ.get("ADJOINTDEIS_TORCH_TARGET", "").strip()
+    if not value:
+        return TARGET_TORCH
+    try:
+        major, minor = (int(v) for v in value.split("."))
+    except ValueError:
+        sys.exit(f"ADJOINTDEIS_TORCH_TARGET must be MAJOR.MINOR (e.g. 2.11), got {value!r}")
+    if (major, minor) < OLDEST_TARGET or (major, minor) > TARGET_TORCH:
+        sys.exit(f"ADJOINTDEIS_TORCH_TARGET must lie between {'.'.join(map(str, OLDEST_TARGET))} and "
+                 f"{'.'.join(map(str, TARGET_TORCH))}, got {value!r}")
+    return major, minor
+
+
 def extension_modules():
     build_cuda, cuda_home, why, torch = resolve_switches()
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < TARGET_TORCH:
-        sys.exit(f"adjointdeis builds against torch >= {'.'.join(map(str, TARGET_TORCH))}, "
+    target_torch = torch_target()
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < target_torch:
+        sys.exit(f"adjointdeis builds against torch >= {'.'.join(map(str, target_torch))}, "
                  f"found torch {torch.__version__}")
-    target = f"-DTORCH_TARGET_VERSION=0x{TARGET_TORCH[0]:02x}{TARGET_TORCH[1]:02x}000000000000"
+    target = f"-DTORCH_TARGET_VERSION=0x{target_torch[0]:02x}{target_torch[1]:02x}000000000000"
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     extra = {"cxx": ["-O3", "-fvisibility=hidden", target]}
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if build_cuda else ""
     print(
-        f"adjointdeis build: torch {torch.__version__} (stable ABI target {'.'.join(map(str, TARGET_TORCH))}), "
+        f"adjointdeis build: torch {torch.__version__} (stable ABI target {'.'.join(map(str, target_torch))}), "
         f"CUDA kernels {'ON' if build_cuda else 'OFF'}"
         + (f" (CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={arch_list})" if build_cuda else f": {why}"),
         flush=True,
     )
-    write_build_info(torch, build_cuda, arch_list)
+    write_build_info(torch, target_torch, build_cuda, arch_list)
     # An in-place build of the unstable-ABI era (_C.cpython-3XX-*.so) would shadow _C.abi3.so on import.
     for stale in glob.glob(os.path.join(ROOT, "adjointdeis", "_C.cpython-*.so")):
         os.remove(stale)
@@ -111,10 +131,10 @@ def extension_modules():
     return [CppExtension("adjointdeis._C", sources, **options)]
 
 
-def write_build_info(torch, build_cuda, arch_list):
+def write_build_info(torch, target_torch, build_cuda, arch_list):
     """Records what _C is built against, readable even when _C itself cannot be loaded."""
     info = {
-        "torch_target": ".".join(map(str, TARGET_TORCH)),
+        "torch_target": ".".join(map(str, target_torch)),
         "built_with_torch": torch.__version__,
         "torch_cuda": torch.version.cuda if build_cuda else None,
         "cuda_kernels": build_cuda,

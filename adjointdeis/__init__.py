@@ -9,7 +9,7 @@ from . import diagnostics, dsno, ops, reference
 from .ctm import sample_ctm, score_from_ctm
 from .dsno import FourierTemporalConv
 from .gradients import AdjointOptions
-from .guidance import guide
+from .guidance import ProbabilityRegularizer, guide
 from .models import PredictionAdapter
 from .planning import StepInfo
 from .sampling import sample
@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdjointOptions", "DynamicThreshold", "EDMSchedule", "FlowSchedule", "FourierTemporalConv", "NoiseSchedule", "PredictionAdapter",
-    "StepInfo", "VPSchedule", "diagnostics", "dsno", "guide", "ops", "reference", "sample", "sample_ctm",
+    "ProbabilityRegularizer", "StepInfo", "VPSchedule", "diagnostics", "dsno", "guide", "ops", "reference", "sample", "sample_ctm",
     "score_from_ctm",
 ]

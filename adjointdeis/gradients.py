@@ -3,8 +3,11 @@
 Both run the sampler forward under ``no_grad``, keep only the states, and in the backward pass
 re-run the model once per step with grad enabled, so at most one step's activations are alive.
 The result is attached to autograd through one :class:`torch.autograd.Function` whose inputs are
-x_T, the conditioning tensors and the model's parameters, so ``loss.backward()`` fills their
-``.grad`` (and a DistributedDataParallel model's parameter gradients are averaged across ranks).
+x_T, the conditioning tensors, the explicit per-step noises and the model's parameters, so ``loss.backward()``
+fills their ``.grad`` (a DistributedDataParallel model's parameter gradients averaged across ranks; an FSDP2
+model's reduce-scattered by FSDP). The user's module is never modified: the model re-runs on a shadow copy
+of its module tree (:class:`adjointdeis.models.ParameterAliases`). Truncation (``grad_from``) treats the first
+rows as constants.
 That function drives the forward run itself, from a :class:`GradientSpec` (the plans of
 :mod:`adjointdeis.planning` and the settings), recording the states it needs through the run loop's callback.
 """
@@ -17,8 +20,9 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .models import Conditioning, evaluate_model
-from .planning import AdjointGrid, NoiseSource, SamplingPlan, StepInfo, row_output, run_plan
+from .models import Conditioning, ParameterAliases, evaluate_model, fully_sharded
+from .planning import (AdjointGrid, NoiseSource, SamplingPlan, StepInfo, noisy_rows, row_output, run_plan,
+                       tensor_noise)
 from .predictions import conversion
 from .reference import opmath_dtype
 from .solvers import GridPoint
@@ -94,8 +98,10 @@ def adjoint_options(adjoint: AdjointOptions | None = None, order: int | None = N
     return adjoint
 
 
-def gradient_mode(grad: str | None, x_T: Tensor, conditioning: Conditioning, params: list[Tensor]) -> str | None:
-    """The gradient mode of a run: `grad`, or "discrete" when something requires grad; None without autograd.
+def gradient_mode(grad: str | None, x_T: Tensor, conditioning: Conditioning, params: list[Tensor],
+                  noises: list[Tensor] = ()) -> str | None:
+    """The gradient mode of a run: `grad`, or "discrete" when something (x_T, the conditioning, `params`, the
+    explicit `noises`) requires grad; None without autograd.
 
     Raises:
         ValueError for an unknown mode.
@@ -104,10 +110,43 @@ def gradient_mode(grad: str | None, x_T: Tensor, conditioning: Conditioning, par
         raise ValueError(f"unknown grad mode {grad!r}; choose one of {', '.join(GRAD_MODES)} or None")
     if not torch.is_grad_enabled():
         return None
-    wants = x_T.requires_grad or any(t.requires_grad for t in conditioning.leaves()) or bool(params)
+    wants = (x_T.requires_grad or any(t.requires_grad for t in [*conditioning.leaves(), *noises])
+             or bool(params))
     if grad is None:
         return "discrete" if wants else None
     return grad
+
+
+def truncation_steps(grad_steps: int | tuple[int, int], generator: torch.Generator | None = None) -> int:
+    """K of a truncated run: `grad_steps` itself, or for ``(lo, hi)`` a uniform draw from lo..hi inclusive,
+    ``torch.randint(lo, hi + 1, (1,), generator=generator)`` (AlignProp's random truncation).
+
+    Raises:
+        ValueError naming `grad_steps` for a pair that is not two integers with 1 <= lo <= hi.
+    """
+    if not isinstance(grad_steps, tuple):
+        return grad_steps
+    if (len(grad_steps) != 2 or any(isinstance(k, bool) or not isinstance(k, int) for k in grad_steps)
+            or not 1 <= grad_steps[0] <= grad_steps[1]):
+        raise ValueError(f"grad_steps as a range must be (lo, hi), integers with 1 <= lo <= hi, got {grad_steps!r}")
+    lo, hi = grad_steps
+    return int(torch.randint(lo, hi + 1, (1,), generator=generator))
+
+
+def check_adjoint_inputs(adjoint_grid: AdjointGrid, noises: list[Tensor] | None, grad_from: int) -> None:
+    """Raises ValueError for what grad="adjoint" cannot do: differentiate explicit noises, use them on an adjoint
+    grid of its own (its forward run has other rows), or truncate (`grad_steps`)."""
+    if grad_from:
+        raise ValueError("grad_steps (truncated backpropagation) needs grad='discrete' or 'autograd'")
+    if noises is None:
+        return
+    if any(z.requires_grad for z in noises):
+        raise ValueError("grad='adjoint' does not differentiate the injected noise; use grad='discrete' (exact) for "
+                         "noises that require grad")
+    if adjoint_grid.forward is not None:
+        raise ValueError("grad='adjoint' with adjoint_steps records its states on its own grid, whose rows the "
+                         "given noise tensors do not match; pass noise as a callable noise(row, x) or drop "
+                         "adjoint_steps")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -128,6 +167,9 @@ class GradientSpec:
         adjoint, adjoint_grid: the AdjointDEIS settings and grid (mode "adjoint").
         generator, progress, check_finite, callback, noise: as for :func:`adjointdeis.planning.run_plan`; the
             callback sees the sampling run only.
+        num_noises: how many explicit noise tensors (one per noisy row) follow the conditioning's leaves, before
+            the parameters; `noise` is then None.
+        grad_from: the first row differentiated (truncation; the earlier rows are constants).
     """
 
     model: Callable
@@ -142,15 +184,18 @@ class GradientSpec:
     check_finite: bool = True
     callback: Callable[[StepInfo], None] | None = None
     noise: NoiseSource | None = None
+    num_noises: int = 0
+    grad_from: int = 0
 
 
-def sample_with_gradients(spec: GradientSpec, x_T: Tensor, params: list[Tensor]) -> Tensor:
-    """Runs `spec` from x_T and attaches the sample to autograd through x_T, the conditioning and `params`.
+def sample_with_gradients(spec: GradientSpec, x_T: Tensor, params: list[Tensor], noises: list[Tensor] = ()) -> Tensor:
+    """Runs `spec` from x_T and attaches the sample to autograd through x_T, the conditioning, the explicit
+    `noises` (one (batch, *shape) tensor per noisy row) and `params`.
 
     Returns:
         (batch, *shape) the sample.
     """
-    return _Sampler.apply(spec, x_T, *spec.conditioning.leaves(), *params)
+    return _Sampler.apply(spec, x_T, *spec.conditioning.leaves(), *noises, *params)
 
 
 def _chain(record: Callable[[StepInfo], None], callback: Callable[[StepInfo], None] | None):
@@ -163,17 +208,21 @@ def _chain(record: Callable[[StepInfo], None], callback: Callable[[StepInfo], No
     return both
 
 
-def _forward(spec: GradientSpec, x_T: Tensor, conditioning: Conditioning) -> tuple[Tensor, list[Tensor]]:
-    """The sampling run and the states the backward pass needs: every row's input (discrete), the grid
-    states with the final one (adjoint, recorded), or none (adjoint, resolved)."""
+def _forward(spec: GradientSpec, x_T: Tensor, conditioning: Conditioning,
+             noise: NoiseSource | None) -> tuple[Tensor, list[Tensor]]:
+    """The sampling run and the states the backward pass needs: every differentiated row's input (discrete),
+    the grid states with the final one (adjoint, recorded), or none (adjoint, resolved)."""
     def run(plan, callback):
         return run_plan(spec.model, x_T, plan, cond=conditioning.cond, guidance_scale=conditioning.guidance_scale,
                         uncond=conditioning.uncond, generator=spec.generator, progress=spec.progress,
-                        check_finite=spec.check_finite, callback=callback, noise=spec.noise)
+                        check_finite=spec.check_finite, callback=callback, noise=noise)
 
     states = []
     if spec.mode == "discrete":
-        return run(spec.plan, _chain(lambda info: states.append(info.x), spec.callback)), states
+        def record(info: StepInfo) -> None:
+            if info.row >= spec.grad_from:
+                states.append(info.x)
+        return run(spec.plan, _chain(record, spec.callback)), states
     last_row, last_input = len(spec.plan.steps) - 1, []
     callback = spec.callback
     if _ends_at_zero_noise(spec.plan):  # the step to zero noise is differentiated exactly, from its input
@@ -195,12 +244,16 @@ def _forward(spec: GradientSpec, x_T: Tensor, conditioning: Conditioning) -> tup
 class _Sampler(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: GradientSpec, x_T: Tensor, *leaves: Tensor):
-        num_cond = len(leaves) - spec.num_params
-        x, states = _forward(spec, x_T, spec.conditioning.rebuild(list(leaves[:num_cond])))
+        num_cond = len(leaves) - spec.num_params - spec.num_noises
+        noises = leaves[num_cond:num_cond + spec.num_noises]
+        noise = tensor_noise(spec.plan, list(noises)) if noises else spec.noise
+        if spec.num_params and fully_sharded(vjp_model(spec.model)):
+            check_sharded(spec, vjp_model(spec.model), list(leaves[num_cond + spec.num_noises:]))
+        x, states = _forward(spec, x_T, spec.conditioning.rebuild(list(leaves[:num_cond])), noise)
         ctx.spec = spec
         ctx.num_cond = num_cond
         ctx.num_leaves = len(leaves)
-        ctx.save_for_backward(*leaves, *states)
+        ctx.save_for_backward(*leaves[:num_cond], *leaves[num_cond + spec.num_noises:], *states)
         ctx.final = None
         if spec.mode == "adjoint":
             ctx.final = states[-1] if _ends_at_zero_noise(spec.plan) else x
@@ -210,10 +263,14 @@ class _Sampler(torch.autograd.Function):
     def backward(ctx, grad_x: Tensor):
         spec = ctx.spec
         saved = ctx.saved_tensors
-        leaves, states = list(saved[:ctx.num_leaves]), list(saved[ctx.num_leaves:])
+        num_saved = ctx.num_leaves - spec.num_noises
+        leaves, states = list(saved[:num_saved]), list(saved[num_saved:])
         cond_leaves, params = leaves[:ctx.num_cond], leaves[ctx.num_cond:]
+        grad_noises = [None] * spec.num_noises
         if spec.mode == "discrete":
-            grad_x_T, grad_cond, grad_params = discrete_adjoint(spec, grad_x, states, cond_leaves, params)
+            wanted = ctx.needs_input_grad[2 + ctx.num_cond:2 + ctx.num_cond + spec.num_noises]
+            grad_x_T, grad_cond, grad_params = discrete_adjoint(spec, grad_x, states, cond_leaves, params,
+                                                                grad_noises if any(wanted) else None)
         else:
             grad_x_T, grad_cond, grad_params = continuous_adjoint(spec, grad_x, states, ctx.final, cond_leaves,
                                                                   params)
@@ -221,7 +278,9 @@ class _Sampler(torch.autograd.Function):
         if not torch.isfinite(grad_x_T).all():
             raise FloatingPointError(f"grad={spec.mode!r}: the adjoint state became non-finite (NaN/Inf); "
                                      "for grad='adjoint' try adjoint_form='x0' or a finer adjoint grid")
-        return (None, grad_x_T, *grad_cond, *grad_params)
+        if spec.grad_from:
+            grad_x_T = None  # truncated: x_T is a constant of the differentiated steps
+        return (None, grad_x_T, *grad_cond, *grad_noises, *grad_params)
 
 
 def vjp_model(model):
@@ -250,32 +309,22 @@ def reduce_across_ranks(model, grads: list[Tensor | None]) -> None:
         offset += g.numel()
 
 
-def parameter_names(model, params: list[Tensor]) -> list[str] | None:
-    """Names of `params` in `model` when their gradients can be accumulated in place.
-
-    That needs an nn.Module owning every parameter, in float32 or float64 (a gradient buffer has
-    its parameter's dtype; half-precision parameters accumulate in float32 instead).
-    """
-    if not params or not isinstance(model, torch.nn.Module):
-        return None
-    names = {id(p): n for n, p in model.named_parameters()}
-    if any(id(p) not in names or p.dtype not in (torch.float32, torch.float64) for p in params):
-        return None
-    return [names[id(p)] for p in params]
-
-
 def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cotangent_of_out,
-              param_accumulators: tuple[list[str], list[Tensor]] | None = None, row: int | None = None):
+              aliases: ParameterAliases | None = None, row: int | None = None):
     """Re-runs the model at x with grad enabled and pulls a cotangent back.
 
     Args:
         row: the plan's row whose output is differentiated (:func:`adjointdeis.planning.row_output`: the
             thresholded x0 with thresholding); None: the model's output itself.
         cotangent_of_out: callable mapping the output's dtype to the cotangent tensor.
-        param_accumulators: optional (names, buffers): the parameters' gradients are then added
-            into the buffers in place as each becomes ready (the model runs through
-            ``torch.func.functional_call`` on aliases whose ``.grad`` are the buffers), so no second
-            parameter-sized set of gradients is alive at once.
+        aliases: optional :class:`ParameterAliases` of `params`: the model then runs as ``aliases.module`` and the
+            parameters' gradients are added into ``aliases.grads`` in place, so no second parameter-sized set of
+            gradients is alive at once and the user's module is not touched. When the forward reaches one of
+            the user's parameters itself (see :meth:`ParameterAliases.escaped`), the aliases are dropped for
+            this and later calls (``aliases.module`` becomes None) and the gradients are returned instead.
+            An FSDP2 model (:func:`adjointdeis.models.fully_sharded`) is differentiated by a plain backward pass
+            instead: FSDP's own hooks then add the (averaged) parameter gradients into the sharded parameters'
+            ``.grad`` at every call, so None is returned for them.
 
     Returns:
         (vjp_x, [vjp_cond...], [vjp_param...]) with None where a leaf is not reached (and for
@@ -286,27 +335,27 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
         x_in = x.detach().requires_grad_(True)
         cond_in = [c.detach().requires_grad_(c.requires_grad) for c in cond_leaves]
         c = spec.conditioning.rebuild(cond_in)
-        aliases = []
-        if param_accumulators is not None:
-            names, buffers = param_accumulators
-            aliases = [p.detach().requires_grad_(True) for p in params]
-            for alias, buffer in zip(aliases, buffers):
-                alias.grad = buffer
-            replaced = dict(zip(names, aliases))
-            call = lambda *args: torch.func.functional_call(model, replaced, args)  # noqa: E731
-            out = evaluate_model(call, x_in, t, c.cond, c.guidance_scale, c.uncond)
-        else:
-            out = evaluate_model(model, x_in, t, c.cond, c.guidance_scale, c.uncond)
-        if row is not None:
-            out = row_output(spec.plan, row, x_in, out)
+
+        def output(module):
+            out = evaluate_model(module, x_in, t, c.cond, c.guidance_scale, c.uncond)
+            return out if row is None else row_output(spec.plan, row, x_in, out)
+
+        sharded = bool(params) and fully_sharded(model)
+        in_place = aliases is not None and aliases.module is not None
+        out = output(aliases.module if in_place else model)
+        if in_place and aliases.escaped(out):
+            aliases.module, in_place = None, False
+            out = output(model)
         if not out.requires_grad:
             raise RuntimeError(
                 f"grad={spec.mode!r}: the model output does not depend on x or on any tensor that requires "
                 "grad; is the model's output connected to its inputs?")
         cond_wrt = [c for c in cond_in if c.requires_grad]
-        if param_accumulators is not None:
-            torch.autograd.backward(out, cotangent_of_out(out), inputs=[x_in, *cond_wrt, *aliases])
-            buffers[:] = [alias.grad for alias in aliases]  # in place, unless autograd replaced one
+        if sharded:  # FSDP's post-backward hooks reduce-scatter into the parameters' .grad (not with inputs=)
+            torch.autograd.backward(out, cotangent_of_out(out))
+            grads = [x_in.grad] + [c.grad for c in cond_wrt] + [None] * len(params)
+        elif in_place:
+            torch.autograd.backward(out, cotangent_of_out(out), inputs=[x_in, *cond_wrt, *aliases.aliases])
             grads = [x_in.grad] + [c.grad for c in cond_wrt] + [None] * len(params)
         else:
             grads = torch.autograd.grad(out, [x_in, *cond_wrt, *params], grad_outputs=cotangent_of_out(out),
@@ -316,6 +365,19 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
     vjp_cond = [next(it) if c.requires_grad else None for c in cond_in]
     vjp_params = list(it)
     return vjp_x, vjp_cond, vjp_params
+
+
+def check_sharded(spec: GradientSpec, model, params: list[Tensor]) -> None:
+    """Raises ValueError for what an FSDP2 model's parameter gradients cannot do: FSDP adds every VJP into
+    ``.grad`` unscaled, so only grad="discrete" (whose parameter VJPs all have weight 1) and all the parameters
+    that require grad (``parameters=`` a subset would not restrict FSDP's hooks)."""
+    if spec.mode != "discrete":
+        raise ValueError(f"grad={spec.mode!r} cannot differentiate the parameters of an FSDP2 (fully_shard) model: "
+                         "FSDP adds each model VJP into .grad unscaled; use grad='discrete', or parameters=[]")
+    wanted = {id(p) for p in model.parameters() if p.requires_grad}
+    if {id(p) for p in params} != wanted:
+        raise ValueError("parameters= of an FSDP2 (fully_shard) model must be all its parameters that require grad "
+                         "(FSDP's hooks fill every one); freeze the others with requires_grad_(False)")
 
 
 def _accumulate(acc: list[Tensor | None], updates: list[Tensor | None], scale: Tensor) -> None:
@@ -335,17 +397,28 @@ def _finish(acc: list[Tensor | None], like: list[Tensor]) -> list[Tensor | None]
     return [None if a is None else a.to(t.dtype) for a, t in zip(acc, like)]
 
 
-def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], cond_leaves, params):
+def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], cond_leaves, params,
+                     grad_noises: list[Tensor | None] | None = None):
     """Exact gradient of the computed sample (docs/math.md section 5.1): reverse pass over the plan's rows.
 
     Per row j, one model VJP at the recorded x_j with cotangent ``q_j gfull_j``, then one fused
     kernel (:func:`ops.discrete_adjoint_step`) for dL/dx_j and the adjoints of earlier outputs,
-    and one fused accumulation of the conditioning and parameter adjoints.
+    and one fused accumulation of the conditioning and parameter adjoints. The rows before
+    ``spec.grad_from`` are constants (truncation): the pass stops there, `states` holding the inputs of the
+    rows from it on.
+
+    Args:
+        grad_noises: when given, one entry per noisy row, set to dL/dz of that row's noise,
+            ``c_j xbar_{j+1}`` (docs/math.md section 5.6), in the noise's dtype; None for a truncated row.
     """
     plan = spec.plan.steps
     device = grad_x.device
     acc_dtype = accumulation_dtype(states[0].dtype)
-    a, b0, b1, b2, _, p, q = plan.coeffs.unbind(1)
+    coeffs = plan.coeffs
+    skip_weight, starts = _skip_operands(plan, coeffs)
+    a, b0, b1, b2, c_noise, p, q = coeffs[:, :7].unbind(1)
+    b3 = coeffs[:, 7] if coeffs.shape[1] > 7 else torch.zeros_like(a)
+    noise_index = {row: k for k, row in enumerate(noisy_rows(spec.plan))}
     previous = lambda v: torch.cat([v.new_zeros(1), v[:-1]])  # row j-1's value at row j; 0 before row 0
     table = torch.stack([a, p, b1, b2, previous(b0), previous(q)], 1).to(device)
     one = torch.ones((), dtype=torch.float64, device=device)
@@ -355,21 +428,51 @@ def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], c
     xbar = grad_x.to(acc_dtype)
     gfull = float(b0[last]) * xbar
     cot = float(q[last]) * gfull
-    pending = None
+    pending, pending3, start_adjoint = None, None, {}
     acc_cond = [None] * len(cond_leaves)
-    names = parameter_names(vjp_model(spec.model), params)
-    acc_params = [None] * len(params) if names is None else [torch.zeros_like(p) for p in params]
-    in_place = None if names is None else (names, acc_params)
-    for j in range(last, -1, -1):
-        vjp_x, vjp_cond, vjp_params = model_vjp(spec, states[j], t_eval[j].expand(batch), cond_leaves, params,
-                                                lambda out, c=cot: c.to(out.dtype), in_place, row=j)
+    aliases = ParameterAliases.of(vjp_model(spec.model), params)
+    acc_params = [None] * len(params) if aliases is None else aliases.grads
+    for j in range(last, spec.grad_from - 1, -1):
+        if grad_noises is not None and j in noise_index:
+            grad_noises[noise_index[j]] = (float(c_noise[j]) * xbar).to(grad_x.dtype)  # xbar = dL/dx_{j+1}
+        if starts[j] is not None:  # x_{j+1} reads the step's start state x_s: its partial adjoint e_j xbar_{j+1}
+            part = skip_weight[j] * xbar
+            start_adjoint[starts[j]] = part if starts[j] not in start_adjoint else start_adjoint[starts[j]] + part
+        reaches_m3 = float(b3[j]) * xbar if plan.num_history[j] == 3 else None  # partial adjoint of m_{j-3}
+        vjp_x, vjp_cond, vjp_params = model_vjp(spec, states[j - spec.grad_from], t_eval[j].expand(batch),
+                                                cond_leaves, params,
+                                                lambda out, c=cot: c.to(out.dtype), aliases, row=j)
         _accumulate(acc_cond, vjp_cond, one)
-        if in_place is None:
-            _accumulate(acc_params, vjp_params, one)
-        xbar, gfull, cot, pend_prev = ops.discrete_adjoint_step(xbar, vjp_x.to(acc_dtype), gfull, pending, None,
-                                                                table[j])
-        pending = pend_prev if plan.num_history[j] == 2 else None  # only 3rd-order rows reach m_{j-2}
+        _accumulate(acc_params, vjp_params, one)  # all None when added in place
+        vjp_x = vjp_x.to(acc_dtype)
+        if j in start_adjoint:
+            vjp_x = vjp_x + start_adjoint.pop(j)
+        xbar, gfull, cot, pend_prev = ops.discrete_adjoint_step(xbar, vjp_x, gfull, pending, pending3, table[j])
+        # rows of order >= 3 reach m_{j-2}; a four-term row's m_{j-3} term arrives one row later, as pend2
+        pending = pend_prev if plan.num_history[j] >= 2 or pending3 is not None else None
+        pending3 = reaches_m3
+    if aliases is not None and aliases.module is not None:
+        acc_params = aliases.grads
     return xbar.to(grad_x.dtype), _finish(acc_cond, cond_leaves), _finish(acc_params, params)
+
+
+def _skip_operands(plan, coeffs: Tensor) -> tuple[list[float], list[int | None]]:
+    """Per row, the weight of its step-start operand and the row whose input that state is (None: no such operand).
+
+    The weight is zeroed in `coeffs` (in place), whose history columns the fused adjoint reads as outputs.
+    """
+    weights, starts, start = [], [], 0
+    for j in range(len(plan)):
+        start = j if plan.starts_step[j] else start
+        if plan.skips(j):
+            column = 2 + plan.num_history[j] if plan.num_history[j] < 2 else 7
+            weights.append(float(coeffs[j, column]))
+            starts.append(start)
+            coeffs[j, column] = 0.0
+        else:
+            weights.append(0.0)
+            starts.append(None)
+    return weights, starts
 
 
 def _ends_at_zero_noise(plan: SamplingPlan) -> bool:

@@ -1,12 +1,15 @@
-"""``guide``: optimise the initial noise and the conditioning through the sampler so the sample meets a loss.
+"""``guide``: optimise the initial noise, the injected noises and the conditioning through the sampler so the
+sample meets a loss.
 
-The AdjointDEIS use case (guided generation, e.g. face morphing with an identity loss): the sample
-``x_0 = Sampler(x_T, cond)`` is differentiated with our gradient modes and ``x_T`` and/or ``cond``
-are updated by a torch optimiser, optionally keeping each sample's ``x_T`` on its Gaussian shell.
+The AdjointDEIS use case (guided generation, e.g. face morphing with an identity loss) and direct noise
+optimisation (DNO, Tang et al. 2025): the sample ``x_0 = Sampler(x_T, noises, cond)`` is differentiated with our
+gradient modes and ``x_T``, the SDE's per-step noises and/or ``cond`` are updated by a torch optimiser, optionally
+keeping each sample's ``x_T`` on its Gaussian shell or penalising noises that stop looking Gaussian
+(:class:`ProbabilityRegularizer`).
 """
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +19,7 @@ from tqdm.auto import tqdm
 from .sampling import sample
 from .schedules import NoiseSchedule
 
-OPTIMIZE_TARGETS = ("x_T", "cond")
+OPTIMIZE_TARGETS = ("x_T", "noise", "cond")
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
@@ -31,6 +34,7 @@ class GuideResult:
         losses: loss value of every iteration, evaluated before that iteration's update.
         final_loss: the loss of `sample`.
         stopped_early: whether `tol` or `target_loss` ended the loop before `iters`.
+        noise: (N, *shape) the optimised per-step noises (detached), when "noise" was optimised.
     """
 
     sample: Tensor
@@ -39,6 +43,85 @@ class GuideResult:
     losses: list[float] = field(default_factory=list)
     final_loss: float = math.nan
     stopped_early: bool = False
+    noise: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ProbabilityRegularizer:
+    """DNO's probability regulariser (docs/math.md section 5.8): ``weight`` times minus the log of concentration
+    bounds on how far noises that should be i.i.d. standard normal are from it.
+
+    The noises are flattened into one vector and cut into rows of ``d = 4 ** subsample`` entries, M rows (a
+    remainder shorter than a row is left out); for the rows in order and for `shuffles` random permutations of
+    the vector, the rows' mean and second-moment matrix are compared with 0 and the identity.
+
+    Attributes:
+        weight: the regulariser's weight (DNO's gamma).
+        subsample: d = 4 ** subsample entries per row.
+        shuffles: random permutations averaged besides the ordered rows.
+        generator: draws the permutations (the global generator when None).
+
+    Raises:
+        ValueError naming the attribute for a negative weight, a subsample < 0 or shuffles < 0.
+    """
+
+    weight: float = 1.0
+    subsample: int = 1
+    shuffles: int = 100
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        if not self.weight >= 0:
+            raise ValueError(f"ProbabilityRegularizer.weight must be >= 0, got {self.weight!r}")
+        for name in ("subsample", "shuffles"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"ProbabilityRegularizer.{name} must be an integer >= 0, got {value!r}")
+
+    def __call__(self, tensors: Sequence[Tensor]) -> Tensor:
+        """The regulariser of `tensors` (any shapes, together at least d entries), a 0-d tensor.
+
+        Raises:
+            ValueError when they hold fewer than d entries.
+        """
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        d = 4 ** self.subsample
+        rows = flat.numel() // d
+        if rows < 1:
+            raise ValueError(f"ProbabilityRegularizer: {flat.numel()} noise entries, fewer than a row of "
+                             f"d = 4 ** subsample = {d}")
+        log_bound = gaussian_log_bound(flat[:rows * d].view(rows, d))
+        if self.shuffles:
+            shuffled = sum(gaussian_log_bound(flat[self._permutation(flat)][:rows * d].view(rows, d))
+                           for _ in range(self.shuffles))
+            log_bound = log_bound + shuffled / self.shuffles
+        return -self.weight * log_bound
+
+    def _permutation(self, flat: Tensor) -> Tensor:
+        return torch.randperm(flat.numel(), generator=self.generator).to(flat.device)
+
+
+def gaussian_log_bound(rows: Tensor) -> Tensor:
+    """log P_mean + log P_cov, DNO's concentration bounds for M rows that should be draws of N(0, I_d).
+
+    With m the rows' mean and C = rows^T rows / M: ``log P_mean = min(-M |m|^2 / (2 d), -log 2)``, and with
+    ``delta = max(sqrt(1 + |C - I|_2) - 1 - sqrt(d / M), 0)`` (|.|_2 the spectral norm)
+    ``log P_cov = min(-M delta^2 / 2, -log 2)`` (each bound ``2 exp(.)`` capped at probability 1).
+
+    Args:
+        rows: (M, d).
+
+    Returns:
+        0-d tensor.
+    """
+    count, d = rows.shape
+    mean = rows.mean(0)
+    second = rows.T @ rows / count
+    cap = -math.log(2.0)
+    log_mean = (-count * mean.square().sum() / (2 * d)).clamp(max=cap)
+    deviation = torch.linalg.matrix_norm(second - torch.eye(d, dtype=rows.dtype, device=rows.device), ord=2)
+    excess = (torch.sqrt(1 + deviation) - 1 - math.sqrt(d / count)).clamp(min=0)
+    return log_mean + (-count * excess.square() / 2).clamp(max=cap)
 
 
 def _leaf(value: Tensor, trainable: bool) -> Tensor:
@@ -73,7 +156,7 @@ def _per_sample_norm(x: Tensor) -> Tensor:
     return x.detach().flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
 
 
-def _check_options(optimize, optimizer, iters, lr, clip_grad, tol, cond) -> tuple[str, ...]:
+def _check_options(optimize, optimizer, iters, lr, clip_grad, tol, cond, regularizer) -> tuple[str, ...]:
     targets = (optimize,) if isinstance(optimize, str) else tuple(optimize)
     unknown = [t for t in targets if t not in OPTIMIZE_TARGETS]
     if unknown:
@@ -82,6 +165,10 @@ def _check_options(optimize, optimizer, iters, lr, clip_grad, tol, cond) -> tupl
         raise ValueError(f"optimize is empty; choose from {', '.join(OPTIMIZE_TARGETS)}")
     if "cond" in targets and not _cond_tensors(cond):
         raise ValueError("optimize includes 'cond' but no floating-point cond tensor was given")
+    if regularizer is not None and not isinstance(regularizer, ProbabilityRegularizer):
+        raise TypeError(f"regularizer must be a ProbabilityRegularizer, got {type(regularizer).__name__}")
+    if regularizer is not None and not {"x_T", "noise"} & set(targets):
+        raise ValueError("regularizer penalises optimised noise: optimize must include 'x_T' or 'noise'")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
@@ -95,17 +182,38 @@ def _check_options(optimize, optimizer, iters, lr, clip_grad, tol, cond) -> tupl
     return targets
 
 
+def _initial_noise(model, x_T: Tensor, sched: NoiseSchedule, steps: int, cond, sample_kwargs: dict) -> Tensor:
+    """(N, *x_T.shape) the noises a run draws (from ``sample_kwargs["generator"]``, removed from it), found by one
+    sampling run without gradients.
+
+    Raises:
+        ValueError when the run injects no noise.
+    """
+    generator, draws = sample_kwargs.pop("generator", None), []
+
+    def draw(row: int, x: Tensor) -> Tensor:
+        draws.append(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+        return draws[-1]
+
+    with torch.no_grad():
+        sample(model, x_T, sched, steps=steps, cond=_detached(cond), noise=draw, **sample_kwargs)
+    if not draws:
+        raise ValueError("optimize includes 'noise' but the run injects none: pass sde=True (or solver='renoise')")
+    return torch.stack(draws)
+
+
 def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Tensor], x_T: Tensor, cond=None,
           optimize: str | Iterable[str] = ("x_T", "cond"), steps: int = 20, iters: int = 50, lr: float = 0.05,
           optimizer: str = "adam", grad: str = "discrete", preserve_norm: bool = True,
           clip_grad: float | None = None, tol: float | None = None, target_loss: float | None = None,
           callback: Callable[[int, float, Tensor], None] | None = None, progress: bool = True,
-          **sample_kwargs) -> GuideResult:
-    """Optimises x_T and/or cond so that ``loss_fn(sample(model, x_T, sched, cond=cond))`` is small.
+          regularizer: ProbabilityRegularizer | None = None, **sample_kwargs) -> GuideResult:
+    """Optimises x_T, the injected noises and/or cond so that ``loss_fn(sample(model, x_T, sched, cond=cond))`` is
+    small.
 
-    Each iteration samples with gradients (`grad`), evaluates the loss, backpropagates to the
-    optimised inputs, optionally clips their gradient, and takes one optimiser step; with
-    `preserve_norm` each sample's x_T is then scaled back to its original norm (kept on its
+    Each iteration samples with gradients (`grad`), evaluates the loss (plus the `regularizer` of the
+    optimised noises), backpropagates to the optimised inputs, optionally clips their gradient, and takes one
+    optimiser step; with `preserve_norm` each sample's x_T is then scaled back to its original norm (kept on its
     Gaussian shell, where a standard normal x_T concentrates). The model's own parameters are not
     differentiated (pass ``parameters=`` in `sample_kwargs` to change that).
 
@@ -115,8 +223,10 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
         loss_fn: (batch, *shape) sample -> scalar tensor loss.
         x_T: (batch, *shape) initial noise; not modified (the optimised copy is returned).
         cond: conditioning, a tensor or dict of tensors (batch-leading); not modified.
-        optimize: which inputs to optimise: "x_T", "cond" or both. "cond" with a dict optimises
-            all its floating-point tensors.
+        optimize: which inputs to optimise: any of "x_T", "noise" (the per-step noises of a stochastic run,
+            ``sde=True`` or solver "renoise": DNO; they start as ``sample_kwargs["noise"]`` when given as tensors,
+            else as the draws of ``sample_kwargs["generator"]``) and "cond" ("cond" with a dict optimises all its
+            floating-point tensors).
         steps: sampling steps per iteration.
         iters: maximum number of iterations (optimiser steps), at least 1.
         lr: learning rate.
@@ -129,22 +239,42 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
         target_loss: stop as soon as the loss is at most this value.
         callback: ``callback(iteration, loss, sample)`` after each loss evaluation.
         progress: show a tqdm bar over iterations (hidden when not on a terminal).
+        regularizer: DNO's :class:`ProbabilityRegularizer` of the optimised x_T and noises together, added to
+            the loss (the losses reported include it).
         **sample_kwargs: passed to ``adjointdeis.sample`` (solver, order, spacing, prediction,
             uncond, guidance_scale, sde, generator...).
 
     Returns:
-        :class:`GuideResult` with the final sample, the optimised x_T and cond, and the loss history.
+        :class:`GuideResult` with the final sample, the optimised x_T, noises and cond, and the loss history.
 
     Raises:
         ValueError for an unknown optimize entry or optimizer name, iters < 1, optimising "cond"
-        without a cond, a non-positive lr or clip_grad, or a loss that is not a scalar tensor.
+        without a cond, a non-positive lr or clip_grad, a loss that is not a scalar tensor, optimising "noise"
+        of a run that injects none, or a `regularizer` without optimised noise.
     """
-    targets = _check_options(optimize, optimizer, iters, lr, clip_grad, tol, cond)
+    targets = _check_options(optimize, optimizer, iters, lr, clip_grad, tol, cond, regularizer)
     if grad is None:
         raise ValueError("guide needs a gradient mode: grad='discrete', 'adjoint' or 'autograd'")
     x = _leaf(x_T, "x_T" in targets)
     cond_var = _copy_cond(cond, "cond" in targets)
-    trainable = ([x] if "x_T" in targets else []) + (_cond_tensors(cond_var) if "cond" in targets else [])
+    noise_var = None
+    if "noise" in targets:
+        given = sample_kwargs.pop("noise", None)
+        if given is None or callable(given):
+            start = _initial_noise(model, x_T.detach(), sched, steps, cond, sample_kwargs)
+        else:
+            start = torch.stack(list(given)) if not isinstance(given, Tensor) else given
+        noise_var = _leaf(start, True)
+        sample_kwargs["noise"] = noise_var
+    trainable = ([x] if "x_T" in targets else []) + ([noise_var] if noise_var is not None else []) \
+        + (_cond_tensors(cond_var) if "cond" in targets else [])
+    penalised = ([x] if "x_T" in targets else []) + ([noise_var] if noise_var is not None else [])
+
+    def objective(x0: Tensor) -> Tensor:
+        loss = loss_fn(x0)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError("loss_fn must return a scalar tensor")
+        return loss if regularizer is None else loss + regularizer(penalised)
     for tensor in trainable:
         tensor.requires_grad_(True)
     shell = _per_sample_norm(x) if preserve_norm and "x_T" in targets else None
@@ -160,9 +290,7 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
     for it in bar:
         opt.zero_grad(set_to_none=True)
         x0 = run(grad)
-        loss = loss_fn(x0)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise ValueError("loss_fn must return a scalar tensor")
+        loss = objective(x0)
         value = float(loss.detach())
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4g}", refresh=False)
@@ -185,8 +313,9 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
     if result is None:
         with torch.no_grad():
             result = run(None)
-            final_loss = float(loss_fn(result))
+            final_loss = float(objective(result))
     else:
         final_loss = losses[-1]
     return GuideResult(sample=result, x_T=x.detach(), cond=_detached(cond_var), losses=losses,
-                       final_loss=final_loss, stopped_early=stopped)
+                       final_loss=final_loss, stopped_early=stopped,
+                       noise=None if noise_var is None else noise_var.detach())

@@ -5,6 +5,7 @@ A model is called as ``model(x, t)`` or ``model(x, t, cond)`` and returns a tens
 with a leading batch axis.
 """
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -63,6 +64,98 @@ def model_parameters(model, parameters) -> list[Tensor]:
     if isinstance(model, torch.nn.Module):
         return [p for p in model.parameters() if p.requires_grad]
     return []
+
+
+def _shadow(module: torch.nn.Module, aliases: dict[int, Tensor], memo: dict[int, torch.nn.Module]) -> torch.nn.Module:
+    """A shallow copy of `module` and its submodules whose parameters are looked up in `aliases` (by id).
+
+    Each copy has its own ``_parameters``, ``_buffers`` and ``_modules`` dicts (the buffers themselves are shared),
+    so nothing assigned during its forward reaches the original. A submodule registered twice is copied once;
+    a ``torch.compile``'d module becomes a compiled module around the copy of its original, with the same compiler
+    settings (dynamo's cache is keyed by code, so this does not recompile).
+    """
+    if id(module) in memo:
+        return memo[id(module)]
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # loaded by torch.compile
+    if eval_frame is not None and isinstance(module, eval_frame.OptimizedModule):
+        copy = type(module)(_shadow(module._orig_mod, aliases, memo), module.dynamo_ctx)
+    else:
+        copy = object.__new__(type(module))
+        state = copy.__dict__
+        state.update(module.__dict__)
+        state["_parameters"] = {k: None if v is None else aliases.get(id(v), v) for k, v in module._parameters.items()}
+        state["_buffers"] = dict(module._buffers)
+        memo[id(module)] = copy  # before the children: a submodule may hold its parent
+        state["_modules"] = {k: None if v is None else _shadow(v, aliases, memo) for k, v in module._modules.items()}
+    memo[id(module)] = copy
+    return copy
+
+
+def fully_sharded(model) -> bool:
+    """Whether `model` is (or holds) a module sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``), whose
+    hooks gather its parameters around every forward and reduce-scatter their gradients into the sharded
+    parameters' ``.grad`` after every backward."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # loaded by fully_shard
+    return (fsdp is not None and isinstance(model, torch.nn.Module)
+            and any(isinstance(m, fsdp.FSDPModule) for m in model.modules()))
+
+
+class ParameterAliases:
+    """The user's module run on detached aliases of some of its parameters, without touching the module.
+
+    The aliases share their parameters' storage and carry their own ``.grad``, so a backward pass with
+    ``inputs=aliases`` adds the parameter gradients into it in place as each becomes ready: no second
+    parameter-sized set of gradients is alive, the user's ``nn.Parameter`` objects and their ``.grad`` are never
+    replaced or written, and concurrent calls (threads) share nothing mutable. The model runs as :attr:`module`, a
+    shadow tree of shallow copies of the user's submodules (:func:`_shadow`).
+
+    Attributes:
+        params: the user's parameters; aliases: their aliases (requiring grad); module: the shadow module.
+        checked: whether :meth:`escaped` has walked a graph.
+    """
+
+    def __init__(self, model: torch.nn.Module, params: list[Tensor]):
+        self.params = params
+        self.aliases = [p.detach().requires_grad_(True) for p in params]
+        self.module = _shadow(model, {id(p): a for p, a in zip(params, self.aliases)}, {})
+        self.checked = False
+
+    @staticmethod
+    def of(model, params: list[Tensor]) -> "ParameterAliases | None":
+        """Aliases of `params` in `model`, or None when they cannot accumulate in place: without parameters,
+        a model that is not an nn.Module or is sharded (:func:`fully_sharded`: its hooks swap the parameters
+        themselves), a parameter it does not own, or one not in float32/float64 (a
+        gradient buffer has its parameter's dtype; half-precision parameters accumulate in float32 instead)."""
+        if not params or not isinstance(model, torch.nn.Module) or fully_sharded(model):
+            return None
+        owned = {id(p) for p in model.parameters()}
+        if any(id(p) not in owned or p.dtype not in (torch.float32, torch.float64) for p in params):
+            return None
+        return ParameterAliases(model, params)
+
+    @property
+    def grads(self) -> list[Tensor]:
+        """The accumulated gradients, one per parameter (the aliases' ``.grad``; None for one not reached yet)."""
+        return [alias.grad for alias in self.aliases]
+
+    def escaped(self, out: Tensor) -> bool:
+        """Whether `out`'s graph reaches one of the user's parameters itself rather than its alias (a forward
+        that holds a submodule outside ``_modules``, or a parameter in a closure), whose gradient the aliases
+        would miss. Walks the graph of the first output only (later ones: False)."""
+        if self.checked:
+            return False
+        self.checked = True
+        targets = {id(p) for p in self.params}
+        seen, stack = set(), [out.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if id(getattr(node, "variable", None)) in targets:
+                return True
+            stack.extend(n for n, _ in node.next_functions)
+        return False
 
 
 class PredictionAdapter(torch.nn.Module):

@@ -248,9 +248,103 @@ def plan_adjoint_grid(sched: NoiseSchedule, plan: SamplingPlan, steps: int | Non
     return AdjointGrid(forward.points, forward.model_times, forward)
 
 
+_DEVICE_TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
+DEVICE_TABLES_KEPT = 1024
+"""How many (plan, device, dtype) coefficient tables :func:`device_tables` keeps; later ones are uploaded per call."""
+
+
+def device_tables(plan: SamplingPlan, device: torch.device, time_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A plan's coefficient table (S, 7+) float64 and its evaluation times (S,) `time_dtype`, on `device`.
+
+    Kept for the life of the process (never evicted, a few KB each), so that a run reuses them instead of
+    copying from the host every call, and a CUDA graph that captured a run keeps reading live memory: a graph
+    is captured after a warm-up run of the same plan, and the capture then copies nothing from the host.
+    """
+    def upload() -> tuple[Tensor, Tensor]:
+        return (torch.tensor(plan.steps.rows, dtype=torch.float64).to(device),
+                torch.tensor(plan.t_eval, dtype=torch.float64).to(device=device, dtype=time_dtype))
+
+    if torch.compiler.is_compiling():  # a compiled graph holds them as constants
+        return upload()
+    key = (plan.steps, plan.t_eval, str(device), time_dtype)
+    tables = _DEVICE_TABLES.get(key)
+    if tables is None:
+        tables = upload()
+        if len(_DEVICE_TABLES) < DEVICE_TABLES_KEPT:
+            _DEVICE_TABLES[key] = tables
+    return tables
+
+
+def _capturing(x: Tensor) -> bool:
+    """Whether `x`'s CUDA stream is being captured into a graph (no host sync is allowed then)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 NoiseSource = Callable[[int, Tensor], Tensor]
 """Where a run's injected noise comes from: ``noise(row, x)`` returns the standard normal noise of stochastic row
 `row` (a :class:`SamplingPlan` row index), shaped like the current state `x`, on its device and in its dtype."""
+
+
+def noisy_rows(plan: SamplingPlan) -> tuple[int, ...]:
+    """The rows of `plan` that inject noise, in order (N of them: the length of a run's explicit noise)."""
+    return tuple(row for row, noisy in enumerate(plan.steps.noisy) if noisy)
+
+
+def noise_tensors(noise, plan: SamplingPlan, x_T: Tensor) -> list[Tensor] | None:
+    """The explicit per-row noises of a run: `noise` as a sequence of N tensors or one ``(N, *x_T.shape)`` tensor,
+    N the plan's noisy rows (:func:`noisy_rows`); None when `noise` is None or a :data:`NoiseSource`.
+
+    Returns:
+        N tensors shaped like x_T (rows of a stacked tensor are its views, so gradients flow back to it).
+
+    Raises:
+        TypeError naming `noise` for anything else, a non-tensor entry or a dtype other than x_T's;
+        ValueError naming `noise` for a wrong count, shape or device.
+    """
+    if noise is None or callable(noise):
+        return None
+    count = len(noisy_rows(plan))
+    if isinstance(noise, Tensor):
+        if noise.shape != (count, *x_T.shape):
+            raise ValueError(f"noise: a tensor of noises must have shape (N, *x_T.shape) = {[count, *x_T.shape]} "
+                             f"(N = {count} noisy rows in this run), got {list(noise.shape)}")
+        tensors = list(noise.unbind(0))
+    elif isinstance(noise, (list, tuple)):
+        tensors = list(noise)
+        if len(tensors) != count:
+            raise ValueError(f"noise: got {len(tensors)} tensors for a run with {count} noisy rows")
+        for i, z in enumerate(tensors):
+            if not isinstance(z, Tensor):
+                raise TypeError(f"noise[{i}] must be a tensor, got {type(z).__name__}")
+            if z.shape != x_T.shape:
+                raise ValueError(f"noise[{i}] must have x_T's shape {list(x_T.shape)}, got {list(z.shape)}")
+    else:
+        raise TypeError("noise must be callable as noise(row, x) -> Tensor, a sequence of tensors or one "
+                        f"(N, *x_T.shape) tensor, got {type(noise).__name__}")
+    for i, z in enumerate(tensors):
+        if z.dtype != x_T.dtype:
+            raise TypeError(f"noise[{i}] must have x_T's dtype {x_T.dtype}, got {z.dtype}")
+        if z.device != x_T.device:
+            raise ValueError(f"noise[{i}] must be on x_T's device {x_T.device}, got {z.device}")
+    return tensors
+
+
+def tensor_noise(plan: SamplingPlan, tensors: list[Tensor]) -> NoiseSource:
+    """The :data:`NoiseSource` that hands noisy row ``noisy_rows(plan)[k]`` the tensor ``tensors[k]``."""
+    index = {row: k for k, row in enumerate(noisy_rows(plan))}
+    return lambda row, x: tensors[index[row]]
+
+
+def truncation_row(plan: SamplingPlan, grad_steps: int) -> int:
+    """The first row of the last `grad_steps` steps of `plan` (a step's rows: its evaluation and any corrector).
+
+    Raises:
+        ValueError naming `grad_steps` unless 1 <= grad_steps <= the plan's steps.
+    """
+    starts = [row for row, starts_step in enumerate(plan.steps.starts_step) if starts_step]
+    if isinstance(grad_steps, bool) or not isinstance(grad_steps, int) or not 1 <= grad_steps <= len(starts):
+        raise ValueError(f"grad_steps must be an integer in [1, {len(starts)}] (the run's steps), got {grad_steps!r}")
+    return starts[len(starts) - grad_steps]
 
 
 def row_output(plan: SamplingPlan, row: int, x: Tensor, out: Tensor) -> Tensor:
@@ -268,7 +362,8 @@ def row_output(plan: SamplingPlan, row: int, x: Tensor, out: Tensor) -> Tensor:
 
 def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, guidance_scale=None, uncond=None,
              generator: torch.Generator | None = None, progress: bool = False, check_finite: bool = True,
-             callback: Callable[[StepInfo], None] | None = None, noise: NoiseSource | None = None) -> Tensor:
+             callback: Callable[[StepInfo], None] | None = None, noise: NoiseSource | None = None,
+             grad_from: int = 0) -> Tensor:
     """Runs a :class:`SamplingPlan` from x_T; the loop never syncs the host.
 
     Args:
@@ -282,6 +377,8 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
         callback: called with a :class:`StepInfo` after every model evaluation.
         noise: the noise of stochastic rows, ``noise(row, x) -> Tensor`` shaped like x (see :data:`NoiseSource`);
             default: standard normal draws from `generator`.
+        grad_from: rows before this one run under ``torch.no_grad()`` (constants for autograd: truncated
+            backpropagation, see :func:`truncation_row`).
 
     Returns:
         (batch, *shape) the final state.
@@ -290,25 +387,29 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
         FloatingPointError when `check_finite` and the result is not finite.
     """
     steps = plan.steps
-    coeffs = torch.tensor(steps.rows, dtype=torch.float64).to(x_T.device)
-    t_eval = torch.tensor(plan.t_eval, dtype=torch.float64).to(device=x_T.device, dtype=opmath_dtype(x_T.dtype))
+    coeffs, t_eval = device_tables(plan, x_T.device, opmath_dtype(x_T.dtype))
     batch = x_T.shape[0]
-    x, history = x_T, []
+    x, x_start, history = x_T, x_T, []
+    depth = max(steps.num_history, default=0)
+    skips = steps.skip or (False,) * len(steps.eval_index)
     rows = range(len(steps.eval_index))
     if progress and not torch.compiler.is_compiling():
         rows = tqdm(rows, disable=None, desc="sampling", leave=False)
     for row in rows:
-        out = evaluate_model(model, x, t_eval[row].expand(batch), cond, guidance_scale, uncond)
-        z = None
-        if steps.noisy[row]:
-            z = (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if noise is None
-                 else validation.model_output(noise(row, x), x, "noise"))
-        x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), history[:steps.num_history[row]],
-                                        coeffs[row], z)
+        if steps.starts_step[row]:
+            x_start = x
+        with torch.set_grad_enabled(torch.is_grad_enabled() and row >= grad_from):
+            out = evaluate_model(model, x, t_eval[row].expand(batch), cond, guidance_scale, uncond)
+            z = None
+            if steps.noisy[row]:
+                z = (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if noise is None
+                     else validation.model_output(noise(row, x), x, "noise"))
+            operands = history[:steps.num_history[row]] + ([x_start] if skips[row] else [])
+            x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), operands, coeffs[row], z)
         if callback is not None:
             callback(StepInfo(row, steps.eval_index[row], steps.starts_step[row], t_eval[row], x, out, m0, x_next))
-        x, history = x_next, [m0] + history[:1]
-    if check_finite and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+        x, history = x_next, ([m0] + history)[:depth]
+    if check_finite and not torch.compiler.is_compiling() and not _capturing(x) and not torch.isfinite(x).all():
         raise FloatingPointError(
             "sample: the result is not finite: the model returned NaN or Inf during sampling "
             "(or the grid reaches a time where the prediction cannot be converted)")

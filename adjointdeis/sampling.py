@@ -1,14 +1,16 @@
 """``sample``: multistep exponential-integrator sampling with one fused kernel per step."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from .gradients import AdjointOptions, GradientSpec, adjoint_options, gradient_mode, sample_with_gradients
 from . import validation
+from .gradients import (AdjointOptions, GradientSpec, adjoint_options, check_adjoint_inputs, gradient_mode,
+                        sample_with_gradients, truncation_steps)
 from .models import Conditioning, check_conditioning, model_parameters
-from .planning import NoiseSource, StepInfo, plan_adjoint_grid, plan_sampling, resolve_grid, run_plan
+from .planning import (NoiseSource, StepInfo, noise_tensors, plan_adjoint_grid, plan_sampling, resolve_grid, run_plan,
+                       tensor_noise, truncation_row)
 from .predictions import check_prediction
 from .schedules import NoiseSchedule
 from .thresholding import DynamicThreshold
@@ -24,7 +26,9 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
            callback: Callable[[StepInfo], None] | None = None, adjoint_order: int | None = None,
            adjoint_form: str | None = None, adjoint_steps: int | None = None, states: str | None = None,
            second_order: str = "midpoint", threshold: DynamicThreshold | None = None,
-           euler_at_final: bool = False, noise: NoiseSource | None = None) -> Tensor:
+           euler_at_final: bool = False, noise: NoiseSource | Sequence[Tensor] | Tensor | None = None,
+           grad_steps: int | tuple[int, int] | None = None,
+           grad_steps_generator: torch.Generator | None = None) -> Tensor:
     """Samples from a diffusion or flow model, noise to data, one fused kernel per step.
 
     Args:
@@ -49,8 +53,13 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
         uncond: the unconditional conditioning, same structure as `cond`.
         sde: stochastic DPM-Solver++ (orders 1-3) or DPM-Solver (orders 1, 2), noise drawn from `generator`.
         generator: torch.Generator for the SDE noise (reproducible runs).
-        noise: where the SDE noise comes from instead, ``noise(row, x) -> Tensor`` (see
-            :data:`adjointdeis.planning.NoiseSource`); not together with `generator`.
+        noise: the injected noise instead of draws from `generator` (not together with it): a callable
+            ``noise(row, x) -> Tensor`` (see :data:`adjointdeis.planning.NoiseSource`; not differentiated), or the
+            standard normal noises themselves, a sequence of N tensors shaped like x_T or one ``(N, *x_T.shape)``
+            tensor, N the run's noisy rows (:func:`adjointdeis.planning.noisy_rows`: one per step for the SDE
+            solvers and "renoise"), in x_T's dtype and on its device. Noises that require grad are
+            differentiated like x_T: exactly with "discrete" and "autograd" (docs/math.md section 5.6);
+            "adjoint" refuses them.
         timesteps: an explicit grid, strictly decreasing, in model-time units; overrides spacing. With
             ``steps + 1`` values (or `steps` omitted) it is the whole grid, ending where the last step lands.
             With exactly `steps` values it is diffusers' convention (``pipe.scheduler.timesteps``): the model
@@ -77,13 +86,21 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
             :class:`adjointdeis.planning.StepInfo` (never during the backward pass).
         adjoint_order, adjoint_form, adjoint_steps, states: the fields of `adjoint` as separate
             keywords (``order``, ``form``, ``steps``, ``states``); not together with `adjoint`.
+        grad_steps: truncated backpropagation (docs/math.md section 5.7): differentiate only the last K steps,
+            the earlier ones constants (DRaFT-K); an int K in [1, steps], or ``(lo, hi)`` to draw K uniformly
+            from lo..hi inclusive on every call (AlignProp's random truncation) as
+            ``torch.randint(lo, hi + 1, (1,), generator=grad_steps_generator)``. With K below the run's steps,
+            x_T and the noises of the constant steps get no gradient (their ``.grad`` stays None). "discrete" and
+            "autograd" only.
+        grad_steps_generator: the generator K is drawn from (the global one when None).
 
     Returns:
         (batch, *shape) the sample, x_T's dtype and device, attached to autograd per `grad`.
 
     Raises:
         ValueError for an unknown solver, prediction or gradient option, an unsupported order,
-        steps < 1, a bad grid, missing uncond, or a model output of the wrong shape;
+        steps < 1, a bad grid, missing uncond, a model output of the wrong shape, noise tensors of the wrong
+        count, shape or device, or a bad `grad_steps`; TypeError naming `noise` for a wrong type or dtype;
         FloatingPointError when the result is not finite (NaN or Inf in a model output).
     """
     validation.function(model, "model", "model(x, t[, cond]) -> Tensor")
@@ -106,8 +123,6 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
         validation.instance(generator, "generator", torch.Generator, "a torch.Generator")
     if noise is not None and generator is not None:
         raise ValueError("sample: pass the noise either as noise= or drawn from generator=, not both")
-    if noise is not None:
-        validation.function(noise, "noise", "noise(row, x) -> Tensor")
     if callback is not None:
         validation.function(callback, "callback", "callback(StepInfo)")
     if parameters is not None:
@@ -115,19 +130,22 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
     steps, grid, denoise_to_zero = resolve_grid(sched, steps, timesteps, denoise_to_zero)
     plan = plan_sampling(sched, steps, spacing, grid, denoise_to_zero, solver, order, prediction, sde,
                          lower_order_final, third_order, second_order, threshold, euler_at_final)
+    noises = noise_tensors(noise, plan, x_T)
     conditioning = Conditioning(cond, uncond, guidance_scale)
     params = model_parameters(model, parameters)
-    mode = gradient_mode(grad, x_T, conditioning, params)
+    mode = gradient_mode(grad, x_T, conditioning, params, noises or [])
+    grad_from = 0 if grad_steps is None else truncation_row(plan, truncation_steps(grad_steps, grad_steps_generator))
     if mode in (None, "autograd"):
         with torch.set_grad_enabled(mode == "autograd"):
             return run_plan(model, x_T, plan, cond=cond, guidance_scale=guidance_scale, uncond=uncond,
                             generator=generator, progress=progress, check_finite=check_finite, callback=callback,
-                            noise=noise)
+                            noise=noise if noises is None else tensor_noise(plan, noises), grad_from=grad_from)
     options, adjoint_grid = None, None
     if mode == "adjoint":
         options = adjoint_options(adjoint, adjoint_order, adjoint_form, adjoint_steps, states)
         options.check_run(sde, threshold is not None, plan.points[0].alpha == 0.0)
         adjoint_grid = plan_adjoint_grid(sched, plan, options.steps, options.states == "recorded")
+        check_adjoint_inputs(adjoint_grid, noises, grad_from)
     spec = GradientSpec(model, plan, conditioning, len(params), mode, options, adjoint_grid, generator, progress,
-                        check_finite, callback, noise)
-    return sample_with_gradients(spec, x_T, params)
+                        check_finite, callback, noise if noises is None else None, len(noises or []), grad_from)
+    return sample_with_gradients(spec, x_T, params, noises or [])

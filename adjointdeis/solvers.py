@@ -1,7 +1,8 @@
 """The solver registry and the coefficient tables of its solvers (docs/math.md section 4).
 
-Every supported step has the form ``x_next = a x + b0 m0 + b1 m1 + b2 m2 + c noise`` with
-``m0 = p x + q out`` the converted model output. A :class:`StepPlan` holds one row per model
+Every supported step has the form ``x_next = a x + b0 m0 + b1 m1 + b2 m2 (+ b3 m3) + c noise`` with
+``m0 = p x + q out`` the converted model output; a row of a multi-stage step may read the step's start state
+in place of its last history term (:attr:`StepPlan.skip`). A :class:`StepPlan` holds one row per model
 evaluation, computed once per grid in float64 on the host; the sampler then runs the same
 fused op for every row and never syncs the host.
 
@@ -20,7 +21,6 @@ from torch import Tensor
 
 from . import validation
 from .predictions import conversion
-from .reference import STEP_COEFFS
 
 THIRD_ORDER_VARIANTS = ("published", "taylor")
 # The two second-order DPM-Solver updates (diffusers' solver_type): midpoint and Heun weights of D1.
@@ -56,12 +56,15 @@ class StepPlan:
     """One row per model evaluation; immutable, so a cached plan can be shared.
 
     Attributes:
-        rows: (S, 7) float64 values ``[a, b0, b1, b2, c, p, q]`` per row, as nested tuples.
+        rows: (S, 7) float64 values ``[a, b0, b1, b2, c, p, q]`` per row, as nested tuples, or (S, 8) with
+            ``b3`` appended when a row reads three previous outputs.
         eval_index: (S,) index into the time grid of the time the model is evaluated at.
-        num_history: per row, how many previous converted outputs it reads (0..2).
+        num_history: per row, how many previous converted outputs it reads (0..3).
         noisy: per row, whether it draws standard normal noise.
         starts_step: per row, whether its input state is the grid state at ``eval_index``
             (False for Heun's corrector rows, whose input is the predicted state).
+        skip: per row, whether it also reads the step's start state (the input of the latest row that starts a
+            step) as one more operand after its history, weighted by the next ``b``; empty: no row does.
     """
 
     rows: tuple[tuple[float, ...], ...]
@@ -69,14 +72,19 @@ class StepPlan:
     num_history: tuple[int, ...]
     noisy: tuple[bool, ...]
     starts_step: tuple[bool, ...]
+    skip: tuple[bool, ...] = ()
 
     def __len__(self) -> int:
         return len(self.eval_index)
 
     @property
     def coeffs(self) -> Tensor:
-        """The rows as a new (S, 7) float64 CPU tensor (the caller owns it)."""
-        return torch.tensor(self.rows, dtype=torch.float64).reshape(-1, len(STEP_COEFFS))
+        """The rows as a new (S, 7) or (S, 8) float64 CPU tensor (the caller owns it)."""
+        return torch.tensor(self.rows, dtype=torch.float64).reshape(len(self.rows), -1)
+
+    def skips(self, row: int) -> bool:
+        """Whether `row` reads the step's start state (see :attr:`skip`)."""
+        return bool(self.skip) and self.skip[row]
 
 
 @dataclass(frozen=True)

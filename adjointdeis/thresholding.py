@@ -19,6 +19,11 @@ from torch import Tensor
 from . import validation
 
 
+# torch.quantile's rank is the ratio rounded to the input's dtype times n - 1: multiplied in float64 since torch
+# 2.14, in the input's dtype before (float32 ranks differ in the last bit, and so do the interpolated quantiles).
+_RANK_IN_INPUT_DTYPE = torch.__version__ < (2, 14)
+
+
 @dataclass(frozen=True)
 class DynamicThreshold:
     """The settings of dynamic thresholding.
@@ -62,8 +67,12 @@ def dynamic_threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
     work = x0 if dtype in (torch.float32, torch.float64) else x0.float()
     flat = work.reshape(work.shape[0], -1)
     n = flat.shape[1]
-    # torch.quantile's rank: the ratio rounded to the working dtype, times n - 1 in float64.
-    rank = float(np.float64(ratio) if work.dtype == torch.float64 else np.float32(ratio)) * (n - 1)
+    if work.dtype == torch.float64:
+        rank = float(ratio) * (n - 1)
+    elif _RANK_IN_INPUT_DTYPE:
+        rank = float(np.float32(ratio) * np.float32(n - 1))
+    else:
+        rank = float(np.float32(ratio)) * (n - 1)
     lo, hi = int(math.floor(rank)), min(int(math.ceil(rank)), n - 1)
     top = flat.abs().topk(n - lo, dim=1).values  # descending: the last is the lo-th smallest
     s = top[:, -1]

@@ -8,12 +8,16 @@ torch._foreach_add_.
 """
 
 import argparse
+import pathlib
+import sys
 
 import torch
 from torch.utils import benchmark
 
-from adjointdeis import ops
-from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from adjointdeis import ops  # noqa: E402
+from machine import cpu_name  # noqa: E402  (bench/machine.py: scripts run from bench/ on sys.path)
 
 
 def seconds(stmt, **globals_):

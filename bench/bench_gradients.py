@@ -22,9 +22,7 @@ Sections:
 """
 
 import argparse
-import ctypes
 import datetime
-import gc
 import json
 import math
 import multiprocessing
@@ -43,6 +41,7 @@ import adjointdeis  # noqa: E402
 from adjointdeis.benchmarks import tensor_peak_bytes  # noqa: E402
 from adjointdeis.planning import plan_sampling, run_plan  # noqa: E402
 from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
+from memory import peak_rss_rise  # bench/memory.py
 
 SECTIONS = ("accuracy", "memory", "baselines")
 
@@ -247,34 +246,13 @@ def zero_grads(model, *tensors):
         t.grad = None
 
 
-def _proc_status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _release_free_memory():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def rss_case(method, steps, threads):
     """Peak RSS rise (bytes) of one gradient; meant to run in a fresh process (see RSS_METHOD)."""
     torch.set_num_threads(threads)
     model, x_T, z, target, sched = unet_problem()
     unet_gradient(method, model, x_T, z, target, sched, 2)  # warm-up: lazy init of kernels and threads
     zero_grads(model, x_T, z)
-    _release_free_memory()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    baseline = _proc_status_kib("VmRSS")
-    unet_gradient(method, model, x_T, z, target, sched, steps)
-    return (_proc_status_kib("VmHWM") - baseline) * 1024
+    return peak_rss_rise(lambda: unet_gradient(method, model, x_T, z, target, sched, steps))[1]
 
 
 def tensor_peak(method, model, x_T, z, target, sched, steps):

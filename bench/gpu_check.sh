@@ -1,93 +1,130 @@
 #!/usr/bin/env bash
-# GPU check for a lent CUDA machine: build the CUDA kernels in place, run the CUDA tests, time the
-# fused step (float32 and bfloat16), the adjoint kernels and the DSNO temporal layer. Run from the
-# repository root: `bash bench/gpu_check.sh`.
-# Without a visible GPU or nvcc it says so and exits 0. Logs go to "$OUT" when that is set.
-# Stages are capped (tests 150 + 60 s, benchmarks 120 + 60 + 90 s) so that the whole script, build included,
-# fits one 10-minute device call.
-set -euo pipefail
+# The GPU check, one call on a lent CUDA machine: build the CUDA kernels in place, run every CUDA test of the
+# package, then its CUDA benchmarks (fused step, adjoint kernels, DSNO layer, a whole ad.sample call eager /
+# in one CUDA graph / under torch.compile "reduce-overhead" against diffusers' loop), and print one table of
+# what ran, how long it took and how it ended. Run from the repository root:
+#   bash bench/gpu_check.sh            on the GPU machine (stages capped so that the whole run fits 8 minutes)
+#   bash bench/gpu_check.sh --dry-run  on a CPU machine: the same stages on the CPU with tiny sizes and the
+#                                      in-place build as it is, to check the script itself
+# Logs (one per stage) and the benchmarks' JSON go to "$OUT" when that is set, else to a temporary folder.
+#
+# The lent machines run torch 2.11, older than the stable-ABI target of a release (2.13): the build there sets
+# ADJOINTDEIS_TORCH_TARGET to the installed torch (setup.py allows 2.11 on), a build for that machine only.
+# diffusers is not installed there: when a folder .whl/ holds its wheel (and any missing dependency), it is
+# installed from there first (see the device tool's notes on carrying wheels), else the diffusers baseline and
+# the diffusers CUDA test say why they did not run.
+set -uo pipefail
 
 cd "$(dirname "$0")/.."
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; fi
 
-if ! python3 -c "import torch; assert torch.cuda.is_available()" >/dev/null 2>&1 \
-    || { ! command -v nvcc >/dev/null 2>&1 && [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; }; then
-  echo "no CUDA device: skipping GPU checks"
+if [ "$DRY" -eq 0 ] && ! python3 -c "import torch; assert torch.cuda.is_available()" >/dev/null 2>&1; then
+  echo "no CUDA device: nothing to check (bash bench/gpu_check.sh --dry-run checks the script on a CPU)"
   exit 0
 fi
 
-LOG_DIR="${OUT:-}"
-if [ -n "$LOG_DIR" ]; then
-  mkdir -p "$LOG_DIR"
-  exec > >(tee "$LOG_DIR/gpu_check.log") 2>&1
-fi
+LOG_DIR="${OUT:-$(mktemp -d)}"
+mkdir -p "$LOG_DIR"
 START=$SECONDS
-stage() { echo; echo "== $1 ($((SECONDS - START)) s)"; }
+SUMMARY=()
+FAILED=0
 
-if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
-  :
-elif [ -x /usr/local/cuda/bin/nvcc ]; then
-  CUDA_HOME=/usr/local/cuda
+# stage NAME CAP_SECONDS COMMAND...: runs the command under a time cap, its output shown and logged.
+stage() {
+  local name="$1" cap="$2" begin=$SECONDS rc=0
+  shift 2
+  echo
+  echo "== $name ($((SECONDS - START)) s)"
+  timeout "$cap" bash -c '"$@"' stage "$@" 2>&1 | tee "$LOG_DIR/${name//[^A-Za-z0-9]/_}.log"
+  rc=${PIPESTATUS[0]}
+  local status="ok"
+  if [ "$rc" -eq 124 ]; then status="TIMEOUT (${cap} s)"; elif [ "$rc" -ne 0 ]; then status="FAILED (exit $rc)"; fi
+  if [ "$rc" -ne 0 ]; then FAILED=1; fi
+  SUMMARY+=("$(printf '%-34s %6d s  %s' "$name" $((SECONDS - begin)) "$status")")
+  return "$rc"
+}
+
+if [ "$DRY" -eq 0 ]; then
+  if [ -z "${CUDA_HOME:-}" ] || [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
+    if [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_HOME=/usr/local/cuda
+    else CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; fi
+  fi
+  export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" ADJOINTDEIS_CUDA=1
+  # Build with the system compiler that matches the system libstdc++: an extension built there by a
+  # newer /opt/gcc against /usr/include/c++ headers crashed formatting an error message (std::ostream).
+  if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+  release=$(python3 -c "import torch; print('.'.join(torch.__version__.split('+')[0].split('.')[:2]))")
+  if python3 -c "import sys; sys.exit(tuple(map(int, '$release'.split('.'))) >= (2, 13))"; then
+    export ADJOINTDEIS_TORCH_TARGET="$release"
+  fi
+  if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  DEVICE=cuda
+  BENCH_TIME=0.1
 else
-  CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
+  DEVICE=cpu
+  BENCH_TIME=0.01
 fi
-export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
-export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 ADJOINTDEIS_CUDA=1
-# Build with the system compiler that matches the system libstdc++: an extension built there by a
-# newer /opt/gcc against /usr/include/c++ headers crashed formatting an error message (std::ostream).
-if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
-  export CC=/usr/bin/gcc CXX=/usr/bin/g++
-fi
+export PYTHONUNBUFFERED=1
 
-stage "machine"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-nvcc --version | tail -n 2
-echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CXX=${CXX:-default}"
+machine() {
+  if [ "$DRY" -eq 0 ]; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; fi
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  if [ "$DRY" -eq 0 ]; then nvcc --version | tail -n 2; fi
+  echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} ADJOINTDEIS_TORCH_TARGET=${ADJOINTDEIS_TORCH_TARGET:-} dry-run=$DRY"
+}
 
 extension_ok() {
   python3 -c "
 from adjointdeis import ops
-assert ops.cuda_version() > 0, 'adjointdeis._C was built without CUDA kernels'
-print('adjointdeis._C: CUDA', ops.cuda_version(), 'arch', ops.cuda_arch_list())"
+print('adjointdeis._C: CUDA', ops.cuda_version(), 'arch', ops.cuda_arch_list())
+assert $DRY or ops.cuda_version() > 0, 'adjointdeis._C was built without CUDA kernels'"
 }
 
-stage "build (pip install -e)"
-if ! python3 -m pip install --no-build-isolation --no-deps -e . || ! extension_ok; then
-  stage "build (pip editable failed; setup.py build_ext --inplace)"
-  python3 setup.py build_ext --inplace
+build() {
+  if [ "$DRY" -eq 1 ]; then extension_ok; return; fi
+  python3 setup.py build_ext --inplace >"$LOG_DIR/build_output.txt" 2>&1 || { tail -n 40 "$LOG_DIR/build_output.txt"; return 1; }
+  grep "adjointdeis build:" "$LOG_DIR/build_output.txt"
   extension_ok
-fi
+}
 
-stage "tests (-k cuda; then the bad-input tests, which once crashed there)"
-if ! python3 -c "import pytest" >/dev/null 2>&1; then
-  echo "pytest is not installed: skipping the CUDA tests"
-elif [ ! -d tests ]; then
-  echo "no tests/ directory: skipping the CUDA tests"
+cuda_tests() {  # every test of the package that runs on CUDA (marked cuda or parametrized over the device)
+  local rc=0
+  python3 -m pytest -q -p no:cacheprovider tests -k "cuda or CUDA" || rc=$?
+  if [ "$rc" -eq 5 ]; then echo "no CUDA tests selected (pytest exit 5)"; return 0; fi
+  return "$rc"
+}
+
+bad_input_tests() {
+  python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_adjoint_ops.py tests/test_fourier_conv.py -k "bad_input"
+}
+
+export DRY LOG_DIR
+export -f machine extension_ok build cuda_tests bad_input_tests
+stage "machine" 30 machine
+if ! stage "build" 240 build; then
+  echo "the build failed: nothing else can run"
 else
-  rc=0
-  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests -k "cuda or CUDA" || rc=$?
-  if [ "$rc" -eq 5 ]; then
-    echo "no CUDA tests selected (pytest exit 5): OK"
-  elif [ "$rc" -ne 0 ]; then
-    echo "CUDA tests failed (pytest exit $rc)"
-    exit "$rc"
+  stage "CUDA tests" 150 cuda_tests
+  stage "bad-input tests" 45 bad_input_tests
+  stage "bench fused step" 60 python3 bench/bench_step.py --device "$DEVICE" --min-run-time "$BENCH_TIME" --rounds 2 \
+    --json "$LOG_DIR/bench_step.json"
+  stage "bench adjoint kernels" 45 python3 bench/bench_adjoint_ops.py --device "$DEVICE"
+  stage "bench DSNO layer" 60 python3 bench/bench_fourier_conv.py --device "$DEVICE" --dtype float32 --dtype bfloat16 \
+    --min-run-time "$BENCH_TIME" --json "$LOG_DIR/bench_fourier_conv.json"
+  if [ "$DRY" -eq 1 ]; then
+    stage "bench sample: graph, compile" 120 python3 bench/bench_cuda_graph.py --dry-run
+  else
+    stage "bench sample: graph, compile" 120 python3 bench/bench_cuda_graph.py --device cuda
   fi
-  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_adjoint_ops.py tests/test_fourier_conv.py \
-    -k "bad_input" \
-    || echo "bad-input tests failed or crashed (exit $?)"
 fi
 
-stage "benchmark (cuda, float32 and bfloat16; target 80% of copy bandwidth)"
-bench_args=(--device cuda --min-run-time 0.1 --rounds 2)
-if [ -n "$LOG_DIR" ]; then bench_args+=(--json "$LOG_DIR/bench_cuda.json"); fi
-timeout 120 python3 bench/bench_step.py "${bench_args[@]}"
-
-stage "adjoint kernels (discrete_adjoint_step, multi_tensor_axpy_) against copy bandwidth"
-timeout 60 python3 bench/bench_adjoint_ops.py --device cuda
-
-stage "DSNO temporal layer (fourier_temporal_conv vs the FFT reference, float32 and bfloat16)"
-fourier_args=(--device cuda --dtype float32 --dtype bfloat16 --min-run-time 0.05)
-if [ -n "$LOG_DIR" ]; then fourier_args+=(--json "$LOG_DIR/bench_fourier_conv.json"); fi
-timeout 90 python3 bench/bench_fourier_conv.py "${fourier_args[@]}"
-
-stage "done"
+echo
+echo "== gpu_check summary ($((SECONDS - START)) s in all; logs in $LOG_DIR)"
+printf '%-34s %8s  %s\n' "stage" "time" "result"
+printf '%s\n' "${SUMMARY[@]}"
+exit "$FAILED"

@@ -22,6 +22,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifndef STABLE_TORCH_ERROR_CODE_CHECK  // torch 2.11 and 2.12 (ADJOINTDEIS_TORCH_TARGET) name it TORCH_ERROR_CODE_CHECK
+#define STABLE_TORCH_ERROR_CODE_CHECK TORCH_ERROR_CODE_CHECK
+#endif
+
 namespace adjointdeis {
 
 using torch::headeronly::DeviceType;

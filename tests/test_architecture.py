@@ -23,7 +23,7 @@ LAYERS = {
     "validation": 0,                                                 # the argument checks everything shares
     "schedules": 1, "predictions": 1, "thresholding": 1,             # alpha, sigma, grids; what models predict
     "solvers": 2, "models": 2,                                       # coefficient tables; calling models
-    "planning": 3,                                                   # a run's plan and the run loop
+    "planning": 3, "k_diffusion_plans": 3,                           # a run's plan and the run loop; k-diffusion's plans
     "gradients": 4,                                                  # gradients through a run
     "sampling": 5,                                                   # sample()
     "ctm": 6, "guidance": 6, "k_diffusion": 6, "diagnostics": 6,     # integrations and tools
@@ -37,7 +37,7 @@ LAYERS = {
 COMPILED = {"_C"}
 # Applications: they import the library (and each other), the library never imports them.
 APPLICATIONS = {"__main__", "cli", "demo", "benchmarks", "dsno.distillation", "zoo.train", "zoo.training",
-                "zoo.reflow", "zoo.distill"}
+                "zoo.reflow", "zoo.distill", "zoo.finetune"}
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -2,6 +2,7 @@
 
 import math
 
+import peft
 import pytest
 import torch
 from torch.testing import assert_close
@@ -266,3 +267,26 @@ def test_callback_fires_once_per_evaluation_of_the_sampling_run_only(mode):
     assert all(torch.equal(a.x_next, b.x) for a, b in zip(seen, seen[1:]))
     x.sum().backward()
     assert len(seen) == 7
+
+
+@pytest.mark.parametrize("grad_steps", [None, 1])
+def test_lora_adapters_via_peft(grad_steps):
+    """A peft LoRA model (only the adapters require grad): the discrete adjoint's adapter gradients equal autograd's,
+    also truncated to the last step (DRaFT-LV); the frozen base gets none and the module keeps its parameters."""
+    net, x_T, cond, weight = real_network_case(5)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["time", "cond", "mid"], init_lora_weights=False)
+    model = peft.get_peft_model(net, config)
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    assert 0 < len(adapters) < len(list(model.parameters()))
+    before = list(model.parameters())
+    grads = {}
+    for mode in ("autograd", "discrete"):
+        x = ad.sample(model, x_T, ad.VPSchedule.linear(), steps=5, cond=cond, sde=True, grad=mode,
+                      grad_steps=grad_steps, generator=torch.Generator().manual_seed(1))
+        (weight * x).sum().backward()
+        grads[mode] = [p.grad.clone() for p in adapters]
+        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+        model.zero_grad(set_to_none=True)
+    for g, w in zip(grads["discrete"], grads["autograd"]):
+        assert relative_error(g, w) < 1e-8
+    assert all(p is q for p, q in zip(model.parameters(), before))

@@ -7,11 +7,12 @@ A, B, C read off three sample runs. The loss ``||x0 - target||^2`` then has the 
 (optimising cond), where the loss is 0; ``guide`` must reach it.
 """
 
+import numpy as np
 import pytest
 import torch
 from gaussian import GaussianEps
 
-from adjointdeis import VPSchedule, guide, sample
+from adjointdeis import ProbabilityRegularizer, VPSchedule, guide, sample
 
 DIM, BATCH, STEPS = 12, 2, 10
 
@@ -134,8 +135,8 @@ def test_gradient_clipping_bounds_the_step():
 def test_bad_arguments_raise():
     model, sched, x_T, cond, target = problem()
     loss = squared_distance(target)
-    with pytest.raises(ValueError, match="unknown optimize entry 'noise'"):
-        guide(model, sched, loss, x_T, cond=cond, optimize=("x_T", "noise"), progress=False)
+    with pytest.raises(ValueError, match="unknown optimize entry 'weights'"):
+        guide(model, sched, loss, x_T, cond=cond, optimize=("x_T", "weights"), progress=False)
     with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
         guide(model, sched, loss, x_T, cond=cond, optimizer="lbfgs", progress=False)
     with pytest.raises(ValueError, match="iters"):
@@ -144,3 +145,66 @@ def test_bad_arguments_raise():
         guide(model, sched, loss, x_T, optimize="cond", progress=False)
     with pytest.raises(ValueError, match="scalar"):
         guide(model, sched, lambda x0: x0, x_T, cond=cond, steps=2, iters=1, progress=False)
+
+
+def numpy_log_bound(rows):
+    """DNO's two concentration bounds, written independently in numpy float64."""
+    count, d = rows.shape
+    mean = rows.mean(0)
+    deviation = np.linalg.norm(rows.T @ rows / count - np.eye(d), ord=2)
+    log_mean = min(-count * (mean ** 2).sum() / (2 * d), -np.log(2))
+    excess = max(np.sqrt(1 + deviation) - 1 - np.sqrt(d / count), 0.0)
+    return log_mean + min(-count * excess ** 2 / 2, -np.log(2))
+
+
+def test_probability_regularizer_value_and_gradient():
+    """The regulariser equals an independent numpy evaluation (ordered rows and the same permutations), and its
+    gradient passes gradcheck, on noises far enough from Gaussian that both bounds are active."""
+    g = torch.Generator().manual_seed(0)
+    noises = [1.6 * torch.randn(3, 26, generator=g, dtype=torch.float64) + 0.4,
+              torch.randn(5, 7, generator=g, dtype=torch.float64)]
+    flat = torch.cat([n.reshape(-1) for n in noises]).numpy()
+    d, shuffles, weight = 4, 3, 0.7
+    rows = len(flat) // d
+    gen = torch.Generator().manual_seed(5)
+    perms = [torch.randperm(len(flat), generator=gen).numpy() for _ in range(shuffles)]
+    want = numpy_log_bound(flat[:rows * d].reshape(rows, d))
+    want += sum(numpy_log_bound(flat[p][:rows * d].reshape(rows, d)) for p in perms) / shuffles
+    reg = ProbabilityRegularizer(weight, subsample=1, shuffles=shuffles, generator=torch.Generator().manual_seed(5))
+    assert abs(float(reg(noises)) + weight * want) < 1e-12 * abs(want)
+    assert numpy_log_bound(flat[:rows * d].reshape(rows, d)) < -2 * np.log(2) - 0.1  # both bounds active
+
+    def regularized(a, b):
+        fresh = ProbabilityRegularizer(weight, shuffles=shuffles, generator=torch.Generator().manual_seed(5))
+        return fresh([a, b])
+    assert torch.autograd.gradcheck(regularized, [n.clone().requires_grad_() for n in noises])
+    with pytest.raises(ValueError, match="ProbabilityRegularizer.subsample"):
+        ProbabilityRegularizer(subsample=-1)
+    with pytest.raises(ValueError, match="fewer than a row"):
+        ProbabilityRegularizer(subsample=3)([torch.zeros(10)])
+
+
+def test_noise_optimisation_raises_the_reward_and_the_regularizer_keeps_noise_gaussian():
+    """optimize=("noise",) on an SDE run starts from the generator's draws and lowers the loss; with DNO's
+    regulariser the optimised noises score better under it; discrete and autograd follow the same path."""
+    model, sched, x_T, cond, target = problem(8)
+    loss = squared_distance(target)
+    kwargs = dict(cond=cond, optimize=("noise",), steps=STEPS, sde=True, progress=False, lr=0.2)
+    with torch.no_grad():
+        start = sample(model, x_T, sched, steps=STEPS, cond=cond, sde=True, generator=torch.Generator().manual_seed(2))
+    plain = guide(model, sched, loss, x_T, iters=15, generator=torch.Generator().manual_seed(2), **kwargs)
+    assert plain.losses[0] == float(loss(start))
+    assert plain.noise.shape == (STEPS, *x_T.shape)
+    assert plain.final_loss < 0.5 * plain.losses[0]
+    assert torch.equal(plain.x_T, x_T)
+    strong = lambda: ProbabilityRegularizer(weight=50.0, shuffles=4, generator=torch.Generator().manual_seed(1))
+    runs = [guide(model, sched, loss, x_T, iters=15, generator=torch.Generator().manual_seed(2), grad=grad,
+                  regularizer=strong(), **kwargs) for grad in ("discrete", "autograd")]
+    torch.testing.assert_close(torch.tensor(runs[0].losses), torch.tensor(runs[1].losses), rtol=1e-10, atol=0)
+    torch.testing.assert_close(runs[0].noise, runs[1].noise, rtol=1e-10, atol=1e-12)
+    judge = ProbabilityRegularizer(shuffles=20, generator=torch.Generator().manual_seed(9))
+    assert float(judge([runs[0].noise])) < float(judge([plain.noise]))
+    with pytest.raises(ValueError, match="the run injects none"):
+        guide(model, sched, loss, x_T, cond=cond, optimize="noise", steps=STEPS, progress=False)
+    with pytest.raises(ValueError, match="optimize must include 'x_T' or 'noise'"):
+        guide(model, sched, loss, x_T, cond=cond, optimize="cond", regularizer=strong(), progress=False)

@@ -1,12 +1,10 @@
 """``adjointdeis.k_diffusion``: k-diffusion's sampler functions, run through ``sample``.
 
-Oracle: k-diffusion itself is not a test dependency (its install pulls wandb, kornia, torchvision,
-CLIP and pins numpy < 2), so each sampler is checked against a transcription, below, of the update
-k-diffusion documents for it (its ``sampling.py``: Karras et al. Algorithm 2 for Euler/Heun,
-DPM-Solver++(2M) and its SDE variant in ``t = -log(sigma)``), one plain loop per sampler in the same
-VE coordinates and calling convention. DEIS, which k-diffusion does not ship, is checked against
-Adams-Bashforth weights integrated by Gauss-Legendre quadrature. Where ``k_diffusion`` can be
-imported, :func:`test_matches_installed_k_diffusion` also compares with its own functions.
+Oracles: k-diffusion's own released ``sampling.py`` (tests/test_k_diffusion_oracle.py, every shared sampler);
+here, independent plain-loop transcriptions of the published updates (Karras et al. Algorithm 2 for
+Euler/Heun, DPM-Solver++(2M), (3M) and the SDE variant in ``t = -log(sigma)``) in the same VE coordinates and
+calling convention, the gradients against plain autograd, and DEIS (which k-diffusion does not ship) against
+Adams-Bashforth weights integrated by Gauss-Legendre quadrature.
 """
 
 import math
@@ -267,34 +265,73 @@ def test_bad_arguments_raise():
     sigmas = karras_sigmas(4).float()
     with pytest.raises(ValueError, match="strictly decreasing"):
         kd.sample_dpmpp_2m(model, x, sigmas.flip(0), disable=True)
-    with pytest.raises(ValueError, match="eta=1"):
-        kd.sample_dpmpp_2m_sde(model, x, sigmas, eta=0.5, disable=True)
-    with pytest.raises(ValueError, match="generator"):
-        kd.sample_dpmpp_2m_sde(model, x, sigmas, noise_sampler=lambda s, t: torch.randn_like(x), disable=True)
-    with pytest.raises(ValueError, match="s_churn"):
-        kd.sample_euler(model, x, sigmas, s_churn=1.0, disable=True)
-    with pytest.raises(ValueError, match="append a 0"):
-        kd.sample_heun(model, x, sigmas[:-1], disable=True)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        kd.sample_euler_ancestral(model, x, sigmas.flip(0), disable=True)
+    with pytest.raises(ValueError, match="solver_type"):
+        kd.sample_dpmpp_2m_sde(model, x, sigmas, solver_type="euler", disable=True)
+    with pytest.raises(ValueError, match="not both"):
+        kd.sample_dpmpp_2m_sde(model, x, sigmas, noise_sampler=lambda s, t: torch.randn_like(x),
+                               generator=torch.Generator(), disable=True)
+    with pytest.raises(TypeError, match="noise_sampler"):
+        kd.sample_euler_ancestral(model, x, sigmas, noise_sampler=3, disable=True)
     with pytest.raises(ValueError, match="order"):
         kd.sample_deis(model, x, sigmas, order=4, disable=True)
+    with pytest.raises(ValueError, match="order must be an integer in 1..4"):
+        kd.sample_lms(model, x, sigmas, order=5, disable=True)
+    with pytest.raises(ValueError, match="max_order"):
+        kd.sample_ipndm(model, x, sigmas, max_order=0, disable=True)
+    with pytest.raises(ValueError, match="r must be"):
+        kd.sample_dpmpp_sde(model, x, sigmas, r=0.0, disable=True)
+    with pytest.raises(ValueError, match="grad='adjoint'"):
+        kd.sample_heun(model, x.requires_grad_(), sigmas, grad="adjoint", disable=True)
 
 
-def test_matches_installed_k_diffusion():
-    sampling = pytest.importorskip("k_diffusion.sampling")
-    model, x, cond = setup(torch.float32)
-    sigmas = karras_sigmas(7).float()
-    extra = {"cond": cond}
-    with torch.no_grad():
-        for ours_fn, theirs_fn in ((kd.sample_dpmpp_2m, sampling.sample_dpmpp_2m),
-                                   (kd.sample_euler, sampling.sample_euler),
-                                   (kd.sample_heun, sampling.sample_heun)):
-            ours = ours_fn(model, x, sigmas, extra_args=extra, disable=True)
-            theirs = theirs_fn(model, x, sigmas, extra_args=extra, disable=True)
-            assert relative_error(ours, theirs) < 1e-5, ours_fn.__name__
-        draws = torch.Generator().manual_seed(5)
-        theirs = sampling.sample_dpmpp_2m_sde(
-            model, x, sigmas, extra_args=extra, disable=True,
-            noise_sampler=lambda sigma, sigma_next: torch.randn(x.shape, generator=draws))
-        ours = kd.sample_dpmpp_2m_sde(model, x, sigmas, extra_args=extra, disable=True,
-                                      generator=torch.Generator().manual_seed(5))
-        assert relative_error(ours, theirs) < 1e-5
+class SeededNoise:
+    """noise_sampler(sigma, sigma_next): the k-th call returns the k-th draw of a fixed seed (alike in every run)."""
+
+    def __init__(self, like, seed=4):
+        self.g, self.like = torch.Generator().manual_seed(seed), like
+
+    def __call__(self, sigma, sigma_next):
+        return torch.randn(self.like.shape, generator=self.g, dtype=self.like.dtype)
+
+
+# sampler, options, noise: "sampler" (a fresh SeededNoise per run), "generator" (a fresh seeded generator) or None
+EVERY_SAMPLER = {
+    "euler_churn": (kd.sample_euler, {"s_churn": 1.0}, "generator"),
+    "heun_churn": (kd.sample_heun, {"s_churn": 1.0}, "generator"),
+    "dpm_2": (kd.sample_dpm_2, {}, None),
+    "dpm_2_churn": (kd.sample_dpm_2, {"s_churn": 1.0}, "generator"),
+    "euler_ancestral": (kd.sample_euler_ancestral, {}, "sampler"),
+    "dpm_2_ancestral": (kd.sample_dpm_2_ancestral, {"eta": 0.7}, "sampler"),
+    "dpmpp_2s_ancestral": (kd.sample_dpmpp_2s_ancestral, {}, "sampler"),
+    "dpmpp_sde": (kd.sample_dpmpp_sde, {"r": 0.4}, "sampler"),
+    "dpmpp_2m_sde_heun": (kd.sample_dpmpp_2m_sde, {"solver_type": "heun", "eta": 0.6}, "sampler"),
+    "dpmpp_3m_sde": (kd.sample_dpmpp_3m_sde, {}, "sampler"),
+    "lms": (kd.sample_lms, {}, None),
+    "ipndm": (kd.sample_ipndm, {}, None),
+    "res_multistep": (kd.sample_res_multistep, {}, None),
+    "res_multistep_ancestral": (kd.sample_res_multistep_ancestral, {}, "generator"),
+}
+
+
+@pytest.mark.parametrize("final_zero", [True, False], ids=["to_zero", "not_to_zero"])
+@pytest.mark.parametrize("name", list(EVERY_SAMPLER))
+def test_every_sampler_discrete_gradients_equal_autograd(name, final_zero):
+    """x, a conditioning tensor of extra_args and the model's parameters, with the same noise in both runs."""
+    sampler, options, noise = EVERY_SAMPLER[name]
+    model, x, cond = setup(torch.float64)
+    sigmas = karras_sigmas(5, final_zero=final_zero)
+    leaves = [x.requires_grad_(), cond.requires_grad_()] + list(model.parameters())
+    grads = {}
+    for grad in ("discrete", "autograd"):
+        kwargs = dict(options)
+        if noise == "sampler":
+            kwargs["noise_sampler"] = SeededNoise(x)
+        elif noise == "generator":
+            kwargs["generator"] = torch.Generator().manual_seed(9)
+        out = sampler(model, x, sigmas, extra_args={"cond": cond, "scale": 0.7}, disable=True, grad=grad, **kwargs)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).square().sum()
+        grads[grad] = torch.autograd.grad(loss, leaves)
+    for got, want in zip(grads["discrete"], grads["autograd"]):
+        assert relative_error(got, want) < 1e-8

@@ -272,7 +272,8 @@ def test_sde_reproducible_from_the_generator_seed():
 
 def test_noise_source_replaces_the_generator():
     """noise(row, x) supplies the stochastic rows' noise: the same draws as the generator give the same sample,
-    the rows it is asked for are the plan's noisy ones, in order, and it cannot be combined with a generator."""
+    the rows it is asked for are the plan's noisy ones, in order, and it cannot be combined with a generator; the
+    draws as one tensor give the same sample."""
     sched, model, x_T = oracle("vp_linear")
     g = torch.Generator().manual_seed(3)
     asked = []
@@ -288,7 +289,10 @@ def test_noise_source_replaces_the_generator():
     with pytest.raises(ValueError, match="not both"):
         ad.sample(model, x_T, sched, steps=6, sde=True, noise=noise, generator=g)
     with pytest.raises(TypeError, match="noise must be callable"):
-        ad.sample(model, x_T, sched, steps=6, sde=True, noise=torch.zeros(6, *x_T.shape))
+        ad.sample(model, x_T, sched, steps=6, sde=True, noise=3.0)
+    # The noises themselves, one (N, *x.shape) tensor: the draws the source handed out, the same sample.
+    draws = torch.randn(6, *x_T.shape, generator=torch.Generator().manual_seed(3), dtype=x_T.dtype)
+    assert torch.equal(ad.sample(model, x_T, sched, steps=6, order=2, sde=True, noise=draws), from_generator)
 
 
 def test_batch_independence_and_dtypes():
@@ -402,6 +406,46 @@ def test_cuda_sample_matches_cpu_without_host_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sde", [False, True], ids=["ode", "sde"])
+def test_cuda_graph_captures_a_whole_sample_call(sde):
+    """After one warm-up run, a whole ``sample`` call captures into a CUDA graph (the coefficient tables are
+    the warm-up's, the finiteness check is skipped while capturing); replays on new noise match eager runs."""
+    sched, _, x_T = oracle("vp_linear")
+    model = lambda x, t: torch.tanh(x) * 0.5 + t[:, None].to(x) * 1e-3
+    static = x_T.float().cuda()
+    run = lambda: ad.sample(model, static, sched, steps=10, order=2, sde=sde, generator=None)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()  # warm-up: uploads the plan's tables
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        for seed in (1, 2):
+            static.copy_(torch.randn(x_T.shape, generator=torch.Generator().manual_seed(seed)))
+            if sde:
+                torch.cuda.manual_seed(seed)
+            graph.replay()
+            if sde:
+                torch.cuda.manual_seed(seed)
+            assert_close(out, run(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_plan_uploads_its_tables_once_per_device_and_dtype():
+    from adjointdeis.planning import device_tables, plan_sampling
+
+    sched = ad.VPSchedule.linear()
+    plan = plan_sampling(sched, 8, "logsnr", None, False, "dpmpp", 2, "eps")
+    again = plan_sampling(sched, 8, "logsnr", None, False, "dpmpp", 2, "eps")
+    first = device_tables(plan, torch.device("cpu"), torch.float32)
+    assert all(a is b for a, b in zip(first, device_tables(again, torch.device("cpu"), torch.float32)))
+    assert device_tables(plan, torch.device("cpu"), torch.float64)[1].dtype == torch.float64
+    assert torch.equal(first[0], plan.steps.coeffs) and first[1].dtype == torch.float32
 
 
 def test_the_solver_registry_describes_every_solver():

@@ -48,7 +48,13 @@ inline int grid_size(int64_t work, int device) {
 inline int current_device() { return torch::stable::accelerator::getCurrentDeviceIndex(); }
 
 inline cudaStream_t current_stream() {
+#if TORCH_TARGET_VERSION >= 0x020d000000000000
   return static_cast<cudaStream_t>(torch::stable::accelerator::getCurrentStream(current_device()).nativeHandle());
+#else  // torch 2.11 and 2.12 (ADJOINTDEIS_TORCH_TARGET): their stable Stream has no native handle; the C shim does
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(current_device(), &stream));
+  return static_cast<cudaStream_t>(stream);
+#endif
 }
 
 // A guard on t's device when t is a CUDA tensor; none otherwise, so that the op's checks name t.

@@ -1,0 +1,228 @@
+"""``adjointdeis.k_diffusion`` against k-diffusion's and ComfyUI's own released ``sampling.py``.
+
+The oracles are downloaded at test time (:mod:`kdiffusion_oracle`); every shared sampler runs on the same
+denoiser, the same initial state and the same noise (one seeded list of draws handed to both as their
+``noise_sampler``, or the same global seed for the churn and the default noise), and must agree to 1e-10
+relative in float64 on Karras and exponential grids, ending at 0 and not.
+"""
+
+import math
+import sys
+
+import pytest
+import torch
+from kdiffusion_oracle import load_sampling
+from test_k_diffusion import karras_sigmas, relative_error, setup
+
+from adjointdeis import k_diffusion as kd
+
+# k-diffusion's own dpmpp_sde queries its tree a rounding error past sigma_max (exp(-(-log sigma))); so do we.
+pytestmark = pytest.mark.filterwarnings("ignore:Should have tb<=t1")
+
+
+@pytest.fixture(scope="session")
+def wheel_cache(request):
+    return request.config.cache.mkdir("oracle-wheels")
+
+
+@pytest.fixture(scope="session")
+def kdiff(wheel_cache):
+    return load_sampling("k-diffusion", wheel_cache)
+
+
+@pytest.fixture(scope="session")
+def comfy(wheel_cache):
+    return load_sampling("comfyui", wheel_cache)
+
+
+def exponential_sigmas(n, sigma_min=0.03, sigma_max=12.0, final_zero=True):
+    sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+    return torch.cat([sigmas, sigmas.new_zeros(1)]) if final_zero else sigmas
+
+
+GRIDS = {"karras": karras_sigmas(6), "karras_no_zero": karras_sigmas(6, final_zero=False),
+         "exponential": exponential_sigmas(5), "exponential_no_zero": exponential_sigmas(5, final_zero=False)}
+
+
+class ListNoise:
+    """A deterministic noise sampler: the k-th call returns the k-th of a seeded list of normal draws."""
+
+    def __init__(self, like, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.draws = [torch.randn(like.shape, generator=g, dtype=like.dtype) for _ in range(64)]
+        self.calls = []
+
+    def __call__(self, sigma, sigma_next):
+        self.calls.append((float(sigma), float(sigma_next)))
+        return self.draws[len(self.calls) - 1]
+
+
+# name: (k-diffusion function name, keyword arguments, takes a noise_sampler, seeds the global RNG)
+SHARED = {
+    "euler": ("sample_euler", {}, False, False),
+    "euler_churn": ("sample_euler", {"s_churn": 2.0, "s_tmin": 0.05, "s_tmax": 5.0, "s_noise": 1.003}, False, True),
+    "heun": ("sample_heun", {}, False, False),
+    "heun_churn": ("sample_heun", {"s_churn": 1.5, "s_noise": 0.99}, False, True),
+    "dpm_2": ("sample_dpm_2", {}, False, False),
+    "dpm_2_churn": ("sample_dpm_2", {"s_churn": 1.0, "s_tmax": 3.0}, False, True),
+    "euler_ancestral": ("sample_euler_ancestral", {}, True, False),
+    "euler_ancestral_eta": ("sample_euler_ancestral", {"eta": 0.6, "s_noise": 0.9}, True, False),
+    "dpm_2_ancestral": ("sample_dpm_2_ancestral", {}, True, False),
+    "dpm_2_ancestral_eta0": ("sample_dpm_2_ancestral", {"eta": 0.0}, True, False),
+    "dpmpp_2s_ancestral": ("sample_dpmpp_2s_ancestral", {}, True, False),
+    "dpmpp_2s_ancestral_eta": ("sample_dpmpp_2s_ancestral", {"eta": 0.5, "s_noise": 1.1}, True, False),
+    "dpmpp_sde": ("sample_dpmpp_sde", {}, True, False),
+    "dpmpp_sde_r": ("sample_dpmpp_sde", {"r": 0.3, "eta": 0.7, "s_noise": 0.95}, True, False),
+    "dpmpp_2m": ("sample_dpmpp_2m", {}, False, False),
+    "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", {}, True, False),
+    "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.5, "s_noise": 0.9}, True, False),
+    "dpmpp_2m_sde_eta0": ("sample_dpmpp_2m_sde", {"eta": 0.0, "solver_type": "heun"}, True, False),
+    "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {}, True, False),
+    "dpmpp_3m_sde_eta": ("sample_dpmpp_3m_sde", {"eta": 0.4, "s_noise": 1.05}, True, False),
+    "lms": ("sample_lms", {}, False, False),
+    "lms2": ("sample_lms", {"order": 2}, False, False),
+}
+COMFY = {
+    "ipndm": ("sample_ipndm", {}, False),
+    "ipndm2": ("sample_ipndm", {"max_order": 2}, False),
+    "res_multistep": ("sample_res_multistep", {}, True),
+    "res_multistep_ancestral": ("sample_res_multistep_ancestral", {"eta": 0.8}, True),
+}
+
+
+def run_both(ours, theirs, options, noisy, seeded, sigmas, dtype=torch.float64):
+    model, x, cond = setup(dtype)
+    sigmas = sigmas.to(dtype)
+    extra = {"cond": cond, "scale": 0.8}
+    results, calls = [], []
+    for fn in (ours, theirs):
+        kwargs = dict(options)
+        if noisy:
+            kwargs["noise_sampler"] = ListNoise(x)
+        if seeded:
+            torch.manual_seed(11)
+        with torch.no_grad():
+            results.append(fn(model, x, sigmas, extra_args=extra, disable=True, **kwargs))
+        calls.append(kwargs["noise_sampler"].calls if noisy else None)
+    return results, calls
+
+
+@pytest.mark.parametrize("grid", list(GRIDS))
+@pytest.mark.parametrize("name", list(SHARED))
+def test_matches_k_diffusion_with_the_same_noise(kdiff, name, grid):
+    function, options, noisy, seeded = SHARED[name]
+    (ours, theirs), (our_calls, their_calls) = run_both(getattr(kd, function), getattr(kdiff, function), options,
+                                                        noisy, seeded, GRIDS[grid])
+    assert relative_error(ours, theirs) < 1e-10
+    assert our_calls == their_calls  # the noise sampler is called with the same arguments, in the same order
+
+
+@pytest.mark.parametrize("grid", ["karras", "exponential_no_zero"])
+@pytest.mark.parametrize("name", list(COMFY))
+def test_matches_comfyui_with_the_same_noise(comfy, name, grid):
+    function, options, noisy = COMFY[name]
+    (ours, theirs), _ = run_both(getattr(kd, function), getattr(comfy, function), options, noisy, False, GRIDS[grid])
+    assert relative_error(ours, theirs) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "lms", "heun_churn", "dpmpp_sde"])
+def test_matches_k_diffusion_in_float32(kdiff, name):
+    function, options, noisy, seeded = SHARED[name]
+    (ours, theirs), _ = run_both(getattr(kd, function), getattr(kdiff, function), options, noisy, seeded,
+                                 GRIDS["karras"], torch.float32)
+    assert relative_error(ours, theirs) < 1e-5
+
+
+def test_brownian_tree_noise_sampler_gives_k_diffusion_values(kdiff):
+    _, x, _ = setup(torch.float64)
+    sigmas = karras_sigmas(6)
+    ours = kd.BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], seed=42)
+    theirs = kdiff.BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], seed=42)
+    batched = kd.BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], seed=[1, 2])
+    batched_theirs = kdiff.BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], seed=[1, 2])
+    for s, t in zip(sigmas[:-2], sigmas[1:-1]):
+        assert torch.equal(ours(s, t), theirs(s, t))
+        assert torch.equal(batched(s, t), batched_theirs(s, t))
+    assert not torch.equal(ours(sigmas[0], sigmas[1]), batched(sigmas[0], sigmas[1]))
+
+
+@pytest.mark.parametrize("function", ["sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"])
+def test_same_seed_same_image_as_k_diffusion(kdiff, function):
+    """k-diffusion's sampler with its Brownian tree and ours with ours, same seed; and both defaults, same global
+    seed (the default tree draws its seed from torch's generator)."""
+    model, x, cond = setup(torch.float64)
+    sigmas = karras_sigmas(6)
+    extra = {"cond": cond}
+    low, high = sigmas[-2], sigmas[0]
+    with torch.no_grad():
+        ours = getattr(kd, function)(model, x, sigmas, extra_args=extra, disable=True,
+                                     noise_sampler=kd.BrownianTreeNoiseSampler(x, low, high, seed=7))
+        theirs = getattr(kdiff, function)(model, x, sigmas, extra_args=extra, disable=True,
+                                          noise_sampler=kdiff.BrownianTreeNoiseSampler(x, low, high, seed=7))
+        torch.manual_seed(5)
+        ours_default = getattr(kd, function)(model, x, sigmas, extra_args=extra, disable=True)
+        torch.manual_seed(5)
+        theirs_default = getattr(kdiff, function)(model, x, sigmas, extra_args=extra, disable=True)
+    assert relative_error(ours, theirs) < 1e-10
+    assert relative_error(ours_default, theirs_default) < 1e-10
+    assert relative_error(ours, ours_default) > 1e-3
+
+
+def test_accepts_k_diffusions_own_noise_sampler(kdiff):
+    model, x, cond = setup(torch.float64)
+    sigmas = karras_sigmas(5)
+    with torch.no_grad():
+        ours = kd.sample_dpmpp_sde(model, x, sigmas, extra_args={"cond": cond}, disable=True,
+                                   noise_sampler=kdiff.BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], seed=3))
+        theirs = kdiff.sample_dpmpp_sde(model, x, sigmas, extra_args={"cond": cond}, disable=True,
+                                        noise_sampler=kdiff.BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], seed=3))
+    assert relative_error(ours, theirs) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["heun_churn", "dpm_2", "euler_ancestral", "dpmpp_sde"])
+def test_callback_matches_k_diffusion(kdiff, name):
+    function, options, noisy, seeded = SHARED[name]
+    model, x, cond = setup(torch.float64)
+    sigmas = karras_sigmas(5)
+    seen = {}
+    for who, fn in (("ours", getattr(kd, function)), ("theirs", getattr(kdiff, function))):
+        infos, kwargs = [], dict(options)
+        if noisy:
+            kwargs["noise_sampler"] = ListNoise(x)
+        torch.manual_seed(2)
+        with torch.no_grad():
+            fn(model, x, sigmas, extra_args={"cond": cond}, callback=infos.append, disable=True, **kwargs)
+        seen[who] = infos
+    assert [i["i"] for i in seen["ours"]] == [i["i"] for i in seen["theirs"]] == list(range(5))
+    for ours, theirs in zip(seen["ours"], seen["theirs"]):
+        assert set(ours) == set(theirs)
+        assert float(ours["sigma"]) == float(theirs["sigma"])
+        assert math.isclose(float(ours["sigma_hat"]), float(theirs["sigma_hat"]), rel_tol=1e-14)
+        assert relative_error(ours["x"], theirs["x"]) < 1e-10
+        assert relative_error(ours["denoised"], theirs["denoised"]) < 1e-10
+
+
+@pytest.mark.parametrize("function", ["sample_euler_ancestral", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral"])
+def test_default_noise_with_the_same_global_seed(kdiff, function):
+    model, x, cond = setup(torch.float64)
+    sigmas = GRIDS["exponential"]
+    results = []
+    for fn in (getattr(kd, function), getattr(kdiff, function)):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            results.append(fn(model, x, sigmas, extra_args={"cond": cond}, disable=True))
+    assert relative_error(*results) < 1e-10
+
+
+def test_brownian_tree_without_torchsde_names_the_extra(monkeypatch):
+    _, x, _ = setup(torch.float64)
+    monkeypatch.setitem(sys.modules, "torchsde", None)
+    with pytest.raises(ImportError, match=r"adjointdeis\[k-diffusion\]"):
+        kd.BrownianTreeNoiseSampler(x, 0.1, 10.0)
+    model, _, cond = setup(torch.float64)
+    with pytest.raises(ImportError, match="torchsde"):
+        kd.sample_dpmpp_sde(model, x, karras_sigmas(3), extra_args={"cond": cond}, disable=True)
+    with torch.no_grad():  # generator= needs no torchsde
+        out = kd.sample_dpmpp_sde(model, x, karras_sigmas(3), extra_args={"cond": cond}, disable=True,
+                                  generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out).all()
