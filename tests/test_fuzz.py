@@ -49,6 +49,17 @@ def values(tensor_shapes=None):
                      tensors(tensor_shapes))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def keep_the_device_table_memo():
+    """The fuzzed runs build hundreds of plans; leave the run loop's bounded table memo as it was found."""
+    from adjointdeis import planning
+
+    kept = dict(planning._DEVICE_TABLES)
+    yield
+    planning._DEVICE_TABLES.clear()
+    planning._DEVICE_TABLES.update(kept)
+
+
 def finite_inputs(*inputs) -> bool:
     """Whether every number and tensor among the inputs is finite (then the result must be finite too)."""
     for value in inputs:
