@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from . import __version__, ops
+from . import __version__, ops, validation
 from ._extension import build_info
 from .schedules import SPACINGS
 from .solvers import SOLVERS, resolve_order
@@ -42,6 +42,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def finite_float(text: str) -> float:
+    """A finite number (argparse's ``float`` also takes "nan" and "inf")."""
+    try:
+        return validation.real(float(text), "value")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}") from None
 
 
 def output_folder(path: pathlib.Path, echo=print) -> pathlib.Path:
@@ -274,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("grid.png"), help="PNG file (default grid.png)")
     p.add_argument("--seed", type=int, default=0, help="seed of x_T and of the SDE noise")
     p.add_argument("--sde", action="store_true", help="stochastic DPM-Solver++ (dpmpp orders 1-2, ddim)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: none)")
+    p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: none)")
     p.add_argument("--spacing", choices=SPACINGS,
                    help="time grid (default: the model's: logsnr for digits, uniform in t for the flow models)")
     p.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
@@ -295,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdjointDEIS in the paper's noise-prediction form (default) or the data-prediction form, "
                         "which keeps the gradient's direction on coarse adjoint grids")
     p.add_argument("--steps", type=positive_int, default=10, help="sampling steps (default 10)")
-    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")
+    p.add_argument("--lr", type=finite_float, default=0.05, help="Adam learning rate (default 0.05)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("morph.png"), help="PNG file (default morph.png)")
     p.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
 
@@ -323,12 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "rounding). A true score gives zero for both.")
     p.add_argument("--model", choices=[m for m in MODELS if m != "digits-dsno"], default="digits",
                    help="shipped model (default digits)")
-    p.add_argument("--times", type=float, nargs="+",
+    p.add_argument("--times", type=finite_float, nargs="+",
                    help="model times: training steps for digits (default 50 200 500 800), flow times in (0, 1) for "
                         "the flow models (default 0.05 0.2 0.5 0.8)")
     p.add_argument("--probes", type=positive_int, default=32, help="random probes per digit (default 32)")
     p.add_argument("--points", type=positive_int, default=32, help="points per circle (default 32)")
-    p.add_argument("--radius", type=float, default=1.0, help="circle radius in pixel units of [-1, 1] (default 1)")
+    p.add_argument("--radius", type=finite_float, default=1.0, help="circle radius in pixel units of [-1, 1] (default 1)")
     p.add_argument("--n", type=positive_int, default=64, help="held-out digits (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
@@ -342,8 +350,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         args.run(args)
-    except CommandError as error:
-        parser.exit(2, f"adjointdeis {args.command}: error: {error}\n")
+    except (CommandError, ValueError, TypeError) as error:   # a user error: the library names the argument
+        parser.exit(2, f"adjointdeis {args.command}: error: {' '.join(str(error).splitlines())}\n")
     except (FileNotFoundError, ImportError) as error:
         parser.exit(1, f"adjointdeis {args.command}: error: {error}\n")
     return 0

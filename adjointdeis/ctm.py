@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import ops
+from . import ops, validation
 from .reference import opmath_dtype
 from .schedules import check_noise_levels
 
@@ -27,16 +27,11 @@ def _model_name(model) -> str:
 
 def _call_two_time(model: Callable, x: Tensor, t: Tensor, u: Tensor, cond) -> Tensor:
     out = model(x, t, u) if cond is None else model(x, t, u, cond)
-    if not isinstance(out, Tensor) or out.shape != x.shape:
-        got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"the two-time model {_model_name(model)} returned {got} for x of shape {list(x.shape)}; "
-                         "it must return a tensor shaped like x")
-    return out
+    return validation.model_output(out, x, f"the two-time model {_model_name(model)}")
 
 
 def _check_output(output: str) -> None:
-    if output not in OUTPUTS:
-        raise ValueError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
+    validation.choice(output, "output", OUTPUTS)
 
 
 @torch.compiler.assume_constant_result
@@ -97,11 +92,14 @@ def sample_ctm(model: Callable, x_T: Tensor, sigmas, gamma: float = 0.0, generat
         ValueError for gamma outside [0, 1], an unknown output, a bad sigma grid, or a model output
         of the wrong shape (naming the model); FloatingPointError when the result is not finite.
     """
-    if not isinstance(x_T, Tensor) or not x_T.is_floating_point() or x_T.dim() < 1:
-        raise TypeError("x_T must be a floating-point tensor with a leading batch dimension")
-    if isinstance(gamma, Tensor) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+    validation.function(model, "model", "G(x, t, u[, cond]) -> Tensor")
+    validation.floating(x_T, "x_T", min_dim=1)
+    if isinstance(gamma, Tensor):
+        raise validation.ArgumentTypeError("gamma must be a Python number in [0, 1]; got a tensor")
+    gamma = validation.probability(gamma, "gamma")
     _check_output(output)
+    if generator is not None:
+        validation.instance(generator, "generator", torch.Generator, "a torch.Generator")
     rows, ts, us = ctm_plan(check_noise_levels(sigmas), float(gamma), output)
     # Each jump [a, b, c] is the multistep row [a, b0=b, 0, 0, c, p=0, q=1] with out = g.
     coeffs = torch.tensor([[a, b, 0.0, 0.0, c, 0.0, 1.0] for a, b, c in rows], dtype=torch.float64, device=x_T.device)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import validation
 from .predictions import check_prediction, from_data_and_noise, to_data_and_noise
 from .schedules import NoiseSchedule
 
@@ -185,10 +186,26 @@ class PredictionAdapter(torch.nn.Module):
 
 def _cat_conditioning(uncond: Cond, cond: Cond):
     if isinstance(cond, Mapping):
-        if not isinstance(uncond, Mapping) or set(uncond) != set(cond):
-            raise ValueError("uncond must be a dict with the same keys as cond")
         return {k: torch.cat([uncond[k], cond[k]]) for k in cond}
     return torch.cat([uncond, cond])
+
+
+def check_conditioning(x: Tensor, cond: Cond, guidance_scale, uncond: Cond) -> None:
+    """Checks a run's conditioning once, before the loop (:func:`evaluate_model` assumes it).
+
+    Raises:
+        ValueError / TypeError naming cond, uncond or guidance_scale: not None, a tensor or a dict of tensors;
+        guidance without both branches; uncond not of cond's structure; a scale that is not
+        a finite number or a floating tensor broadcastable to x.
+    """
+    validation.conditioning(cond, "cond")
+    validation.conditioning(uncond, "uncond")
+    if guidance_scale is None:
+        return
+    if cond is None or uncond is None:
+        raise ValueError("guidance_scale needs both cond and uncond")
+    validation.same_structure(cond, uncond)
+    validation.guidance_scale(guidance_scale, "guidance_scale", x.shape)
 
 
 def evaluate_model(model: Callable, x: Tensor, t: Tensor, cond: Cond = None,
@@ -207,18 +224,12 @@ def evaluate_model(model: Callable, x: Tensor, t: Tensor, cond: Cond = None,
         (batch, *shape) model output.
 
     Raises:
-        ValueError if the model returns a tensor of another shape.
+        ValueError / TypeError if the model returns anything but a real floating-point tensor shaped like its x
+        (:func:`adjointdeis.validation.model_output`; no host sync).
     """
     if guidance_scale is None:
-        out = model(x, t) if cond is None else model(x, t, cond)
-    else:
-        both = model(torch.cat([x, x]), torch.cat([t, t]), _cat_conditioning(uncond, cond))
-        if both.shape[:1] != (2 * x.shape[0],):
-            raise ValueError(
-                f"the model returned shape {list(both.shape)} for a guided batch of shape "
-                f"{[2 * x.shape[0], *x.shape[1:]]}")
-        out_uncond, out_cond = both.chunk(2)
-        out = out_uncond + guidance_scale * (out_cond - out_uncond)
-    if out.shape != x.shape:
-        raise ValueError(f"the model returned shape {list(out.shape)} for x of shape {list(x.shape)}")
-    return out
+        return validation.model_output(model(x, t) if cond is None else model(x, t, cond), x)
+    doubled = torch.cat([x, x])
+    both = validation.model_output(model(doubled, torch.cat([t, t]), _cat_conditioning(uncond, cond)), doubled)
+    out_uncond, out_cond = both.chunk(2)
+    return out_uncond + guidance_scale * (out_cond - out_uncond)

@@ -179,17 +179,6 @@ def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype in (torch.complex128, torch.float64) else torch.complex64
 
 
-def _check_synthesis(op, weight, dim, n_times, modes):
-    if weight.dtype not in (torch.complex64, torch.complex128):
-        raise TypeError(f"{op}: weight must be complex64 or complex128, got {weight.dtype}")
-    if weight.dim() != dim:
-        raise ValueError(f"{op}: weight must have {dim} dimensions, got shape {list(weight.shape)}")
-    if not 2 <= n_times <= reference.MAX_TIMES:
-        raise ValueError(f"{op}: n_times must be in [2, {reference.MAX_TIMES}], got {n_times}")
-    if not 1 <= modes <= min(n_times // 2 + 1, weight.shape[0]):
-        raise ValueError(f"{op}: modes must be in [1, min(n_times // 2 + 1, weight.shape[0])], got {modes}")
-
-
 def spectral_rank(n_times: int, modes: int) -> int:
     """Real coordinates of ``modes`` kept bins of a length-T real signal: min(2 modes - 1, T)."""
     return min(2 * modes - 1, n_times)
@@ -213,7 +202,7 @@ def fourier_tap_synthesis(weight: Tensor, n_times: int, modes: int) -> Tensor:
     Raises:
         TypeError / ValueError naming the argument for a bad dtype, shape or range.
     """
-    _check_synthesis("fourier_tap_synthesis", weight, 2, n_times, modes)
+    reference.check_synthesis_operands("fourier_tap_synthesis", weight, 2, n_times, modes)
     options = dict(dtype=torch.float64, device=weight.device)
     d, k = torch.arange(n_times, **options)[:, None], torch.arange(modes, **options)[None, :]
     theta = torch.remainder(d * k, n_times) * (2 * torch.pi / n_times)
@@ -248,7 +237,7 @@ def fourier_mode_mixing(weight: Tensor, n_times: int, modes: int) -> Tensor:
     Raises:
         TypeError / ValueError naming the argument for a bad dtype, shape or range.
     """
-    _check_synthesis("fourier_mode_mixing", weight, 3, n_times, modes)
+    reference.check_synthesis_operands("fourier_mode_mixing", weight, 3, n_times, modes)
     parts = torch.view_as_real(weight[:modes]).transpose(1, 2)  # (modes, C_out, C_in, 2): real ops only
     re, im = parts[..., 0], parts[..., 1]
     nyquist = 2 * (modes - 1) == n_times
@@ -287,8 +276,10 @@ def fourier_spectral_conv(x: Tensor, mixing: Tensor, modes: int, residual: bool,
         empty bool tensor when not saved or without activation.
 
     Raises:
-        RuntimeError naming the argument (dtype, device, shape, modes out of range).
+        ValueError / TypeError naming the argument (dtype, device, shape, modes out of range): the checks of
+        ``reference.check_spectral_operands`` (``torch.ops.adjointdeis`` called directly: RuntimeError).
     """
+    reference.check_spectral_operands(x, mixing, modes, residual, negative_slope)
     return torch.ops.adjointdeis.fourier_spectral_conv.default(x, mixing, modes, residual, negative_slope, save_mask)
 
 
@@ -307,8 +298,9 @@ def fourier_channel_conv(x: Tensor, kernel: Tensor, residual: bool, negative_slo
         ``(y, mask)`` as in fourier_spectral_conv, y of x's shape.
 
     Raises:
-        RuntimeError naming the argument.
+        ValueError / TypeError naming the argument (``torch.ops.adjointdeis`` called directly: RuntimeError).
     """
+    reference.check_channel_operands(x, kernel, residual, negative_slope)
     return torch.ops.adjointdeis.fourier_channel_conv.default(x, kernel, residual, negative_slope, save_mask)
 
 
@@ -376,8 +368,6 @@ def fourier_temporal_conv_channelwise(x: Tensor, weight: Tensor, modes: int, res
 
 
 def _conv_fake(x, weight, residual, negative_slope, save_mask, out_channels):
-    if x.dim() != 5:
-        raise ValueError(f"x must have shape (B, T, C, H, W), got {list(x.shape)}")
     shape = (x.shape[0], x.shape[1], out_channels, x.shape[3], x.shape[4])
     mask_shape = shape if save_mask and negative_slope is not None else (0,)
     return x.new_empty(shape), x.new_empty(mask_shape, dtype=torch.bool)
@@ -385,12 +375,13 @@ def _conv_fake(x, weight, residual, negative_slope, save_mask, out_channels):
 
 @torch.library.register_fake("adjointdeis::fourier_spectral_conv")
 def _fourier_spectral_conv_fake(x, mixing, modes, residual, negative_slope, save_mask):
-    return _conv_fake(x, mixing, residual, negative_slope, save_mask,
-                      mixing.shape[0] // spectral_rank(x.shape[1], modes))
+    c_out = reference.check_spectral_operands(x, mixing, modes, residual, negative_slope)
+    return _conv_fake(x, mixing, residual, negative_slope, save_mask, c_out)
 
 
 @torch.library.register_fake("adjointdeis::fourier_channel_conv")
 def _fourier_channel_conv_fake(x, kernel, residual, negative_slope, save_mask):
+    reference.check_channel_operands(x, kernel, residual, negative_slope)
     return _conv_fake(x, kernel, residual, negative_slope, save_mask, x.shape[2])
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import ops
+from . import ops, validation
 from .models import evaluate_model
 from .predictions import conversion
 from .reference import opmath_dtype
@@ -120,12 +120,11 @@ def resolve_grid(sched: NoiseSchedule, steps: int | None, timesteps, denoise_to_
     Raises:
         ValueError naming `timesteps` when its length is neither `steps` nor ``steps + 1``.
     """
+    if steps is not None:
+        steps = validation.count(steps, "steps")
     if timesteps is None:
         return (DEFAULT_STEPS if steps is None else steps), None, bool(denoise_to_zero)
-    if isinstance(timesteps, Tensor):
-        values = tuple(timesteps.to(torch.float64).reshape(-1).tolist())
-    else:  # a sequence of numbers: read on the host, which torch.compile traces (a tensor's .tolist() it cannot)
-        values = tuple(float(v) for v in timesteps)
+    values = validation.reals(timesteps, "timesteps")
     if steps is None or steps == len(values) - 1:
         return len(values) - 1, values, bool(denoise_to_zero)
     if steps == len(values):
@@ -404,7 +403,7 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
             z = None
             if steps.noisy[row]:
                 z = (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if noise is None
-                     else noise(row, x))
+                     else validation.model_output(noise(row, x), x, "noise"))
             operands = history[:steps.num_history[row]] + ([x_start] if skips[row] else [])
             x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), operands, coeffs[row], z)
         if callback is not None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from . import validation
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -43,7 +45,7 @@ def check_prediction(prediction: str, name: str = "prediction") -> Prediction:
     Raises:
         ValueError naming `name` for an unknown prediction.
     """
-    if prediction not in PREDICTIONS:
+    if not validation.known(prediction, PREDICTIONS):
         label = "prediction" if name == "prediction" else f"{name} prediction"
         raise ValueError(f"unknown {label} {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
     return PREDICTIONS[prediction]

@@ -10,6 +10,8 @@ as oracles for the factored ones.
 import torch
 from torch import Tensor
 
+from . import validation
+
 STEP_COEFFS = ("a", "b0", "b1", "b2", "c", "p", "q")
 STEP_COEFFS_WIDE = STEP_COEFFS + ("b3",)  # a row of a step that reads three previous outputs
 MAX_HISTORY = 3
@@ -25,6 +27,9 @@ def _check_elementwise(op: str, lead_name: str, lead: Tensor, coeffs: Tensor, co
                        named: list[tuple[str, Tensor]]) -> torch.Size:
     """The checks shared by the elementwise step ops: the lead operand's dtype, a float64 coefficient vector on
     its device, and every other (name, tensor) of its dtype and device; returns the broadcast output shape."""
+    if not (isinstance(lead, Tensor) and isinstance(coeffs, Tensor) and all(isinstance(t, Tensor) for _, t in named)):
+        for name, t in [(lead_name, lead), ("coeffs", coeffs)] + named:
+            validation.instance(t, f"{op}: {name}", Tensor, "a tensor")
     if lead.dtype not in _STEP_DTYPES:
         raise TypeError(f"{op}: {lead_name} must be float64, float32, float16 or bfloat16, got {lead.dtype}")
     if coeffs.dtype != torch.float64:
@@ -181,15 +186,8 @@ def check_fourier_operands(x, weight, modes, residual, negative_slope, channelwi
         ValueError / TypeError naming the offending argument.
     """
     op = "fourier_temporal_conv_channelwise" if channelwise else "fourier_temporal_conv"
-    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
-        raise TypeError(f"{op}: x and weight must be tensors")
-    if x.dtype not in _STEP_DTYPES:
-        raise TypeError(f"{op}: x must be float64, float32, float16 or bfloat16, got {x.dtype}")
-    if x.dim() != 5:
-        raise ValueError(f"{op}: x must have shape (B, T, C, H, W), got {list(x.shape)}")
-    n_times, c_in = x.shape[1], x.shape[2]
-    if not 2 <= n_times <= MAX_TIMES:
-        raise ValueError(f"{op}: x.shape[1] (T) must be in [2, {MAX_TIMES}], got {n_times}")
+    validation.instance(weight, f"{op}: weight", Tensor, "a tensor")
+    n_times, c_in = _check_block_input(op, x)
     if weight.dtype not in _COMPLEX_DTYPES:
         raise TypeError(f"{op}: weight must be complex64 or complex128, got {weight.dtype}")
     if weight.dtype == torch.complex128 and x.dtype != torch.float64:
@@ -204,21 +202,100 @@ def check_fourier_operands(x, weight, modes, residual, negative_slope, channelwi
             f"{op}: weight {layout} has {weight.shape[1]} input channels but x has C = {c_in} "
             f"(x.shape[2])"
         )
-    if isinstance(modes, bool) or not isinstance(modes, int):
-        raise TypeError(f"{op}: modes must be an int, got {type(modes).__name__}")
-    if not 1 <= modes <= n_times // 2 + 1:
-        raise ValueError(
-            f"{op}: modes must be in [1, T // 2 + 1] = [1, {n_times // 2 + 1}] for T = {n_times}, got {modes}"
-        )
+    _check_modes(op, modes, n_times)
     if modes > weight.shape[0]:
         raise ValueError(f"{op}: modes = {modes} but weight holds only {weight.shape[0]} bins (weight.shape[0])")
     c_out = c_in if channelwise else weight.shape[2]
     if residual and c_out != c_in:
         raise ValueError(f"{op}: residual=True needs C_out == C_in, got C_in = {c_in}, C_out = {c_out}")
-    if negative_slope is not None and (isinstance(negative_slope, bool)
-                                       or not isinstance(negative_slope, (int, float))):
-        raise TypeError(f"{op}: negative_slope must be a float or None, got {type(negative_slope).__name__}")
+    _check_slope(op, negative_slope)
     return c_out
+
+
+def _check_block_input(op: str, x) -> tuple[int, int]:
+    """x of a temporal block: a (B, T, C, H, W) tensor of a step dtype, 2 <= T <= MAX_TIMES; returns (T, C)."""
+    validation.instance(x, f"{op}: x", Tensor, "a tensor")
+    if x.dtype not in _STEP_DTYPES:
+        raise TypeError(f"{op}: x must be float64, float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 5:
+        raise ValueError(f"{op}: x must have shape (B, T, C, H, W), got {list(x.shape)}")
+    if not 2 <= x.shape[1] <= MAX_TIMES:
+        raise ValueError(f"{op}: x.shape[1] (T) must be in [2, {MAX_TIMES}], got {x.shape[1]}")
+    return x.shape[1], x.shape[2]
+
+
+def _check_modes(op: str, modes, n_times: int) -> None:
+    validation.integer(modes, f"{op}: modes")
+    if not 1 <= modes <= n_times // 2 + 1:
+        raise ValueError(
+            f"{op}: modes must be in [1, T // 2 + 1] = [1, {n_times // 2 + 1}] for T = {n_times}, got {modes}"
+        )
+
+
+def _check_slope(op: str, negative_slope) -> None:
+    if negative_slope is not None:
+        validation.real(negative_slope, f"{op}: negative_slope")
+
+
+def _check_epilogue_operand(op: str, name: str, t, x: Tensor, shape: tuple[int, ...], layout: str) -> None:
+    validation.instance(t, f"{op}: {name}", Tensor, "a tensor")
+    dtype = opmath_dtype(x.dtype)
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must be {dtype} for x of dtype {x.dtype}, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{op}: {name} must have shape {layout} = {shape}, got {list(t.shape)}")
+
+
+def check_spectral_operands(x, mixing, modes, residual, negative_slope) -> int:
+    """Validates the operands of fourier_spectral_conv (as its C++ checks do); returns C_out.
+
+    Raises:
+        ValueError / TypeError naming the offending argument.
+    """
+    op = "fourier_spectral_conv"
+    n_times, c_in = _check_block_input(op, x)
+    _check_modes(op, modes, n_times)
+    rank = min(2 * modes - 1, n_times)
+    validation.instance(mixing, f"{op}: mixing", Tensor, "a tensor")
+    rows = mixing.shape[0] if mixing.dim() == 2 and mixing.shape[0] % rank == 0 else rank
+    _check_epilogue_operand(op, "mixing", mixing, x, (rows, rank * c_in), "(r * C_out, r * C_in) with r = "
+                            f"{rank}, C_in = {c_in}")
+    c_out = rows // rank
+    if residual and c_out != c_in:
+        raise ValueError(f"{op}: residual needs C_out == C_in, got C_in = {c_in}, C_out = {c_out}")
+    _check_slope(op, negative_slope)
+    return c_out
+
+
+def check_channel_operands(x, kernel, residual, negative_slope) -> None:
+    """Validates the operands of fourier_channel_conv (as its C++ checks do).
+
+    Raises:
+        ValueError / TypeError naming the offending argument.
+    """
+    op = "fourier_channel_conv"
+    n_times, channels = _check_block_input(op, x)
+    _check_epilogue_operand(op, "kernel", kernel, x, (n_times, n_times, channels), "(T, T, C)")
+    _check_slope(op, negative_slope)
+
+
+def check_synthesis_operands(op: str, weight, dim: int, n_times, modes) -> None:
+    """Validates the operands of fourier_tap_synthesis (dim 2) and fourier_mode_mixing (dim 3).
+
+    Raises:
+        ValueError / TypeError naming the offending argument.
+    """
+    validation.instance(weight, f"{op}: weight", Tensor, "a tensor")
+    if weight.dtype not in _COMPLEX_DTYPES:
+        raise TypeError(f"{op}: weight must be complex64 or complex128, got {weight.dtype}")
+    if weight.dim() != dim:
+        raise ValueError(f"{op}: weight must have {dim} dimensions, got shape {list(weight.shape)}")
+    validation.integer(n_times, f"{op}: n_times", 2, MAX_TIMES)
+    validation.integer(modes, f"{op}: modes")
+    if not 1 <= modes <= min(n_times // 2 + 1, weight.shape[0]):
+        raise ValueError(f"{op}: modes must be in [1, min(n_times // 2 + 1, weight.shape[0])], got {modes}")
 
 
 def _bin_weights(n_times: int, modes: int) -> list[float]:
@@ -277,6 +354,7 @@ def fourier_temporal_conv_channelwise(x: Tensor, weight: Tensor, modes: int, res
 def fourier_tap_synthesis(weight: Tensor, n_times: int, modes: int) -> Tensor:
     """The twin of :func:`adjointdeis.ops.fourier_tap_synthesis` through complex phases:
     ``Kt[d] = (1/T) sum_{k<modes} c_k Re(W_k e^{2 pi i k d / T})`` (docs/math.md section 7)."""
+    check_synthesis_operands("fourier_tap_synthesis", weight, 2, n_times, modes)
     d = torch.arange(n_times, dtype=torch.float64, device=weight.device)
     k = torch.arange(modes, dtype=torch.float64, device=weight.device)
     c = torch.tensor(_bin_weights(n_times, modes), dtype=torch.float64, device=weight.device)
@@ -347,6 +425,7 @@ def fourier_mode_mixing(weight: Tensor, n_times: int, modes: int) -> Tensor:
     """The twin of :func:`adjointdeis.ops.fourier_mode_mixing`, block by block: for bin k,
     ``[[Re W_k^T, -Im W_k^T], [Im W_k^T, Re W_k^T]]`` on its (Re, Im) coordinates (``Re W_k^T`` alone for
     DC and Nyquist), zero between bins."""
+    check_synthesis_operands("fourier_mode_mixing", weight, 3, n_times, modes)
     _, c_in, c_out = weight.shape
     rank = min(2 * modes - 1, n_times)
     real = weight.real.new_zeros(()).dtype
@@ -389,6 +468,7 @@ def fourier_spectral_conv(x: Tensor, mixing: Tensor, modes: int, residual: bool,
                           save_mask: bool) -> tuple[Tensor, Tensor]:
     """The twin of :func:`adjointdeis.ops.fourier_spectral_conv`: project onto the kept bins'
     coordinates, mix (only M's blocks within a bin), expand, then the epilogue."""
+    check_spectral_operands(x, mixing, modes, residual, negative_slope)
     z = _spectral_layer(x, mixing, modes)
     mask = _activation_mask(z, negative_slope, save_mask)
     return _finish_block(x, z, residual, negative_slope).contiguous(), mask
@@ -411,6 +491,7 @@ def fourier_channel_conv(x: Tensor, kernel: Tensor, residual: bool, negative_slo
                          save_mask: bool) -> tuple[Tensor, Tensor]:
     """The twin of :func:`adjointdeis.ops.fourier_channel_conv`:
     ``z[b, t, c] = sum_s kernel[t, s, c] x[b, s, c]``, then the epilogue."""
+    check_channel_operands(x, kernel, residual, negative_slope)
     z = torch.einsum("tsc,bschw->btchw", kernel, x.to(kernel.dtype))
     mask = _activation_mask(z, negative_slope, save_mask)
     return _finish_block(x, z, residual, negative_slope).contiguous(), mask

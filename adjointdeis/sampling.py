@@ -5,9 +5,10 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from . import validation
 from .gradients import (AdjointOptions, GradientSpec, adjoint_options, check_adjoint_inputs, gradient_mode,
                         sample_with_gradients, truncation_steps)
-from .models import Conditioning, model_parameters
+from .models import Conditioning, check_conditioning, model_parameters
 from .planning import (NoiseSource, StepInfo, noise_tensors, plan_adjoint_grid, plan_sampling, resolve_grid, run_plan,
                        tensor_noise, truncation_row)
 from .predictions import check_prediction
@@ -102,15 +103,30 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
         count, shape or device, or a bad `grad_steps`; TypeError naming `noise` for a wrong type or dtype;
         FloatingPointError when the result is not finite (NaN or Inf in a model output).
     """
-    if not isinstance(x_T, Tensor) or not x_T.is_floating_point() or x_T.dim() < 1:
-        raise TypeError("x_T must be a floating-point tensor with a leading batch dimension")
+    validation.function(model, "model", "model(x, t[, cond]) -> Tensor")
+    validation.floating(x_T, "x_T", min_dim=1)
+    validation.instance(sched, "sched", NoiseSchedule, "a NoiseSchedule (VPSchedule, EDMSchedule, FlowSchedule)")
+    for name, value in (("sde", sde), ("lower_order_final", lower_order_final), ("progress", progress),
+                        ("check_finite", check_finite), ("euler_at_final", euler_at_final)):
+        validation.flag(value, name)
+    if denoise_to_zero is not None:
+        validation.flag(denoise_to_zero, "denoise_to_zero")
+    if adjoint_order is not None:
+        validation.integer(adjoint_order, "adjoint_order")
+    if adjoint_steps is not None:
+        validation.integer(adjoint_steps, "adjoint_steps")
     check_prediction(prediction)
-    if guidance_scale is not None and (cond is None or uncond is None):
-        raise ValueError("guidance_scale needs both cond and uncond")
-    if threshold is not None and not isinstance(threshold, DynamicThreshold):
-        raise TypeError(f"threshold must be an adjointdeis.DynamicThreshold, got {type(threshold).__name__}")
+    check_conditioning(x_T, cond, guidance_scale, uncond)
+    if threshold is not None:
+        validation.instance(threshold, "threshold", DynamicThreshold, "an adjointdeis.DynamicThreshold")
+    if generator is not None:
+        validation.instance(generator, "generator", torch.Generator, "a torch.Generator")
     if noise is not None and generator is not None:
         raise ValueError("sample: pass the noise either as noise= or drawn from generator=, not both")
+    if callback is not None:
+        validation.function(callback, "callback", "callback(StepInfo)")
+    if parameters is not None:
+        parameters = validation.tensors(parameters, "parameters")
     steps, grid, denoise_to_zero = resolve_grid(sched, steps, timesteps, denoise_to_zero)
     plan = plan_sampling(sched, steps, spacing, grid, denoise_to_zero, solver, order, prediction, sde,
                          lower_order_final, third_order, second_order, threshold, euler_at_final)

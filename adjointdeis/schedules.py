@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import abc
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from . import validation
 
 __all__ = [
     "NoiseSchedule",
@@ -116,37 +117,15 @@ def _first_true(mask: Tensor) -> int | None:
     return None if hits.numel() == 0 else int(hits[0, 0])
 
 
-def _check_real(value, name: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a real number; got {name}={value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite; got {name}={number!r}")
-    return number
-
-
 def _check_time_range(t_min, t_max, domain: _Interval) -> tuple[float, float]:
-    t_min = _check_real(t_min, "t_min")
-    t_max = _check_real(t_max, "t_max")
+    t_min = validation.real(t_min, "t_min")
+    t_max = validation.real(t_max, "t_max")
     for name, value in (("t_min", t_min), ("t_max", t_max)):
         if not bool(domain.contains(torch.tensor(value, dtype=torch.float64))):
             raise ValueError(f"{name} must lie in {domain}; got {name}={value!r}")
     if not t_min < t_max:
         raise ValueError(f"t_min must be smaller than t_max; got t_min={t_min!r} >= t_max={t_max!r}")
     return t_min, t_max
-
-
-def _check_steps(steps) -> int:
-    if isinstance(steps, bool):
-        raise ValueError(f"steps must be a positive integer; got steps={steps!r}")
-    try:
-        count = operator.index(steps)
-    except TypeError:
-        raise ValueError(f"steps must be a positive integer; got steps={steps!r}") from None
-    if count < 1:
-        raise ValueError(f"steps must be a positive integer; got steps={count}")
-    return count
 
 
 def check_decreasing(values: Sequence[float], name: str) -> None:
@@ -179,16 +158,10 @@ def check_noise_levels(sigmas, name: str = "sigmas") -> tuple[float, ...]:
     Raises:
         ValueError naming the first problem.
     """
-    if isinstance(sigmas, Tensor):
-        if not sigmas.is_floating_point() or sigmas.dim() != 1:
-            raise ValueError(f"{name} must be a 1-D floating-point tensor, got dtype {sigmas.dtype} and shape "
-                             f"{list(sigmas.shape)}")
-        values = sigmas.detach().to(device="cpu", dtype=torch.float64).tolist()
-    else:
-        try:
-            values = [float(v) for v in sigmas]
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a 1-D tensor or sequence of numbers, got {sigmas!r}") from None
+    if isinstance(sigmas, Tensor) and (not sigmas.is_floating_point() or sigmas.dim() != 1):
+        raise validation.ArgumentTypeError(f"{name} must be a 1-D floating-point tensor, got dtype {sigmas.dtype} "
+                                           f"and shape {list(sigmas.shape)}")
+    values = validation.reals(sigmas, name)
     if len(values) < 2:
         raise ValueError(f"{name} must hold at least 2 noise levels (N steps need N + 1), got {len(values)}")
     check_decreasing(values, name)
@@ -416,12 +389,12 @@ class NoiseSchedule(abc.ABC):
             ValueError: if ``steps < 1``, ``spacing`` is unknown, the spacing needs a finite lambda at an
                 end where it is infinite, or ``steps`` is too large for the grid to stay strictly decreasing.
         """
-        steps = _check_steps(steps)
+        steps = validation.count(steps, "steps")
         self._check_spacing(spacing)
         return self._continuous_timesteps(steps, spacing)
 
     def _check_spacing(self, spacing) -> None:
-        if spacing not in self.valid_spacings:
+        if not validation.known(spacing, self.valid_spacings):
             valid = ", ".join(repr(name) for name in self.valid_spacings)
             raise ValueError(f"unknown spacing {spacing!r}; valid spacings are {valid}")
 
@@ -466,6 +439,12 @@ class NoiseSchedule(abc.ABC):
                 f"steps={steps} with spacing {spacing!r} gives an invalid grid for {self!r}: {error}"
             ) from None
 
+    def _check_signal_at_t_max(self) -> None:
+        """Raises naming t_max where alpha underflows to 0 inside the time domain (no signal, no log-SNR)."""
+        if float(self.alpha(self.t_max)) == 0.0 and self.t_max < self.time_domain.high:
+            raise ValueError(f"t_max={self.t_max!r} is where alpha underflows to 0 (no signal left); choose a smaller "
+                             "t_max")
+
     def check_grid(self, ts) -> Tensor:
         """Validate a user-supplied time grid.
 
@@ -501,6 +480,11 @@ class NoiseSchedule(abc.ABC):
                 f"timesteps[{outside}]={grid[outside].item()!r} is outside the time domain "
                 f"{self.time_domain} of {self!r}"
             )
+        # Where alpha underflows to 0 before the end of the domain there is no signal and no log-SNR to step in.
+        empty = _first_true((self.alpha(grid) == 0) & (grid < self.time_domain.high))
+        if empty is not None:
+            raise ValueError(f"timesteps[{empty}]={grid[empty].item()!r} is where alpha underflows to 0 in {self!r} "
+                             "(no signal left); start the grid at a smaller time")
         return grid
 
 
@@ -603,10 +587,8 @@ class LinearVPSchedule(VPSchedule):
     """Continuous VP schedule with linear beta(t) = b0 + (b1 - b0) t; see ``VPSchedule.linear``."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0):
-        beta_min = _check_real(beta_min, "beta_min")
-        beta_max = _check_real(beta_max, "beta_max")
-        if beta_min < 0:
-            raise ValueError(f"beta_min must be >= 0; got beta_min={beta_min!r}")
+        beta_min = validation.real(beta_min, "beta_min", 0.0)
+        beta_max = validation.real(beta_max, "beta_max")
         if not beta_min < beta_max:
             raise ValueError(
                 f"beta_min must be smaller than beta_max; got beta_min={beta_min!r} >= beta_max={beta_max!r}"
@@ -614,6 +596,7 @@ class LinearVPSchedule(VPSchedule):
         self.beta_min = beta_min
         self.beta_max = beta_max
         self.t_min, self.t_max = _check_time_range(t_min, t_max, self.time_domain)
+        self._check_signal_at_t_max()
 
     @property
     def time_domain(self) -> _Interval:
@@ -641,13 +624,12 @@ class CosineVPSchedule(VPSchedule):
     """Continuous cosine VP schedule (Nichol & Dhariwal); see ``VPSchedule.cosine``."""
 
     def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946):
-        s = _check_real(s, "s")
-        if s < 0:
-            raise ValueError(f"s must be >= 0; got s={s!r}")
+        s = validation.real(s, "s", 0.0)
         self.s = s
         self._offset_angle = 0.5 * math.pi * s / (1.0 + s)
         self._angle_per_time = 0.5 * math.pi / (1.0 + s)
         self.t_min, self.t_max = _check_time_range(t_min, t_max, self.time_domain)
+        self._check_signal_at_t_max()
 
     @property
     def time_domain(self) -> _Interval:
@@ -794,14 +776,9 @@ class DiscreteVPSchedule(VPSchedule):
             ValueError: for ``steps < 1``, an unknown spacing, a non-integer or misplaced ``steps_offset``,
                 or a ``steps`` for which the discrete grid repeats a timestep or leaves ``[0, N - 1]``.
         """
-        steps = _check_steps(steps)
+        steps = validation.count(steps, "steps")
         self._check_spacing(spacing)
-        if isinstance(steps_offset, bool):
-            raise ValueError(f"steps_offset must be an integer; got steps_offset={steps_offset!r}")
-        try:
-            steps_offset = operator.index(steps_offset)
-        except TypeError:
-            raise ValueError(f"steps_offset must be an integer; got steps_offset={steps_offset!r}") from None
+        steps_offset = validation.integer(steps_offset, "steps_offset")
         if spacing in CONTINUOUS_SPACINGS:
             if steps_offset != 0:
                 raise ValueError(
@@ -821,6 +798,11 @@ class DiscreteVPSchedule(VPSchedule):
         )
 
 
+MIN_SHIFT = 1e-12
+"""The smallest flow shift (and 1 / MIN_SHIFT the largest): a log-SNR offset of at most log(1e12) ~ 27.6, beyond
+which float64 grids in the unshifted variable collapse."""
+
+
 class FlowSchedule(NoiseSchedule):
     """Flow matching / rectified flow: ``alpha_t = 1 - t``, ``sigma_t = t``, time domain ``(0, 1]``.
 
@@ -833,15 +815,14 @@ class FlowSchedule(NoiseSchedule):
     take ``1000 t``; the caller scales).
 
     Attributes:
-        shift: the shift s > 0 (1 means none).
+        shift: the shift s in [1e-12, 1e12] (1 means none).
     """
 
     def __init__(self, shift: float = 1.0, t_min: float = 1e-3, t_max: float = 1.0 - 1e-3):
-        shift = _check_real(shift, "shift")
-        if not shift > 0:
-            raise ValueError(f"shift must be > 0; got shift={shift!r}")
+        shift = validation.real(shift, "shift", MIN_SHIFT, 1.0 / MIN_SHIFT)
         self.shift = shift
         self.t_min, self.t_max = _check_time_range(t_min, t_max, self.time_domain)
+        self._check_signal_at_t_max()
 
     @property
     def time_domain(self) -> _Interval:
@@ -885,17 +866,13 @@ class EDMSchedule(NoiseSchedule):
     """
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
-        sigma_min = _check_real(sigma_min, "sigma_min")
-        sigma_max = _check_real(sigma_max, "sigma_max")
-        rho = _check_real(rho, "rho")
-        if not sigma_min > 0:
-            raise ValueError(f"sigma_min must be > 0; got sigma_min={sigma_min!r}")
+        sigma_min = validation.positive(sigma_min, "sigma_min")
+        sigma_max = validation.real(sigma_max, "sigma_max")
+        rho = validation.positive(rho, "rho")
         if not sigma_min < sigma_max:
             raise ValueError(
                 f"sigma_min must be smaller than sigma_max; got sigma_min={sigma_min!r} >= sigma_max={sigma_max!r}"
             )
-        if not rho > 0:
-            raise ValueError(f"rho must be > 0; got rho={rho!r}")
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.rho = rho

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import validation
 from .predictions import conversion
 
 THIRD_ORDER_VARIANTS = ("published", "taylor")
@@ -391,7 +392,7 @@ def check_solver(solver: str) -> Solver:
     Raises:
         ValueError naming `solver` when it is unknown.
     """
-    if solver not in SOLVERS:
+    if not validation.known(solver, SOLVERS):
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     return SOLVERS[solver]
 
@@ -413,7 +414,7 @@ def resolve_order(solver: str, order: int | None, sde: bool) -> int:
     """
     entry = check_solver(solver)
     order = entry.default_order if order is None else order
-    if order not in entry.orders:
+    if isinstance(order, bool) or not isinstance(order, int) or order not in entry.orders:
         raise ValueError(f"solver {solver!r} supports order {'/'.join(map(str, entry.orders))}, got {order}")
     if sde and order not in entry.sde_orders:
         raise ValueError(f"sde=True is available for {_sde_solvers()}, not {solver!r} order {order}")

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import validation
+
 
 # torch.quantile's rank is the ratio rounded to the input's dtype times n - 1: multiplied in float64 since torch
 # 2.14, in the input's dtype before (float32 ranks differ in the last bit, and so do the interpolated quantiles).
@@ -38,12 +40,10 @@ class DynamicThreshold:
     max_value: float = 1.0
 
     def __post_init__(self):
-        if isinstance(self.ratio, bool) or not 0.0 <= float(self.ratio) <= 1.0:
-            raise ValueError(f"DynamicThreshold.ratio (dynamic_thresholding_ratio) must lie in [0, 1], "
-                             f"got {self.ratio!r}")
-        if isinstance(self.max_value, bool) or not (math.isfinite(float(self.max_value)) and self.max_value > 0):
-            raise ValueError(f"DynamicThreshold.max_value (sample_max_value) must be a finite number > 0, "
-                             f"got {self.max_value!r}")
+        validation.probability(self.ratio, "DynamicThreshold.ratio (dynamic_thresholding_ratio)")
+        # The threshold divides x0 in float32 (half and bfloat16 included): it must not underflow there.
+        validation.real(self.max_value, "DynamicThreshold.max_value (sample_max_value)",
+                        torch.finfo(torch.float32).tiny)
 
     def __call__(self, x0: Tensor) -> Tensor:
         return dynamic_threshold(x0, self.ratio, self.max_value)

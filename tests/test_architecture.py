@@ -20,6 +20,7 @@ PACKAGE = pathlib.Path(adjointdeis.__file__).parent
 # imports library modules of its own layer or lower ones, never an application.
 LAYERS = {
     "_extension": 0, "reference": 0, "ops": 0,                       # the compiled ops and their twins
+    "validation": 0,                                                 # the argument checks everything shares
     "schedules": 1, "predictions": 1, "thresholding": 1,             # alpha, sigma, grids; what models predict
     "solvers": 2, "models": 2,                                       # coefficient tables; calling models
     "planning": 3, "k_diffusion_plans": 3,                           # a run's plan and the run loop; k-diffusion's plans

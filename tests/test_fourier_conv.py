@@ -354,7 +354,7 @@ def bad_case(**change):
         (dict(modes=3), ValueError, "weight holds only 2 bins"),
         (dict(modes=2.0), TypeError, "modes must be an int"),
         (dict(weight=torch.zeros(2, 3, 5, dtype=torch.complex64)), ValueError, "residual=True needs C_out == C_in"),
-        (dict(negative_slope="0.1"), TypeError, "negative_slope must be a float or None"),
+        (dict(negative_slope="0.1"), TypeError, "negative_slope must be a finite number"),
     ],
 )
 @pytest.mark.parametrize("impl", [ops.fourier_temporal_conv, reference.fourier_temporal_conv])
@@ -391,7 +391,7 @@ def test_bad_input_compiled_ops_name_the_argument():
         lib.fourier_channel_conv(x, torch.zeros(4, 4, 3, dtype=torch.float64), True, 0.01, False)
     with pytest.raises(ValueError, match="modes must be in"):
         ops.fourier_mode_mixing(torch.zeros(5, 3, 3, dtype=torch.complex64), 4, 4)
-    with pytest.raises(ValueError, match="n_times must be in"):
+    with pytest.raises(ValueError, match="n_times must be an integer in"):
         ops.fourier_tap_synthesis(torch.zeros(5, 3, dtype=torch.complex64), 33, 2)
     with pytest.raises(RuntimeError, match="mask must be a contiguous tensor"):
         lib.fourier_spectral_conv_backward(x, x, torch.zeros(9, 9), torch.zeros(0, dtype=torch.bool), 2, True,
@@ -401,8 +401,8 @@ def test_bad_input_compiled_ops_name_the_argument():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(in_channels=4, out_channels=4, n_times=1, modes=1), r"n_times must be in \[2, 32\]"),
-        (dict(in_channels=4, out_channels=4, n_times=4, modes=4), r"modes must be in \[1, n_times // 2 \+ 1\]"),
+        (dict(in_channels=4, out_channels=4, n_times=1, modes=1), r"n_times must be an integer in \[2, 32\]"),
+        (dict(in_channels=4, out_channels=4, n_times=4, modes=4), r"modes must be an integer in \[1, 3\]"),
         (dict(in_channels=4, out_channels=5, n_times=4, modes=2), "residual=True needs in_channels == out_channels"),
         (dict(in_channels=4, out_channels=5, n_times=4, modes=2, residual=False, channelwise=True),
          "channelwise=True needs in_channels == out_channels"),

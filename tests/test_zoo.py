@@ -62,7 +62,7 @@ def test_load_digits_model_and_classifier_without_network(no_network):
         logits = zoo.load_classifier()(x)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert logits.shape == (3, 10)
-    with pytest.raises(ValueError, match="unknown zoo model"):
+    with pytest.raises(ValueError, match="name must be one of"):
         zoo.load("faces")
 
 

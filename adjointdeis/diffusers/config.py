@@ -18,7 +18,6 @@ A value that cannot be honoured raises ``ValueError`` naming the key.
 import functools
 import inspect
 import math
-import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import validation
 from ..schedules import DISCRETE_SPACINGS, DiscreteVPSchedule, FlowSchedule, NoiseSchedule, VPSchedule
 from ..solvers import SOLVERS, check_solver, resolve_order
 from ..thresholding import DynamicThreshold
@@ -105,7 +105,7 @@ def prediction(config: Mapping) -> str:
         ValueError naming prediction_type when it is not one of :data:`PREDICTION_TYPES`.
     """
     value = config.get("prediction_type", "flow_prediction" if is_flow_matching(config) else "epsilon")
-    if value not in PREDICTION_TYPES:
+    if not validation.known(value, PREDICTION_TYPES):
         raise config_error("prediction_type", value, PREDICTION_TYPES)
     return PREDICTION_TYPES[value]
 
@@ -129,7 +129,7 @@ def detect_family(config: Mapping) -> str:
     """
     family = config.get("family")
     if family is not None:
-        if family not in FAMILIES:
+        if not validation.known(family, FAMILIES):
             raise config_error("family", family, FAMILIES)
         return family
     name = config.get("_class_name")
@@ -143,29 +143,27 @@ def detect_family(config: Mapping) -> str:
 
 
 def _num_train_timesteps(config: Mapping) -> int:
-    value = config.get("num_train_timesteps", 1000)
-    try:
-        count = operator.index(value)
-    except TypeError:
-        count = None
-    if count is None or isinstance(value, bool) or count < 2:
-        raise ValueError(f"scheduler config: num_train_timesteps must be an integer >= 2, got {value!r}")
-    return count
+    return validation.count(config.get("num_train_timesteps", 1000), "scheduler config: num_train_timesteps", 2)
 
 
 def _beta_range(config: Mapping) -> tuple[float, float]:
-    values = []
-    for key, default, low_closed in (("beta_start", 0.0001, True), ("beta_end", 0.02, False)):
-        value = config.get(key, default)
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if isinstance(value, bool) or not (0 <= number < 1 if low_closed else 0 < number < 1):
-            raise ValueError(f"scheduler config: {key} must lie in {'[0, 1)' if low_closed else '(0, 1)'}, "
-                             f"got {key}={value!r}")
-        values.append(number)
-    return values[0], values[1]
+    start = validation.real(config.get("beta_start", 0.0001), "scheduler config: beta_start", 0.0, 1.0,
+                            high_open=True)
+    end = validation.real(config.get("beta_end", 0.02), "scheduler config: beta_end", 0.0, 1.0, low_open=True,
+                          high_open=True)
+    return start, end
+
+
+def _trained_betas(values) -> list[float]:
+    """``trained_betas``: a sequence of numbers, the first in [0, 1), the others in (0, 1)."""
+    betas = validation.reals(values, "scheduler config: trained_betas")
+    if len(betas) < 2:
+        raise ValueError(f"scheduler config: trained_betas must hold at least 2 betas; got {len(betas)}")
+    bad = next((i for i, b in enumerate(betas) if not (0 <= b < 1 if i == 0 else 0 < b < 1)), None)
+    if bad is not None:
+        raise ValueError(f"scheduler config: trained_betas[{bad}] must lie in {'[0, 1)' if bad == 0 else '(0, 1)'}; "
+                         f"got trained_betas[{bad}]={betas[bad]!r}")
+    return list(betas)
 
 
 def betas(config: Mapping, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -183,7 +181,7 @@ def betas(config: Mapping, dtype: torch.dtype = torch.float64) -> Tensor:
     count = _num_train_timesteps(config)
     trained = config.get("trained_betas")
     if trained is not None:
-        return torch.tensor(np.asarray(trained), dtype=dtype)
+        return torch.tensor(_trained_betas(trained), dtype=dtype)
     beta_schedule = config.get("beta_schedule", "linear")
     if beta_schedule == "squaredcos_cap_v2":
         def alpha_bar(u):
@@ -239,8 +237,33 @@ def vp_schedule(config: Mapping, dtype: torch.dtype = torch.float64) -> Discrete
 
 
 def flow_schedule(config: Mapping) -> FlowSchedule:
-    """The flow-matching schedule of a config: ``FlowSchedule(flow_shift)`` (or ``shift``, FlowMatch configs)."""
-    return FlowSchedule(config.get("flow_shift", config.get("shift", 1.0)))
+    """The flow-matching schedule of a config: ``FlowSchedule(flow_shift)`` (or ``shift``, FlowMatch configs).
+
+    Raises:
+        ValueError naming the key for a shift that is not a finite number > 0.
+    """
+    key = "flow_shift" if "flow_shift" in config else "shift"
+    return FlowSchedule(validation.positive(config.get(key, 1.0), f"scheduler config: {key}"))
+
+
+def check_values(config: Mapping, family: str) -> None:
+    """Checks the numbers of a config where diffusers' own constructor accepts impossible ones (betas outside
+    (0, 1), a negative shift), so that they fail when the scheduler is built, naming the key.
+
+    Raises:
+        ValueError / TypeError naming the key.
+    """
+    if FAMILIES[family].flow:
+        validation.positive(config.get("shift", 1.0), "scheduler config: shift")
+        return
+    products = alphas_cumprod(config)[1]   # in float32, as the family's diffusers scheduler keeps them
+    if not config.get("rescale_betas_zero_snr", False) and not bool(products[-1] > 0):
+        key = "trained_betas" if config.get("trained_betas") is not None else "beta_end"
+        raise ValueError(f"scheduler config: {key} drives alphas_cumprod to 0 in float32 before the last training "
+                         "timestep (zero SNR, where no step is defined); use smaller betas or "
+                         "rescale_betas_zero_snr=True")
+    if config.get("use_flow_sigmas", False):
+        validation.positive(config.get("flow_shift", 1.0), "scheduler config: flow_shift")
 
 
 def schedule_from_config(config: Mapping, dtype: torch.dtype = torch.float64) -> NoiseSchedule:
@@ -257,6 +280,7 @@ def schedule_from_config(config: Mapping, dtype: torch.dtype = torch.float64) ->
     Raises:
         ValueError naming the key of a value it cannot honour.
     """
+    validation.instance(config, "config", Mapping, "a diffusers scheduler config (scheduler.config or a dict)")
     return flow_schedule(config) if is_flow_matching(config) else vp_schedule(config, dtype)
 
 
@@ -294,10 +318,19 @@ class SchedulerSpec:
     resolved: tuple[tuple[str, object], ...]
 
 
+def _given(config: Mapping, key: str, default):
+    """config[key], or `default` where it is absent or None (a name key: an empty string counts as absent)."""
+    value = config.get(key)
+    return default if value is None or (isinstance(value, str) and not value) else value
+
+
 def _resolve(key: str, value, allowed, renames) -> object:
+    choices = [v for v in allowed if v is not None] + list(renames)
+    if not isinstance(value, (str, type(None), bool, int)):
+        raise config_error(key, value, choices)
     value = renames.get(value, value)
     if value not in allowed:
-        raise config_error(key, value, [v for v in allowed if v is not None] + list(renames))
+        raise config_error(key, value, choices)
     return value
 
 
@@ -322,20 +355,20 @@ def translate(config: Mapping, family: str) -> SchedulerSpec:
     _num_train_timesteps(config)
     if not spec_family.flow:
         alphas_cumprod(config)  # raises naming a betas key it cannot honour
-        if config.get("timestep_spacing", "linspace") not in DISCRETE_SPACINGS:
+        if not validation.known(config.get("timestep_spacing", "linspace"), DISCRETE_SPACINGS):
             raise config_error("timestep_spacing", config.get("timestep_spacing"), DISCRETE_SPACINGS)
-    prediction_type = config.get("prediction_type") or ("flow_prediction" if spec_family.flow else "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
+    prediction_type = _given(config, "prediction_type", "flow_prediction" if spec_family.flow else "epsilon")
+    if not validation.known(prediction_type, PREDICTION_TYPES):
         raise config_error("prediction_type", prediction_type, PREDICTION_TYPES)
-    algorithm_type = _resolve("algorithm_type", config.get("algorithm_type") or spec_family.algorithms[0],
+    algorithm_type = _resolve("algorithm_type", _given(config, "algorithm_type", spec_family.algorithms[0]),
                               spec_family.algorithms, spec_family.algorithm_renames)
-    solver_type = _resolve("solver_type", config.get("solver_type") or spec_family.solver_types[0],
+    solver_type = _resolve("solver_type", _given(config, "solver_type", spec_family.solver_types[0]),
                            spec_family.solver_types, spec_family.solver_type_renames)
     stochastic = bool(config.get("stochastic_sampling", False)) and spec_family.flow
     algorithm_solver, sde = ALGORITHMS[algorithm_type] if algorithm_type else (None, False)
     default_solver = "renoise" if stochastic else (spec_family.default_solver or algorithm_solver)
-    solver = config.get("solver") or default_solver
-    if solver not in SOLVERS:
+    solver = _given(config, "solver", default_solver)
+    if not validation.known(solver, SOLVERS):
         raise config_error("solver", solver, SOLVERS)
     if stochastic and solver != "renoise":
         raise ValueError(f"scheduler config: stochastic_sampling=True re-noises every step (solver 'renoise'); it "
@@ -368,6 +401,8 @@ def translate(config: Mapping, family: str) -> SchedulerSpec:
         try:
             threshold = DynamicThreshold(config.get("dynamic_thresholding_ratio", 0.995),
                                          config.get("sample_max_value", 1.0))
+        except validation.ArgumentTypeError as error:
+            raise validation.ArgumentTypeError(f"scheduler config: {error}") from None
         except ValueError as error:
             raise ValueError(f"scheduler config: {error}") from None
     resolved = dict(family=family, solver=solver, algorithm_type=algorithm_type, solver_type=solver_type,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import validation
 from ..sampling import sample
 from ..schedules import FlowSchedule, NoiseSchedule, _Interval
 from ..thresholding import DynamicThreshold
@@ -368,6 +369,11 @@ def denoise(pipe_or_unet, latents: Tensor, scheduler, prompt_embeds: Tensor | No
         negative_prompt_embeds, or embeddings given to a network that takes none.
     """
     net = _network(pipe_or_unet)
+    validation.floating(latents, "latents", min_dim=1)
+    validation.instance(getattr(scheduler, "config", None), "scheduler.config", Mapping,
+                        "the config of a diffusers scheduler (pass pipe.scheduler)")
+    if num_inference_steps is not None:
+        validation.count(num_inference_steps, "num_inference_steps")
     steps, sigmas, mu = _pipeline_grid(net, scheduler, latents, num_inference_steps, sigmas, mu)
     if timesteps is not None:
         steps = None if sigmas is None else steps

@@ -20,7 +20,6 @@ waits on the device and autograd flows through it.
 import functools
 import inspect
 import math
-import operator
 import warnings
 from collections.abc import Mapping
 
@@ -31,7 +30,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from .. import ops
+from .. import ops, validation
 from ..predictions import conversion
 from ..solvers import GridPoint, StepPlan, build_plan
 from . import config as translation
@@ -200,8 +199,12 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
     ):
         family = self._pick_family(family)
         self._check_foreign_keys(family)
-        if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)):
-            raise ValueError(f"FusedMultistepScheduler: steps_offset must be an integer, got {steps_offset!r}")
+        validation.integer(steps_offset, "scheduler config: steps_offset")
+        for key, value in self.config.items():   # diffusers computes with config values as they are
+            if isinstance(value, Tensor) and key != "trained_betas":
+                raise validation.ArgumentTypeError(f"scheduler config: {key} must be a Python value, not a tensor; "
+                                                   f"got {key}={value!r}")
+        translation.check_values(self.config, family)
         spec = translation.translate(self.config, family)
         self.register_to_config(**dict(spec.resolved))
         self._spec = spec
@@ -338,6 +341,10 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
             self._check_steps(num_inference_steps)
         grid = translation.grid(config, spec, num_inference_steps, timesteps, sigmas, mu)
         self._check_grid(grid.levels)
+        if spec.flow and max(grid.levels) > 1.0:
+            raise ValueError(f"set_timesteps: the grid's noise level {max(grid.levels)!r} exceeds 1 (t > 1, where alpha "
+                             "< 0): diffusers' float32 grid overshoots for this shift (scheduler config: shift, "
+                             "flow_shift); use a larger shift or pass sigmas")
         device = self._resolve_device(device)
         self._levels = grid.levels
         self.num_inference_steps = len(grid.levels) - 1
@@ -393,6 +400,8 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
                              "pass s_churn=0")
         if self._plan is None:
             raise ValueError("FusedMultistepScheduler.step: call set_timesteps before step")
+        validation.floating(sample, "sample", min_dim=1)
+        validation.floating(model_output, "model_output", min_dim=1)
         index, looked_up = self._step_index, False
         if index is None:
             looked_up = self._begin_index is None  # then the index comes from the timestep itself
@@ -404,7 +413,7 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
             self._check_timestep(index, timestep)
         if self._spec.learned_variance and model_output.shape[1] != sample.shape[1]:
             model_output = model_output[:, : sample.shape[1]]
-        out = model_output.to(sample.dtype)
+        out = validation.shaped(model_output, "model_output", sample.shape, "sample").to(sample.dtype)
         rows = self._device_rows.get(sample.device) or self._rows_on(sample.device)
         coeffs, num_history, noisy = rows[index - self._plan_start]
         if self._x0_rows is not None:
@@ -415,7 +424,7 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
             if variance_noise is None:
                 noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
             else:
-                noise = variance_noise
+                noise = validation.shaped(variance_noise, "variance_noise", sample.shape, "sample")
             noise = noise.to(device=sample.device, dtype=sample.dtype)
         history = self._history
         if num_history < len(history):
@@ -569,13 +578,7 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
 
     @staticmethod
     def _check_steps(steps) -> int:
-        try:
-            count = operator.index(steps)
-        except TypeError:
-            count = None
-        if count is None or isinstance(steps, bool) or count < 1:
-            raise ValueError(f"set_timesteps: num_inference_steps must be a positive integer, got {steps!r}")
-        return count
+        return validation.count(steps, "set_timesteps: num_inference_steps")
 
     @staticmethod
     def _custom_timesteps(timesteps, num_train: int) -> list[int]:

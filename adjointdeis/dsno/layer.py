@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor, nn
 
-from .. import ops
+from .. import ops, validation
 
 ACTIVATIONS = ("leaky_relu", None)
 NEGATIVE_SLOPE = 0.01
@@ -38,14 +38,12 @@ class FourierTemporalConv(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, n_times: int, modes: int, residual: bool = True,
                  activation: str | None = "leaky_relu", channelwise: bool = False):
         super().__init__()
-        if in_channels < 1 or out_channels < 1:
-            raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
-        if not 2 <= n_times <= 32:
-            raise ValueError(f"n_times must be in [2, 32], got {n_times}")
-        if not 1 <= modes <= n_times // 2 + 1:
-            raise ValueError(f"modes must be in [1, n_times // 2 + 1] = [1, {n_times // 2 + 1}], got {modes}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        in_channels, out_channels = (validation.count(in_channels, "in_channels"),
+                                     validation.count(out_channels, "out_channels"))
+        n_times = validation.integer(n_times, "n_times", 2, 32)
+        modes = validation.integer(modes, "modes", 1, n_times // 2 + 1)
+        validation.choice(activation, "activation", ACTIVATIONS)
+        residual, channelwise = validation.flag(residual, "residual"), validation.flag(channelwise, "channelwise")
         if (residual or channelwise) and in_channels != out_channels:
             why = "residual" if residual else "channelwise"
             raise ValueError(f"{why}=True needs in_channels == out_channels, got {in_channels} and {out_channels}")
@@ -76,6 +74,7 @@ class FourierTemporalConv(nn.Module):
         Returns:
             (B, n_times, out_channels, H, W) in x's dtype.
         """
+        validation.floating(x, "x")
         if x.dim() != 5 or x.shape[1] != self.n_times or x.shape[2] != self.in_channels:
             raise ValueError(
                 f"FourierTemporalConv: x must have shape (B, n_times={self.n_times}, "

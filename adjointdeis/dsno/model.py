@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import validation
 from ..schedules import NoiseSchedule
 from .layer import FourierTemporalConv
 
@@ -104,17 +105,19 @@ class DSNO(nn.Module):
                  schedule: NoiseSchedule | None = None,
                  channels: Callable[[nn.Module], int | None] = _block_channels, channelwise: bool = False):
         super().__init__()
+        validation.instance(backbone, "backbone", nn.Module, "an nn.Module")
+        if not isinstance(times, Tensor) and not hasattr(times, "__len__"):
+            times = validation.integer(times, "times", 2)
         if isinstance(times, int):
             if schedule is None:
                 raise ValueError(f"DSNO(times={times}) needs schedule= to place {times} trajectory times "
                                  "(or pass the model times themselves)")
             times = schedule.model_time(trajectory_times(schedule, times))
-        times = torch.as_tensor(times, dtype=torch.float32).flatten()
+        times = torch.tensor(validation.reals(times, "times"), dtype=torch.float32)
         n_times = times.numel()
         if n_times < 2:
             raise ValueError(f"times must hold at least 2 trajectory times, got {n_times}")
-        if not 1 <= modes <= n_times // 2 + 1:
-            raise ValueError(f"modes must be in 1..{n_times // 2 + 1} for {n_times} times, got {modes}")
+        validation.integer(modes, "modes", 1, n_times // 2 + 1)
         blocks = find_blocks(backbone, channels)
         if not blocks:
             raise ValueError(f"backbone {type(backbone).__name__} has no residual or attention block that DSNO "
@@ -140,8 +143,10 @@ class DSNO(nn.Module):
 
     def forward(self, noise: Tensor, cond: Tensor | None = None) -> Tensor:
         """(B, C, H, W) noise (and optional (B, ...) conditioning) -> the (B, T, C, H, W) trajectory."""
-        if not isinstance(noise, Tensor) or noise.dim() != 4:
-            raise ValueError(f"noise must be a (B, C, H, W) tensor, got {tuple(getattr(noise, 'shape', ()))}")
+        if validation.floating(noise, "noise").dim() != 4:
+            raise ValueError(f"noise must be a (B, C, H, W) tensor, got {tuple(noise.shape)}")
+        if cond is not None:
+            validation.instance(cond, "cond", Tensor, "None or a (B, ...) tensor")
         batch, T = noise.shape[0], self.n_times
         x = noise.unsqueeze(1).expand(batch, T, *noise.shape[1:]).reshape(batch * T, *noise.shape[1:])
         t = self.times.to(noise.device).repeat(batch)
@@ -166,8 +171,7 @@ def trajectory_times(sched: NoiseSchedule, n_times: int, t_max: float | None = N
     Raises:
         ValueError for n_times < 2.
     """
-    if n_times < 2:
-        raise ValueError(f"n_times must be >= 2, got {n_times}")
+    validation.integer(n_times, "n_times", 2)
     ends = sched.timesteps(1)
     t_max = float(ends[0]) if t_max is None else t_max
     t_min = float(ends[-1]) if t_min is None else t_min

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import validation
 from ..dsno import DSNO
 from ..schedules import FlowSchedule, NoiseSchedule, VPSchedule
 from .networks import DigitClassifier, DigitsUNet, FlowDigitsUNet
@@ -83,10 +84,10 @@ def load(name: str = "digits", device: str | torch.device = "cpu") -> ZooModel:
         device: where to put the model.
 
     Raises:
-        ValueError for an unknown name.
+        ValueError naming name or device for an unknown model or device.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(MODELS)}")
+    validation.choice(name, "name", MODELS)
+    device = validation.device(device, "device")
     if name == "digits-dsno":
         return _load_dsno(device)
     state, meta = read_weights(WEIGHTS / f"{name}.safetensors")
@@ -121,6 +122,7 @@ def _load_dsno(device) -> ZooModel:
 
 def load_classifier(device: str | torch.device = "cpu") -> DigitClassifier:
     """The digit classifier the metrics use (trained by the same script), in eval mode."""
+    device = validation.device(device, "device")
     state, _ = read_weights(WEIGHTS / "digits-classifier.safetensors")
     net = DigitClassifier()
     net.load_state_dict(state)
