@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, validation
 from .models import Conditioning, ParameterAliases, evaluate_model, fully_sharded
 from .planning import (AdjointGrid, NoiseSource, SamplingPlan, StepInfo, noisy_rows, row_output, run_plan,
                        tensor_noise)
@@ -55,16 +55,11 @@ class AdjointOptions:
     states: str = "recorded"
 
     def __post_init__(self):
-        if self.order not in (1, 2):
-            raise ValueError(f"AdjointOptions.order (adjoint_order) must be 1 or 2, got {self.order}")
-        if self.form not in ADJOINT_FORMS:
-            raise ValueError(f"AdjointOptions.form (adjoint_form) must be one of {', '.join(ADJOINT_FORMS)}, "
-                             f"got {self.form!r}")
-        if self.states not in STATE_MODES:
-            raise ValueError(f"AdjointOptions.states (states) must be one of {', '.join(STATE_MODES)}, "
-                             f"got {self.states!r}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"AdjointOptions.steps (adjoint_steps) must be >= 1, got {self.steps}")
+        validation.integer(self.order, "AdjointOptions.order (adjoint_order)", 1, 2)
+        validation.choice(self.form, "AdjointOptions.form (adjoint_form)", ADJOINT_FORMS)
+        validation.choice(self.states, "AdjointOptions.states (states)", STATE_MODES)
+        if self.steps is not None:
+            validation.count(self.steps, "AdjointOptions.steps (adjoint_steps)")
 
     def check_run(self, sde: bool, thresholded: bool = False, pure_noise_start: bool = False) -> None:
         """Raises ValueError when these settings cannot differentiate a run with these options."""

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import validation
 from .sampling import sample
 from .schedules import NoiseSchedule
 
@@ -158,7 +159,7 @@ def _per_sample_norm(x: Tensor) -> Tensor:
 
 def _check_options(optimize, optimizer, iters, lr, clip_grad, tol, cond, regularizer) -> tuple[str, ...]:
     targets = (optimize,) if isinstance(optimize, str) else tuple(optimize)
-    unknown = [t for t in targets if t not in OPTIMIZE_TARGETS]
+    unknown = [t for t in targets if not validation.known(t, OPTIMIZE_TARGETS)]
     if unknown:
         raise ValueError(f"unknown optimize entry {unknown[0]!r}; choose from {', '.join(OPTIMIZE_TARGETS)}")
     if not targets:
@@ -169,16 +170,13 @@ def _check_options(optimize, optimizer, iters, lr, clip_grad, tol, cond, regular
         raise TypeError(f"regularizer must be a ProbabilityRegularizer, got {type(regularizer).__name__}")
     if regularizer is not None and not {"x_T", "noise"} & set(targets):
         raise ValueError("regularizer penalises optimised noise: optimize must include 'x_T' or 'noise'")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    if clip_grad is not None and not clip_grad > 0:
-        raise ValueError(f"clip_grad must be > 0 or None, got {clip_grad!r}")
-    if tol is not None and not tol >= 0:
-        raise ValueError(f"tol must be >= 0 or None, got {tol!r}")
+    validation.choice(optimizer, "optimizer", OPTIMIZERS)
+    validation.count(iters, "iters")
+    validation.positive(lr, "lr")
+    if clip_grad is not None:
+        validation.positive(clip_grad, "clip_grad")
+    if tol is not None:
+        validation.real(tol, "tol", 0.0)
     return targets
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import k_diffusion_plans as plans
+from . import validation
 from .gradients import GradientSpec, gradient_mode, sample_with_gradients
 from .models import Conditioning
 from .planning import StepInfo, run_plan
@@ -81,7 +82,18 @@ def _split_extra_args(model, extra_args) -> tuple[dict, dict, list[Tensor]]:
     return cond, constants, parameters
 
 
+def _check_call(model, x, extra_args, callback) -> None:
+    """The arguments every sampler shares, through :mod:`adjointdeis.validation`."""
+    validation.function(model, "model", "model(x, sigma, **extra_args) -> denoised Tensor")
+    validation.floating(x, "x", 1)
+    if extra_args is not None:
+        validation.instance(extra_args, "extra_args", Mapping, "a dict of keyword arguments for the model")
+    if callback is not None:
+        validation.function(callback, "callback", "callback(dict)")
+
+
 def _run(model, x, sigmas, extra_args, callback, disable, *, solver, order, grad=None):
+    _check_call(model, x, extra_args, callback)
     grid = check_noise_levels(sigmas)
     cond, constants, parameters = _split_extra_args(model, extra_args)
     return sample(_Denoiser(model, constants), x, EDMSchedule(), steps=len(grid) - 1, solver=solver, order=order,
@@ -109,6 +121,7 @@ def _noise_source(kplan: plans.KPlan, noise_sampler: Callable | None, generator:
 def _run_rows(name: str, model, x: Tensor, sigmas, kplan: plans.KPlan, extra_args, callback, disable, *,
               noise_sampler=None, generator=None, grad=None) -> Tensor:
     """Runs a k-diffusion sampler's plan: plain, through autograd, or with the exact discrete adjoint."""
+    _check_call(model, x, extra_args, callback)
     if noise_sampler is not None and generator is not None:
         raise ValueError(f"sample_{name}: pass noise_sampler or generator, not both")
     if noise_sampler is not None and not callable(noise_sampler):

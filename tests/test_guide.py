@@ -137,7 +137,7 @@ def test_bad_arguments_raise():
     loss = squared_distance(target)
     with pytest.raises(ValueError, match="unknown optimize entry 'weights'"):
         guide(model, sched, loss, x_T, cond=cond, optimize=("x_T", "weights"), progress=False)
-    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
+    with pytest.raises(ValueError, match="optimizer must be one of 'adam', 'sgd'; got optimizer='lbfgs'"):
         guide(model, sched, loss, x_T, cond=cond, optimizer="lbfgs", progress=False)
     with pytest.raises(ValueError, match="iters"):
         guide(model, sched, loss, x_T, cond=cond, iters=0, progress=False)
