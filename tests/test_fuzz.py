@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import adjointdeis as ad
 from adjointdeis import ops, reference
+from nets import ResidualBlock
 
 # CI runs 40 derandomised examples per test (8 for the slow ones); ADJOINTDEIS_FUZZ_EXAMPLES=N runs N random ones.
 EXAMPLES = int(os.environ.get("ADJOINTDEIS_FUZZ_EXAMPLES", "0"))
@@ -241,21 +242,10 @@ def test_fourier_temporal_conv_layer(name, value):
     clear_error_or(lambda: ad.FourierTemporalConv(**kwargs), name, check)
 
 
-class Block(torch.nn.Module):
-    temporal_channels = 2
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(2, 2, 1)
-
-    def forward(self, x):
-        return x + self.conv(x)
-
-
 class Backbone(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.block = Block()
+        self.block = ResidualBlock()
 
     def forward(self, x, t, cond=None):
         return self.block(x) * (1 + t.to(x.dtype)[:, None, None, None] * 0.01)
