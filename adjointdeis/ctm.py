@@ -15,6 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import ops, validation
+from .planning import all_finite
 from .reference import opmath_dtype
 from .schedules import check_noise_levels
 
@@ -116,7 +117,7 @@ def sample_ctm(model: Callable, x_T: Tensor, sigmas, gamma: float = 0.0, generat
         if n < len(rows) - 1 and gamma > 0:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x, _ = ops.multistep_step(x, out.to(x.dtype), [], coeffs[n], noise, save_m0=False)
-    if check_finite and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+    if check_finite and not torch.compiler.is_compiling() and not all_finite(x):
         raise FloatingPointError("sample_ctm: the result is not finite: the model returned NaN or Inf")
     return x
 

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from . import ops, validation
 from .models import Conditioning, ParameterAliases, evaluate_model, fully_sharded
-from .planning import (AdjointGrid, NoiseSource, SamplingPlan, StepInfo, noisy_rows, row_output, run_plan,
-                       tensor_noise)
+from .planning import (AdjointGrid, NoiseSource, SamplingPlan, StepInfo, all_finite, noisy_rows, row_output,
+                       run_plan, tensor_noise)
 from .predictions import conversion
 from .reference import opmath_dtype
 from .solvers import GridPoint
@@ -270,7 +270,7 @@ class _Sampler(torch.autograd.Function):
             grad_x_T, grad_cond, grad_params = continuous_adjoint(spec, grad_x, states, ctx.final, cond_leaves,
                                                                   params)
         reduce_across_ranks(spec.model, grad_params)
-        if not torch.isfinite(grad_x_T).all():
+        if not all_finite(grad_x_T):
             raise FloatingPointError(f"grad={spec.mode!r}: the adjoint state became non-finite (NaN/Inf); "
                                      "for grad='adjoint' try adjoint_form='x0' or a finer adjoint grid")
         if spec.grad_from:

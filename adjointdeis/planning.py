@@ -203,11 +203,46 @@ def plan_sampling(sched: NoiseSchedule, steps: int, spacing: str, timesteps: tup
     Raises:
         ValueError naming the bad argument (solver, order, sde, steps, spacing, timesteps, ...).
     """
+    key = None
+    if not torch.compiler.is_compiling():
+        try:
+            key = (schedule_key(sched), steps, spacing, timesteps, denoise_to_zero, solver, order, prediction, sde,
+                   lower_order_final, third_order, second_order, threshold, euler_at_final)
+            plan = _PLANS.get(key)
+        except TypeError:  # a schedule (subclass) holding something unhashable is planned anew every call
+            key = plan = None
+        if plan is not None:
+            return plan
     settings = SolverSettings(solver, resolve_order(solver, order, sde), prediction, sde, lower_order_final,
                               third_order, second_order, threshold, euler_at_final)
     grid = None if timesteps is None else torch.tensor(timesteps, dtype=torch.float64)
     ts, points = sampling_grid(sched, steps, spacing, grid, denoise_to_zero)
-    return _plan_on_grid(sched, ts, points, settings)
+    plan = _plan_on_grid(sched, ts, points, settings)
+    if key is not None:
+        if len(_PLANS) >= PLANS_KEPT:
+            _PLANS.pop(next(iter(_PLANS)))  # the oldest
+        _PLANS[key] = plan
+    return plan
+
+
+_PLANS: dict[tuple, SamplingPlan] = {}
+PLANS_KEPT = 256
+
+
+def schedule_key(sched: NoiseSchedule) -> tuple:
+    """A hashable snapshot of a schedule's state: its class and every attribute's value (a tensor by its
+    dtype, shape and bytes), so a plan is reused only for a schedule equal to the one it was built for, even
+    when the same object was changed in between."""
+    def frozen(value):
+        if isinstance(value, Tensor):
+            return (value.dtype, tuple(value.shape), value.detach().cpu().contiguous().numpy().tobytes())
+        if isinstance(value, (list, tuple)):
+            return tuple(frozen(v) for v in value)
+        if isinstance(value, dict):
+            return tuple((k, frozen(v)) for k, v in sorted(value.items()))
+        hash(value)  # raises TypeError for what cannot be part of a key
+        return value
+    return (type(sched), tuple((name, frozen(value)) for name, value in sorted(vars(sched).items())))
 
 
 def plan_adjoint_grid(sched: NoiseSchedule, plan: SamplingPlan, steps: int | None,
@@ -273,6 +308,15 @@ def device_tables(plan: SamplingPlan, device: torch.device, time_dtype: torch.dt
         if len(_DEVICE_TABLES) < DEVICE_TABLES_KEPT:
             _DEVICE_TABLES[key] = tables
     return tables
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every element of `x` is finite, in one read of `x` (a min/max reduction, which propagates NaN;
+    ``torch.isfinite(x).all()`` would also write a bool tensor the size of x). Syncs the host once."""
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x.detach())
+    return bool(torch.isfinite(torch.stack([low, high])).all())
 
 
 def _capturing(x: Tensor) -> bool:
@@ -409,7 +453,7 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
         if callback is not None:
             callback(StepInfo(row, steps.eval_index[row], steps.starts_step[row], t_eval[row], x, out, m0, x_next))
         x, history = x_next, ([m0] + history)[:depth]
-    if check_finite and not torch.compiler.is_compiling() and not _capturing(x) and not torch.isfinite(x).all():
+    if check_finite and not torch.compiler.is_compiling() and not _capturing(x) and not all_finite(x):
         raise FloatingPointError(
             "sample: the result is not finite: the model returned NaN or Inf during sampling "
             "(or the grid reaches a time where the prediction cannot be converted)")

@@ -1,25 +1,93 @@
 """Times whole ``adjointdeis.sample`` loops with a free model: the sampler's own cost per step.
 
 Usage: python bench/bench_sample.py [--steps 10 25 50] [--min-run-time 2] [--threads 1] [--json PATH]
+       python bench/bench_sample.py --breakdown [--threads 2]   # one call against N x the kernel, by part
 
 The model returns a precomputed output, so what is timed is everything ``sample`` spends outside the
 network: planning the grid and its coefficient table (once per call) and one fused step per model
 evaluation. Baseline: diffusers' ``DPMSolverMultistepScheduler`` loop (``set_timesteps`` + ``step``) on the
 same latents, when diffusers is installed. The case is :func:`adjointdeis.benchmarks.bench_overhead`, the
 one the ``adjointdeis bench`` command runs.
+
+``--breakdown``: a 20-step DPM-Solver++(2M) ``sample`` call on 16x4x128x128 float32 latents with a free model,
+against 20 times one fused step on the same tensors, and the parts a call adds: planning (cached after the first
+call with the same schedule and settings; cold, a new schedule each time), the finiteness check, and the loop
+itself. Every time is the minimum over many runs (this VM's times wander by 2x between runs of the same code;
+the minimum is what the code costs when nothing else interferes), interleaved in rounds.
 """
 
 import argparse
+import itertools
 import json
 import pathlib
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import adjointdeis as ad  # noqa: E402
+from adjointdeis import ops  # noqa: E402
 from adjointdeis.benchmarks import OVERHEAD_SHAPE, bench_overhead  # noqa: E402
+from adjointdeis.planning import all_finite, device_tables, plan_sampling, run_plan  # noqa: E402
 from machine import cpu_name  # noqa: E402
+
+BREAKDOWN_SHAPE = (16, 4, 128, 128)
+BREAKDOWN_STEPS = 20
+
+
+def min_ms(fn, seconds: float) -> float:
+    """The fastest of repeated calls of fn over about `seconds`, in ms."""
+    for _ in range(3):
+        fn()
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def breakdown(seconds: float, rounds: int = 3) -> dict:
+    """Milliseconds of one sample call and of its parts (see the module docstring)."""
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(BREAKDOWN_SHAPE, generator=g), 0.1 * torch.randn(BREAKDOWN_SHAPE, generator=g)
+    sched, steps = ad.VPSchedule.linear(), BREAKDOWN_STEPS
+    args = (steps, "logsnr", None, False, "dpmpp", 2, "eps")
+    plan = plan_sampling(sched, *args)
+    coeffs, _ = device_tables(plan, x.device, torch.float32)
+    m1 = ops.multistep_step(x, out, [], coeffs[0])[1]
+    row = coeffs[steps // 2]
+    fresh = itertools.count(1)  # a new schedule per cold planning call, so the memo never answers
+
+    def model(y, t):
+        return out
+
+    parts = {
+        "sample": lambda: ad.sample(model, x, sched, steps=steps, order=2),
+        "kernel": lambda: ops.multistep_step(x, out, [m1], row),
+        "loop": lambda: run_plan(model, x, plan, check_finite=False),
+        "finite check": lambda: all_finite(x),
+        "plan (cached)": lambda: plan_sampling(sched, *args),
+        "plan (cold)": lambda: plan_sampling(ad.VPSchedule.linear(beta_max=20.0 + 1e-6 * next(fresh)), *args),
+    }
+    times = {}
+    for _ in range(rounds):
+        for name, fn in parts.items():
+            times[name] = min(times.get(name, float("inf")), min_ms(fn, seconds))
+    return {"shape": BREAKDOWN_SHAPE, "steps": steps, "ms": times, "n_kernel": steps * times["kernel"]}
+
+
+def print_breakdown(result: dict) -> None:
+    ms, n_kernel = result["ms"], result["n_kernel"]
+    print(f"# {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"{'x'.join(map(str, result['shape']))} float32, DPM-Solver++(2M), {result['steps']} steps, free model")
+    print(f"{'part':<34}{'ms':>9}{'/ N x kernel':>14}")
+    print(f"{'N x kernel (one step, alone)':<34}{n_kernel:>9.3f}{1:>14.3f}")
+    for name in ("loop", "finite check", "plan (cached)", "plan (cold)", "sample"):
+        print(f"{name:<34}{ms[name]:>9.3f}{ms[name] / n_kernel:>14.3f}")
+    print(f"sample() / (N x kernel): {ms['sample'] / n_kernel:.3f} (target <= 1.05)")
 
 
 def main(argv=None) -> None:
@@ -28,8 +96,15 @@ def main(argv=None) -> None:
     parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds per measurement (default 2)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=pathlib.Path)
+    parser.add_argument("--breakdown", action="store_true", help="one 20-step call against 20 x the kernel")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.breakdown:
+        result = breakdown(min(args.min_run_time, 1.0))
+        print_breakdown(result)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        return
     rows = bench_overhead(steps_list=args.steps, min_run_time=args.min_run_time)
     print(f"# {cpu_name()}, torch {torch.__version__}, {args.threads} thread(s), latents "
           f"{'x'.join(map(str, OVERHEAD_SHAPE))}")

@@ -451,6 +451,49 @@ def test_a_plan_uploads_its_tables_once_per_device_and_dtype(monkeypatch):
     assert torch.equal(first[0], plan.steps.coeffs) and first[1].dtype == torch.float32
 
 
+def test_plans_are_reused_for_equal_schedules_and_rebuilt_when_one_changes(monkeypatch):
+    from adjointdeis import planning
+    from adjointdeis.planning import plan_sampling
+
+    monkeypatch.setattr(planning, "_PLANS", {})
+    args = (8, "logsnr", None, False, "dpmpp", 2, "eps")
+    plan = plan_sampling(ad.VPSchedule.linear(), *args)
+    assert plan_sampling(ad.VPSchedule.linear(), *args) is plan  # equal by value: the memo's plan
+    assert plan_sampling(ad.VPSchedule.linear(beta_max=19.0), *args) is not plan
+    assert plan_sampling(ad.VPSchedule.linear(), 9, *args[1:]) is not plan
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    sched = ad.VPSchedule.from_betas(betas)
+    discrete = plan_sampling(sched, *args)
+    for name, value in list(vars(sched).items()):  # the same object, changed in place
+        if isinstance(value, torch.Tensor) and value.numel() > 1:
+            value.mul_(0.5)
+    changed = plan_sampling(sched, *args)
+    assert changed is not discrete and changed.steps != discrete.steps
+    fresh = planning._plan_on_grid(sched, *planning.sampling_grid(sched, 8, "logsnr", None, False),
+                                   changed.settings)
+    assert changed == fresh
+    monkeypatch.setattr(planning, "PLANS_KEPT", 2)
+    monkeypatch.setattr(planning, "_PLANS", {})
+    for n in (3, 4, 5):
+        plan_sampling(ad.VPSchedule.linear(), n, *args[1:])
+    assert len(planning._PLANS) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_the_finiteness_check_finds_every_nan_and_inf(dtype):
+    from adjointdeis.planning import all_finite
+
+    x = torch.randn(3, 5, 7).to(dtype)
+    assert all_finite(x) and all_finite(x[:, ::2]) and all_finite(x[:0])
+    for value in (float("nan"), float("inf"), -float("inf")):
+        for index in ((0, 0, 0), (1, 2, 3), (2, 4, 6)):
+            y = x.clone()
+            y[index] = value
+            assert not all_finite(y) and not all_finite(y.transpose(0, 2))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        ad.sample(lambda x, t: torch.full_like(x, float("nan")), torch.randn(2, 3), ad.VPSchedule.linear(), steps=3)
+
+
 def test_the_solver_registry_describes_every_solver():
     from adjointdeis.solvers import SOLVERS, check_solver, resolve_order
 
