@@ -13,13 +13,17 @@ one the ``adjointdeis bench`` command runs.
 against 20 times one fused step on the same tensors, and the parts a call adds: planning (cached after the first
 call with the same schedule and settings; cold, a new schedule each time), the finiteness check, and the loop
 itself. Every time is the minimum over many runs (this VM's times wander by 2x between runs of the same code;
-the minimum is what the code costs when nothing else interferes), interleaved in rounds.
+the minimum is what the code costs when nothing else interferes), interleaved in rounds. "chain" is the N kernels
+of the loop called back to back on the loop's own buffers (each step writes fresh outputs and reads the last
+ones) with no other Python: loop - chain is the loop's own cost, chain - N x kernel is the memory system's
+(one step alone reuses one hot set of five tensors).
 """
 
 import argparse
 import itertools
 import json
 import pathlib
+import resource
 import sys
 import time
 
@@ -37,16 +41,18 @@ BREAKDOWN_SHAPE = (16, 4, 128, 128)
 BREAKDOWN_STEPS = 20
 
 
-def min_ms(fn, seconds: float) -> float:
-    """The fastest of repeated calls of fn over about `seconds`, in ms."""
+def min_ms(fn, seconds: float) -> tuple[float, float]:
+    """The fastest of repeated calls of fn over about `seconds` in ms, and the mean minor page faults per call
+    (first touches of memory the allocator got fresh from the kernel)."""
     for _ in range(3):
         fn()
-    best, start = float("inf"), time.perf_counter()
+    best, start, calls = float("inf"), time.perf_counter(), 0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     while time.perf_counter() - start < seconds:
         t = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+        best, calls = min(best, time.perf_counter() - t), calls + 1
+    return best * 1e3, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / calls
 
 
 def breakdown(seconds: float, rounds: int = 3) -> dict:
@@ -64,29 +70,41 @@ def breakdown(seconds: float, rounds: int = 3) -> dict:
     def model(y, t):
         return out
 
+    def chain():  # the loop's kernels on the loop's rotating buffers, without the loop's Python
+        y, history = x, []
+        for r in range(steps):
+            y, m0 = ops.multistep_step(y, out, history, coeffs[r])
+            history = [m0]
+        return y
+
     parts = {
         "sample": lambda: ad.sample(model, x, sched, steps=steps, order=2),
+        "chain": chain,
         "kernel": lambda: ops.multistep_step(x, out, [m1], row),
         "loop": lambda: run_plan(model, x, plan, check_finite=False),
         "finite check": lambda: all_finite(x),
         "plan (cached)": lambda: plan_sampling(sched, *args),
         "plan (cold)": lambda: plan_sampling(ad.VPSchedule.linear(beta_max=20.0 + 1e-6 * next(fresh)), *args),
     }
-    times = {}
+    times, faults = {}, {}
     for _ in range(rounds):
         for name, fn in parts.items():
-            times[name] = min(times.get(name, float("inf")), min_ms(fn, seconds))
-    return {"shape": BREAKDOWN_SHAPE, "steps": steps, "ms": times, "n_kernel": steps * times["kernel"]}
+            ms, per_call = min_ms(fn, seconds)
+            if ms < times.get(name, float("inf")):
+                times[name], faults[name] = ms, per_call
+    return {"shape": BREAKDOWN_SHAPE, "steps": steps, "ms": times, "page_faults": faults,
+            "n_kernel": steps * times["kernel"]}
 
 
 def print_breakdown(result: dict) -> None:
     ms, n_kernel = result["ms"], result["n_kernel"]
     print(f"# {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{'x'.join(map(str, result['shape']))} float32, DPM-Solver++(2M), {result['steps']} steps, free model")
-    print(f"{'part':<34}{'ms':>9}{'/ N x kernel':>14}")
-    print(f"{'N x kernel (one step, alone)':<34}{n_kernel:>9.3f}{1:>14.3f}")
-    for name in ("loop", "finite check", "plan (cached)", "plan (cold)", "sample"):
-        print(f"{name:<34}{ms[name]:>9.3f}{ms[name] / n_kernel:>14.3f}")
+    faults = result["page_faults"]
+    print(f"{'part':<34}{'ms':>9}{'/ N x kernel':>14}{'page faults':>13}")
+    print(f"{'N x kernel (one step, alone)':<34}{n_kernel:>9.3f}{1:>14.3f}{result['steps'] * faults['kernel']:>13.0f}")
+    for name in ("chain", "loop", "finite check", "plan (cached)", "plan (cold)", "sample"):
+        print(f"{name:<34}{ms[name]:>9.3f}{ms[name] / n_kernel:>14.3f}{faults[name]:>13.0f}")
     print(f"sample() / (N x kernel): {ms['sample'] / n_kernel:.3f} (target <= 1.05)")
 
 
