@@ -82,6 +82,33 @@ torch.library.register_autograd(
     "adjointdeis::multistep_step", _multistep_step_backward, setup_context=_multistep_step_setup_context)
 
 
+def multistep_step_out(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor, noise: Tensor | None = None,
+                       *, x_next: Tensor, m0: Tensor | None = None) -> None:
+    """:func:`multistep_step` writing into the caller's buffers: `x_next`, and `m0` unless it is None (not saved).
+
+    For a sampling loop that recycles the tensors it has dropped instead of allocating two fresh ones per step
+    (on CPU, freshly allocated outputs can cost a page fault per 4 KiB in every step). Not differentiable.
+
+    Args:
+        x, out, history, coeffs, noise: as for :func:`multistep_step`.
+        x_next, m0: contiguous, with the operands' broadcast shape and x's dtype and device, sharing no memory
+            with any input or with each other.
+
+    Raises:
+        RuntimeError naming the argument for a dtype, device, shape, layout or overlap mismatch, and when
+        grad mode is on and an input requires grad.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, out, noise, *history)):
+        raise RuntimeError("multistep_step_out: is not differentiable, but an input requires grad; "
+                           "use multistep_step, or run under torch.no_grad()")
+    torch.ops.adjointdeis.multistep_step_out.default(x, out, list(history), coeffs, noise, x_next, m0)
+
+
+@torch.library.register_fake("adjointdeis::multistep_step_out")
+def _multistep_step_out_fake(x, out, history, coeffs, noise, x_next, m0):
+    reference.check_step_outputs(x, out, history, coeffs, noise, x_next, m0, memory=False)
+
+
 def discrete_adjoint_step(xbar: Tensor, vjp: Tensor, gfull: Tensor, pend1: Tensor | None,
                           pend2: Tensor | None, coeffs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One fused row j of the exact discrete adjoint (docs/math.md section 5.1), after the model's VJP at x_j.
@@ -424,6 +451,6 @@ torch.library.register_autograd(
 
 if cuda_version() < 0:
     # CPU-only build: CUDA tensors take the reference path, so callers never branch on the build.
-    for _name in ("multistep_step", "discrete_adjoint_step", "multi_tensor_axpy_", "fourier_spectral_conv",
+    for _name in ("multistep_step", "multistep_step_out", "discrete_adjoint_step", "multi_tensor_axpy_", "fourier_spectral_conv",
                   "fourier_spectral_conv_backward", "fourier_channel_conv", "fourier_channel_conv_backward"):
         torch.library.impl(f"adjointdeis::{_name}", "CUDA", getattr(reference, _name))

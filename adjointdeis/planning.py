@@ -9,6 +9,8 @@ sees every evaluation (:class:`StepInfo`).
 """
 
 import math
+import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -324,6 +326,48 @@ def _capturing(x: Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def _owners(t: Tensor) -> tuple[int, int, int, int]:
+    """Who holds `t`: Python references, C++ references to its TensorImpl, to its storage (views), weak references."""
+    return (sys.getrefcount(t), t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata),
+            weakref.getweakrefcount(t))
+
+
+def _alone() -> tuple[int, int, int, int]:
+    held = [torch.empty(1)]
+    t = held.pop()
+    return _owners(t)
+
+
+_ALONE = _alone()  # the owners of a tensor popped from a list into one local name (the interpreter's count)
+
+
+class Spares:
+    """The tensors a CPU run has dropped, recycled as the output buffers of later steps when nothing else holds
+    them (no name, container, view, weak or C++ reference: nobody can see them change). The loop then writes into
+    memory it has already touched instead of two fresh allocations per step, which the C allocator may hand back
+    to the OS and page-fault in again at every step."""
+
+    def __init__(self) -> None:
+        self.dropped: list[Tensor] = []
+        self.fresh = 0  # the buffers allocated because no dropped tensor was free
+
+    def take(self, like: Tensor) -> Tensor:
+        """A dropped tensor that nothing else holds, with `like`'s shape, dtype and device, or a fresh one."""
+        while self.dropped:
+            t = self.dropped.pop()
+            if _owners(t) == _ALONE and t.shape == like.shape and t.dtype == like.dtype and t.device == like.device:
+                return t
+        self.fresh += 1
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+def _recycles(x: Tensor) -> bool:
+    """Whether a run from `x` recycles its dropped tensors: plain CPU tensors outside compilation (on CUDA the
+    caching allocator already reuses memory; a compiled graph plans its own buffers)."""
+    return (x.device.type == "cpu" and type(x) is Tensor and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
 NoiseSource = Callable[[int, Tensor], Tensor]
 """Where a run's injected noise comes from: ``noise(row, x)`` returns the standard normal noise of stochastic row
 `row` (a :class:`SamplingPlan` row index), shaped like the current state `x`, on its device and in its dtype."""
@@ -435,12 +479,16 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
     batch = x_T.shape[0]
     x, x_start, history = x_T, x_T, []
     depth = max(steps.num_history, default=0)
+    save_m0 = depth > 0 or callback is not None
+    spares = Spares() if _recycles(x_T) else None
     skips = steps.skip or (False,) * len(steps.eval_index)
     rows = range(len(steps.eval_index))
     if progress and not torch.compiler.is_compiling():
         rows = tqdm(rows, disable=None, desc="sampling", leave=False)
     for row in rows:
         if steps.starts_step[row]:
+            if spares is not None and x_start is not x and x_start is not x_T:
+                spares.dropped.append(x_start)  # a step's start state outlives its step's rows
             x_start = x
         with torch.set_grad_enabled(torch.is_grad_enabled() and row >= grad_from):
             out = evaluate_model(model, x, t_eval[row].expand(batch), cond, guidance_scale, uncond)
@@ -449,10 +497,18 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
                 z = (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if noise is None
                      else validation.model_output(noise(row, x), x, "noise"))
             operands = history[:steps.num_history[row]] + ([x_start] if skips[row] else [])
-            x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), operands, coeffs[row], z)
+            recycle = spares is not None and not torch.is_grad_enabled()
+            if recycle:
+                x_next, m0 = spares.take(x), spares.take(x) if save_m0 else None
+                ops.multistep_step_out(x, row_output(plan, row, x, out), operands, coeffs[row], z, x_next=x_next, m0=m0)
+            else:
+                x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), operands, coeffs[row], z, save_m0)
         if callback is not None:
             callback(StepInfo(row, steps.eval_index[row], steps.starts_step[row], t_eval[row], x, out, m0, x_next))
+        if recycle:
+            spares.dropped += [t for t in [x, *([m0] + history)[depth:]] if t is not None and t is not x_start]
         x, history = x_next, ([m0] + history)[:depth]
+        del m0  # no name of the loop's may hold a tensor it recycles
     if check_finite and not torch.compiler.is_compiling() and not _capturing(x) and not all_finite(x):
         raise FloatingPointError(
             "sample: the result is not finite: the model returned NaN or Inf during sampling "

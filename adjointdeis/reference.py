@@ -89,6 +89,59 @@ def multistep_step(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor
     return acc.expand(shape).to(x.dtype).contiguous(), m0
 
 
+def _extent(t: Tensor) -> tuple[int, int]:
+    """The bytes t's elements span: from its first element to one past its last."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
+        return False
+    (a_begin, a_end), (b_begin, b_end) = _extent(a), _extent(b)
+    return a_begin < b_end and b_begin < a_end
+
+
+def check_step_outputs(x, out, history, coeffs, noise, x_next, m0, memory: bool = True) -> None:
+    """Validates the operands of multistep_step_out: those of multistep_step, and the output buffers.
+
+    Args:
+        memory: also check that no buffer overlaps an input (False for fake tensors, which have no memory).
+
+    Raises:
+        ValueError / TypeError naming the offending argument.
+    """
+    op = "multistep_step_out"
+    shape = check_step_operands(x, out, history, coeffs, noise)
+    inputs = [("x", x), ("out", out)] + [(f"history[{k}]", h) for k, h in enumerate(history)]
+    inputs += [("noise", noise)] if noise is not None else []
+    for name, t in (("x_next", x_next), ("m0", m0)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+        if t.shape != shape:
+            raise ValueError(f"{op}: {name} must have the operands' broadcast shape {list(shape)}, got {list(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous")
+        for input_name, u in inputs if memory else ():
+            if _overlap(t, u):
+                raise ValueError(f"{op}: {name} shares memory with {input_name}; the outputs must not overlap the inputs")
+        inputs.append((name, t))
+
+
+def multistep_step_out(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor, noise: Tensor | None = None,
+                       *, x_next: Tensor, m0: Tensor | None = None) -> None:
+    """The twin of :func:`adjointdeis.ops.multistep_step_out`: :func:`multistep_step` copied into the buffers."""
+    check_step_outputs(x, out, history, coeffs, noise, x_next, m0)
+    new_x, new_m0 = multistep_step(x, out, history, coeffs, noise, m0 is not None)
+    x_next.copy_(new_x)
+    if m0 is not None:
+        m0.copy_(new_m0)
+
+
 ADJOINT_COEFFS = ("a", "p", "b1", "b2", "b0_prev", "q_prev")
 
 

@@ -11,7 +11,7 @@
 namespace adjointdeis {
 
 // Operands of one step after validation: every input broadcast to the common shape and
-// contiguous, the outputs allocated (m0 empty when it is not saved).
+// contiguous, and the outputs (m0 unset or empty when it is not saved).
 struct StepOperands {
   Tensor x, out, noise, coeffs;
   std::vector<Tensor> history;
@@ -23,6 +23,13 @@ struct StepOperands {
 StepOperands prepare_multistep_step(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
                                     const Tensor& coeffs, const std::optional<Tensor>& noise, bool save_m0,
                                     DeviceType device_type);
+
+// The same operands with the caller's outputs: x_next, and m0 unless it is not saved (both contiguous, with the
+// broadcast shape, x's dtype and device, and sharing no memory with any input or with each other).
+StepOperands prepare_multistep_step_out(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
+                                        const Tensor& coeffs, const std::optional<Tensor>& noise,
+                                        const Tensor& x_next, const std::optional<Tensor>& m0,
+                                        DeviceType device_type);
 
 // Calls f(std::integral_constant<int, NumHistory>, std::bool_constant<HasNoise>,
 // std::bool_constant<SaveM0>) for the runtime variant of the step, so each backend instantiates

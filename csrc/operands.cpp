@@ -37,12 +37,15 @@ void OperandCheck::merge_shape(Shape& shape, const char* name, const Tensor& t) 
   shape = *merged;
 }
 
-StepOperands prepare_multistep_step(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
-                                    const Tensor& coeffs, const std::optional<Tensor>& noise, bool save_m0,
-                                    DeviceType device_type) {
-  const OperandCheck check{"multistep_step", "x", x, device_type};
+namespace {
+
+// The checked inputs of one step, broadcast to their common shape and contiguous; no outputs yet.
+StepOperands step_inputs(const char* op, const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
+                         const Tensor& coeffs, const std::optional<Tensor>& noise, DeviceType device_type,
+                         Shape& shape) {
+  const OperandCheck check{op, "x", x, device_type};
   check.check_reference();
-  ADJOINTDEIS_CHECK(history.size() <= static_cast<size_t>(kMaxHistory), "multistep_step: history holds at most ",
+  ADJOINTDEIS_CHECK(history.size() <= static_cast<size_t>(kMaxHistory), op, ": history holds at most ",
                     kMaxHistory, " tensors, got ", history.size());
   const bool wide = history.size() == kMaxHistory || (coeffs.dim() == 1 && coeffs.size(0) == kNumStepCoeffs);
   if (wide) {
@@ -56,7 +59,7 @@ StepOperands prepare_multistep_step(const Tensor& x, const Tensor& out, const st
   for (size_t k = 0; k < history.size(); ++k) check.check(history_names[k], history[k]);
   if (noise.has_value()) check.check("noise", *noise);
 
-  Shape shape = shape_of(x);
+  shape = shape_of(x);
   check.merge_shape(shape, "out", out);
   for (size_t k = 0; k < history.size(); ++k) check.merge_shape(shape, history_names[k], history[k]);
   if (noise.has_value()) check.merge_shape(shape, "noise", *noise);
@@ -68,9 +71,73 @@ StepOperands prepare_multistep_step(const Tensor& x, const Tensor& out, const st
   ops.has_noise = noise.has_value();
   if (ops.has_noise) ops.noise = dense(*noise, shape);
   ops.coeffs = coeffs.is_contiguous() ? coeffs : torch::stable::contiguous(coeffs);
+  return ops;
+}
+
+// The bytes a tensor's elements span, from its first element to one past its last (strides are never negative).
+std::pair<const char*, const char*> extent(const Tensor& t) {
+  const char* begin = static_cast<const char*>(t.data_ptr());
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return {begin, begin + (last + 1) * static_cast<int64_t>(t.element_size())};
+}
+
+bool overlaps(const Tensor& a, const Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto [a_begin, a_end] = extent(a);
+  const auto [b_begin, b_end] = extent(b);
+  return a_begin < b_end && b_begin < a_end;
+}
+
+using NamedTensors = std::vector<std::pair<const char*, Tensor>>;
+
+// A caller's output buffer: x's dtype and device, the operands' broadcast shape, contiguous, and apart from
+// every input.
+void check_output(const OperandCheck& check, const char* name, const Tensor& t, const Shape& shape,
+                  const NamedTensors& inputs) {
+  check.check(name, t);
+  ADJOINTDEIS_CHECK(same_shape(t.sizes(), IntRef(shape)), check.op, ": ", name,
+                    " must have the operands' broadcast shape ", shape_name(IntRef(shape)), ", got ",
+                    shape_name(t.sizes()));
+  ADJOINTDEIS_CHECK(t.is_contiguous(), check.op, ": ", name, " must be contiguous");
+  for (const auto& [input_name, input] : inputs) {
+    ADJOINTDEIS_CHECK(!overlaps(t, input), check.op, ": ", name, " shares memory with ", input_name,
+                      "; the outputs must not overlap the inputs");
+  }
+}
+
+}  // namespace
+
+StepOperands prepare_multistep_step(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
+                                    const Tensor& coeffs, const std::optional<Tensor>& noise, bool save_m0,
+                                    DeviceType device_type) {
+  Shape shape;
+  StepOperands ops = step_inputs("multistep_step", x, out, history, coeffs, noise, device_type, shape);
   ops.save_m0 = save_m0;
   ops.x_next = empty(shape, x.scalar_type(), x.device());
   ops.m0 = empty(save_m0 ? shape : Shape{0}, x.scalar_type(), x.device());
+  return ops;
+}
+
+StepOperands prepare_multistep_step_out(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
+                                        const Tensor& coeffs, const std::optional<Tensor>& noise,
+                                        const Tensor& x_next, const std::optional<Tensor>& m0,
+                                        DeviceType device_type) {
+  const OperandCheck check{"multistep_step_out", "x", x, device_type};
+  Shape shape;
+  StepOperands ops = step_inputs(check.op, x, out, history, coeffs, noise, device_type, shape);
+  const char* history_names[kMaxHistory] = {"history[0]", "history[1]", "history[2]"};
+  NamedTensors inputs = {{"x", x}, {"out", out}};
+  for (size_t k = 0; k < history.size(); ++k) inputs.emplace_back(history_names[k], history[k]);
+  if (noise.has_value()) inputs.emplace_back("noise", *noise);
+  check_output(check, "x_next", x_next, shape, inputs);
+  ops.x_next = x_next;
+  ops.save_m0 = m0.has_value();
+  if (ops.save_m0) {
+    inputs.emplace_back("x_next", x_next);
+    check_output(check, "m0", *m0, shape, inputs);
+    ops.m0 = *m0;
+  }
   return ops;
 }
 

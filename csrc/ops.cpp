@@ -38,6 +38,9 @@ STABLE_TORCH_LIBRARY(adjointdeis, m) {
       "multistep_step(Tensor x, Tensor out, Tensor[] history, Tensor coeffs, Tensor? noise,"
       " bool save_m0) -> (Tensor x_next, Tensor m0)");
   m.def(
+      "multistep_step_out(Tensor x, Tensor out, Tensor[] history, Tensor coeffs, Tensor? noise,"
+      " Tensor(a!) x_next, Tensor(b!)? m0) -> ()");
+  m.def(
       "discrete_adjoint_step(Tensor xbar, Tensor vjp, Tensor gfull, Tensor? pend1, Tensor? pend2,"
       " Tensor coeffs) -> (Tensor xbar_prev, Tensor gfull_prev, Tensor cot_prev, Tensor pend_prev)");
   m.def("multi_tensor_axpy_(Tensor(a!)[] accumulators, Tensor[] updates, Tensor scale) -> ()");

@@ -243,3 +243,98 @@ def test_cuda_misaligned_and_large(save_m0):
     x, out, history, coeffs, noise = make_case(((1 << 20) + 3,), torch.float32, "cuda", 2, True)
     assert_matches_reference(x[1:], out[1:], [h[1:] for h in history], coeffs, noise[1:], save_m0)
     assert_matches_reference(x, out, history, coeffs, noise, save_m0)
+
+
+def out_buffers(x, out, history, noise, save_m0):
+    """Fresh output buffers of multistep_step_out, poisoned with NaN so that an unwritten element shows."""
+    shape = torch.broadcast_shapes(x.shape, out.shape, *(h.shape for h in history),
+                                   *(() if noise is None else (noise.shape,)))
+    full = lambda: torch.full(shape, float("nan"), dtype=x.dtype, device=x.device)
+    return full(), full() if save_m0 else None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("num_history,noisy", [(0, False), (1, False), (2, True), (3, True)])
+@pytest.mark.parametrize("save_m0", [True, False])
+@pytest.mark.parametrize("layout", ["dense", "transposed", "broadcast"])
+def test_out_form_writes_what_the_op_returns(device, dtype, shape, num_history, noisy, save_m0, layout):
+    """multistep_step_out writes exactly multistep_step's results (the same kernel) into the caller's buffers,
+    and its reference twin the reference's."""
+    x, out, history, coeffs, noise = make_case(shape, dtype, device, num_history, noisy)
+    if layout == "transposed" and len(shape) >= 2:
+        x, out = x.transpose(0, -1), out.transpose(0, -1)
+        history = [h.transpose(0, -1) for h in history]
+        noise = None if noise is None else noise.transpose(0, -1)
+    if layout == "broadcast" and len(shape) >= 2:
+        out = out[:1]
+        history = [h[..., :1] for h in history]
+    want = ops.multistep_step(x, out, history, coeffs, noise, save_m0)
+    want_ref = reference.multistep_step(x, out, history, coeffs, noise, save_m0)
+    for impl, expected in ((ops.multistep_step_out, want), (reference.multistep_step_out, want_ref)):
+        x_next, m0 = out_buffers(x, out, history, noise, save_m0)
+        assert impl(x, out, history, coeffs, noise, x_next=x_next, m0=m0) is None
+        assert torch.equal(x_next, expected[0])
+        if save_m0:
+            assert torch.equal(m0, expected[1])
+    assert_close(want[0], want_ref[0], **KERNEL_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_history,noisy,save_m0", [(0, False, True), (2, True, True), (3, True, False)])
+def test_out_form_opcheck_and_compile(device, num_history, noisy, save_m0):
+    x, out, history, coeffs, noise = make_case((2, 3, 4), torch.float32, device, num_history, noisy)
+    x_next, m0 = out_buffers(x, out, history, noise, save_m0)
+    torch.library.opcheck(torch.ops.adjointdeis.multistep_step_out.default,
+                          (x, out, history, coeffs, noise, x_next, m0))
+
+    def two_steps(x, out, history, x_next, m0, spare):  # the second step writes into buffers the first did not
+        ops.multistep_step_out(x, out, history, coeffs, noise, x_next=x_next, m0=m0)
+        ops.multistep_step_out(x_next, out, history, coeffs, noise, x_next=spare)
+        return spare
+
+    compiled = torch.compile(two_steps, fullgraph=True)
+    got = compiled(x, out, history, *out_buffers(x, out, history, noise, save_m0), torch.empty_like(x))
+    want = two_steps(x, out, history, *out_buffers(x, out, history, noise, save_m0), torch.empty_like(x))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "buffers,message",
+    [
+        (lambda c: dict(x_next=c["x"]), "x_next shares memory with x"),
+        (lambda c: dict(x_next=torch.empty(3, 4), m0=c["owner"][1:]), "m0 shares memory with history[0]"),
+        (lambda c: dict(x_next=torch.empty(3, 4), m0=None), None),
+        (lambda c: dict(x_next=torch.empty(4, 3).T), "x_next must be contiguous"),
+        (lambda c: dict(x_next=torch.empty(3, 5)), "x_next must have the operands' broadcast shape [3, 4]"),
+        (lambda c: dict(x_next=torch.empty(3, 4, dtype=torch.float64)), "x_next has dtype"),
+        (lambda c: dict(x_next=torch.empty(3, 4), m0=torch.empty(1, 4)), "m0 must have the operands' broadcast"),
+        (lambda c: (lambda b: dict(x_next=b, m0=b))(torch.empty(3, 4)), "m0 shares memory with x_next"),
+        (lambda c: (lambda b: dict(x_next=b[:3], m0=b[2:]))(torch.empty(5, 4)), "m0 shares memory with x_next"),
+        (lambda c: (lambda b: dict(x_next=b[:3], m0=b[3:]))(torch.empty(6, 4)), None),
+        (lambda c: dict(x_next=torch.empty(3, 4, device="meta")), "x_next is on meta"),
+    ],
+)
+@pytest.mark.parametrize("impl", [ops.multistep_step_out, reference.multistep_step_out])
+def test_out_form_bad_buffers_name_the_argument(impl, buffers, message):
+    """A buffer of the wrong dtype, device, shape or layout, or one overlapping an input or the other output,
+    raises naming it; buffers side by side in one allocation are fine."""
+    owner = torch.zeros(4, 4)
+    case = dict(x=torch.zeros(3, 4), out=torch.zeros(1, 4), history=[owner[:3]], noise=torch.zeros(4),
+                coeffs=torch.zeros(7, dtype=torch.float64), owner=owner)
+    kwargs = buffers(case)
+    call = lambda: impl(case["x"], case["out"], case["history"], case["coeffs"], case["noise"], **kwargs)
+    if message is None:
+        call()
+        return
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=message.replace("[", r"\[")):
+        call()
+
+
+def test_out_form_is_not_differentiable():
+    x, out, history, coeffs, noise = make_case((3, 4), torch.float32, "cpu", 1, False)
+    with pytest.raises(RuntimeError, match="multistep_step_out: is not differentiable"):
+        ops.multistep_step_out(x.requires_grad_(), out, history, coeffs, x_next=torch.empty(3, 4))
+    with torch.no_grad():
+        ops.multistep_step_out(x, out, history, coeffs, x_next=torch.empty(3, 4))

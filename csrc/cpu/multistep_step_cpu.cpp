@@ -42,25 +42,36 @@ void run_step(const StepOperands& ops) {
   });
 }
 
+// The kernel for the operands' dtype and variant.
+void step(const StepOperands& ops) {
+  if (ops.x.numel() == 0) return;
+  dispatch_step_types(ops.x.scalar_type(), "multistep_step", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    dispatch_step_variant(ops.history.size(), ops.has_noise, ops.save_m0, [&](auto nh, auto noisy, auto save) {
+      run_step<scalar_t, decltype(nh)::value, decltype(noisy)::value, decltype(save)::value>(ops);
+    });
+  });
+}
+
 std::tuple<Tensor, Tensor> multistep_step_cpu(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
                                               const Tensor& coeffs, const std::optional<Tensor>& noise,
                                               bool save_m0) {
-  StepOperands ops = prepare_multistep_step(x, out, history, coeffs, noise, save_m0, DeviceType::CPU);
-  if (ops.x.numel() > 0) {
-    dispatch_step_types(ops.x.scalar_type(), "multistep_step", [&](auto tag) {
-      using scalar_t = typename decltype(tag)::type;
-      dispatch_step_variant(ops.history.size(), ops.has_noise, ops.save_m0, [&](auto nh, auto noisy, auto save) {
-        run_step<scalar_t, decltype(nh)::value, decltype(noisy)::value, decltype(save)::value>(ops);
-      });
-    });
-  }
+  const StepOperands ops = prepare_multistep_step(x, out, history, coeffs, noise, save_m0, DeviceType::CPU);
+  step(ops);
   return {ops.x_next, ops.m0};
+}
+
+void multistep_step_out_cpu(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
+                            const Tensor& coeffs, const std::optional<Tensor>& noise, const Tensor& x_next,
+                            const std::optional<Tensor>& m0) {
+  step(prepare_multistep_step_out(x, out, history, coeffs, noise, x_next, m0, DeviceType::CPU));
 }
 
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(adjointdeis, CPU, m) {
   m.impl("multistep_step", TORCH_BOX(&multistep_step_cpu));
+  m.impl("multistep_step_out", TORCH_BOX(&multistep_step_out_cpu));
 }
 
 }  // namespace adjointdeis

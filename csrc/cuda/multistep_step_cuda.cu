@@ -45,20 +45,31 @@ void launch_step(const StepOperands& ops) {
   cuda::launch_elementwise(a, F{ops.coeffs.const_data_ptr<double>()}, ops.x.numel());
 }
 
+// The kernel for the operands' dtype and variant.
+void step(const StepOperands& ops) {
+  if (ops.x.numel() == 0) return;
+  dispatch_step_types(ops.x.scalar_type(), "multistep_step", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    dispatch_step_variant(ops.history.size(), ops.has_noise, ops.save_m0, [&](auto nh, auto noisy, auto save) {
+      launch_step<scalar_t, decltype(nh)::value, decltype(noisy)::value, decltype(save)::value>(ops);
+    });
+  });
+}
+
 std::tuple<Tensor, Tensor> multistep_step_cuda(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
                                                const Tensor& coeffs, const std::optional<Tensor>& noise,
                                                bool save_m0) {
   const auto guard = cuda::guard_device_of(x);
-  StepOperands ops = prepare_multistep_step(x, out, history, coeffs, noise, save_m0, DeviceType::CUDA);
-  if (ops.x.numel() > 0) {
-    dispatch_step_types(ops.x.scalar_type(), "multistep_step", [&](auto tag) {
-      using scalar_t = typename decltype(tag)::type;
-      dispatch_step_variant(ops.history.size(), ops.has_noise, ops.save_m0, [&](auto nh, auto noisy, auto save) {
-        launch_step<scalar_t, decltype(nh)::value, decltype(noisy)::value, decltype(save)::value>(ops);
-      });
-    });
-  }
+  const StepOperands ops = prepare_multistep_step(x, out, history, coeffs, noise, save_m0, DeviceType::CUDA);
+  step(ops);
   return {ops.x_next, ops.m0};
+}
+
+void multistep_step_out_cuda(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
+                             const Tensor& coeffs, const std::optional<Tensor>& noise, const Tensor& x_next,
+                             const std::optional<Tensor>& m0) {
+  const auto guard = cuda::guard_device_of(x);
+  step(prepare_multistep_step_out(x, out, history, coeffs, noise, x_next, m0, DeviceType::CUDA));
 }
 
 #define ADJOINTDEIS_STRINGIFY_(...) #__VA_ARGS__
@@ -77,6 +88,7 @@ const bool cuda_build_registered = [] {
 
 STABLE_TORCH_LIBRARY_IMPL(adjointdeis, CUDA, m) {
   m.impl("multistep_step", TORCH_BOX(&multistep_step_cuda));
+  m.impl("multistep_step_out", TORCH_BOX(&multistep_step_out_cuda));
 }
 
 }  // namespace adjointdeis
