@@ -173,6 +173,22 @@ void check_kernel(const char* op, const Tensor& kernel, const Tensor& x) {
                     "), got ", shape_name(kernel.sizes()));
 }
 
+// The GEMMs' element type for activations of x's dtype (TemporalKernels::native_gemm). With bfloat16
+// coordinates the layer rounds like a bfloat16 PyTorch layer: at DSNO's shapes the weight's gradient is 4% off
+// the float64 one in L2 (a bfloat16 `x + leaky_relu(x @ W.T)` gives 3%), mostly from activations within
+// rounding of the kink, against 2e-7 with float32 GEMMs (bench/RESULTS.md).
+ScalarType gemm_type(const Tensor& x, const Tensor& mixing, const TemporalKernels& kernels) {
+  return kernels.native_gemm(x.scalar_type()) ? x.scalar_type() : mixing.scalar_type();
+}
+
+// t in `dtype`: t itself, or a rounded copy.
+Tensor in_type(const Tensor& t, ScalarType dtype) {
+  if (t.scalar_type() == dtype) return t;
+  Tensor copy = empty(shape_of(t), dtype, t.device());
+  torch::stable::copy_(copy, t);
+  return copy;
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> fourier_spectral_conv(const Tensor& x, const Tensor& mixing, int64_t modes,
@@ -192,22 +208,23 @@ std::tuple<Tensor, Tensor> fourier_spectral_conv(const Tensor& x, const Tensor& 
   Tensor mask = make_mask(save_mask, negative_slope, y_shape, x);
   if (y.numel() == 0) return {y, mask};
 
-  const ScalarType acc = mixing.scalar_type();
+  const ScalarType acc = mixing.scalar_type(), gemm = gemm_type(x, mixing, kernels);
   const SpectralBasis basis(n_times, modes, acc, x.device(), kernels);
+  const Tensor m = in_type(mixing, gemm);
   Tensor x_owner;
   const View4 x4 = activations(x, x_owner), y4 = dense4(y, n_times, c_out, pixels);
   bool* mask4 = mask_data(mask);
   const std::vector<BinGroup> groups = bin_groups(n_times, modes);
   const Chunks chunks(batch, pixels, rank * std::max(c_in, c_out), kernels.chunk_elements);
-  const Tensor u = chunks.scratch(rank * c_in, acc, x.device());
-  const Tensor v = chunks.scratch(rank * c_out, acc, x.device());
+  const Tensor u = chunks.scratch(rank * c_in, gemm, x.device());
+  const Tensor v = chunks.scratch(rank * c_out, gemm, x.device());
   const int64_t y_batch = n_times * c_out * pixels;
   for (int64_t b0 = 0; b0 < batch; b0 += chunks.step) {
     const int64_t nb = std::min(chunks.step, batch - b0);
     const View4 x_chunk = x4.shifted(b0 * x4.stride[0]);
     kernels.temporal_mix({nb, rank, n_times, c_in, pixels, x_chunk, nullptr, 1.0, basis.project(), View4{},
                           chunks.coordinates(u, c_in, nb), nullptr, std::nullopt});
-    block_diagonal_mm(v, mixing, u, nb * pixels, c_out, c_in, /*transpose=*/false, groups);
+    block_diagonal_mm(v, m, u, nb * pixels, c_out, c_in, /*transpose=*/false, groups);
     kernels.temporal_mix({nb, n_times, rank, c_out, pixels, chunks.coordinates(v, c_out, nb), nullptr, 1.0,
                           basis.expand(), residual ? x_chunk : View4{}, y4.shifted(b0 * y_batch),
                           mask4 == nullptr ? nullptr : mask4 + b0 * y_batch, negative_slope});
@@ -238,15 +255,17 @@ std::tuple<Tensor, Tensor> fourier_spectral_conv_backward(const Tensor& grad_y, 
     if (output_mask[0]) torch::stable::zero_(grad_x);
     return {grad_x, grad_mixing};
   }
+  const ScalarType gemm = gemm_type(x, mixing, kernels);
   const SpectralBasis basis(n_times, modes, acc, x.device(), kernels);
+  const Tensor m = in_type(mixing, gemm);
   Tensor x_owner, grad_owner;
   const View4 x4 = activations(x, x_owner), grad4 = activations(grad_y, grad_owner);
   const bool* mask4 = negative_slope.has_value() ? mask.const_data_ptr<bool>() : nullptr;
   const View4 dx4 = output_mask[0] ? dense4(grad_x, n_times, c_in, pixels) : View4{};
   const std::vector<BinGroup> groups = bin_groups(n_times, modes);
   const Chunks chunks(batch, pixels, rank * std::max(c_in, c_out), kernels.chunk_elements);
-  const Tensor dv = chunks.scratch(rank * c_out, acc, x.device());
-  const Tensor scratch = chunks.scratch(rank * c_in, acc, x.device());
+  const Tensor dv = chunks.scratch(rank * c_out, gemm, x.device());
+  const Tensor scratch = chunks.scratch(rank * c_in, gemm, x.device());
   std::vector<Tensor> grad_blocks;  // per bin group: the mixing gradient's diagonal blocks so far
   const int64_t y_batch = n_times * c_out * pixels, x_batch = n_times * c_in * pixels;
   for (int64_t b0 = 0; b0 < batch; b0 += chunks.step) {
@@ -261,15 +280,16 @@ std::tuple<Tensor, Tensor> fourier_spectral_conv_backward(const Tensor& grad_y, 
       kernels.temporal_mix({nb, rank, n_times, c_in, pixels, x4.shifted(b0 * x4.stride[0]), nullptr, 1.0,
                             basis.project(), View4{}, chunks.coordinates(scratch, c_in, nb), nullptr, std::nullopt});
       for (size_t k = 0; k < groups.size(); ++k) {
-        const Tensor partial = aten::bmm(coordinate_blocks(dv, n, groups[k], c_out),
-                                         coordinate_blocks(scratch, n, groups[k], c_in, /*transpose=*/true));
+        const Tensor partial = in_type(aten::bmm(coordinate_blocks(dv, n, groups[k], c_out),
+                                                 coordinate_blocks(scratch, n, groups[k], c_in, /*transpose=*/true)),
+                                       acc);  // summed over the chunks in the accumulation type
         // 2.13's stable API has no in-place add: total - (-1) partial.
         if (b0 == 0) grad_blocks.push_back(partial);
         else grad_blocks[k] = torch::stable::subtract(grad_blocks[k], partial, -1.0);
       }
     }
     if (output_mask[0]) {
-      block_diagonal_mm(scratch, mixing, dv, n, c_in, c_out, /*transpose=*/true, groups);
+      block_diagonal_mm(scratch, m, dv, n, c_in, c_out, /*transpose=*/true, groups);
       kernels.temporal_mix({nb, n_times, rank, c_in, pixels, chunks.coordinates(scratch, c_in, nb), nullptr, 1.0,
                             basis.project_transposed(), residual ? grad_chunk : View4{}, dx4.shifted(b0 * x_batch),
                             nullptr, std::nullopt});

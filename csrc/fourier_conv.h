@@ -92,6 +92,11 @@ struct TemporalKernels {
   // the pipeline over chunks of the batch so that the coordinates stay in cache between the
   // projection, the GEMM and the expansion; CUDA runs one GEMM over the whole batch.
   int64_t chunk_elements;
+  // Whether the spectral layer's GEMMs take activations of this dtype as they are (the bin coordinates and
+  // the mixing matrix rounded to it, products accumulated in float32 by the BLAS): bfloat16 on a CPU with
+  // AVX-512-BF16 or AMX, float16 and bfloat16 on CUDA (tensor cores). Otherwise they run in the accumulation
+  // type.
+  bool (*native_gemm)(ScalarType dtype);
 };
 
 // Calls run(TypeTag<src_t>{}, TypeTag<y_t>{}, TypeTag<acc_t>{}) with the temporal mix's element types:

@@ -321,6 +321,39 @@ def test_module_weight_layout_and_init(tmp_path):
     assert plain.double()(x.double()).dtype == torch.float64
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_times,modes", [(4, 2), (8, 5)])
+def test_half_precision_layer_rounds_like_a_half_precision_torch_layer(device, dtype, n_times, modes):
+    """At a DSNO-sized width (where bfloat16 activations may take bfloat16 GEMMs: AVX-512-BF16 or AMX CPUs,
+    CUDA tensor cores) the output is within the dtype's rounding of the float64 layer, and the gradients are no
+    further from float64 than a plain PyTorch layer ``x + leaky_relu(x @ W.T)`` in that dtype is from its own."""
+    g = torch.Generator().manual_seed(0)
+    c, shape = 64, (4, n_times, 64, 8, 8)
+    x = torch.randn(shape, generator=g).to(device, dtype)
+    weight = (torch.randn(modes, c, c, generator=g, dtype=torch.complex64) / c).to(device)
+    grad = torch.randn(shape, generator=g).to(device, dtype)
+    xs, ws = x.detach().requires_grad_(), weight.clone().requires_grad_()
+    y = ops.fourier_temporal_conv(xs, ws, modes)
+    y.backward(grad)
+    x64 = x.double().cpu().requires_grad_()
+    w64 = weight.to(torch.complex128).cpu().requires_grad_()
+    want = reference.fourier_temporal_conv(x64, w64, modes)
+    want.backward(grad.double().cpu())
+    rel = lambda a, b: ((a.cpu().to(b.dtype) - b).norm() / b.norm()).item()
+    assert ((y.double().cpu() - want).abs().max() / want.abs().max()).item() < REFERENCE_TOL[dtype]["rtol"]
+
+    rows = x.transpose(1, 2).reshape(-1, c).cpu()  # the same values through a plain layer of the same width
+    dense = torch.randn(c, c, generator=g) / c ** 0.5
+    plain = lambda x, w: x + torch.nn.functional.leaky_relu(x @ w.T, 0.01)
+    w_low, w_high = dense.to(dtype).requires_grad_(), dense.double().requires_grad_()
+    plain(rows, w_low).backward(grad.transpose(1, 2).reshape(-1, c).cpu())
+    plain(rows.double(), w_high).backward(grad.transpose(1, 2).reshape(-1, c).cpu().double())
+    plain_error = rel(w_low.grad, w_high.grad)
+    assert rel(ws.grad, w64.grad) < 2 * plain_error + 1e-3
+    assert rel(xs.grad, x64.grad) < 2 * plain_error + 1e-3
+
+
 def test_module_runs_in_bfloat16():
     layer = ad.FourierTemporalConv(8, 8, n_times=4, modes=2).to(torch.bfloat16)
     x = make_x((2, 4, 8, 4, 4), torch.bfloat16)

@@ -195,7 +195,19 @@ void spectral_basis_cpu(const Tensor& basis, int64_t n_times, int64_t modes) {
 // About 2 MiB of float32 coordinates per chunk: they stay in L2 between the pipeline's stages.
 constexpr int64_t kChunkElements = int64_t{1} << 19;
 
-const TemporalKernels kCpuKernels{&temporal_mix_cpu, &epilogue_backward_cpu, &spectral_basis_cpu, kChunkElements};
+// bfloat16 GEMMs where the CPU multiplies bfloat16 natively (oneDNN's AVX-512-BF16 and AMX kernels, 2-4x its
+// float32 GEMM); float16 has no such path on x86 before AMX-FP16, so it keeps float32 GEMMs.
+bool native_gemm_cpu(ScalarType dtype) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool bf16 = __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+  return dtype == ScalarType::BFloat16 && bf16;
+#else
+  return false;
+#endif
+}
+
+const TemporalKernels kCpuKernels{&temporal_mix_cpu, &epilogue_backward_cpu, &spectral_basis_cpu, kChunkElements,
+                                  &native_gemm_cpu};
 
 std::tuple<Tensor, Tensor> spectral_conv_cpu(const Tensor& x, const Tensor& mixing, int64_t modes, bool residual,
                                              std::optional<double> negative_slope, bool save_mask) {

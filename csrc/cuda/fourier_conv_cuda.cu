@@ -141,7 +141,10 @@ void spectral_basis_cuda(const Tensor& basis, int64_t n_times, int64_t modes) {
   });
 }
 
-const TemporalKernels kCudaKernels{&temporal_mix_cuda, &epilogue_backward_cuda, &spectral_basis_cuda, 0};
+bool native_gemm_cuda(ScalarType dtype) { return dtype == ScalarType::Half || dtype == ScalarType::BFloat16; }
+
+const TemporalKernels kCudaKernels{&temporal_mix_cuda, &epilogue_backward_cuda, &spectral_basis_cuda, 0,
+                                   &native_gemm_cuda};
 
 std::tuple<Tensor, Tensor> spectral_conv_cuda(const Tensor& x, const Tensor& mixing, int64_t modes, bool residual,
                                               std::optional<double> negative_slope, bool save_mask) {
