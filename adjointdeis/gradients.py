@@ -1,7 +1,9 @@
 """Gradients through sampling (docs/math.md section 5): the exact discrete adjoint and AdjointDEIS.
 
 Both run the sampler forward under ``no_grad``, keep only the states, and in the backward pass
-re-run the model once per step with grad enabled, so at most one step's activations are alive.
+re-run the model once per step with grad enabled, so at most one step's activations are alive. The discrete
+adjoint runs the last row's model call with grad already in the forward pass and pulls that graph back first
+(one re-run fewer: N - 1 for N rows).
 The result is attached to autograd through one :class:`torch.autograd.Function` whose inputs are
 x_T, the conditioning tensors, the explicit per-step noises and the model's parameters, so ``loss.backward()``
 fills their ``.grad`` (a DistributedDataParallel model's parameter gradients averaged across ranks; an FSDP2
@@ -12,6 +14,7 @@ That function drives the forward run itself, from a :class:`GradientSpec` (the p
 :mod:`adjointdeis.planning` and the settings), recording the states it needs through the run loop's callback.
 """
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -205,19 +208,14 @@ def _chain(record: Callable[[StepInfo], None], callback: Callable[[StepInfo], No
 
 def _forward(spec: GradientSpec, x_T: Tensor, conditioning: Conditioning,
              noise: NoiseSource | None) -> tuple[Tensor, list[Tensor]]:
-    """The sampling run and the states the backward pass needs: every differentiated row's input (discrete),
-    the grid states with the final one (adjoint, recorded), or none (adjoint, resolved)."""
+    """The sampling run of grad="adjoint" and the states its backward pass needs: the grid states with the final
+    one (recorded) or none (resolved)."""
     def run(plan, callback):
         return run_plan(spec.model, x_T, plan, cond=conditioning.cond, guidance_scale=conditioning.guidance_scale,
                         uncond=conditioning.uncond, generator=spec.generator, progress=spec.progress,
                         check_finite=spec.check_finite, callback=callback, noise=noise)
 
     states = []
-    if spec.mode == "discrete":
-        def record(info: StepInfo) -> None:
-            if info.row >= spec.grad_from:
-                states.append(info.x)
-        return run(spec.plan, _chain(record, spec.callback)), states
     last_row, last_input = len(spec.plan.steps) - 1, []
     callback = spec.callback
     if _ends_at_zero_noise(spec.plan):  # the step to zero noise is differentiated exactly, from its input
@@ -236,6 +234,77 @@ def _forward(spec: GradientSpec, x_T: Tensor, conditioning: Conditioning,
     return x, states + [run(spec.adjoint_grid.forward, record_grid)] + last_input
 
 
+@dataclass(frozen=True)
+class _ModelGraph:
+    """One row's output with its autograd graph, ready to pull back.
+
+    Attributes:
+        x_in: (batch, *shape) the leaf the model was evaluated at.
+        cond_in: the conditioning's leaves the output was computed from (detached; requiring grad as theirs do).
+        out: (batch, *shape) the row's output (:func:`adjointdeis.planning.row_output`), or the model's.
+        aliases: the :class:`ParameterAliases` whose ``module`` computed `out`; None: the model itself did.
+    """
+
+    x_in: Tensor
+    cond_in: list[Tensor]
+    out: Tensor
+    aliases: ParameterAliases | None
+
+
+def _condition_inputs(cond_leaves) -> list[Tensor]:
+    return [c.detach().requires_grad_(c.requires_grad) for c in cond_leaves]
+
+
+def _forward_discrete(spec: GradientSpec, x_T: Tensor, cond_leaves: list[Tensor], noise: NoiseSource | None,
+                      aliases: ParameterAliases | None) -> tuple[Tensor, list[Tensor], _ModelGraph | None]:
+    """The sampling run of grad="discrete": the sample, every differentiated row's input, and the last row's
+    output with its graph, for the reverse pass to pull back instead of re-running the model there.
+
+    Only the last row runs with grad enabled (``run_plan``'s `grad_from`), its input made a leaf that requires grad
+    when the row before reports it, and its model call made as :func:`model_vjp` would (on ``aliases.module``, or
+    DDP's wrapped module); the other rows call ``spec.model`` without grad. The graph is None when the reverse pass
+    must re-run that row instead: the output does not require grad (model_vjp then raises), or its graph reaches
+    one of the user's parameters rather than its alias (:meth:`ParameterAliases.escaped`). The user's callback
+    sees detached tensors, without grad.
+    """
+    last = len(spec.plan.steps) - 1
+    grad_model = aliases.module if aliases is not None else vjp_model(spec.model)
+    cond_in = _condition_inputs(cond_leaves)
+    conditioning = spec.conditioning.rebuild(cond_in)
+    x_T = x_T.detach().requires_grad_(last == 0)
+    states, graphs = [], []
+
+    def record(info: StepInfo) -> None:
+        if info.row == last - 1:
+            info.x_next.requires_grad_()  # a fresh tensor made without grad: the last row's input, as a leaf
+        if info.row >= spec.grad_from:
+            states.append(info.x.detach())
+        if info.row == last:
+            out = row_output(spec.plan, last, info.x, info.output)
+            graphs.append(_ModelGraph(info.x, cond_in, out, aliases))
+
+    def callback(info: StepInfo) -> None:
+        record(info)
+        if spec.callback is not None:
+            with torch.no_grad():
+                spec.callback(dataclasses.replace(info, x=info.x.detach(), output=info.output.detach(),
+                                                  converted=info.converted.detach(), x_next=info.x_next.detach()))
+
+    def model(*args):
+        return (grad_model if torch.is_grad_enabled() else spec.model)(*args)
+
+    with torch.enable_grad():
+        x = run_plan(model, x_T, spec.plan, cond=conditioning.cond, guidance_scale=conditioning.guidance_scale,
+                     uncond=conditioning.uncond, generator=spec.generator, progress=spec.progress,
+                     check_finite=spec.check_finite, callback=callback, noise=noise, grad_from=last)
+    graph = graphs[0]
+    if not graph.out.requires_grad or (aliases is not None and aliases.escaped(graph.out)):
+        if aliases is not None:
+            aliases.module = None
+        graph = None
+    return x.detach(), states, graph
+
+
 class _Sampler(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: GradientSpec, x_T: Tensor, *leaves: Tensor):
@@ -244,7 +313,13 @@ class _Sampler(torch.autograd.Function):
         noise = tensor_noise(spec.plan, list(noises)) if noises else spec.noise
         if spec.num_params and fully_sharded(vjp_model(spec.model)):
             check_sharded(spec, vjp_model(spec.model), list(leaves[num_cond + spec.num_noises:]))
-        x, states = _forward(spec, x_T, spec.conditioning.rebuild(list(leaves[:num_cond])), noise)
+        ctx.reuse = None
+        if spec.mode == "discrete":
+            aliases = ParameterAliases.of(vjp_model(spec.model), list(leaves[num_cond + spec.num_noises:]))
+            x, states, graph = _forward_discrete(spec, x_T, list(leaves[:num_cond]), noise, aliases)
+            ctx.reuse = aliases, graph
+        else:
+            x, states = _forward(spec, x_T, spec.conditioning.rebuild(list(leaves[:num_cond])), noise)
         ctx.spec = spec
         ctx.num_cond = num_cond
         ctx.num_leaves = len(leaves)
@@ -264,8 +339,9 @@ class _Sampler(torch.autograd.Function):
         grad_noises = [None] * spec.num_noises
         if spec.mode == "discrete":
             wanted = ctx.needs_input_grad[2 + ctx.num_cond:2 + ctx.num_cond + spec.num_noises]
+            reuse, ctx.reuse = ctx.reuse, None  # used once: a second backward starts afresh
             grad_x_T, grad_cond, grad_params = discrete_adjoint(spec, grad_x, states, cond_leaves, params,
-                                                                grad_noises if any(wanted) else None)
+                                                                grad_noises if any(wanted) else None, reuse)
         else:
             grad_x_T, grad_cond, grad_params = continuous_adjoint(spec, grad_x, states, ctx.final, cond_leaves,
                                                                   params)
@@ -304,8 +380,28 @@ def reduce_across_ranks(model, grads: list[Tensor | None]) -> None:
         offset += g.numel()
 
 
+def _model_graph(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, aliases: ParameterAliases | None,
+                 row: int | None) -> _ModelGraph:
+    """Runs the model at x with grad enabled (see :func:`model_vjp`)."""
+    model = vjp_model(spec.model)
+    x_in = x.detach().requires_grad_(True)
+    cond_in = _condition_inputs(cond_leaves)
+    c = spec.conditioning.rebuild(cond_in)
+
+    def output(module):
+        out = evaluate_model(module, x_in, t, c.cond, c.guidance_scale, c.uncond)
+        return out if row is None else row_output(spec.plan, row, x_in, out)
+
+    in_place = aliases is not None and aliases.module is not None
+    out = output(aliases.module if in_place else model)
+    if in_place and aliases.escaped(out):
+        aliases.module, in_place = None, False
+        out = output(model)
+    return _ModelGraph(x_in, cond_in, out, aliases if in_place else None)
+
+
 def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cotangent_of_out,
-              aliases: ParameterAliases | None = None, row: int | None = None):
+              aliases: ParameterAliases | None = None, row: int | None = None, graph: _ModelGraph | None = None):
     """Re-runs the model at x with grad enabled and pulls a cotangent back.
 
     Args:
@@ -320,42 +416,35 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
             An FSDP2 model (:func:`adjointdeis.models.fully_sharded`) is differentiated by a plain backward pass
             instead: FSDP's own hooks then add the (averaged) parameter gradients into the sharded parameters'
             ``.grad`` at every call, so None is returned for them.
+        graph: the output already computed with its graph (x, t, `cond_leaves`, `aliases` and `row` then unused):
+            pulled back without re-running the model; its graph is freed.
 
     Returns:
         (vjp_x, [vjp_cond...], [vjp_param...]) with None where a leaf is not reached (and for
         every parameter when they were accumulated in place).
+
+    Raises:
+        RuntimeError when the output does not require grad.
     """
-    model = vjp_model(spec.model)
     with torch.enable_grad():
-        x_in = x.detach().requires_grad_(True)
-        cond_in = [c.detach().requires_grad_(c.requires_grad) for c in cond_leaves]
-        c = spec.conditioning.rebuild(cond_in)
-
-        def output(module):
-            out = evaluate_model(module, x_in, t, c.cond, c.guidance_scale, c.uncond)
-            return out if row is None else row_output(spec.plan, row, x_in, out)
-
-        sharded = bool(params) and fully_sharded(model)
-        in_place = aliases is not None and aliases.module is not None
-        out = output(aliases.module if in_place else model)
-        if in_place and aliases.escaped(out):
-            aliases.module, in_place = None, False
-            out = output(model)
+        if graph is None:
+            graph = _model_graph(spec, x, t, cond_leaves, aliases, row)
+        x_in, cond_in, out = graph.x_in, graph.cond_in, graph.out
         if not out.requires_grad:
             raise RuntimeError(
                 f"grad={spec.mode!r}: the model output does not depend on x or on any tensor that requires "
                 "grad; is the model's output connected to its inputs?")
         cond_wrt = [c for c in cond_in if c.requires_grad]
-        if sharded:  # FSDP's post-backward hooks reduce-scatter into the parameters' .grad (not with inputs=)
-            torch.autograd.backward(out, cotangent_of_out(out))
+        if graph.aliases is not None:  # (never for an FSDP2 model)
+            torch.autograd.backward(out, cotangent_of_out(out), inputs=[x_in, *cond_wrt, *graph.aliases.aliases])
             grads = [x_in.grad] + [c.grad for c in cond_wrt] + [None] * len(params)
-        elif in_place:
-            torch.autograd.backward(out, cotangent_of_out(out), inputs=[x_in, *cond_wrt, *aliases.aliases])
+        elif params and fully_sharded(vjp_model(spec.model)):  # FSDP's post-backward hooks reduce-scatter into
+            torch.autograd.backward(out, cotangent_of_out(out))  # the parameters' .grad (not with inputs=)
             grads = [x_in.grad] + [c.grad for c in cond_wrt] + [None] * len(params)
         else:
             grads = torch.autograd.grad(out, [x_in, *cond_wrt, *params], grad_outputs=cotangent_of_out(out),
                                         allow_unused=True)
-    vjp_x = grads[0] if grads[0] is not None else torch.zeros_like(x)
+    vjp_x = grads[0] if grads[0] is not None else torch.zeros_like(x_in)
     it = iter(grads[1:])
     vjp_cond = [next(it) if c.requires_grad else None for c in cond_in]
     vjp_params = list(it)
@@ -393,7 +482,8 @@ def _finish(acc: list[Tensor | None], like: list[Tensor]) -> list[Tensor | None]
 
 
 def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], cond_leaves, params,
-                     grad_noises: list[Tensor | None] | None = None):
+                     grad_noises: list[Tensor | None] | None = None,
+                     reuse: tuple[ParameterAliases | None, _ModelGraph | None] | None = None):
     """Exact gradient of the computed sample (docs/math.md section 5.1): reverse pass over the plan's rows.
 
     Per row j, one model VJP at the recorded x_j with cotangent ``q_j gfull_j``, then one fused
@@ -405,6 +495,9 @@ def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], c
     Args:
         grad_noises: when given, one entry per noisy row, set to dL/dz of that row's noise,
             ``c_j xbar_{j+1}`` (docs/math.md section 5.6), in the noise's dtype; None for a truncated row.
+        reuse: what the forward pass made (:func:`_forward_discrete`): the parameters' aliases, and the last row's
+            output with its graph, pulled back there without re-running the model (None: re-run it); None: new
+            aliases, and the model re-runs at every row.
     """
     plan = spec.plan.steps
     device = grad_x.device
@@ -425,7 +518,7 @@ def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], c
     cot = float(q[last]) * gfull
     pending, pending3, start_adjoint = None, None, {}
     acc_cond = [None] * len(cond_leaves)
-    aliases = ParameterAliases.of(vjp_model(spec.model), params)
+    aliases, last_graph = reuse if reuse is not None else (ParameterAliases.of(vjp_model(spec.model), params), None)
     acc_params = [None] * len(params) if aliases is None else aliases.grads
     for j in range(last, spec.grad_from - 1, -1):
         if grad_noises is not None and j in noise_index:
@@ -435,8 +528,9 @@ def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], c
             start_adjoint[starts[j]] = part if starts[j] not in start_adjoint else start_adjoint[starts[j]] + part
         reaches_m3 = float(b3[j]) * xbar if plan.num_history[j] == 3 else None  # partial adjoint of m_{j-3}
         vjp_x, vjp_cond, vjp_params = model_vjp(spec, states[j - spec.grad_from], t_eval[j].expand(batch),
-                                                cond_leaves, params,
-                                                lambda out, c=cot: c.to(out.dtype), aliases, row=j)
+                                                cond_leaves, params, lambda out, c=cot: c.to(out.dtype), aliases,
+                                                row=j, graph=last_graph)
+        last_graph = None  # row `last`'s, pulled back and freed
         _accumulate(acc_cond, vjp_cond, one)
         _accumulate(acc_params, vjp_params, one)  # all None when added in place
         vjp_x = vjp_x.to(acc_dtype)

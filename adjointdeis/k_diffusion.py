@@ -18,8 +18,8 @@ Noise: see :class:`BrownianTreeNoiseSampler` and the samplers' ``noise_sampler``
 
 Unlike k-diffusion's (which run under ``torch.no_grad``) these keep gradients: with grad enabled and
 x, a tensor in `extra_args` or a parameter of `model` requiring grad, the result is attached to autograd
-through the exact discrete adjoint (``grad="discrete"``, one model re-run per step in the backward
-pass). Run them under ``torch.no_grad()`` for plain sampling.
+through the exact discrete adjoint (``grad="discrete"``, one model re-run per step but the last in the
+backward pass). Run them under ``torch.no_grad()`` for plain sampling.
 """
 
 import math

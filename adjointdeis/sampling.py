@@ -71,8 +71,8 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
         third_order: for dpmpp order 3, "published" (DPM-Solver++(3M) exactly as in the paper
             and diffusers, which is globally second order) or "taylor" (third order).
         grad: how gradients flow to x_T, the conditioning and the model's parameters:
-            "discrete" (exact gradient of the computed sample, one model re-run per step in the
-            backward pass; the default when any of them requires grad), "adjoint"
+            "discrete" (exact gradient of the computed sample, one model re-run per step but the
+            last in the backward pass; the default when any of them requires grad), "adjoint"
             (AdjointDEIS, the continuous adjoint, set by `adjoint`), "autograd" (plain autograd
             through every step, keeping all activations), or None. Under ``torch.no_grad()`` no
             graph is built.

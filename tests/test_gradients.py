@@ -8,6 +8,7 @@ import torch
 from torch.testing import assert_close
 
 import adjointdeis as ad
+from adjointdeis.benchmarks import tensor_peak_bytes
 from gaussian import GaussianEps, per_dimension
 from nets import TinyConvNet
 
@@ -195,15 +196,68 @@ def test_low_precision_models(dtype, tol):
 
 
 def test_discrete_adjoint_keeps_one_step_of_activations():
-    """The backward re-runs the model once per step (4/3 of autograd's work), never all at once."""
+    """The forward pass keeps the last step's graph, the backward re-runs the model once per earlier step
+    ((4N - 1)/(3N) of autograd's work), never all at once; the peak of live tensors stays one step's."""
     net, x_T, cond, weight = real_network_case(4)
     calls = []
     hook = net.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
     x = ad.sample(net, x_T.requires_grad_(), ad.VPSchedule.linear(), steps=7, cond=cond)
-    assert calls == [False] * 7
+    assert calls == [False] * 6 + [True]
     x.sum().backward()
-    assert calls == [False] * 7 + [True] * 7
+    assert calls == [False] * 6 + [True] * 7
     hook.remove()
+
+    def peak(steps, grad):
+        x_T.grad = None
+        net.zero_grad(set_to_none=True)
+        return tensor_peak_bytes(lambda: ad.sample(net, x_T, ad.VPSchedule.linear(), steps=steps, cond=cond,
+                                                   grad=grad).sum().backward())
+
+    state = x_T.numel() * x_T.element_size()
+    step = (peak(20, "autograd") - peak(4, "autograd")) / 16  # one step's activations
+    assert peak(20, "discrete") - peak(4, "discrete") < 16 * state + step / 4  # 16 more states, no more activations
+
+
+REUSE_CASES = {
+    "parameters": dict(),
+    "guidance": dict(guidance_scale=3.0),
+    "threshold": dict(threshold=ad.DynamicThreshold(0.9, 1.2), prediction="x0"),
+    "truncated": dict(grad_steps=2, sde=True),
+    "heun": dict(solver="heun", order=2),
+    "one step": dict(steps=1),
+}
+
+
+@pytest.mark.parametrize("case", REUSE_CASES)
+def test_discrete_adjoint_reuses_the_forward_graph_of_the_last_row(case):
+    """The last row's model call runs with grad in the forward pass and is not re-run by the backward pass: one
+    re-run per earlier differentiated row, gradients equal to autograd's (parameters through their aliases,
+    guidance, thresholding, truncation, a corrector row, a one-step run); the callback sees every row without
+    grad; a second backward pass (nothing kept then) gives the same gradients."""
+    net, x_T, cond, weight = real_network_case(6)
+    kwargs = {"steps": 4, **REUSE_CASES[case]}
+    if "guidance_scale" in kwargs:
+        kwargs["uncond"] = torch.zeros_like(cond, requires_grad=True)
+    want = gradients("autograd", net, x_T, cond, ad.VPSchedule.linear(), weight=weight, **kwargs)
+    calls, seen = [], []
+    hook = net.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    got = gradients("discrete", net, x_T, cond, ad.VPSchedule.linear(), weight=weight,
+                    callback=lambda info: seen.append((info, torch.is_grad_enabled())), **kwargs)
+    hook.remove()
+    rows = len(seen)
+    differentiated = {"truncated": 2, "one step": 1}.get(case, rows)
+    assert calls == [False] * (rows - 1) + [True] * differentiated
+    assert [info.row for info, _ in seen] == list(range(rows))
+    assert not any(grad or info.x.requires_grad or info.output.requires_grad or info.x_next.requires_grad
+                   for info, grad in seen)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert (g is None) == (w is None) == (case == "truncated" and i == 0)  # a truncated run's x_T: a constant
+        assert g is None or relative_error(g, w) < 1e-8
+    x = ad.sample(net, x_T, ad.VPSchedule.linear(), cond=cond, grad="discrete",
+                  generator=torch.Generator().manual_seed(3), **kwargs)
+    loss = (weight * x).sum()
+    first = torch.autograd.grad(loss, list(net.parameters()), retain_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, torch.autograd.grad(loss, list(net.parameters()))))
 
 
 def test_bad_gradient_arguments():
