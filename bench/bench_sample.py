@@ -91,7 +91,7 @@ def breakdown(seconds: float, rounds: int = 3) -> dict:
         "chain": chain,
         "chain (out=)": chain_out,
         "kernel": lambda: ops.multistep_step(x, out, [m1], row),
-        "loop": lambda: run_plan(model, x, plan, check_finite=False),
+        "loop": lambda: torch.no_grad()(run_plan)(model, x, plan, check_finite=False),  # as sample() runs it
         "finite check": lambda: all_finite(x),
         "plan (cached)": lambda: plan_sampling(sched, *args),
         "plan (cold)": lambda: plan_sampling(ad.VPSchedule.linear(beta_max=20.0 + 1e-6 * next(fresh)), *args),
