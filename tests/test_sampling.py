@@ -544,20 +544,26 @@ def _toy_eps(x, t):
     return 0.3 * x + 0.1 * torch.sin(t.view(-1, *([1] * (x.dim() - 1))) * 7.0)
 
 
-@pytest.mark.parametrize("solver,order,sde", [("dpmpp", 2, False), ("dpmpp", 3, False), ("ddim", 1, False),
-                                              ("dpmpp", 2, True), ("heun", 2, False)])
-def test_a_cpu_run_recycles_the_tensors_it_dropped_and_nothing_anyone_holds(solver, order, sde, monkeypatch):
-    """A CPU run writes its steps into the tensors it dropped (a few buffers in all, not two fresh ones per step),
-    with the same result as a run where every state is held elsewhere; what the model, a callback or the caller
-    still holds (names, views, weak references) is never overwritten."""
-    runs = []
+@pytest.fixture
+def runs(monkeypatch):
+    """The planning.Spares of every run_plan call made in the test, in order."""
+    made = []
 
     class Recorded(planning.Spares):
         def __init__(self):
             super().__init__()
-            runs.append(self)
+            made.append(self)
 
     monkeypatch.setattr(planning, "Spares", Recorded)
+    return made
+
+
+@pytest.mark.parametrize("solver,order,sde", [("dpmpp", 2, False), ("dpmpp", 3, False), ("ddim", 1, False),
+                                              ("dpmpp", 2, True), ("heun", 2, False)])
+def test_a_cpu_run_recycles_the_tensors_it_dropped_and_nothing_anyone_holds(solver, order, sde, runs):
+    """A CPU run writes its steps into the tensors it dropped (a few buffers in all, not two fresh ones per step),
+    with the same result as a run where every state is held elsewhere; what the model, a callback or the caller
+    still holds (names, views, weak references) is never overwritten."""
     sched = ad.VPSchedule.linear()
     x_T = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(0))  # 128 KiB: planning.RECYCLE_BYTES
     x_T_copy = x_T.clone()
@@ -601,17 +607,9 @@ def test_a_cpu_run_recycles_the_tensors_it_dropped_and_nothing_anyone_holds(solv
 
 
 @pytest.mark.parametrize("solver", ["dpmpp", "heun"])
-def test_rows_run_with_grad_neither_recycle_nor_keep_what_they_drop(solver, monkeypatch):
+def test_rows_run_with_grad_neither_recycle_nor_keep_what_they_drop(solver, runs):
     """Under grad mode a dropped state may be in the graph: those rows allocate, hold no dropped tensor (memory
     stays what it was) and give the no-grad run's sample; with truncation the constant rows before it recycle."""
-    runs = []
-
-    class Recorded(planning.Spares):
-        def __init__(self):
-            super().__init__()
-            runs.append(self)
-
-    monkeypatch.setattr(planning, "Spares", Recorded)
     sched = ad.VPSchedule.linear()
     x_T = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(0))
     plan = planning.plan_sampling(sched, 6, "logsnr", None, False, solver, 2, "eps")
