@@ -451,6 +451,6 @@ torch.library.register_autograd(
 
 if cuda_version() < 0:
     # CPU-only build: CUDA tensors take the reference path, so callers never branch on the build.
-    for _name in ("multistep_step", "multistep_step_out", "discrete_adjoint_step", "multi_tensor_axpy_", "fourier_spectral_conv",
-                  "fourier_spectral_conv_backward", "fourier_channel_conv", "fourier_channel_conv_backward"):
+    for _name in ("multistep_step", "multistep_step_out", "discrete_adjoint_step", "multi_tensor_axpy_",
+                  "fourier_spectral_conv", "fourier_spectral_conv_backward", "fourier_channel_conv", "fourier_channel_conv_backward"):
         torch.library.impl(f"adjointdeis::{_name}", "CUDA", getattr(reference, _name))

@@ -128,7 +128,8 @@ def check_step_outputs(x, out, history, coeffs, noise, x_next, m0, memory: bool 
             raise ValueError(f"{op}: {name} must be contiguous")
         for input_name, u in inputs if memory else ():
             if _overlap(t, u):
-                raise ValueError(f"{op}: {name} shares memory with {input_name}; the outputs must not overlap the inputs")
+                raise ValueError(f"{op}: {name} shares memory with {input_name}; "
+                                 "the outputs must not overlap the inputs")
         inputs.append((name, t))
 
 
