@@ -87,12 +87,15 @@ def multistep_step_out(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Te
     """:func:`multistep_step` writing into the caller's buffers: `x_next`, and `m0` unless it is None (not saved).
 
     For a sampling loop that recycles the tensors it has dropped instead of allocating two fresh ones per step
-    (on CPU, freshly allocated outputs can cost a page fault per 4 KiB in every step). Not differentiable.
+    (on CPU, freshly allocated outputs can cost a page fault per 4 KiB in every step), or steps in place:
+    ``x_next=x, m0=history[-1]`` overwrites the state and the oldest output, so a DPM-Solver++(2M) loop touches
+    three tensors instead of five. Not differentiable.
 
     Args:
         x, out, history, coeffs, noise: as for :func:`multistep_step`.
-        x_next, m0: contiguous, with the operands' broadcast shape and x's dtype and device, sharing no memory
-            with any input or with each other.
+        x_next, m0: contiguous, with the operands' broadcast shape and x's dtype and device, apart from each
+            other; each either one of the inputs itself (the same memory in the same layout: written in place of
+            it, every element read before it is written) or sharing no memory with any input.
 
     Raises:
         RuntimeError naming the argument for a dtype, device, shape, layout or overlap mismatch, and when

@@ -332,13 +332,19 @@ def _owners(t: Tensor) -> tuple[int, int, int, int]:
             weakref.getweakrefcount(t))
 
 
-def _alone() -> tuple[int, int, int, int]:
+def _owners_beyond(t: Tensor, references: int) -> tuple[int, int, int, int]:
+    """Who holds `t` besides `references` Python references of the caller's own (local names, list entries)."""
+    refs, *others = _owners(t)
+    return (refs - references, *others)
+
+
+def _nobody() -> tuple[int, int, int, int]:
     held = [torch.empty(1)]
     t = held.pop()
-    return _owners(t)
+    return _owners_beyond(t, 1)
 
 
-_ALONE = _alone()  # the owners of a tensor popped from a list into one local name (the interpreter's count)
+_NOBODY = _nobody()  # what _owners_beyond sees of a tensor nothing else holds (the interpreter's own counts)
 
 
 class Spares:
@@ -350,15 +356,24 @@ class Spares:
     def __init__(self) -> None:
         self.dropped: list[Tensor] = []
         self.fresh = 0  # the buffers allocated because no dropped tensor was free
+        self.in_place = 0  # the outputs written in place of their step's own operands
 
     def take(self, like: Tensor) -> Tensor:
         """A dropped tensor that nothing else holds, with `like`'s shape, dtype and device, or a fresh one."""
         while self.dropped:
             t = self.dropped.pop()
-            if _owners(t) == _ALONE and t.shape == like.shape and t.dtype == like.dtype and t.device == like.device:
+            if _owners_beyond(t, 1) == _NOBODY and t.shape == like.shape and t.dtype == like.dtype \
+                    and t.device == like.device:
                 return t
         self.fresh += 1
         return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+    def claim(self, t: Tensor, references: int) -> bool:
+        """Whether `t`, an operand of the step about to run that no later row reads, may be overwritten by it:
+        nothing holds it but the caller's own `references` (names, list entries)."""
+        free = _owners_beyond(t, references + 1) == _NOBODY  # + 1: this call's parameter
+        self.in_place += free
+        return free
 
 
 RECYCLE_BYTES = 1 << 17
@@ -502,21 +517,31 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
             out = evaluate_model(model, x, t_rows[row], cond, guidance_scale, uncond)
             z = None
             if steps.noisy[row]:
-                z = (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if noise is None
-                     else validation.model_output(noise(row, x), x, "noise"))
+                z = (validation.model_output(noise(row, x), x, "noise") if noise is not None
+                     else torch.randn(x.shape, generator=generator, out=spares.take(x)) if recycle
+                     else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
             operands = history[:steps.num_history[row]] + ([x_start] if skips[row] else [])
-            if recycle:
-                x_next, m0 = spares.take(x), spares.take(x) if save_m0 else None
+            if recycle:  # in place of operands no later row reads and nothing else holds, else into dropped ones
+                later = x is x_start and row + 1 < len(skips) and not steps.starts_step[row + 1]  # the step's next row
+                keeps_x = callback is not None or later
+                own = 1 + (x_start is x) + sum(t is x for t in operands)
+                x_next = x if not keeps_x and spares.claim(x, own) else spares.take(x)
+                oldest = history[-1] if save_m0 and depth and len(history) == depth else None
+                own = 2 + sum(t is oldest for t in operands)
+                m0 = oldest if oldest is not None and spares.claim(oldest, own) else spares.take(x) if save_m0 else None
+                del oldest
                 ops.multistep_step_out(x, row_output(plan, row, x, out), operands, coeff_rows[row], z, x_next=x_next,
                                        m0=m0)
             else:
                 x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), operands, coeff_rows[row], z, save_m0)
         if callback is not None:
             callback(StepInfo(row, steps.eval_index[row], steps.starts_step[row], t_eval[row], x, out, m0, x_next))
+        kept = [x_start, x_next, *([m0] + history)[:depth]]
         if recycle:
-            spares.dropped += [t for t in [x, *([m0] + history)[depth:]] if t is not None and t is not x_start]
-        x, history = x_next, ([m0] + history)[:depth]
-        del m0  # no name of the loop's may hold a tensor it recycles
+            spares.dropped += [t for t in [x, z, *([m0] + history)[depth:]]
+                               if t is not None and not any(t is k for k in kept)]
+        x, history = x_next, kept[2:]
+        del m0, x_next, operands, kept  # no name of the loop's may hold a tensor it recycles
     if check_finite and not torch.compiler.is_compiling() and not _capturing(x) and not all_finite(x):
         raise FloatingPointError(
             "sample: the result is not finite: the model returned NaN or Inf during sampling "

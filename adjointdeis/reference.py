@@ -102,11 +102,18 @@ def _overlap(a: Tensor, b: Tensor) -> bool:
     return a_begin < b_end and b_begin < a_end
 
 
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether b is the tensor output a would be written in place of: the same memory in the same layout."""
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and b.is_contiguous()
+            and a.device == b.device)
+
+
 def check_step_outputs(x, out, history, coeffs, noise, x_next, m0, memory: bool = True) -> None:
     """Validates the operands of multistep_step_out: those of multistep_step, and the output buffers.
 
     Args:
-        memory: also check that no buffer overlaps an input (False for fake tensors, which have no memory).
+        memory: also check that each buffer is an input itself (written in place) or shares no memory with any,
+            and that the two are apart (False for fake tensors, which have no memory).
 
     Raises:
         ValueError / TypeError naming the offending argument.
@@ -126,16 +133,18 @@ def check_step_outputs(x, out, history, coeffs, noise, x_next, m0, memory: bool 
             raise ValueError(f"{op}: {name} must have the operands' broadcast shape {list(shape)}, got {list(t.shape)}")
         if not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be contiguous")
+        if memory and name == "m0" and _overlap(t, x_next):
+            raise ValueError(f"{op}: m0 shares memory with x_next; the outputs must be apart")
         for input_name, u in inputs if memory else ():
-            if _overlap(t, u):
+            if _overlap(t, u) and not _same_memory(t, u):
                 raise ValueError(f"{op}: {name} shares memory with {input_name}; "
-                                 "the outputs must not overlap the inputs")
-        inputs.append((name, t))
+                                 "an output must be an input itself (written in place) or apart from every input")
 
 
 def multistep_step_out(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor, noise: Tensor | None = None,
                        *, x_next: Tensor, m0: Tensor | None = None) -> None:
-    """The twin of :func:`adjointdeis.ops.multistep_step_out`: :func:`multistep_step` copied into the buffers."""
+    """The twin of :func:`adjointdeis.ops.multistep_step_out`: :func:`multistep_step` copied into the buffers
+    (computed in full first, so a buffer may be an input itself)."""
     check_step_outputs(x, out, history, coeffs, noise, x_next, m0)
     new_x, new_m0 = multistep_step(x, out, history, coeffs, noise, m0 is not None)
     x_next.copy_(new_x)

@@ -11,13 +11,16 @@
 namespace adjointdeis {
 
 // Operands of one step after validation: every input broadcast to the common shape and
-// contiguous, and the outputs (m0 unset or empty when it is not saved).
+// contiguous, and the outputs (m0 unset or empty when it is not saved). in_place: an output is one of
+// the inputs itself (the caller's buffers of multistep_step_out), so each element must be read before
+// it is written.
 struct StepOperands {
   Tensor x, out, noise, coeffs;
   std::vector<Tensor> history;
   Tensor x_next, m0;
   bool has_noise = false;
   bool save_m0 = true;
+  bool in_place = false;
 };
 
 StepOperands prepare_multistep_step(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
@@ -25,7 +28,8 @@ StepOperands prepare_multistep_step(const Tensor& x, const Tensor& out, const st
                                     DeviceType device_type);
 
 // The same operands with the caller's outputs: x_next, and m0 unless it is not saved (both contiguous, with the
-// broadcast shape, x's dtype and device, and sharing no memory with any input or with each other).
+// broadcast shape, x's dtype and device, apart from each other, and each either one of the inputs itself,
+// written in place, or sharing no memory with any).
 StepOperands prepare_multistep_step_out(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
                                         const Tensor& coeffs, const std::optional<Tensor>& noise,
                                         const Tensor& x_next, const std::optional<Tensor>& m0,

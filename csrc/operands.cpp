@@ -89,21 +89,33 @@ bool overlaps(const Tensor& a, const Tensor& b) {
   return a_begin < b_end && b_begin < a_end;
 }
 
+// Whether b is the tensor a (an output) would be written in place of: the same memory in the same layout.
+bool same_memory(const Tensor& a, const Tensor& b) {
+  return a.data_ptr() == b.data_ptr() && a.scalar_type() == b.scalar_type() && same_shape(a.sizes(), b.sizes()) &&
+         b.is_contiguous();
+}
+
 using NamedTensors = std::vector<std::pair<const char*, Tensor>>;
 
-// A caller's output buffer: x's dtype and device, the operands' broadcast shape, contiguous, and apart from
-// every input.
-void check_output(const OperandCheck& check, const char* name, const Tensor& t, const Shape& shape,
+// A caller's output buffer: x's dtype and device, the operands' broadcast shape, contiguous, and either one of
+// the inputs itself (written in place of it: returns true) or apart from every input.
+bool check_output(const OperandCheck& check, const char* name, const Tensor& t, const Shape& shape,
                   const NamedTensors& inputs) {
   check.check(name, t);
   ADJOINTDEIS_CHECK(same_shape(t.sizes(), IntRef(shape)), check.op, ": ", name,
                     " must have the operands' broadcast shape ", shape_name(IntRef(shape)), ", got ",
                     shape_name(t.sizes()));
   ADJOINTDEIS_CHECK(t.is_contiguous(), check.op, ": ", name, " must be contiguous");
+  bool in_place = false;
   for (const auto& [input_name, input] : inputs) {
+    if (same_memory(t, input)) {
+      in_place = true;
+      continue;
+    }
     ADJOINTDEIS_CHECK(!overlaps(t, input), check.op, ": ", name, " shares memory with ", input_name,
-                      "; the outputs must not overlap the inputs");
+                      "; an output must be an input itself (written in place) or apart from every input");
   }
+  return in_place;
 }
 
 }  // namespace
@@ -130,12 +142,12 @@ StepOperands prepare_multistep_step_out(const Tensor& x, const Tensor& out, cons
   NamedTensors inputs = {{"x", x}, {"out", out}};
   for (size_t k = 0; k < history.size(); ++k) inputs.emplace_back(history_names[k], history[k]);
   if (noise.has_value()) inputs.emplace_back("noise", *noise);
-  check_output(check, "x_next", x_next, shape, inputs);
+  ops.in_place = check_output(check, "x_next", x_next, shape, inputs);
   ops.x_next = x_next;
   ops.save_m0 = m0.has_value();
   if (ops.save_m0) {
-    inputs.emplace_back("x_next", x_next);
-    check_output(check, "m0", *m0, shape, inputs);
+    ADJOINTDEIS_CHECK(!overlaps(*m0, x_next), check.op, ": m0 shares memory with x_next; the outputs must be apart");
+    ops.in_place = check_output(check, "m0", *m0, shape, inputs) || ops.in_place;
     ops.m0 = *m0;
   }
   return ops;

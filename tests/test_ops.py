@@ -303,8 +303,13 @@ def test_out_form_opcheck_and_compile(device, num_history, noisy, save_m0):
 @pytest.mark.parametrize(
     "buffers,message",
     [
-        (lambda c: dict(x_next=c["x"]), "x_next shares memory with x"),
+        (lambda c: dict(x_next=c["x"]), None),  # in place
+        (lambda c: dict(x_next=c["x"], m0=c["owner"][:3]), None),  # both in place
+        (lambda c: dict(x_next=c["owner"][:3], m0=c["x"]), None),  # in place of other inputs
+        (lambda c: dict(x_next=c["owner"][1:]), "x_next shares memory with history[0]"),
+        (lambda c: dict(x_next=c["owner"].view(-1)[:12].view(4, 3).T), "x_next must be contiguous"),
         (lambda c: dict(x_next=torch.empty(3, 4), m0=c["owner"][1:]), "m0 shares memory with history[0]"),
+        (lambda c: dict(x_next=c["x"], m0=c["x"]), "m0 shares memory with x_next"),
         (lambda c: dict(x_next=torch.empty(3, 4), m0=None), None),
         (lambda c: dict(x_next=torch.empty(4, 3).T), "x_next must be contiguous"),
         (lambda c: dict(x_next=torch.empty(3, 5)), "x_next must have the operands' broadcast shape [3, 4]"),
@@ -318,8 +323,9 @@ def test_out_form_opcheck_and_compile(device, num_history, noisy, save_m0):
 )
 @pytest.mark.parametrize("impl", [ops.multistep_step_out, reference.multistep_step_out])
 def test_out_form_bad_buffers_name_the_argument(impl, buffers, message):
-    """A buffer of the wrong dtype, device, shape or layout, or one overlapping an input or the other output,
-    raises naming it; buffers side by side in one allocation are fine."""
+    """A buffer of the wrong dtype, device, shape or layout, or one overlapping an input (other than being it) or
+    the other output, raises naming it; buffers side by side in one allocation, and buffers that are inputs
+    themselves (in place), are fine."""
     owner = torch.zeros(4, 4)
     case = dict(x=torch.zeros(3, 4), out=torch.zeros(1, 4), history=[owner[:3]], noise=torch.zeros(4),
                 coeffs=torch.zeros(7, dtype=torch.float64), owner=owner)
@@ -330,6 +336,27 @@ def test_out_form_bad_buffers_name_the_argument(impl, buffers, message):
         return
     with pytest.raises((RuntimeError, ValueError, TypeError), match=message.replace("[", r"\[")):
         call()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7,), (2, 4, 17, 33), (3 * 32768 + 5,)])  # the last: several threads' chunks
+@pytest.mark.parametrize("num_history", [1, 2, 3])
+@pytest.mark.parametrize("targets", [("x", None), ("x", "history[-1]"), (None, "history[0]"), ("out", "noise"),
+                                     ("history[0]", "x")])
+def test_out_form_in_place_of_inputs_writes_what_the_op_returns(device, dtype, shape, num_history, targets):
+    """An output buffer that is an input itself (x_next=x, m0=history[-1]: a loop stepping in place) gets exactly
+    what multistep_step returns from the inputs' values before the step, from the op and from its twin."""
+    for impl, step in ((ops.multistep_step_out, ops.multistep_step),
+                       (reference.multistep_step_out, reference.multistep_step)):
+        x, out, history, coeffs, noise = make_case(shape, dtype, device, num_history, True)
+        inputs = {"x": x, "out": out, "noise": noise, **{f"history[{k}]": h for k, h in enumerate(history)},
+                  "history[-1]": history[-1]}
+        want = step(x, out, history, coeffs, noise)
+        fresh = out_buffers(x, out, history, noise, True)
+        x_next, m0 = (fresh[k] if name is None else inputs[name] for k, name in enumerate(targets))
+        impl(x, out, history, coeffs, noise, x_next=x_next, m0=m0)
+        assert torch.equal(x_next, want[0]) and torch.equal(m0, want[1])
 
 
 def test_out_form_is_not_differentiable():

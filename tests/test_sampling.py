@@ -560,10 +560,11 @@ def runs(monkeypatch):
 
 @pytest.mark.parametrize("solver,order,sde", [("dpmpp", 2, False), ("dpmpp", 3, False), ("ddim", 1, False),
                                               ("dpmpp", 2, True), ("heun", 2, False)])
-def test_a_cpu_run_recycles_the_tensors_it_dropped_and_nothing_anyone_holds(solver, order, sde, runs):
-    """A CPU run writes its steps into the tensors it dropped (a few buffers in all, not two fresh ones per step),
-    with the same result as a run where every state is held elsewhere; what the model, a callback or the caller
-    still holds (names, views, weak references) is never overwritten."""
+def test_a_cpu_run_recycles_the_tensors_it_dropped_and_nothing_anyone_holds(solver, order, sde, runs, monkeypatch):
+    """A CPU run steps in place, or writes its steps into the tensors it dropped (a few buffers in all, not two
+    fresh ones per step), with the same result as a run that allocates every state and one where every state is
+    held elsewhere; what the model, a callback or the caller still holds (names, views, weak references) is never
+    overwritten."""
     sched = ad.VPSchedule.linear()
     x_T = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(0))  # 128 KiB: planning.RECYCLE_BYTES
     x_T_copy = x_T.clone()
@@ -573,8 +574,14 @@ def test_a_cpu_run_recycles_the_tensors_it_dropped_and_nothing_anyone_holds(solv
     free = ad.sample(_toy_eps, x_T, sched, generator=torch.Generator().manual_seed(1),
                      callback=lambda info: rows.append(info.row), **kwargs)
     assert len(rows) >= 12 and runs[-1].fresh <= 6  # 2 per row without recycling
+    in_place = ad.sample(_toy_eps, x_T, sched, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert runs[-1].fresh <= 3 and runs[-1].in_place >= len(rows) - 1  # no callback: x_next in place of x
+    with monkeypatch.context() as m:
+        m.setattr(planning, "_recycles", lambda x: False)
+        allocating = ad.sample(_toy_eps, x_T, sched, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert torch.equal(in_place, allocating) and torch.equal(free, allocating)
     ad.sample(_toy_eps, x_T[:1], sched, **kwargs)
-    assert len(runs) == 1  # a state below 128 KiB allocates: malloc's free lists are quicker than the check
+    assert len(runs) == 2  # a state below 128 KiB allocates: malloc's free lists are quicker than the check
 
     held, copies, views, weak = [], [], [], []
 
@@ -594,6 +601,17 @@ def test_a_cpu_run_recycles_the_tensors_it_dropped_and_nothing_anyone_holds(solv
         assert torch.equal(x, copy) and torch.equal(view, copy[0])
     for info, nxt in zip(infos, infos[1:]):
         assert torch.equal(info.x_next, nxt.x)  # the states the callback kept are intact
+
+    held.clear()
+    copies.clear()
+    ad.sample(lambda x, t: (held.append(x), copies.append(x.clone()), _toy_eps(x, t))[2], x_T, sched,
+              generator=torch.Generator().manual_seed(1), **kwargs)  # no callback: the loop would step in place
+    assert len(held) >= 12 and all(torch.equal(x, copy) for x, copy in zip(held, copies))
+    with monkeypatch.context() as m:  # a model returning its input (out is x itself)
+        m.setattr(planning, "_recycles", lambda x: False)
+        want = ad.sample(lambda x, t: x, x_T, sched, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert torch.equal(ad.sample(lambda x, t: x, x_T, sched, generator=torch.Generator().manual_seed(1), **kwargs),
+                       want)
 
     views.clear()
     only_views = []

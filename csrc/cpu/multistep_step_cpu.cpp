@@ -1,5 +1,9 @@
 // CPU kernel of the fused multistep step: one pass over memory, a multiversioned (AVX-512 /
-// AVX2 / baseline) vectorised loop, parallel over chunks of the flattened operands.
+// AVX2 / baseline) vectorised loop, parallel over chunks of the flattened operands; in blocks through
+// L1 when an output is written in place of an input.
+#include <algorithm>
+#include <cstring>
+
 #include "../multistep_step.h"
 #include "multiversion.h"
 
@@ -26,6 +30,11 @@ ADJOINTDEIS_CPU_LOOP void step_range(const StepCoeffs<opmath_t<scalar_t>> k, con
   }
 }
 
+template <typename T>
+T* shifted(T* p, int64_t by) {
+  return p ? p + by : p;
+}
+
 template <typename scalar_t, int NumHistory, bool HasNoise, bool SaveM0>
 void run_step(const StepOperands& ops) {
   const auto k = StepCoeffs<opmath_t<scalar_t>>::template load<NumHistory>(ops.coeffs.const_data_ptr<double>());
@@ -36,9 +45,27 @@ void run_step(const StepOperands& ops) {
   const scalar_t* noise = HasNoise ? ops.noise.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* x_next = ops.x_next.mutable_data_ptr<scalar_t>();
   scalar_t* m0 = SaveM0 ? ops.m0.mutable_data_ptr<scalar_t>() : nullptr;
+  if (!ops.in_place) {
+    torch::stable::parallel_for(0, ops.x.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
+      step_range<scalar_t, NumHistory, HasNoise, SaveM0>(k, x, out, m[0], m[1], m[2], noise, x_next, m0, begin,
+                                                         end);
+    });
+    return;
+  }
+  // An output is an input itself: the loop's __restrict pointers must not alias, so each block is computed into
+  // buffers in L1 and then copied over (every element of a block is read before any is written).
+  constexpr int64_t kBlock = 4096 / sizeof(scalar_t);
   torch::stable::parallel_for(0, ops.x.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
-    step_range<scalar_t, NumHistory, HasNoise, SaveM0>(k, x, out, m[0], m[1], m[2], noise, x_next, m0,
-                                                       begin, end);
+    alignas(64) scalar_t x_block[kBlock];
+    alignas(64) scalar_t m0_block[SaveM0 ? kBlock : 1];
+    for (int64_t b = begin; b < end; b += kBlock) {
+      const int64_t n = std::min(kBlock, end - b);
+      step_range<scalar_t, NumHistory, HasNoise, SaveM0>(k, x + b, out + b, shifted(m[0], b), shifted(m[1], b),
+                                                         shifted(m[2], b), shifted(noise, b), x_block, m0_block,
+                                                         0, n);
+      std::memcpy(x_next + b, x_block, n * sizeof(scalar_t));
+      if constexpr (SaveM0) std::memcpy(m0 + b, m0_block, n * sizeof(scalar_t));
+    }
   });
 }
 
