@@ -14,9 +14,10 @@ against 20 times one fused step on the same tensors, and the parts a call adds: 
 call with the same schedule and settings; cold, a new schedule each time), the finiteness check, and the loop
 itself. Every time is the minimum over many runs (this VM's times wander by 2x between runs of the same code;
 the minimum is what the code costs when nothing else interferes), interleaved in rounds. "chain" is the N kernels
-of the loop called back to back on the loop's own buffers (each step writes fresh outputs and reads the last
-ones) with no other Python: loop - chain is the loop's own cost, chain - N x kernel is the memory system's
-(one step alone reuses one hot set of five tensors).
+of the loop called back to back (each step writes fresh outputs and reads the last ones) with no other Python;
+"chain (out=)" writes into two sets of buffers in turn, "chain (in place)" overwrites x and m1 with x_next and m0
+after the first step, as run_plan now does: loop - chain (in place) is the loop's own cost, chain - N x kernel
+the memory system's (one step alone reuses one hot set of five tensors; in place touches three).
 """
 
 import argparse
@@ -86,10 +87,18 @@ def breakdown(seconds: float, rounds: int = 3) -> dict:
             y, history = y_next, [m0]
         return y
 
+    def chain_in_place():  # the same kernels stepping in place after the first (what run_plan does on CPU now)
+        y, m0 = torch.empty_like(x), torch.empty_like(x)
+        ops.multistep_step_out(x, out, [], coeffs[0], x_next=y, m0=m0)
+        for r in range(1, steps):
+            ops.multistep_step_out(y, out, [m0], coeffs[r], x_next=y, m0=m0)
+        return y
+
     parts = {
         "sample": lambda: ad.sample(model, x, sched, steps=steps, order=2),
         "chain": chain,
         "chain (out=)": chain_out,
+        "chain (in place)": chain_in_place,
         "kernel": lambda: ops.multistep_step(x, out, [m1], row),
         "loop": lambda: torch.no_grad()(run_plan)(model, x, plan, check_finite=False),  # as sample() runs it
         "finite check": lambda: all_finite(x),
@@ -113,7 +122,7 @@ def print_breakdown(result: dict) -> None:
     faults = result["page_faults"]
     print(f"{'part':<34}{'ms':>9}{'/ N x kernel':>14}{'page faults':>13}")
     print(f"{'N x kernel (one step, alone)':<34}{n_kernel:>9.3f}{1:>14.3f}{result['steps'] * faults['kernel']:>13.0f}")
-    for name in ("chain", "chain (out=)", "loop", "finite check", "plan (cached)", "plan (cold)", "sample"):
+    for name in ("chain", "chain (out=)", "chain (in place)", "loop", "finite check", "plan (cached)", "plan (cold)", "sample"):
         print(f"{name:<34}{ms[name]:>9.3f}{ms[name] / n_kernel:>14.3f}{faults[name]:>13.0f}")
     print(f"sample() / (N x kernel): {ms['sample'] / n_kernel:.3f} (target <= 1.05)")
 
