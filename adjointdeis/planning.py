@@ -344,7 +344,17 @@ def _nobody() -> tuple[int, int, int, int]:
     return _owners_beyond(t, 1)
 
 
+def _refcount_of_parameter(t: Tensor) -> int:
+    return sys.getrefcount(t)
+
+
+def _parameter_cost() -> int:
+    t = torch.empty(1)
+    return _refcount_of_parameter(t) - sys.getrefcount(t)
+
+
 _NOBODY = _nobody()  # what _owners_beyond sees of a tensor nothing else holds (the interpreter's own counts)
+_PARAMETER = _parameter_cost()  # the references passing a tensor to a function adds: 1 on Python 3.11+, 2 before
 
 
 class Spares:
@@ -371,9 +381,22 @@ class Spares:
     def claim(self, t: Tensor, references: int) -> bool:
         """Whether `t`, an operand of the step about to run that no later row reads, may be overwritten by it:
         nothing holds it but the caller's own `references` (names, list entries)."""
-        free = _owners_beyond(t, references + 1) == _NOBODY  # + 1: this call's parameter
+        free = _owners_beyond(t, references + _PARAMETER) == _NOBODY
         self.in_place += free
         return free
+
+
+def _count(t: Tensor | None, tensors: list[Tensor]) -> int:
+    """How many entries of `tensors` are `t` itself."""
+    return sum(u is t for u in tensors)
+
+
+def _unkept(tensors: list[Tensor | None], kept: list[Tensor | None]) -> list[Tensor]:
+    """The tensors of `tensors` (None aside) that are none of `kept`'s.
+
+    A function of its own, so that run_plan has no closure: a name a closure reads is a cell, and deleting one is a
+    bytecode (DELETE_DEREF) torch.compile's tracer of torch 2.13 cannot handle."""
+    return [t for t in tensors if t is not None and not any(t is k for k in kept)]
 
 
 RECYCLE_BYTES = 1 << 17
@@ -524,10 +547,10 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
             if recycle:  # in place of operands no later row reads and nothing else holds, else into dropped ones
                 later = x is x_start and row + 1 < len(skips) and not steps.starts_step[row + 1]  # the step's next row
                 keeps_x = callback is not None or later
-                own = 1 + (x_start is x) + sum(t is x for t in operands)
+                own = 1 + (x_start is x) + _count(x, operands)
                 x_next = x if not keeps_x and spares.claim(x, own) else spares.take(x)
                 oldest = history[-1] if save_m0 and depth and len(history) == depth else None
-                own = 2 + sum(t is oldest for t in operands)
+                own = 2 + _count(oldest, operands)
                 m0 = oldest if oldest is not None and spares.claim(oldest, own) else spares.take(x) if save_m0 else None
                 del oldest
                 ops.multistep_step_out(x, row_output(plan, row, x, out), operands, coeff_rows[row], z, x_next=x_next,
@@ -538,8 +561,7 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
             callback(StepInfo(row, steps.eval_index[row], steps.starts_step[row], t_eval[row], x, out, m0, x_next))
         kept = [x_start, x_next, *([m0] + history)[:depth]]
         if recycle:
-            spares.dropped += [t for t in [x, z, *([m0] + history)[depth:]]
-                               if t is not None and not any(t is k for k in kept)]
+            spares.dropped += _unkept([x, z, *([m0] + history)[depth:]], kept)
         x, history = x_next, kept[2:]
         del m0, x_next, operands, kept  # no name of the loop's may hold a tensor it recycles
     if check_finite and not torch.compiler.is_compiling() and not _capturing(x) and not all_finite(x):
