@@ -10,20 +10,24 @@ same latents, when diffusers is installed. The case is :func:`adjointdeis.benchm
 one the ``adjointdeis bench`` command runs.
 
 ``--breakdown``: a 20-step DPM-Solver++(2M) ``sample`` call on 16x4x128x128 float32 latents with a free model,
-against 20 times one fused step on the same tensors, and the parts a call adds: planning (cached after the first
-call with the same schedule and settings; cold, a new schedule each time), the finiteness check, and the loop
-itself. Every time is the minimum over many runs (this VM's times wander by 2x between runs of the same code;
-the minimum is what the code costs when nothing else interferes), interleaved in rounds. "chain" is the N kernels
-of the loop called back to back (each step writes fresh outputs and reads the last ones) with no other Python;
-"chain (out=)" writes into two sets of buffers in turn, "chain (in place)" overwrites x and m1 with x_next and m0
-after the first step, as run_plan now does: loop - chain (in place) is the loop's own cost, chain - N x kernel
-the memory system's (one step alone reuses one hot set of five tensors; in place touches three).
+against 20 times one fused step on one hot set of five tensors (written into the same two buffers: no allocation),
+and the parts a call adds: planning (cached after the first call with the same schedule and settings; cold, a new
+schedule each time), the finiteness check, and the loop itself. Every time is the minimum over many calls (this
+VM's times wander by 2x between runs of the same code; the minimum is what the code costs when nothing else
+interferes), the parts called in turn, one call each per round in a new order, so that each sees the same
+machine. "chain" is the N kernels of the loop called back to back (each step writes fresh outputs and reads the
+last ones) with no other Python; "chain (out=)" writes into two sets of buffers in turn, "chain (in place)"
+overwrites x and m1 with x_next and m0 after the first step, as run_plan does: loop - chain (in place) is the
+loop's own cost, chain - N x kernel the memory system's (in place touches three tensors, not five). The two
+chains that allocate run in a group of their own, with their own N x kernel: freeing fresh outputs lets glibc
+trim its heap, and whatever runs next faults its memory in again.
 """
 
 import argparse
 import itertools
 import json
 import pathlib
+import random
 import resource
 import sys
 import time
@@ -42,21 +46,29 @@ BREAKDOWN_SHAPE = (16, 4, 128, 128)
 BREAKDOWN_STEPS = 20
 
 
-def min_ms(fn, seconds: float) -> tuple[float, float]:
-    """The fastest of repeated calls of fn over about `seconds` in ms, and the mean minor page faults per call
-    (first touches of memory the allocator got fresh from the kernel)."""
-    for _ in range(3):
-        fn()
-    best, start, calls = float("inf"), time.perf_counter(), 0
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    while time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        fn()
-        best, calls = min(best, time.perf_counter() - t), calls + 1
-    return best * 1e3, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / calls
+def interleaved_min_ms(parts: dict, seconds: float) -> tuple[dict, dict]:
+    """The fastest call of each of `parts`' functions in ms, calling them in turn (one call each per round, in a
+    new order each round) for about `seconds` in all, and each one's mean minor page faults per call (first
+    touches of memory the allocator got fresh from the kernel). In turn, because this VM's speed drifts over
+    seconds: blocks of one function would each see a different machine."""
+    for fn in parts.values():
+        for _ in range(3):
+            fn()
+    best, faults, calls = dict.fromkeys(parts, float("inf")), dict.fromkeys(parts, 0), 0
+    order, shuffle = list(parts), random.Random(0).shuffle
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or calls < 5:
+        shuffle(order)  # no part always follows the same one (what it leaves in the caches)
+        for name in order:
+            before, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+            parts[name]()
+            best[name] = min(best[name], time.perf_counter() - t)
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        calls += 1
+    return {name: ms * 1e3 for name, ms in best.items()}, {name: n / calls for name, n in faults.items()}
 
 
-def breakdown(seconds: float, rounds: int = 3) -> dict:
+def breakdown(seconds: float) -> dict:
     """Milliseconds of one sample call and of its parts (see the module docstring)."""
     g = torch.Generator().manual_seed(0)
     x, out = torch.randn(BREAKDOWN_SHAPE, generator=g), 0.1 * torch.randn(BREAKDOWN_SHAPE, generator=g)
@@ -70,6 +82,12 @@ def breakdown(seconds: float, rounds: int = 3) -> dict:
 
     def model(y, t):
         return out
+
+    kernel_outputs = torch.empty_like(x), torch.empty_like(x)
+
+    def n_kernels():  # one step N times on the same hot set of five tensors (no allocation, no page fault)
+        for _ in range(steps):
+            ops.multistep_step_out(x, out, [m1], row, x_next=kernel_outputs[0], m0=kernel_outputs[1])
 
     def chain():  # the loop's kernels on the loop's rotating buffers, without the loop's Python
         y, history = x, []
@@ -95,24 +113,24 @@ def breakdown(seconds: float, rounds: int = 3) -> dict:
         return y
 
     parts = {
-        "sample": lambda: ad.sample(model, x, sched, steps=steps, order=2),
-        "chain": chain,
-        "chain (out=)": chain_out,
+        "N x kernel": n_kernels,
         "chain (in place)": chain_in_place,
-        "kernel": lambda: ops.multistep_step(x, out, [m1], row),
         "loop": lambda: torch.no_grad()(run_plan)(model, x, plan, check_finite=False),  # as sample() runs it
         "finite check": lambda: all_finite(x),
         "plan (cached)": lambda: plan_sampling(sched, *args),
         "plan (cold)": lambda: plan_sampling(ad.VPSchedule.linear(beta_max=20.0 + 1e-6 * next(fresh)), *args),
+        "sample": lambda: ad.sample(model, x, sched, steps=steps, order=2),
     }
-    times, faults = {}, {}
-    for _ in range(rounds):
-        for name, fn in parts.items():
-            ms, per_call = min_ms(fn, seconds)
-            if ms < times.get(name, float("inf")):
-                times[name], faults[name] = ms, per_call
+    times, faults = interleaved_min_ms(parts, seconds)
+    # The chains that allocate, apart: freeing their fresh outputs lets glibc trim its heap, and the parts after
+    # them would fault their memory in again. Each against its own N x kernel, timed in turn with it.
+    allocating, allocating_faults = interleaved_min_ms({"N x kernel": n_kernels, "chain": chain,
+                                                        "chain (out=)": chain_out}, seconds / 2)
+    for name in ("chain", "chain (out=)"):
+        times[name] = allocating[name] * times["N x kernel"] / allocating["N x kernel"]
+        faults[name] = allocating_faults[name]
     return {"shape": BREAKDOWN_SHAPE, "steps": steps, "ms": times, "page_faults": faults,
-            "n_kernel": steps * times["kernel"]}
+            "n_kernel": times["N x kernel"]}
 
 
 def print_breakdown(result: dict) -> None:
@@ -121,7 +139,7 @@ def print_breakdown(result: dict) -> None:
           f"{'x'.join(map(str, result['shape']))} float32, DPM-Solver++(2M), {result['steps']} steps, free model")
     faults = result["page_faults"]
     print(f"{'part':<34}{'ms':>9}{'/ N x kernel':>14}{'page faults':>13}")
-    print(f"{'N x kernel (one step, alone)':<34}{n_kernel:>9.3f}{1:>14.3f}{result['steps'] * faults['kernel']:>13.0f}")
+    print(f"{'N x kernel (one step, alone)':<34}{n_kernel:>9.3f}{1:>14.3f}{faults['N x kernel']:>13.0f}")
     for name in ("chain", "chain (out=)", "chain (in place)", "loop", "finite check", "plan (cached)", "plan (cold)", "sample"):
         print(f"{name:<34}{ms[name]:>9.3f}{ms[name] / n_kernel:>14.3f}{faults[name]:>13.0f}")
     print(f"sample() / (N x kernel): {ms['sample'] / n_kernel:.3f} (target <= 1.05)")
@@ -137,7 +155,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.breakdown:
-        result = breakdown(min(args.min_run_time, 1.0))
+        result = breakdown(5 * args.min_run_time)
         print_breakdown(result)
         if args.json:
             args.json.write_text(json.dumps(result, indent=1))
