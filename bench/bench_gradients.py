@@ -1,6 +1,6 @@
 """Gradients through sampling: accuracy on the Gaussian oracle, memory and time on a small UNet, torchdiffeq.
 
-Usage: python bench/bench_gradients.py [--quick] [--json PATH] [--only accuracy,memory,baselines]
+Usage: python bench/bench_gradients.py [--quick] [--json PATH] [--only accuracy,memory,floor,baselines]
 
 Sections:
 
@@ -17,6 +17,12 @@ Sections:
   case (what the OS sees). Time per gradient is the best of interleaved rounds in one process, one thread
   by default (the machine is shared; see --threads), as process CPU time (insensitive to other processes
   on the machine) and as wall time.
+- floor (the same UNet): grad="discrete" against "autograd" next to the least any exact gradient that keeps no
+  activations can cost. Autograd runs N forward passes with grad (F each) and N backward passes (B); "discrete"
+  runs N - 1 forward passes without grad (F_ng) and the last with grad (its graph kept for the reverse pass), then
+  N - 1 re-runs with grad and N backward passes, so its floor is ``((N - 1) (F_ng + F) + F + N B) / (N (F + B))``,
+  about ``1 + F / (F + B)`` for large N. F_ng, F and F + B are one model call each, timed in the same interleaved
+  rounds as the two gradients (process CPU time).
 - baselines: torchdiffeq ``odeint_adjoint`` (dopri5) on the Gaussian PF-ODE in t, 4096 dimensions, next
   to our discrete adjoint.
 """
@@ -43,7 +49,7 @@ from adjointdeis.planning import plan_sampling, run_plan  # noqa: E402
 from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
 from memory import peak_rss_rise  # bench/memory.py
 
-SECTIONS = ("accuracy", "memory", "baselines")
+SECTIONS = ("accuracy", "memory", "floor", "baselines")
 
 MU, S = 0.7, 0.3
 T_MIN, T_MAX = 1e-3, 1.0
@@ -76,7 +82,7 @@ UNET = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(3
             class_embed_type="identity", norm_num_groups=32)
 BATCH = 4
 COND_DIM = 4 * UNET["block_out_channels"][0]  # UNet2DModel's time-embedding width
-TARGETS = {"growth": 0.10, "time_vs_autograd": 1.5, "time_vs_checkpoint": 1.1}
+TARGETS = {"growth": 0.10, "time_vs_autograd": 1.5, "time_vs_checkpoint": 1.1, "discrete_vs_autograd": 1.38}
 
 DIFFEQ_TOLERANCES = (1e-3, 1e-5)
 QUICK_DIFFEQ_TOLERANCES = (1e-3,)
@@ -338,6 +344,55 @@ def run_memory(quick, threads):
             "methods": [TENSOR_METHOD, RSS_METHOD]}
 
 
+def run_floor(quick, threads):
+    """grad="discrete" and "autograd" per gradient, and the single model calls their floor is made of."""
+    steps_list = QUICK_MEMORY_STEPS if quick else MEMORY_STEPS
+    model, x_T, z, target, sched = unet_problem()
+    x, t = x_T.detach(), torch.full((BATCH,), 0.5)
+
+    def without_grad():
+        with torch.no_grad():
+            model(x, t, z)
+
+    def forward_backward():
+        model(x, t, z).backward(target)
+
+    calls = {"F_ng": without_grad, "F": lambda: model(x, t, z), "F+B": forward_backward}
+    gradients = {(method, n): (lambda m=method, n=n: unet_gradient(m, model, x_T, z, target, sched, n))
+                 for n in steps_list for method in ("autograd", "discrete")}
+    for fn in [*calls.values(), *gradients.values()]:  # warm-up
+        fn()
+    best = {}
+    for _ in range(2 if quick else 5):
+        for name, fn in [*calls.items(), *gradients.items()]:
+            zero_grads(model, x_T, z)
+            start = time.process_time()
+            fn()
+            best[name] = min(best.get(name, math.inf), time.process_time() - start)
+    f_ng, f, b = best["F_ng"], best["F"], best["F+B"] - best["F"]
+    rows = [{"steps": n, "autograd": best[("autograd", n)], "discrete": best[("discrete", n)],
+             "floor": ((n - 1) * (f_ng + f) + f + n * b) / (n * (f + b))} for n in steps_list]
+    return {"F_ng": f_ng, "F": f, "B": b, "rounds": 2 if quick else 5, "rows": rows}
+
+
+def print_floor(result):
+    print(f"\n## grad='discrete' against autograd and its floor (process CPU time, best of {result['rounds']} "
+          f"interleaved rounds; one model call: F_ng {result['F_ng'] * 1e3:.1f} ms without grad, "
+          f"F {result['F'] * 1e3:.1f} ms with grad, B {result['B'] * 1e3:.1f} ms backward)")
+    print(f"{'N':>4}{'autograd s':>12}{'discrete s':>12}{'discrete/autograd':>19}{'floor':>8}{'discrete/floor':>16}")
+    for r in result["rows"]:
+        ratio = r["discrete"] / r["autograd"]
+        print(f"{r['steps']:>4}{r['autograd']:>12.3f}{r['discrete']:>12.3f}{ratio:>19.3f}{r['floor']:>8.3f}"
+              f"{ratio / r['floor']:>16.3f}")
+
+
+def floor_targets(result):
+    worst = max((r["discrete"] / r["autograd"], r["steps"], r["floor"]) for r in result["rows"])
+    return [(f"discrete: CPU time per gradient <= {TARGETS['discrete_vs_autograd']}x autograd",
+             worst[0] <= TARGETS["discrete_vs_autograd"],
+             f"worst {worst[0]:.3f}x at N={worst[1]}, where the floor is {worst[2]:.3f}x")]
+
+
 def _mib(value):
     return f"{value / 2**20:.1f}"
 
@@ -552,6 +607,12 @@ def main(argv=None):
         else:
             results["memory"] = run_memory(args.quick, threads)
             checks += memory_targets(results["memory"])
+    if "floor" in sections:
+        if diffusers_version is None:
+            print("diffusers is not installed: the floor section is skipped", file=sys.stderr)
+        else:
+            results["floor"] = run_floor(args.quick, threads)
+            checks += floor_targets(results["floor"])
     if "baselines" in sections:
         results["baselines"] = run_baselines(args.quick)
     meta["load_after"] = os.getloadavg()[0]
@@ -568,6 +629,8 @@ def main(argv=None):
         print_accuracy(results["accuracy"])
     if "memory" in results:
         print_memory(results["memory"], threads)
+    if "floor" in results:
+        print_floor(results["floor"])
     if "baselines" in results:
         print_baselines(results["baselines"])
     print_targets(checks)
