@@ -353,8 +353,21 @@ def _parameter_cost() -> int:
     return _refcount_of_parameter(t) - sys.getrefcount(t)
 
 
-_NOBODY = _nobody()  # what _owners_beyond sees of a tensor nothing else holds (the interpreter's own counts)
-_PARAMETER = _parameter_cost()  # the references passing a tensor to a function adds: 1 on Python 3.11+, 2 before
+def _untraced(fn: Callable[[], object]) -> object:
+    """fn() with no trace or profile function set: a tracer that reads a frame's f_locals holds references of
+    its own, which would skew the counts measured below (towards judging held tensors free)."""
+    trace, profile = sys.gettrace(), sys.getprofile()
+    sys.settrace(None)
+    sys.setprofile(None)
+    try:
+        return fn()
+    finally:
+        sys.setprofile(profile)
+        sys.settrace(trace)
+
+
+_NOBODY = _untraced(_nobody)  # what _owners_beyond sees of a tensor nothing else holds (the interpreter's own counts)
+_PARAMETER = _untraced(_parameter_cost)  # the references passing a tensor to a function adds: 1 on 3.11+, 2 before
 
 
 class Spares:

@@ -626,6 +626,30 @@ def test_a_cpu_run_recycles_the_tensors_it_dropped_and_nothing_anyone_holds(solv
     assert all(ref() is None or torch.equal(ref(), copy) for ref, copy in only_weak)
 
 
+_TRACED_IMPORT = """
+import sys
+def tracer(frame, event, arg):  # reads the locals of planning's frames, as a debugger's watch would
+    if frame.f_code.co_filename.endswith("planning.py"):
+        frame.f_locals
+    return tracer
+sys.settrace(tracer)
+from adjointdeis import planning
+sys.settrace(None)
+print(planning._NOBODY == planning._nobody(), planning._PARAMETER == planning._parameter_cost())
+"""
+
+
+def test_the_ownership_counts_measured_at_import_ignore_a_tracer():
+    """A tracer that reads f_locals holds references of its own; counts measured under it at import would make the
+    run loop judge a tensor held elsewhere free, and overwrite it."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _TRACED_IMPORT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["True", "True"]
+
+
 @pytest.mark.parametrize("solver", ["dpmpp", "heun"])
 def test_rows_run_with_grad_neither_recycle_nor_keep_what_they_drop(solver, runs):
     """Under grad mode a dropped state may be in the graph: those rows allocate, hold no dropped tensor (memory
