@@ -601,18 +601,14 @@ def main(argv=None):
     if "accuracy" in sections:
         results["accuracy"] = run_accuracy(args.quick)
         checks += accuracy_targets(results["accuracy"])
-    if "memory" in sections:
-        if diffusers_version is None:
-            print("diffusers is not installed: the memory section is skipped", file=sys.stderr)
-        else:
-            results["memory"] = run_memory(args.quick, threads)
-            checks += memory_targets(results["memory"])
-    if "floor" in sections:
-        if diffusers_version is None:
-            print("diffusers is not installed: the floor section is skipped", file=sys.stderr)
-        else:
-            results["floor"] = run_floor(args.quick, threads)
-            checks += floor_targets(results["floor"])
+    for section, run, targets in (("memory", run_memory, memory_targets), ("floor", run_floor, floor_targets)):
+        if section not in sections:
+            continue
+        if diffusers_version is None:  # both run a diffusers UNet
+            print(f"diffusers is not installed: the {section} section is skipped", file=sys.stderr)
+            continue
+        results[section] = run(args.quick, threads)
+        checks += targets(results[section])
     if "baselines" in sections:
         results["baselines"] = run_baselines(args.quick)
     meta["load_after"] = os.getloadavg()[0]
