@@ -139,7 +139,7 @@ def print_breakdown(result: dict) -> None:
           f"{'x'.join(map(str, result['shape']))} float32, DPM-Solver++(2M), {result['steps']} steps, free model")
     faults = result["page_faults"]
     print(f"{'part':<34}{'ms':>9}{'/ N x kernel':>14}{'page faults':>13}")
-    print(f"{'N x kernel (one step, alone)':<34}{n_kernel:>9.3f}{1:>14.3f}{faults['N x kernel']:>13.0f}")
+    print(f"{'N x kernel (two hot buffers)':<34}{n_kernel:>9.3f}{1:>14.3f}{faults['N x kernel']:>13.0f}")
     for name in ("chain", "chain (out=)", "chain (in place)", "loop", "finite check", "plan (cached)", "plan (cold)", "sample"):
         print(f"{name:<34}{ms[name]:>9.3f}{ms[name] / n_kernel:>14.3f}{faults[name]:>13.0f}")
     print(f"sample() / (N x kernel): {ms['sample'] / n_kernel:.3f} (target <= 1.05)")
