@@ -1,8 +1,10 @@
 // CPU kernels of the DSNO temporal Fourier convolution: the temporal mix (projection onto the kept
 // bins, expansion back to T with the fused activation and residual, the channel-wise mix, and their
-// transposes), the activation's backward and the spectral basis. Rows of P = H * W pixels are
-// processed in chunks by multiversioned vectorisable loops, parallel over (batch, channel); the GEMMs
-// run in ATen through the dispatcher (fourier_conv.cpp).
+// transposes), the activation's backward and the spectral basis. The temporal mix runs in AVX-512
+// (temporal_mix_avx512.h) where the CPU has it, the accumulation is float32 and the pixels are unit
+// stride; otherwise rows of P = H * W pixels are processed in tiles by multiversioned vectorisable
+// loops, parallel over (batch, channel). The GEMMs run in ATen through the dispatcher
+// (fourier_conv.cpp).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -11,6 +13,7 @@
 
 #include "../fourier_conv.h"
 #include "multiversion.h"
+#include "temporal_mix_avx512.h"
 
 namespace adjointdeis {
 namespace {
@@ -151,10 +154,50 @@ void run_temporal_mix(const TemporalMix& call) {
   });
 }
 
+#ifdef ADJOINTDEIS_HAVE_AVX512_MIX
+// The temporal mix by (b, c) in AVX-512 (temporal_mix_avx512.h), for float32 accumulation and operands of
+// unit pixel stride.
+template <typename src_t, typename y_t>
+void run_temporal_mix_avx512(const TemporalMix& call) {
+  const avx512::MixRows rows = avx512::select<src_t, y_t>(call.src_mask != nullptr, call.addend.defined(),
+                                                          call.negative_slope.has_value(), call.mask != nullptr);
+  const int64_t channels = call.channels, pixels = call.pixels, n_in = call.n_in, n_out = call.n_out;
+  const View4 &src = call.src, &addend = call.addend, &y = call.y;
+  const View3& mix = call.mix;
+  avx512::RowsOfOneChannel base{n_out, n_in, pixels, nullptr, src.stride[1], src.stride[2], nullptr, channels * pixels,
+                                static_cast<float>(call.mask_slope), nullptr, mix.stride[0], mix.stride[1],
+                                nullptr, addend.stride[1], nullptr, y.stride[1], nullptr, channels * pixels,
+                                static_cast<float>(call.negative_slope.value_or(1.0))};
+  torch::stable::parallel_for(0, call.batch * channels, grain_of((n_in + n_out) * pixels), [&](int64_t begin,
+                                                                                               int64_t end) {
+    avx512::RowsOfOneChannel a = base;
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / channels, c = bc % channels;
+      a.src = src.ptr<const src_t>() + row_offset(src, b, 0, c);
+      a.src_mask = call.src_mask == nullptr ? nullptr : call.src_mask + (b * n_in * channels + c) * pixels;
+      a.mix = mix.ptr<const float>() + c * mix.stride[2];
+      a.addend = addend.defined() ? addend.ptr<const y_t>() + row_offset(addend, b, 0, c) : nullptr;
+      a.y = y.ptr<y_t>() + row_offset(y, b, 0, c);
+      a.mask = call.mask == nullptr ? nullptr : call.mask + (b * n_out * channels + c) * pixels;
+      rows(a);
+    }
+  });
+}
+#endif
+
 void temporal_mix_cpu(const TemporalMix& call) {
   dispatch_temporal_mix(call, [&](auto src_tag, auto y_tag, auto acc_tag) {
-    run_temporal_mix<typename decltype(src_tag)::type, typename decltype(y_tag)::type,
-                     typename decltype(acc_tag)::type>(call);
+    using src_t = typename decltype(src_tag)::type;
+    using y_t = typename decltype(y_tag)::type;
+    using acc_t = typename decltype(acc_tag)::type;
+#ifdef ADJOINTDEIS_HAVE_AVX512_MIX
+    const bool unit = call.src.stride[3] == 1 && call.y.stride[3] == 1 &&
+                      (!call.addend.defined() || call.addend.stride[3] == 1);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (unit && avx512::supported()) return run_temporal_mix_avx512<src_t, y_t>(call);
+    }
+#endif
+    run_temporal_mix<src_t, y_t, acc_t>(call);
   });
 }
 
