@@ -1,9 +1,9 @@
 // The temporal mix of the DSNO layer in AVX-512 (float32 accumulation; float32, bfloat16 or float16
 // storage), chosen at run time on CPUs that have AVX-512F/BW/VL. Included by fourier_conv_cpu.cpp only.
 //
-// One task is one (b, c) of the call: for each block of 16 pixels the n_in source values are loaded once
-// (scaled by the mask's slope where a source mask is given) and every output t is summed from them in a
-// register and finished there (activation, residual, store, mask). The portable tile path instead adds
+// One task is one (b, c) of the call: for each block of 64 pixels (four vectors) the n_in source values are
+// loaded once (scaled by the mask's slope where a source mask is given) and every output t is summed from
+// them in registers and finished there (activation, residual, store, mask). The portable tile path instead adds
 // each source into a tile in L1, a load and a store per multiply-add, and runs each part of the output
 // stage as its own pass; here a source element is read from memory once and an output written once.
 #pragma once
@@ -13,7 +13,6 @@
 
 #include <immintrin.h>
 
-#include <array>
 #include <cstdint>
 #include <type_traits>
 
@@ -30,7 +29,7 @@ inline bool supported() {
   return ok;
 }
 
-// 16 lanes of a storage type (the first `n` of `lanes`, the rest zero) as float32.
+// 16 elements of a storage type as float32 (lanes not in `lanes`: zero, not read).
 template <typename T>
 ADJOINTDEIS_AVX512 inline __m512 load(const T* p, __mmask16 lanes) {
   if constexpr (std::is_same_v<T, float>) {
