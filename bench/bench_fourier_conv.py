@@ -13,8 +13,11 @@ Nyquist bins, a batched 2C x 2C for the complex bins, times B H W columns; the d
 kernel would be T C x T C), in the activations' dtype (three times that for forward + backward).
 "% limit" is limit / our time.
 
-On the CPU the times are CPU time of this process (time.process_time), not wall time: on a shared
-machine that excludes the time other processes hold the core. On CUDA they are wall times.
+The matmuls and the four timed calls of a shape run in turn, one call each per round in a new order each
+round, and each time is the fastest call (bench/timing.py): this VM's speed drifts over seconds, so timing
+each in its own block would compare them on different machines. On the CPU the times are CPU time of this
+process (time.process_time), not wall time: on a shared machine that excludes the time other processes hold
+the core. On CUDA they are wall times (synchronised after each call).
 """
 
 import argparse
@@ -30,6 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from adjointdeis import ops, reference  # noqa: E402
 from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
+from timing import interleaved_min_ms
 
 DSNO_SHAPES = [(b, 4, 2, c, h) for b in (32, 128) for c in (128, 256) for h in (8, 16, 32)]
 LONG_SHAPES = [(32, t, k, 128, 16) for t in (8, 16) for k in (2, t // 2 + 1)]
@@ -92,12 +96,24 @@ def bench_case(shape, device, dtype, min_run_time, threads, bandwidth):
             fn(xg, wg, k).backward(grad)
         return run
 
-    matmul = seconds(gemm_of_the_op(t, k, c, b * h * h, device, dtype), min_run_time, threads, device)
-    moved = x.numel() * x.element_size()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def synced(fn):
+        def run():
+            fn()
+            sync()
+        return run
+
+    parts = {"matmul": gemm_of_the_op(t, k, c, b * h * h, device, dtype)}
+    for name, make in (("fwd", forward), ("fwd+bwd", forward_backward)):
+        parts[name, "ours"] = make(ops.fourier_temporal_conv)
+        parts[name, "ref"] = make(reference.fourier_temporal_conv)
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    ms, _ = interleaved_min_ms({key: synced(fn) for key, fn in parts.items()}, 5 * min_run_time, clock)
+    matmul, moved = ms["matmul"] / 1e3, x.numel() * x.element_size()
     row = dict(B=b, T=t, K=k, C=c, H=h)
-    for name, make, tensors, gemms in (("fwd", forward, 2, 1), ("fwd+bwd", forward_backward, 4, 3)):
-        ours = seconds(make(ops.fourier_temporal_conv), min_run_time, threads, device)
-        ref = seconds(make(reference.fourier_temporal_conv), min_run_time, threads, device)
+    for name, tensors, gemms in (("fwd", 2, 1), ("fwd+bwd", 4, 3)):
+        ours, ref = ms[name, "ours"] / 1e3, ms[name, "ref"] / 1e3
         limit = max(tensors * moved / bandwidth, gemms * matmul)
         row[name] = dict(ours_ms=ours * 1e3, reference_ms=ref * 1e3, speedup=ref / ours,
                          limit_ms=limit * 1e3, fraction_of_limit=limit / ours)
@@ -125,7 +141,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), action="append",
                         help="activation dtype, repeatable (default float32)")
     parser.add_argument("--quick", action="store_true", help="two small shapes (smoke test)")
-    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timing")
+    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timed call of a shape (5 of them, interleaved)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

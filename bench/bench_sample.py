@@ -27,10 +27,7 @@ import argparse
 import itertools
 import json
 import pathlib
-import random
-import resource
 import sys
-import time
 
 import torch
 
@@ -41,31 +38,10 @@ from adjointdeis import ops  # noqa: E402
 from adjointdeis.benchmarks import OVERHEAD_SHAPE, bench_overhead  # noqa: E402
 from adjointdeis.planning import all_finite, device_tables, plan_sampling, run_plan  # noqa: E402
 from machine import cpu_name  # noqa: E402
+from timing import interleaved_min_ms  # noqa: E402
 
 BREAKDOWN_SHAPE = (16, 4, 128, 128)
 BREAKDOWN_STEPS = 20
-
-
-def interleaved_min_ms(parts: dict, seconds: float) -> tuple[dict, dict]:
-    """The fastest call of each of `parts`' functions in ms, calling them in turn (one call each per round, in a
-    new order each round) for about `seconds` in all, and each one's mean minor page faults per call (first
-    touches of memory the allocator got fresh from the kernel). In turn, because this VM's speed drifts over
-    seconds: blocks of one function would each see a different machine."""
-    for fn in parts.values():
-        for _ in range(3):
-            fn()
-    best, faults, calls = dict.fromkeys(parts, float("inf")), dict.fromkeys(parts, 0), 0
-    order, shuffle = list(parts), random.Random(0).shuffle
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or calls < 5:
-        shuffle(order)  # no part always follows the same one (what it leaves in the caches)
-        for name in order:
-            before, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-            parts[name]()
-            best[name] = min(best[name], time.perf_counter() - t)
-            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        calls += 1
-    return {name: ms * 1e3 for name, ms in best.items()}, {name: n / calls for name, n in faults.items()}
 
 
 def breakdown(seconds: float) -> dict:

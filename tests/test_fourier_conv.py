@@ -208,7 +208,8 @@ def test_gradients_match_reference(dtype, channelwise):
 
 
 def test_batch_split_into_pipeline_chunks():
-    """Large enough that the CPU pipeline runs over several chunks of the batch (5 = 2 + 2 + 1)."""
+    """Large enough that the CPU pipeline runs over several chunks of the batch (5 of one entry each: an entry
+    has 3 * 64 * 32 * 32 coordinates, and a chunk at most 2 ** 18)."""
     x = make_x((5, 4, 64, 32, 32), layout="sliced").requires_grad_()
     weight = make_weight((2, 64, 64), dtype=torch.complex128).requires_grad_()
     cot = make_x((5, 4, 64, 32, 32), seed=4)

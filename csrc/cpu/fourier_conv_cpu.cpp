@@ -235,8 +235,11 @@ void spectral_basis_cpu(const Tensor& basis, int64_t n_times, int64_t modes) {
   });
 }
 
-// About 2 MiB of float32 coordinates per chunk: they stay in L2 between the pipeline's stages.
-constexpr int64_t kChunkElements = int64_t{1} << 19;
+// 256 Ki bin coordinates per chunk (1 MiB in float32, half that in bfloat16), so that they stay in a 1 MiB L2
+// between the pipeline's stages. Measured on a Zen 4 EPYC (bench/RESULTS.md): twice that (the earlier
+// setting) was 0-36% slower in float32 and up to 20% in bfloat16; half of it slowed the bfloat16 GEMMs (fewer
+// columns each) by up to 50%.
+constexpr int64_t kChunkElements = int64_t{1} << 18;
 
 // bfloat16 GEMMs where the CPU multiplies bfloat16 natively (oneDNN's AVX-512-BF16 and AMX kernels, 2-4x its
 // float32 GEMM); float16 has no such path on x86 before AMX-FP16, so it keeps float32 GEMMs.
