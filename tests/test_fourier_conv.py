@@ -255,13 +255,31 @@ def test_internal_ops_match_their_twins(device, dtype):
     assert torch.all(grad_mixing[mask == 0] == 0) and grad_mixing.abs().sum() > 0
 
 
+def use_temporal_mix(monkeypatch, kernel):
+    """Forces the CPU temporal mix's kernel (ADJOINTDEIS_TEMPORAL_MIX, read at every call); skips where this CPU
+    lacks the ISA, which the op reports by raising."""
+    if kernel == "auto":
+        monkeypatch.delenv("ADJOINTDEIS_TEMPORAL_MIX", raising=False)
+        return
+    monkeypatch.setenv("ADJOINTDEIS_TEMPORAL_MIX", kernel)
+    try:
+        ops.fourier_temporal_conv(torch.ones(1, 2, 1, 1, 1), torch.ones(1, 1, 1, dtype=torch.complex64), 1)
+    except RuntimeError as e:
+        if "this CPU lacks" not in str(e):
+            raise
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("kernel", ["auto", "avx512", "avx2", "tiles"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("pixels", [(4, 4), (7, 9), (8, 8), (5, 13), (10, 13)])
-def test_temporal_mix_paths_at_vector_block_edges(dtype, pixels):
-    """H * W = 16, 63, 64, 65, 130: one vector of 16 pixels, a block of four short of one, exactly one, one
-    over, and two blocks with a tail. Contiguous pixels take the CPU's vector path (AVX-512 where the CPU has
-    it), a sliced copy of the same values the tile path; both match the twins, forward (with the mask) and
-    backward (the masked source of the epilogue's adjoint), with and without residual and activation."""
+@pytest.mark.parametrize("pixels", [(2, 4), (4, 4), (7, 9), (8, 8), (5, 13), (10, 13)])
+def test_temporal_mix_paths_at_vector_block_edges(monkeypatch, kernel, dtype, pixels):
+    """H * W = 8, 16, 63, 64, 65, 130: one AVX2 vector, one AVX-512 vector, a 64-pixel block short of one,
+    exactly one, one over, and two blocks with a tail (AVX2's blocks are 16 pixels). Contiguous pixels take the
+    chosen kernel (the CPU's widest SIMD loop unless forced), a sliced copy of the same values the tile path;
+    both match the twins, forward (with the mask) and backward (the masked source of the epilogue's adjoint),
+    with and without residual and activation."""
+    use_temporal_mix(monkeypatch, kernel)
     h, w = pixels
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
     mixing = ops.fourier_mode_mixing(make_weight((3, 5, 5)), 5, 3).to(opmath)
@@ -283,6 +301,13 @@ def test_temporal_mix_paths_at_vector_block_edges(dtype, pixels):
                 want = getattr(reference, name + "_backward")(*args)
                 assert_close(got[0], want[0], **tol)
                 assert_close(got[1], want[1], rtol=tol["rtol"], atol=tol["atol"] * want[1].abs().max().item())
+
+
+@pytest.mark.parametrize("value", ["avx", "AVX2", " tiles"])
+def test_temporal_mix_choice_that_cannot_be_honoured_raises_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv("ADJOINTDEIS_TEMPORAL_MIX", value)
+    with pytest.raises(RuntimeError, match="ADJOINTDEIS_TEMPORAL_MIX must be avx512, avx2, tiles or unset"):
+        ops.fourier_temporal_conv(torch.ones(1, 2, 1, 1, 1), torch.ones(1, 1, 1, dtype=torch.complex64), 1)
 
 
 @pytest.mark.parametrize("n_times", [2, 3, 4, 7, 8, 16, 32])

@@ -1,19 +1,22 @@
 // CPU kernels of the DSNO temporal Fourier convolution: the temporal mix (projection onto the kept
 // bins, expansion back to T with the fused activation and residual, the channel-wise mix, and their
-// transposes), the activation's backward and the spectral basis. The temporal mix runs in AVX-512
-// (temporal_mix_avx512.h) where the CPU has it, the accumulation is float32 and the pixels are unit
-// stride; otherwise rows of P = H * W pixels are processed in tiles by multiversioned vectorisable
-// loops, parallel over (batch, channel). The GEMMs run in ATen through the dispatcher
-// (fourier_conv.cpp).
+// transposes), the activation's backward and the spectral basis. With float32 accumulation and unit-stride
+// pixels the temporal mix runs by (b, c) in AVX-512 or AVX2 (temporal_mix_simd.h), whichever the CPU has;
+// otherwise (float64, strided pixels, older CPUs) rows of P = H * W pixels are processed in tiles by
+// multiversioned vectorisable loops, parallel over (batch, channel). The environment variable
+// ADJOINTDEIS_TEMPORAL_MIX (avx512, avx2 or tiles) forces one of these, for tests and benchmarks. The GEMMs run
+// in ATen through the dispatcher (fourier_conv.cpp).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
 #include "../fourier_conv.h"
 #include "multiversion.h"
-#include "temporal_mix_avx512.h"
+#include "temporal_mix_simd.h"
 
 namespace adjointdeis {
 namespace {
@@ -154,23 +157,44 @@ void run_temporal_mix(const TemporalMix& call) {
   });
 }
 
-#ifdef ADJOINTDEIS_HAVE_AVX512_MIX
-// The temporal mix by (b, c) in AVX-512 (temporal_mix_avx512.h), for float32 accumulation and operands of
-// unit pixel stride.
+#ifdef ADJOINTDEIS_HAVE_SIMD_MIX
+// The SIMD loop of this call's variant for the ISA ADJOINTDEIS_TEMPORAL_MIX names, else for the widest one the
+// CPU has; null for the tile path. Read at every call (a getenv, next to a kernel of at least microseconds), so
+// that a test can switch it; a value that cannot be honoured raises, naming the variable.
 template <typename src_t, typename y_t>
-void run_temporal_mix_avx512(const TemporalMix& call) {
-  const avx512::MixRows rows = avx512::select<src_t, y_t>(call.src_mask != nullptr, call.addend.defined(),
-                                                          call.negative_slope.has_value(), call.mask != nullptr);
+simd_mix::MixRows simd_rows(const TemporalMix& call) {
+  const char* env = std::getenv("ADJOINTDEIS_TEMPORAL_MIX");
+  const std::string_view choice = env == nullptr ? "" : env;
+  ADJOINTDEIS_CHECK(choice.empty() || choice == "avx512" || choice == "avx2" || choice == "tiles",
+                    "ADJOINTDEIS_TEMPORAL_MIX must be avx512, avx2, tiles or unset, got '", choice, "'");
+  ADJOINTDEIS_CHECK(choice != "avx512" || simd_mix::avx512::supported(),
+                    "ADJOINTDEIS_TEMPORAL_MIX=avx512, but this CPU lacks AVX-512F/BW/VL");
+  ADJOINTDEIS_CHECK(choice != "avx2" || simd_mix::avx2::supported(),
+                    "ADJOINTDEIS_TEMPORAL_MIX=avx2, but this CPU lacks AVX2/FMA/F16C");
+  const bool masked = call.src_mask != nullptr, add = call.addend.defined(), act = call.negative_slope.has_value(),
+             save = call.mask != nullptr;
+  if (choice == "tiles") return nullptr;
+  if (choice != "avx2" && simd_mix::avx512::supported()) {
+    return simd_mix::avx512::select<src_t, y_t>(masked, add, act, save);
+  }
+  if (simd_mix::avx2::supported()) return simd_mix::avx2::select<src_t, y_t>(masked, add, act, save);
+  return nullptr;
+}
+
+// The temporal mix by (b, c) with one of the SIMD loops, for float32 accumulation and operands of unit pixel
+// stride.
+template <typename src_t, typename y_t>
+void run_temporal_mix_simd(const TemporalMix& call, simd_mix::MixRows rows) {
   const int64_t channels = call.channels, pixels = call.pixels, n_in = call.n_in, n_out = call.n_out;
   const View4 &src = call.src, &addend = call.addend, &y = call.y;
   const View3& mix = call.mix;
-  avx512::RowsOfOneChannel base{n_out, n_in, pixels, nullptr, src.stride[1], src.stride[2], nullptr, channels * pixels,
-                                static_cast<float>(call.mask_slope), nullptr, mix.stride[0], mix.stride[1],
-                                nullptr, addend.stride[1], nullptr, y.stride[1], nullptr, channels * pixels,
-                                static_cast<float>(call.negative_slope.value_or(1.0))};
+  simd_mix::RowsOfOneChannel base{n_out, n_in, pixels, nullptr, src.stride[1], src.stride[2], nullptr,
+                                  channels * pixels, static_cast<float>(call.mask_slope), nullptr, mix.stride[0],
+                                  mix.stride[1], nullptr, addend.stride[1], nullptr, y.stride[1], nullptr,
+                                  channels * pixels, static_cast<float>(call.negative_slope.value_or(1.0))};
   torch::stable::parallel_for(0, call.batch * channels, grain_of((n_in + n_out) * pixels), [&](int64_t begin,
                                                                                                int64_t end) {
-    avx512::RowsOfOneChannel a = base;
+    simd_mix::RowsOfOneChannel a = base;
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / channels, c = bc % channels;
       a.src = src.ptr<const src_t>() + row_offset(src, b, 0, c);
@@ -190,11 +214,14 @@ void temporal_mix_cpu(const TemporalMix& call) {
     using src_t = typename decltype(src_tag)::type;
     using y_t = typename decltype(y_tag)::type;
     using acc_t = typename decltype(acc_tag)::type;
-#ifdef ADJOINTDEIS_HAVE_AVX512_MIX
-    const bool unit = call.src.stride[3] == 1 && call.y.stride[3] == 1 &&
-                      (!call.addend.defined() || call.addend.stride[3] == 1);
+#ifdef ADJOINTDEIS_HAVE_SIMD_MIX
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (unit && avx512::supported()) return run_temporal_mix_avx512<src_t, y_t>(call);
+      const bool unit = call.src.stride[3] == 1 && call.y.stride[3] == 1 &&
+                        (!call.addend.defined() || call.addend.stride[3] == 1);
+      if (unit) {
+        const simd_mix::MixRows rows = simd_rows<src_t, y_t>(call);
+        if (rows != nullptr) return run_temporal_mix_simd<src_t, y_t>(call, rows);
+      }
     }
 #endif
     run_temporal_mix<src_t, y_t, acc_t>(call);
