@@ -18,10 +18,14 @@ round, and each time is the fastest call (bench/timing.py): this VM's speed drif
 each in its own block would compare them on different machines. On the CPU the times are CPU time of this
 process (time.process_time), not wall time: on a shared machine that excludes the time other processes hold
 the core. On CUDA they are wall times (synchronised after each call).
+
+ADJOINTDEIS_TEMPORAL_MIX=avx512|avx2|tiles forces the CPU temporal mix's kernel (the header says so): that is how
+the AVX2 kernel and the tile loops are measured on a CPU that has AVX-512.
 """
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -153,6 +157,8 @@ def main(argv=None):
     else:
         shapes = DSNO_SHAPES + LONG_SHAPES if device.type == "cuda" else CPU_SHAPES
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {args.threads} thread(s)"
+    if device.type == "cpu" and os.environ.get("ADJOINTDEIS_TEMPORAL_MIX"):
+        name += f", temporal mix forced to {os.environ['ADJOINTDEIS_TEMPORAL_MIX']}"
     result = {"device": name, "torch": torch.__version__, "tables": {}}
     for dtype_name in args.dtype or ["float32"]:
         dtype = DTYPES[dtype_name]
