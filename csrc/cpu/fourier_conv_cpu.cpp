@@ -157,24 +157,42 @@ void run_temporal_mix(const TemporalMix& call) {
   });
 }
 
-#ifdef ADJOINTDEIS_HAVE_SIMD_MIX
-// The SIMD loop of this call's variant for the ISA ADJOINTDEIS_TEMPORAL_MIX names, else for the widest one the
-// CPU has; null for the tile path. Read at every call (a getenv, next to a kernel of at least microseconds), so
-// that a test can switch it; a value that cannot be honoured raises, naming the variable.
-template <typename src_t, typename y_t>
-simd_mix::MixRows simd_rows(const TemporalMix& call) {
+// The temporal mix's kernel: the SIMD loop of the widest ISA the CPU has (auto), or the one the environment
+// variable ADJOINTDEIS_TEMPORAL_MIX names. Read at every call (a getenv, next to a kernel of at least
+// microseconds), so that a test can switch it; a value that cannot be honoured raises, naming the variable.
+enum class MixKernel { kAuto, kAvx512, kAvx2, kTiles };
+
+MixKernel temporal_mix_kernel() {
   const char* env = std::getenv("ADJOINTDEIS_TEMPORAL_MIX");
   const std::string_view choice = env == nullptr ? "" : env;
-  ADJOINTDEIS_CHECK(choice.empty() || choice == "avx512" || choice == "avx2" || choice == "tiles",
-                    "ADJOINTDEIS_TEMPORAL_MIX must be avx512, avx2, tiles or unset, got '", choice, "'");
-  ADJOINTDEIS_CHECK(choice != "avx512" || simd_mix::avx512::supported(),
-                    "ADJOINTDEIS_TEMPORAL_MIX=avx512, but this CPU lacks AVX-512F/BW/VL");
-  ADJOINTDEIS_CHECK(choice != "avx2" || simd_mix::avx2::supported(),
-                    "ADJOINTDEIS_TEMPORAL_MIX=avx2, but this CPU lacks AVX2/FMA/F16C");
+  if (choice.empty()) return MixKernel::kAuto;
+  if (choice == "tiles") return MixKernel::kTiles;
+#ifdef ADJOINTDEIS_HAVE_SIMD_MIX
+  if (choice == "avx512") {
+    ADJOINTDEIS_CHECK(simd_mix::avx512::supported(),
+                      "ADJOINTDEIS_TEMPORAL_MIX=avx512, but this CPU lacks AVX-512F/BW/VL");
+    return MixKernel::kAvx512;
+  }
+  if (choice == "avx2") {
+    ADJOINTDEIS_CHECK(simd_mix::avx2::supported(), "ADJOINTDEIS_TEMPORAL_MIX=avx2, but this CPU lacks AVX2/FMA/F16C");
+    return MixKernel::kAvx2;
+  }
+#else
+  ADJOINTDEIS_CHECK(choice != "avx512" && choice != "avx2", "ADJOINTDEIS_TEMPORAL_MIX=", choice,
+                    ", but this build has no SIMD temporal mix (it needs GCC on x86-64)");
+#endif
+  ADJOINTDEIS_CHECK(false, "ADJOINTDEIS_TEMPORAL_MIX must be avx512, avx2, tiles or unset, got '", choice, "'");
+  return MixKernel::kTiles;
+}
+
+#ifdef ADJOINTDEIS_HAVE_SIMD_MIX
+// The SIMD loop of this call's variant for `kernel`; null for the tile path.
+template <typename src_t, typename y_t>
+simd_mix::MixRows simd_rows(const TemporalMix& call, MixKernel kernel) {
   const bool masked = call.src_mask != nullptr, add = call.addend.defined(), act = call.negative_slope.has_value(),
              save = call.mask != nullptr;
-  if (choice == "tiles") return nullptr;
-  if (choice != "avx2" && simd_mix::avx512::supported()) {
+  if (kernel == MixKernel::kTiles) return nullptr;
+  if (kernel != MixKernel::kAvx2 && simd_mix::avx512::supported()) {
     return simd_mix::avx512::select<src_t, y_t>(masked, add, act, save);
   }
   if (simd_mix::avx2::supported()) return simd_mix::avx2::select<src_t, y_t>(masked, add, act, save);
@@ -210,6 +228,7 @@ void run_temporal_mix_simd(const TemporalMix& call, simd_mix::MixRows rows) {
 #endif
 
 void temporal_mix_cpu(const TemporalMix& call) {
+  [[maybe_unused]] const MixKernel kernel = temporal_mix_kernel();  // checked on every call, whichever path runs
   dispatch_temporal_mix(call, [&](auto src_tag, auto y_tag, auto acc_tag) {
     using src_t = typename decltype(src_tag)::type;
     using y_t = typename decltype(y_tag)::type;
@@ -219,7 +238,7 @@ void temporal_mix_cpu(const TemporalMix& call) {
       const bool unit = call.src.stride[3] == 1 && call.y.stride[3] == 1 &&
                         (!call.addend.defined() || call.addend.stride[3] == 1);
       if (unit) {
-        const simd_mix::MixRows rows = simd_rows<src_t, y_t>(call);
+        const simd_mix::MixRows rows = simd_rows<src_t, y_t>(call, kernel);
         if (rows != nullptr) return run_temporal_mix_simd<src_t, y_t>(call, rows);
       }
     }
