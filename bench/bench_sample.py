@@ -21,11 +21,18 @@ overwrites x and m1 with x_next and m0 after the first step, as run_plan does: l
 loop's own cost, chain - N x kernel the memory system's (in place touches three tensors, not five). The two
 chains that allocate run in a group of their own, with their own N x kernel: freeing fresh outputs lets glibc
 trim its heap, and whatever runs next faults its memory in again.
+
+The page faults are glibc's doing: a freed buffer above its mmap threshold goes back to the kernel, and the next
+call's first touches fault it in again. With glibc told to keep its pages (or another allocator preloaded) the
+loop's own cost is what remains; the header shows such settings:
+
+    MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=1073741824 python bench/bench_sample.py --breakdown --threads 2
 """
 
 import argparse
 import itertools
 import json
+import os
 import pathlib
 import sys
 
@@ -40,6 +47,7 @@ from adjointdeis.planning import all_finite, device_tables, plan_sampling, run_p
 from machine import cpu_name  # noqa: E402
 from timing import interleaved_min_ms  # noqa: E402
 
+GLIBC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
 BREAKDOWN_SHAPE = (16, 4, 128, 128)
 BREAKDOWN_STEPS = 20
 
@@ -109,10 +117,17 @@ def breakdown(seconds: float) -> dict:
             "n_kernel": times["N x kernel"]}
 
 
+def allocator_settings() -> str:
+    """glibc's allocator settings from the environment, as the header shows them (empty when none is set)."""
+    settings = [f"{name}={os.environ[name]}" for name in GLIBC_SETTINGS if name in os.environ]
+    return f"; glibc {', '.join(settings)}" if settings else ""
+
+
 def print_breakdown(result: dict) -> None:
     ms, n_kernel = result["ms"], result["n_kernel"]
     print(f"# {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"{'x'.join(map(str, result['shape']))} float32, DPM-Solver++(2M), {result['steps']} steps, free model")
+          f"{'x'.join(map(str, result['shape']))} float32, DPM-Solver++(2M), {result['steps']} steps, free model"
+          f"{allocator_settings()}")
     faults = result["page_faults"]
     print(f"{'part':<34}{'ms':>9}{'/ N x kernel':>14}{'page faults':>13}")
     print(f"{'N x kernel (two hot buffers)':<34}{n_kernel:>9.3f}{1:>14.3f}{faults['N x kernel']:>13.0f}")

@@ -104,13 +104,32 @@ Tensor coordinate_blocks(const Tensor& buffer, int64_t n, const BinGroup& g, int
   return view_of(buffer, g.first * per * n, {g.count, rows, n}, {rows * n, n, 1});
 }
 
-// out (r rows_out, n) = blockdiag(m) @ in (r rows_in, n), or its transpose with m^T's blocks.
-void block_diagonal_mm(const Tensor& out, const Tensor& m, const Tensor& in, int64_t n, int64_t rows_out,
-                       int64_t rows_in, bool transpose, const std::vector<BinGroup>& groups) {
+// The GEMMs' operands: per bin group, the (count, size C_out, size C_in) diagonal blocks of the mixing matrix, in the
+// GEMMs' element type. Views of `mixing` when it is in that type already (the BLAS reads them in place); else
+// rounded into contiguous blocks once per call: a GEMM given a strided bfloat16 view copies it on every call
+// (oneDNN takes contiguous or transposed operands only), once per chunk, and the blocks are all the GEMMs read.
+std::vector<Tensor> gemm_blocks(const Tensor& mixing, const std::vector<BinGroup>& groups, int64_t c_out,
+                                int64_t c_in, ScalarType dtype) {
+  std::vector<Tensor> blocks;
   for (const BinGroup& g : groups) {
-    const Tensor blocks = transpose ? diagonal_blocks(m, g, rows_in, rows_out, true)
-                                    : diagonal_blocks(m, g, rows_out, rows_in, false);
-    aten::bmm_out(coordinate_blocks(out, n, g, rows_out), blocks, coordinate_blocks(in, n, g, rows_in));
+    const Tensor view = diagonal_blocks(mixing, g, c_out, c_in, /*transpose=*/false);
+    if (mixing.scalar_type() == dtype) {
+      blocks.push_back(view);
+      continue;
+    }
+    Tensor block = empty(shape_of(view), dtype, mixing.device());
+    torch::stable::copy_(block, view);
+    blocks.push_back(block);
+  }
+  return blocks;
+}
+
+// out (r rows_out, n) = blockdiag(blocks) @ in (r rows_in, n), or its transpose with each block transposed.
+void block_diagonal_mm(const Tensor& out, const std::vector<Tensor>& blocks, const Tensor& in, int64_t n,
+                       int64_t rows_out, int64_t rows_in, bool transpose, const std::vector<BinGroup>& groups) {
+  for (size_t k = 0; k < groups.size(); ++k) {
+    const Tensor a = transpose ? torch::stable::transpose(blocks[k], 1, 2) : blocks[k];
+    aten::bmm_out(coordinate_blocks(out, n, groups[k], rows_out), a, coordinate_blocks(in, n, groups[k], rows_in));
   }
 }
 
@@ -210,11 +229,11 @@ std::tuple<Tensor, Tensor> fourier_spectral_conv(const Tensor& x, const Tensor& 
 
   const ScalarType acc = mixing.scalar_type(), gemm = gemm_type(x, mixing, kernels);
   const SpectralBasis basis(n_times, modes, acc, x.device(), kernels);
-  const Tensor m = in_type(mixing, gemm);
   Tensor x_owner;
   const View4 x4 = activations(x, x_owner), y4 = dense4(y, n_times, c_out, pixels);
   bool* mask4 = mask_data(mask);
   const std::vector<BinGroup> groups = bin_groups(n_times, modes);
+  const std::vector<Tensor> m = gemm_blocks(mixing, groups, c_out, c_in, gemm);
   const Chunks chunks(batch, pixels, rank * std::max(c_in, c_out), kernels.chunk_elements);
   const Tensor u = chunks.scratch(rank * c_in, gemm, x.device());
   const Tensor v = chunks.scratch(rank * c_out, gemm, x.device());
@@ -257,12 +276,12 @@ std::tuple<Tensor, Tensor> fourier_spectral_conv_backward(const Tensor& grad_y, 
   }
   const ScalarType gemm = gemm_type(x, mixing, kernels);
   const SpectralBasis basis(n_times, modes, acc, x.device(), kernels);
-  const Tensor m = in_type(mixing, gemm);
   Tensor x_owner, grad_owner;
   const View4 x4 = activations(x, x_owner), grad4 = activations(grad_y, grad_owner);
   const bool* mask4 = negative_slope.has_value() ? mask.const_data_ptr<bool>() : nullptr;
   const View4 dx4 = output_mask[0] ? dense4(grad_x, n_times, c_in, pixels) : View4{};
   const std::vector<BinGroup> groups = bin_groups(n_times, modes);
+  const std::vector<Tensor> m = output_mask[0] ? gemm_blocks(mixing, groups, c_out, c_in, gemm) : std::vector<Tensor>{};
   const Chunks chunks(batch, pixels, rank * std::max(c_in, c_out), kernels.chunk_elements);
   const Tensor dv = chunks.scratch(rank * c_out, gemm, x.device());
   const Tensor scratch = chunks.scratch(rank * c_in, gemm, x.device());

@@ -273,23 +273,25 @@ def use_temporal_mix(monkeypatch, kernel):
 @pytest.mark.parametrize("kernel", ["auto", "avx512", "avx2", "tiles"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pixels", [(2, 4), (4, 4), (7, 9), (8, 8), (5, 13), (10, 13)])
-def test_temporal_mix_paths_at_vector_block_edges(monkeypatch, kernel, dtype, pixels):
+@pytest.mark.parametrize("n_times, modes", [(5, 3), (4, 2)])
+def test_temporal_mix_paths_at_vector_block_edges(monkeypatch, kernel, dtype, pixels, n_times, modes):
     """H * W = 8, 16, 63, 64, 65, 130: one AVX2 vector, one AVX-512 vector, a 64-pixel block short of one,
     exactly one, one over, and two blocks with a tail (AVX2's blocks are 16 pixels). Contiguous pixels take the
     chosen kernel (the CPU's widest SIMD loop unless forced), a sliced copy of the same values the tile path;
     both match the twins, forward (with the mask) and backward (the masked source of the epilogue's adjoint),
-    with and without residual and activation."""
+    with and without residual and activation. T = 5 with three bins takes the SIMD loop with run-time row
+    counts (5 into 5), T = 4 with two its unrolled loops (4 into 3 coordinates and back)."""
     use_temporal_mix(monkeypatch, kernel)
     h, w = pixels
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
-    mixing = ops.fourier_mode_mixing(make_weight((3, 5, 5)), 5, 3).to(opmath)
-    kernel = circulant(ops.fourier_tap_synthesis(make_weight((3, 5)), 5, 3)).to(opmath)
+    mixing = ops.fourier_mode_mixing(make_weight((modes, 5, 5)), n_times, modes).to(opmath)
+    kernel = circulant(ops.fourier_tap_synthesis(make_weight((modes, 5)), n_times, modes)).to(opmath)
     tol = REFERENCE_TOL[dtype]
     lib = torch.ops.adjointdeis
     for layout in ("contiguous", "sliced"):
-        x = make_x((2, 5, 5, h, w), dtype, layout=layout)
-        grad = make_x((2, 5, 5, h, w), dtype, seed=3, layout=layout)
-        for name, weight, extra in (("fourier_spectral_conv", mixing, (3,)), ("fourier_channel_conv", kernel, ())):
+        x = make_x((2, n_times, 5, h, w), dtype, layout=layout)
+        grad = make_x((2, n_times, 5, h, w), dtype, seed=3, layout=layout)
+        for name, weight, extra in (("fourier_spectral_conv", mixing, (modes,)), ("fourier_channel_conv", kernel, ())):
             for residual, slope in ((True, 0.01), (False, 0.3), (True, None)):
                 y, mask = getattr(lib, name)(x, weight, *extra, residual, slope, True)
                 want_y, want_mask = getattr(reference, name)(x, weight, *extra, residual, slope, True)

@@ -193,9 +193,9 @@ simd_mix::MixRows simd_rows(const TemporalMix& call, MixKernel kernel) {
              save = call.mask != nullptr;
   if (kernel == MixKernel::kTiles) return nullptr;
   if (kernel != MixKernel::kAvx2 && simd_mix::avx512::supported()) {
-    return simd_mix::avx512::select<src_t, y_t>(masked, add, act, save);
+    return simd_mix::avx512::select<src_t, y_t>(masked, add, act, save, call.n_in, call.n_out);
   }
-  if (simd_mix::avx2::supported()) return simd_mix::avx2::select<src_t, y_t>(masked, add, act, save);
+  if (simd_mix::avx2::supported()) return simd_mix::avx2::select<src_t, y_t>(masked, add, act, save, call.n_in, call.n_out);
   return nullptr;
 }
 
