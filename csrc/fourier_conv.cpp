@@ -86,13 +86,11 @@ std::vector<BinGroup> bin_groups(int64_t n_times, int64_t modes) {
   return groups;
 }
 
-// The group's diagonal blocks of m (r rows_per, r cols_per) as a (count, size rows_per, size cols_per)
-// view, or its blockwise transpose.
-Tensor diagonal_blocks(const Tensor& m, const BinGroup& g, int64_t rows_per, int64_t cols_per, bool transpose) {
+// The group's diagonal blocks of m (r rows_per, r cols_per) as a (count, size rows_per, size cols_per) view.
+Tensor diagonal_blocks(const Tensor& m, const BinGroup& g, int64_t rows_per, int64_t cols_per) {
   const int64_t rows = g.size * rows_per, cols = g.size * cols_per;
   const int64_t s0 = m.stride(0), s1 = m.stride(1), step = rows * s0 + cols * s1;
   const int64_t offset = g.first * (rows_per * s0 + cols_per * s1);
-  if (transpose) return view_of(m, offset, {g.count, cols, rows}, {step, s1, s0});
   return view_of(m, offset, {g.count, rows, cols}, {step, s0, s1});
 }
 
@@ -104,6 +102,14 @@ Tensor coordinate_blocks(const Tensor& buffer, int64_t n, const BinGroup& g, int
   return view_of(buffer, g.first * per * n, {g.count, rows, n}, {rows * n, n, 1});
 }
 
+// t in `dtype`: t itself, or a rounded copy.
+Tensor in_type(const Tensor& t, ScalarType dtype) {
+  if (t.scalar_type() == dtype) return t;
+  Tensor copy = empty(shape_of(t), dtype, t.device());
+  torch::stable::copy_(copy, t);
+  return copy;
+}
+
 // The GEMMs' operands: per bin group, the (count, size C_out, size C_in) diagonal blocks of the mixing matrix, in the
 // GEMMs' element type. Views of `mixing` when it is in that type already (the BLAS reads them in place); else
 // rounded into contiguous blocks once per call: a GEMM given a strided bfloat16 view copies it on every call
@@ -111,16 +117,7 @@ Tensor coordinate_blocks(const Tensor& buffer, int64_t n, const BinGroup& g, int
 std::vector<Tensor> gemm_blocks(const Tensor& mixing, const std::vector<BinGroup>& groups, int64_t c_out,
                                 int64_t c_in, ScalarType dtype) {
   std::vector<Tensor> blocks;
-  for (const BinGroup& g : groups) {
-    const Tensor view = diagonal_blocks(mixing, g, c_out, c_in, /*transpose=*/false);
-    if (mixing.scalar_type() == dtype) {
-      blocks.push_back(view);
-      continue;
-    }
-    Tensor block = empty(shape_of(view), dtype, mixing.device());
-    torch::stable::copy_(block, view);
-    blocks.push_back(block);
-  }
+  for (const BinGroup& g : groups) blocks.push_back(in_type(diagonal_blocks(mixing, g, c_out, c_in), dtype));
   return blocks;
 }
 
@@ -198,14 +195,6 @@ void check_kernel(const char* op, const Tensor& kernel, const Tensor& x) {
 // rounding of the kink, against 2e-7 with float32 GEMMs (bench/RESULTS.md).
 ScalarType gemm_type(const Tensor& x, const Tensor& mixing, const TemporalKernels& kernels) {
   return kernels.native_gemm(x.scalar_type()) ? x.scalar_type() : mixing.scalar_type();
-}
-
-// t in `dtype`: t itself, or a rounded copy.
-Tensor in_type(const Tensor& t, ScalarType dtype) {
-  if (t.scalar_type() == dtype) return t;
-  Tensor copy = empty(shape_of(t), dtype, t.device());
-  torch::stable::copy_(copy, t);
-  return copy;
 }
 
 }  // namespace
@@ -315,7 +304,7 @@ std::tuple<Tensor, Tensor> fourier_spectral_conv_backward(const Tensor& grad_y, 
     }
   }
   for (size_t k = 0; k < grad_blocks.size(); ++k) {
-    Tensor target = diagonal_blocks(grad_mixing, groups[k], c_out, c_in, false);
+    Tensor target = diagonal_blocks(grad_mixing, groups[k], c_out, c_in);
     torch::stable::copy_(target, grad_blocks[k]);
   }
   return {grad_x, grad_mixing};
