@@ -312,10 +312,37 @@ def device_tables(plan: SamplingPlan, device: torch.device, time_dtype: torch.dt
     return tables
 
 
+_ROW_VIEWS: dict[tuple, tuple[tuple[Tensor, ...], ...]] = {}
+
+
+def row_views(plan: SamplingPlan, device: torch.device, time_dtype: torch.dtype,
+              batch: int) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Each row's coefficients (7+,), model time (0-d) and model times for a batch (batch,): views of
+    :func:`device_tables`' tables, made at once and kept with them (as many as :data:`DEVICE_TABLES_KEPT`), so that
+    a run spends nothing on them per row."""
+    def views() -> tuple[tuple[Tensor, ...], ...]:
+        coeffs, t_eval = device_tables(plan, device, time_dtype)
+        return coeffs.unbind(0), t_eval.unbind(0), t_eval[:, None].expand(-1, batch).unbind(0)
+
+    if torch.compiler.is_compiling():  # views of the graph's constants, not dozens of kept tensors to guard on
+        return views()
+    key = (plan.steps, plan.t_eval, str(device), time_dtype, batch)
+    kept = _ROW_VIEWS.get(key)
+    if kept is None:
+        kept = views()
+        if len(_ROW_VIEWS) < DEVICE_TABLES_KEPT:
+            _ROW_VIEWS[key] = kept
+    return kept
+
+
 def all_finite(x: Tensor) -> bool:
-    """Whether every element of `x` is finite, in one read of `x` (a min/max reduction, which propagates NaN;
-    ``torch.isfinite(x).all()`` would also write a bool tensor the size of x). Syncs the host once."""
+    """Whether every element of `x` is finite. A sum is finite only if every term is (an Inf or NaN term makes
+    each partial sum it enters non-finite, in any order of summation), so one sum answers in one read of x
+    (twice as fast as a min/max reduction); only a sum that overflows is checked again, by a min/max reduction,
+    which propagates NaN. Syncs the host once (twice after an overflow)."""
     if x.numel() == 0:
+        return True
+    if math.isfinite(x.detach().sum().item()):
         return True
     low, high = torch.aminmax(x.detach())
     return bool(torch.isfinite(torch.stack([low, high])).all())
@@ -327,30 +354,16 @@ def _capturing(x: Tensor) -> bool:
 
 
 def _owners(t: Tensor) -> tuple[int, int, int, int]:
-    """Who holds `t`: Python references, C++ references to its TensorImpl, to its storage (views), weak references."""
+    """Who holds `t`: Python references, C++ references to its TensorImpl, to its storage (views), weak references.
+    Called straight from the frame whose references are counted (each call level adds references of its own)."""
     return (sys.getrefcount(t), t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata),
             weakref.getweakrefcount(t))
-
-
-def _owners_beyond(t: Tensor, references: int) -> tuple[int, int, int, int]:
-    """Who holds `t` besides `references` Python references of the caller's own (local names, list entries)."""
-    refs, *others = _owners(t)
-    return (refs - references, *others)
 
 
 def _nobody() -> tuple[int, int, int, int]:
     held = [torch.empty(1)]
     t = held.pop()
-    return _owners_beyond(t, 1)
-
-
-def _refcount_of_parameter(t: Tensor) -> int:
-    return sys.getrefcount(t)
-
-
-def _parameter_cost() -> int:
-    t = torch.empty(1)
-    return _refcount_of_parameter(t) - sys.getrefcount(t)
+    return _owners(t)
 
 
 def _untraced(fn: Callable[[], object]) -> object:
@@ -366,8 +379,10 @@ def _untraced(fn: Callable[[], object]) -> object:
         sys.settrace(trace)
 
 
-_NOBODY = _untraced(_nobody)  # what _owners_beyond sees of a tensor nothing else holds (the interpreter's own counts)
-_PARAMETER = _untraced(_parameter_cost)  # the references passing a tensor to a function adds: 1 on 3.11+, 2 before
+_NOBODY = _untraced(_nobody)  # what _owners sees of a tensor only one local name holds (the interpreter's own counts)
+_FREE_WITH = tuple((_NOBODY[0] - 1 + k, *_NOBODY[1:]) for k in range(8))
+"""``_owners(t) == _FREE_WITH[k]``: nothing holds `t` but k Python references of the calling frame's own (local
+names, entries of its lists)."""
 
 
 class Spares:
@@ -385,23 +400,19 @@ class Spares:
         """A dropped tensor that nothing else holds, with `like`'s shape, dtype and device, or a fresh one."""
         while self.dropped:
             t = self.dropped.pop()
-            if _owners_beyond(t, 1) == _NOBODY and t.shape == like.shape and t.dtype == like.dtype \
+            if _owners(t) == _FREE_WITH[1] and t.shape == like.shape and t.dtype == like.dtype \
                     and t.device == like.device:
                 return t
         self.fresh += 1
         return torch.empty(like.shape, dtype=like.dtype, device=like.device)
 
-    def claim(self, t: Tensor, references: int) -> bool:
-        """Whether `t`, an operand of the step about to run that no later row reads, may be overwritten by it:
-        nothing holds it but the caller's own `references` (names, list entries)."""
-        free = _owners_beyond(t, references + _PARAMETER) == _NOBODY
-        self.in_place += free
-        return free
-
 
 def _count(t: Tensor | None, tensors: list[Tensor]) -> int:
     """How many entries of `tensors` are `t` itself."""
-    return sum(u is t for u in tensors)
+    n = 0
+    for u in tensors:
+        n += u is t
+    return n
 
 
 def _unkept(tensors: list[Tensor | None], kept: list[Tensor | None]) -> list[Tensor]:
@@ -409,7 +420,11 @@ def _unkept(tensors: list[Tensor | None], kept: list[Tensor | None]) -> list[Ten
 
     A function of its own, so that run_plan has no closure: a name a closure reads is a cell, and deleting one is a
     bytecode (DELETE_DEREF) torch.compile's tracer of torch 2.13 cannot handle."""
-    return [t for t in tensors if t is not None and not any(t is k for k in kept)]
+    unkept = []
+    for t in tensors:
+        if t is not None and not _count(t, kept):
+            unkept.append(t)
+    return unkept
 
 
 RECYCLE_BYTES = 1 << 17
@@ -532,51 +547,63 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
         FloatingPointError when `check_finite` and the result is not finite.
     """
     steps = plan.steps
-    coeffs, t_eval = device_tables(plan, x_T.device, opmath_dtype(x_T.dtype))
-    coeff_rows, t_rows = coeffs.unbind(0), t_eval[:, None].expand(-1, x_T.shape[0]).unbind(0)  # views, made at once
+    coeff_rows, t_points, t_rows = row_views(plan, x_T.device, opmath_dtype(x_T.dtype), x_T.shape[0])
+    count = len(steps.eval_index)
+    rows = range(count)
+    if progress and not torch.compiler.is_compiling():
+        rows = tqdm(rows, disable=None, desc="sampling", leave=False)
+    rows = zip(rows, coeff_rows, t_rows, steps.starts_step, (*steps.starts_step[1:], True), steps.noisy,
+               steps.num_history, steps.skip or (False,) * count)  # what each row reads, in one tuple
     x, x_start, history = x_T, x_T, []
     depth = max(steps.num_history, default=0)
     save_m0 = depth > 0 or callback is not None
     spares = Spares() if _recycles(x_T) else None
-    skips = steps.skip or (False,) * len(steps.eval_index)
-    rows = range(len(steps.eval_index))
-    if progress and not torch.compiler.is_compiling():
-        rows = tqdm(rows, disable=None, desc="sampling", leave=False)
-    for row in rows:
-        grad = torch.is_grad_enabled() and row >= grad_from
-        recycle = spares is not None and not grad
-        if steps.starts_step[row]:
-            if recycle and x_start is not x and x_start is not x_T:
-                spares.dropped.append(x_start)  # a step's start state outlives its step's rows
-            x_start = x
-        with torch.set_grad_enabled(grad):
-            out = evaluate_model(model, x, t_rows[row], cond, guidance_scale, uncond)
+    ambient = grad_now = torch.is_grad_enabled()
+    try:  # grad mode set only where it changes (rows before grad_from), and put back however the loop ends
+        for row, coeff_row, t_row, starts, ends, noisy, num_history, skip in rows:
+            grad = ambient and row >= grad_from
+            if grad is not grad_now:
+                torch.set_grad_enabled(grad)
+                grad_now = grad
+            recycle = spares is not None and not grad
+            if starts:
+                if recycle and x_start is not x and x_start is not x_T:
+                    spares.dropped.append(x_start)  # a step's start state outlives its step's rows
+                x_start = x
+            out = evaluate_model(model, x, t_row, cond, guidance_scale, uncond)
             z = None
-            if steps.noisy[row]:
+            if noisy:
                 z = (validation.model_output(noise(row, x), x, "noise") if noise is not None
                      else torch.randn(x.shape, generator=generator, out=spares.take(x)) if recycle
                      else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
-            operands = history[:steps.num_history[row]] + ([x_start] if skips[row] else [])
+            operands = history[:num_history] + [x_start] if skip else history[:num_history]
             if recycle:  # in place of operands no later row reads and nothing else holds, else into dropped ones
-                later = x is x_start and row + 1 < len(skips) and not steps.starts_step[row + 1]  # the step's next row
-                keeps_x = callback is not None or later
-                own = 1 + (x_start is x) + _count(x, operands)
-                x_next = x if not keeps_x and spares.claim(x, own) else spares.take(x)
+                # _owners(t) == _FREE_WITH[k]: nothing holds t but this frame's k references (names, list entries)
+                keeps_x = callback is not None or (x is x_start and not ends)  # the step's next row reads x
+                free = not keeps_x and _owners(x) == _FREE_WITH[1 + (x_start is x) + _count(x, operands)]
+                x_next = x if free else spares.take(x)
                 oldest = history[-1] if save_m0 and depth and len(history) == depth else None
-                own = 2 + _count(oldest, operands)
-                m0 = oldest if oldest is not None and spares.claim(oldest, own) else spares.take(x) if save_m0 else None
+                claimed = oldest is not None and _owners(oldest) == _FREE_WITH[2 + _count(oldest, operands)]
+                m0 = oldest if claimed else spares.take(x) if save_m0 else None
+                spares.in_place += free + claimed
                 del oldest
-                ops.multistep_step_out(x, row_output(plan, row, x, out), operands, coeff_rows[row], z, x_next=x_next,
+                ops.multistep_step_out(x, row_output(plan, row, x, out), operands, coeff_row, z, x_next=x_next,
                                        m0=m0)
             else:
-                x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), operands, coeff_rows[row], z, save_m0)
-        if callback is not None:
-            callback(StepInfo(row, steps.eval_index[row], steps.starts_step[row], t_eval[row], x, out, m0, x_next))
-        kept = [x_start, x_next, *([m0] + history)[:depth]]
-        if recycle:
-            spares.dropped += _unkept([x, z, *([m0] + history)[depth:]], kept)
-        x, history = x_next, kept[2:]
-        del m0, x_next, operands, kept  # no name of the loop's may hold a tensor it recycles
+                x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), operands, coeff_row, z, save_m0)
+            if callback is not None:
+                if grad_now is not ambient:
+                    torch.set_grad_enabled(ambient)
+                    grad_now = ambient
+                callback(StepInfo(row, steps.eval_index[row], starts, t_points[row], x, out, m0, x_next))
+            outputs = [m0, *history]
+            kept = [x_start, x_next, *outputs[:depth]]
+            if recycle:
+                spares.dropped += _unkept([x, z, *outputs[depth:]], kept)
+            x, history = x_next, kept[2:]
+            del m0, x_next, operands, outputs, kept  # no name of the loop's may hold a tensor it recycles
+    finally:
+        torch.set_grad_enabled(ambient)
     if check_finite and not torch.compiler.is_compiling() and not _capturing(x) and not all_finite(x):
         raise FloatingPointError(
             "sample: the result is not finite: the model returned NaN or Inf during sampling "

@@ -492,6 +492,10 @@ def test_the_finiteness_check_finds_every_nan_and_inf(dtype):
             y = x.clone()
             y[index] = value
             assert not all_finite(y) and not all_finite(y.transpose(0, 2))
+    huge = torch.full((4, 3), torch.finfo(dtype).max, dtype=dtype)  # finite, but their sum overflows
+    assert all_finite(huge) and all_finite(-huge)
+    huge[2, 1] = float("nan")
+    assert not all_finite(huge)
     with pytest.raises(FloatingPointError, match="not finite"):
         ad.sample(lambda x, t: torch.full_like(x, float("nan")), torch.randn(2, 3), ad.VPSchedule.linear(), steps=3)
 
@@ -635,7 +639,7 @@ def tracer(frame, event, arg):  # reads the locals of planning's frames, as a de
 sys.settrace(tracer)
 from adjointdeis import planning
 sys.settrace(None)
-print(planning._NOBODY == planning._nobody(), planning._PARAMETER == planning._parameter_cost())
+print(planning._NOBODY == planning._nobody())
 """
 
 
@@ -647,7 +651,7 @@ def test_the_ownership_counts_measured_at_import_ignore_a_tracer():
 
     done = subprocess.run([sys.executable, "-c", _TRACED_IMPORT], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[-2:] == ["True", "True"]
+    assert done.stdout.split()[-1:] == ["True"]
 
 
 @pytest.mark.parametrize("solver", ["dpmpp", "heun"])
