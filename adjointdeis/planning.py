@@ -286,8 +286,23 @@ def plan_adjoint_grid(sched: NoiseSchedule, plan: SamplingPlan, steps: int | Non
 
 
 _DEVICE_TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
+_ROW_VIEWS: dict[tuple, tuple[tuple[Tensor, ...], ...]] = {}
 DEVICE_TABLES_KEPT = 1024
-"""How many (plan, device, dtype) coefficient tables :func:`device_tables` keeps; later ones are uploaded per call."""
+"""How many (plan, device, dtype) coefficient tables :func:`device_tables` keeps (and as many sets of row views
+:func:`row_views`); later ones are made per call."""
+
+
+def _kept(cache: dict, key: tuple, make: Callable[[], object]) -> object:
+    """``cache[key]``, made by `make` and kept while the cache has room; under torch.compile made in the graph
+    (its constants, not kept tensors for the graph to guard on)."""
+    if torch.compiler.is_compiling():
+        return make()
+    value = cache.get(key)
+    if value is None:
+        value = make()
+        if len(cache) < DEVICE_TABLES_KEPT:
+            cache[key] = value
+    return value
 
 
 def device_tables(plan: SamplingPlan, device: torch.device, time_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -301,38 +316,18 @@ def device_tables(plan: SamplingPlan, device: torch.device, time_dtype: torch.dt
         return (torch.tensor(plan.steps.rows, dtype=torch.float64).to(device),
                 torch.tensor(plan.t_eval, dtype=torch.float64).to(device=device, dtype=time_dtype))
 
-    if torch.compiler.is_compiling():  # a compiled graph holds them as constants
-        return upload()
-    key = (plan.steps, plan.t_eval, str(device), time_dtype)
-    tables = _DEVICE_TABLES.get(key)
-    if tables is None:
-        tables = upload()
-        if len(_DEVICE_TABLES) < DEVICE_TABLES_KEPT:
-            _DEVICE_TABLES[key] = tables
-    return tables
-
-
-_ROW_VIEWS: dict[tuple, tuple[tuple[Tensor, ...], ...]] = {}
+    return _kept(_DEVICE_TABLES, (plan.steps, plan.t_eval, str(device), time_dtype), upload)
 
 
 def row_views(plan: SamplingPlan, device: torch.device, time_dtype: torch.dtype,
               batch: int) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Each row's coefficients (7+,), model time (0-d) and model times for a batch (batch,): views of
-    :func:`device_tables`' tables, made at once and kept with them (as many as :data:`DEVICE_TABLES_KEPT`), so that
-    a run spends nothing on them per row."""
+    :func:`device_tables`' tables, made at once and kept like them, so that a run spends nothing on them per row."""
     def views() -> tuple[tuple[Tensor, ...], ...]:
         coeffs, t_eval = device_tables(plan, device, time_dtype)
         return coeffs.unbind(0), t_eval.unbind(0), t_eval[:, None].expand(-1, batch).unbind(0)
 
-    if torch.compiler.is_compiling():  # views of the graph's constants, not dozens of kept tensors to guard on
-        return views()
-    key = (plan.steps, plan.t_eval, str(device), time_dtype, batch)
-    kept = _ROW_VIEWS.get(key)
-    if kept is None:
-        kept = views()
-        if len(_ROW_VIEWS) < DEVICE_TABLES_KEPT:
-            _ROW_VIEWS[key] = kept
-    return kept
+    return _kept(_ROW_VIEWS, (plan.steps, plan.t_eval, str(device), time_dtype, batch), views)
 
 
 def all_finite(x: Tensor) -> bool:

@@ -52,13 +52,16 @@ def values(tensor_shapes=None):
 
 @pytest.fixture(autouse=True, scope="module")
 def keep_the_device_table_memo():
-    """The fuzzed runs build hundreds of plans; leave the run loop's bounded table memo as it was found."""
+    """The fuzzed runs build hundreds of plans; leave the run loop's bounded memos (tables, row views) as they were
+    found."""
     from adjointdeis import planning
 
-    kept = dict(planning._DEVICE_TABLES)
+    memos = planning._DEVICE_TABLES, planning._ROW_VIEWS
+    kept = [dict(memo) for memo in memos]
     yield
-    planning._DEVICE_TABLES.clear()
-    planning._DEVICE_TABLES.update(kept)
+    for memo, entries in zip(memos, kept):
+        memo.clear()
+        memo.update(entries)
 
 
 def finite_inputs(*inputs) -> bool:
