@@ -83,7 +83,7 @@ torch.library.register_autograd(
 
 
 def multistep_step_out(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor, noise: Tensor | None = None,
-                       *, x_next: Tensor, m0: Tensor | None = None) -> None:
+                       *, x_next: Tensor, m0: Tensor | None = None, finite: Tensor | None = None) -> None:
     """:func:`multistep_step` writing into the caller's buffers: `x_next`, and `m0` unless it is None (not saved).
 
     For a sampling loop that recycles the tensors it has dropped instead of allocating two fresh ones per step
@@ -96,6 +96,9 @@ def multistep_step_out(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Te
         x_next, m0: contiguous, with the operands' broadcast shape and x's dtype and device, apart from each
             other; each either one of the inputs itself (the same memory in the same layout: written in place of
             it, every element read before it is written) or sharing no memory with any input.
+        finite: None, or a 0-d bool tensor on x's device that the kernel sets to False when x_next holds a NaN
+            or an infinity (left as it is otherwise): the sampler's finiteness check, made on each block of
+            x_next while it is in cache instead of in a pass over memory after the loop.
 
     Raises:
         RuntimeError naming the argument for a dtype, device, shape, layout or overlap mismatch, and when
@@ -104,12 +107,12 @@ def multistep_step_out(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Te
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, out, noise, *history)):
         raise RuntimeError("multistep_step_out: is not differentiable, but an input requires grad; "
                            "use multistep_step, or run under torch.no_grad()")
-    torch.ops.adjointdeis.multistep_step_out.default(x, out, list(history), coeffs, noise, x_next, m0)
+    torch.ops.adjointdeis.multistep_step_out.default(x, out, list(history), coeffs, noise, x_next, m0, finite)
 
 
 @torch.library.register_fake("adjointdeis::multistep_step_out")
-def _multistep_step_out_fake(x, out, history, coeffs, noise, x_next, m0):
-    reference.check_step_outputs(x, out, history, coeffs, noise, x_next, m0, memory=False)
+def _multistep_step_out_fake(x, out, history, coeffs, noise, x_next, m0, finite=None):
+    reference.check_step_outputs(x, out, history, coeffs, noise, x_next, m0, finite, memory=False)
 
 
 def discrete_adjoint_step(xbar: Tensor, vjp: Tensor, gfull: Tensor, pend1: Tensor | None,

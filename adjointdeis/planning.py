@@ -553,6 +553,10 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
     depth = max(steps.num_history, default=0)
     save_m0 = depth > 0 or callback is not None
     spares = Spares() if _recycles(x_T) else None
+    check = check_finite and not torch.compiler.is_compiling() and not _capturing(x_T)
+    # a recycling last row checks its x_next in its kernel, block by block in cache (a callback could change it)
+    flag = torch.ones((), dtype=torch.bool) if check and spares is not None and callback is None else None
+    last, verdict = count - 1, None
     ambient = grad_now = torch.is_grad_enabled()
     try:  # grad mode set only where it changes (rows before grad_from), and put back however the loop ends
         for row, coeff_row, t_row, starts, ends, noisy, num_history, skip in rows:
@@ -582,8 +586,9 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
                 m0 = oldest if claimed else spares.take(x) if save_m0 else None
                 spares.in_place += free + claimed
                 del oldest
+                verdict = flag if row == last else None
                 ops.multistep_step_out(x, row_output(plan, row, x, out), operands, coeff_row, z, x_next=x_next,
-                                       m0=m0)
+                                       m0=m0, finite=verdict)
             else:
                 x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), operands, coeff_row, z, save_m0)
             if callback is not None:
@@ -599,7 +604,7 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
             del m0, x_next, operands, outputs, kept  # no name of the loop's may hold a tensor it recycles
     finally:
         torch.set_grad_enabled(ambient)
-    if check_finite and not torch.compiler.is_compiling() and not _capturing(x) and not all_finite(x):
+    if check and not (verdict.item() if verdict is not None else all_finite(x)):
         raise FloatingPointError(
             "sample: the result is not finite: the model returned NaN or Inf during sampling "
             "(or the grid reaches a time where the prediction cannot be converted)")

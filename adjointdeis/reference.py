@@ -108,8 +108,9 @@ def _same_memory(a: Tensor, b: Tensor) -> bool:
             and a.device == b.device)
 
 
-def check_step_outputs(x, out, history, coeffs, noise, x_next, m0, memory: bool = True) -> None:
-    """Validates the operands of multistep_step_out: those of multistep_step, and the output buffers.
+def check_step_outputs(x, out, history, coeffs, noise, x_next, m0, finite=None, memory: bool = True) -> None:
+    """Validates the operands of multistep_step_out: those of multistep_step, the output buffers and the
+    finiteness flag.
 
     Args:
         memory: also check that each buffer is an input itself (written in place) or shares no memory with any,
@@ -139,17 +140,29 @@ def check_step_outputs(x, out, history, coeffs, noise, x_next, m0, memory: bool 
             if _overlap(t, u) and not _same_memory(t, u):
                 raise ValueError(f"{op}: {name} shares memory with {input_name}; "
                                  "an output must be an input itself (written in place) or apart from every input")
+    if finite is None:
+        return
+    if finite.dtype != torch.bool or finite.dim() != 0:
+        raise TypeError(f"{op}: finite must be a 0-d bool tensor, got {finite.dtype} of shape {list(finite.shape)}")
+    if finite.device != x.device:
+        raise ValueError(f"{op}: finite is on {finite.device} but x is on {x.device}")
+    named = inputs + [("x_next", x_next)] + ([("m0", m0)] if m0 is not None else [])
+    for name, t in named if memory else ():
+        if _overlap(finite, t):
+            raise ValueError(f"{op}: finite shares memory with {name}")
 
 
 def multistep_step_out(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor, noise: Tensor | None = None,
-                       *, x_next: Tensor, m0: Tensor | None = None) -> None:
+                       *, x_next: Tensor, m0: Tensor | None = None, finite: Tensor | None = None) -> None:
     """The twin of :func:`adjointdeis.ops.multistep_step_out`: :func:`multistep_step` copied into the buffers
-    (computed in full first, so a buffer may be an input itself)."""
-    check_step_outputs(x, out, history, coeffs, noise, x_next, m0)
+    (computed in full first, so a buffer may be an input itself), and `finite` cleared by ``torch.isfinite``."""
+    check_step_outputs(x, out, history, coeffs, noise, x_next, m0, finite)
     new_x, new_m0 = multistep_step(x, out, history, coeffs, noise, m0 is not None)
     x_next.copy_(new_x)
     if m0 is not None:
         m0.copy_(new_m0)
+    if finite is not None:
+        finite.logical_and_(torch.isfinite(x_next).all())
 
 
 ADJOINT_COEFFS = ("a", "p", "b1", "b2", "b0_prev", "q_prev")

@@ -13,14 +13,16 @@ namespace adjointdeis {
 // Operands of one step after validation: every input broadcast to the common shape and
 // contiguous, and the outputs (m0 unset or empty when it is not saved). in_place: an output is one of
 // the inputs itself (the caller's buffers of multistep_step_out), so each element must be read before
-// it is written.
+// it is written. finite (when check_finite): a 0-d bool tensor the kernel sets to false when x_next holds a NaN
+// or an infinity, and leaves as it is otherwise.
 struct StepOperands {
   Tensor x, out, noise, coeffs;
   std::vector<Tensor> history;
-  Tensor x_next, m0;
+  Tensor x_next, m0, finite;
   bool has_noise = false;
   bool save_m0 = true;
   bool in_place = false;
+  bool check_finite = false;
 };
 
 StepOperands prepare_multistep_step(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
@@ -29,11 +31,12 @@ StepOperands prepare_multistep_step(const Tensor& x, const Tensor& out, const st
 
 // The same operands with the caller's outputs: x_next, and m0 unless it is not saved (both contiguous, with the
 // broadcast shape, x's dtype and device, apart from each other, and each either one of the inputs itself,
-// written in place, or sharing no memory with any).
+// written in place, or sharing no memory with any), and the finiteness flag when one is given (a 0-d bool tensor
+// on x's device).
 StepOperands prepare_multistep_step_out(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
                                         const Tensor& coeffs, const std::optional<Tensor>& noise,
                                         const Tensor& x_next, const std::optional<Tensor>& m0,
-                                        DeviceType device_type);
+                                        const std::optional<Tensor>& finite, DeviceType device_type);
 
 // Calls f(std::integral_constant<int, NumHistory>, std::bool_constant<HasNoise>,
 // std::bool_constant<SaveM0>) for the runtime variant of the step, so each backend instantiates

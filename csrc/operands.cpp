@@ -134,7 +134,7 @@ StepOperands prepare_multistep_step(const Tensor& x, const Tensor& out, const st
 StepOperands prepare_multistep_step_out(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
                                         const Tensor& coeffs, const std::optional<Tensor>& noise,
                                         const Tensor& x_next, const std::optional<Tensor>& m0,
-                                        DeviceType device_type) {
+                                        const std::optional<Tensor>& finite, DeviceType device_type) {
   const OperandCheck check{"multistep_step_out", "x", x, device_type};
   Shape shape;
   StepOperands ops = step_inputs(check.op, x, out, history, coeffs, noise, device_type, shape);
@@ -149,6 +149,21 @@ StepOperands prepare_multistep_step_out(const Tensor& x, const Tensor& out, cons
     ADJOINTDEIS_CHECK(!overlaps(*m0, x_next), check.op, ": m0 shares memory with x_next; the outputs must be apart");
     ops.in_place = check_output(check, "m0", *m0, shape, inputs) || ops.in_place;
     ops.m0 = *m0;
+  }
+  ops.check_finite = finite.has_value();
+  if (ops.check_finite) {
+    const Tensor& flag = *finite;
+    ADJOINTDEIS_CHECK(flag.scalar_type() == ScalarType::Bool && flag.dim() == 0, check.op,
+                      ": finite must be a 0-d bool tensor, got ", flag.scalar_type(), " of shape ",
+                      shape_name(flag.sizes()));
+    ADJOINTDEIS_CHECK(flag.device() == x.device(), check.op, ": finite is on ", device_name(flag.device()),
+                      " but x is on ", device_name(x.device()));
+    inputs.emplace_back("x_next", x_next);
+    if (ops.save_m0) inputs.emplace_back("m0", *m0);
+    for (const auto& [name, t] : inputs) {
+      ADJOINTDEIS_CHECK(!overlaps(flag, t), check.op, ": finite shares memory with ", name);
+    }
+    ops.finite = flag;
   }
   return ops;
 }

@@ -39,7 +39,7 @@ STABLE_TORCH_LIBRARY(adjointdeis, m) {
       " bool save_m0) -> (Tensor x_next, Tensor m0)");
   m.def(
       "multistep_step_out(Tensor x, Tensor out, Tensor[] history, Tensor coeffs, Tensor? noise,"
-      " Tensor(a!) x_next, Tensor(b!)? m0) -> ()");
+      " Tensor(a!) x_next, Tensor(b!)? m0, Tensor(c!)? finite=None) -> ()");
   m.def(
       "discrete_adjoint_step(Tensor xbar, Tensor vjp, Tensor gfull, Tensor? pend1, Tensor? pend2,"
       " Tensor coeffs) -> (Tensor xbar_prev, Tensor gfull_prev, Tensor cot_prev, Tensor pend_prev)");

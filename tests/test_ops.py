@@ -1,6 +1,8 @@
 """The fused step op against its pure-PyTorch reference: dtypes, shapes, layouts, autograd, compile;
 up to three history terms, with and without m0, and the consistency-trajectory row folded into it."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -288,16 +290,21 @@ def test_out_form_opcheck_and_compile(device, num_history, noisy, save_m0):
     x_next, m0 = out_buffers(x, out, history, noise, save_m0)
     torch.library.opcheck(torch.ops.adjointdeis.multistep_step_out.default,
                           (x, out, history, coeffs, noise, x_next, m0))
+    torch.library.opcheck(torch.ops.adjointdeis.multistep_step_out.default,
+                          (x, out, history, coeffs, noise, x_next, m0, torch.ones((), dtype=torch.bool, device=device)))
 
     def two_steps(x, out, history, x_next, m0, spare):  # the second step writes into buffers the first did not
+        finite = torch.ones((), dtype=torch.bool, device=x.device)
         ops.multistep_step_out(x, out, history, coeffs, noise, x_next=x_next, m0=m0)
-        ops.multistep_step_out(x_next, out, history, coeffs, noise, x_next=spare)
-        return spare
+        ops.multistep_step_out(x_next, out, history, coeffs, noise, x_next=spare, finite=finite)
+        return spare, finite
 
     compiled = torch.compile(two_steps, fullgraph=True)
+    x[0, 0, 0] = float("nan")  # reaches spare through both steps
     got = compiled(x, out, history, *out_buffers(x, out, history, noise, save_m0), torch.empty_like(x))
     want = two_steps(x, out, history, *out_buffers(x, out, history, noise, save_m0), torch.empty_like(x))
-    assert torch.equal(got, want)
+    assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
+    assert got[1].item() is False and want[1].item() is False
 
 
 @pytest.mark.parametrize(
@@ -319,6 +326,15 @@ def test_out_form_opcheck_and_compile(device, num_history, noisy, save_m0):
         (lambda c: (lambda b: dict(x_next=b[:3], m0=b[2:]))(torch.empty(5, 4)), "m0 shares memory with x_next"),
         (lambda c: (lambda b: dict(x_next=b[:3], m0=b[3:]))(torch.empty(6, 4)), None),
         (lambda c: dict(x_next=torch.empty(3, 4, device="meta")), "x_next is on meta"),
+        (lambda c: dict(x_next=torch.empty(3, 4), finite=torch.ones((), dtype=torch.bool)), None),
+        (lambda c: dict(x_next=torch.empty(3, 4), finite=torch.ones(())), "finite must be a 0-d bool tensor"),
+        (lambda c: dict(x_next=torch.empty(3, 4), finite=torch.ones(1, dtype=torch.bool)),
+         "finite must be a 0-d bool tensor"),
+        (lambda c: dict(x_next=torch.empty(3, 4), finite=torch.ones((), dtype=torch.bool, device="meta")),
+         "finite is on meta"),
+        (lambda c: dict(x_next=torch.empty(3, 4), finite=c["x"].view(torch.bool)[1, 2]), "finite shares memory with x"),
+        (lambda c: (lambda b: dict(x_next=b, finite=b.view(torch.bool)[0, 0]))(torch.empty(3, 4)),
+         "finite shares memory with x_next"),
     ],
 )
 @pytest.mark.parametrize("impl", [ops.multistep_step_out, reference.multistep_step_out])
@@ -338,13 +354,24 @@ def test_out_form_bad_buffers_name_the_argument(impl, buffers, message):
         call()
 
 
+@pytest.fixture
+def three_threads():
+    """Three intra-op threads (the session runs on one): CPU chunks are at least 32768 elements, so a tensor of
+    3 * 32768 + 5 is split in three."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(7,), (2, 4, 17, 33), (3 * 32768 + 5,)])  # the last: several threads' chunks
+@pytest.mark.parametrize("shape", [(7,), (2, 4, 17, 33), (3 * 32768 + 5,)])  # the last: three threads' chunks
 @pytest.mark.parametrize("num_history", [1, 2, 3])
 @pytest.mark.parametrize("targets", [("x", None), ("x", "history[-1]"), (None, "history[0]"), ("out", "noise"),
                                      ("history[0]", "x")])
-def test_out_form_in_place_of_inputs_writes_what_the_op_returns(device, dtype, shape, num_history, targets):
+def test_out_form_in_place_of_inputs_writes_what_the_op_returns(device, dtype, shape, num_history, targets,
+                                                                three_threads):
     """An output buffer that is an input itself (x_next=x, m0=history[-1]: a loop stepping in place) gets exactly
     what multistep_step returns from the inputs' values before the step, from the op and from its twin."""
     for impl, step in ((ops.multistep_step_out, ops.multistep_step),
@@ -357,6 +384,41 @@ def test_out_form_in_place_of_inputs_writes_what_the_op_returns(device, dtype, s
         x_next, m0 = (fresh[k] if name is None else inputs[name] for k, name in enumerate(targets))
         impl(x, out, history, coeffs, noise, x_next=x_next, m0=m0)
         assert torch.equal(x_next, want[0]) and torch.equal(m0, want[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7,), (2, 4, 17, 33), (3 * 32768 + 5,)])  # the last: three threads' chunks
+@pytest.mark.parametrize("bad", ["none", "nan", "inf", "-inf", "overflow"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_out_form_finite_flag_is_isfinite_of_x_next(device, dtype, shape, bad, in_place, three_threads):
+    """`finite` ends False exactly when x_next holds a NaN or an infinity, wherever it is (the first element,
+    one in a later thread's chunk, the last), including a value finite in the arithmetic that overflows in the
+    stored dtype; a flag already False stays False; x_next and m0 are written as without the flag."""
+    n = math.prod(shape)
+
+    def case(where):
+        x, out, history, coeffs, noise = make_case(shape, dtype, device, 2, True)
+        if bad == "overflow":
+            x.view(-1)[where] = torch.finfo(dtype).max
+            coeffs[0] = 4.0  # a: x_next = 4 x + (terms of order one) overflows in the stored dtype
+        elif bad != "none":
+            x.view(-1)[where] = float(bad)
+        return x, out, history, coeffs, noise
+
+    for impl, step in ((ops.multistep_step_out, ops.multistep_step),
+                       (reference.multistep_step_out, reference.multistep_step)):
+        for where in sorted({0, n // 2 + 3, n - 1}):
+            want = step(*case(where))
+            for start in (True, False):
+                x, out, history, coeffs, noise = case(where)
+                x_next, m0 = (x, history[-1]) if in_place else out_buffers(x, out, history, noise, True)
+                flag = torch.full((), start, dtype=torch.bool, device=device)
+                impl(x, out, history, coeffs, noise, x_next=x_next, m0=m0, finite=flag)
+                assert_close(x_next, want[0], rtol=0, atol=0, equal_nan=True)
+                assert_close(m0, want[1], rtol=0, atol=0, equal_nan=True)
+                assert bool(torch.isfinite(x_next).all()) is (bad == "none")
+                assert flag.item() is (start and bad == "none"), (impl, where, start)
 
 
 def test_out_form_is_not_differentiable():

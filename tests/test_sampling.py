@@ -500,6 +500,41 @@ def test_the_finiteness_check_finds_every_nan_and_inf(dtype):
         ad.sample(lambda x, t: torch.full_like(x, float("nan")), torch.randn(2, 3), ad.VPSchedule.linear(), steps=3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", [0, -1])
+def test_a_recycling_run_finds_a_nan_made_in_its_last_step(dtype, value, where):
+    """A CPU run large enough to step in place checks its last state in the last step's kernel (not in a pass
+    after the loop): a NaN or an infinity that only the last model evaluation returns, in one element, first or
+    last, raises; the same run without the check returns it; and a callback, which may change the last state
+    after the kernel ran, leaves the check to the pass after the loop."""
+    sched = ad.VPSchedule.linear()
+    x_T = torch.randn(4, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to(dtype)  # recycled: >= 128 KiB
+    calls = []
+
+    def model(x, t):
+        calls.append(None)
+        eps = _toy_eps(x, t)
+        if len(calls) == 6:  # the last of six evaluations
+            eps.view(-1)[where] = value
+        return eps
+
+    with pytest.raises(FloatingPointError, match="not finite"):
+        ad.sample(model, x_T, sched, steps=6, solver="dpmpp", order=2)
+    calls.clear()
+    unchecked = ad.sample(model, x_T, sched, steps=6, solver="dpmpp", order=2, check_finite=False)
+    assert not torch.isfinite(unchecked.view(-1)[where]) and torch.isfinite(unchecked.view(-1)[1:-1]).all()
+    calls.clear()
+    assert torch.isfinite(ad.sample(_toy_eps, x_T, sched, steps=6, solver="dpmpp", order=2)).all()
+
+    def spoiling(info):  # writes a NaN into the last state after its kernel
+        if info.row == 5:
+            info.x_next.view(-1)[where] = float("nan")
+
+    with pytest.raises(FloatingPointError, match="not finite"):
+        ad.sample(_toy_eps, x_T, sched, steps=6, solver="dpmpp", order=2, callback=spoiling)
+
+
 def test_the_solver_registry_describes_every_solver():
     from adjointdeis.solvers import SOLVERS, check_solver, resolve_order
 

@@ -1,7 +1,9 @@
 // CPU kernel of the fused multistep step: one pass over memory, a multiversioned (AVX-512 /
 // AVX2 / baseline) vectorised loop, parallel over chunks of the flattened operands; in blocks through
-// L1 when an output is written in place of an input.
+// L1 when an output is written in place of an input or x_next's finiteness is asked for.
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <cstring>
 
 #include "../multistep_step.h"
@@ -30,6 +32,45 @@ ADJOINTDEIS_CPU_LOOP void step_range(const StepCoeffs<opmath_t<scalar_t>> k, con
   }
 }
 
+// The bits of a step dtype and its exponent field: a value is NaN or infinite exactly when that field is all ones.
+template <typename scalar_t>
+struct FloatBits;
+template <>
+struct FloatBits<double> {
+  using type = uint64_t;
+  static constexpr type exponent = 0x7ff0000000000000ull;
+};
+template <>
+struct FloatBits<float> {
+  using type = uint32_t;
+  static constexpr type exponent = 0x7f800000u;
+};
+template <>
+struct FloatBits<Half> {
+  using type = uint16_t;
+  static constexpr type exponent = 0x7c00u;
+};
+template <>
+struct FloatBits<BFloat16> {
+  using type = uint16_t;
+  static constexpr type exponent = 0x7f80u;
+};
+
+// Whether p[0, n) holds neither NaN nor infinity: an integer test of the exponent bits, which vectorises.
+template <typename scalar_t>
+ADJOINTDEIS_CPU_LOOP bool finite_range(const scalar_t* __restrict p, int64_t n) {
+  using bits_t = typename FloatBits<scalar_t>::type;
+  constexpr bits_t exponent = FloatBits<scalar_t>::exponent;
+  static_assert(sizeof(bits_t) == sizeof(scalar_t));
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    bits_t bits;
+    std::memcpy(&bits, p + i, sizeof bits);
+    bad |= (bits & exponent) == exponent;
+  }
+  return bad == 0;
+}
+
 template <typename T>
 T* shifted(T* p, int64_t by) {
   return p ? p + by : p;
@@ -45,28 +86,38 @@ void run_step(const StepOperands& ops) {
   const scalar_t* noise = HasNoise ? ops.noise.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* x_next = ops.x_next.mutable_data_ptr<scalar_t>();
   scalar_t* m0 = SaveM0 ? ops.m0.mutable_data_ptr<scalar_t>() : nullptr;
-  if (!ops.in_place) {
+  if (!ops.in_place && !ops.check_finite) {
     torch::stable::parallel_for(0, ops.x.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
       step_range<scalar_t, NumHistory, HasNoise, SaveM0>(k, x, out, m[0], m[1], m[2], noise, x_next, m0, begin,
                                                          end);
     });
     return;
   }
-  // An output is an input itself: the loop's __restrict pointers must not alias, so each block is computed into
-  // buffers in L1 and then copied over (every element of a block is read before any is written).
+  // In blocks that fit L1. When an output is an input itself, the loop's __restrict pointers must not alias, so
+  // each block is computed into buffers and then copied over (every element of a block is read before any is
+  // written). The finiteness test reads each block of x_next while it is in L1, instead of a pass over memory.
   constexpr int64_t kBlock = 4096 / sizeof(scalar_t);
+  const bool in_place = ops.in_place, check_finite = ops.check_finite;
+  std::atomic<bool> finite{true};
   torch::stable::parallel_for(0, ops.x.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
     alignas(64) scalar_t x_block[kBlock];
     alignas(64) scalar_t m0_block[SaveM0 ? kBlock : 1];
+    bool finite_here = true;
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t n = std::min(kBlock, end - b);
+      scalar_t* x_to = in_place ? x_block : x_next + b;
       step_range<scalar_t, NumHistory, HasNoise, SaveM0>(k, x + b, out + b, shifted(m[0], b), shifted(m[1], b),
-                                                         shifted(m[2], b), shifted(noise, b), x_block, m0_block,
-                                                         0, n);
-      std::memcpy(x_next + b, x_block, n * sizeof(scalar_t));
-      if constexpr (SaveM0) std::memcpy(m0 + b, m0_block, n * sizeof(scalar_t));
+                                                         shifted(m[2], b), shifted(noise, b), x_to,
+                                                         in_place ? m0_block : shifted(m0, b), 0, n);
+      if (check_finite && finite_here) finite_here = finite_range(x_to, n);
+      if (in_place) {
+        std::memcpy(x_next + b, x_block, n * sizeof(scalar_t));
+        if constexpr (SaveM0) std::memcpy(m0 + b, m0_block, n * sizeof(scalar_t));
+      }
     }
+    if (!finite_here) finite.store(false, std::memory_order_relaxed);
   });
+  if (!finite.load(std::memory_order_relaxed)) *static_cast<bool*>(ops.finite.mutable_data_ptr()) = false;
 }
 
 // The kernel for the operands' dtype and variant.
@@ -90,8 +141,8 @@ std::tuple<Tensor, Tensor> multistep_step_cpu(const Tensor& x, const Tensor& out
 
 void multistep_step_out_cpu(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
                             const Tensor& coeffs, const std::optional<Tensor>& noise, const Tensor& x_next,
-                            const std::optional<Tensor>& m0) {
-  step(prepare_multistep_step_out(x, out, history, coeffs, noise, x_next, m0, DeviceType::CPU));
+                            const std::optional<Tensor>& m0, const std::optional<Tensor>& finite) {
+  step(prepare_multistep_step_out(x, out, history, coeffs, noise, x_next, m0, finite, DeviceType::CPU));
 }
 
 }  // namespace

@@ -10,14 +10,18 @@
 namespace adjointdeis {
 namespace {
 
-// Inputs x, out, m1..m_NumHistory[, noise]; outputs x_next[, m0].
-template <typename acc_t, int NumHistory, bool HasNoise, bool SaveM0>
+// Inputs x, out, m1..m_NumHistory[, noise]; outputs x_next[, m0]. finite: null, or a flag set to false when an
+// element of x_next (as stored, in scalar_t) is NaN or infinite.
+template <typename scalar_t, int NumHistory, bool HasNoise, bool SaveM0>
 struct StepFunction {
+  using acc_t = opmath_t<scalar_t>;
   static constexpr int kIn = 2 + NumHistory + (HasNoise ? 1 : 0), kOut = SaveM0 ? 2 : 1;
   const double* coeffs;
+  bool* finite;
 
   struct Bound {
     StepCoeffs<acc_t> k;
+    bool* finite;
     __device__ void operator()(const acc_t (&in)[kIn], acc_t (&out)[kOut]) const {
       acc_t m[kMaxHistory] = {};
 #pragma unroll
@@ -27,14 +31,15 @@ struct StepFunction {
       acc_t m0;
       multistep_step_element<NumHistory, HasNoise, acc_t>(k, in[0], in[1], m, noise, out[0], m0);
       if constexpr (SaveM0) out[1] = m0;
+      if (finite != nullptr && !isfinite(acc_t(scalar_t(out[0])))) *finite = false;
     }
   };
-  __device__ Bound bind() const { return {StepCoeffs<acc_t>::template load<NumHistory>(coeffs)}; }
+  __device__ Bound bind() const { return {StepCoeffs<acc_t>::template load<NumHistory>(coeffs), finite}; }
 };
 
 template <typename scalar_t, int NumHistory, bool HasNoise, bool SaveM0>
 void launch_step(const StepOperands& ops) {
-  using F = StepFunction<opmath_t<scalar_t>, NumHistory, HasNoise, SaveM0>;
+  using F = StepFunction<scalar_t, NumHistory, HasNoise, SaveM0>;
   cuda::Arrays<scalar_t, F::kIn, F::kOut> a{};
   a.in[0] = ops.x.const_data_ptr<scalar_t>();
   a.in[1] = ops.out.const_data_ptr<scalar_t>();
@@ -42,7 +47,8 @@ void launch_step(const StepOperands& ops) {
   if constexpr (HasNoise) a.in[F::kIn - 1] = ops.noise.const_data_ptr<scalar_t>();
   a.out[0] = ops.x_next.mutable_data_ptr<scalar_t>();
   if constexpr (SaveM0) a.out[1] = ops.m0.mutable_data_ptr<scalar_t>();
-  cuda::launch_elementwise(a, F{ops.coeffs.const_data_ptr<double>()}, ops.x.numel());
+  bool* finite = ops.check_finite ? static_cast<bool*>(ops.finite.mutable_data_ptr()) : nullptr;
+  cuda::launch_elementwise(a, F{ops.coeffs.const_data_ptr<double>(), finite}, ops.x.numel());
 }
 
 // The kernel for the operands' dtype and variant.
@@ -67,9 +73,9 @@ std::tuple<Tensor, Tensor> multistep_step_cuda(const Tensor& x, const Tensor& ou
 
 void multistep_step_out_cuda(const Tensor& x, const Tensor& out, const std::vector<Tensor>& history,
                              const Tensor& coeffs, const std::optional<Tensor>& noise, const Tensor& x_next,
-                             const std::optional<Tensor>& m0) {
+                             const std::optional<Tensor>& m0, const std::optional<Tensor>& finite) {
   const auto guard = cuda::guard_device_of(x);
-  step(prepare_multistep_step_out(x, out, history, coeffs, noise, x_next, m0, DeviceType::CUDA));
+  step(prepare_multistep_step_out(x, out, history, coeffs, noise, x_next, m0, finite, DeviceType::CUDA));
 }
 
 #define ADJOINTDEIS_STRINGIFY_(...) #__VA_ARGS__
