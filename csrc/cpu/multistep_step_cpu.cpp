@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "../multistep_step.h"
 #include "multiversion.h"
@@ -56,19 +57,23 @@ struct FloatBits<BFloat16> {
   static constexpr type exponent = 0x7f80u;
 };
 
-// Whether p[0, n) holds neither NaN nor infinity: an integer test of the exponent bits, which vectorises.
+// Whether p[0, n) holds neither NaN nor infinity: the largest magnitude's bits (sign cleared) against the
+// exponent field's, an integer max that vectorises. A separate pass over a block in L1 rather than a test inside
+// step_range: another instantiation of that loop may contract its multiply-adds differently, and the flag must not
+// change a bit of x_next.
 template <typename scalar_t>
 ADJOINTDEIS_CPU_LOOP bool finite_range(const scalar_t* __restrict p, int64_t n) {
   using bits_t = typename FloatBits<scalar_t>::type;
   constexpr bits_t exponent = FloatBits<scalar_t>::exponent;
+  constexpr bits_t magnitude = std::numeric_limits<bits_t>::max() >> 1;  // every bit but the sign
   static_assert(sizeof(bits_t) == sizeof(scalar_t));
-  int bad = 0;
+  bits_t largest = 0;
   for (int64_t i = 0; i < n; ++i) {
     bits_t bits;
     std::memcpy(&bits, p + i, sizeof bits);
-    bad |= (bits & exponent) == exponent;
+    largest = std::max<bits_t>(largest, bits & magnitude);
   }
-  return bad == 0;
+  return largest < exponent;
 }
 
 template <typename T>
