@@ -27,23 +27,8 @@ fi
 LOG_DIR="${OUT:-$(mktemp -d)}"
 mkdir -p "$LOG_DIR"
 START=$SECONDS
-SUMMARY=()
-FAILED=0
-
-# stage NAME CAP_SECONDS COMMAND...: runs the command under a time cap, its output shown and logged.
-stage() {
-  local name="$1" cap="$2" begin=$SECONDS rc=0
-  shift 2
-  echo
-  echo "== $name ($((SECONDS - START)) s)"
-  timeout "$cap" bash -c '"$@"' stage "$@" 2>&1 | tee "$LOG_DIR/${name//[^A-Za-z0-9]/_}.log"
-  rc=${PIPESTATUS[0]}
-  local status="ok"
-  if [ "$rc" -eq 124 ]; then status="TIMEOUT (${cap} s)"; elif [ "$rc" -ne 0 ]; then status="FAILED (exit $rc)"; fi
-  if [ "$rc" -ne 0 ]; then FAILED=1; fi
-  SUMMARY+=("$(printf '%-34s %6d s  %s' "$name" $((SECONDS - begin)) "$status")")
-  return "$rc"
-}
+# shellcheck source=bench/stages.sh
+source bench/stages.sh
 
 if [ "$DRY" -eq 0 ]; then
   if [ -z "${CUDA_HOME:-}" ] || [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
@@ -123,8 +108,5 @@ else
   fi
 fi
 
-echo
-echo "== gpu_check summary ($((SECONDS - START)) s in all; logs in $LOG_DIR)"
-printf '%-34s %8s  %s\n' "stage" "time" "result"
-printf '%s\n' "${SUMMARY[@]}"
+print_summary gpu_check
 exit "$FAILED"
