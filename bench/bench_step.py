@@ -23,13 +23,13 @@ import pathlib
 import sys
 
 import torch
-from torch.utils import benchmark
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from adjointdeis import ops, reference  # noqa: E402
 from adjointdeis.benchmarks import eager_step  # noqa: E402
 from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
+from timing import interleaved_min_ms  # noqa: E402
 
 SIZES = [(1, 4, 64, 64), (4, 4, 64, 64), (16, 4, 64, 64), (4, 4, 128, 128), (16, 4, 128, 128), (16, 16, 128, 128)]
 QUICK_SIZES = SIZES[:2]
@@ -114,28 +114,33 @@ def diffusers_reference(sched, out, x, m1):
 
 
 class Bench:
-    """Times statements with torch.utils.benchmark on one device with a fixed thread count.
+    """Times functions on one device with a fixed thread count: the fastest call of each, the functions of a case
+    called in turn (one call each per round, in a new order each round; bench/timing.py). This VM's speed drifts
+    over seconds, so blocks of one statement each saw a different machine: with the median of such blocks, the
+    same code measured 0.87-1.12x of torch.compile at the memory-bound sizes from one run to the next."""
 
-    Each case is timed in ``rounds`` interleaved rounds (ours, eager, compile, diffusers, ours, ...)
-    and the lowest median kept, so a burst of load from other processes hits all columns alike.
-    """
+    def __init__(self, device, threads, min_run_time):
+        self.device, self.threads, self.min_run_time = device, threads, min_run_time
 
-    def __init__(self, device, threads, min_run_time, rounds):
-        self.device, self.threads, self.min_run_time, self.rounds = device, threads, min_run_time, rounds
+    def fastest(self, fns: dict) -> dict:
+        """Seconds of the fastest call of each function, timed in turn for min_run_time seconds each."""
+        sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
 
-    def time(self, stmt, env, label, sub_label):
-        """Median seconds per run of stmt over blocks filling min_run_time."""
-        timer = benchmark.Timer(stmt=stmt, globals=env, num_threads=self.threads, label=label,
-                                sub_label=sub_label, description=self.device)
-        return timer.blocked_autorange(min_run_time=self.min_run_time).median
+        def synced(fn):
+            def run():
+                fn()
+                sync()
+            return run
+
+        torch.set_num_threads(self.threads)
+        ms, _ = interleaved_min_ms({name: synced(fn) for name, fn in fns.items()}, self.min_run_time * len(fns))
+        return {name: t / 1e3 for name, t in ms.items()}
 
     def copy_bandwidth(self):
-        """GB/s of dst.copy_(src) over a 256 MiB float32 buffer (2 x 256 MiB moved per call)."""
+        """GB/s of dst.copy_(src) over a 256 MiB float32 buffer (2 x 256 MiB moved per call), fastest call."""
         src = torch.ones(COPY_BYTES // 4, device=self.device)
         dst = torch.zeros_like(src)
-        seconds = min(self.time("dst.copy_(src)", {"src": src, "dst": dst}, "copy", "256MiB")
-                      for _ in range(self.rounds))
-        return 2 * COPY_BYTES / seconds / 1e9
+        return 2 * COPY_BYTES / self.fastest({"copy": lambda: dst.copy_(src)})["copy"] / 1e9
 
 
 def run_case(bench, sched, coeff_row, dtype, size, use_compile):
@@ -167,20 +172,18 @@ def run_case(bench, sched, coeff_row, dtype, size, use_compile):
                   file=sys.stderr)
             compiled = None
 
-    label = f"2M step {str(dtype).removeprefix('torch.')}"
-    sub = "x".join(map(str, size))
-    env = dict(ops=ops, eager_step=eager_step, compiled=compiled, sched=sched, x=x, out=out, m1=m1,
-               coeffs=coeffs, i=STEP_INDEX, **scalars)
-    call = "(x, out, m1, a=a, b0=b0, b1=b1, p=p, q=q)"
-    stmts = {"ours": "ops.multistep_step(x, out, [m1], coeffs)", "eager": "eager_step" + call}
+    fns = {"ours": lambda: ops.multistep_step(x, out, [m1], coeffs),
+           "eager": lambda: eager_step(x, out, m1, **scalars)}
     if compiled is not None:
-        stmts["compile"] = "compiled" + call
+        fns["compile"] = lambda: compiled(x, out, m1, **scalars)
     if sched is not None:
-        env["timestep"] = sched.timesteps[STEP_INDEX]
-        stmts["diffusers"] = "sched._step_index = i\nsched.step(out, timestep, x)"
-    rounds = [{name: bench.time(stmt, env, label, f"{sub} {name}") for name, stmt in stmts.items()}
-              for _ in range(bench.rounds)]
-    seconds = {name: min(r[name] for r in rounds) for name in stmts}
+        timestep = sched.timesteps[STEP_INDEX]
+
+        def diffusers_step():
+            sched._step_index = STEP_INDEX
+            sched.step(out, timestep, x)
+        fns["diffusers"] = diffusers_step
+    seconds = bench.fastest(fns)
     if sched is not None and (sched.lower_order_nums < 1 or sched.model_outputs[0] is None):
         raise RuntimeError("diffusers scheduler lost its 2M history while being timed")
 
@@ -188,7 +191,7 @@ def run_case(bench, sched, coeff_row, dtype, size, use_compile):
     bytes_moved = TENSORS_MOVED * numel * x.element_size()
     tolerance = TOLERANCE[dtype]
     return {
-        "dtype": str(dtype).removeprefix("torch."), "size": sub, "numel": numel,
+        "dtype": str(dtype).removeprefix("torch."), "size": "x".join(map(str, size)), "numel": numel,
         "bytes_moved": bytes_moved,
         "ms": {name: t * 1e3 for name, t in seconds.items()},
         "gbps": bytes_moved / seconds["ours"] / 1e9,
@@ -259,10 +262,8 @@ def main(argv=None):
                         help="default: float32 on cpu; float32 and bfloat16 on cuda")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--min-run-time", type=float,
-                        help="seconds per measurement (default 0.3; 0.05 with --quick)")
-    parser.add_argument("--rounds", type=int,
-                        help="interleaved timing rounds per case, best median kept "
-                             "(default 3; 1 with --quick)")
+                        help="seconds of timing per function and case, in turn with the others "
+                             "(default 1; 0.05 with --quick)")
     parser.add_argument("--threads", type=int, help="torch threads (default: the usable cores)")
     args = parser.parse_args(argv)
 
@@ -276,7 +277,7 @@ def main(argv=None):
     torch.set_num_threads(threads)
     dtypes = args.dtypes or (["float32"] if args.device == "cpu" else ["float32", "bfloat16"])
     sizes = QUICK_SIZES if args.quick else SIZES
-    min_run_time = args.min_run_time or (0.05 if args.quick else 0.3)
+    min_run_time = args.min_run_time or (0.05 if args.quick else 1.0)
 
     sched = make_scheduler(args.device)
     if sched is None:
@@ -285,7 +286,7 @@ def main(argv=None):
     else:
         sigmas = sched.sigmas
     coeff_row = step_coefficients(sigmas.double(), STEP_INDEX)
-    bench = Bench(args.device, threads, min_run_time, args.rounds or (1 if args.quick else 3))
+    bench = Bench(args.device, threads, min_run_time)
     load_before = os.getloadavg()[0]
     copy_gbps = bench.copy_bandwidth()
     rows = []
@@ -303,7 +304,7 @@ def main(argv=None):
         "diffusers": None if sched is None else sys.modules["diffusers"].__version__,
         "cuda_kernels": ops.cuda_version(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "copy_gbps": copy_gbps, "min_run_time": min_run_time, "rounds": bench.rounds,
+        "copy_gbps": copy_gbps, "min_run_time": min_run_time,
         "step_index": STEP_INDEX, "num_inference_steps": NUM_INFERENCE_STEPS, "coeffs": coeff_row,
         "cores": cores, "load_before": load_before, "load_after": os.getloadavg()[0],
     }

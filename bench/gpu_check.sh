@@ -96,7 +96,7 @@ if ! stage "build" 240 build; then
 else
   stage "CUDA tests" 150 cuda_tests
   stage "bad-input tests" 45 bad_input_tests
-  stage "bench fused step" 60 python3 bench/bench_step.py --device "$DEVICE" --min-run-time "$BENCH_TIME" --rounds 2 \
+  stage "bench fused step" 60 python3 bench/bench_step.py --device "$DEVICE" --min-run-time "$BENCH_TIME" \
     --json "$LOG_DIR/bench_step.json"
   stage "bench adjoint kernels" 45 python3 bench/bench_adjoint_ops.py --device "$DEVICE"
   stage "bench DSNO layer" 60 python3 bench/bench_fourier_conv.py --device "$DEVICE" --dtype float32 --dtype bfloat16 \
