@@ -1,6 +1,6 @@
 // CPU kernel of the fused multistep step: one pass over memory, a multiversioned (AVX-512 /
-// AVX2 / baseline) vectorised loop, parallel over chunks of the flattened operands; in blocks through
-// L1 when an output is written in place of an input or x_next's finiteness is asked for.
+// AVX2 / baseline) vectorised loop, parallel over chunks of the flattened operands, the same loop whether an
+// output is written in place of an input or not; in blocks through L1 when x_next's finiteness is asked for.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -15,13 +15,16 @@ namespace {
 
 constexpr int64_t kGrainSize = 32768;
 
+// x_next and m0 may each be one of the inputs itself (the same elements: operands.cpp checks that an output is an
+// input or shares no memory with any), so the pointers are not __restrict; iteration i reads element i of every
+// input before it writes element i of the outputs, and no iteration touches another's elements.
 template <typename scalar_t, int NumHistory, bool HasNoise, bool SaveM0>
-ADJOINTDEIS_CPU_LOOP void step_range(const StepCoeffs<opmath_t<scalar_t>> k, const scalar_t* __restrict x,
-                                     const scalar_t* __restrict out, const scalar_t* __restrict m1,
-                                     const scalar_t* __restrict m2, const scalar_t* __restrict m3,
-                                     const scalar_t* __restrict noise, scalar_t* __restrict x_next,
-                                     scalar_t* __restrict m0, int64_t begin, int64_t end) {
+ADJOINTDEIS_CPU_LOOP void step_range(const StepCoeffs<opmath_t<scalar_t>> k, const scalar_t* x, const scalar_t* out,
+                                     const scalar_t* m1, const scalar_t* m2, const scalar_t* m3,
+                                     const scalar_t* noise, scalar_t* x_next, scalar_t* m0, int64_t begin,
+                                     int64_t end) {
   using acc_t = opmath_t<scalar_t>;
+  ADJOINTDEIS_NO_CARRIED
   for (int64_t i = begin; i < end; ++i) {
     const acc_t m[3] = {NumHistory >= 1 ? acc_t(m1[i]) : acc_t(0), NumHistory >= 2 ? acc_t(m2[i]) : acc_t(0),
                         NumHistory >= 3 ? acc_t(m3[i]) : acc_t(0)};
@@ -91,34 +94,25 @@ void run_step(const StepOperands& ops) {
   const scalar_t* noise = HasNoise ? ops.noise.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* x_next = ops.x_next.mutable_data_ptr<scalar_t>();
   scalar_t* m0 = SaveM0 ? ops.m0.mutable_data_ptr<scalar_t>() : nullptr;
-  if (!ops.in_place && !ops.check_finite) {
+  if (!ops.check_finite) {
     torch::stable::parallel_for(0, ops.x.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
       step_range<scalar_t, NumHistory, HasNoise, SaveM0>(k, x, out, m[0], m[1], m[2], noise, x_next, m0, begin,
                                                          end);
     });
     return;
   }
-  // In blocks that fit L1. When an output is an input itself, the loop's __restrict pointers must not alias, so
-  // each block is computed into buffers and then copied over (every element of a block is read before any is
-  // written). The finiteness test reads each block of x_next while it is in L1, instead of a pass over memory.
+  // In blocks that fit L1: the finiteness test reads each block of x_next while it is there, instead of a pass over
+  // memory after the step.
   constexpr int64_t kBlock = 4096 / sizeof(scalar_t);
-  const bool in_place = ops.in_place, check_finite = ops.check_finite;
   std::atomic<bool> finite{true};
   torch::stable::parallel_for(0, ops.x.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
-    alignas(64) scalar_t x_block[kBlock];
-    alignas(64) scalar_t m0_block[SaveM0 ? kBlock : 1];
     bool finite_here = true;
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t n = std::min(kBlock, end - b);
-      scalar_t* x_to = in_place ? x_block : x_next + b;
       step_range<scalar_t, NumHistory, HasNoise, SaveM0>(k, x + b, out + b, shifted(m[0], b), shifted(m[1], b),
-                                                         shifted(m[2], b), shifted(noise, b), x_to,
-                                                         in_place ? m0_block : shifted(m0, b), 0, n);
-      if (check_finite && finite_here) finite_here = finite_range(x_to, n);
-      if (in_place) {
-        std::memcpy(x_next + b, x_block, n * sizeof(scalar_t));
-        if constexpr (SaveM0) std::memcpy(m0 + b, m0_block, n * sizeof(scalar_t));
-      }
+                                                         shifted(m[2], b), shifted(noise, b), x_next + b,
+                                                         shifted(m0, b), 0, n);
+      if (finite_here) finite_here = finite_range(x_next + b, n);
     }
     if (!finite_here) finite.store(false, std::memory_order_relaxed);
   });
