@@ -362,28 +362,38 @@ def run_floor(quick, threads):
                  for n in steps_list for method in ("autograd", "discrete")}
     for fn in [*calls.values(), *gradients.values()]:  # warm-up
         fn()
-    best = {}
+    best, wall = {}, {}
     for _ in range(2 if quick else 5):
         for name, fn in [*calls.items(), *gradients.items()]:
             zero_grads(model, x_T, z)
-            start = time.process_time()
+            start, wall_start = time.process_time(), time.perf_counter()
             fn()
             best[name] = min(best.get(name, math.inf), time.process_time() - start)
-    f_ng, f, b = best["F_ng"], best["F"], best["F+B"] - best["F"]
-    rows = [{"steps": n, "autograd": best[("autograd", n)], "discrete": best[("discrete", n)],
-             "floor": ((n - 1) * (f_ng + f) + f + n * b) / (n * (f + b))} for n in steps_list]
-    return {"F_ng": f_ng, "F": f, "B": b, "rounds": 2 if quick else 5, "rows": rows}
+            wall[name] = min(wall.get(name, math.inf), time.perf_counter() - wall_start)
+
+    def floor(times, n):
+        f_ng, f, b = times["F_ng"], times["F"], times["F+B"] - times["F"]
+        return ((n - 1) * (f_ng + f) + f + n * b) / (n * (f + b))
+
+    rows = [{"steps": n, "autograd": best[("autograd", n)], "discrete": best[("discrete", n)], "floor": floor(best, n),
+             "wall_autograd": wall[("autograd", n)], "wall_discrete": wall[("discrete", n)],
+             "wall_floor": floor(wall, n)} for n in steps_list]
+    return {"F_ng": best["F_ng"], "F": best["F"], "B": best["F+B"] - best["F"], "rounds": 2 if quick else 5,
+            "rows": rows}
 
 
 def print_floor(result):
     print(f"\n## grad='discrete' against autograd and its floor (process CPU time, best of {result['rounds']} "
           f"interleaved rounds; one model call: F_ng {result['F_ng'] * 1e3:.1f} ms without grad, "
           f"F {result['F'] * 1e3:.1f} ms with grad, B {result['B'] * 1e3:.1f} ms backward)")
-    print(f"{'N':>4}{'autograd s':>12}{'discrete s':>12}{'discrete/autograd':>19}{'floor':>8}{'discrete/floor':>16}")
+    print("wall: the same rounds' wall time (with several threads, CPU time also counts the OpenMP workers' spinning "
+          "while the main thread runs Python)")
+    print(f"{'N':>4}{'autograd s':>12}{'discrete s':>12}{'discrete/autograd':>19}{'floor':>8}{'discrete/floor':>16}"
+          f"{'wall: discrete/autograd':>25}{'floor':>8}")
     for r in result["rows"]:
-        ratio = r["discrete"] / r["autograd"]
+        ratio, wall_ratio = r["discrete"] / r["autograd"], r["wall_discrete"] / r["wall_autograd"]
         print(f"{r['steps']:>4}{r['autograd']:>12.3f}{r['discrete']:>12.3f}{ratio:>19.3f}{r['floor']:>8.3f}"
-              f"{ratio / r['floor']:>16.3f}")
+              f"{ratio / r['floor']:>16.3f}{wall_ratio:>25.3f}{r['wall_floor']:>8.3f}")
 
 
 def floor_targets(result):

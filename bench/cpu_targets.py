@@ -98,8 +98,11 @@ def gradient_rows(folder: pathlib.Path):
         rows = data["results"]["floor"]["rows"]
         worst = max(rows, key=lambda r: r["discrete"] / r["autograd"])
         ratio = worst["discrete"] / worst["autograd"]
-        out.append((text, f"<= {DISCRETE}x", f"{ratio:.3f}x at N={worst['steps']} (floor {worst['floor']:.3f}x)",
-                    ratio <= DISCRETE))
+        measured = f"{ratio:.3f}x at N={worst['steps']} (floor {worst['floor']:.3f}x)"
+        if "wall_discrete" in worst:  # the same rounds' wall time, beside the CPU time the target is judged on
+            wall = max(r["wall_discrete"] / r["wall_autograd"] for r in rows)
+            measured += f"; wall {wall:.3f}x"
+        out.append((text, f"<= {DISCRETE}x", measured, ratio <= DISCRETE))
     return out
 
 
