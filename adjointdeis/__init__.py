@@ -11,7 +11,7 @@ from .dsno import FourierTemporalConv
 from .gradients import AdjointOptions
 from .guidance import ProbabilityRegularizer, guide
 from .models import PredictionAdapter
-from .planning import StepInfo
+from .planning import StepInfo, empty_cache
 from .sampling import sample
 from .schedules import EDMSchedule, FlowSchedule, NoiseSchedule, VPSchedule
 from .thresholding import DynamicThreshold
@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdjointOptions", "DynamicThreshold", "EDMSchedule", "FlowSchedule", "FourierTemporalConv", "NoiseSchedule", "PredictionAdapter",
-    "ProbabilityRegularizer", "StepInfo", "VPSchedule", "diagnostics", "dsno", "guide", "ops", "reference", "sample", "sample_ctm",
+    "ProbabilityRegularizer", "StepInfo", "VPSchedule", "diagnostics", "dsno", "empty_cache", "guide", "ops", "reference", "sample", "sample_ctm",
     "score_from_ctm",
 ]

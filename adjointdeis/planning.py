@@ -10,6 +10,7 @@ sees every evaluation (:class:`StepInfo`).
 
 import math
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -380,26 +381,103 @@ _FREE_WITH = tuple((_NOBODY[0] - 1 + k, *_NOBODY[1:]) for k in range(8))
 names, entries of its lists)."""
 
 
+RETAIN_BYTES = 64 << 20
+"""The most bytes of free buffers that finished CPU runs keep for the next ones (:data:`RETAINED`); 0 keeps none."""
+
+
+class Retained:
+    """Buffers that finished CPU runs left free (their history, dropped states), which the next runs take before
+    allocating: at most :data:`RETAIN_BYTES`, the newest kept first. A run of the same shape then writes into
+    memory the process has touched already. Without it, glibc returns the two buffers a call frees (the history
+    and, once the caller drops it, the sample) to the OS whenever they top its heap, and the next call faults
+    every page in again: 2016 faults a call at 16x4x128x128 float32, 1.3-1.4x the call's own time on this VM
+    (bench/RESULTS.md). Thread-safe; :func:`empty_cache` frees them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffers: list[Tensor] = []  # oldest first
+
+    def take(self, like: Tensor) -> Tensor | None:
+        """A kept buffer with `like`'s shape, dtype and device, made in the current inference mode, or None."""
+        inference = torch.is_inference_mode_enabled()
+        with self._lock:
+            for i in range(len(self._buffers) - 1, -1, -1):
+                t = self._buffers[i]
+                if t.shape == like.shape and t.dtype == like.dtype and t.device == like.device \
+                        and t.is_inference() == inference:
+                    return self._buffers.pop(i)
+        return None
+
+    def keep(self, free: list[Tensor]) -> None:
+        """Adds `free` (tensors nothing else holds), dropping the oldest beyond RETAIN_BYTES."""
+        with self._lock:
+            kept, total = [], 0
+            for t in reversed(self._buffers + free):
+                size = t.numel() * t.element_size()
+                if total + size <= RETAIN_BYTES:
+                    kept.append(t)
+                    total += size
+            self._buffers = kept[::-1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._buffers = []
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(t.numel() * t.element_size() for t in self._buffers)
+
+
+RETAINED = Retained()
+
+
+def empty_cache() -> None:
+    """Frees the buffers finished CPU sampling runs kept for the next ones (see :class:`Retained`)."""
+    RETAINED.clear()
+
+
 class Spares:
     """The tensors a CPU run has dropped, recycled as the output buffers of later steps when nothing else holds
     them (no name, container, view, weak or C++ reference: nobody can see them change). The loop then writes into
     memory it has already touched instead of two fresh allocations per step, which the C allocator may hand back
-    to the OS and page-fault in again at every step."""
+    to the OS and page-fault in again at every step. What is left free at the end of the run goes to
+    :data:`RETAINED`, where the next run's spares come from before any fresh allocation."""
 
     def __init__(self) -> None:
         self.dropped: list[Tensor] = []
-        self.fresh = 0  # the buffers allocated because no dropped tensor was free
+        self.fresh = 0  # the buffers allocated because no dropped or retained tensor was free
+        self.reused = 0  # the buffers taken from RETAINED
         self.in_place = 0  # the outputs written in place of their step's own operands
 
     def take(self, like: Tensor) -> Tensor:
-        """A dropped tensor that nothing else holds, with `like`'s shape, dtype and device, or a fresh one."""
+        """A dropped tensor that nothing else holds, with `like`'s shape, dtype and device, a retained one, or a
+        fresh one."""
         while self.dropped:
             t = self.dropped.pop()
             if _owners(t) == _FREE_WITH[1] and t.shape == like.shape and t.dtype == like.dtype \
                     and t.device == like.device:
                 return t
+        t = RETAINED.take(like)
+        if t is not None:
+            self.reused += 1
+            return t
         self.fresh += 1
         return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+    def retire(self, leftovers: list[Tensor | None]) -> None:
+        """Hands to RETAINED what nothing else holds of `leftovers` and the dropped tensors (both emptied): plain
+        tensors outside any graph, that no name, container, view or weak reference outside this call reaches."""
+        leftovers += self.dropped
+        self.dropped = []
+        free = []
+        while leftovers:
+            t = leftovers.pop()
+            if t is not None and type(t) is Tensor and not t.requires_grad and _owners(t) == _FREE_WITH[1]:
+                free.append(t)
+        t = None
+        if free:
+            RETAINED.keep(free)
 
 
 def _count(t: Tensor | None, tensors: list[Tensor]) -> int:
@@ -604,6 +682,10 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
             del m0, x_next, operands, outputs, kept  # no name of the loop's may hold a tensor it recycles
     finally:
         torch.set_grad_enabled(ambient)
+    if spares is not None:  # what it dropped, and its history unless the last row ran with grad: for the next run
+        leftovers = [] if ambient and last >= grad_from else [None if x_start is x_T else x_start, *history]
+        x_start = history = z = None
+        spares.retire(leftovers)
     if check and not (verdict.item() if verdict is not None else all_finite(x)):
         raise FloatingPointError(
             "sample: the result is not finite: the model returned NaN or Inf during sampling "

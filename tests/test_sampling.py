@@ -665,6 +665,74 @@ def test_a_cpu_run_recycles_the_tensors_it_dropped_and_nothing_anyone_holds(solv
     assert all(ref() is None or torch.equal(ref(), copy) for ref, copy in only_weak)
 
 
+def test_a_cpu_run_leaves_its_free_buffers_to_the_next_run_and_nothing_anyone_holds(runs, monkeypatch):
+    """What a finished CPU run no longer needs (its history buffer) is kept for the next run of that shape, which
+    then allocates one buffer fewer (no pages to fault in again when glibc has trimmed its heap) and gives the same
+    sample; what a callback kept stays intact; RETAIN_BYTES bounds it and empty_cache frees it."""
+    sched = ad.VPSchedule.linear()
+    x_T = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(steps=8, solver="dpmpp", order=2)
+    with monkeypatch.context() as m:
+        m.setattr(planning, "_recycles", lambda x: False)
+        want = ad.sample(_toy_eps, x_T, sched, **kwargs)
+    planning.empty_cache()
+    assert planning.RETAINED.nbytes == 0
+    first = ad.sample(_toy_eps, x_T, sched, **kwargs)
+    assert runs[-1].reused == 0 and planning.RETAINED.nbytes == x_T.nbytes  # the history buffer
+    second = ad.sample(_toy_eps, x_T, sched, **kwargs)
+    assert runs[-1].reused == 1 and runs[-1].fresh == runs[0].fresh - 1
+    assert torch.equal(first, want) and torch.equal(second, want) and first.data_ptr() != second.data_ptr()
+    ad.sample(_toy_eps, torch.cat([x_T, x_T]), sched, **kwargs)  # another shape takes nothing kept
+    assert len(runs) == 3 and runs[-1].reused == 0 and planning.RETAINED.nbytes == 3 * x_T.nbytes
+
+    kept = []
+    ad.sample(_toy_eps, x_T, sched, callback=lambda info: kept.append((info.converted, info.converted.clone())),
+              **kwargs)
+    ad.sample(_toy_eps, x_T, sched, **kwargs)
+    assert all(torch.equal(m0, copy) for m0, copy in kept)  # the callback's history never reached the next run
+
+    with torch.inference_mode():  # a buffer made in inference mode is never a normal run's, nor the reverse
+        planning.empty_cache()
+        inferred = ad.sample(_toy_eps, x_T, sched, **kwargs)
+    normal = ad.sample(_toy_eps, x_T, sched, **kwargs)
+    assert runs[-1].reused == 0 and not normal.is_inference() and torch.equal(normal, want)
+    assert torch.equal(inferred, want)
+
+    planning.empty_cache()
+    x = x_T.clone().requires_grad_()
+    ad.sample(_toy_eps, x, sched, **kwargs)  # rows with grad leave nothing
+    assert planning.RETAINED.nbytes == 0
+    monkeypatch.setattr(planning, "RETAIN_BYTES", x_T.nbytes - 1)
+    ad.sample(_toy_eps, x_T, sched, **kwargs)
+    assert planning.RETAINED.nbytes == 0
+    monkeypatch.setattr(planning, "RETAIN_BYTES", 64 << 20)
+    ad.sample(_toy_eps, x_T, sched, **kwargs)
+    assert planning.RETAINED.nbytes > 0
+    ad.empty_cache()
+    assert planning.RETAINED.nbytes == 0
+
+
+def test_concurrent_cpu_runs_share_the_kept_buffers_safely():
+    """Threads sampling at once take and leave kept buffers under a lock: each gets its sequential sample."""
+    import threading
+
+    sched = ad.VPSchedule.linear()
+    starts = [torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(k)) for k in range(4)]
+    want = [ad.sample(_toy_eps, x, sched, steps=10, solver="dpmpp", order=2) for x in starts]
+    got = [[] for _ in starts]
+
+    def work(k):
+        for _ in range(5):
+            got[k].append(ad.sample(_toy_eps, starts[k], sched, steps=10, solver="dpmpp", order=2))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(starts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(torch.equal(x, w) for xs, w in zip(got, want) for x in xs) and all(len(xs) == 5 for xs in got)
+
+
 _TRACED_IMPORT = """
 import sys
 def tracer(frame, event, arg):  # reads the locals of planning's frames, as a debugger's watch would
@@ -703,4 +771,4 @@ def test_rows_run_with_grad_neither_recycle_nor_keep_what_they_drop(solver, runs
     assert torch.equal(got, want) and held == [0] * len(held) and runs[-1].fresh == 0
     x = x_T.clone().requires_grad_()
     got = planning.run_plan(_toy_eps, x, plan, grad_from=planning.truncation_row(plan, 2))
-    assert torch.equal(got.detach(), want) and runs[-1].fresh > 0
+    assert torch.equal(got.detach(), want) and runs[-1].fresh + runs[-1].reused > 0
