@@ -390,8 +390,8 @@ class Retained:
     allocating: at most :data:`RETAIN_BYTES`, the newest kept first. A run of the same shape then writes into
     memory the process has touched already. Without it, glibc returns the two buffers a call frees (the history
     and, once the caller drops it, the sample) to the OS whenever they top its heap, and the next call faults
-    every page in again: 2016 faults a call at 16x4x128x128 float32, 1.3-1.4x the call's own time on this VM
-    (bench/RESULTS.md). Thread-safe; :func:`empty_cache` frees them."""
+    every page in again: 2016 faults a call at 16x4x128x128 float32, which then takes 1.3-1.7x twenty step kernels
+    instead of 0.5-0.7x (bench/RESULTS.md). Thread-safe; :func:`empty_cache` frees them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
