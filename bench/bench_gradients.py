@@ -21,8 +21,9 @@ Sections:
   activations can cost. Autograd runs N forward passes with grad (F each) and N backward passes (B); "discrete"
   runs N - 1 forward passes without grad (F_ng) and the last with grad (its graph kept for the reverse pass), then
   N - 1 re-runs with grad and N backward passes, so its floor is ``((N - 1) (F_ng + F) + F + N B) / (N (F + B))``,
-  about ``1 + F / (F + B)`` for large N. F_ng, F and F + B are one model call each, timed in the same interleaved
-  rounds as the two gradients (process CPU time).
+  about ``1 + F / (F + B)`` for large N. F_ng, F and F + B are the mean of FLOOR_REPEATS model calls in a row (a
+  single call's fastest time is not what a gradient's many calls average to: at 2 threads single calls spread 1.4x
+  here), timed in the same interleaved rounds as the two gradients (process CPU time, and wall time beside it).
 - baselines: torchdiffeq ``odeint_adjoint`` (dopri5) on the Gaussian PF-ODE in t, 4096 dimensions, next
   to our discrete adjoint.
 """
@@ -82,6 +83,7 @@ UNET = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(3
             class_embed_type="identity", norm_num_groups=32)
 BATCH = 4
 COND_DIM = 4 * UNET["block_out_channels"][0]  # UNet2DModel's time-embedding width
+FLOOR_REPEATS = 5  # model calls in a row per timing of F_ng, F and F + B
 TARGETS = {"growth": 0.10, "time_vs_autograd": 1.5, "time_vs_checkpoint": 1.1, "discrete_vs_autograd": 1.38}
 
 DIFFEQ_TOLERANCES = (1e-3, 1e-5)
@@ -357,7 +359,13 @@ def run_floor(quick, threads):
     def forward_backward():
         model(x, t, z).backward(target)
 
-    calls = {"F_ng": without_grad, "F": lambda: model(x, t, z), "F+B": forward_backward}
+    def repeated(fn):  # the mean of FLOOR_REPEATS calls in a row, as a gradient makes them
+        def calls_in_a_row():
+            for _ in range(FLOOR_REPEATS):
+                fn()
+        return calls_in_a_row
+
+    calls = {"F_ng": repeated(without_grad), "F": repeated(lambda: model(x, t, z)), "F+B": repeated(forward_backward)}
     gradients = {(method, n): (lambda m=method, n=n: unet_gradient(m, model, x_T, z, target, sched, n))
                  for n in steps_list for method in ("autograd", "discrete")}
     for fn in [*calls.values(), *gradients.values()]:  # warm-up
@@ -368,8 +376,9 @@ def run_floor(quick, threads):
             zero_grads(model, x_T, z)
             start, wall_start = time.process_time(), time.perf_counter()
             fn()
-            best[name] = min(best.get(name, math.inf), time.process_time() - start)
-            wall[name] = min(wall.get(name, math.inf), time.perf_counter() - wall_start)
+            calls_made = FLOOR_REPEATS if name in calls else 1
+            best[name] = min(best.get(name, math.inf), (time.process_time() - start) / calls_made)
+            wall[name] = min(wall.get(name, math.inf), (time.perf_counter() - wall_start) / calls_made)
 
     def floor(times, n):
         f_ng, f, b = times["F_ng"], times["F"], times["F+B"] - times["F"]
@@ -384,10 +393,10 @@ def run_floor(quick, threads):
 
 def print_floor(result):
     print(f"\n## grad='discrete' against autograd and its floor (process CPU time, best of {result['rounds']} "
-          f"interleaved rounds; one model call: F_ng {result['F_ng'] * 1e3:.1f} ms without grad, "
+          f"interleaved rounds; one model call, the mean of {FLOOR_REPEATS} in a row: "
+          f"F_ng {result['F_ng'] * 1e3:.1f} ms without grad, "
           f"F {result['F'] * 1e3:.1f} ms with grad, B {result['B'] * 1e3:.1f} ms backward)")
-    print("wall: the same rounds' wall time (with several threads, CPU time also counts the OpenMP workers' spinning "
-          "while the main thread runs Python)")
+    print("wall: the same rounds' wall time")
     print(f"{'N':>4}{'autograd s':>12}{'discrete s':>12}{'discrete/autograd':>19}{'floor':>8}{'discrete/floor':>16}"
           f"{'wall: discrete/autograd':>25}{'floor':>8}")
     for r in result["rows"]:
