@@ -475,7 +475,6 @@ class Spares:
             t = leftovers.pop()
             if t is not None and type(t) is Tensor and not t.requires_grad and _owners(t) == _FREE_WITH[1]:
                 free.append(t)
-        t = None
         if free:
             RETAINED.keep(free)
 
