@@ -381,6 +381,11 @@ _FREE_WITH = tuple((_NOBODY[0] - 1 + k, *_NOBODY[1:]) for k in range(8))
 names, entries of its lists)."""
 
 
+def _same_kind(t: Tensor, like: Tensor) -> bool:
+    """Whether `t` can stand in for a buffer like `like`: the same shape, dtype and device."""
+    return t.shape == like.shape and t.dtype == like.dtype and t.device == like.device
+
+
 RETAIN_BYTES = 64 << 20
 """The most bytes of free buffers that finished CPU runs keep for the next ones (:data:`RETAINED`); 0 keeps none."""
 
@@ -403,8 +408,7 @@ class Retained:
         with self._lock:
             for i in range(len(self._buffers) - 1, -1, -1):
                 t = self._buffers[i]
-                if t.shape == like.shape and t.dtype == like.dtype and t.device == like.device \
-                        and t.is_inference() == inference:
+                if _same_kind(t, like) and t.is_inference() == inference:
                     return self._buffers.pop(i)
         return None
 
@@ -455,8 +459,7 @@ class Spares:
         fresh one."""
         while self.dropped:
             t = self.dropped.pop()
-            if _owners(t) == _FREE_WITH[1] and t.shape == like.shape and t.dtype == like.dtype \
-                    and t.device == like.device:
+            if _owners(t) == _FREE_WITH[1] and _same_kind(t, like):
                 return t
         t = RETAINED.take(like)
         if t is not None:
