@@ -1,9 +1,9 @@
 """Typed wrappers of the compiled ops, with their fake (meta) and autograd registrations.
 
 Each op ``adjointdeis::NAME`` has its wrapper ``ops.NAME`` and its pure-PyTorch twin ``reference.NAME``,
-with one signature. The DSNO layer's user-facing functions (``fourier_temporal_conv`` and its
-channel-wise variant) compose an op with the weight's synthesis, which is plain differentiable
-PyTorch on the (small) weight.
+with one signature. The DSNO layer's user-facing functions are ``fourier_temporal_conv``, the op
+``fourier_mode_conv`` on the weight's real and imaginary parts, and its channel-wise variant, which
+composes an op with the weight's synthesis (plain differentiable PyTorch on the small weight).
 """
 
 import torch
@@ -319,6 +319,28 @@ def fourier_spectral_conv(x: Tensor, mixing: Tensor, modes: int, residual: bool,
     return torch.ops.adjointdeis.fourier_spectral_conv.default(x, mixing, modes, residual, negative_slope, save_mask)
 
 
+def fourier_mode_conv(x: Tensor, weight: Tensor, modes: int, residual: bool, negative_slope: float | None,
+                      save_mask: bool) -> tuple[Tensor, Tensor]:
+    """The temporal layer given its bins' weights, as fourier_spectral_conv(x, fourier_mode_mixing(W)) without
+    forming M: the GEMMs' blocks are built from the weight in one pass and the backward returns the weight's
+    gradient directly (the layer's path, fourier_temporal_conv). Differentiable in x and weight (first order).
+
+    Args:
+        x: (B, T, C_in, H, W) float64/float32/float16/bfloat16, any strides, 2 <= T <= 32.
+        weight: (K, C_in, C_out, 2) the complex weight's real and imaginary parts (``torch.view_as_real``),
+            float64 for float64 x, float32 otherwise, any strides, K >= modes; bins beyond ``modes`` are not read.
+        modes, residual, negative_slope, save_mask: as in fourier_spectral_conv.
+
+    Returns:
+        ``(y, mask)`` as in fourier_spectral_conv.
+
+    Raises:
+        ValueError / TypeError naming the argument: the checks of ``reference.check_mode_operands``.
+    """
+    reference.check_mode_operands(x, weight, modes, residual, negative_slope)
+    return torch.ops.adjointdeis.fourier_mode_conv.default(x, weight, modes, residual, negative_slope, save_mask)
+
+
 def fourier_channel_conv(x: Tensor, kernel: Tensor, residual: bool, negative_slope: float | None,
                          save_mask: bool) -> tuple[Tensor, Tensor]:
     """A per-channel temporal mix ``z[b, t, c] = sum_s kernel[t, s, c] x[b, s, c]`` with the activation
@@ -349,7 +371,8 @@ def fourier_temporal_conv(x: Tensor, weight: Tensor, modes: int, residual: bool 
     """DSNO's temporal Fourier layer with its block's LeakyReLU and residual (docs/math.md section 7).
 
     ``layer(x) = irfft_T(bins k < modes of rfft_T(x), each multiplied by W_k^T)``, computed without
-    any FFT or complex tensor as ``fourier_spectral_conv(x, fourier_mode_mixing(weight))``:
+    any FFT or complex tensor on the activations as ``fourier_mode_conv(x, view_as_real(weight))``, which is
+    ``fourier_spectral_conv(x, fourier_mode_mixing(weight))`` with the GEMMs' blocks built in the op:
     ``y = x + LeakyReLU(layer(x))`` (residual) or ``y = LeakyReLU(layer(x))``. Differentiable in x and
     weight (first order in x).
 
@@ -368,9 +391,9 @@ def fourier_temporal_conv(x: Tensor, weight: Tensor, modes: int, residual: bool 
         ValueError / TypeError naming the argument (shape, dtype, device, modes out of range).
     """
     reference.check_fourier_operands(x, weight, modes, residual, negative_slope)
-    mixing = fourier_mode_mixing(weight.to(_complex_dtype(x.dtype)), x.shape[1], modes)
+    parts = torch.view_as_real(weight.to(_complex_dtype(x.dtype)).resolve_conj())
     slope = None if negative_slope is None else float(negative_slope)
-    y, _ = fourier_spectral_conv(x, mixing, modes, residual, slope, _needs_mask(x, mixing))
+    y, _ = torch.ops.adjointdeis.fourier_mode_conv.default(x, parts, modes, residual, slope, _needs_mask(x, parts))
     return y
 
 
@@ -415,6 +438,12 @@ def _fourier_spectral_conv_fake(x, mixing, modes, residual, negative_slope, save
     return _conv_fake(x, mixing, residual, negative_slope, save_mask, c_out)
 
 
+@torch.library.register_fake("adjointdeis::fourier_mode_conv")
+def _fourier_mode_conv_fake(x, weight, modes, residual, negative_slope, save_mask):
+    c_out = reference.check_mode_operands(x, weight, modes, residual, negative_slope)
+    return _conv_fake(x, weight, residual, negative_slope, save_mask, c_out)
+
+
 @torch.library.register_fake("adjointdeis::fourier_channel_conv")
 def _fourier_channel_conv_fake(x, kernel, residual, negative_slope, save_mask):
     reference.check_channel_operands(x, kernel, residual, negative_slope)
@@ -428,6 +457,7 @@ def _conv_backward_fake(grad_y, x, weight, mask, *args):
 
 
 torch.library.register_fake("adjointdeis::fourier_spectral_conv_backward")(_conv_backward_fake)
+torch.library.register_fake("adjointdeis::fourier_mode_conv_backward")(_conv_backward_fake)
 torch.library.register_fake("adjointdeis::fourier_channel_conv_backward")(_conv_backward_fake)
 
 
@@ -436,10 +466,14 @@ def _conv_setup_context(ctx, inputs, output):
     _, mask = output
     ctx.save_for_backward(x, weight, mask)
     ctx.args = args  # ([modes,] residual, negative_slope)
+    # No zero gradient for the (boolean) mask, nor for an unused y: a fill of the mask's size on every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _conv_backward(op):
     def backward(ctx, grad_y, grad_mask):
+        if grad_y is None:
+            return (None,) * (len(ctx.args) + 3)
         x, weight, mask = ctx.saved_tensors
         negative_slope = ctx.args[-1]
         if negative_slope is not None and mask.numel() != grad_y.numel():
@@ -454,6 +488,9 @@ torch.library.register_autograd(
     "adjointdeis::fourier_spectral_conv", _conv_backward("fourier_spectral_conv_backward"),
     setup_context=_conv_setup_context)
 torch.library.register_autograd(
+    "adjointdeis::fourier_mode_conv", _conv_backward("fourier_mode_conv_backward"),
+    setup_context=_conv_setup_context)
+torch.library.register_autograd(
     "adjointdeis::fourier_channel_conv", _conv_backward("fourier_channel_conv_backward"),
     setup_context=_conv_setup_context)
 
@@ -461,5 +498,6 @@ torch.library.register_autograd(
 if cuda_version() < 0:
     # CPU-only build: CUDA tensors take the reference path, so callers never branch on the build.
     for _name in ("multistep_step", "multistep_step_out", "discrete_adjoint_step", "multi_tensor_axpy_",
-                  "fourier_spectral_conv", "fourier_spectral_conv_backward", "fourier_channel_conv", "fourier_channel_conv_backward"):
+                  "fourier_spectral_conv", "fourier_spectral_conv_backward", "fourier_mode_conv",
+                  "fourier_mode_conv_backward", "fourier_channel_conv", "fourier_channel_conv_backward"):
         torch.library.impl(f"adjointdeis::{_name}", "CUDA", getattr(reference, _name))

@@ -345,6 +345,27 @@ def check_spectral_operands(x, mixing, modes, residual, negative_slope) -> int:
     return c_out
 
 
+def check_mode_operands(x, weight, modes, residual, negative_slope) -> int:
+    """Validates the operands of fourier_mode_conv (as its C++ checks do); returns C_out.
+
+    Raises:
+        ValueError / TypeError naming the offending argument.
+    """
+    op = "fourier_mode_conv"
+    n_times, c_in = _check_block_input(op, x)
+    _check_modes(op, modes, n_times)
+    validation.instance(weight, f"{op}: weight", Tensor, "a tensor")
+    fits = weight.dim() == 4 and weight.shape[0] >= modes and weight.shape[3] == 2
+    shape = (weight.shape[0], c_in, weight.shape[2], 2) if fits else (max(modes, 1), c_in, c_in, 2)
+    _check_epilogue_operand(op, "weight", weight, x, shape, f"(K, C_in, C_out, 2) with K >= modes = {modes}, "
+                            f"C_in = {c_in}")
+    c_out = weight.shape[2]
+    if residual and c_out != c_in:
+        raise ValueError(f"{op}: residual needs C_out == C_in, got C_in = {c_in}, C_out = {c_out}")
+    _check_slope(op, negative_slope)
+    return c_out
+
+
 def check_channel_operands(x, kernel, residual, negative_slope) -> None:
     """Validates the operands of fourier_channel_conv (as its C++ checks do).
 
@@ -561,6 +582,32 @@ def fourier_spectral_conv_backward(grad_y: Tensor, x: Tensor, mixing: Tensor, ma
     if residual:
         grad_x = grad_x + grad_y.to(mixing.dtype)
     return (grad_x.to(x.dtype) if output_mask[0] else None, grad_mixing if output_mask[1] else None)
+
+
+def _mode_mixing_of_parts(weight: Tensor, n_times: int, modes: int) -> Tensor:
+    """M (fourier_mode_mixing) of a (K, C_in, C_out, 2) weight of real and imaginary parts, differentiable in it."""
+    return fourier_mode_mixing(torch.complex(weight[..., 0], weight[..., 1])[:modes], n_times, modes)
+
+
+def fourier_mode_conv(x: Tensor, weight: Tensor, modes: int, residual: bool, negative_slope,
+                      save_mask: bool) -> tuple[Tensor, Tensor]:
+    """The twin of :func:`adjointdeis.ops.fourier_mode_conv`: fourier_spectral_conv's twin with M built
+    from the weight's parts."""
+    check_mode_operands(x, weight, modes, residual, negative_slope)
+    return fourier_spectral_conv(x, _mode_mixing_of_parts(weight, x.shape[1], modes), modes, residual,
+                                 negative_slope, save_mask)
+
+
+def fourier_mode_conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, mask: Tensor, modes: int,
+                               residual: bool, negative_slope, output_mask: list[bool]) -> tuple[Tensor, Tensor]:
+    """Gradients of fourier_mode_conv in x and weight (None where output_mask is False)."""
+    with torch.enable_grad():
+        wd = weight.detach().requires_grad_()
+        mixing = _mode_mixing_of_parts(wd, x.shape[1], modes)
+        grad_x, grad_mixing = fourier_spectral_conv_backward(grad_y, x, mixing.detach(), mask, modes, residual,
+                                                             negative_slope, [True, True])
+        (grad_weight,) = torch.autograd.grad(mixing, (wd,), grad_mixing)
+    return (grad_x if output_mask[0] else None, grad_weight.contiguous() if output_mask[1] else None)
 
 
 def fourier_channel_conv(x: Tensor, kernel: Tensor, residual: bool, negative_slope,

@@ -1,6 +1,7 @@
 #include "fourier_conv.h"
 
 #include <algorithm>
+#include <cstdlib>
 
 namespace adjointdeis {
 namespace {
@@ -130,6 +131,39 @@ void block_diagonal_mm(const Tensor& out, const std::vector<Tensor>& blocks, con
   }
 }
 
+// CPU scratch memory kept by each thread between calls, two buffers (the pipeline's two coordinate buffers), each
+// kept while at most kKeptScratchBytes: a buffer freed at the end of every call is one glibc may hand back to the
+// OS and fault in again at the next (bench/RESULTS.md: 573 page faults a forward + backward at B = 32, C = 128,
+// H = W = 8, bfloat16). The buffers live as long as their thread; a call uses them only while it runs.
+constexpr size_t kKeptScratchBytes = size_t{4} << 20;
+
+class KeptScratch {
+ public:
+  // `bytes` of this thread's buffer `slot` (0 or 1), 64-byte aligned; null when over the limit.
+  static void* get(int slot, size_t bytes) {
+    if (bytes > kKeptScratchBytes) return nullptr;
+    thread_local KeptScratch kept;
+    Buffer& b = kept.buffers_[slot];
+    if (b.bytes < bytes) {
+      std::free(b.data);
+      const size_t rounded = (bytes + 63) / 64 * 64;
+      b.data = std::aligned_alloc(64, rounded);
+      b.bytes = b.data == nullptr ? 0 : rounded;
+    }
+    return b.data;
+  }
+  ~KeptScratch() {
+    for (Buffer& b : buffers_) std::free(b.data);
+  }
+
+ private:
+  struct Buffer {
+    void* data = nullptr;
+    size_t bytes = 0;
+  };
+  Buffer buffers_[2];
+};
+
 // Batch entries per chunk of the pipeline, and the scratch storage of one chunk's coordinates.
 struct Chunks {
   int64_t batch, pixels, step;
@@ -140,8 +174,16 @@ struct Chunks {
       step = std::clamp<int64_t>(chunk_elements / (rows * pixels), 1, std::max<int64_t>(batch, 1));
     }
   }
-  Tensor scratch(int64_t rows, ScalarType dtype, const Device& device) const {
-    return empty({rows * step * pixels}, dtype, device);
+  // Buffer `slot` (0 or 1) of a call's two: on the CPU this thread's kept memory (KeptScratch) when it fits.
+  Tensor scratch(int slot, int64_t rows, ScalarType dtype, const Device& device) const {
+    const int64_t n = rows * step * pixels;
+    if (device.type() == DeviceType::CPU) {
+      const size_t itemsize = dtype == ScalarType::Double ? 8 : dtype == ScalarType::Float ? 4 : 2;
+      void* kept = KeptScratch::get(slot, static_cast<size_t>(n) * itemsize);
+      const Shape sizes{n}, strides{1};
+      if (kept != nullptr) return torch::stable::from_blob(kept, IntRef(sizes), IntRef(strides), device, dtype);
+    }
+    return empty({n}, dtype, device);
   }
   // A (r, C, nb, P) coordinate buffer as the (nb, r, C, P) operand of a temporal mix.
   View4 coordinates(const Tensor& buffer, int64_t channels, int64_t nb) const {
@@ -169,16 +211,29 @@ struct SpectralBasis {
   View3 expand_transposed() const { return strided<3>(storage, {n_times, 1, 0}).shifted(rank * n_times); }
 };
 
+void check_modes(const char* op, const Tensor& x, int64_t modes) {
+  ADJOINTDEIS_CHECK(modes >= 1 && modes <= x.size(1) / 2 + 1, op, ": modes must be in [1, T // 2 + 1] = [1, ",
+                    x.size(1) / 2 + 1, "], got ", modes);
+}
+
 void check_mixing(const char* op, const Tensor& mixing, const Tensor& x, int64_t modes, int64_t& c_out) {
   check_operand(op, "mixing", mixing, x, opmath_of(x.scalar_type()));
-  const int64_t n_times = x.size(1), c_in = x.size(2);
-  ADJOINTDEIS_CHECK(modes >= 1 && modes <= n_times / 2 + 1, op, ": modes must be in [1, T // 2 + 1] = [1, ",
-                    n_times / 2 + 1, "], got ", modes);
-  const int64_t rank = spectral_rank(n_times, modes);
+  check_modes(op, x, modes);
+  const int64_t c_in = x.size(2), rank = spectral_rank(x.size(1), modes);
   ADJOINTDEIS_CHECK(mixing.dim() == 2 && mixing.size(1) == rank * c_in && mixing.size(0) % rank == 0, op,
                     ": mixing must have shape (r * C_out, r * C_in) with r = ", rank, ", C_in = ", c_in, ", got ",
                     shape_name(mixing.sizes()));
   c_out = mixing.size(0) / rank;
+}
+
+void check_weight(const char* op, const Tensor& weight, const Tensor& x, int64_t modes, int64_t& c_out) {
+  check_operand(op, "weight", weight, x, opmath_of(x.scalar_type()));
+  check_modes(op, x, modes);
+  ADJOINTDEIS_CHECK(weight.dim() == 4 && weight.size(0) >= modes && weight.size(1) == x.size(2) &&
+                        weight.size(3) == 2,
+                    op, ": weight must have shape (K, C_in, C_out, 2) with K >= modes = ", modes, " and C_in = ",
+                    x.size(2), ", got ", shape_name(weight.sizes()));
+  c_out = weight.size(2);
 }
 
 void check_kernel(const char* op, const Tensor& kernel, const Tensor& x) {
@@ -189,43 +244,56 @@ void check_kernel(const char* op, const Tensor& kernel, const Tensor& x) {
                     "), got ", shape_name(kernel.sizes()));
 }
 
-// The GEMMs' element type for activations of x's dtype (TemporalKernels::native_gemm). With bfloat16
-// coordinates the layer rounds like a bfloat16 PyTorch layer: at DSNO's shapes the weight's gradient is 4% off
-// the float64 one in L2 (a bfloat16 `x + leaky_relu(x @ W.T)` gives 3%), mostly from activations within
-// rounding of the kink, against 2e-7 with float32 GEMMs (bench/RESULTS.md).
-ScalarType gemm_type(const Tensor& x, const Tensor& mixing, const TemporalKernels& kernels) {
-  return kernels.native_gemm(x.scalar_type()) ? x.scalar_type() : mixing.scalar_type();
+// The GEMMs' element type for activations of x's dtype (TemporalKernels::native_gemm); acc is the accumulation
+// type (M's or the weight's dtype). With bfloat16 coordinates the layer rounds like a bfloat16 PyTorch layer: at
+// DSNO's shapes the weight's gradient is 4% off the float64 one in L2 (a bfloat16 `x + leaky_relu(x @ W.T)`
+// gives 3%), mostly from activations within rounding of the kink, against 2e-7 with float32 GEMMs
+// (bench/RESULTS.md).
+ScalarType gemm_type(const Tensor& x, ScalarType acc, const TemporalKernels& kernels) {
+  return kernels.native_gemm(x.scalar_type()) ? x.scalar_type() : acc;
 }
 
-}  // namespace
+// Per bin group, the transposes of M's diagonal blocks built from the weight (ModeBlocks), in the GEMMs' type.
+std::vector<Tensor> weight_blocks(const Tensor& weight, const std::vector<BinGroup>& groups, int64_t c_in,
+                                  int64_t c_out, ScalarType dtype, const TemporalKernels& kernels) {
+  const View4 w = strided<4>(weight, {weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3)});
+  std::vector<Tensor> blocks;
+  for (const BinGroup& g : groups) {
+    Tensor b = empty({g.count, g.size * c_in, g.size * c_out}, dtype, weight.device());
+    kernels.mode_blocks({(g.first + 1) / 2, g.count, g.size, c_in, c_out, w, b});
+    blocks.push_back(b);
+  }
+  return blocks;
+}
 
-std::tuple<Tensor, Tensor> fourier_spectral_conv(const Tensor& x, const Tensor& mixing, int64_t modes,
-                                                 bool residual, std::optional<double> negative_slope,
-                                                 bool save_mask, DeviceType device_type,
-                                                 const TemporalKernels& kernels) {
-  const char* op = "fourier_spectral_conv";
-  check_activations(op, x, device_type);
-  int64_t c_out = 0;
-  check_mixing(op, mixing, x, modes, c_out);
+// (count, rows, cols) blocks as their (count, cols, rows) transposes: views, which the BLAS reads in place.
+std::vector<Tensor> transposed(const std::vector<Tensor>& blocks) {
+  std::vector<Tensor> t;
+  for (const Tensor& b : blocks) t.push_back(torch::stable::transpose(b, 1, 2));
+  return t;
+}
+
+// The layer's forward given its GEMM operands m: per bin group the (count, size C_out, size C_in) diagonal blocks
+// of M in the GEMMs' type `gemm` (views the BLAS reads); acc is the accumulation type.
+std::tuple<Tensor, Tensor> spectral_forward(const Tensor& x, const std::vector<Tensor>& m, int64_t c_out,
+                                            ScalarType acc, ScalarType gemm, int64_t modes, bool residual,
+                                            std::optional<double> negative_slope, bool save_mask,
+                                            const TemporalKernels& kernels) {
   const int64_t batch = x.size(0), n_times = x.size(1), c_in = x.size(2);
   const int64_t pixels = x.size(3) * x.size(4), rank = spectral_rank(n_times, modes);
-  ADJOINTDEIS_CHECK(!residual || c_out == c_in, op, ": residual needs C_out == C_in, got C_in = ", c_in,
-                    " and C_out = ", c_out);
   const Shape y_shape{batch, n_times, c_out, x.size(3), x.size(4)};
   Tensor y = empty(y_shape, x.scalar_type(), x.device());
   Tensor mask = make_mask(save_mask, negative_slope, y_shape, x);
   if (y.numel() == 0) return {y, mask};
 
-  const ScalarType acc = mixing.scalar_type(), gemm = gemm_type(x, mixing, kernels);
   const SpectralBasis basis(n_times, modes, acc, x.device(), kernels);
   Tensor x_owner;
   const View4 x4 = activations(x, x_owner), y4 = dense4(y, n_times, c_out, pixels);
   bool* mask4 = mask_data(mask);
   const std::vector<BinGroup> groups = bin_groups(n_times, modes);
-  const std::vector<Tensor> m = gemm_blocks(mixing, groups, c_out, c_in, gemm);
   const Chunks chunks(batch, pixels, rank * std::max(c_in, c_out), kernels.chunk_elements);
-  const Tensor u = chunks.scratch(rank * c_in, gemm, x.device());
-  const Tensor v = chunks.scratch(rank * c_out, gemm, x.device());
+  const Tensor u = chunks.scratch(0, rank * c_in, gemm, x.device());
+  const Tensor v = chunks.scratch(1, rank * c_out, gemm, x.device());
   const int64_t y_batch = n_times * c_out * pixels;
   for (int64_t b0 = 0; b0 < batch; b0 += chunks.step) {
     const int64_t nb = std::min(chunks.step, batch - b0);
@@ -240,6 +308,88 @@ std::tuple<Tensor, Tensor> fourier_spectral_conv(const Tensor& x, const Tensor& 
   return {y, mask};
 }
 
+// The layer's backward given its GEMM operands (as spectral_forward's; read only when want_dx): dL/dx, and when
+// want_blocks per bin group dL/d(M's diagonal blocks) (count, size C_out, size C_in), or their transposes
+// (count, size C_in, size C_out) when `transposed`, in the accumulation type (none for an empty input).
+std::tuple<Tensor, std::vector<Tensor>> spectral_backward(const Tensor& grad_y, const Tensor& x,
+                                                          const std::vector<Tensor>& m, const Tensor& mask,
+                                                          int64_t c_out, ScalarType acc, ScalarType gemm,
+                                                          int64_t modes, bool residual,
+                                                          std::optional<double> negative_slope, bool want_dx,
+                                                          bool want_blocks, bool transposed,
+                                                          const TemporalKernels& kernels) {
+  const int64_t batch = x.size(0), n_times = x.size(1), c_in = x.size(2);
+  const int64_t pixels = x.size(3) * x.size(4), rank = spectral_rank(n_times, modes);
+  Tensor grad_x;
+  std::vector<Tensor> grad_blocks;  // per bin group: the gradient's diagonal blocks so far
+  if (want_dx) grad_x = empty(shape_of(x), x.scalar_type(), x.device());
+  if (x.numel() == 0 || grad_y.numel() == 0) {
+    if (want_dx) torch::stable::zero_(grad_x);
+    return {grad_x, grad_blocks};
+  }
+  const SpectralBasis basis(n_times, modes, acc, x.device(), kernels);
+  Tensor x_owner, grad_owner;
+  const View4 x4 = activations(x, x_owner), grad4 = activations(grad_y, grad_owner);
+  const bool* mask4 = negative_slope.has_value() ? mask.const_data_ptr<bool>() : nullptr;
+  const View4 dx4 = want_dx ? dense4(grad_x, n_times, c_in, pixels) : View4{};
+  const std::vector<BinGroup> groups = bin_groups(n_times, modes);
+  const Chunks chunks(batch, pixels, rank * std::max(c_in, c_out), kernels.chunk_elements);
+  const Tensor dv = chunks.scratch(0, rank * c_out, gemm, x.device());
+  const Tensor scratch = chunks.scratch(1, rank * c_in, gemm, x.device());
+  const int64_t y_batch = n_times * c_out * pixels, x_batch = n_times * c_in * pixels;
+  for (int64_t b0 = 0; b0 < batch; b0 += chunks.step) {
+    const int64_t nb = std::min(chunks.step, batch - b0), n = nb * pixels;
+    // dv: the adjoint of the expansion applied to dL/d(pre-activation).
+    const View4 grad_chunk = grad4.shifted(b0 * grad4.stride[0]);
+    kernels.temporal_mix({nb, rank, n_times, c_out, pixels, grad_chunk,
+                          mask4 == nullptr ? nullptr : mask4 + b0 * y_batch, negative_slope.value_or(1.0),
+                          basis.expand_transposed(), View4{}, chunks.coordinates(dv, c_out, nb), nullptr,
+                          std::nullopt});
+    if (want_blocks) {
+      kernels.temporal_mix({nb, rank, n_times, c_in, pixels, x4.shifted(b0 * x4.stride[0]), nullptr, 1.0,
+                            basis.project(), View4{}, chunks.coordinates(scratch, c_in, nb), nullptr, std::nullopt});
+      for (size_t k = 0; k < groups.size(); ++k) {
+        const Tensor dv_k = coordinate_blocks(dv, n, groups[k], c_out);
+        const Tensor u_k = coordinate_blocks(scratch, n, groups[k], c_in);
+        const Tensor product = transposed ? aten::bmm(u_k, coordinate_blocks(dv, n, groups[k], c_out, true))
+                                          : aten::bmm(dv_k, coordinate_blocks(scratch, n, groups[k], c_in, true));
+        const Tensor partial = in_type(product, acc);  // summed over the chunks in the accumulation type
+        // 2.13's stable API has no in-place add: total - (-1) partial.
+        if (b0 == 0) grad_blocks.push_back(partial);
+        else grad_blocks[k] = torch::stable::subtract(grad_blocks[k], partial, -1.0);
+      }
+    }
+    if (want_dx) {
+      block_diagonal_mm(scratch, m, dv, n, c_in, c_out, /*transpose=*/true, groups);
+      kernels.temporal_mix({nb, n_times, rank, c_in, pixels, chunks.coordinates(scratch, c_in, nb), nullptr, 1.0,
+                            basis.project_transposed(), residual ? grad_chunk : View4{}, dx4.shifted(b0 * x_batch),
+                            nullptr, std::nullopt});
+    }
+  }
+  return {grad_x, grad_blocks};
+}
+
+void check_residual(const char* op, bool residual, int64_t c_in, int64_t c_out) {
+  ADJOINTDEIS_CHECK(!residual || c_out == c_in, op, ": residual needs C_out == C_in, got C_in = ", c_in,
+                    " and C_out = ", c_out);
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> fourier_spectral_conv(const Tensor& x, const Tensor& mixing, int64_t modes,
+                                                 bool residual, std::optional<double> negative_slope,
+                                                 bool save_mask, DeviceType device_type,
+                                                 const TemporalKernels& kernels) {
+  const char* op = "fourier_spectral_conv";
+  check_activations(op, x, device_type);
+  int64_t c_out = 0;
+  check_mixing(op, mixing, x, modes, c_out);
+  check_residual(op, residual, x.size(2), c_out);
+  const ScalarType acc = mixing.scalar_type(), gemm = gemm_type(x, acc, kernels);
+  const std::vector<Tensor> m = gemm_blocks(mixing, bin_groups(x.size(1), modes), c_out, x.size(2), gemm);
+  return spectral_forward(x, m, c_out, acc, gemm, modes, residual, negative_slope, save_mask, kernels);
+}
+
 std::tuple<Tensor, Tensor> fourier_spectral_conv_backward(const Tensor& grad_y, const Tensor& x,
                                                           const Tensor& mixing, const Tensor& mask, int64_t modes,
                                                           bool residual, std::optional<double> negative_slope,
@@ -250,64 +400,81 @@ std::tuple<Tensor, Tensor> fourier_spectral_conv_backward(const Tensor& grad_y, 
   check_output_mask(op, output_mask);
   int64_t c_out = 0;
   check_mixing(op, mixing, x, modes, c_out);
-  const int64_t batch = x.size(0), n_times = x.size(1), c_in = x.size(2);
-  const int64_t pixels = x.size(3) * x.size(4), rank = spectral_rank(n_times, modes);
-  const Shape y_shape{batch, n_times, c_out, x.size(3), x.size(4)};
+  const Shape y_shape{x.size(0), x.size(1), c_out, x.size(3), x.size(4)};
   check_grad_and_mask(op, grad_y, mask, x, y_shape, negative_slope);
 
-  const ScalarType acc = mixing.scalar_type();
-  Tensor grad_x, grad_mixing;
-  if (output_mask[0]) grad_x = empty(shape_of(x), x.scalar_type(), x.device());
-  if (output_mask[1]) grad_mixing = zeros(shape_of(mixing), acc, x.device());
-  if (x.numel() == 0 || grad_y.numel() == 0) {
-    if (output_mask[0]) torch::stable::zero_(grad_x);
-    return {grad_x, grad_mixing};
-  }
-  const ScalarType gemm = gemm_type(x, mixing, kernels);
-  const SpectralBasis basis(n_times, modes, acc, x.device(), kernels);
-  Tensor x_owner, grad_owner;
-  const View4 x4 = activations(x, x_owner), grad4 = activations(grad_y, grad_owner);
-  const bool* mask4 = negative_slope.has_value() ? mask.const_data_ptr<bool>() : nullptr;
-  const View4 dx4 = output_mask[0] ? dense4(grad_x, n_times, c_in, pixels) : View4{};
-  const std::vector<BinGroup> groups = bin_groups(n_times, modes);
-  const std::vector<Tensor> m = output_mask[0] ? gemm_blocks(mixing, groups, c_out, c_in, gemm) : std::vector<Tensor>{};
-  const Chunks chunks(batch, pixels, rank * std::max(c_in, c_out), kernels.chunk_elements);
-  const Tensor dv = chunks.scratch(rank * c_out, gemm, x.device());
-  const Tensor scratch = chunks.scratch(rank * c_in, gemm, x.device());
-  std::vector<Tensor> grad_blocks;  // per bin group: the mixing gradient's diagonal blocks so far
-  const int64_t y_batch = n_times * c_out * pixels, x_batch = n_times * c_in * pixels;
-  for (int64_t b0 = 0; b0 < batch; b0 += chunks.step) {
-    const int64_t nb = std::min(chunks.step, batch - b0), n = nb * pixels;
-    // dv: the adjoint of the expansion applied to dL/d(pre-activation).
-    const View4 grad_chunk = grad4.shifted(b0 * grad4.stride[0]);
-    kernels.temporal_mix({nb, rank, n_times, c_out, pixels, grad_chunk,
-                          mask4 == nullptr ? nullptr : mask4 + b0 * y_batch, negative_slope.value_or(1.0),
-                          basis.expand_transposed(), View4{}, chunks.coordinates(dv, c_out, nb), nullptr,
-                          std::nullopt});
-    if (output_mask[1]) {
-      kernels.temporal_mix({nb, rank, n_times, c_in, pixels, x4.shifted(b0 * x4.stride[0]), nullptr, 1.0,
-                            basis.project(), View4{}, chunks.coordinates(scratch, c_in, nb), nullptr, std::nullopt});
-      for (size_t k = 0; k < groups.size(); ++k) {
-        const Tensor partial = in_type(aten::bmm(coordinate_blocks(dv, n, groups[k], c_out),
-                                                 coordinate_blocks(scratch, n, groups[k], c_in, /*transpose=*/true)),
-                                       acc);  // summed over the chunks in the accumulation type
-        // 2.13's stable API has no in-place add: total - (-1) partial.
-        if (b0 == 0) grad_blocks.push_back(partial);
-        else grad_blocks[k] = torch::stable::subtract(grad_blocks[k], partial, -1.0);
-      }
+  const ScalarType acc = mixing.scalar_type(), gemm = gemm_type(x, acc, kernels);
+  const std::vector<BinGroup> groups = bin_groups(x.size(1), modes);
+  const std::vector<Tensor> m = output_mask[0] ? gemm_blocks(mixing, groups, c_out, x.size(2), gemm)
+                                               : std::vector<Tensor>{};
+  auto [grad_x, grad_blocks] = spectral_backward(grad_y, x, m, mask, c_out, acc, gemm, modes, residual,
+                                                 negative_slope, output_mask[0], output_mask[1],
+                                                 /*transposed=*/false, kernels);
+  Tensor grad_mixing;
+  if (output_mask[1]) {
+    grad_mixing = zeros(shape_of(mixing), acc, x.device());
+    for (size_t k = 0; k < grad_blocks.size(); ++k) {
+      Tensor target = diagonal_blocks(grad_mixing, groups[k], c_out, x.size(2));
+      torch::stable::copy_(target, grad_blocks[k]);
     }
-    if (output_mask[0]) {
-      block_diagonal_mm(scratch, m, dv, n, c_in, c_out, /*transpose=*/true, groups);
-      kernels.temporal_mix({nb, n_times, rank, c_in, pixels, chunks.coordinates(scratch, c_in, nb), nullptr, 1.0,
-                            basis.project_transposed(), residual ? grad_chunk : View4{}, dx4.shifted(b0 * x_batch),
-                            nullptr, std::nullopt});
-    }
-  }
-  for (size_t k = 0; k < grad_blocks.size(); ++k) {
-    Tensor target = diagonal_blocks(grad_mixing, groups[k], c_out, c_in);
-    torch::stable::copy_(target, grad_blocks[k]);
   }
   return {grad_x, grad_mixing};
+}
+
+std::tuple<Tensor, Tensor> fourier_mode_conv(const Tensor& x, const Tensor& weight, int64_t modes, bool residual,
+                                             std::optional<double> negative_slope, bool save_mask,
+                                             DeviceType device_type, const TemporalKernels& kernels) {
+  const char* op = "fourier_mode_conv";
+  check_activations(op, x, device_type);
+  int64_t c_out = 0;
+  check_weight(op, weight, x, modes, c_out);
+  check_residual(op, residual, x.size(2), c_out);
+  const ScalarType acc = weight.scalar_type(), gemm = gemm_type(x, acc, kernels);
+  const std::vector<Tensor> blocks =
+      weight_blocks(weight, bin_groups(x.size(1), modes), x.size(2), c_out, gemm, kernels);
+  return spectral_forward(x, transposed(blocks), c_out, acc, gemm, modes, residual, negative_slope, save_mask,
+                          kernels);
+}
+
+std::tuple<Tensor, Tensor> fourier_mode_conv_backward(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
+                                                      const Tensor& mask, int64_t modes, bool residual,
+                                                      std::optional<double> negative_slope,
+                                                      const std::vector<bool>& output_mask, DeviceType device_type,
+                                                      const TemporalKernels& kernels) {
+  const char* op = "fourier_mode_conv_backward";
+  check_activations(op, x, device_type);
+  check_output_mask(op, output_mask);
+  int64_t c_out = 0;
+  check_weight(op, weight, x, modes, c_out);
+  const int64_t c_in = x.size(2);
+  const Shape y_shape{x.size(0), x.size(1), c_out, x.size(3), x.size(4)};
+  check_grad_and_mask(op, grad_y, mask, x, y_shape, negative_slope);
+
+  const ScalarType acc = weight.scalar_type(), gemm = gemm_type(x, acc, kernels);
+  const std::vector<BinGroup> groups = bin_groups(x.size(1), modes);
+  const std::vector<Tensor> m = output_mask[0] ? transposed(weight_blocks(weight, groups, c_in, c_out, gemm, kernels))
+                                               : std::vector<Tensor>{};
+  auto [grad_x, grad_blocks] = spectral_backward(grad_y, x, m, mask, c_out, acc, gemm, modes, residual,
+                                                 negative_slope, output_mask[0], output_mask[1],
+                                                 /*transposed=*/true, kernels);
+  Tensor grad_weight;
+  if (output_mask[1]) {
+    grad_weight = empty(shape_of(weight), acc, x.device());
+    if (grad_blocks.empty()) {
+      torch::stable::zero_(grad_weight);
+    } else {
+      const int64_t bin_elements = c_in * c_out * 2;
+      if (weight.size(0) > modes) {  // bins beyond `modes` have no effect
+        Tensor unused = view_of(grad_weight, modes * bin_elements, {(weight.size(0) - modes) * bin_elements}, {1});
+        torch::stable::zero_(unused);
+      }
+      for (size_t k = 0; k < groups.size(); ++k) {
+        const BinGroup& g = groups[k];
+        kernels.mode_grad({(g.first + 1) / 2, g.count, g.size, c_in, c_out, grad_blocks[k], grad_weight});
+      }
+    }
+  }
+  return {grad_x, grad_weight};
 }
 
 std::tuple<Tensor, Tensor> fourier_channel_conv(const Tensor& x, const Tensor& kernel, bool residual,

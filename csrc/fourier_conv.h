@@ -8,7 +8,9 @@
 //   A = (E (x) I_Cout) M (P (x) I_Cin),   P (r, T): real DFT rows, E (T, r): real inverse DFT columns,
 //
 // with M (r C_out, r C_in) block-diagonal over bins, holding [[Re W^T, -Im W^T], [Im W^T, Re W^T]]
-// per bin (ops.fourier_mode_mixing). The op runs as: project x onto the r coordinates (a temporal-mix
+// per bin (ops.fourier_mode_mixing). fourier_spectral_conv takes M; fourier_mode_conv (the layer's path) takes
+// the weight and builds the blocks the GEMMs read in one pass (ModeBlocks), their transposes, so that the weight
+// is read in order, and its backward returns the weight's gradient from theirs (ModeGrad). The op runs as: project x onto the r coordinates (a temporal-mix
 // kernel), multiply by M's diagonal blocks over all pixels of the batch (aten::bmm through the
 // dispatcher: BLAS on the CPU, cuBLAS on CUDA; one batched GEMM for all complex bins), then expand
 // back to T with the activation and residual fused (the same temporal-mix kernel). The GEMMs do about
@@ -82,6 +84,23 @@ struct EpilogueBackward {
   std::optional<double> negative_slope;
 };
 
+// The GEMM blocks of one group of equally sized bins from the layer's weight (fourier_mode_conv): bins
+// first_bin .. first_bin + count - 1 of `size` coordinates each; blocks (count, size C_in, size C_out), contiguous in
+// the GEMMs' type, receive the transposes of M's diagonal blocks (mode_block_source).
+struct ModeBlocks {
+  int64_t first_bin, count, size, c_in, c_out;
+  View4 weight;  // (K, C_in, C_out, 2) of the accumulation type: real and imaginary parts last
+  Tensor blocks;
+};
+
+// The weight's gradient in the bins of one group from dL/d(blocks) (ModeBlocks' layout, the accumulation type,
+// contiguous): rows first_bin .. first_bin + count - 1 of grad_weight (K, C_in, C_out, 2), contiguous, written.
+struct ModeGrad {
+  int64_t first_bin, count, size, c_in, c_out;
+  Tensor grad_blocks;
+  Tensor grad_weight;
+};
+
 // The kernels one backend provides.
 struct TemporalKernels {
   void (*temporal_mix)(const TemporalMix& call);
@@ -97,6 +116,8 @@ struct TemporalKernels {
   // AVX-512-BF16 or AMX, float16 and bfloat16 on CUDA (tensor cores). Otherwise they run in the accumulation
   // type.
   bool (*native_gemm)(ScalarType dtype);
+  void (*mode_blocks)(const ModeBlocks& call);
+  void (*mode_grad)(const ModeGrad& call);
 };
 
 // Calls run(TypeTag<src_t>{}, TypeTag<y_t>{}, TypeTag<acc_t>{}) with the temporal mix's element types:
@@ -139,6 +160,17 @@ std::tuple<Tensor, Tensor> fourier_spectral_conv_backward(const Tensor& grad_y, 
                                                           bool residual, std::optional<double> negative_slope,
                                                           const std::vector<bool>& output_mask,
                                                           DeviceType device_type, const TemporalKernels& kernels);
+
+// The layer given its weight (K, C_in, C_out, 2) (real and imaginary parts last) instead of M: the GEMMs read
+// blocks built from the weight directly (ModeBlocks), and the backward returns the weight's gradient.
+std::tuple<Tensor, Tensor> fourier_mode_conv(const Tensor& x, const Tensor& weight, int64_t modes, bool residual,
+                                             std::optional<double> negative_slope, bool save_mask,
+                                             DeviceType device_type, const TemporalKernels& kernels);
+std::tuple<Tensor, Tensor> fourier_mode_conv_backward(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
+                                                      const Tensor& mask, int64_t modes, bool residual,
+                                                      std::optional<double> negative_slope,
+                                                      const std::vector<bool>& output_mask, DeviceType device_type,
+                                                      const TemporalKernels& kernels);
 
 std::tuple<Tensor, Tensor> fourier_channel_conv(const Tensor& x, const Tensor& kernel, bool residual,
                                                 std::optional<double> negative_slope, bool save_mask,

@@ -55,4 +55,28 @@ C10_HOST_DEVICE inline void spectral_basis_entry(int64_t j, int64_t t, int64_t n
   weight = T(c * p);
 }
 
+// The layer's GEMM operands from its weight W (K, C_in, C_out) complex, without forming M: bin k's block of M is
+// [[Re W_k^T, -Im W_k^T], [Im W_k^T, Re W_k^T]] (Re W_k^T alone for DC and Nyquist), and the kernels write its
+// transpose, whose entry (b C_in + i, a C_out + o) (a, b < the bin's coordinates) is W_k[i, o]'s real part
+// (part 0) or imaginary part (part 1) times sign: read along o, W's rows are read in order.
+C10_HOST_DEVICE inline void mode_block_source(int64_t a, int64_t b, int64_t& part, int& sign) {
+  part = a == b ? 0 : 1;
+  sign = a == 0 && b == 1 ? -1 : 1;
+}
+
+// dL/d Re W_k[i, o] and dL/d Im W_k[i, o] from g = dL/d(bin k's transposed block), row i of which starts at g
+// (rows `cols` = size C_out apart; size = 1 or 2 coordinates of the bin): the sums of mode_block_source's entries.
+template <typename T>
+C10_HOST_DEVICE inline void mode_weight_grad(const T* g, int64_t cols, int64_t c_in, int64_t c_out, int64_t size,
+                                             int64_t o, T& re, T& im) {
+  if (size == 1) {
+    re = g[o];
+    im = T(0);
+    return;
+  }
+  const T* lower = g + c_in * cols;  // row C_in + i
+  re = g[o] + lower[c_out + o];
+  im = g[c_out + o] - lower[o];
+}
+
 }  // namespace adjointdeis

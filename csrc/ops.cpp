@@ -51,6 +51,12 @@ STABLE_TORCH_LIBRARY(adjointdeis, m) {
       "fourier_spectral_conv_backward(Tensor grad_y, Tensor x, Tensor mixing, Tensor mask, int modes,"
       " bool residual, float? negative_slope, bool[2] output_mask) -> (Tensor grad_x, Tensor grad_mixing)");
   m.def(
+      "fourier_mode_conv(Tensor x, Tensor weight, int modes, bool residual, float? negative_slope,"
+      " bool save_mask) -> (Tensor y, Tensor mask)");
+  m.def(
+      "fourier_mode_conv_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor mask, int modes,"
+      " bool residual, float? negative_slope, bool[2] output_mask) -> (Tensor grad_x, Tensor grad_weight)");
+  m.def(
       "fourier_channel_conv(Tensor x, Tensor kernel, bool residual, float? negative_slope, bool save_mask)"
       " -> (Tensor y, Tensor mask)");
   m.def(

@@ -255,6 +255,80 @@ def test_internal_ops_match_their_twins(device, dtype):
     assert torch.all(grad_mixing[mask == 0] == 0) and grad_mixing.abs().sum() > 0
 
 
+def weight_parts(shape, device="cpu", dtype=torch.float32, layout="contiguous", seed=1):
+    """(K, C_in, C_out, 2) real and imaginary parts of a weight; "strided": a view with no unit stride."""
+    parts = torch.view_as_real(make_weight(shape, seed, device, torch.complex128)).to(dtype)
+    if layout == "strided":
+        big = torch.zeros(shape[0], shape[2], shape[1], 3, dtype=dtype, device=device)
+        big[..., :2] = parts.transpose(1, 2)
+        parts = big.transpose(1, 2)[..., :2]
+        assert parts.stride(-1) == 1 and parts.stride(2) != 2 and not parts.is_contiguous()
+    return parts
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("n_times,modes,c_in,c_out,residual,slope", [
+    (4, 2, 3, 3, True, 0.01), (5, 3, 3, 2, False, 0.2), (8, 5, 2, 4, False, None), (2, 2, 3, 3, True, 0.01)])
+def test_mode_conv_matches_its_twin(device, dtype, layout, n_times, modes, c_in, c_out, residual, slope):
+    """fourier_mode_conv (the GEMM blocks built from the weight) and its backward against reference.py, with
+    bins beyond `modes` in the weight (not read; zero gradient), C_in != C_out, DC and Nyquist bins."""
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    x = make_x((2, n_times, c_in, 2, 5), dtype, device, layout="sliced")
+    grad = make_x((2, n_times, c_out, 2, 5), dtype, device, seed=3)
+    weight = weight_parts((modes + 1, c_in, c_out), device, opmath, layout)
+    tol = REFERENCE_TOL[dtype]
+    lib = torch.ops.adjointdeis
+    y, mask = lib.fourier_mode_conv(x, weight, modes, residual, slope, True)
+    want_y, want_mask = reference.fourier_mode_conv(x, weight, modes, residual, slope, True)
+    assert y.dtype == dtype and y.shape == want_y.shape and mask.shape == want_mask.shape
+    assert_close(y, want_y, **tol)
+    for output_mask in ([True, True], [True, False], [False, True]):
+        args = (grad, x, weight, want_mask, modes, residual, slope, output_mask)
+        got, want = lib.fourier_mode_conv_backward(*args), reference.fourier_mode_conv_backward(*args)
+        if output_mask[0]:
+            assert_close(got[0], want[0], **tol)
+        if output_mask[1]:
+            assert got[1].shape == weight.shape and got[1].dtype == opmath
+            assert_close(got[1], want[1], rtol=tol["rtol"], atol=tol["atol"] * want[1].abs().max().item())
+            assert torch.all(got[1][modes:] == 0) and torch.all(got[1][0, ..., 1] == 0)
+        assert [g is not None for g in got] == output_mask
+    # The same layer as fourier_spectral_conv given M: the same GEMM operands, rounded the same way.
+    mixing = ops.fourier_mode_mixing(torch.view_as_complex(weight.contiguous()), n_times, modes)
+    y_m, _ = lib.fourier_spectral_conv(x, mixing, modes, residual, slope, False)
+    assert_close(y, y_m, rtol=1e-6 if dtype == torch.float32 else 0, atol=1e-6 if dtype == torch.float32 else 0)
+
+
+@pytest.mark.parametrize("residual,slope", [(True, 0.01), (False, 0.2), (False, None)])
+def test_mode_conv_gradcheck(residual, slope):
+    x = make_x((2, 5, 3, 2, 1)).requires_grad_()
+    weight = weight_parts((4, 3, 3 if residual else 2), dtype=torch.float64, layout="strided").requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, w: ops.fourier_mode_conv(x, w, 3, residual, slope, True)[0], (x, weight))
+
+
+def test_mode_conv_concurrent_calls_keep_their_scratch_apart():
+    """Each thread has its own kept scratch (KeptScratch): concurrent calls of different shapes give what a call
+    alone gives."""
+    import concurrent.futures
+
+    cases = [(make_x((b, 4, c, 4, 4), torch.float32, seed=b), weight_parts((2, c, c)), make_x((b, 4, c, 4, 4),
+              torch.float32, seed=b + 1)) for b, c in ((3, 8), (5, 16), (2, 24), (4, 8))]
+
+    def run(case):
+        x, w, g = case
+        y, mask = torch.ops.adjointdeis.fourier_mode_conv(x, w, 2, True, 0.01, True)
+        return (y, *torch.ops.adjointdeis.fourier_mode_conv_backward(g, x, w, mask, 2, True, 0.01, [True, True]))
+
+    alone = [run(case) for case in cases]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            for got, want in zip(pool.map(run, cases * 4), alone * 4):
+                for g, w in zip(got, want):
+                    assert torch.equal(g, w)
+
+
 def use_temporal_mix(monkeypatch, kernel):
     """Forces the CPU temporal mix's kernel (ADJOINTDEIS_TEMPORAL_MIX, read at every call); skips where this CPU
     lacks the ISA, which the op reports by raising."""
@@ -336,6 +410,8 @@ def test_opcheck(device, residual, slope):
     kernel = circulant(ops.fourier_tap_synthesis(make_weight((3, 3), device=device), 4, 3)).detach().requires_grad_()
     torch.library.opcheck(torch.ops.adjointdeis.fourier_spectral_conv.default, (x, mixing, 2, residual, slope, True))
     torch.library.opcheck(torch.ops.adjointdeis.fourier_channel_conv.default, (x, kernel, residual, slope, True))
+    weight = weight_parts((3, 3, 3), device, layout="strided").requires_grad_()
+    torch.library.opcheck(torch.ops.adjointdeis.fourier_mode_conv.default, (x, weight, 2, residual, slope, True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -484,6 +560,21 @@ def test_bad_input_compiled_ops_name_the_argument():
         ops.fourier_mode_mixing(torch.zeros(5, 3, 3, dtype=torch.complex64), 4, 4)
     with pytest.raises(ValueError, match="n_times must be an integer in"):
         ops.fourier_tap_synthesis(torch.zeros(5, 3, dtype=torch.complex64), 33, 2)
+    with pytest.raises(RuntimeError, match="weight must be Float for x of dtype Float, got Double"):
+        lib.fourier_mode_conv(x, torch.zeros(2, 3, 3, 2, dtype=torch.float64), 2, True, 0.01, False)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \(K, C_in, C_out, 2\) with K >= modes = 2"):
+        lib.fourier_mode_conv(x, torch.zeros(1, 3, 3, 2), 2, True, 0.01, False)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \(K, C_in, C_out, 2\)"):
+        lib.fourier_mode_conv_backward(x, x, torch.zeros(2, 3, 3), x, 2, True, None, [True, True])
+    with pytest.raises(RuntimeError, match="residual needs C_out == C_in"):
+        lib.fourier_mode_conv(x, torch.zeros(2, 3, 4, 2), 2, True, 0.01, False)
+    with pytest.raises(RuntimeError, match="modes must be in"):
+        lib.fourier_mode_conv(x, torch.zeros(5, 3, 3, 2), 4, True, 0.01, False)
+    for bad, message in ((torch.zeros(2, 3, 3, 2, dtype=torch.float64), "weight must be torch.float32"),
+                         (torch.zeros(2, 3, 3), r"weight must have shape \(K, C_in, C_out, 2\)"),
+                         (torch.zeros(1, 3, 3, 2), "K >= modes = 2"), ("w", "weight must be a tensor")):
+        with pytest.raises((TypeError, ValueError), match=message):
+            ops.fourier_mode_conv(x, bad, 2, True, 0.01, False)
     with pytest.raises(RuntimeError, match="mask must be a contiguous tensor"):
         lib.fourier_spectral_conv_backward(x, x, torch.zeros(9, 9), torch.zeros(0, dtype=torch.bool), 2, True,
                                            0.01, [True, True])

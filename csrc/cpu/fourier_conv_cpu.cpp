@@ -281,6 +281,62 @@ void spectral_basis_cpu(const Tensor& basis, int64_t n_times, int64_t modes) {
   });
 }
 
+// One row (a, b) of a bin's transposed GEMM block: dst[o] = sign * W[i, o, part] (mode_block_source), W's row i at
+// w (o `w_o` apart, the imaginary part `w_part` after the real one).
+template <typename gemm_t, typename acc_t>
+ADJOINTDEIS_CPU_LOOP void mode_block_row(gemm_t* __restrict dst, const acc_t* __restrict w, int64_t w_o,
+                                         int64_t w_part, int64_t a, int64_t b, int64_t c_out) {
+  int64_t part = 0;
+  int sign = 1;
+  mode_block_source(a, b, part, sign);
+  const acc_t* __restrict src = w + part * w_part;
+  const acc_t scale = acc_t(sign);
+  for (int64_t o = 0; o < c_out; ++o) dst[o] = to_storage<gemm_t>(scale * src[o * w_o]);
+}
+
+void mode_blocks_cpu(const ModeBlocks& call) {
+  dispatch_step_types(call.blocks.scalar_type(), "fourier_mode_blocks", [&](auto tag) {
+    using gemm_t = typename decltype(tag)::type;
+    using acc_t = opmath_t<gemm_t>;
+    const View4& w = call.weight;
+    const int64_t s = call.size, c_in = call.c_in, c_out = call.c_out, cols = s * c_out;
+    gemm_t* out = call.blocks.mutable_data_ptr<gemm_t>();
+    for (int64_t q = 0; q < call.count; ++q) {
+      for (int64_t b = 0; b < s; ++b) {
+        for (int64_t i = 0; i < c_in; ++i) {
+          const acc_t* row = w.ptr<const acc_t>() + (call.first_bin + q) * w.stride[0] + i * w.stride[1];
+          gemm_t* dst = out + ((q * s + b) * c_in + i) * cols;
+          for (int64_t a = 0; a < s; ++a) {
+            mode_block_row<gemm_t, acc_t>(dst + a * c_out, row, w.stride[2], w.stride[3], a, b, c_out);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Row i of the weight's gradient in one bin (mode_weight_grad): real and imaginary parts interleaved.
+template <typename acc_t>
+ADJOINTDEIS_CPU_LOOP void mode_grad_row(acc_t* __restrict dst, const acc_t* __restrict g, int64_t cols, int64_t c_in,
+                                        int64_t c_out, int64_t size) {
+  for (int64_t o = 0; o < c_out; ++o) mode_weight_grad(g, cols, c_in, c_out, size, o, dst[2 * o], dst[2 * o + 1]);
+}
+
+void mode_grad_cpu(const ModeGrad& call) {
+  dispatch_opmath_types(call.grad_weight.scalar_type(), "fourier_mode_grad", [&](auto tag) {
+    using acc_t = typename decltype(tag)::type;
+    const int64_t s = call.size, c_in = call.c_in, c_out = call.c_out, cols = s * c_out;
+    const acc_t* g = call.grad_blocks.const_data_ptr<acc_t>();
+    acc_t* gw = call.grad_weight.mutable_data_ptr<acc_t>();
+    for (int64_t q = 0; q < call.count; ++q) {
+      for (int64_t i = 0; i < c_in; ++i) {
+        mode_grad_row<acc_t>(gw + ((call.first_bin + q) * c_in + i) * c_out * 2, g + (q * s * c_in + i) * cols, cols,
+                             c_in, c_out, s);
+      }
+    }
+  });
+}
+
 // 256 Ki bin coordinates per chunk (1 MiB in float32, half that in bfloat16), so that they stay in a 1 MiB L2
 // between the pipeline's stages. Measured on a Zen 4 EPYC (bench/RESULTS.md): twice that (the earlier
 // setting) was 0-36% slower in float32 and up to 20% in bfloat16; half of it slowed the bfloat16 GEMMs (fewer
@@ -299,7 +355,7 @@ bool native_gemm_cpu(ScalarType dtype) {
 }
 
 const TemporalKernels kCpuKernels{&temporal_mix_cpu, &epilogue_backward_cpu, &spectral_basis_cpu, kChunkElements,
-                                  &native_gemm_cpu};
+                                  &native_gemm_cpu, &mode_blocks_cpu, &mode_grad_cpu};
 
 std::tuple<Tensor, Tensor> spectral_conv_cpu(const Tensor& x, const Tensor& mixing, int64_t modes, bool residual,
                                              std::optional<double> negative_slope, bool save_mask) {
@@ -312,6 +368,19 @@ std::tuple<Tensor, Tensor> spectral_conv_backward_cpu(const Tensor& grad_y, cons
                                                       const std::vector<bool>& output_mask) {
   return fourier_spectral_conv_backward(grad_y, x, mixing, mask, modes, residual, negative_slope, output_mask,
                                         DeviceType::CPU, kCpuKernels);
+}
+
+std::tuple<Tensor, Tensor> mode_conv_cpu(const Tensor& x, const Tensor& weight, int64_t modes, bool residual,
+                                         std::optional<double> negative_slope, bool save_mask) {
+  return fourier_mode_conv(x, weight, modes, residual, negative_slope, save_mask, DeviceType::CPU, kCpuKernels);
+}
+
+std::tuple<Tensor, Tensor> mode_conv_backward_cpu(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
+                                                  const Tensor& mask, int64_t modes, bool residual,
+                                                  std::optional<double> negative_slope,
+                                                  const std::vector<bool>& output_mask) {
+  return fourier_mode_conv_backward(grad_y, x, weight, mask, modes, residual, negative_slope, output_mask,
+                                    DeviceType::CPU, kCpuKernels);
 }
 
 std::tuple<Tensor, Tensor> channel_conv_cpu(const Tensor& x, const Tensor& kernel, bool residual,
@@ -332,6 +401,8 @@ std::tuple<Tensor, Tensor> channel_conv_backward_cpu(const Tensor& grad_y, const
 STABLE_TORCH_LIBRARY_IMPL(adjointdeis, CPU, m) {
   m.impl("fourier_spectral_conv", TORCH_BOX(&spectral_conv_cpu));
   m.impl("fourier_spectral_conv_backward", TORCH_BOX(&spectral_conv_backward_cpu));
+  m.impl("fourier_mode_conv", TORCH_BOX(&mode_conv_cpu));
+  m.impl("fourier_mode_conv_backward", TORCH_BOX(&mode_conv_backward_cpu));
   m.impl("fourier_channel_conv", TORCH_BOX(&channel_conv_cpu));
   m.impl("fourier_channel_conv_backward", TORCH_BOX(&channel_conv_backward_cpu));
 }

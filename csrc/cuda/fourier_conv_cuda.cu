@@ -89,6 +89,36 @@ __global__ void spectral_basis_kernel(acc_t* proj, acc_t* weight, int64_t rank, 
   }
 }
 
+// One thread per entry (q, b C_in + i, a C_out + o) of a group's transposed GEMM blocks (ModeBlocks).
+template <typename gemm_t, typename acc_t>
+__global__ void mode_blocks_kernel(gemm_t* blocks, const acc_t* weight, Strides4 w, int64_t first_bin, int64_t size,
+                                   int64_t c_in, int64_t c_out, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
+    const int64_t col = e % (size * c_out), rest = e / (size * c_out);
+    const int64_t row = rest % (size * c_in), q = rest / (size * c_in);
+    const int64_t a = col / c_out, o = col % c_out, b = row / c_in, i = row % c_in;
+    int64_t part = 0;
+    int sign = 1;
+    mode_block_source(a, b, part, sign);
+    blocks[e] = gemm_t(acc_t(sign) * weight[(first_bin + q) * w.b + i * w.t + o * w.c + part * w.p]);
+  }
+}
+
+// One thread per (q, i, o) of a group's bins: the weight's gradient there (mode_weight_grad).
+template <typename acc_t>
+__global__ void mode_grad_kernel(acc_t* grad_weight, const acc_t* grad_blocks, int64_t first_bin, int64_t size,
+                                 int64_t c_in, int64_t c_out, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  const int64_t cols = size * c_out;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
+    const int64_t o = e % c_out, qi = e / c_out;
+    const int64_t i = qi % c_in, q = qi / c_in;
+    acc_t* dst = grad_weight + (((first_bin + q) * c_in + i) * c_out + o) * 2;
+    mode_weight_grad(grad_blocks + (q * size * c_in + i) * cols, cols, c_in, c_out, size, o, dst[0], dst[1]);
+  }
+}
+
 template <typename src_t, typename y_t, typename acc_t>
 void launch_temporal_mix(const TemporalMix& call) {
   MixArgs<src_t, y_t, acc_t> a{call.src.ptr<const src_t>(), strides_of(call.src), call.src_mask,
@@ -141,10 +171,37 @@ void spectral_basis_cuda(const Tensor& basis, int64_t n_times, int64_t modes) {
   });
 }
 
+void mode_blocks_cuda(const ModeBlocks& call) {
+  const int64_t n = call.blocks.numel();
+  if (n == 0) return;
+  const int blocks = cuda::grid_size(n, cuda::current_device());
+  dispatch_step_types(call.blocks.scalar_type(), "fourier_mode_blocks", [&](auto tag) {
+    using gemm_t = typename decltype(tag)::type;
+    using acc_t = opmath_t<gemm_t>;
+    mode_blocks_kernel<gemm_t, acc_t><<<blocks, kThreads, 0, cuda::current_stream()>>>(
+        call.blocks.mutable_data_ptr<gemm_t>(), call.weight.ptr<const acc_t>(), strides_of(call.weight),
+        call.first_bin, call.size, call.c_in, call.c_out, n);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void mode_grad_cuda(const ModeGrad& call) {
+  const int64_t n = call.count * call.c_in * call.c_out;
+  if (n == 0) return;
+  const int blocks = cuda::grid_size(n, cuda::current_device());
+  dispatch_opmath_types(call.grad_weight.scalar_type(), "fourier_mode_grad", [&](auto tag) {
+    using acc_t = typename decltype(tag)::type;
+    mode_grad_kernel<acc_t><<<blocks, kThreads, 0, cuda::current_stream()>>>(
+        call.grad_weight.mutable_data_ptr<acc_t>(), call.grad_blocks.const_data_ptr<acc_t>(), call.first_bin,
+        call.size, call.c_in, call.c_out, n);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 bool native_gemm_cuda(ScalarType dtype) { return dtype == ScalarType::Half || dtype == ScalarType::BFloat16; }
 
 const TemporalKernels kCudaKernels{&temporal_mix_cuda, &epilogue_backward_cuda, &spectral_basis_cuda, 0,
-                                   &native_gemm_cuda};
+                                   &native_gemm_cuda, &mode_blocks_cuda, &mode_grad_cuda};
 
 std::tuple<Tensor, Tensor> spectral_conv_cuda(const Tensor& x, const Tensor& mixing, int64_t modes, bool residual,
                                               std::optional<double> negative_slope, bool save_mask) {
@@ -160,6 +217,21 @@ std::tuple<Tensor, Tensor> spectral_conv_backward_cuda(const Tensor& grad_y, con
   const auto guard = cuda::guard_device_of(x);
   return fourier_spectral_conv_backward(grad_y, x, mixing, mask, modes, residual, negative_slope, output_mask,
                                         DeviceType::CUDA, kCudaKernels);
+}
+
+std::tuple<Tensor, Tensor> mode_conv_cuda(const Tensor& x, const Tensor& weight, int64_t modes, bool residual,
+                                          std::optional<double> negative_slope, bool save_mask) {
+  const auto guard = cuda::guard_device_of(x);
+  return fourier_mode_conv(x, weight, modes, residual, negative_slope, save_mask, DeviceType::CUDA, kCudaKernels);
+}
+
+std::tuple<Tensor, Tensor> mode_conv_backward_cuda(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
+                                                   const Tensor& mask, int64_t modes, bool residual,
+                                                   std::optional<double> negative_slope,
+                                                   const std::vector<bool>& output_mask) {
+  const auto guard = cuda::guard_device_of(x);
+  return fourier_mode_conv_backward(grad_y, x, weight, mask, modes, residual, negative_slope, output_mask,
+                                    DeviceType::CUDA, kCudaKernels);
 }
 
 std::tuple<Tensor, Tensor> channel_conv_cuda(const Tensor& x, const Tensor& kernel, bool residual,
@@ -182,6 +254,8 @@ std::tuple<Tensor, Tensor> channel_conv_backward_cuda(const Tensor& grad_y, cons
 STABLE_TORCH_LIBRARY_IMPL(adjointdeis, CUDA, m) {
   m.impl("fourier_spectral_conv", TORCH_BOX(&spectral_conv_cuda));
   m.impl("fourier_spectral_conv_backward", TORCH_BOX(&spectral_conv_backward_cuda));
+  m.impl("fourier_mode_conv", TORCH_BOX(&mode_conv_cuda));
+  m.impl("fourier_mode_conv_backward", TORCH_BOX(&mode_conv_backward_cuda));
   m.impl("fourier_channel_conv", TORCH_BOX(&channel_conv_cuda));
   m.impl("fourier_channel_conv_backward", TORCH_BOX(&channel_conv_backward_cuda));
 }
