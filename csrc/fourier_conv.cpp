@@ -76,6 +76,8 @@ bool* mask_data(const Tensor& mask) { return mask.numel() > 0 ? mask.mutable_dat
 // pixel instead of (r C)^2.
 struct BinGroup {
   int64_t first, count, size;  // first coordinate, number of bins, coordinates per bin
+
+  int64_t first_bin() const { return (first + 1) / 2; }
 };
 
 std::vector<BinGroup> bin_groups(int64_t n_times, int64_t modes) {
@@ -260,7 +262,7 @@ std::vector<Tensor> weight_blocks(const Tensor& weight, const std::vector<BinGro
   std::vector<Tensor> blocks;
   for (const BinGroup& g : groups) {
     Tensor b = empty({g.count, g.size * c_in, g.size * c_out}, dtype, weight.device());
-    kernels.mode_blocks({(g.first + 1) / 2, g.count, g.size, c_in, c_out, w, b});
+    kernels.mode_blocks({g.first_bin(), g.count, g.size, c_in, c_out, w, b});
     blocks.push_back(b);
   }
   return blocks;
@@ -349,10 +351,11 @@ std::tuple<Tensor, std::vector<Tensor>> spectral_backward(const Tensor& grad_y, 
       kernels.temporal_mix({nb, rank, n_times, c_in, pixels, x4.shifted(b0 * x4.stride[0]), nullptr, 1.0,
                             basis.project(), View4{}, chunks.coordinates(scratch, c_in, nb), nullptr, std::nullopt});
       for (size_t k = 0; k < groups.size(); ++k) {
-        const Tensor dv_k = coordinate_blocks(dv, n, groups[k], c_out);
-        const Tensor u_k = coordinate_blocks(scratch, n, groups[k], c_in);
-        const Tensor product = transposed ? aten::bmm(u_k, coordinate_blocks(dv, n, groups[k], c_out, true))
-                                          : aten::bmm(dv_k, coordinate_blocks(scratch, n, groups[k], c_in, true));
+        const Tensor product =
+            transposed ? aten::bmm(coordinate_blocks(scratch, n, groups[k], c_in),
+                                   coordinate_blocks(dv, n, groups[k], c_out, /*transpose=*/true))
+                       : aten::bmm(coordinate_blocks(dv, n, groups[k], c_out),
+                                   coordinate_blocks(scratch, n, groups[k], c_in, /*transpose=*/true));
         const Tensor partial = in_type(product, acc);  // summed over the chunks in the accumulation type
         // 2.13's stable API has no in-place add: total - (-1) partial.
         if (b0 == 0) grad_blocks.push_back(partial);
@@ -470,7 +473,7 @@ std::tuple<Tensor, Tensor> fourier_mode_conv_backward(const Tensor& grad_y, cons
       }
       for (size_t k = 0; k < groups.size(); ++k) {
         const BinGroup& g = groups[k];
-        kernels.mode_grad({(g.first + 1) / 2, g.count, g.size, c_in, c_out, grad_blocks[k], grad_weight});
+        kernels.mode_grad({g.first_bin(), g.count, g.size, c_in, c_out, grad_blocks[k], grad_weight});
       }
     }
   }
