@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import pathlib
 import platform
+import random
 import sys
 import time
 
@@ -84,6 +85,7 @@ UNET = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(3
 BATCH = 4
 COND_DIM = 4 * UNET["block_out_channels"][0]  # UNet2DModel's time-embedding width
 FLOOR_REPEATS = 5  # model calls in a row per timing of F_ng, F and F + B
+FLOOR_ROUNDS = {False: 8, True: 2}  # interleaved rounds (with --quick): with 5, discrete/floor spread 0.93-1.11
 TARGETS = {"growth": 0.10, "time_vs_autograd": 1.5, "time_vs_checkpoint": 1.1, "discrete_vs_autograd": 1.38}
 
 DIFFEQ_TOLERANCES = (1e-3, 1e-5)
@@ -371,8 +373,10 @@ def run_floor(quick, threads):
     for fn in [*calls.values(), *gradients.values()]:  # warm-up
         fn()
     best, wall = {}, {}
-    for _ in range(2 if quick else 5):
-        for name, fn in [*calls.items(), *gradients.items()]:
+    order, shuffle = [*calls.items(), *gradients.items()], random.Random(0).shuffle
+    for _ in range(FLOOR_ROUNDS[quick]):
+        shuffle(order)  # in a new order each round: no case always runs after the same one, or early in a round
+        for name, fn in order:
             zero_grads(model, x_T, z)
             start, wall_start = time.process_time(), time.perf_counter()
             fn()
@@ -387,7 +391,7 @@ def run_floor(quick, threads):
     rows = [{"steps": n, "autograd": best[("autograd", n)], "discrete": best[("discrete", n)], "floor": floor(best, n),
              "wall_autograd": wall[("autograd", n)], "wall_discrete": wall[("discrete", n)],
              "wall_floor": floor(wall, n)} for n in steps_list]
-    return {"F_ng": best["F_ng"], "F": best["F"], "B": best["F+B"] - best["F"], "rounds": 2 if quick else 5,
+    return {"F_ng": best["F_ng"], "F": best["F"], "B": best["F+B"] - best["F"], "rounds": FLOOR_ROUNDS[quick],
             "rows": rows}
 
 
@@ -409,7 +413,9 @@ def floor_targets(result):
     worst = max((r["discrete"] / r["autograd"], r["steps"], r["floor"]) for r in result["rows"])
     return [(f"discrete: CPU time per gradient <= {TARGETS['discrete_vs_autograd']}x autograd",
              worst[0] <= TARGETS["discrete_vs_autograd"],
-             f"worst {worst[0]:.3f}x at N={worst[1]}, where the floor is {worst[2]:.3f}x")]
+             f"worst {worst[0]:.3f}x at N={worst[1]}, where the floor is {worst[2]:.3f}x"
+             + (" (above the target: no gradient that recomputes each step once can meet it there)"
+                if worst[2] > TARGETS["discrete_vs_autograd"] else ""))]
 
 
 def _mib(value):

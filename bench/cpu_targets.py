@@ -99,6 +99,9 @@ def gradient_rows(folder: pathlib.Path):
         worst = max(rows, key=lambda r: r["discrete"] / r["autograd"])
         ratio = worst["discrete"] / worst["autograd"]
         measured = f"{ratio:.3f}x at N={worst['steps']} (floor {worst['floor']:.3f}x)"
+        highest = max(rows, key=lambda r: r["floor"])
+        if highest["floor"] > DISCRETE:  # the least an exact gradient without kept activations costs, above the target
+            measured += f"; floor {highest['floor']:.3f}x at N={highest['steps']}"
         if "wall_discrete" in worst:  # the same rounds' wall time, beside the CPU time the target is judged on
             wall = max(r["wall_discrete"] / r["wall_autograd"] for r in rows)
             measured += f"; wall {wall:.3f}x"
