@@ -217,6 +217,8 @@ def run_case(bench, sched, coeff_row, dtype, size, use_compile):
         if sched.lower_order_nums < 1 or sched.model_outputs[0] is None:
             raise RuntimeError("diffusers scheduler lost its 2M history while being timed")
         passes = {"ours": latent_passes(ours, x.numel()), "diffusers": latent_passes(diffusers_step, x.numel())}
+        if passes["ours"] != TENSORS_MOVED:
+            raise RuntimeError(f"the fused step moved {passes['ours']} latent-sized tensors, not {TENSORS_MOVED}")
 
     numel = math.prod(size)
     bytes_moved = TENSORS_MOVED * numel * x.element_size()
