@@ -201,7 +201,9 @@ def run_case(bench, sched, coeff_row, dtype, size, use_compile):
         fns["compile"] = lambda: compiled(x, out, m1, **scalars)
     seconds = bench.fastest(fns)
     speedup = {name: t / seconds["ours"] for name, t in seconds.items() if name != "ours"}
-    passes = None
+    passes = {"ours": latent_passes(ours, x.numel())}
+    if passes["ours"] != TENSORS_MOVED:
+        raise RuntimeError(f"the fused step moved {passes['ours']} latent-sized tensors, not {TENSORS_MOVED}")
     if sched is not None:
         # In an interleaving of its own with ours: diffusers' step allocates and frees a dozen temporaries a call,
         # which makes glibc trim its heap and moves where the next call's outputs land; timed with the others, that
@@ -216,9 +218,7 @@ def run_case(bench, sched, coeff_row, dtype, size, use_compile):
         speedup["diffusers"] = against_diffusers["diffusers"] / against_diffusers["ours"]
         if sched.lower_order_nums < 1 or sched.model_outputs[0] is None:
             raise RuntimeError("diffusers scheduler lost its 2M history while being timed")
-        passes = {"ours": latent_passes(ours, x.numel()), "diffusers": latent_passes(diffusers_step, x.numel())}
-        if passes["ours"] != TENSORS_MOVED:
-            raise RuntimeError(f"the fused step moved {passes['ours']} latent-sized tensors, not {TENSORS_MOVED}")
+        passes["diffusers"] = latent_passes(diffusers_step, x.numel())
 
     numel = math.prod(size)
     bytes_moved = TENSORS_MOVED * numel * x.element_size()
@@ -284,7 +284,7 @@ def print_targets(rows, device):
         worst, row = min(values, key=lambda v: v[0])
         shown = f"{100 * worst:.0f}%" if key is None else f"{worst:.2f}x"
         bound = ""
-        if key == "diffusers" and worst < threshold and row.get("latent_passes"):
+        if key == "diffusers" and worst < threshold:
             theirs, ours = row["latent_passes"]["diffusers"], row["latent_passes"]["ours"]
             bound = (f"; diffusers' step reads and writes {theirs} latent-sized tensors, ours {ours}: where memory "
                      f"bounds both, about {theirs / ours:.1f}x at most")
