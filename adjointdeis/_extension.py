@@ -7,6 +7,7 @@ built it, and in every CPython from 3.10 on (abi3).
 
 import json
 import pathlib
+import platform
 import re
 
 import torch
@@ -24,6 +25,37 @@ def build_info() -> dict:
         return json.loads(_BUILD_INFO.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def _cpuinfo() -> str:
+    try:
+        return pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_isa(cpuinfo: str | None = None) -> str:
+    """The widest x86 vector extensions the CPU reports (what the multiversioned loops pick at load time), e.g.
+    "AVX2, no AVX-512" or "AVX-512, AVX-512-BF16, AMX"; "" without a flags line. `cpuinfo`: the text of
+    /proc/cpuinfo (read when None)."""
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    if not flags:
+        return ""
+    if "avx512f" not in flags:
+        return "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
+    return ", ".join(name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512-BF16"),
+                                             ("amx_tile", "AMX")) if flag in flags)
+
+
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU's model name (else what the platform module reports) with its ISA in parentheses, as every
+    benchmark table names its machine. `cpuinfo`: the text of /proc/cpuinfo (read when None)."""
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    isa = cpu_isa(text)
+    return f"{name} ({isa})" if isa else name
 
 
 def _release(version: str) -> tuple[int, ...]:

@@ -2,7 +2,8 @@
 
 The full benchmarks are scripts in the source repository (``bench/``, not in the wheel); they take their
 shared pieces from here (:func:`eager_step`, :func:`tensor_peak_bytes`, :func:`bench_overhead` for
-``bench/bench_sample.py``), so each case has one implementation. This module runs one case family of each
+``bench/bench_sample.py``, :func:`cpu_name` for every table's machine), so each case has one implementation.
+This module runs one case family of each
 of the kernel, sampler-overhead and gradient benchmarks on the CPU, as one table of rows
 ``(section, case, metric, ours, baseline, baseline_name, ratio)``, ratio = baseline / ours:
 
@@ -24,6 +25,7 @@ import torch
 from torch.utils import benchmark
 
 from . import __version__, ops
+from ._extension import cpu_name
 from .sampling import sample
 from .schedules import VPSchedule
 
@@ -188,7 +190,7 @@ def run_all(quick: bool = False, progress=None) -> dict:
             progress(name)
         rows += section(quick)
     meta = dict(adjointdeis=__version__, torch=torch.__version__, machine=platform.machine(),
-                processor=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                cpu=cpu_name(), threads=torch.get_num_threads(),
                 cpus=os.cpu_count(), quick=quick, date=datetime.datetime.now(datetime.timezone.utc).isoformat())
     return {"meta": meta, "rows": rows}
 
@@ -204,7 +206,7 @@ def format_table(result: dict) -> str:
                      f"{r['baseline_name']}")
     meta = result["meta"]
     lines.append(f"ratio = baseline / ours (above 1: ours faster or smaller); torch {meta['torch']}, "
-                 f"{meta['threads']} thread(s), {meta['processor']}")
+                 f"{meta['threads']} thread(s), {meta['cpu']}")
     return "\n".join(lines)
 
 

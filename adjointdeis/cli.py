@@ -13,6 +13,7 @@
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -21,7 +22,7 @@ import warnings
 import torch
 
 from . import __version__, ops, validation
-from ._extension import build_info
+from ._extension import build_info, cpu_name
 from .schedules import SPACINGS
 from .solvers import SOLVERS, resolve_order
 from .zoo import MODELS
@@ -84,7 +85,7 @@ def output_file(path: pathlib.Path, suffix: str, option: str = "--out", echo=pri
 
 
 def info(_args) -> None:
-    """Prints versions, the torch _C was built against, and the compiled CUDA kernels."""
+    """Prints versions, the torch _C was built against, the compiled CUDA kernels and the CPU."""
     built = build_info()
     cuda = ops.cuda_version()
     print(f"adjointdeis {__version__}")
@@ -96,6 +97,7 @@ def info(_args) -> None:
     else:
         print("CUDA kernels: not compiled (CUDA tensors use the pure-PyTorch reference)")
     print(f"CUDA device visible: {torch.cuda.is_available()}")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores")
 
 
 def accuracy(args) -> None:

@@ -17,7 +17,7 @@ from torch.utils import benchmark
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from adjointdeis import ops  # noqa: E402
-from machine import cpu_name  # noqa: E402  (bench/machine.py: scripts run from bench/ on sys.path)
+from adjointdeis.benchmarks import cpu_name  # noqa: E402
 
 
 def seconds(stmt, **globals_):

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import adjointdeis as ad  # noqa: E402
-from machine import cpu_name  # noqa: E402
+from adjointdeis.benchmarks import cpu_name  # noqa: E402
 
 
 class ConvEps(torch.nn.Module):

@@ -21,7 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from adjointdeis.demo import zoo_table  # noqa: E402
 from adjointdeis.diagnostics import format_table, loop_circulation  # noqa: E402
-from machine import cpu_name  # noqa: E402
+from adjointdeis.benchmarks import cpu_name  # noqa: E402
 
 
 def radius_table(times, n, points, radii, seed=0) -> str:

@@ -25,7 +25,7 @@ from adjointdeis import zoo  # noqa: E402
 from adjointdeis.benchmarks import tensor_peak_bytes  # noqa: E402
 from adjointdeis.zoo.finetune import (FinetuneSettings, evaluate, finetune_class_reward, lora_copy,  # noqa: E402
                                       reward_gradient)
-from machine import cpu_name  # noqa: E402  bench/machine.py
+from adjointdeis.benchmarks import cpu_name  # noqa: E402
 from memory import RSS_METHOD, in_fresh_process, peak_rss_rise  # noqa: E402  bench/memory.py
 
 MODES = ("autograd", "discrete")

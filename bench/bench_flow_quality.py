@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from adjointdeis.benchmarks import cpu_name  # noqa: E402
+
 import adjointdeis  # noqa: E402
 from adjointdeis.demo import class_noise, fd_digits, load_kit, sample_digits  # noqa: E402
 from adjointdeis.metrics import class_accuracy  # noqa: E402
@@ -105,7 +107,7 @@ def main(argv=None):
     nfes = QUICK_NFES if args.quick else NFES
     started = time.perf_counter()
     out = dict(meta=dict(adjointdeis=adjointdeis.__version__, torch=torch.__version__, threads=args.threads,
-                         machine=platform.machine(), samples=n, nfes=list(nfes),
+                         machine=platform.machine(), cpu=cpu_name(), samples=n, nfes=list(nfes),
                          date=datetime.datetime.now(datetime.timezone.utc).isoformat()))
     kit = None
     for name in MODELS:
@@ -119,7 +121,7 @@ def main(argv=None):
     if args.png:
         save_rows(args.png)
     out["meta"]["seconds"] = time.perf_counter() - started
-    print(f"total {out['meta']['seconds']:.0f} s")
+    print(f"total {out['meta']['seconds']:.0f} s on {cpu_name()}")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.json}")

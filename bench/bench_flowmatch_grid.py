@@ -31,7 +31,7 @@ import adjointdeis  # noqa: E402
 from adjointdeis.demo import class_noise, fd_digits, load_kit  # noqa: E402
 from adjointdeis.diffusers import FusedMultistepScheduler  # noqa: E402
 from adjointdeis.metrics import class_accuracy  # noqa: E402
-from machine import cpu_name  # noqa: E402
+from adjointdeis.benchmarks import cpu_name  # noqa: E402
 
 NFES = (3, 5, 10, 20)
 QUICK_NFES = (3, 10)

@@ -36,7 +36,7 @@ from torch.utils import benchmark
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from adjointdeis import ops, reference  # noqa: E402
-from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
+from adjointdeis.benchmarks import cpu_name  # noqa: E402
 from timing import interleaved_min_ms
 
 DSNO_SHAPES = [(b, 4, 2, c, h) for b in (32, 128) for c in (128, 256) for h in (8, 16, 32)]

@@ -48,7 +48,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import adjointdeis  # noqa: E402
 from adjointdeis.benchmarks import tensor_peak_bytes  # noqa: E402
 from adjointdeis.planning import plan_sampling, run_plan  # noqa: E402
-from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
+from adjointdeis.benchmarks import cpu_name  # noqa: E402
 from memory import peak_rss_rise  # bench/memory.py
 
 SECTIONS = ("accuracy", "memory", "floor", "baselines")

@@ -25,7 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from adjointdeis import k_diffusion as kd  # noqa: E402
 from adjointdeis.demo import class_noise, fd_digits, load_kit  # noqa: E402
-from machine import cpu_name  # noqa: E402
+from adjointdeis.benchmarks import cpu_name  # noqa: E402
 
 # name: (sampler, options, model evaluations per step, stochastic)
 SAMPLERS = {

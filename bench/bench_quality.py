@@ -51,6 +51,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler,  # noqa: E402
                        DPMSolverMultistepScheduler)
 
+from adjointdeis.benchmarks import cpu_name  # noqa: E402
+
 import adjointdeis  # noqa: E402
 from adjointdeis import VPSchedule, sample  # noqa: E402
 from adjointdeis.benchmarks import tensor_peak_bytes  # noqa: E402
@@ -260,7 +262,7 @@ def main(argv=None):
     kit = load_kit()
     started = time.perf_counter()
     out = dict(meta=dict(adjointdeis=adjointdeis.__version__, torch=torch.__version__, threads=args.threads,
-                         machine=platform.machine(), quick=args.quick,
+                         machine=platform.machine(), cpu=cpu_name(), quick=args.quick,
                          date=datetime.datetime.now(datetime.timezone.utc).isoformat()))
     if args.only in (None, "fd"):
         fd = run_fd(kit, samples, QUICK_NFES if args.quick else NFES)
@@ -271,7 +273,7 @@ def main(argv=None):
         print_morph(morph_result)
         out["morph"] = morph_result
     out["meta"]["seconds"] = time.perf_counter() - started
-    print(f"\ntotal {out['meta']['seconds']:.0f} s")
+    print(f"\ntotal {out['meta']['seconds']:.0f} s on {cpu_name()}")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.json}")

@@ -46,7 +46,7 @@ import adjointdeis as ad  # noqa: E402
 from adjointdeis import ops  # noqa: E402
 from adjointdeis.benchmarks import OVERHEAD_SHAPE, bench_overhead  # noqa: E402
 from adjointdeis.planning import all_finite, device_tables, plan_sampling, run_plan  # noqa: E402
-from machine import cpu_name  # noqa: E402
+from adjointdeis.benchmarks import cpu_name  # noqa: E402
 from timing import interleaved_min_ms  # noqa: E402
 
 GLIBC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")

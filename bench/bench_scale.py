@@ -43,7 +43,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import adjointdeis as ad  # noqa: E402
 from adjointdeis.planning import plan_sampling, run_plan  # noqa: E402
-from machine import cpu_name  # noqa: E402  bench/machine.py
+from adjointdeis.benchmarks import cpu_name  # noqa: E402
 from memory import RSS_METHOD, in_fresh_process, peak_rss_rise  # noqa: E402  bench/memory.py
 
 STEPS = (10, 25, 50)
@@ -330,7 +330,7 @@ def main(argv=None) -> None:
     full = {label: full_size_saved_bytes(label) for label in tqdm(FULL, desc="full-size models on meta", disable=None)}
     end_load = os.getloadavg()
     by = {(r["model"], r["method"], r["steps"]): r for r in rows}
-    print(f"## Scale: memory and time per gradient, {datetime.date.today()}, {cpu_name()} (AVX2, no AVX-512), "
+    print(f"## Scale: memory and time per gradient, {datetime.date.today()}, {cpu_name()}, "
           f"1 thread per case; 1-minute load {load[0]:.1f} before, {end_load[0]:.1f} after (a shared machine); "
           f"{time.perf_counter() - start:.0f} s in all")
     print(f"- {RSS_METHOD}\n- time: that gradient's process CPU seconds (insensitive to other processes) and wall seconds")

@@ -40,7 +40,7 @@ from adjointdeis import ops  # noqa: E402
 from adjointdeis.diffusers import FusedMultistepScheduler  # noqa: E402
 from adjointdeis.diffusers.config import clear_grid_cache  # noqa: E402
 from adjointdeis.diffusers.scheduler import _step_table  # noqa: E402
-from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
+from adjointdeis.benchmarks import cpu_name  # noqa: E402
 
 STEPS = (10, 25, 50)
 LATENT_SHAPE = (1, 4, 32, 32)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from adjointdeis import ops, reference  # noqa: E402
 from adjointdeis.benchmarks import eager_step  # noqa: E402
-from machine import cpu_name  # bench/machine.py (scripts run from bench/ on sys.path)
+from adjointdeis.benchmarks import cpu_name  # noqa: E402
 from timing import interleaved_min_ms  # noqa: E402
 
 SIZES = [(1, 4, 64, 64), (4, 4, 64, 64), (16, 4, 64, 64), (4, 4, 128, 128), (16, 4, 128, 128), (16, 16, 128, 128)]

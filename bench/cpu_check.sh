@@ -23,8 +23,8 @@ KEEP_PAGES=(env MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=107374182
 machine() {
   python3 -c "
 import os, sys, torch
-sys.path.insert(0, 'bench')
-from machine import cpu_name
+sys.path.insert(0, '.')
+from adjointdeis.benchmarks import cpu_name
 print(cpu_name(), '|', os.cpu_count(), 'cores | torch', torch.__version__, '| load', os.getloadavg())"
 }
 

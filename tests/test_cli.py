@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from adjointdeis import cli, images
+from adjointdeis._extension import cpu_name
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
@@ -157,6 +158,7 @@ def test_bench_quick_writes_json_and_plot(tmp_path, capsys):
     assert {row["section"] for row in result["rows"]} == {"kernel", "overhead", "gradients"}
     assert all(row["ours"] > 0 for row in result["rows"])
     assert result["meta"]["quick"] is True
+    assert result["meta"]["cpu"] == cpu_name() and cpu_name() in stdout  # the table names its machine
     for row in result["rows"]:
         assert row["case"] in stdout
     png_size(plot_path)

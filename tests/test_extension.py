@@ -93,6 +93,20 @@ def test_cli_info():
             in result.stdout)
     kernels = "CUDA kernels: compiled with CUDA" if info["cuda_kernels"] else "CUDA kernels: not compiled"
     assert kernels in result.stdout
+    assert f"CPU: {_extension.cpu_name()}, " in result.stdout
+
+
+ZEN4_FLAGS = "fpu sse2 avx avx2 fma avx512f avx512dq avx512bw avx512vl avx512_bf16"
+SPR_FLAGS = "sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile amx_int8"
+
+
+@pytest.mark.parametrize("flags, isa", [
+    (ZEN4_FLAGS, "AVX-512, AVX-512-BF16"), (SPR_FLAGS, "AVX-512, AVX-512-BF16, AMX"),
+    ("sse2 avx avx2 fma", "AVX2, no AVX-512"), ("sse2 sse4_2", "no AVX2"), (None, "")])
+def test_cpu_name_names_the_model_and_its_widest_isa(flags, isa):
+    cpuinfo = "processor\t: 0\nmodel name\t: Some CPU 9000\n" + (f"flags\t\t: {flags}\n" if flags else "")
+    assert _extension.cpu_isa(cpuinfo) == isa
+    assert _extension.cpu_name(cpuinfo) == (f"Some CPU 9000 ({isa})" if isa else "Some CPU 9000")
 
 
 def test_cli_accuracy_reports_converging_errors():
