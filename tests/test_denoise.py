@@ -11,9 +11,10 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import (DDIMScheduler, DDPMPipeline, DEISMultistepScheduler, DPMSolverMultistepScheduler,  # noqa: E402
-                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
-                       UNet2DConditionModel, UNet2DModel)
+from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DEISMultistepScheduler,  # noqa: E402
+                       DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+                       FlowMatchHeunDiscreteScheduler, PNDMScheduler, UNet2DConditionModel, UNet2DModel,
+                       UniPCMultistepScheduler)
 
 from adjointdeis.diffusers.pipeline import denoise  # noqa: E402
 
@@ -195,6 +196,108 @@ def test_forward_matches_every_config(scheduler):
         ours = denoise(unet, latents, scheduler, num_inference_steps=6)
     theirs = diffusers_loop(unet, scheduler, latents, 6)
     assert relative_error(ours, theirs) < FORWARD_RTOL
+
+
+DDIM = dict(clip_sample=False)
+
+
+@pytest.mark.parametrize("config,steps", [
+    (dict(timestep_spacing="trailing"), 7),  # lands at t - 142, the next timestep is t - 143 at some steps
+    (dict(timestep_spacing="linspace"), 3),  # lands at t - 333, the next timestep is t - 499
+    (dict(timestep_spacing="trailing", prediction_type="sample"), 7),
+    (dict(timestep_spacing="linspace", prediction_type="v_prediction", set_alpha_to_one=False), 4),
+    (dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5), 6),  # x0 thresholded, eps not
+    (dict(thresholding=True, dynamic_thresholding_ratio=0.8, sample_max_value=1.2, timestep_spacing="trailing"), 7),
+    (dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"), 5),
+    (dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"), 7),
+], ids=["trailing", "linspace", "trailing_x0", "linspace_v", "thresholding", "thresholding_trailing",
+        "zero_snr", "zero_snr_7"])
+def test_forward_matches_ddim_where_it_lands_off_its_grid(config, steps):
+    """DDIM's own steps: landing at t - T // N (not always the next timestep), x0 thresholded after eps is taken,
+    the first step at zero terminal SNR (alpha = 0). Oracle: diffusers' DDIM loop in float64 (its coefficients
+    float32); in float32 we are as close to it as diffusers' own float32 loop, or within FORWARD_RTOL (thresholded
+    steps amplify rounding: diffusers' float32 loop is up to 1.4e-5 off its float64 one)."""
+    scheduler = DDIMScheduler(**DDIM, **config)
+    runs = {}
+    for dtype in (torch.float64, torch.float32):
+        unet, latents = unconditional_unet(dtype), 3 * inputs(dtype)[0]
+        with torch.no_grad():
+            ours = denoise(unet, latents, scheduler, num_inference_steps=steps)
+        runs[dtype] = ours.double(), diffusers_loop(unet, scheduler, latents, steps).double()
+    oracle = runs[torch.float64][1]
+    assert relative_error(runs[torch.float64][0], oracle) < FORWARD_RTOL
+    theirs_float32 = relative_error(runs[torch.float32][1], oracle)
+    assert relative_error(runs[torch.float32][0], oracle) < max(FORWARD_RTOL, 2 * theirs_float32)
+
+
+def test_discrete_gradients_equal_autograd_where_ddim_lands_off_its_grid():
+    unet = unconditional_unet(torch.float64)
+    scheduler = DDIMScheduler(**DDIM, timestep_spacing="trailing", thresholding=True, dynamic_thresholding_ratio=0.8,
+                              sample_max_value=1.2)
+    latents = inputs(torch.float64, batch=1)[0].requires_grad_()
+    params = list(unet.parameters())
+    grads = {}
+    for grad in ("discrete", "autograd"):
+        out = denoise(unet, 3 * latents, scheduler, num_inference_steps=7, grad=grad)
+        grads[grad] = gradients(out, [latents] + params)
+    assert relative_error(grads["discrete"][0], grads["autograd"][0]) < GRAD_RTOL
+    assert relative_error(flat(grads["discrete"][1:], params), flat(grads["autograd"][1:], params)) < GRAD_RTOL
+    with pytest.raises(ValueError, match="thresholded"):
+        denoise(unet, latents, scheduler, num_inference_steps=7, grad="adjoint")
+
+
+def transplanted_dpmsolver(scheduler, steps, timesteps=None, sigmas=None, **config):
+    """diffusers' DPMSolverMultistep of `scheduler`'s config set to the given grid (its timesteps, and its sigmas
+    when given: DPMSolverMultistep takes no sigmas=)."""
+    reference = DPMSolverMultistepScheduler.from_config(scheduler.config, **config)
+    reference.set_timesteps(steps if timesteps is None else None, timesteps=timesteps)
+    if sigmas is not None:
+        reference.sigmas = sigmas.clone()
+    return reference
+
+
+@pytest.mark.parametrize("make", [
+    lambda: PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
+                          steps_offset=1),  # SD 1.x's: its timesteps repeat one, run once
+    lambda: DDPMScheduler(),
+    lambda: UniPCMultistepScheduler(),
+    lambda: UniPCMultistepScheduler(use_karras_sigmas=True),
+    lambda: UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),  # Wan
+], ids=["pndm", "ddpm", "unipc", "unipc_karras", "unipc_flow"])
+def test_other_schedulers_run_dpmsolver_on_their_own_grid(make):
+    """DPM-Solver++(2M) at the scheduler's own timesteps and levels (its sigmas where it has them, else its
+    alphas_cumprod, to sigma_min). Oracle: diffusers' DPMSolverMultistep on that grid."""
+    unet, scheduler = unconditional_unet(), make()
+    latents = inputs(torch.float32)[0]
+    with torch.no_grad():
+        ours = denoise(unet, latents, scheduler, num_inference_steps=5)
+    own = type(scheduler).from_config(scheduler.config)
+    own.set_timesteps(5)
+    timesteps = list(dict.fromkeys(own.timesteps.tolist()))
+    if hasattr(own, "sigmas"):
+        reference = transplanted_dpmsolver(scheduler, 5, sigmas=own.sigmas)
+        reference.timesteps = own.timesteps.clone()
+    else:
+        reference = transplanted_dpmsolver(scheduler, None, timesteps=timesteps, final_sigmas_type="sigma_min")
+    x = latents.clone()
+    with torch.no_grad():
+        for t in reference.timesteps:
+            x = reference.step(unet(x, t).sample, t, x).prev_sample
+    assert relative_error(ours, x) < FORWARD_RTOL
+
+
+def test_zero_terminal_snr_ddpm_starts_at_pure_noise():
+    """DDPM at zero terminal SNR: the first level is alpha = 0 exactly (diffusers' DPM-Solver clamps it to
+    2^-24); the v-prediction's first step is then DDIM from pure noise, x_1 = sigma_1 x_T + alpha_1 (-v)."""
+    unet = unconditional_unet()
+    scheduler = DDPMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+    latents = inputs(torch.float32)[0]
+    with torch.no_grad():
+        one = denoise(unet, latents, scheduler, num_inference_steps=None, timesteps=[999, 0])
+        v = unet(latents, 999).sample
+    alpha = scheduler.alphas_cumprod[0].double().sqrt()
+    want = (1 - alpha**2).sqrt() * latents.double() + alpha * -v.double()
+    assert relative_error(one.double(), want) < FORWARD_RTOL
 
 
 def test_forward_matches_custom_timesteps():

@@ -145,6 +145,17 @@ def test_deis_grids_match(config):
                              set_timesteps=lambda s: (s.set_timesteps(10), upcast_deis(s) if s is theirs else s)))
 
 
+@pytest.mark.parametrize("solver", ["dpmpp", "dpmsolver", "deis"])
+def test_another_solver_keeps_the_deis_grid(solver):
+    """``solver=`` runs on the family's grid: DEIS' ends at sigma_min whatever solver runs there."""
+    theirs = DEISMultistepScheduler()
+    theirs.set_timesteps(6)
+    ours = FusedDEISMultistepScheduler.from_config(theirs.config, solver=solver)
+    ours.set_timesteps(6)
+    assert torch.equal(ours.sigmas, theirs.sigmas.to(torch.float32))
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+
+
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_repeated_timesteps_are_identity_steps(order):
     """diffusers' test_timesteps grid: 25 training steps, 25 steps, timestep 12 twice. diffusers' multistep update

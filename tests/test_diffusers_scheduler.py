@@ -631,6 +631,28 @@ def test_inconsistent_config_raises(config, match):
         FusedMultistepScheduler(**config)
 
 
+@pytest.mark.parametrize("key,value,error", [
+    ("use_karras_sigmas", "false", TypeError), ("thresholding", 1, TypeError), ("rescale_betas_zero_snr", "yes", TypeError),
+    ("lambda_min_clipped", float("nan"), ValueError), ("lambda_min_clipped", "-5", TypeError),
+])
+def test_config_value_of_the_wrong_kind_names_the_key(key, value, error):
+    """A switch that is not True or False, or a NaN clip, raises naming the key (diffusers fails in arithmetic or
+    runs on: ``lambda_min_clipped=nan`` clips nothing there)."""
+    with pytest.raises(error, match=key):
+        FusedMultistepScheduler(**{key: value}).set_timesteps(5)
+
+
+def test_bad_begin_index_and_flow_timesteps_name_the_argument():
+    scheduler = FusedMultistepScheduler()
+    with pytest.raises(TypeError, match="begin_index"):
+        scheduler.set_begin_index(1.5)
+    flow = FusedMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="sigmas="):
+        flow.set_timesteps(timesteps=[999, 500, 100])
+    flow.set_timesteps(sigmas=[0.999, 0.5, 0.1])
+    assert flow.timesteps.tolist() == [999, 500, 100]
+
+
 def test_from_config_of_a_config_it_cannot_honour_names_the_key():
     with pytest.raises(ValueError, match="prediction_type"):
         FusedMultistepScheduler.from_config(DDPMScheduler(prediction_type="unknown_type").config)

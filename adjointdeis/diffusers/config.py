@@ -47,6 +47,10 @@ FLOW_MATCH_KEYS = ("shift", "base_shift", "max_shift", "base_image_seq_len", "ma
                    "shift_terminal", "stochastic_sampling")
 SIGMA_SPACING_KEYS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
 LEARNED_VARIANCE = ("learned", "learned_range")
+# The switches of every family: True or False (diffusers' JSON configs), or absent.
+SWITCH_KEYS = (*SIGMA_SPACING_KEYS, "use_flow_sigmas", "use_dynamic_shifting", "rescale_betas_zero_snr",
+               "thresholding", "lower_order_final", "euler_at_final", "invert_sigmas", "stochastic_sampling",
+               "set_alpha_to_one", "clip_sample")
 TIME_SHIFT_TYPES = ("exponential", "linear")
 
 
@@ -334,6 +338,18 @@ def _resolve(key: str, value, allowed, renames) -> object:
     return value
 
 
+def _check_switches_and_levels(config: Mapping) -> None:
+    """Raises naming the key: a switch (:data:`SWITCH_KEYS`) that is not True or False, or a NaN
+    ``lambda_min_clipped``."""
+    for key in SWITCH_KEYS:
+        value = config.get(key)
+        if value is not None and not isinstance(value, (bool, np.bool_)):
+            raise validation.ArgumentTypeError(f"scheduler config: {key} must be True or False, got {value!r}")
+    clip = config.get("lambda_min_clipped")
+    if clip is not None and clip != -math.inf:  # -inf: no clipping, the default
+        validation.real(clip, "scheduler config: lambda_min_clipped")
+
+
 def translate(config: Mapping, family: str) -> SchedulerSpec:
     """The sampler a scheduler config means in `family`, validated.
 
@@ -348,9 +364,11 @@ def translate(config: Mapping, family: str) -> SchedulerSpec:
     Raises:
         ValueError naming the key of a value it cannot honour (prediction_type, algorithm_type, solver_type,
         solver, solver_order, final_sigmas_type, time_shift_type, thresholding's ratio and maximum,
-        stochastic_sampling with another solver, per-family combinations).
+        stochastic_sampling with another solver, per-family combinations, a NaN lambda_min_clipped; a switch that
+        is not True or False: ArgumentTypeError, a TypeError).
     """
     spec_family = FAMILIES[family]
+    _check_switches_and_levels(config)
     flow = spec_family.flow or bool(config.get("use_flow_sigmas", False))
     _num_train_timesteps(config)
     if not spec_family.flow:
@@ -383,7 +401,9 @@ def translate(config: Mapping, family: str) -> SchedulerSpec:
         order = resolve_order(solver, order, sde)
     except ValueError as error:
         raise ValueError(f"scheduler config: solver_order {config.get('solver_order')!r}: {error}") from None
-    final = config.get("final_sigmas_type") or ("sigma_min" if solver in ("deis", "dpmsolver") else "zero")
+    # DEISMultistepScheduler ends at its cleanest level whatever runs on its grid
+    final = config.get("final_sigmas_type") or ("sigma_min" if family == "deis" or solver in ("deis", "dpmsolver")
+                                                else "zero")
     if final not in FINAL_SIGMAS_TYPES:
         raise config_error("final_sigmas_type", final, FINAL_SIGMAS_TYPES)
     time_shift = config.get("time_shift_type", "exponential")
@@ -526,12 +546,16 @@ def grid(config: Mapping, spec: SchedulerSpec, num_inference_steps: int | None =
     :func:`vp_custom_grid`. Results are memoised per config and arguments.
 
     Raises:
-        ValueError from diffusers for arguments it rejects.
+        ValueError from diffusers for arguments it rejects, and for ``timesteps=`` with ``use_flow_sigmas`` in a VP
+        family (diffusers fails there).
     """
     final = dict(spec.resolved)["final_sigmas_type"]
     name, kwargs = _grid_source(config, spec.family, final)
     if not FAMILIES[spec.family].flow and sigmas is not None:
         return vp_custom_grid(config, spec, sigmas, final)
+    if not FAMILIES[spec.family].flow and spec.flow and timesteps is not None:
+        raise ValueError("set_timesteps: timesteps= with use_flow_sigmas=True, a grid diffusers' "
+                         "DPMSolverMultistepScheduler cannot compute (it fails there); pass sigmas= (flow times)")
     if name == "DEISMultistepScheduler" and timesteps is not None:
         name, kwargs = _grid_source(config, "dpmsolver", final)  # the same levels; DEIS takes no timesteps=
     as_tuple = (lambda v: None if v is None else tuple(np.asarray(v.cpu() if isinstance(v, Tensor) else v,

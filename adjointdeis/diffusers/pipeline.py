@@ -14,7 +14,7 @@ the guidance embedding, and "true CFG").
 import inspect
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Number
 
 import numpy as np
@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 
 from .. import validation
+from ..predictions import to_data_and_noise
+from ..reference import opmath_dtype
 from ..sampling import sample
 from ..schedules import FlowSchedule, NoiseSchedule, _Interval
 from ..thresholding import DynamicThreshold
@@ -68,6 +70,84 @@ class VELevelSchedule(NoiseSchedule):
         return f"VELevelSchedule(t_min={self.t_min!r}, t_max={self.t_max!r})"
 
 
+class NoiseScaleSchedule(NoiseSchedule):
+    """A VP schedule whose time is its noise scale ``t = sigma``: ``alpha = sqrt(1 - t^2)``.
+
+    The variable of the grids of other schedulers (DDIM, DDPM, PNDM, UniPC, ...): finite at every level, pure
+    noise (t = 1, the last timestep of a zero-terminal-SNR schedule) included; t = 0 is zero noise.
+    """
+
+    is_variance_preserving = True
+
+    def __init__(self, t_min: float, t_max: float):
+        self.t_min, self.t_max = t_min, t_max
+
+    @property
+    def time_domain(self) -> _Interval:
+        return _Interval(0.0, 1.0, True, True)
+
+    def _log_alpha(self, t: Tensor) -> Tensor:
+        return 0.5 * torch.log1p(-t * t)
+
+    def _alpha(self, t: Tensor) -> Tensor:
+        return torch.sqrt((1.0 - t) * (1.0 + t))
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        return t
+
+    def _log_sigma(self, t: Tensor) -> Tensor:
+        return torch.log(t)
+
+    def _time_from_half_log_snr(self, lam: Tensor) -> Tensor:
+        return torch.exp(-0.5 * torch.logaddexp(torch.zeros_like(lam), 2.0 * lam))
+
+    def __repr__(self) -> str:
+        return f"NoiseScaleSchedule(t_min={self.t_min!r}, t_max={self.t_max!r})"
+
+
+@dataclass(frozen=True)
+class DDIMRows:
+    """diffusers' DDIM steps where a grid of their own levels cannot give them, as x0 predictions on another grid.
+
+    ``DDIMScheduler.step`` evaluates the network at timestep tau_i, of noise level d_i, and lands at
+    ``tau_i - T // N``, of level l_i: ``x_next = alpha_l x0 + sigma_l eps``, x0 thresholded after eps is taken
+    from the network's output. With ``timestep_spacing`` "trailing" or "linspace", l_i need not be the next
+    timestep's level, and the next step reads the state as if it lay at its own. ``denoise`` then samples the grid
+    ``(d_0, l_0, ..., l_{N-1})`` with solver "ddim" on x0 predictions; row i, from g_i (``l_{i-1}``, ``g_0 = d_0``)
+    to l_i, computes ``x_next = (sigma_l / sigma_g) x + B x0`` with ``B = alpha_l - sigma_l alpha_g / sigma_g``,
+    so the network's output at row i becomes the x0 that makes this diffusers' step (:meth:`express`).
+
+    Attributes:
+        prediction: what the network predicts (our name).
+        threshold: diffusers' thresholding of x0, or None.
+        table: (N, 6) float64, per row ``alpha_d, sigma_d, alpha_l, sigma_l, sigma_l / sigma_g, B``.
+    """
+
+    prediction: str
+    threshold: DynamicThreshold | None
+    table: Tensor
+
+    @classmethod
+    def of(cls, evaluated: Tensor, grid: Tensor, prediction: str, threshold: DynamicThreshold | None) -> "DDIMRows":
+        """From the noise scales (VP sigma) of the N evaluations and of the N+1 grid points."""
+        alpha = lambda sigma: torch.sqrt((1 - sigma) * (1 + sigma))  # noqa: E731
+        sigma_g, sigma_l = grid[:-1], grid[1:]
+        skip = sigma_l / sigma_g
+        table = torch.stack([alpha(evaluated), evaluated, alpha(sigma_l), sigma_l, skip,
+                             alpha(sigma_l) - skip * alpha(sigma_g)], 1)
+        return cls(prediction, threshold, table)
+
+    def express(self, x: Tensor, out: Tensor, row: Tensor) -> Tensor:
+        """The x0 that row `row` (batch,) needs for diffusers' step, from the network's output `out` at `x`."""
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        table = self.table.to(device=x.device, dtype=opmath_dtype(x.dtype))[row]
+        alpha_d, sigma_d, alpha_l, sigma_l, skip, weight = (c.reshape(shape) for c in table.unbind(1))
+        x0, eps = to_data_and_noise(out, x, alpha_d, sigma_d, self.prediction)
+        if self.threshold is not None:
+            x0 = self.threshold(x0)
+        return ((alpha_l * x0 + sigma_l * eps - skip * x) / weight).to(out.dtype)
+
+
 @dataclass(frozen=True)
 class SamplingSetup:
     """What a diffusers scheduler configuration means for ``sample``.
@@ -80,6 +160,8 @@ class SamplingSetup:
             ``sample``.
         output_sign: -1 when the network's output is the negated prediction (FlowMatch's ``invert_sigmas``).
         learned_variance: the network's output carries a variance in its second half of channels.
+        ddim: DDIM's steps where its own grid cannot give them (:class:`DDIMRows`; `prediction` is then "x0"
+            and `threshold` None), or None.
     """
 
     schedule: NoiseSchedule
@@ -95,6 +177,7 @@ class SamplingSetup:
     threshold: DynamicThreshold | None
     output_sign: float = 1.0
     learned_variance: bool = False
+    ddim: DDIMRows | None = None
 
     def sample_kwargs(self) -> dict:
         """``sample``'s grid and solver arguments: N timesteps and zero noise, or the N+1 levels."""
@@ -125,9 +208,11 @@ def setup_from_scheduler(scheduler, num_inference_steps: int | None, solver: str
     DPMSolverMultistep, DEISMultistep, FlowMatchEuler, FlowMatchHeun and our schedulers: the grid of
     ``set_timesteps(num_inference_steps | timesteps | sigmas, mu)`` as ``FusedMultistepScheduler`` computes it,
     every config key honoured. Any other scheduler (DDIM, DDPM, PNDM, UniPC, ...): its own timesteps, taken from
-    a fresh instance, the levels of its ``alphas_cumprod`` there, and the end at zero noise when it says so
-    (``final_sigmas_type="zero"``, DDIM's ``set_alpha_to_one``) or else at its cleanest level (a last timestep
-    there makes the last step the identity, as in DDIM); DDIM runs "ddim", the others DPM-Solver++(2M).
+    a fresh instance (a repeated one, PNDM's, once), at the levels its steps use (its ``sigmas`` where it has
+    them, VE or flow; else its ``alphas_cumprod`` there, zero terminal SNR included), and the end at zero noise
+    when it says so (``final_sigmas_type="zero"``, DDIM's ``set_alpha_to_one``) or else at its cleanest level (a
+    last timestep there makes the last step the identity, as in DDIM). DDIM runs diffusers' DDIM steps (landing
+    at ``t - T // N`` and thresholding as diffusers does, :class:`DDIMRows`), the others DPM-Solver++(2M).
 
     Args:
         scheduler: a diffusers scheduler whose latents start as standard normal noise (``init_noise_sigma == 1``).
@@ -160,17 +245,20 @@ def setup_from_scheduler(scheduler, num_inference_steps: int | None, solver: str
     return _setup(spec, levels, grid.timesteps)
 
 
-def _setup(spec: translation.SchedulerSpec, levels: Tensor, timesteps: Tensor) -> SamplingSetup:
-    """The setup of a grid: its schedule in the grid's variable, with t_min below the cleanest non-zero level."""
+def _setup(spec: translation.SchedulerSpec, levels: Tensor, timesteps: Tensor,
+           schedule: type[NoiseSchedule] = VELevelSchedule) -> SamplingSetup:
+    """The setup of a grid: its schedule in the grid's variable (`schedule`, or flow t for a flow spec), with t_min
+    below the cleanest non-zero level."""
     t_min, t_max = 0.5 * float(levels[levels > 0].min()), float(levels[0])
-    schedule = FlowSchedule(t_min=t_min, t_max=t_max) if spec.flow else VELevelSchedule(t_min, t_max)
+    schedule = FlowSchedule(t_min=t_min, t_max=t_max) if spec.flow else schedule(t_min, t_max)
     return SamplingSetup(schedule, levels, timesteps.to(torch.float64), spec.prediction, spec.solver, spec.order,
                          spec.sde, spec.lower_order_final, spec.euler_at_final, spec.second_order, spec.threshold,
                          spec.output_sign, spec.learned_variance)
 
 
 def _setup_from_own_timesteps(scheduler, config: dict, steps: int | None, overrides: dict, timesteps) -> SamplingSetup:
-    is_ddim = type(scheduler).__name__.startswith("DDIM")
+    name = type(scheduler).__name__
+    is_ddim = name.startswith("DDIM")
     if is_ddim and config.get("clip_sample"):
         raise ValueError("scheduler config: clip_sample=True (DDIM clamps x0 to clip_sample_range) is not supported "
                          "by denoise; set clip_sample=False (or thresholding=True, which is)")
@@ -180,21 +268,48 @@ def _setup_from_own_timesteps(scheduler, config: dict, steps: int | None, overri
     else:
         fresh.set_timesteps(steps)
     if not hasattr(fresh, "alphas_cumprod"):
-        raise ValueError(f"denoise: {type(scheduler).__name__} has no alphas_cumprod; use a DPM-Solver, DEIS or "
+        raise ValueError(f"denoise: {name} has no alphas_cumprod; use a DPM-Solver, DEIS or "
                          "FlowMatch scheduler (or FusedMultistepScheduler.from_config of this config)")
-    products = fresh.alphas_cumprod.to(torch.float32)
-    table = ((1 - products) / products) ** 0.5
-    model_times = fresh.timesteps.to(torch.int64).cpu()
     final = config.get("final_sigmas_type") or "sigma_min"
     if final not in translation.FINAL_SIGMAS_TYPES:
         raise translation.config_error("final_sigmas_type", final, translation.FINAL_SIGMAS_TYPES)
-    to_zero = final == "zero" or bool(config.get("set_alpha_to_one", False))
-    end = torch.zeros(1) if to_zero else table[:1]
-    levels = torch.cat([table[model_times], end]).to(torch.float64)
     spec = translation.translate({**config, "solver": "ddim" if is_ddim else "dpmpp", "solver_order": 2,
                                   "algorithm_type": None, "solver_type": None, "final_sigmas_type": final,
                                   **overrides}, "dpmsolver")
-    return _setup(spec, levels, model_times)
+    model_times = fresh.timesteps.cpu()
+    sigmas = getattr(fresh, "sigmas", None)
+    if isinstance(sigmas, Tensor) and len(sigmas) == len(model_times) + 1:  # the levels its steps use, end included
+        levels = sigmas.cpu().to(torch.float64)
+        if not spec.flow:
+            levels = levels / torch.sqrt(1 + levels * levels)  # VE sigma/alpha -> VP sigma
+    elif spec.flow:
+        raise ValueError(f"scheduler config: use_flow_sigmas=True, but {name} has no flow sigmas to run")
+    else:
+        noise = torch.sqrt(1 - fresh.alphas_cumprod.cpu().to(torch.float32).to(torch.float64))  # VP sigma per timestep
+        to_zero = final == "zero" or bool(config.get("set_alpha_to_one", False))
+        end = torch.zeros(1, dtype=torch.float64) if to_zero else noise[:1]
+        if is_ddim:
+            return _ddim_setup(spec, noise, model_times.to(torch.int64), end,
+                               config["num_train_timesteps"] // fresh.num_inference_steps)
+        levels = torch.cat([noise[model_times.to(torch.int64)], end])
+    kept = torch.cat([torch.ones(1, dtype=torch.bool), model_times[1:] != model_times[:-1]])  # PNDM repeats one
+    levels = torch.cat([levels[:-1][kept], levels[-1:]])
+    return _setup(spec, levels, model_times[kept], NoiseScaleSchedule)
+
+
+def _ddim_setup(spec: translation.SchedulerSpec, noise: Tensor, model_times: Tensor, end: Tensor,
+                stride: int) -> SamplingSetup:
+    """DDIM's setup: its grid where every step lands on the next timestep and nothing is thresholded, else the
+    landing grid with :class:`DDIMRows`."""
+    prev = model_times - stride
+    landing = torch.where(prev >= 0, noise[prev.clamp(min=0)], end)
+    evaluated = noise[model_times]
+    grid = torch.cat([evaluated[:1], landing])
+    setup = _setup(spec, grid, model_times, NoiseScaleSchedule)
+    if torch.equal(prev[:-1], model_times[1:]) and spec.threshold is None:
+        return setup
+    return replace(setup, prediction="x0", threshold=None,
+                   ddim=DDIMRows.of(evaluated, grid, spec.prediction, spec.threshold))
 
 
 def _network(pipe_or_unet) -> torch.nn.Module:
@@ -222,6 +337,7 @@ class NetworkCall:
         self.net = net
         self.levels = setup.levels[:-1]
         self.timesteps = setup.timesteps
+        self.ddim = setup.ddim
         self.sign, self.learned_variance = setup.output_sign, setup.learned_variance
         self.flux = type(net).__name__ == _FLUX
         self.model_kwargs = dict(model_kwargs or {})
@@ -229,10 +345,13 @@ class NetworkCall:
         self.takes_added_dict = "added_cond_kwargs" in params
         self.takes_encoder = _ENCODER_KEY in params
 
+    def row(self, t: Tensor) -> Tensor:
+        """The grid index of levels `t` (batch,)."""
+        return (t[:, None] == self.levels.to(device=t.device, dtype=t.dtype)[None]).to(torch.int64).argmax(1)
+
     def timestep(self, x: Tensor, t: Tensor) -> Tensor:
         """The network's timestep for grid levels `t` (batch,)."""
-        index = (t[:, None] == self.levels.to(device=t.device, dtype=t.dtype)[None]).to(torch.int64).argmax(1)
-        timestep = self.timesteps.to(device=t.device, dtype=torch.float32)[index]
+        timestep = self.timesteps.to(device=t.device, dtype=torch.float32)[self.row(t)]
         return timestep.to(x.dtype) / 1000 if self.flux else timestep
 
     def __call__(self, x: Tensor, t: Tensor, cond: Mapping | None = None) -> Tensor:
@@ -248,7 +367,8 @@ class NetworkCall:
         out = self.net(x, timestep=self.timestep(x, t), return_dict=False, **kwargs)[0]
         if self.learned_variance and out.shape[1] != x.shape[1]:
             out = out[:, :x.shape[1]]
-        return -out if self.sign < 0 else out
+        out = -out if self.sign < 0 else out
+        return out if self.ddim is None else self.ddim.express(x, out, self.row(t))
 
 
 def _conditioning(prompt_embeds, added_cond_kwargs):
@@ -383,6 +503,9 @@ def denoise(pipe_or_unet, latents: Tensor, scheduler, prompt_embeds: Tensor | No
     if type(net).__name__ == _FLUX:
         extra = {**_flux_kwargs(net, latents, prompt_embeds, guidance_scale, height, width), **extra}
         cfg_scale = true_cfg_scale
+    if setup.ddim is not None and setup.ddim.threshold is not None and grad == "adjoint":
+        raise ValueError("grad='adjoint' integrates the probability-flow ODE's adjoint, which a thresholded "
+                         "sampler (scheduler config thresholding=True) does not solve: use grad='discrete'")
     call = NetworkCall(net, setup, extra)
     if prompt_embeds is not None and not call.takes_encoder:
         raise ValueError(f"{type(net).__name__} takes no encoder_hidden_states; pass prompt_embeds=None")

@@ -287,9 +287,9 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         """Sets the index of the first step (pipelines call it before the loop, e.g. for img2img).
 
         Args:
-            begin_index: index into ``timesteps`` of the first ``step`` call.
+            begin_index: index into ``timesteps`` of the first ``step`` call, an integer >= 0.
         """
-        self._begin_index = begin_index
+        self._begin_index = validation.integer(begin_index, "begin_index", 0)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       timesteps: list[int] | list[float] | None = None, sigmas: list[float] | None = None,
