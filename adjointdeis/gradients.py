@@ -14,6 +14,7 @@ That function drives the forward run itself, from a :class:`GradientSpec` (the p
 :mod:`adjointdeis.planning` and the settings), recording the states it needs through the run loop's callback.
 """
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -251,14 +252,51 @@ class _ModelGraph:
     aliases: ParameterAliases | None
 
 
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The global generators' state (the CPU's, and `device`'s when it is a GPU), read without a device sync."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def _replaying(state: tuple[Tensor, Tensor | None] | None, device: torch.device):
+    """Runs the block with the global generators at `state` (None: as they are), restoring them after: a model
+    re-run in the reverse pass draws what its forward call drew (dropout masks), as torch.utils.checkpoint."""
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if state[1] is not None else [], device_type="cuda"):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+@contextlib.contextmanager
+def _buffers_kept(model):
+    """Restores the buffers of `model`'s training-mode submodules after the block: the reverse pass's re-runs of a
+    train-mode BatchNorm would otherwise move its running statistics (the forward pass moved them as autograd's)."""
+    kept = []
+    if isinstance(model, torch.nn.Module):
+        kept = [(b, b.clone()) for m in model.modules() if m.training for b in m._buffers.values() if b is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in kept:
+                buffer.copy_(value)
+
+
 def _condition_inputs(cond_leaves) -> list[Tensor]:
     return [c.detach().requires_grad_(c.requires_grad) for c in cond_leaves]
 
 
 def _forward_discrete(spec: GradientSpec, x_T: Tensor, cond_leaves: list[Tensor], noise: NoiseSource | None,
-                      aliases: ParameterAliases | None) -> tuple[Tensor, list[Tensor], _ModelGraph | None]:
-    """The sampling run of grad="discrete": the sample, every differentiated row's input, and the last row's
-    output with its graph, for the reverse pass to pull back instead of re-running the model there.
+                      aliases: ParameterAliases | None
+                      ) -> tuple[Tensor, list[Tensor], _ModelGraph | None, list | None]:
+    """The sampling run of grad="discrete": the sample, every differentiated row's input, the last row's
+    output with its graph, for the reverse pass to pull back instead of re-running the model there, and the
+    global generators' state before each row's model call that drew random numbers (:func:`_replaying`; None
+    for a call that drew none).
 
     Only the last row runs with grad enabled (``run_plan``'s `grad_from`), its input made a leaf that requires grad
     when the row before reports it, and its model call made as :func:`model_vjp` would (on ``aliases.module``, or
@@ -272,7 +310,7 @@ def _forward_discrete(spec: GradientSpec, x_T: Tensor, cond_leaves: list[Tensor]
     cond_in = _condition_inputs(cond_leaves)
     conditioning = spec.conditioning.rebuild(cond_in)
     x_T = x_T.detach().requires_grad_(last == 0)
-    states, graphs = [], []
+    states, graphs, rng = [], [], []
 
     def record(info: StepInfo) -> None:
         if info.row == last - 1:
@@ -290,8 +328,13 @@ def _forward_discrete(spec: GradientSpec, x_T: Tensor, cond_leaves: list[Tensor]
                 spec.callback(dataclasses.replace(info, x=info.x.detach(), output=info.output.detach(),
                                                   converted=info.converted.detach(), x_next=info.x_next.detach()))
 
-    def model(*args):
-        return (grad_model if torch.is_grad_enabled() else spec.model)(*args)
+    def model(*args):  # called once a row
+        before = _rng_state(x_T.device)
+        out = (grad_model if torch.is_grad_enabled() else spec.model)(*args)
+        after = _rng_state(x_T.device)
+        drew = not all(a is None or torch.equal(a, b) for a, b in zip(before, after))
+        rng.append(before if drew else None)  # kept only for a call that drew (5 KB on the CPU)
+        return out
 
     with torch.enable_grad():
         x = run_plan(model, x_T, spec.plan, cond=conditioning.cond, guidance_scale=conditioning.guidance_scale,
@@ -302,7 +345,7 @@ def _forward_discrete(spec: GradientSpec, x_T: Tensor, cond_leaves: list[Tensor]
         if aliases is not None:
             aliases.module = None
         graph = None
-    return x.detach(), states, graph
+    return x.detach(), states, graph, rng if len(rng) == len(spec.plan.steps) else None  # a call a row, else none
 
 
 class _Sampler(torch.autograd.Function):
@@ -316,7 +359,7 @@ class _Sampler(torch.autograd.Function):
         ctx.reuse = None
         if spec.mode == "discrete":
             aliases = ParameterAliases.of(vjp_model(spec.model), list(leaves[num_cond + spec.num_noises:]))
-            x, states, graph = _forward_discrete(spec, x_T, list(leaves[:num_cond]), noise, aliases)
+            x, states, graph, ctx.rng = _forward_discrete(spec, x_T, list(leaves[:num_cond]), noise, aliases)
             ctx.reuse = aliases, graph
         else:
             x, states = _forward(spec, x_T, spec.conditioning.rebuild(list(leaves[:num_cond])), noise)
@@ -332,19 +375,26 @@ class _Sampler(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_x: Tensor):
         spec = ctx.spec
+        if torch.is_grad_enabled():  # backward(create_graph=True): the engine records this pass for another
+            raise RuntimeError(f"grad={spec.mode!r} gives first derivatives only; a double backward "
+                               "(create_graph=True: Hessian-vector products, gradient penalties) needs grad='autograd'")
         saved = ctx.saved_tensors
         num_saved = ctx.num_leaves - spec.num_noises
         leaves, states = list(saved[:num_saved]), list(saved[num_saved:])
         cond_leaves, params = leaves[:ctx.num_cond], leaves[ctx.num_cond:]
         grad_noises = [None] * spec.num_noises
-        if spec.mode == "discrete":
-            wanted = ctx.needs_input_grad[2 + ctx.num_cond:2 + ctx.num_cond + spec.num_noises]
-            reuse, ctx.reuse = ctx.reuse, None  # used once: a second backward starts afresh
-            grad_x_T, grad_cond, grad_params = discrete_adjoint(spec, grad_x, states, cond_leaves, params,
-                                                                grad_noises if any(wanted) else None, reuse)
-        else:
-            grad_x_T, grad_cond, grad_params = continuous_adjoint(spec, grad_x, states, ctx.final, cond_leaves,
-                                                                  params)
+        with _buffers_kept(vjp_model(spec.model)):
+            if spec.mode == "discrete":
+                wanted = ctx.needs_input_grad[2 + ctx.num_cond:2 + ctx.num_cond + spec.num_noises]
+                reuse, ctx.reuse = ctx.reuse, None  # used once: a second backward starts afresh
+                grad_x_T, grad_cond, grad_params = discrete_adjoint(spec, grad_x, states, cond_leaves, params,
+                                                                    grad_noises if any(wanted) else None, reuse,
+                                                                    ctx.rng)
+            else:  # its model calls draw new numbers at new points: the global generators are left as they were
+                with torch.random.fork_rng(devices=[grad_x.device] if grad_x.device.type == "cuda" else [],
+                                           device_type="cuda"):
+                    grad_x_T, grad_cond, grad_params = continuous_adjoint(spec, grad_x, states, ctx.final,
+                                                                          cond_leaves, params)
         reduce_across_ranks(spec.model, grad_params)
         if not all_finite(grad_x_T):
             raise FloatingPointError(f"grad={spec.mode!r}: the adjoint state became non-finite (NaN/Inf); "
@@ -381,7 +431,7 @@ def reduce_across_ranks(model, grads: list[Tensor | None]) -> None:
 
 
 def _model_graph(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, aliases: ParameterAliases | None,
-                 row: int | None) -> _ModelGraph:
+                 row: int | None, rng=None) -> _ModelGraph:
     """Runs the model at x with grad enabled (see :func:`model_vjp`)."""
     model = vjp_model(spec.model)
     x_in = x.detach().requires_grad_(True)
@@ -389,7 +439,8 @@ def _model_graph(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, aliases:
     c = spec.conditioning.rebuild(cond_in)
 
     def output(module):
-        out = evaluate_model(module, x_in, t, c.cond, c.guidance_scale, c.uncond)
+        with _replaying(rng, x.device):
+            out = evaluate_model(module, x_in, t, c.cond, c.guidance_scale, c.uncond)
         return out if row is None else row_output(spec.plan, row, x_in, out)
 
     in_place = aliases is not None and aliases.module is not None
@@ -401,7 +452,8 @@ def _model_graph(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, aliases:
 
 
 def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cotangent_of_out,
-              aliases: ParameterAliases | None = None, row: int | None = None, graph: _ModelGraph | None = None):
+              aliases: ParameterAliases | None = None, row: int | None = None, graph: _ModelGraph | None = None,
+              rng: tuple[Tensor, Tensor | None] | None = None):
     """Re-runs the model at x with grad enabled and pulls a cotangent back.
 
     Args:
@@ -418,6 +470,7 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
             ``.grad`` at every call, so None is returned for them.
         graph: the output already computed with its graph (x, t, `cond_leaves`, `aliases` and `row` then unused):
             pulled back without re-running the model; its graph is freed.
+        rng: the global generators' state the model runs from (:func:`_replaying`; None: as they are).
 
     Returns:
         (vjp_x, [vjp_cond...], [vjp_param...]) with None where a leaf is not reached (and for
@@ -428,7 +481,7 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
     """
     with torch.enable_grad():
         if graph is None:
-            graph = _model_graph(spec, x, t, cond_leaves, aliases, row)
+            graph = _model_graph(spec, x, t, cond_leaves, aliases, row, rng)
         x_in, cond_in, out = graph.x_in, graph.cond_in, graph.out
         if not out.requires_grad:
             raise RuntimeError(
@@ -483,7 +536,8 @@ def _finish(acc: list[Tensor | None], like: list[Tensor]) -> list[Tensor | None]
 
 def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], cond_leaves, params,
                      grad_noises: list[Tensor | None] | None = None,
-                     reuse: tuple[ParameterAliases | None, _ModelGraph | None] | None = None):
+                     reuse: tuple[ParameterAliases | None, _ModelGraph | None] | None = None,
+                     rng: list[tuple[Tensor, Tensor | None] | None] | None = None):
     """Exact gradient of the computed sample (docs/math.md section 5.1): reverse pass over the plan's rows.
 
     Per row j, one model VJP at the recorded x_j with cotangent ``q_j gfull_j``, then one fused
@@ -498,6 +552,9 @@ def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], c
         reuse: what the forward pass made (:func:`_forward_discrete`): the parameters' aliases, and the last row's
             output with its graph, pulled back there without re-running the model (None: re-run it); None: new
             aliases, and the model re-runs at every row.
+        rng: per row, the global generators' state before the forward pass's model call there, set again for
+            its re-run (:func:`_replaying`), or None where that call drew nothing; None: the re-runs draw from
+            the generators as they are.
     """
     plan = spec.plan.steps
     device = grad_x.device
@@ -519,7 +576,7 @@ def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], c
     pending, pending3, start_adjoint = None, None, {}
     acc_cond = [None] * len(cond_leaves)
     aliases, last_graph = reuse if reuse is not None else (ParameterAliases.of(vjp_model(spec.model), params), None)
-    acc_params = [None] * len(params) if aliases is None else aliases.grads
+    acc_params = [None] * len(params)
     for j in range(last, spec.grad_from - 1, -1):
         if grad_noises is not None and j in noise_index:
             grad_noises[noise_index[j]] = (float(c_noise[j]) * xbar).to(grad_x.dtype)  # xbar = dL/dx_{j+1}
@@ -529,7 +586,7 @@ def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], c
         reaches_m3 = float(b3[j]) * xbar if plan.num_history[j] == 3 else None  # partial adjoint of m_{j-3}
         vjp_x, vjp_cond, vjp_params = model_vjp(spec, states[j - spec.grad_from], t_eval[j].expand(batch),
                                                 cond_leaves, params, lambda out, c=cot: c.to(out.dtype), aliases,
-                                                row=j, graph=last_graph)
+                                                row=j, graph=last_graph, rng=None if rng is None else rng[j])
         last_graph = None  # row `last`'s, pulled back and freed
         _accumulate(acc_cond, vjp_cond, one)
         _accumulate(acc_params, vjp_params, one)  # all None when added in place
@@ -540,8 +597,8 @@ def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], c
         # rows of order >= 3 reach m_{j-2}; a four-term row's m_{j-3} term arrives one row later, as pend2
         pending = pend_prev if plan.num_history[j] >= 2 or pending3 is not None else None
         pending3 = reaches_m3
-    if aliases is not None and aliases.module is not None:
-        acc_params = aliases.grads
+    if aliases is not None:  # added in place until the aliases were dropped (escaped), returned after
+        acc_params = [a if g is None else g if a is None else g + a for a, g in zip(acc_params, aliases.grads)]
     return xbar.to(grad_x.dtype), _finish(acc_cond, cond_leaves), _finish(acc_params, params)
 
 

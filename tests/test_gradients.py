@@ -344,3 +344,63 @@ def test_lora_adapters_via_peft(grad_steps):
     for g, w in zip(grads["discrete"], grads["autograd"]):
         assert relative_error(g, w) < 1e-8
     assert all(p is q for p, q in zip(model.parameters(), before))
+
+
+class Stochastic(torch.nn.Module):
+    """Dropout and a train-mode BatchNorm, and a layer its forward reaches through a plain list, outside
+    ``_modules``, on the noisy steps only (t > 0.5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.drop = torch.nn.Dropout(0.5)
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.gate = torch.nn.Linear(4, 4)
+        self.hidden = [self.gate]
+
+    def forward(self, x, t):
+        h = self.norm(self.drop(torch.tanh(self.a(x))))
+        if float(t[0]) > 0.5:
+            h = h + self.hidden[0](x)
+        return h
+
+
+@pytest.mark.parametrize("mode", ["discrete", "adjoint"])
+def test_dropout_batchnorm_and_a_step_dependent_path(mode):
+    """The reverse pass re-runs the model with the forward pass's random draws (its dropout masks: discrete is
+    autograd's gradient), leaves the global generators and the train-mode BatchNorm's statistics as the forward
+    pass left them, and reaches a parameter that only some steps use (outside ``_modules``)."""
+    torch.manual_seed(0)
+    net = Stochastic().double().train()
+    x_T = torch.randn(3, 4, dtype=torch.float64)
+    weight = torch.randn(3, 4, dtype=torch.float64)
+    results = {}
+    for grad in ("autograd", mode):
+        x_T.grad = None
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        x = ad.sample(net, x_T.requires_grad_(), ad.VPSchedule.linear(), steps=4, grad=grad)
+        stats = [b.clone() for b in net.norm.buffers()]
+        generator = torch.get_rng_state()
+        (weight * x).sum().backward()
+        assert torch.equal(torch.get_rng_state(), generator)
+        assert all(torch.equal(b, s) for b, s in zip(net.norm.buffers(), stats))
+        results[grad] = x.detach(), x_T.grad.clone(), [p.grad for p in net.parameters()]
+    (x_a, gx_a, gp_a), (x_m, gx_m, gp_m) = results["autograd"], results[mode]
+    assert torch.equal(x_a, x_m)
+    assert all(g is not None for g in gp_m), "the gated layer's parameters get their gradient"
+    if mode == "discrete":
+        assert_close(gx_m, gx_a, rtol=1e-10, atol=1e-12)
+        for g, w in zip(gp_m, gp_a):
+            assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["discrete", "adjoint"])
+def test_double_backward_raises(mode):
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()).double()
+    x_T = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    x = ad.sample(lambda x, t: net(x), x_T, ad.VPSchedule.linear(), steps=2, grad=mode)
+    with pytest.raises(RuntimeError, match="create_graph=True.*grad='autograd'"):
+        torch.autograd.grad(x.square().sum(), x_T, create_graph=True)
+    x = ad.sample(lambda x, t: net(x), x_T, ad.VPSchedule.linear(), steps=2, grad=mode)
+    torch.autograd.grad(x.square().sum(), x_T)  # a first derivative
