@@ -191,16 +191,27 @@ def check_conditioning(x: Tensor, cond: Cond, guidance_scale, uncond: Cond) -> N
 
     Raises:
         ValueError / TypeError naming cond, uncond or guidance_scale: not None, a tensor or a dict of tensors;
-        guidance without both branches; uncond not of cond's structure; a scale that is not
-        a finite number or a floating tensor broadcastable to x.
+        uncond without guidance; guidance without both branches, uncond not of cond's structure, or a branch
+        without x's batch along its first dimension; a scale that is not a finite number or a floating tensor
+        broadcastable to x.
     """
     validation.conditioning(cond, "cond")
     validation.conditioning(uncond, "uncond")
     if guidance_scale is None:
+        if uncond is not None:
+            raise ValueError("uncond is the unconditional branch of classifier-free guidance; pass guidance_scale "
+                             "too (or leave uncond out)")
         return
     if cond is None or uncond is None:
         raise ValueError("guidance_scale needs both cond and uncond")
     validation.same_structure(cond, uncond)
+    for name, branch in (("cond", cond), ("uncond", uncond)):  # concatenated along the batch, beside [x, x]
+        for key, value in (branch.items() if isinstance(branch, Mapping) else [(None, branch)]):
+            if value.dim() == 0 or value.shape[0] != x.shape[0]:
+                label = name if key is None else f"{name}[{key!r}]"
+                raise ValueError(f"with guidance, {label} must have x_T's batch of {x.shape[0]} along its first "
+                                 f"dimension (the branches are concatenated beside [x, x]); got shape "
+                                 f"{list(value.shape)}")
     validation.guidance_scale(guidance_scale, "guidance_scale", x.shape)
 
 
