@@ -147,11 +147,17 @@ def sample_command(args) -> None:
     if dsno:
         if args.model not in ("digits", "digits-dsno"):
             raise CommandError(f"--solver dsno samples the student distilled from digits, not from {args.model}")
-        for option, value in (("--order", args.order), ("--guidance", args.guidance), ("--sde", args.sde or None)):
+        if args.solver not in (None, "dsno"):
+            raise CommandError(f"--model digits-dsno samples with the DSNO student (--solver dsno), not --solver "
+                               f"{args.solver}")
+        for option, value in (("--order", args.order), ("--guidance", args.guidance), ("--sde", args.sde or None),
+                              ("--steps", args.steps), ("--spacing", args.spacing)):
             if value is not None:
                 raise CommandError(f"{option} does not apply to --solver dsno (one evaluation of the distilled "
                                    "student)")
     else:
+        args.solver = args.solver or "dpmpp"
+        args.steps = args.steps or 10
         try:
             order = resolve_order(args.solver, args.order, args.sde)
         except ValueError as error:
@@ -271,12 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=MODELS, default="digits",
                    help="digits (eps, VP), digits-flow (rectified flow), digits-flow-reflow, or digits-dsno "
                         "(implies --solver dsno) (default digits)")
-    p.add_argument("--solver", choices=(*SOLVERS, "dsno"), default="dpmpp",
+    p.add_argument("--solver", choices=(*SOLVERS, "dsno"),
                    help="a fused solver, or dsno: one evaluation of the DSNO student distilled from digits "
                         "(default dpmpp)")
     orders = "; ".join(f"{name} {'/'.join(map(str, entry.orders))}" for name, entry in SOLVERS.items())
     p.add_argument("--order", type=int, help=f"solver order ({orders}); default: the solver's")
-    p.add_argument("--steps", type=positive_int, default=10,
+    p.add_argument("--steps", type=positive_int,
                    help="sampling steps = model evaluations (2 steps - 1 for heun) (default 10)")
     p.add_argument("--class", dest="digit", type=int, metavar="DIGIT",
                    help="the digit 0-9 to sample (default: the digits 0-9 in turn, one per column)")

@@ -114,7 +114,12 @@ def _noise_source(kplan: plans.KPlan, noise_sampler: Callable | None, generator:
         args = kplan.noise_args[row]
         if args is None or noise_sampler is None:
             return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        return noise_sampler(*args).to(device=x.device, dtype=x.dtype)
+        drawn = noise_sampler(*args)
+        if not isinstance(drawn, Tensor) or drawn.shape != x.shape:
+            got = list(drawn.shape) if isinstance(drawn, Tensor) else type(drawn).__name__
+            raise TypeError(f"noise_sampler(sigma, sigma_next) must return a tensor shaped like x {list(x.shape)}; "
+                            f"got {got}")
+        return drawn.to(device=x.device, dtype=x.dtype)
     return noise
 
 
@@ -126,10 +131,12 @@ def _run_rows(name: str, model, x: Tensor, sigmas, kplan: plans.KPlan, extra_arg
         raise ValueError(f"sample_{name}: pass noise_sampler or generator, not both")
     if noise_sampler is not None and not callable(noise_sampler):
         raise TypeError(f"sample_{name}: noise_sampler must be callable as noise_sampler(sigma, sigma_next)")
+    if generator is not None:
+        validation.instance(generator, f"sample_{name}: generator", torch.Generator, "a torch.Generator")
     cond, constants, params = _split_extra_args(model, extra_args)
     if kplan.draws_churn:
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        x = x + kplan.churn * z if kplan.churn > 0 else x
+        x = x + kplan.churn * z if kplan.churn != 0 else x
     denoiser, conditioning = _Denoiser(model, constants), Conditioning(cond or None)
     noise = _noise_source(kplan, noise_sampler, generator)
     progress, report = disable is not True, _step_callback(callback, sigmas, kplan.sigma_hat)
@@ -239,7 +246,11 @@ class BrownianTreeNoiseSampler:
         w0 = torch.zeros_like(x)
         if seed is None:
             seed = torch.randint(0, 2**63 - 1, []).item()
-        self.batched = not isinstance(seed, int)
+        try:  # a sequence of seeds, one per sample, or one seed (k-diffusion's test)
+            len(seed)
+            self.batched = True
+        except TypeError:
+            self.batched = False
         if self.batched and len(seed) != x.shape[0]:
             raise ValueError(f"BrownianTreeNoiseSampler: seed holds {len(seed)} seeds for a batch of {x.shape[0]}")
         seeds, w0 = (list(seed), w0[0]) if self.batched else ([seed], w0)
@@ -289,7 +300,15 @@ def _doc(summary: str, *parts: str) -> Callable:
     return attach
 
 
+def _check_reals(name: str, **values) -> None:
+    """Raises naming the argument: each value a finite real number (``s_tmax`` may be +inf)."""
+    for key, value in values.items():
+        if not (key == "s_tmax" and value == math.inf):
+            validation.real(value, f"sample_{name}: {key}")
+
+
 def _karras(kind, model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, generator, grad):
+    _check_reals(kind, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     grid, _ = _grids(sigmas)
     rows, hats, churn, churning = plans.karras_rows(kind, grid, s_churn, s_tmin, s_tmax, s_noise)
     ref = sigmas if isinstance(sigmas, Tensor) else grid
@@ -329,10 +348,11 @@ def sample_dpm_2(model: Callable, x: Tensor, sigmas: Tensor, extra_args: dict | 
 
 
 def _ancestral(kind, model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, generator, grad):
+    name = {"euler": "euler_ancestral", "dpm_2": "dpm_2_ancestral", "dpmpp_2s": "dpmpp_2s_ancestral"}[kind]
+    _check_reals(name, eta=eta, s_noise=s_noise)
     grid, ref = _grids(sigmas)
     rows = plans.ancestral_rows(kind, grid, ref, eta, s_noise)
-    kplan = plans.assemble(kind, rows, grid, list(ref[:-1]))
-    name = {"euler": "euler_ancestral", "dpm_2": "dpm_2_ancestral", "dpmpp_2s": "dpmpp_2s_ancestral"}[kind]
+    kplan = plans.assemble(name, rows, grid, list(ref[:-1]))
     return _run_rows(name, model, x, sigmas, kplan, extra_args, callback, disable, noise_sampler=noise_sampler,
                      generator=generator, grad=grad)
 
@@ -375,6 +395,7 @@ def sample_dpmpp_sde(model: Callable, x: Tensor, sigmas: Tensor, extra_args: dic
                      callback: Callable | None = None, disable: bool | None = None, eta: float = 1.0,
                      s_noise: float = 1.0, noise_sampler: Callable | None = None, r: float = 1 / 2, *,
                      generator: torch.Generator | None = None, grad: str | None = None) -> Tensor:
+    _check_reals("dpmpp_sde", eta=eta, s_noise=s_noise, r=r)
     if not 0 < r <= 1:
         raise ValueError(f"sample_dpmpp_sde: r must be in (0, 1], got {r!r}")
     grid, ref = _grids(sigmas)
@@ -386,6 +407,7 @@ def sample_dpmpp_sde(model: Callable, x: Tensor, sigmas: Tensor, extra_args: dic
 
 def _multistep_sde(name, order, model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler,
                    generator, grad, solver_type="midpoint"):
+    _check_reals(name, eta=eta, s_noise=s_noise)
     grid, ref = _grids(sigmas)
     rows = plans.dpmpp_multistep_sde_rows(order, grid, ref, eta, s_noise, solver_type)
     kplan = plans.assemble(name, rows, grid, list(ref[:-1]))

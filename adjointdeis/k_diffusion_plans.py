@@ -116,7 +116,7 @@ def churn_levels(sigmas: Tensor, s_churn: float, s_tmin: float, s_tmax: float, s
         hat = sigmas[i] * (gamma + 1)
         hats.append(hat)
         weights.append(s_noise * float((hat**2 - sigmas[i] ** 2) ** 0.5) if gamma > 0 else 0.0)
-    return hats, weights, any(w > 0 for w in weights)
+    return hats, weights, any(w != 0 for w in weights)  # s_noise < 0 churns too
 
 
 def karras_rows(kind: str, sigmas: Tensor, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float

@@ -9,6 +9,8 @@ precision/recall in the same feature space (k-nearest-neighbour manifolds).
 import torch
 from torch import Tensor
 
+from . import validation
+
 
 def _sqrtm_psd(a: Tensor) -> Tensor:
     values, vectors = torch.linalg.eigh(a)
@@ -53,7 +55,15 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
     """Improved precision and recall (Kynkäänniemi et al., 2019) with k-NN balls in feature space.
 
     Precision: fraction of fake features inside the union of real k-NN balls; recall: the converse.
+
+    Raises:
+        ValueError naming k when it is not a positive integer below each set's size.
     """
+    validation.integer(k, "k", 1)
+    for name, features in (("real", real), ("fake", fake)):
+        if len(features) <= k:
+            raise ValueError(f"precision_recall: k={k} nearest neighbours need more than {k} {name} features; got "
+                             f"{len(features)}")
     real, fake = real.double(), fake.double()
 
     def radii(x):

@@ -118,8 +118,12 @@ def test_a_number_of_times_is_placed_on_the_schedule():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ValueError, match="2 to 32 trajectory times"):
         dsno.DSNO(tiny_unet(), [0.0], modes=1)
+    with pytest.raises(ValueError, match="times must be an integer in"):
+        dsno.DSNO(tiny_unet(), 33, modes=2, schedule=ad.VPSchedule.linear())
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        dsno.DSNO(tiny_unet(), [0.0, 1.0, 2.0], modes=1)
     with pytest.raises(ValueError, match="modes"):
         dsno.DSNO(tiny_unet(), [2.0, 1.0, 0.0], modes=3)
     with pytest.raises(ValueError, match="no residual or attention block"):

@@ -274,6 +274,10 @@ def test_bad_arguments_raise():
                                generator=torch.Generator(), disable=True)
     with pytest.raises(TypeError, match="noise_sampler"):
         kd.sample_euler_ancestral(model, x, sigmas, noise_sampler=3, disable=True)
+    with pytest.raises(TypeError, match=r"noise_sampler\(sigma, sigma_next\) must return a tensor"):
+        kd.sample_euler_ancestral(model, x, sigmas, noise_sampler=lambda s, t: None, disable=True)
+    with pytest.raises(TypeError, match="sample_dpmpp_2m_sde: generator"):
+        kd.sample_dpmpp_2m_sde(model, x, sigmas, generator=5, disable=True)
     with pytest.raises(ValueError, match="order"):
         kd.sample_deis(model, x, sigmas, order=4, disable=True)
     with pytest.raises(ValueError, match="order must be an integer in 1..4"):
@@ -282,6 +286,15 @@ def test_bad_arguments_raise():
         kd.sample_ipndm(model, x, sigmas, max_order=0, disable=True)
     with pytest.raises(ValueError, match="r must be"):
         kd.sample_dpmpp_sde(model, x, sigmas, r=0.0, disable=True)
+    with pytest.raises(ValueError, match="sample_euler_ancestral: eta"):
+        kd.sample_euler_ancestral(model, x, sigmas, eta=math.nan, disable=True)
+    with pytest.raises(ValueError, match="sample_dpmpp_2m_sde: s_noise"):
+        kd.sample_dpmpp_2m_sde(model, x, sigmas, s_noise=math.inf, disable=True)
+    with pytest.raises(TypeError, match="sample_heun: s_tmin"):
+        kd.sample_heun(model, x, sigmas, s_churn=1.0, s_tmin="a", disable=True)
+    with pytest.raises(TypeError, match="sample_dpmpp_sde: s_noise"):
+        kd.sample_dpmpp_sde(model, x, sigmas, s_noise="a", disable=True)
+    kd.sample_euler(model, x, sigmas, s_churn=1.0, s_tmax=math.inf, disable=True)  # the default s_tmax
     with pytest.raises(ValueError, match="grad='adjoint'"):
         kd.sample_heun(model, x.requires_grad_(), sigmas, grad="adjoint", disable=True)
 

@@ -9,6 +9,7 @@ relative in float64 on Karras and exponential grids, ending at 0 and not.
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 from kdiffusion_oracle import load_sampling
@@ -64,8 +65,10 @@ SHARED = {
     "euler_churn": ("sample_euler", {"s_churn": 2.0, "s_tmin": 0.05, "s_tmax": 5.0, "s_noise": 1.003}, False, True),
     "heun": ("sample_heun", {}, False, False),
     "heun_churn": ("sample_heun", {"s_churn": 1.5, "s_noise": 0.99}, False, True),
+    "heun_churn_negative_noise": ("sample_heun", {"s_churn": 1.0, "s_noise": -1.0}, False, True),
     "dpm_2": ("sample_dpm_2", {}, False, False),
     "dpm_2_churn": ("sample_dpm_2", {"s_churn": 1.0, "s_tmax": 3.0}, False, True),
+    "euler_churn_negative_noise": ("sample_euler", {"s_churn": 1.0, "s_noise": -0.5}, False, True),
     "euler_ancestral": ("sample_euler_ancestral", {}, True, False),
     "euler_ancestral_eta": ("sample_euler_ancestral", {"eta": 0.6, "s_noise": 0.9}, True, False),
     "dpm_2_ancestral": ("sample_dpm_2_ancestral", {}, True, False),
@@ -141,9 +144,11 @@ def test_brownian_tree_noise_sampler_gives_k_diffusion_values(kdiff):
     theirs = kdiff.BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], seed=42)
     batched = kd.BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], seed=[1, 2])
     batched_theirs = kdiff.BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], seed=[1, 2])
+    numpy_seed = kd.BrownianTreeNoiseSampler(x, sigmas[-2], sigmas[0], seed=np.int64(42))  # one seed, as theirs
     for s, t in zip(sigmas[:-2], sigmas[1:-1]):
         assert torch.equal(ours(s, t), theirs(s, t))
         assert torch.equal(batched(s, t), batched_theirs(s, t))
+        assert torch.equal(numpy_seed(s, t), theirs(s, t))
     assert not torch.equal(ours(sigmas[0], sigmas[1]), batched(sigmas[0], sigmas[1]))
 
 

@@ -35,6 +35,8 @@ def test_precision_recall():
     assert metrics.precision_recall(real, torch.randn(500, 2, generator=g)) > (0.85, 0.85)
     far = torch.randn(500, 2, generator=g) + 10.0
     assert metrics.precision_recall(real, far) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="k=3 nearest neighbours need more than 3 fake"):
+        metrics.precision_recall(real, far[:3])
     # A fake set covering only half the real support: precise but half the recall.
     half = torch.randn(2000, 2, generator=g)
     half = half[half[:, 0] > 0][:500]

@@ -4,6 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops, validation
+from ..reference import MAX_TIMES
 
 ACTIVATIONS = ("leaky_relu", None)
 NEGATIVE_SLOPE = 0.01
@@ -40,7 +41,7 @@ class FourierTemporalConv(nn.Module):
         super().__init__()
         in_channels, out_channels = (validation.count(in_channels, "in_channels"),
                                      validation.count(out_channels, "out_channels"))
-        n_times = validation.integer(n_times, "n_times", 2, 32)
+        n_times = validation.integer(n_times, "n_times", 2, MAX_TIMES)
         modes = validation.integer(modes, "modes", 1, n_times // 2 + 1)
         validation.choice(activation, "activation", ACTIVATIONS)
         residual, channelwise = validation.flag(residual, "residual"), validation.flag(channelwise, "channelwise")

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import validation
+from ..reference import MAX_TIMES
 from ..schedules import NoiseSchedule
 from .layer import FourierTemporalConv
 
@@ -109,14 +110,17 @@ class DSNO(nn.Module):
         if not isinstance(times, Tensor) and not hasattr(times, "__len__"):
             times = validation.integer(times, "times", 2)
         if isinstance(times, int):
+            validation.integer(times, "times", 2, MAX_TIMES)
             if schedule is None:
                 raise ValueError(f"DSNO(times={times}) needs schedule= to place {times} trajectory times "
                                  "(or pass the model times themselves)")
             times = schedule.model_time(trajectory_times(schedule, times))
         times = torch.tensor(validation.reals(times, "times"), dtype=torch.float32)
         n_times = times.numel()
-        if n_times < 2:
-            raise ValueError(f"times must hold at least 2 trajectory times, got {n_times}")
+        if not 2 <= n_times <= MAX_TIMES:
+            raise ValueError(f"times must hold 2 to {MAX_TIMES} trajectory times, got {n_times}")
+        if not bool((times[1:] < times[:-1]).all()):
+            raise ValueError(f"times must be strictly decreasing (noisiest first), got {times.tolist()}")
         validation.integer(modes, "modes", 1, n_times // 2 + 1)
         blocks = find_blocks(backbone, channels)
         if not blocks:
