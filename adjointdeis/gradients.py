@@ -404,6 +404,35 @@ class _Sampler(torch.autograd.Function):
         return (None, grad_x_T, *grad_cond, *grad_noises, *grad_params)
 
 
+class _DifferentiatedOnly(torch.autograd.Function):
+    """`out` as plain autograd computed it, its backward pass reaching `leaves` only: a nested
+    ``torch.autograd.grad`` of `out`'s own graph with respect to them (as torch.utils.checkpoint re-enters)."""
+
+    @staticmethod
+    def forward(ctx, held: list[Tensor], *leaves: Tensor) -> Tensor:
+        ctx.out, ctx.leaves = held[0], leaves  # not an input: out's graph is reachable from here only
+        return ctx.out.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        wanted = [i for i, leaf in enumerate(ctx.leaves) if leaf.requires_grad]
+        grads = torch.autograd.grad(ctx.out, [ctx.leaves[i] for i in wanted], grad, allow_unused=True,
+                                    create_graph=torch.is_grad_enabled())
+        result = [None] * len(ctx.leaves)
+        for i, g in zip(wanted, grads):
+            result[i] = g
+        ctx.out = ctx.leaves = None
+        return (None, *result)
+
+
+def differentiated_only(out: Tensor, leaves: list[Tensor]) -> Tensor:
+    """`out` (a sample computed with plain autograd) whose gradients reach `leaves` and nothing else its graph holds
+    (the model's other parameters, a closure's tensors): ``sample(grad="autograd", parameters=...)``."""
+    if not out.requires_grad:
+        return out
+    return _DifferentiatedOnly.apply([out], *leaves)
+
+
 def vjp_model(model):
     """The module to differentiate: DDP's wrapped module (its hooks would not fire on a VJP)."""
     ddp = torch.nn.parallel.DistributedDataParallel

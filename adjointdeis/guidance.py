@@ -251,6 +251,11 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
         of a run that injects none, or a `regularizer` without optimised noise.
     """
     targets = _check_options(optimize, optimizer, iters, lr, clip_grad, tol, cond, regularizer)
+    if target_loss is not None:
+        validation.real(target_loss, "target_loss")
+    if callback is not None:
+        validation.function(callback, "callback", "callback(iteration, loss, sample)")
+    validation.flag(preserve_norm, "preserve_norm")
     if grad is None:
         raise ValueError("guide needs a gradient mode: grad='discrete', 'adjoint' or 'autograd'")
     x = _leaf(x_T, "x_T" in targets)

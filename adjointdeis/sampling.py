@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from . import validation
-from .gradients import (AdjointOptions, GradientSpec, adjoint_options, check_adjoint_inputs, gradient_mode,
-                        sample_with_gradients, truncation_steps)
+from .gradients import (AdjointOptions, GradientSpec, adjoint_options, check_adjoint_inputs, differentiated_only,
+                        gradient_mode, sample_with_gradients, truncation_steps)
 from .models import Conditioning, check_conditioning, model_parameters
 from .planning import (NoiseSource, StepInfo, noise_tensors, plan_adjoint_grid, plan_sampling, resolve_grid, run_plan,
                        tensor_noise, truncation_row)
@@ -77,7 +77,8 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
             through every step, keeping all activations), or None. Under ``torch.no_grad()`` no
             graph is built.
         parameters: tensors to differentiate besides x_T and cond; default: the parameters of
-            `model` that require grad when it is an nn.Module.
+            `model` that require grad when it is an nn.Module. Given, nothing else the model reaches (its
+            other parameters, tensors in a closure) gets a gradient, in every mode.
         progress: show a tqdm progress bar.
         check_finite: after the loop (one host sync), raise if the sample is not finite.
         adjoint: the AdjointDEIS settings (:class:`adjointdeis.AdjointOptions`: order, form, steps,
@@ -137,9 +138,12 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
     grad_from = 0 if grad_steps is None else truncation_row(plan, truncation_steps(grad_steps, grad_steps_generator))
     if mode in (None, "autograd"):
         with torch.set_grad_enabled(mode == "autograd"):
-            return run_plan(model, x_T, plan, cond=cond, guidance_scale=guidance_scale, uncond=uncond,
-                            generator=generator, progress=progress, check_finite=check_finite, callback=callback,
-                            noise=noise if noises is None else tensor_noise(plan, noises), grad_from=grad_from)
+            x = run_plan(model, x_T, plan, cond=cond, guidance_scale=guidance_scale, uncond=uncond,
+                         generator=generator, progress=progress, check_finite=check_finite, callback=callback,
+                         noise=noise if noises is None else tensor_noise(plan, noises), grad_from=grad_from)
+        if mode == "autograd" and parameters is not None:  # nothing else the model reaches gets a gradient
+            x = differentiated_only(x, [x_T, *conditioning.leaves(), *params, *(noises or [])])
+        return x
     options, adjoint_grid = None, None
     if mode == "adjoint":
         options = adjoint_options(adjoint, adjoint_order, adjoint_form, adjoint_steps, states)

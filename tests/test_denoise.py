@@ -7,6 +7,7 @@ Forward: the result against diffusers' own loop (``scheduler.step`` after each U
 batched as the pipelines do) with the same UNet, float32, to 1e-5 relative.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -298,6 +299,35 @@ def test_zero_terminal_snr_ddpm_starts_at_pure_noise():
     alpha = scheduler.alphas_cumprod[0].double().sqrt()
     want = (1 - alpha**2).sqrt() * latents.double() + alpha * -v.double()
     assert relative_error(one.double(), want) < FORWARD_RTOL
+
+
+@pytest.mark.parametrize("make", [
+    lambda: DPMSolverMultistepScheduler(), lambda: DPMSolverMultistepScheduler(rescale_betas_zero_snr=True),
+    lambda: DDPMScheduler(), lambda: FlowMatchEulerDiscreteScheduler(shift=3.0),
+    lambda: FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
+], ids=["dpmsolver", "zero_snr", "ddpm", "flow", "flow_inverted"])
+def test_levels_off_the_grid_get_diffusers_timesteps(make):
+    """grad="adjoint" with adjoint_steps evaluates the network between grid levels: there it gets the timestep
+    diffusers' own level-to-timestep map gives (VP: DPMSolverMultistep's _sigma_to_t, log-interpolated over the
+    training levels; flow: 1000 t), and at a grid level the grid's own timestep."""
+    from adjointdeis.diffusers.pipeline import NetworkCall, setup_from_scheduler
+    scheduler = make()
+    setup = setup_from_scheduler(scheduler, 4)
+    call = NetworkCall(unconditional_unet(), setup)
+    x = torch.zeros(3, 1)
+    grid = setup.levels[:-1]
+    between = (grid[1:] * grid[:-1]).sqrt().to(torch.float32)  # off the grid
+    got = call.timestep(x, between)
+    sigma = setup.schedule.sigma(between.double()) / setup.schedule.alpha(between.double())  # VE level
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        level = between.double()
+        want = 1000 * (1 - level if scheduler.config.invert_sigmas else level)
+    else:
+        reference = DPMSolverMultistepScheduler.from_config(scheduler.config)
+        products = reference.alphas_cumprod.double()
+        want = torch.tensor(reference._sigma_to_t(sigma.numpy(), np.log(((1 - products) / products).sqrt().numpy())))
+    assert torch.allclose(got.double(), want.double(), rtol=1e-5, atol=1e-3)
+    assert torch.equal(call.timestep(x, grid.to(torch.float32)), setup.timesteps.to(torch.float32))
 
 
 def test_forward_matches_custom_timesteps():

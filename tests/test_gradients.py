@@ -404,3 +404,28 @@ def test_double_backward_raises(mode):
         torch.autograd.grad(x.square().sum(), x_T, create_graph=True)
     x = ad.sample(lambda x, t: net(x), x_T, ad.VPSchedule.linear(), steps=2, grad=mode)
     torch.autograd.grad(x.square().sum(), x_T)  # a first derivative
+
+
+@pytest.mark.parametrize("mode", ["autograd", "discrete", "adjoint"])
+def test_parameters_given_are_the_only_ones_differentiated(mode):
+    """parameters= limits the gradient to those tensors in every mode (ad.guide's default, parameters=[]): the
+    module's other parameters keep .grad None and the module is not modified."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4)).double()
+    first, rest = list(net[0].parameters()), list(net[2].parameters())
+    x_T = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    for parameters in ([], first):
+        x_T.grad = None
+        net.zero_grad(set_to_none=True)
+        x = ad.sample(lambda x, t: net(x), x_T, ad.VPSchedule.linear(), steps=3, grad=mode, parameters=parameters)
+        x.sum().backward()
+        assert all(p.grad is None for p in rest)
+        assert all((p.grad is not None) == any(p is q for q in parameters) for p in first)
+    assert all(type(p) is torch.nn.Parameter and p.requires_grad for p in net.parameters())
+    got = [x_T.grad.clone()] + [p.grad.clone() for p in first]
+    x_T.grad = None
+    net.zero_grad(set_to_none=True)
+    ad.sample(lambda x, t: net(x), x_T, ad.VPSchedule.linear(), steps=3, grad="autograd").sum().backward()
+    if mode != "adjoint":  # the same values as unrestricted autograd's (adjoint: the continuous gradient)
+        for g, w in zip(got, [x_T.grad] + [p.grad for p in first]):
+            assert_close(g, w, rtol=1e-10, atol=1e-12)

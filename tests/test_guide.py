@@ -145,6 +145,19 @@ def test_bad_arguments_raise():
         guide(model, sched, loss, x_T, optimize="cond", progress=False)
     with pytest.raises(ValueError, match="scalar"):
         guide(model, sched, lambda x0: x0, x_T, cond=cond, steps=2, iters=1, progress=False)
+    for bad, match in ((dict(target_loss="x"), "target_loss"), (dict(callback=3), "callback"),
+                       (dict(preserve_norm="yes"), "preserve_norm")):
+        with pytest.raises(TypeError, match=match):
+            guide(model, sched, loss, x_T, cond=cond, steps=2, iters=1, progress=False, **bad)
+
+
+def test_autograd_guidance_leaves_the_model_without_gradients():
+    """guide differentiates what it optimises only (parameters=[]), with grad="autograd" too."""
+    model, sched, x_T, cond, target = problem()
+    net = torch.nn.Linear(1, 1)
+    result = guide(lambda x, t, c: model(x, t, c) + 0 * net.weight, sched, squared_distance(target), x_T, cond=cond,
+                   steps=2, iters=2, grad="autograd", progress=False)
+    assert net.weight.grad is None and torch.isfinite(result.x_T).all()
 
 
 def numpy_log_bound(rows):

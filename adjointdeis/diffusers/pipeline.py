@@ -106,6 +106,36 @@ class NoiseScaleSchedule(NoiseSchedule):
 
 
 @dataclass(frozen=True)
+class OffGridTimesteps:
+    """The network's timestep at a level off the sampling grid (the finer grid of ``grad="adjoint"`` with
+    ``adjoint_steps``), as diffusers maps a level to a timestep: a flow time t to ``t T`` (``(1 - t) T`` with
+    ``invert_sigmas``), a VP level to the training index interpolated in log level over the training timesteps'
+    levels (``_sigma_to_t``).
+
+    Attributes:
+        scale: T, the training timesteps.
+        table: (T,) float64 levels of the training timesteps 0..T-1, in the grid's variable (VP); None for flow.
+        inverted: FlowMatch's ``invert_sigmas``.
+    """
+
+    scale: int
+    table: Tensor | None = None
+    inverted: bool = False
+
+    def __call__(self, level: Tensor) -> Tensor:
+        """(batch,) float32 timesteps of levels `level` (batch,), on its device (no host sync)."""
+        level = level.to(torch.float64)
+        if self.table is None:
+            return ((1 - level if self.inverted else level) * self.scale).to(torch.float32)
+        logs = self.table.to(level.device).log()
+        u = level.clamp(min=float(self.table[0]), max=float(self.table[-1])).log()
+        high = torch.searchsorted(logs, u).clamp(1, len(logs) - 1)
+        low = high - 1
+        weight = ((u - logs[low]) / (logs[high] - logs[low])).clamp(0, 1)
+        return (low + weight).to(torch.float32)
+
+
+@dataclass(frozen=True)
 class DDIMRows:
     """diffusers' DDIM steps where a grid of their own levels cannot give them, as x0 predictions on another grid.
 
@@ -162,6 +192,7 @@ class SamplingSetup:
         learned_variance: the network's output carries a variance in its second half of channels.
         ddim: DDIM's steps where its own grid cannot give them (:class:`DDIMRows`; `prediction` is then "x0"
             and `threshold` None), or None.
+        off_grid: the network's timestep at a level off the grid (:class:`OffGridTimesteps`).
     """
 
     schedule: NoiseSchedule
@@ -178,6 +209,7 @@ class SamplingSetup:
     output_sign: float = 1.0
     learned_variance: bool = False
     ddim: DDIMRows | None = None
+    off_grid: OffGridTimesteps | None = None
 
     def sample_kwargs(self) -> dict:
         """``sample``'s grid and solver arguments: N timesteps and zero noise, or the N+1 levels."""
@@ -242,7 +274,13 @@ def setup_from_scheduler(scheduler, num_inference_steps: int | None, solver: str
             raise ValueError("denoise: pass exactly one of num_inference_steps, timesteps or sigmas for this scheduler")
     grid = translation.grid(config, spec, num_inference_steps, timesteps, sigmas, mu)
     levels = torch.tensor(grid.levels, dtype=torch.float64)
-    return _setup(spec, levels, grid.timesteps)
+    count = config.get("num_train_timesteps", 1000)
+    if spec.flow:
+        off_grid = OffGridTimesteps(count, inverted=bool(config.get("invert_sigmas")))
+    else:
+        products = translation.alphas_cumprod(config, torch.float32)[1].to(torch.float64)
+        off_grid = OffGridTimesteps(count, ((1 - products) / products).sqrt())
+    return replace(_setup(spec, levels, grid.timesteps), off_grid=off_grid)
 
 
 def _setup(spec: translation.SchedulerSpec, levels: Tensor, timesteps: Tensor,
@@ -278,6 +316,8 @@ def _setup_from_own_timesteps(scheduler, config: dict, steps: int | None, overri
                                   **overrides}, "dpmsolver")
     model_times = fresh.timesteps.cpu()
     sigmas = getattr(fresh, "sigmas", None)
+    noise = torch.sqrt(1 - fresh.alphas_cumprod.cpu().to(torch.float32).to(torch.float64))  # VP sigma per timestep
+    off_grid = OffGridTimesteps(len(noise), None if spec.flow else noise)
     if isinstance(sigmas, Tensor) and len(sigmas) == len(model_times) + 1:  # the levels its steps use, end included
         levels = sigmas.cpu().to(torch.float64)
         if not spec.flow:
@@ -285,16 +325,15 @@ def _setup_from_own_timesteps(scheduler, config: dict, steps: int | None, overri
     elif spec.flow:
         raise ValueError(f"scheduler config: use_flow_sigmas=True, but {name} has no flow sigmas to run")
     else:
-        noise = torch.sqrt(1 - fresh.alphas_cumprod.cpu().to(torch.float32).to(torch.float64))  # VP sigma per timestep
         to_zero = final == "zero" or bool(config.get("set_alpha_to_one", False))
         end = torch.zeros(1, dtype=torch.float64) if to_zero else noise[:1]
         if is_ddim:
-            return _ddim_setup(spec, noise, model_times.to(torch.int64), end,
-                               config["num_train_timesteps"] // fresh.num_inference_steps)
+            return replace(_ddim_setup(spec, noise, model_times.to(torch.int64), end,
+                                       config["num_train_timesteps"] // fresh.num_inference_steps), off_grid=off_grid)
         levels = torch.cat([noise[model_times.to(torch.int64)], end])
     kept = torch.cat([torch.ones(1, dtype=torch.bool), model_times[1:] != model_times[:-1]])  # PNDM repeats one
     levels = torch.cat([levels[:-1][kept], levels[-1:]])
-    return _setup(spec, levels, model_times[kept], NoiseScaleSchedule)
+    return replace(_setup(spec, levels, model_times[kept], NoiseScaleSchedule), off_grid=off_grid)
 
 
 def _ddim_setup(spec: translation.SchedulerSpec, noise: Tensor, model_times: Tensor, end: Tensor,
@@ -337,7 +376,7 @@ class NetworkCall:
         self.net = net
         self.levels = setup.levels[:-1]
         self.timesteps = setup.timesteps
-        self.ddim = setup.ddim
+        self.ddim, self.off_grid = setup.ddim, setup.off_grid
         self.sign, self.learned_variance = setup.output_sign, setup.learned_variance
         self.flux = type(net).__name__ == _FLUX
         self.model_kwargs = dict(model_kwargs or {})
@@ -345,13 +384,19 @@ class NetworkCall:
         self.takes_added_dict = "added_cond_kwargs" in params
         self.takes_encoder = _ENCODER_KEY in params
 
+    def _hits(self, t: Tensor) -> Tensor:
+        return t[:, None] == self.levels.to(device=t.device, dtype=t.dtype)[None]
+
     def row(self, t: Tensor) -> Tensor:
-        """The grid index of levels `t` (batch,)."""
-        return (t[:, None] == self.levels.to(device=t.device, dtype=t.dtype)[None]).to(torch.int64).argmax(1)
+        """The grid index of grid levels `t` (batch,)."""
+        return self._hits(t).to(torch.int64).argmax(1)
 
     def timestep(self, x: Tensor, t: Tensor) -> Tensor:
-        """The network's timestep for grid levels `t` (batch,)."""
-        timestep = self.timesteps.to(device=t.device, dtype=torch.float32)[self.row(t)]
+        """The network's timestep for levels `t` (batch,): diffusers' at a grid level, else :attr:`off_grid`'s."""
+        hits = self._hits(t)
+        timestep = self.timesteps.to(device=t.device, dtype=torch.float32)[hits.to(torch.int64).argmax(1)]
+        if self.off_grid is not None:
+            timestep = torch.where(hits.any(1), timestep, self.off_grid(t))
         return timestep.to(x.dtype) / 1000 if self.flux else timestep
 
     def __call__(self, x: Tensor, t: Tensor, cond: Mapping | None = None) -> Tensor:
@@ -503,9 +548,10 @@ def denoise(pipe_or_unet, latents: Tensor, scheduler, prompt_embeds: Tensor | No
     if type(net).__name__ == _FLUX:
         extra = {**_flux_kwargs(net, latents, prompt_embeds, guidance_scale, height, width), **extra}
         cfg_scale = true_cfg_scale
-    if setup.ddim is not None and setup.ddim.threshold is not None and grad == "adjoint":
-        raise ValueError("grad='adjoint' integrates the probability-flow ODE's adjoint, which a thresholded "
-                         "sampler (scheduler config thresholding=True) does not solve: use grad='discrete'")
+    if setup.ddim is not None and grad == "adjoint":
+        raise ValueError("grad='adjoint' integrates the probability-flow ODE's adjoint, which these DDIM steps "
+                         "(thresholded, or landing off the next timestep: timestep_spacing) do not solve: use "
+                         "grad='discrete'")
     call = NetworkCall(net, setup, extra)
     if prompt_embeds is not None and not call.takes_encoder:
         raise ValueError(f"{type(net).__name__} takes no encoder_hidden_states; pass prompt_embeds=None")
