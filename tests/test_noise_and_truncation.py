@@ -148,8 +148,7 @@ def test_truncation_equals_autograd_with_the_same_detach_points(solver, order, s
     assert_same(results["discrete"], results["autograd"])
     (x_in, c_in), zs = leaves(x_T, cond, noises)
     oracle = detach_early_outputs(net, rows_per_step * (STEPS - k))
-    x = ad.sample(oracle, x_in, sched, cond=c_in, grad="autograd", noise=zs if sde else None, parameters=[],
-                  **kwargs)
+    x = ad.sample(oracle, x_in, sched, cond=c_in, grad="autograd", noise=zs if sde else None, **kwargs)
     want = grads_of(net, x, [x_in, c_in, *zs], weight)
     got = results["discrete"]
     assert_same(got[1:], [want[1]] + [w if i >= STEPS - k else None for i, w in enumerate(want[2:2 + len(zs)])]
