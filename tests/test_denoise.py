@@ -78,6 +78,15 @@ def diffusers_loop(unet, scheduler, latents, steps, embeds=None, negative=None, 
     return x
 
 
+def stepped(unet, scheduler, latents):
+    """An unconditional loop over a diffusers scheduler whose timesteps are set."""
+    x = latents.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+    return x
+
+
 def relative_error(got, want):
     return ((got - want).norm() / want.norm()).item()
 
@@ -280,11 +289,7 @@ def test_other_schedulers_run_dpmsolver_on_their_own_grid(make):
         reference.timesteps = own.timesteps.clone()
     else:
         reference = transplanted_dpmsolver(scheduler, None, timesteps=timesteps, final_sigmas_type="sigma_min")
-    x = latents.clone()
-    with torch.no_grad():
-        for t in reference.timesteps:
-            x = reference.step(unet(x, t).sample, t, x).prev_sample
-    assert relative_error(ours, x) < FORWARD_RTOL
+    assert relative_error(ours, stepped(unet, reference, latents)) < FORWARD_RTOL
 
 
 def test_zero_terminal_snr_ddpm_starts_at_pure_noise():
@@ -338,11 +343,7 @@ def test_forward_matches_custom_timesteps():
         ours = denoise(unet, latents, scheduler, num_inference_steps=None, timesteps=custom)
     reference = DPMSolverMultistepScheduler.from_config(scheduler.config)
     reference.set_timesteps(timesteps=custom)
-    x = latents.clone()
-    with torch.no_grad():
-        for t in reference.timesteps:
-            x = reference.step(unet(x, t).sample, t, x).prev_sample
-    assert relative_error(ours, x) < FORWARD_RTOL
+    assert relative_error(ours, stepped(unet, reference, latents)) < FORWARD_RTOL
 
 
 def test_scheduler_is_left_untouched():
