@@ -14,7 +14,7 @@ the guidance embedding, and "true CFG").
 import inspect
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from numbers import Number
 
 import numpy as np
@@ -70,6 +70,14 @@ class VELevelSchedule(NoiseSchedule):
         return f"VELevelSchedule(t_min={self.t_min!r}, t_max={self.t_max!r})"
 
 
+def _on(cache: dict, table: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """`table` on `device` in `dtype`, copied there once (a host-to-device copy from pageable memory may wait)."""
+    key = (device, dtype)
+    if key not in cache:
+        cache[key] = table.to(device=device, dtype=dtype)
+    return cache[key]
+
+
 class NoiseScaleSchedule(NoiseSchedule):
     """A VP schedule whose time is its noise scale ``t = sigma``: ``alpha = sqrt(1 - t^2)``.
 
@@ -121,13 +129,14 @@ class OffGridTimesteps:
     scale: int
     table: Tensor | None = None
     inverted: bool = False
+    copies: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __call__(self, level: Tensor) -> Tensor:
         """(batch,) float32 timesteps of levels `level` (batch,), on its device (no host sync)."""
         level = level.to(torch.float64)
         if self.table is None:
             return ((1 - level if self.inverted else level) * self.scale).to(torch.float32)
-        logs = self.table.to(level.device).log()
+        logs = _on(self.copies, self.table.log(), level.device, torch.float64)
         u = level.clamp(min=float(self.table[0]), max=float(self.table[-1])).log()
         high = torch.searchsorted(logs, u).clamp(1, len(logs) - 1)
         low = high - 1
@@ -156,6 +165,7 @@ class DDIMRows:
     prediction: str
     threshold: DynamicThreshold | None
     table: Tensor
+    copies: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, evaluated: Tensor, grid: Tensor, prediction: str, threshold: DynamicThreshold | None) -> "DDIMRows":
@@ -170,7 +180,7 @@ class DDIMRows:
     def express(self, x: Tensor, out: Tensor, row: Tensor) -> Tensor:
         """The x0 that row `row` (batch,) needs for diffusers' step, from the network's output `out` at `x`."""
         shape = (-1,) + (1,) * (x.dim() - 1)
-        table = self.table.to(device=x.device, dtype=opmath_dtype(x.dtype))[row]
+        table = _on(self.copies, self.table, x.device, opmath_dtype(x.dtype))[row]
         alpha_d, sigma_d, alpha_l, sigma_l, skip, weight = (c.reshape(shape) for c in table.unbind(1))
         x0, eps = to_data_and_noise(out, x, alpha_d, sigma_d, self.prediction)
         if self.threshold is not None:
@@ -383,9 +393,10 @@ class NetworkCall:
         params = inspect.signature(net.forward).parameters
         self.takes_added_dict = "added_cond_kwargs" in params
         self.takes_encoder = _ENCODER_KEY in params
+        self.copies: dict[str, dict] = {"levels": {}, "timesteps": {}}
 
     def _hits(self, t: Tensor) -> Tensor:
-        return t[:, None] == self.levels.to(device=t.device, dtype=t.dtype)[None]
+        return t[:, None] == _on(self.copies["levels"], self.levels, t.device, t.dtype)[None]
 
     def row(self, t: Tensor) -> Tensor:
         """The grid index of grid levels `t` (batch,)."""
@@ -394,7 +405,8 @@ class NetworkCall:
     def timestep(self, x: Tensor, t: Tensor) -> Tensor:
         """The network's timestep for levels `t` (batch,): diffusers' at a grid level, else :attr:`off_grid`'s."""
         hits = self._hits(t)
-        timestep = self.timesteps.to(device=t.device, dtype=torch.float32)[hits.to(torch.int64).argmax(1)]
+        timesteps = _on(self.copies["timesteps"], self.timesteps, t.device, torch.float32)
+        timestep = timesteps[hits.to(torch.int64).argmax(1)]
         if self.off_grid is not None:
             timestep = torch.where(hits.any(1), timestep, self.off_grid(t))
         return timestep.to(x.dtype) / 1000 if self.flux else timestep
