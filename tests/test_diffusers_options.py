@@ -240,6 +240,9 @@ def test_flow_match_scale_noise_and_begin_index_match():
     theirs = FlowMatchEulerDiscreteScheduler(shift=3.0)
     ours = FusedMultistepScheduler.from_config(theirs.config)
     sample, noise = initial_noise(seed=1), initial_noise(seed=2)
+    training = theirs.timesteps[[3, 500]]  # before set_timesteps: the training grid, as diffusers'
+    assert torch.equal(ours.scale_noise(sample[:2], training, noise[:2]),
+                       theirs.scale_noise(sample[:2], training, noise[:2]))
     for scheduler in (ours, theirs):
         scheduler.set_timesteps(10)
     for begin in (None, 4):

@@ -481,7 +481,8 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         """FlowMatch's forward process ``sigma noise + (1 - sigma) sample`` (img2img and inpainting pipelines).
 
         sigma is ``sigmas`` at the step index when stepping has begun, else at the begin index when set, else at
-        each timestep looked up in ``timesteps`` (as FlowMatchEulerDiscreteScheduler).
+        each timestep looked up in ``timesteps`` (as FlowMatchEulerDiscreteScheduler; before ``set_timesteps``, its
+        training ``timesteps`` and ``sigmas``).
 
         Args:
             sample: (batch, ...) clean latents; noise: (batch, ...) standard normal noise.
@@ -497,27 +498,29 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
 
     def _noise_indices(self, timesteps: Tensor) -> list[int]:
         if self._begin_index is None:
-            return [self.index_for_timestep(t) for t in timesteps.tolist()]
+            table = self.timesteps.tolist() if self._timestep_list is None else None  # before set_timesteps
+            return [self.index_for_timestep(t, table) for t in timesteps.tolist()]
         index = self._step_index if self._step_index is not None else self._begin_index
         return [index] * timesteps.numel()
 
-    def index_for_timestep(self, timestep: int | float | Tensor) -> int:
-        """Index of `timestep` in ``timesteps`` (the second one where it repeats, as diffusers); when it is not
-        there, the last index (as DPMSolverMultistepScheduler), with a warning naming it.
+    def index_for_timestep(self, timestep: int | float | Tensor, schedule_timesteps: list | None = None) -> int:
+        """Index of `timestep` in ``timesteps`` (or `schedule_timesteps`; the second one where it repeats, as
+        diffusers); when it is not there, the last index (as DPMSolverMultistepScheduler), with a warning naming it.
 
         Reads `timestep` on the host (a device tensor is synchronised).
 
         Raises:
-            ValueError before set_timesteps.
+            ValueError before set_timesteps (without `schedule_timesteps`).
         """
-        if self._timestep_list is None:
+        table = self._timestep_list if schedule_timesteps is None else schedule_timesteps
+        if table is None:
             raise ValueError("FusedMultistepScheduler: call set_timesteps first")
         value = timestep.item() if isinstance(timestep, Tensor) else timestep
-        matches = [i for i, t in enumerate(self._timestep_list) if t == value]
+        matches = [i for i, t in enumerate(table) if t == value]
         if not matches:
             warnings.warn(f"FusedMultistepScheduler: timestep {value} is not one of this scheduler's timesteps; "
-                          f"taking the last one, {self._timestep_list[-1]}, as diffusers does", stacklevel=3)
-            return len(self._timestep_list) - 1
+                          f"taking the last one, {table[-1]}, as diffusers does", stacklevel=3)
+            return len(table) - 1
         return matches[1] if len(matches) > 1 else matches[0]
 
     def __len__(self) -> int:
