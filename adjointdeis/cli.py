@@ -24,7 +24,7 @@ import torch
 from . import __version__, ops, validation
 from ._extension import build_info, cpu_name
 from .schedules import SPACINGS
-from .solvers import SOLVERS, resolve_order
+from .solvers import SOLVERS, resolve_order, sde_solvers
 from .zoo import MODELS
 
 THREADS_HELP = ("torch CPU threads (default 1: the networks are tiny, and more threads only help large batches "
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=positive_int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("grid.png"), help="PNG file (default grid.png)")
     p.add_argument("--seed", type=int, default=0, help="seed of x_T and of the SDE noise")
-    p.add_argument("--sde", action="store_true", help="stochastic DPM-Solver++ (dpmpp orders 1-2, ddim)")
+    p.add_argument("--sde", action="store_true", help=f"stochastic sampling: {sde_solvers()}")
     p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: none)")
     p.add_argument("--spacing", choices=SPACINGS,
                    help="time grid (default: the model's: logsnr for digits, uniform in t for the flow models)")

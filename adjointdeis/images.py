@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import validation
+
 PAD_GREY = 160
 
 
@@ -36,7 +38,16 @@ def write_png(path, pixels: np.ndarray) -> pathlib.Path:
 
 
 def to_pixels(images: Tensor, scale: int = 4) -> np.ndarray:
-    """(n, 1, h, w) images in [-1, 1] -> (n, h*scale, w*scale) uint8, ink dark on white."""
+    """(n, 1, h, w) images in [-1, 1] -> (n, h*scale, w*scale) uint8, ink dark on white.
+
+    Raises:
+        ValueError naming images when they are not (n, 1, h, w) or hold NaN, or naming scale below 1.
+    """
+    validation.count(scale, "scale")
+    if validation.floating(images, "images").dim() != 4 or images.shape[1] != 1:
+        raise ValueError(f"images must be (n, 1, h, w) greyscale, got {list(images.shape)}")
+    if bool(images.isnan().any()):
+        raise ValueError("images hold NaN, which has no grey level")
     x = images.detach().float().cpu().clamp(-1, 1)[:, 0]
     x = ((1 - x) * 127.5).round().to(torch.uint8).numpy()
     return x.repeat(scale, axis=1).repeat(scale, axis=2)
@@ -49,11 +60,18 @@ def grid_pixels(rows: Sequence[Sequence[Tensor | None]], scale: int = 4, pad: in
         rows: rows of cells; each cell a (1, h, w) or (h, w) tensor in [-1, 1], or None.
         scale: pixels per image pixel.
         pad: grey pixels between cells.
+
+    Raises:
+        ValueError for a grid without images, cells of different sizes, scale below 1 or pad below 0.
     """
+    validation.integer(pad, "pad", 0)
     cells = [c for row in rows for c in row if c is not None]
     if not cells:
         raise ValueError("a grid needs at least one image")
     h, w = cells[0].shape[-2:]
+    if any(c.shape[-2:] != (h, w) or c.numel() != h * w for c in cells):
+        raise ValueError(f"every cell of a grid must be one ({h}, {w}) image, got "
+                         f"{sorted({tuple(c.shape) for c in cells})}")
     ch, cw = h * scale, w * scale
     ncol = max(len(row) for row in rows)
     out = np.full((len(rows) * (ch + pad) + pad, ncol * (cw + pad) + pad), PAD_GREY, dtype=np.uint8)
@@ -68,6 +86,7 @@ def grid_pixels(rows: Sequence[Sequence[Tensor | None]], scale: int = 4, pad: in
 
 def save_grid(path, images: Tensor, ncol: int, scale: int = 4) -> pathlib.Path:
     """Writes (n, 1, h, w) images in [-1, 1] as a PNG grid of `ncol` columns, row by row."""
+    validation.count(ncol, "ncol")
     rows = [list(images[i:i + ncol]) for i in range(0, len(images), ncol)]
     return write_png(path, grid_pixels(rows, scale))
 

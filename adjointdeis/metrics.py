@@ -46,7 +46,13 @@ def classifier_features(classifier, images: Tensor, batch_size: int = 512) -> Te
 
 @torch.no_grad()
 def class_accuracy(classifier, images: Tensor, labels: Tensor) -> float:
-    """Fraction of images the classifier assigns to their intended class."""
+    """Fraction of images the classifier assigns to their intended class.
+
+    Raises:
+        ValueError naming labels when they are not one label per image, (n,).
+    """
+    if labels.dim() != 1 or len(labels) != len(images):
+        raise ValueError(f"class_accuracy: labels must be ({len(images)},), one per image, got {list(labels.shape)}")
     logits = classifier(images.float().clamp(-1, 1))
     return float((logits.argmax(1) == labels.to(logits.device)).float().mean())
 
@@ -57,10 +63,14 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
     Precision: fraction of fake features inside the union of real k-NN balls; recall: the converse.
 
     Raises:
-        ValueError naming k when it is not a positive integer below each set's size.
+        ValueError naming k when it is not a positive integer below each set's size, or naming a feature set
+        that is not (n, d) with the other's d.
     """
     validation.integer(k, "k", 1)
     for name, features in (("real", real), ("fake", fake)):
+        if features.dim() != 2 or features.shape[1] != real.shape[-1]:
+            raise ValueError(f"precision_recall: {name} must be (n, d) features with real's d, got "
+                             f"{list(features.shape)}")
         if len(features) <= k:
             raise ValueError(f"precision_recall: k={k} nearest neighbours need more than {k} {name} features; got "
                              f"{len(features)}")

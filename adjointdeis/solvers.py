@@ -397,7 +397,7 @@ def check_solver(solver: str) -> Solver:
     return SOLVERS[solver]
 
 
-def _sde_solvers() -> str:
+def sde_solvers() -> str:
     """The solvers with an SDE variant, as a phrase ("solver 'dpmpp' (orders 1, 2) and 'ddim'"); aliases last."""
     entries = sorted((e for e in SOLVERS.values() if e.sde_orders), key=lambda e: e.alias_of is not None)
     names = [f"{e.name!r}" + (f" (orders {', '.join(map(str, e.sde_orders))})" if len(e.orders) > 1 else "")
@@ -417,7 +417,7 @@ def resolve_order(solver: str, order: int | None, sde: bool) -> int:
     if isinstance(order, bool) or not isinstance(order, int) or order not in entry.orders:
         raise ValueError(f"solver {solver!r} supports order {'/'.join(map(str, entry.orders))}, got {order}")
     if sde and order not in entry.sde_orders:
-        raise ValueError(f"sde=True is available for {_sde_solvers()}, not {solver!r} order {order}")
+        raise ValueError(f"sde=True is available for {sde_solvers()}, not {solver!r} order {order}")
     return order
 
 

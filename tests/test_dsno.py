@@ -130,6 +130,8 @@ def test_bad_input():
         dsno.DSNO(torch.nn.Conv2d(1, 1, 3), [1.0, 0.0], modes=1)
     with pytest.raises(ValueError, match="noise"):
         dsno.DSNO(tiny_unet(), [1.0, 0.0], modes=1)(torch.randn(2, 64))
+    with pytest.raises(ValueError, match="cond must have noise's batch of 2"):
+        dsno.DSNO(tiny_unet(), [1.0, 0.0], modes=1)(torch.randn(2, 1, 8, 8), torch.tensor([1, 2, 3]))
 
 
 def test_teacher_trajectories_follow_the_exact_flow_map():
@@ -202,6 +204,40 @@ def test_distillation_lowers_the_weighted_loss(tmp_path):
     with torch.no_grad():
         after = distillation.dsno_loss(student, noise, data.targets, data.weights, cond)
     assert after < 0.5 * before
+
+
+def test_the_seed_alone_fixes_the_student_and_the_caller_s_generator_is_left_alone():
+    teacher = tiny_unet().requires_grad_(False)
+    sched = ad.VPSchedule.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    data = distillation.teacher_trajectories(teacher, sched, dsno.trajectory_times(sched, 4), noise,
+                                             torch.arange(8) % 10, prediction="x0", steps_per_time=1, progress=False)
+    students = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        want = torch.get_rng_state()
+        students.append(distillation.distill(teacher, sched, 4, 8, 2, batch_size=4, num_classes=10, data=data,
+                                             prediction="x0", seed=5, progress=False))
+        assert torch.equal(torch.get_rng_state(), want)
+    for (name, p), q in zip(students[0].state_dict().items(), students[1].state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_bad_distillation_settings_raise_before_any_teacher_trajectory(monkeypatch, tmp_path):
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("teacher trajectories generated before the arguments were checked")
+
+    monkeypatch.setattr(distillation, "teacher_trajectories", no_teacher)
+    teacher = tiny_unet().requires_grad_(False)
+    sched = ad.VPSchedule.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    for bad, name in ((dict(checkpoint_every=0), "checkpoint_every"), (dict(steps_per_time=0), "steps_per_time"),
+                      (dict(modes=4), "modes"), (dict(iters=-1), "iters"), (dict(batch_size=0), "batch_size"),
+                      (dict(n_trajectories=0), "n_trajectories")):
+        with pytest.raises(ValueError, match=name):
+            distillation.distill(teacher, sched, **{"times": 4, "n_trajectories": 8, "iters": 2,
+                                                    "checkpoint": tmp_path / "c.safetensors", **bad},
+                                 num_classes=10, progress=False)
+    assert not list(tmp_path.iterdir())
 
 
 def test_checkpoint_of_another_configuration_is_refused(tmp_path):

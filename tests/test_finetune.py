@@ -36,3 +36,19 @@ def test_bad_settings_name_the_setting():
         finetune_class_reward(entry, classifier, FinetuneSettings(grad="adjoint"), progress=False)
     with pytest.raises(ValueError, match="settings.label"):
         finetune_class_reward(entry, classifier, FinetuneSettings(label=10), progress=False)
+    for name, value in (("iters", -3), ("batch", 0), ("steps", 0), ("rank", 0), ("eval_batch", 0),
+                        ("eval_every", 0), ("iters", 1.5)):
+        with pytest.raises((ValueError, TypeError), match=f"settings.{name}"):
+            finetune_class_reward(entry, classifier, FinetuneSettings(**{name: value}), progress=False)
+
+
+def test_the_caller_s_classifier_and_generator_are_left_as_they_were():
+    entry, classifier = zoo.load("digits"), zoo.load_classifier()
+    classifier.requires_grad_(True)
+    torch.manual_seed(123)
+    want = torch.get_rng_state()
+    settings = FinetuneSettings(iters=1, batch=2, steps=2, eval_batch=4, eval_every=1)
+    result = finetune_class_reward(entry, classifier, settings, progress=False)
+    assert len(result.rewards) == 1 and len(result.evaluations) == 2
+    assert torch.equal(torch.get_rng_state(), want)
+    assert all(p.requires_grad and p.grad is None for p in classifier.parameters())

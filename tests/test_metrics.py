@@ -37,6 +37,9 @@ def test_precision_recall():
     assert metrics.precision_recall(real, far) == (0.0, 0.0)
     with pytest.raises(ValueError, match="k=3 nearest neighbours need more than 3 fake"):
         metrics.precision_recall(real, far[:3])
+    for bad in (far[:, 0], far[:, :1], far[None]):
+        with pytest.raises(ValueError, match="fake must be"):
+            metrics.precision_recall(real, bad)
     # A fake set covering only half the real support: precise but half the recall.
     half = torch.randn(2000, 2, generator=g)
     half = half[half[:, 0] > 0][:500]
@@ -51,3 +54,6 @@ def test_class_accuracy():
         classifier[1].bias.copy_(torch.arange(10.0))  # always predicts class 9
     images = torch.zeros(4, 1, 8, 8)
     assert metrics.class_accuracy(classifier, images, torch.tensor([9, 9, 1, 9])) == pytest.approx(0.75)
+    for bad in (torch.tensor([[9], [9], [1], [9]]), torch.tensor([9]), torch.tensor(9)):
+        with pytest.raises(ValueError, match="labels must be"):
+            metrics.class_accuracy(classifier, images, bad)

@@ -212,6 +212,22 @@ def test_reflow_tiny_run_fits_its_pairs_and_leaves_the_model_alone():
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
 
 
+def test_reflow_trains_on_the_time_input_its_model_samples_with(monkeypatch):
+    from adjointdeis.zoo.networks import DigitsUNet, FlowDigitsUNet
+
+    shipped = zoo.load("digits-flow")
+    model = FlowDigitsUNet(time_scale=1.0)        # the same weights, fed t itself
+    model.load_state_dict(shipped.model.state_dict())
+    entry = zoo.ZooModel(model.eval(), shipped.schedule, "flow", shipped.shape, shipped.num_classes, shipped.spacing,
+                         shipped.denoise_to_zero)
+    seen, forward = [], DigitsUNet.forward
+    monkeypatch.setattr(DigitsUNet, "forward", lambda self, x, t, y=None: seen.append(float(t.max())) or
+                        forward(self, x, t, y))
+    tuned = reflow(entry, n_pairs=8, iters=2, solver="ddim", steps=1, progress=False)
+    assert tuned.model.time_scale == 1.0 and len(seen) > 2
+    assert max(seen) <= 1.0, max(seen)            # sampling and training alike
+
+
 def test_reflow_rejects_bad_arguments():
     with pytest.raises(ValueError, match="flow"):
         reflow(zoo.load("digits"), n_pairs=4, iters=1, progress=False)
@@ -220,6 +236,9 @@ def test_reflow_rejects_bad_arguments():
         reflow(flow, n_pairs=0, iters=1, progress=False)
     with pytest.raises(ValueError, match="iters"):
         reflow(flow, n_pairs=4, iters=0, progress=False)
+    from adjointdeis.zoo.reflow import reflow_pairs
+    with pytest.raises(ValueError, match="batch_size"):
+        reflow_pairs(flow, n_pairs=4, batch_size=0, progress=False)
 
 
 def test_training_script_writes_flow_and_reflow_weights(tmp_path, monkeypatch):

@@ -22,8 +22,10 @@ from tqdm.auto import tqdm
 
 from ..planning import StepInfo, plan_sampling, run_plan
 from ..predictions import to_data_and_noise
+from .. import validation
 from ..schedules import NoiseSchedule
 from ..zoo import read_weights
+from ..zoo.training import seeded
 from .model import DSNO, trajectory_times
 
 _TRAJECTORY_SEED = 2**32  # offset of the teacher trajectories' noise seed
@@ -66,6 +68,8 @@ def teacher_trajectories(model: Callable, sched: NoiseSchedule, times: Tensor, n
     log-SNR-uniform steps between consecutive ones, as one multistep run; at each trajectory time one more
     model evaluation gives the data prediction ``x0-hat(x_t, t)``.
     """
+    validation.count(steps_per_time, "steps_per_time")
+    validation.count(batch_size, "batch_size")
     times = sched.check_grid(times)
     t_max = sched.timesteps(1)[:1]
     lam = sched.half_log_snr(torch.cat([t_max, times]))
@@ -164,12 +168,21 @@ def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequenc
             trajectories are kept next to it (``<checkpoint>.teacher.safetensors``) and reused.
         data: precomputed teacher trajectories (skips generating them).
 
+        seed: seeds the teacher trajectories' noise and labels, the student's temporal blocks and the data order
+            (the caller's global generator is left as it was).
+
     Returns:
         The trained student in eval mode; ``student.sample(noise, cond)`` is one network evaluation.
+
+    Raises:
+        ValueError naming the argument, before any teacher trajectory is generated.
     """
-    if iters < 0 or n_trajectories < 1 or batch_size < 1:
-        raise ValueError("iters must be >= 0 and n_trajectories, batch_size >= 1")
+    validation.integer(iters, "iters", 0)
+    for name, value in (("n_trajectories", n_trajectories), ("batch_size", batch_size),
+                        ("steps_per_time", steps_per_time), ("checkpoint_every", checkpoint_every)):
+        validation.count(value, name)
     times = trajectory_times(sched, times) if isinstance(times, int) else sched.check_grid(times)
+    validation.integer(modes, "modes", 1, len(times) // 2 + 1)
     shape = _sample_shape(teacher_model) if shape is None else tuple(shape)
     data_config = dict(times=times.tolist(), n_trajectories=n_trajectories, prediction=prediction,
                        num_classes=num_classes, shape=list(shape), solver=solver, order=order,
@@ -190,7 +203,8 @@ def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequenc
             save_file({k: v.contiguous() for k, v in data.tensors().items()}, str(data_path),
                       metadata={"config": json.dumps(data_config)})
 
-    student = DSNO(copy.deepcopy(teacher_model), data.model_times, modes).train()
+    with seeded(seed):
+        student = DSNO(copy.deepcopy(teacher_model), data.model_times, modes).train()
     student.requires_grad_(True)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed + 1)

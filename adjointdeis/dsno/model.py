@@ -151,6 +151,8 @@ class DSNO(nn.Module):
             raise ValueError(f"noise must be a (B, C, H, W) tensor, got {tuple(noise.shape)}")
         if cond is not None:
             validation.instance(cond, "cond", Tensor, "None or a (B, ...) tensor")
+            if cond.dim() == 0 or len(cond) != len(noise):
+                raise ValueError(f"cond must have noise's batch of {len(noise)} first, got {list(cond.shape)}")
         batch, T = noise.shape[0], self.n_times
         x = noise.unsqueeze(1).expand(batch, T, *noise.shape[1:]).reshape(batch * T, *noise.shape[1:])
         t = self.times.to(noise.device).repeat(batch)

@@ -19,8 +19,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import validation
 from ..sampling import sample
 from . import ZooModel
+from .training import seeded
 
 LORA_TARGETS = ("inp", "conv1", "conv2", "emb")   # the input conv, the ResBlocks' convs and embedding projections
 
@@ -103,9 +105,9 @@ def lora_copy(model: torch.nn.Module, rank: int, seed: int) -> torch.nn.Module:
     with a gradient to A as well as B)."""
     import peft
 
-    torch.manual_seed(seed)
     config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS), init_lora_weights=False)
-    wrapped = peft.get_peft_model(copy.deepcopy(model), config)
+    with seeded(seed):
+        wrapped = peft.get_peft_model(copy.deepcopy(model), config)
     with torch.no_grad():
         for name, p in wrapped.named_parameters():
             if "lora_B" in name:
@@ -146,20 +148,24 @@ def finetune_class_reward(entry: ZooModel, classifier: torch.nn.Module, settings
 
     Args:
         entry: a shipped eps-prediction model (``zoo.load("digits")``).
-        classifier: the reward's classifier (``zoo.load_classifier()``); frozen here.
+        classifier: the reward's classifier (``zoo.load_classifier()``); a frozen copy of it scores the samples
+            (the caller's module is left as it is).
         settings: the run; default ``FinetuneSettings()``.
         progress: a tqdm bar over the iterations.
         callback: ``callback(iteration, reward)`` after each iteration.
 
     Raises:
-        ValueError for a grad mode other than "discrete" or "autograd", or a label outside the classes.
+        ValueError for a grad mode other than "discrete" or "autograd", a label outside the classes, or a count
+        (iters, batch, steps, rank, eval_batch, eval_every) out of range, naming the setting.
     """
     settings = settings or FinetuneSettings()
     if settings.grad not in ("discrete", "autograd"):
         raise ValueError(f"settings.grad must be 'discrete' or 'autograd', got {settings.grad!r}")
-    if not 0 <= settings.label < entry.num_classes:
-        raise ValueError(f"settings.label must be a class in [0, {entry.num_classes}), got {settings.label}")
-    classifier.requires_grad_(False)
+    validation.integer(settings.label, "settings.label", 0, entry.num_classes - 1)
+    validation.integer(settings.iters, "settings.iters", 0)
+    for name in ("batch", "steps", "rank", "eval_batch", "eval_every"):
+        validation.count(getattr(settings, name), f"settings.{name}")
+    classifier = copy.deepcopy(classifier).requires_grad_(False)
     model = lora_copy(entry.model, settings.rank, settings.seed)
     adapters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(adapters, lr=settings.lr)

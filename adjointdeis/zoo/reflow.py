@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import validation
 from ..sampling import sample
 from . import ZooModel
-from .training import train_diffusion
+from .training import FLOW_TIME_SCALE, train_diffusion
 
 
 def _check_flow(entry: ZooModel) -> None:
@@ -36,11 +37,11 @@ def reflow_pairs(entry: ZooModel, n_pairs: int = 10000, solver: str = "heun", st
             ``denoise_to_zero``).
 
     Raises:
-        ValueError for a non-flow entry or n_pairs < 1.
+        ValueError for a non-flow entry, n_pairs < 1 or batch_size < 1.
     """
     _check_flow(entry)
-    if n_pairs < 1:
-        raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
+    validation.count(n_pairs, "n_pairs")
+    validation.count(batch_size, "batch_size")
     device = next(entry.model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(n_pairs, *entry.shape, generator=g)
@@ -77,13 +78,13 @@ def reflow(entry: ZooModel, n_pairs: int = 10000, iters: int = 3000, solver: str
         ValueError for a non-flow entry, n_pairs < 1 or iters < 1.
     """
     _check_flow(entry)
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
+    validation.count(iters, "iters")
     x_T, x_0, labels = reflow_pairs(entry, n_pairs, solver, steps, seed, progress=progress)
     device = next(entry.model.parameters()).device
     start = copy.deepcopy(entry.model).cpu()
     tuned = train_diffusion((x_0, x_T), labels, iters, seed, progress=progress, kind="flow", init=start, lr=lr,
-                            ema_rate=max(1e-3, 10.0 / iters), log_every=0)
+                            ema_rate=max(1e-3, 10.0 / iters), log_every=0,
+                            time_scale=getattr(entry.model, "time_scale", FLOW_TIME_SCALE))
     model = copy.deepcopy(start)
     model.load_state_dict(tuned.state_dict())
     return ZooModel(model.eval().to(device), entry.schedule, entry.prediction, entry.shape, entry.num_classes,

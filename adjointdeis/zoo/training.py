@@ -4,6 +4,7 @@ Used by :mod:`adjointdeis.zoo.train` (the command that makes the shipped weights
 :mod:`adjointdeis.zoo.reflow`; reproducible from a seed.
 """
 
+import contextlib
 import math
 
 import torch
@@ -18,6 +19,15 @@ UNCOND_PROBABILITY = 0.1
 FLOW_TIME_SCALE = 1000.0  # the flow UNet's time input is FLOW_TIME_SCALE * t
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Inside: the global CPU generator seeded with `seed` (what module initialisers draw from). After: the
+    caller's generator state back, so training never moves the caller's random stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
 def ddpm_alphas_cumprod() -> torch.Tensor:
     betas = torch.linspace(*BETAS, NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
     return torch.cumprod(1 - betas, 0)
@@ -26,8 +36,8 @@ def ddpm_alphas_cumprod() -> torch.Tensor:
 def train_classifier(images, labels, iters: int, seed: int, progress: bool = True) -> DigitClassifier:
     """Cross-entropy on the training split, with small random shifts as augmentation."""
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    net = DigitClassifier()
+    with seeded(seed):
+        net = DigitClassifier()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     for _ in tqdm(range(iters), desc="classifier", disable=None if progress else True):
         idx = torch.randint(0, len(images), (128,), generator=g)
@@ -43,7 +53,7 @@ def train_classifier(images, labels, iters: int, seed: int, progress: bool = Tru
 
 def train_diffusion(images, labels, iters: int, seed: int, progress: bool = True, log_every: int = 500,
                     kind: str = "diffusion", init: DigitsUNet | None = None, lr: float = 2e-3,
-                    ema_rate: float = 1e-3) -> DigitsUNet:
+                    ema_rate: float = 1e-3, time_scale: float = FLOW_TIME_SCALE) -> DigitsUNet:
     """The eps-prediction DDPM loss (``kind="diffusion"``) or the rectified-flow loss (``kind="flow"``),
     with label dropout (for classifier-free guidance) and an EMA.
 
@@ -54,6 +64,8 @@ def train_diffusion(images, labels, iters: int, seed: int, progress: bool = True
         init: start from a copy of this network instead of a fresh one (fine-tuning).
         lr: peak learning rate (warm-up then cosine decay).
         ema_rate: the EMA's step towards the weights per iteration (after the first tenth, where it copies them).
+        time_scale: for ``kind="flow"``, the UNet's time input is ``time_scale * t`` (that of the
+            :class:`FlowDigitsUNet` the weights are for).
     """
     if kind not in ("diffusion", "flow"):
         raise ValueError(f"kind must be 'diffusion' or 'flow', got {kind!r}")
@@ -61,8 +73,8 @@ def train_diffusion(images, labels, iters: int, seed: int, progress: bool = True
     if pairs and kind != "flow":
         raise ValueError("coupled (x0, eps) pairs are only for kind='flow'")
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    net = DigitsUNet()
+    with seeded(seed):
+        net = DigitsUNet()
     if init is not None:
         net.load_state_dict(init.state_dict())
     ema = DigitsUNet()
@@ -85,7 +97,8 @@ def train_diffusion(images, labels, iters: int, seed: int, progress: bool = True
             x_t = a * x0 + (1 - a * a).sqrt() * eps
             loss = F.mse_loss(net(x_t, t.float(), y), eps)
         else:
-            loss = flow_loss(net, x0, images[1][idx] if pairs else torch.randn(x0.shape, generator=g), y, g)
+            loss = flow_loss(net, x0, images[1][idx] if pairs else torch.randn(x0.shape, generator=g), y, g,
+                             time_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -99,10 +112,11 @@ def train_diffusion(images, labels, iters: int, seed: int, progress: bool = True
     return ema.eval()
 
 
-def flow_loss(net: DigitsUNet, x0, eps, y, generator: torch.Generator | None = None):
-    """The rectified-flow loss ``|net(x_t, 1000 t, y) - (eps - x0)|^2`` at ``x_t = (1 - t) x0 + t eps``,
+def flow_loss(net: DigitsUNet, x0, eps, y, generator: torch.Generator | None = None,
+              time_scale: float = FLOW_TIME_SCALE):
+    """The rectified-flow loss ``|net(x_t, time_scale t, y) - (eps - x0)|^2`` at ``x_t = (1 - t) x0 + t eps``,
     t uniform in [0, 1] (drawn from `generator`)."""
     t = torch.rand(len(x0), generator=generator)
     tt = t[:, None, None, None]
     x_t = (1 - tt) * x0 + tt * eps
-    return F.mse_loss(net(x_t, FLOW_TIME_SCALE * t, y), eps - x0)
+    return F.mse_loss(net(x_t, time_scale * t, y), eps - x0)
