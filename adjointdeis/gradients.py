@@ -17,6 +17,7 @@ That function drives the forward run itself, from a :class:`GradientSpec` (the p
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -116,18 +117,24 @@ def gradient_mode(grad: str | None, x_T: Tensor, conditioning: Conditioning, par
     return grad
 
 
-def truncation_steps(grad_steps: int | tuple[int, int], generator: torch.Generator | None = None) -> int:
+def truncation_steps(grad_steps: int | tuple[int, int], generator: torch.Generator | None = None,
+                     steps: int | None = None) -> int:
     """K of a truncated run: `grad_steps` itself, or for ``(lo, hi)`` a uniform draw from lo..hi inclusive,
     ``torch.randint(lo, hi + 1, (1,), generator=generator)`` (AlignProp's random truncation).
 
+    Args:
+        steps: the run's steps, which hi may not exceed (checked before the draw).
+
     Raises:
-        ValueError naming `grad_steps` for a pair that is not two integers with 1 <= lo <= hi.
+        ValueError naming `grad_steps` for a pair that is not two integers with 1 <= lo <= hi (<= steps).
     """
     if not isinstance(grad_steps, tuple):
         return grad_steps
+    top = "hi" if steps is None else f"hi <= {steps} (the run's steps)"
     if (len(grad_steps) != 2 or any(isinstance(k, bool) or not isinstance(k, int) for k in grad_steps)
-            or not 1 <= grad_steps[0] <= grad_steps[1]):
-        raise ValueError(f"grad_steps as a range must be (lo, hi), integers with 1 <= lo <= hi, got {grad_steps!r}")
+            or not 1 <= grad_steps[0] <= grad_steps[1] or (steps is not None and grad_steps[1] > steps)):
+        raise ValueError(f"grad_steps as a range must be (lo, hi), integers with 1 <= lo <= {top}, got "
+                         f"{grad_steps!r}")
     lo, hi = grad_steps
     return int(torch.randint(lo, hi + 1, (1,), generator=generator))
 
@@ -169,6 +176,8 @@ class GradientSpec:
         num_noises: how many explicit noise tensors (one per noisy row) follow the conditioning's leaves, before
             the parameters; `noise` is then None.
         grad_from: the first row differentiated (truncation; the earlier rows are constants).
+        default_parameters: the parameters are the model's own by default (no ``parameters=``): a warning names
+            the other tensors requiring grad that the model reaches (:func:`warn_unseen_leaves`).
     """
 
     model: Callable
@@ -185,6 +194,7 @@ class GradientSpec:
     noise: NoiseSource | None = None
     num_noises: int = 0
     grad_from: int = 0
+    default_parameters: bool = False
 
 
 def sample_with_gradients(spec: GradientSpec, x_T: Tensor, params: list[Tensor], noises: list[Tensor] = ()) -> Tensor:
@@ -482,7 +492,7 @@ def _model_graph(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, aliases:
 
 def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cotangent_of_out,
               aliases: ParameterAliases | None = None, row: int | None = None, graph: _ModelGraph | None = None,
-              rng: tuple[Tensor, Tensor | None] | None = None):
+              rng: tuple[Tensor, Tensor | None] | None = None, first: bool = False):
     """Re-runs the model at x with grad enabled and pulls a cotangent back.
 
     Args:
@@ -500,6 +510,7 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
         graph: the output already computed with its graph (x, t, `cond_leaves`, `aliases` and `row` then unused):
             pulled back without re-running the model; its graph is freed.
         rng: the global generators' state the model runs from (:func:`_replaying`; None: as they are).
+        first: the pass's first call, whose graph :func:`warn_unseen_leaves` walks.
 
     Returns:
         (vjp_x, [vjp_cond...], [vjp_param...]) with None where a leaf is not reached (and for
@@ -517,6 +528,9 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
                 f"grad={spec.mode!r}: the model output does not depend on x or on any tensor that requires "
                 "grad; is the model's output connected to its inputs?")
         cond_wrt = [c for c in cond_in if c.requires_grad]
+        if first:
+            warn_unseen_leaves(spec, out, [x_in, *cond_in, *params,
+                                           *(graph.aliases.aliases if graph.aliases is not None else ())])
         if graph.aliases is not None:  # (never for an FSDP2 model)
             torch.autograd.backward(out, cotangent_of_out(out), inputs=[x_in, *cond_wrt, *graph.aliases.aliases])
             grads = [x_in.grad] + [c.grad for c in cond_wrt] + [None] * len(params)
@@ -531,6 +545,33 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
     vjp_cond = [next(it) if c.requires_grad else None for c in cond_in]
     vjp_params = list(it)
     return vjp_x, vjp_cond, vjp_params
+
+
+def warn_unseen_leaves(spec: GradientSpec, out: Tensor, known: list[Tensor]) -> None:
+    """Warns when `out`'s graph reaches tensors that require grad beyond `known` (the differentiated inputs and
+    parameters), with the parameters taken by default: plain autograd would give them a gradient and this mode
+    gives none (a model that is not an nn.Module holding one in a closure, or a module reached outside
+    ``_modules``). One walk of one model call's graph."""
+    if not spec.default_parameters:
+        return
+    known_ids = {id(t) for t in known}
+    unseen, seen, stack = {}, set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None and id(leaf) not in known_ids:
+            unseen[id(leaf)] = leaf
+        stack.extend(n for n, _ in node.next_functions)
+    if unseen:
+        shapes = ", ".join(str(list(t.shape)) for t in list(unseen.values())[:4])
+        warnings.warn(f"grad={spec.mode!r}: the model reaches {len(unseen)} tensor(s) that require grad and are not "
+                      f"among its parameters ({shapes}{', ...' if len(unseen) > 4 else ''}: e.g. a module in a "
+                      "closure); they get no gradient here, unlike with grad='autograd'. Pass them in parameters= "
+                      "to differentiate them, or parameters=[] (or requires_grad_(False)) to treat them as "
+                      "constants", stacklevel=2)
 
 
 def check_sharded(spec: GradientSpec, model, params: list[Tensor]) -> None:
@@ -615,7 +656,8 @@ def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], c
         reaches_m3 = float(b3[j]) * xbar if plan.num_history[j] == 3 else None  # partial adjoint of m_{j-3}
         vjp_x, vjp_cond, vjp_params = model_vjp(spec, states[j - spec.grad_from], t_eval[j].expand(batch),
                                                 cond_leaves, params, lambda out, c=cot: c.to(out.dtype), aliases,
-                                                row=j, graph=last_graph, rng=None if rng is None else rng[j])
+                                                row=j, graph=last_graph, rng=None if rng is None else rng[j],
+                                                first=j == last)
         last_graph = None  # row `last`'s, pulled back and freed
         _accumulate(acc_cond, vjp_cond, one)
         _accumulate(acc_params, vjp_params, one)  # all None when added in place
@@ -702,7 +744,8 @@ def continuous_adjoint(spec: GradientSpec, grad_x: Tensor, grid_states: list[Ten
     target = "eps" if cfg.form == "eps" else "x0"
     batch = final.shape[0]
     acc_cond, acc_params = [None] * len(cond_leaves), [None] * len(params)
-    if _ends_at_zero_noise(spec.plan):
+    ends_at_zero = _ends_at_zero_noise(spec.plan)
+    if ends_at_zero:
         grad_x = _last_step_vjp(spec, grad_x.to(acc_dtype), final, cond_leaves, params, acc_cond, acc_params)
     steps = list(range(len(grid) - 2, -1, -1))
     rows, z_scales, cot_scales, h_prev, mz_prev = [], [], [], None, None
@@ -728,7 +771,8 @@ def continuous_adjoint(spec: GradientSpec, grad_x: Tensor, grid_states: list[Ten
             x_t = grid_states[k + 1]
         t_model = times[k + 1].expand(batch)
         cot = cot_scales[i] * a_x
-        vjp_x, vjp_cond, vjp_params = model_vjp(spec, x_t, t_model, cond_leaves, params, lambda out: cot.to(out.dtype))
+        vjp_x, vjp_cond, vjp_params = model_vjp(spec, x_t, t_model, cond_leaves, params, lambda out: cot.to(out.dtype),
+                                                first=i == 0 and not ends_at_zero)
         second_order = cfg.order == 2 and i > 0
         a_next, v_t = ops.multistep_step(a_x, vjp_x.to(acc_dtype), [hist_v] if second_order else [], rows[i])
         vjps = vjp_cond + vjp_params
@@ -755,7 +799,7 @@ def _last_step_vjp(spec: GradientSpec, grad_x: Tensor, x: Tensor, cond_leaves, p
     t = torch.tensor(spec.plan.t_eval[-1], dtype=torch.float64).to(x.device, dtype=opmath_dtype(x.dtype))
     cot = (q * b0) * grad_x
     vjp_x, vjp_cond, vjp_params = model_vjp(spec, x, t.expand(x.shape[0]), cond_leaves, params,
-                                            lambda out: cot.to(out.dtype))
+                                            lambda out: cot.to(out.dtype), first=True)
     one = torch.ones((), dtype=torch.float64, device=x.device)
     _accumulate_split(acc_cond, acc_params, vjp_cond + vjp_params, one)
     return (a + b0 * p) * grad_x + vjp_x.to(grad_x.dtype)

@@ -137,14 +137,14 @@ def _copy_cond(cond, trainable: bool):
         return {k: _leaf(v, trainable and v.is_floating_point()) if isinstance(v, Tensor) else v
                 for k, v in cond.items()}
     if isinstance(cond, Tensor):
-        return _leaf(cond, trainable)
+        return _leaf(cond, trainable and cond.is_floating_point())
     raise TypeError(f"cond must be a tensor or a dict of tensors, got {type(cond).__name__}")
 
 
 def _cond_tensors(cond) -> list[Tensor]:
-    if isinstance(cond, Mapping):
-        return [v for v in cond.values() if isinstance(v, Tensor) and v.is_floating_point()]
-    return [] if cond is None else [cond]
+    """The floating-point tensors of cond (a tensor or a dict), those that "cond" optimises."""
+    values = cond.values() if isinstance(cond, Mapping) else [cond]
+    return [v for v in values if isinstance(v, Tensor) and v.is_floating_point()]
 
 
 def _detached(cond):
@@ -158,6 +158,8 @@ def _per_sample_norm(x: Tensor) -> Tensor:
 
 
 def _check_options(optimize, optimizer, iters, lr, clip_grad, tol, cond, regularizer) -> tuple[str, ...]:
+    if optimize is None:
+        optimize = ("x_T", "cond") if _cond_tensors(cond) else ("x_T",)
     targets = (optimize,) if isinstance(optimize, str) else tuple(optimize)
     unknown = [t for t in targets if not validation.known(t, OPTIMIZE_TARGETS)]
     if unknown:
@@ -201,7 +203,7 @@ def _initial_noise(model, x_T: Tensor, sched: NoiseSchedule, steps: int, cond, s
 
 
 def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Tensor], x_T: Tensor, cond=None,
-          optimize: str | Iterable[str] = ("x_T", "cond"), steps: int = 20, iters: int = 50, lr: float = 0.05,
+          optimize: str | Iterable[str] | None = None, steps: int = 20, iters: int = 50, lr: float = 0.05,
           optimizer: str = "adam", grad: str = "discrete", preserve_norm: bool = True,
           clip_grad: float | None = None, tol: float | None = None, target_loss: float | None = None,
           callback: Callable[[int, float, Tensor], None] | None = None, progress: bool = True,
@@ -223,8 +225,8 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
         cond: conditioning, a tensor or dict of tensors (batch-leading); not modified.
         optimize: which inputs to optimise: any of "x_T", "noise" (the per-step noises of a stochastic run,
             ``sde=True`` or solver "renoise": DNO; they start as ``sample_kwargs["noise"]`` when given as tensors,
-            else as the draws of ``sample_kwargs["generator"]``) and "cond" ("cond" with a dict optimises all its
-            floating-point tensors).
+            else as the draws of ``sample_kwargs["generator"]``) and "cond" (its floating-point tensors: a dict's
+            all; class labels are not optimised). Default: x_T, and cond when it holds a floating-point tensor.
         steps: sampling steps per iteration.
         iters: maximum number of iterations (optimiser steps), at least 1.
         lr: learning rate.

@@ -135,7 +135,11 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
     conditioning = Conditioning(cond, uncond, guidance_scale)
     params = model_parameters(model, parameters)
     mode = gradient_mode(grad, x_T, conditioning, params, noises or [])
-    grad_from = 0 if grad_steps is None else truncation_row(plan, truncation_steps(grad_steps, grad_steps_generator))
+    if grad_steps is not None:
+        k = truncation_steps(grad_steps, grad_steps_generator, sum(plan.steps.starts_step))
+        grad_from = truncation_row(plan, k)
+    else:
+        grad_from = 0
     if mode in (None, "autograd"):
         with torch.set_grad_enabled(mode == "autograd"):
             x = run_plan(model, x_T, plan, cond=cond, guidance_scale=guidance_scale, uncond=uncond,
@@ -151,5 +155,6 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
         adjoint_grid = plan_adjoint_grid(sched, plan, options.steps, options.states == "recorded")
         check_adjoint_inputs(adjoint_grid, noises, grad_from)
     spec = GradientSpec(model, plan, conditioning, len(params), mode, options, adjoint_grid, generator, progress,
-                        check_finite, callback, noise if noises is None else None, len(noises or []), grad_from)
+                        check_finite, callback, noise if noises is None else None, len(noises or []), grad_from,
+                        default_parameters=parameters is None)
     return sample_with_gradients(spec, x_T, params, noises or [])

@@ -1,6 +1,7 @@
 """Gradients through sampling: the discrete adjoint equals autograd, the adjoint modes converge."""
 
 import math
+import warnings
 
 import peft
 import pytest
@@ -429,3 +430,31 @@ def test_parameters_given_are_the_only_ones_differentiated(mode):
     if mode != "adjoint":  # the same values as unrestricted autograd's (adjoint: the continuous gradient)
         for g, w in zip(got, [x_T.grad] + [p.grad for p in first]):
             assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["discrete", "adjoint"])
+def test_tensors_that_require_grad_beyond_the_parameters_are_named_in_a_warning(mode):
+    """A closure's module gets a gradient from grad='autograd' but not from discrete/adjoint (which differentiate
+    parameters=, by default an nn.Module model's own): a warning says so; parameters= given, or a module model
+    whose parameters are all it reaches, warns nothing."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()).double()
+    x_T = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    sched = ad.VPSchedule.linear()
+    with pytest.warns(UserWarning, match=r"reaches 2 tensor\(s\) that require grad.*\[4, 4\], \[4\]"):
+        ad.sample(lambda x, t: net(x), x_T, sched, steps=3, grad=mode).sum().backward()
+    assert all(p.grad is None for p in net.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        closure = lambda x, t: net(x)
+        for model, parameters in ((closure, list(net.parameters())), (closure, []), (TinyModule(net), None)):
+            ad.sample(model, x_T, sched, steps=3, grad=mode, parameters=parameters).sum().backward()
+
+
+class TinyModule(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t):
+        return self.net(x)

@@ -221,3 +221,17 @@ def test_noise_optimisation_raises_the_reward_and_the_regularizer_keeps_noise_ga
         guide(model, sched, loss, x_T, cond=cond, optimize="noise", steps=STEPS, progress=False)
     with pytest.raises(ValueError, match="optimize must include 'x_T' or 'noise'"):
         guide(model, sched, loss, x_T, cond=cond, optimize="cond", regularizer=strong(), progress=False)
+
+
+def test_the_default_optimises_cond_only_when_it_has_floating_point_tensors():
+    """optimize=None: x_T and cond's floating-point tensors; without cond, or with class labels, x_T alone (the
+    labels are left as they are)."""
+    model, sched, x_T, cond, target = problem()
+    with_cond = guide(model, sched, squared_distance(target), x_T, cond=cond, steps=STEPS, iters=2, progress=False)
+    assert not torch.equal(with_cond.cond, cond) and not torch.equal(with_cond.x_T, x_T)
+    labelled = lambda x, t, c: model(x, t, c.to(x.dtype)[:, None].expand_as(x))
+    for c in (None, torch.tensor([1, 0])):
+        run = guide(model if c is None else labelled, sched, squared_distance(target), x_T, cond=c, steps=STEPS,
+                    iters=2, progress=False)
+        assert not torch.equal(run.x_T, x_T) and run.losses[-1] < run.losses[0]
+        assert c is None or (torch.equal(run.cond, c) and not run.cond.requires_grad)

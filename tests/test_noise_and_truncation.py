@@ -175,9 +175,13 @@ def test_random_truncation_draws_k_from_the_range_with_the_generator():
 def test_bad_truncation_arguments():
     net, x_T, cond, _, sched = case()
     x_in = x_T.clone().requires_grad_()
-    for grad_steps in (0, STEPS + 1, 2.0, True, (3, 2), (0, 2), (1, 2, 3)):
+    for grad_steps in (0, STEPS + 1, 2.0, True, (3, 2), (0, 2), (1, 2, 3), (1, STEPS + 1), (STEPS + 1, STEPS + 1)):
         with pytest.raises(ValueError, match="grad_steps"):
             ad.sample(net, x_in, sched, steps=STEPS, cond=cond, grad_steps=grad_steps)
+    for seed in range(8):   # a range past the run's steps raises whatever K the draw would give
+        with pytest.raises(ValueError, match=rf"1 <= lo <= hi <= {STEPS} \(the run's steps\), got \(1, {STEPS + 1}\)"):
+            ad.sample(net, x_in, sched, steps=STEPS, cond=cond, grad_steps=(1, STEPS + 1),
+                      grad_steps_generator=torch.Generator().manual_seed(seed))
     with pytest.raises(ValueError, match="grad_steps .* needs grad='discrete' or 'autograd'"):
         ad.sample(net, x_in, sched, steps=STEPS, cond=cond, grad="adjoint", grad_steps=2)
 
