@@ -206,6 +206,7 @@ def plan_sampling(sched: NoiseSchedule, steps: int, spacing: str, timesteps: tup
     Raises:
         ValueError naming the bad argument (solver, order, sde, steps, spacing, timesteps, ...).
     """
+    order = resolve_order(solver, order, sde)   # before the cache: 2.0 or True would hit order 2's or 1's plan
     key = None
     if not torch.compiler.is_compiling():
         try:
@@ -216,7 +217,7 @@ def plan_sampling(sched: NoiseSchedule, steps: int, spacing: str, timesteps: tup
             key = plan = None
         if plan is not None:
             return plan
-    settings = SolverSettings(solver, resolve_order(solver, order, sde), prediction, sde, lower_order_final,
+    settings = SolverSettings(solver, order, prediction, sde, lower_order_final,
                               third_order, second_order, threshold, euler_at_final)
     grid = None if timesteps is None else torch.tensor(timesteps, dtype=torch.float64)
     ts, points = sampling_grid(sched, steps, spacing, grid, denoise_to_zero)

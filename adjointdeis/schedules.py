@@ -102,7 +102,13 @@ def _to_float64(value, name: str) -> Tensor:
         if value.is_complex():
             raise TypeError(f"{name} must be real; got dtype {value.dtype}")
         return value.to(device="cpu", dtype=torch.float64)
-    return torch.as_tensor(value, dtype=torch.float64)
+    if isinstance(value, (str, bytes)) or np.iscomplexobj(value):
+        raise TypeError(f"{name} must be real numbers (a float, a sequence of them or a tensor), got {value!r:.80}")
+    try:
+        return torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{name} must be real numbers (a float, a sequence of them or a tensor), got "
+                        f"{value!r:.80}: {error}") from None
 
 
 def _element_label(name: str, flat_index: int, shape: torch.Size) -> str:
@@ -422,9 +428,14 @@ class NoiseSchedule(abc.ABC):
                 lam = torch.linspace(lam_at_t_max, lam_at_t_min, steps + 1, dtype=torch.float64)
             else:
                 rho = self.karras_rho
-                ramp = torch.linspace(
-                    math.exp(-lam_at_t_max / rho), math.exp(-lam_at_t_min / rho), steps + 1, dtype=torch.float64
-                )
+                try:
+                    ends = math.exp(-lam_at_t_max / rho), math.exp(-lam_at_t_min / rho)
+                except OverflowError:
+                    ends = (math.inf,)
+                if not all(0.0 < e < math.inf for e in ends):
+                    raise ValueError(f"spacing 'karras': (sigma/alpha)^(1/rho) at the grid's ends is beyond float64 "
+                                     f"with rho={rho!r} (karras_rho) on {self!r}; use a larger rho")
+                ramp = torch.linspace(*ends, steps + 1, dtype=torch.float64)
                 lam = -rho * torch.log(ramp)
             grid = self._time_from_half_log_snr(lam)
         grid[0] = self.t_max
@@ -530,7 +541,7 @@ class VPSchedule(NoiseSchedule):
         Args:
             s: the offset, at least 0.
             t_min: cleanest grid time, in ``[0, 1)``.
-            t_max: noisiest grid time, in ``[0, 1)`` and larger than ``t_min`` (0.9946 gives lambda ~ -5.1).
+            t_max: noisiest grid time, in ``[0, 1)`` and larger than ``t_min`` (0.9946 gives lambda ~ -4.78).
 
         Returns:
             a ``CosineVPSchedule``; its time domain is ``[0, 1)``.
@@ -626,8 +637,15 @@ class CosineVPSchedule(VPSchedule):
     def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946):
         s = validation.real(s, "s", 0.0)
         self.s = s
-        self._offset_angle = 0.5 * math.pi * s / (1.0 + s)
+        # The offset angle a = (pi/2) s / (1 + s) and its complement b = (pi/2) / (1 + s): for s > 1, a nears
+        # pi/2, so tan(a), cos(a), sin(a) are taken as cot(b), sin(b), cos(b), exact to rounding for every s.
         self._angle_per_time = 0.5 * math.pi / (1.0 + s)
+        if s <= 1.0:
+            a = 0.5 * math.pi * s / (1.0 + s)
+            self._tan_a, self._cos_a, self._sin_a = math.tan(a), math.cos(a), math.sin(a)
+        else:
+            b = self._angle_per_time
+            self._tan_a, self._cos_a, self._sin_a = 1.0 / math.tan(b), math.sin(b), math.cos(b)
         self.t_min, self.t_max = _check_time_range(t_min, t_max, self.time_domain)
         self._check_signal_at_t_max()
 
@@ -638,7 +656,7 @@ class CosineVPSchedule(VPSchedule):
     def _log_alpha(self, t: Tensor) -> Tensor:
         # cos(a + d) / cos(a) = 1 - 2 sin^2(d/2) - tan(a) sin(d): no cancellation as t -> 0.
         angle = self._angle_per_time * t
-        return torch.log1p(-2.0 * torch.sin(0.5 * angle) ** 2 - math.tan(self._offset_angle) * torch.sin(angle))
+        return torch.log1p(-2.0 * torch.sin(0.5 * angle) ** 2 - self._tan_a * torch.sin(angle))
 
     def _time_from_half_log_snr(self, lam: Tensor) -> Tensor:
         # With theta = a + d, cos(theta) = alpha cos(a), and sin(d), cos(d) written as sums of
@@ -646,8 +664,7 @@ class CosineVPSchedule(VPSchedule):
         # sin(d) = sigma^2 cos(a)^2 / (sin(theta) cos(a) + cos(theta) sin(a)).
         alpha_sq = torch.sigmoid(2.0 * lam)
         sigma_sq = torch.sigmoid(-2.0 * lam)
-        cos_a = math.cos(self._offset_angle)
-        sin_a = math.sin(self._offset_angle)
+        cos_a, sin_a = self._cos_a, self._sin_a
         cos_theta = torch.sqrt(alpha_sq) * cos_a
         sin_theta = torch.sqrt(sin_a**2 + cos_a**2 * sigma_sq)
         sin_d = sigma_sq * cos_a**2 / (sin_theta * cos_a + cos_theta * sin_a)

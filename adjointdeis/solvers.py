@@ -13,6 +13,7 @@ an SDE variant, how many model evaluations a step takes, and its row builder, a 
 
 import functools
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -414,6 +415,8 @@ def resolve_order(solver: str, order: int | None, sde: bool) -> int:
     """
     entry = check_solver(solver)
     order = entry.default_order if order is None else order
+    if not isinstance(order, (bool, float)) and hasattr(order, "__index__"):
+        order = operator.index(order)   # a NumPy integer: its int
     if isinstance(order, bool) or not isinstance(order, int) or order not in entry.orders:
         raise ValueError(f"solver {solver!r} supports order {'/'.join(map(str, entry.orders))}, got {order}")
     if sde and order not in entry.sde_orders:

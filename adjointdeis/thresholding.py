@@ -56,13 +56,15 @@ def dynamic_threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
     ``ratio (n - 1)`` exactly as ``torch.quantile`` does, so the result is diffusers' bit for bit.
 
     Args:
-        x0: (batch, ...) the data prediction, at least one element per sample.
+        x0: (batch, ...) the data prediction (returned as it is when it has no elements).
         ratio: quantile of ``|x0|`` per sample, in [0, 1].
         max_value: upper clamp of the threshold (> 0).
 
     Returns:
         (batch, ...) the thresholded prediction, x0's dtype.
     """
+    if x0.numel() == 0:
+        return x0
     dtype = x0.dtype
     work = x0 if dtype in (torch.float32, torch.float64) else x0.float()
     flat = work.reshape(work.shape[0], -1)

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -383,6 +384,21 @@ def test_bad_arguments(kwargs, error, message):
     sched, model, x_T = oracle("vp_linear")
     with pytest.raises(error, match=message):
         ad.sample(model, x_T, sched, **{"steps": 5, **kwargs})
+
+
+def test_order_is_checked_whatever_plans_are_cached():
+    """2.0 and True equal 2 and 1 as dict keys: they raise whether or not a plan of order 2 or 1 is cached; a
+    NumPy integer is its int."""
+    sched, model, x_T = oracle("vp_linear")
+    for cached in (False, True):
+        if cached:
+            for order in (1, 2):
+                ad.sample(model, x_T, sched, steps=4, order=order)
+        for order in (2.0, True):
+            with pytest.raises(ValueError, match="supports order 1/2/3"):
+                ad.sample(model, x_T, sched, steps=4, order=order)
+    assert torch.equal(ad.sample(model, x_T, sched, steps=4, order=np.int64(2)),
+                       ad.sample(model, x_T, sched, steps=4, order=2))
 
 
 def test_model_output_errors():

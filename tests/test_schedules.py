@@ -154,6 +154,32 @@ def test_cosine_vp_alpha_matches_closed_form_away_from_zero():
     assert lam_at_t_max == pytest.approx(math.log(alpha_at_t_max) - 0.5 * math.log1p(-alpha_at_t_max**2), rel=1e-12)
 
 
+@pytest.mark.parametrize("s", [0.008, 1.0, 2.0, 1e6, 1e12, 1e20])
+def test_cosine_vp_is_exact_for_every_offset(s):
+    """alpha against a 60-digit closed form, and the inverse, also where the offset angle nears pi/2 (large s)."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 60
+    S = mpmath.mpf(s)
+    angle = lambda t: mpmath.cos((mpmath.mpf(t) + S) / (1 + S) * mpmath.pi / 2)
+    schedule, t = VPSchedule.cosine(s=s, t_max=0.9), [1e-3, 0.1, 0.5, 0.9]
+    want = torch.tensor([float(angle(u) / angle(0)) for u in t], dtype=F64)
+    torch.testing.assert_close(schedule.alpha(torch.tensor(t, dtype=F64)), want, rtol=4e-15, atol=0)
+    back = schedule.time_from_half_log_snr(schedule.half_log_snr(torch.tensor(t, dtype=F64)))
+    torch.testing.assert_close(back, torch.tensor(t, dtype=F64), rtol=4e-15, atol=0)
+
+
+def test_schedule_inputs_that_are_not_real_numbers_name_the_argument():
+    vp = VPSchedule.linear()
+    for call, name in ((lambda: vp.alpha("0.5"), "t"), (lambda: vp.time_from_half_log_snr("x"), "lam"),
+                       (lambda: VPSchedule.from_alphas_cumprod("abc"), "alphas_cumprod"),
+                       (lambda: VPSchedule.from_alphas_cumprod(np.array([0.9, 0.5], dtype=complex)),
+                        "alphas_cumprod")):
+        with pytest.raises(TypeError, match=f"^{name} must be real numbers"):
+            call()
+    with pytest.raises(ValueError, match=r"rho=0.005 \(karras_rho\)"):
+        EDMSchedule(rho=0.005).timesteps(4, "karras")
+
+
 def test_half_log_snr_round_trip(schedule):
     t = times_inside(schedule)
     back = schedule.time_from_half_log_snr(schedule.half_log_snr(t))

@@ -41,6 +41,14 @@ def test_non_contiguous_input():
     assert torch.equal(dynamic_threshold(x0, 0.9, 2.0), reference(x0.contiguous(), 0.9, 2.0))
 
 
+def test_samples_without_elements_run_as_without_a_threshold():
+    sched, threshold = ad.VPSchedule.linear(), DynamicThreshold(0.9, 1.5)
+    for shape in ((2, 0), (0, 3)):
+        x_T = torch.randn(shape)
+        got = ad.sample(lambda x, t: x * 0, x_T, sched, steps=3, threshold=threshold)
+        assert got.shape == shape and torch.equal(got, ad.sample(lambda x, t: x * 0, x_T, sched, steps=3))
+
+
 @pytest.mark.parametrize("ratio,max_value", [(0.9, 3.0), (0.9, 0.5), (0.5, 1.5), (1.0, 4.0)])
 def test_gradients(ratio, max_value):
     """gradcheck in float64 (the threshold between 1 and max_value: the quantile's two order statistics get
