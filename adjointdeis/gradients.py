@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from . import ops, validation
-from .models import Conditioning, ParameterAliases, evaluate_model, fully_sharded
+from .models import Conditioning, ParameterAliases, evaluate_model, fully_sharded, shadow, synchronise
 from .planning import (AdjointGrid, NoiseSource, SamplingPlan, StepInfo, all_finite, noisy_rows, row_output,
                        run_plan, tensor_noise)
 from .predictions import conversion
@@ -104,7 +105,8 @@ def gradient_mode(grad: str | None, x_T: Tensor, conditioning: Conditioning, par
     explicit `noises`) requires grad; None without autograd.
 
     Raises:
-        ValueError for an unknown mode.
+        ValueError for an unknown mode; RuntimeError for discrete or adjoint inside ``parametrize.cached()``
+        (:func:`check_uncached`).
     """
     if grad is not None and grad not in GRAD_MODES:
         raise ValueError(f"unknown grad mode {grad!r}; choose one of {', '.join(GRAD_MODES)} or None")
@@ -112,9 +114,19 @@ def gradient_mode(grad: str | None, x_T: Tensor, conditioning: Conditioning, par
         return None
     wants = (x_T.requires_grad or any(t.requires_grad for t in [*conditioning.leaves(), *noises])
              or bool(params))
-    if grad is None:
-        return "discrete" if wants else None
-    return grad
+    mode = grad if grad is not None else "discrete" if wants else None
+    check_uncached(mode)
+    return mode
+
+
+def check_uncached(mode: str | None) -> None:
+    """Raises RuntimeError for grad="discrete" or "adjoint" inside ``torch.nn.utils.parametrize.cached()``: its cache
+    would hand every model call of the run and of the reverse pass the weights of the first call, whose graph (none,
+    or one already pulled back) is not that call's."""
+    if mode in ("discrete", "adjoint") and getattr(parametrize, "_cache_enabled", 0):
+        raise RuntimeError(f"grad={mode!r} cannot run inside torch.nn.utils.parametrize.cached(): its cache gives "
+                           "every model call the weights of the first call; sample and backpropagate outside it, or "
+                           "use grad='autograd'")
 
 
 def truncation_steps(grad_steps: int | tuple[int, int], generator: torch.Generator | None = None,
@@ -296,6 +308,16 @@ def _buffers_kept(model):
                 buffer.copy_(value)
 
 
+def _isolated(spec: GradientSpec) -> GradientSpec:
+    """`spec` with its module model run as a :func:`shadow` (DDP's wrapped module's), so that the reverse pass's
+    re-runs assign nothing to the user's module (a counter, a replaced buffer); an FSDP2 model, whose hooks act on
+    its own modules, and a model that is not a module run as they are."""
+    model = vjp_model(spec.model)
+    if not isinstance(model, torch.nn.Module) or fully_sharded(model):
+        return spec
+    return dataclasses.replace(spec, model=shadow(model))
+
+
 def _condition_inputs(cond_leaves) -> list[Tensor]:
     return [c.detach().requires_grad_(c.requires_grad) for c in cond_leaves]
 
@@ -340,7 +362,14 @@ def _forward_discrete(spec: GradientSpec, x_T: Tensor, cond_leaves: list[Tensor]
 
     def model(*args):  # called once a row
         before = _rng_state(x_T.device)
-        out = (grad_model if torch.is_grad_enabled() else spec.model)(*args)
+        if not torch.is_grad_enabled():
+            out = spec.model(*args)
+        elif aliases is None:
+            out = grad_model(*args)
+        else:  # on the shadow, which the user's module gives its state to and takes what the call assigned from
+            synchronise(aliases.copies, back=False)
+            out = grad_model(*args)
+            synchronise(aliases.copies, back=True)
         after = _rng_state(x_T.device)
         drew = not all(a is None or torch.equal(a, b) for a, b in zip(before, after))
         rng.append(before if drew else None)  # kept only for a call that drew (5 KB on the CPU)
@@ -385,6 +414,7 @@ class _Sampler(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_x: Tensor):
         spec = ctx.spec
+        check_uncached(spec.mode)
         if torch.is_grad_enabled():  # backward(create_graph=True): the engine records this pass for another
             raise RuntimeError(f"grad={spec.mode!r} gives first derivatives only; a double backward "
                                "(create_graph=True: Hessian-vector products, gradient penalties) needs grad='autograd'")
@@ -394,6 +424,7 @@ class _Sampler(torch.autograd.Function):
         cond_leaves, params = leaves[:ctx.num_cond], leaves[ctx.num_cond:]
         grad_noises = [None] * spec.num_noises
         with _buffers_kept(vjp_model(spec.model)):
+            spec = _isolated(spec)
             if spec.mode == "discrete":
                 wanted = ctx.needs_input_grad[2 + ctx.num_cond:2 + ctx.num_cond + spec.num_noises]
                 reuse, ctx.reuse = ctx.reuse, None  # used once: a second backward starts afresh
@@ -405,7 +436,7 @@ class _Sampler(torch.autograd.Function):
                                            device_type="cuda"):
                     grad_x_T, grad_cond, grad_params = continuous_adjoint(spec, grad_x, states, ctx.final,
                                                                           cond_leaves, params)
-        reduce_across_ranks(spec.model, grad_params)
+        reduce_across_ranks(ctx.spec.model, grad_params)
         if not all_finite(grad_x_T):
             raise FloatingPointError(f"grad={spec.mode!r}: the adjoint state became non-finite (NaN/Inf); "
                                      "for grad='adjoint' try adjoint_form='x0' or a finer adjoint grid")

@@ -66,16 +66,18 @@ def model_parameters(model, parameters) -> list[Tensor]:
     return []
 
 
-def _shadow(module: torch.nn.Module, aliases: dict[int, Tensor], memo: dict[int, torch.nn.Module]) -> torch.nn.Module:
+def _shadow(module: torch.nn.Module, aliases: dict[int, Tensor],
+            memo: dict[int, tuple[torch.nn.Module, torch.nn.Module]]) -> torch.nn.Module:
     """A shallow copy of `module` and its submodules whose parameters are looked up in `aliases` (by id).
 
     Each copy has its own ``_parameters``, ``_buffers`` and ``_modules`` dicts (the buffers themselves are shared),
     so nothing assigned during its forward reaches the original. A submodule registered twice is copied once;
     a ``torch.compile``'d module becomes a compiled module around the copy of its original, with the same compiler
-    settings (dynamo's cache is keyed by code, so this does not recompile).
+    settings (dynamo's cache is keyed by code, so this does not recompile). `memo` maps each original's id to
+    (original, copy).
     """
     if id(module) in memo:
-        return memo[id(module)]
+        return memo[id(module)][1]
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # loaded by torch.compile
     if eval_frame is not None and isinstance(module, eval_frame.OptimizedModule):
         copy = type(module)(_shadow(module._orig_mod, aliases, memo), module.dynamo_ctx)
@@ -85,10 +87,38 @@ def _shadow(module: torch.nn.Module, aliases: dict[int, Tensor], memo: dict[int,
         state.update(module.__dict__)
         state["_parameters"] = {k: None if v is None else aliases.get(id(v), v) for k, v in module._parameters.items()}
         state["_buffers"] = dict(module._buffers)
-        memo[id(module)] = copy  # before the children: a submodule may hold its parent
+        memo[id(module)] = (module, copy)  # before the children: a submodule may hold its parent
         state["_modules"] = {k: None if v is None else _shadow(v, aliases, memo) for k, v in module._modules.items()}
-    memo[id(module)] = copy
+    memo[id(module)] = (module, copy)
     return copy
+
+
+def shadow(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` as a tree of shallow copies (:func:`_shadow`, the same parameters): what its forward assigns
+    (attributes, replaced buffers) stays in the copies; buffers changed in place are the module's own."""
+    return _shadow(module, {}, {})
+
+
+_COPIED_DICTS = ("_parameters", "_buffers", "_modules")
+_MISSING = object()
+
+
+def synchronise(memo: dict[int, tuple[torch.nn.Module, torch.nn.Module]], back: bool) -> None:
+    """Gives each copy of a :func:`_shadow` tree what its original holds now (``back=False``: before a call on the
+    copies), or each original what its copy's forward assigned (``back=True``: after it): the attributes and
+    buffers that are other objects on the other side (a counter incremented, a buffer replaced by a new tensor).
+    The parameters (aliases in the copies) are left as they are."""
+    for original, copy in memo.values():
+        if copy is original or "_orig_mod" in copy.__dict__:  # a compiled module's copy holds only its copied original
+            continue
+        source, target = (copy, original) if back else (original, copy)
+        mine = target.__dict__
+        for key, value in source.__dict__.items():
+            if key not in _COPIED_DICTS and mine.get(key, _MISSING) is not value:
+                mine[key] = value
+        for key, value in source._buffers.items():
+            if target._buffers.get(key, _MISSING) is not value:
+                target._buffers[key] = value
 
 
 def fully_sharded(model) -> bool:
@@ -110,13 +140,15 @@ class ParameterAliases:
     shadow tree of shallow copies of the user's submodules (:func:`_shadow`).
 
     Attributes:
-        params: the user's parameters; aliases: their aliases (requiring grad); module: the shadow module.
+        params: the user's parameters; aliases: their aliases (requiring grad); module: the shadow module;
+        copies: each submodule's (original, copy) (:func:`synchronise`).
     """
 
     def __init__(self, model: torch.nn.Module, params: list[Tensor]):
         self.params = params
         self.aliases = [p.detach().requires_grad_(True) for p in params]
-        self.module = _shadow(model, {id(p): a for p, a in zip(params, self.aliases)}, {})
+        self.copies: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = {}
+        self.module = _shadow(model, {id(p): a for p, a in zip(params, self.aliases)}, self.copies)
 
     @staticmethod
     def of(model, params: list[Tensor]) -> "ParameterAliases | None":

@@ -398,7 +398,7 @@ def test_dropout_batchnorm_and_a_step_dependent_path(mode):
 
 @pytest.mark.parametrize("mode", ["discrete", "adjoint"])
 def test_double_backward_raises(mode):
-    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()).double()
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()).double().requires_grad_(False)
     x_T = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     x = ad.sample(lambda x, t: net(x), x_T, ad.VPSchedule.linear(), steps=2, grad=mode)
     with pytest.raises(RuntimeError, match="create_graph=True.*grad='autograd'"):
@@ -458,3 +458,57 @@ class TinyModule(torch.nn.Module):
 
     def forward(self, x, t):
         return self.net(x)
+
+
+class Counting(torch.nn.Module):
+    """A forward that assigns: a call counter and a buffer replaced by a new tensor at every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.calls = torch.nn.Linear(3, 3).double(), 0
+        self.register_buffer("ema", torch.zeros(3, dtype=torch.float64))
+
+    def forward(self, x, t):
+        self.calls += 1
+        self.ema = 0.9 * self.ema + x.detach().abs().mean(0)
+        return self.lin(x)
+
+
+def test_what_the_forward_assigns_reaches_the_module_as_with_autograd_and_the_backward_assigns_nothing():
+    """After sampling, the module holds what N calls assigned in every mode (discrete's last call runs on a shallow
+    copy: what it assigned is given back); the reverse pass's re-runs assign nothing to it."""
+    seen = {}
+    for mode in ("autograd", "discrete", "adjoint"):
+        torch.manual_seed(0)
+        model = Counting()
+        x = ad.sample(model, torch.randn(2, 3, dtype=torch.float64, requires_grad=True), ad.VPSchedule.linear(),
+                      steps=5, grad=mode)
+        after_sampling = (model.calls, model.ema.clone(), model._buffers["ema"] is model.ema)
+        x.sum().backward()
+        seen[mode] = after_sampling
+        assert model.calls == 5 and torch.equal(model.ema, after_sampling[1]), mode
+    for mode in ("discrete", "adjoint"):
+        assert seen[mode][0] == 5 and seen[mode][2] and torch.equal(seen[mode][1], seen["autograd"][1]), mode
+
+
+@pytest.mark.parametrize("mode", ["discrete", "adjoint"])
+def test_parametrize_cached_is_refused(mode):
+    """parametrize.cached() hands every call the first call's weights: sampling or backpropagating inside it
+    raises (plain autograd is what it is for)."""
+    from torch.nn.utils import parametrize
+
+    class Scaled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    net = torch.nn.Linear(3, 3).double()
+    parametrize.register_parametrization(net, "weight", Scaled())
+    model, sched = lambda x, t: net(x), ad.VPSchedule.linear()
+    x_T = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    with parametrize.cached(), pytest.raises(RuntimeError, match="parametrize.cached"):
+        ad.sample(model, x_T, sched, steps=3, grad=mode, parameters=list(net.parameters()))
+    x = ad.sample(model, x_T, sched, steps=3, grad=mode, parameters=list(net.parameters()))
+    with parametrize.cached(), pytest.raises(RuntimeError, match="parametrize.cached"):
+        x.sum().backward()
+    with parametrize.cached():
+        ad.sample(model, x_T, sched, steps=3, grad="autograd").sum().backward()
