@@ -11,45 +11,54 @@ import torch.multiprocessing as mp
 WORLD = 2
 
 
+def _init(rank, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+
+
 def _rank_main(rank, init_file, results_dir):
+    _init(rank, init_file)
+    try:
+        _ddp_case(rank, results_dir)   # its DDP module freed on return, before the group it holds is destroyed
+        dist.barrier()   # and both ranks done: tearing down with a DDP module alive aborted 1 run in 5
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_case(rank, results_dir):
     sys.path.insert(0, os.path.dirname(__file__))
     import adjointdeis as ad
     from nets import TinyConvNet
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.manual_seed(0)
-        net = TinyConvNet().double()
-        ddp = torch.nn.parallel.DistributedDataParallel(net)
-        sched = ad.VPSchedule.linear()
-        g = torch.Generator().manual_seed(10 + rank)  # every rank samples different noise
-        x_T = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=g)
-        cond = torch.randn(2, 4, dtype=torch.float64, generator=g)
-        weight = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=g)
+    torch.manual_seed(0)
+    net = TinyConvNet().double()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    sched = ad.VPSchedule.linear()
+    g = torch.Generator().manual_seed(10 + rank)  # every rank samples different noise
+    x_T = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=g)
+    cond = torch.randn(2, 4, dtype=torch.float64, generator=g)
+    weight = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=g)
 
-        def averaged_reference(mode):
-            """The same gradient on the unwrapped model, all-reduced by hand."""
-            x = ad.sample(net, x_T, sched, steps=4, cond=cond, grad=mode, adjoint_form="x0")
-            (weight * x).sum().backward()
-            reference = []
-            for p in net.parameters():
-                dist.all_reduce(p.grad)
-                reference.append(p.grad / WORLD)
-                p.grad = None
-            return reference
+    def averaged_reference(mode):
+        """The same gradient on the unwrapped model, all-reduced by hand."""
+        x = ad.sample(net, x_T, sched, steps=4, cond=cond, grad=mode, adjoint_form="x0")
+        (weight * x).sum().backward()
+        reference = []
+        for p in net.parameters():
+            dist.all_reduce(p.grad)
+            reference.append(p.grad / WORLD)
+            p.grad = None
+        return reference
 
-        # The discrete adjoint is the gradient plain autograd (DDP's own path) computes.
-        for mode, reference_mode in (("discrete", "autograd"), ("adjoint", "adjoint")):
-            reference = averaged_reference(reference_mode)
-            x = ad.sample(ddp, x_T, sched, steps=4, cond=cond, grad=mode, adjoint_form="x0")
-            (weight * x).sum().backward()
-            grads = [p.grad.clone() for p in net.parameters()]
-            for p in net.parameters():
-                p.grad = None
-            torch.save({"mode": mode, "grads": grads, "reference": reference},
-                       os.path.join(results_dir, f"{mode}-{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    # The discrete adjoint is the gradient plain autograd (DDP's own path) computes.
+    for mode, reference_mode in (("discrete", "autograd"), ("adjoint", "adjoint")):
+        reference = averaged_reference(reference_mode)
+        x = ad.sample(ddp, x_T, sched, steps=4, cond=cond, grad=mode, adjoint_form="x0")
+        (weight * x).sum().backward()
+        grads = [p.grad.clone() for p in net.parameters()]
+        for p in net.parameters():
+            p.grad = None
+        torch.save({"mode": mode, "grads": grads, "reference": reference},
+                   os.path.join(results_dir, f"{mode}-{rank}.pt"))
 
 
 def test_ddp_parameter_gradients_are_reduced(tmp_path):
@@ -69,7 +78,7 @@ def _fsdp_main(rank, init_file, results_dir):
     from nets import TinyConvNet
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    _init(rank, init_file)
     try:
         torch.manual_seed(0)
         net = TinyConvNet().double()
@@ -112,6 +121,8 @@ def _fsdp_main(rank, init_file, results_dir):
         except ValueError as e:
             out["adjoint_error"] = str(e)
         torch.save(out, os.path.join(results_dir, f"fsdp-{rank}.pt"))
+        del net, single
+        dist.barrier()   # both ranks done before the group goes (a rank exiting early could abort the other)
     finally:
         dist.destroy_process_group()
 
