@@ -182,9 +182,10 @@ def _check_options(optimize, optimizer, iters, lr, clip_grad, tol, cond, regular
     return targets
 
 
-def _initial_noise(model, x_T: Tensor, sched: NoiseSchedule, steps: int, cond, sample_kwargs: dict) -> Tensor:
-    """(N, *x_T.shape) the noises a run draws (from ``sample_kwargs["generator"]``, removed from it), found by one
-    sampling run without gradients.
+def _initial_noise(model, x_T: Tensor, sched: NoiseSchedule, steps: int, cond, sample_kwargs: dict,
+                   source: Callable | None = None) -> Tensor:
+    """(N, *x_T.shape) the noises a run draws (from `source`, a ``noise(row, x)`` callable, else from
+    ``sample_kwargs["generator"]``, removed from it), found by one sampling run without gradients.
 
     Raises:
         ValueError when the run injects no noise.
@@ -192,7 +193,8 @@ def _initial_noise(model, x_T: Tensor, sched: NoiseSchedule, steps: int, cond, s
     generator, draws = sample_kwargs.pop("generator", None), []
 
     def draw(row: int, x: Tensor) -> Tensor:
-        draws.append(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+        draws.append(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if source is None
+                     else source(row, x))
         return draws[-1]
 
     with torch.no_grad():
@@ -224,8 +226,8 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
         x_T: (batch, *shape) initial noise; not modified (the optimised copy is returned).
         cond: conditioning, a tensor or dict of tensors (batch-leading); not modified.
         optimize: which inputs to optimise: any of "x_T", "noise" (the per-step noises of a stochastic run,
-            ``sde=True`` or solver "renoise": DNO; they start as ``sample_kwargs["noise"]`` when given as tensors,
-            else as the draws of ``sample_kwargs["generator"]``) and "cond" (its floating-point tensors: a dict's
+            ``sde=True`` or solver "renoise": DNO; they start as ``sample_kwargs["noise"]``: its tensors, or a
+            ``noise(row, x)`` callable's draws; else as the draws of ``sample_kwargs["generator"]``) and "cond" (its floating-point tensors: a dict's
             all; class labels are not optimised). Default: x_T, and cond when it holds a floating-point tensor.
         steps: sampling steps per iteration.
         iters: maximum number of iterations (optimiser steps), at least 1.
@@ -266,7 +268,7 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
     if "noise" in targets:
         given = sample_kwargs.pop("noise", None)
         if given is None or callable(given):
-            start = _initial_noise(model, x_T.detach(), sched, steps, cond, sample_kwargs)
+            start = _initial_noise(model, x_T.detach(), sched, steps, cond, sample_kwargs, given)
         else:
             start = torch.stack(list(given)) if not isinstance(given, Tensor) else given
         noise_var = _leaf(start, True)

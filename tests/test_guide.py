@@ -217,6 +217,12 @@ def test_noise_optimisation_raises_the_reward_and_the_regularizer_keeps_noise_ga
     torch.testing.assert_close(runs[0].noise, runs[1].noise, rtol=1e-10, atol=1e-12)
     judge = ProbabilityRegularizer(shuffles=20, generator=torch.Generator().manual_seed(9))
     assert float(judge([runs[0].noise])) < float(judge([plain.noise]))
+    # A noise(row, x) callable: the optimisation starts from its draws.
+    fixed = 0.5 * torch.randn(STEPS, *x_T.shape, generator=torch.Generator().manual_seed(4), dtype=x_T.dtype)
+    first = guide(model, sched, loss, x_T, iters=1, noise=lambda row, x: fixed[row], **kwargs)
+    with torch.no_grad():
+        assert first.losses[0] == float(loss(sample(model, x_T, sched, steps=STEPS, cond=cond, sde=True,
+                                                    noise=list(fixed))))
     with pytest.raises(ValueError, match="the run injects none"):
         guide(model, sched, loss, x_T, cond=cond, optimize="noise", steps=STEPS, progress=False)
     with pytest.raises(ValueError, match="optimize must include 'x_T' or 'noise'"):
