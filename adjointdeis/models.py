@@ -108,9 +108,10 @@ def synchronise(memo: dict[int, tuple[torch.nn.Module, torch.nn.Module]], back: 
     copies), or each original what its copy's forward assigned (``back=True``: after it): the attributes and
     buffers that are other objects on the other side (a counter incremented, a buffer replaced by a new tensor).
     The parameters (aliases in the copies) are left as they are."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     for original, copy in memo.values():
-        if copy is original or "_orig_mod" in copy.__dict__:  # a compiled module's copy holds only its copied original
-            continue
+        if eval_frame is not None and isinstance(copy, eval_frame.OptimizedModule):
+            continue  # its state is its compiled forward, bound to its own original (a copy among the others)
         source, target = (copy, original) if back else (original, copy)
         mine = target.__dict__
         for key, value in source.__dict__.items():

@@ -512,3 +512,15 @@ def test_parametrize_cached_is_refused(mode):
         x.sum().backward()
     with parametrize.cached():
         ad.sample(model, x_T, sched, steps=3, grad="autograd").sum().backward()
+
+
+def test_a_compiled_module_s_copy_keeps_its_own_forward_through_synchronise():
+    """The forward pass's call on the shadow gives the copies the module's attributes first: a torch.compile'd
+    module's forward (bound to its original) must not be among them, or the call would run the user's module."""
+    from adjointdeis.models import ParameterAliases, synchronise
+
+    compiled = torch.compile(TinyModule(torch.nn.Linear(3, 3).double()), backend="eager")
+    aliases = ParameterAliases(compiled, list(compiled.parameters()))
+    synchronise(aliases.copies, back=False)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert aliases.module.forward is not compiled.forward and not aliases.escaped(aliases.module(x, torch.zeros(2)))
