@@ -108,12 +108,20 @@ def _grids(sigmas) -> tuple[Tensor, Tensor]:
     return grid, sigmas.detach() if isinstance(sigmas, Tensor) else grid
 
 
-def _noise_source(kplan: plans.KPlan, noise_sampler: Callable | None, generator: torch.Generator | None):
-    """The run's ``noise(row, x)``: the noise sampler at its row's ``(sigma, sigma_next)``, else a normal draw."""
+def _normal_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``torch.randn_like(x)`` from `generator`: drawn in x's memory order, so a channels_last x gets k-diffusion's
+    values at each index."""
+    return torch.empty_like(x, memory_format=torch.preserve_format).normal_(generator=generator)
+
+
+def _noise_source(kplan: plans.KPlan, noise_sampler: Callable | None, generator: torch.Generator | None,
+                  like: Tensor):
+    """The run's ``noise(row, x)``: the noise sampler at its row's ``(sigma, sigma_next)``, else a normal draw laid
+    out as `like` (the caller's x: the run's states need not keep its memory format)."""
     def noise(row: int, x: Tensor) -> Tensor:
         args = kplan.noise_args[row]
         if args is None or noise_sampler is None:
-            return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            return _normal_like(like, generator)
         drawn = noise_sampler(*args)
         if not isinstance(drawn, Tensor) or drawn.shape != x.shape:
             got = list(drawn.shape) if isinstance(drawn, Tensor) else type(drawn).__name__
@@ -134,11 +142,12 @@ def _run_rows(name: str, model, x: Tensor, sigmas, kplan: plans.KPlan, extra_arg
     if generator is not None:
         validation.instance(generator, f"sample_{name}: generator", torch.Generator, "a torch.Generator")
     cond, constants, params = _split_extra_args(model, extra_args)
+    like = x.detach()
     if kplan.draws_churn:
-        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        z = _normal_like(like, generator)
         x = x + kplan.churn * z if kplan.churn != 0 else x
     denoiser, conditioning = _Denoiser(model, constants), Conditioning(cond or None)
-    noise = _noise_source(kplan, noise_sampler, generator)
+    noise = _noise_source(kplan, noise_sampler, generator, like)
     progress, report = disable is not True, _step_callback(callback, sigmas, kplan.sigma_hat)
     mode = gradient_mode(grad, x, conditioning, params)
     if mode == "adjoint":
@@ -310,8 +319,8 @@ def _check_reals(name: str, **values) -> None:
 def _karras(kind, model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, generator, grad):
     _check_reals(kind, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     grid, _ = _grids(sigmas)
-    rows, hats, churn, churning = plans.karras_rows(kind, grid, s_churn, s_tmin, s_tmax, s_noise)
     ref = sigmas if isinstance(sigmas, Tensor) else grid
+    rows, hats, churn, churning = plans.karras_rows(kind, grid, s_churn, s_tmin, s_tmax, s_noise, ref.detach().cpu())
     sigma_hat = [ref[i] if float(h) == float(grid[i]) else h.to(ref) for i, h in enumerate(hats)]
     kplan = plans.assemble(kind, rows, grid, sigma_hat, churn, churning)
     return _run_rows(kind, model, x, sigmas, kplan, extra_args, callback, disable, generator=generator, grad=grad)

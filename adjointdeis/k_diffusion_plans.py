@@ -105,27 +105,34 @@ def _with_noise(row: KRow, c: float, noise_args) -> KRow:
                 row.starts_step)
 
 
-def churn_levels(sigmas: Tensor, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float
-                 ) -> tuple[list[Tensor], list[float], bool]:
+def churn_levels(sigmas: Tensor, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float,
+                 window: Tensor | None = None) -> tuple[list[Tensor], list[float], bool]:
     """Karras et al.'s churn as k-diffusion applies it: per step sigma_hat, the weight of the noise added before
-    its first evaluation, and whether any step churns (then k-diffusion draws one normal per step)."""
+    its first evaluation, and whether any step churns (then k-diffusion draws one normal per step).
+
+    Args:
+        window: the caller's sigmas (their dtype), which ``s_tmin <= sigma <= s_tmax`` compares as k-diffusion does:
+            in float32 for float32 sigmas, where 0.7 is the 0.7 the user typed; default `sigmas`.
+    """
     n = len(sigmas) - 1
+    window = sigmas if window is None else window
     hats, weights = [], []
     for i in range(n):
-        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= window[i] <= s_tmax else 0.0
         hat = sigmas[i] * (gamma + 1)
         hats.append(hat)
         weights.append(s_noise * float((hat**2 - sigmas[i] ** 2) ** 0.5) if gamma > 0 else 0.0)
     return hats, weights, any(w != 0 for w in weights)  # s_noise < 0 churns too
 
 
-def karras_rows(kind: str, sigmas: Tensor, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float
-                ) -> tuple[list[KRow], list[Tensor], float, bool]:
-    """Rows of ``sample_euler``, ``sample_heun`` or ``sample_dpm_2`` (`kind`), with churn.
+def karras_rows(kind: str, sigmas: Tensor, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float,
+                window: Tensor | None = None) -> tuple[list[KRow], list[Tensor], float, bool]:
+    """Rows of ``sample_euler``, ``sample_heun`` or ``sample_dpm_2`` (`kind`), with churn (`window`: see
+    :func:`churn_levels`).
 
     The churn noise of step i+1 is added by step i's last row; step 0's before the run (returned weight).
     """
-    hats, churn, churning = churn_levels(sigmas, s_churn, s_tmin, s_tmax, s_noise)
+    hats, churn, churning = churn_levels(sigmas, s_churn, s_tmin, s_tmax, s_noise, window)
     rows, n = [], len(sigmas) - 1
     for i in range(n):
         hat, nxt = hats[i], sigmas[i + 1]

@@ -232,3 +232,38 @@ def test_brownian_tree_without_torchsde_names_the_extra(monkeypatch):
         out = kd.sample_dpmpp_sde(model, x, karras_sigmas(3), extra_args={"cond": cond}, disable=True,
                                   generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("function", ["sample_euler", "sample_heun"])
+@pytest.mark.parametrize("window", [{"s_tmin": 0.7}, {"s_tmax": 0.1}])
+def test_churn_window_compares_float32_sigmas_as_k_diffusion(kdiff, function, window):
+    """k-diffusion tests s_tmin <= sigma <= s_tmax on the float32 sigma, where 0.7 equals float32(0.7): the level
+    the user typed churns (in float64 0.7 > float32(0.7) and it would not)."""
+    model, x, cond = setup(torch.float32)
+    sigmas = torch.tensor([10.0, 2.0, 0.7, 0.1, 0.0])
+    seen, results = {}, []
+    for who, fn in (("ours", getattr(kd, function)), ("theirs", getattr(kdiff, function))):
+        infos = []
+        torch.manual_seed(4)
+        with torch.no_grad():
+            results.append(fn(model, x, sigmas, extra_args={"cond": cond}, callback=infos.append, disable=True,
+                              s_churn=2.0, **window))
+        seen[who] = [float(i["sigma_hat"]) for i in infos]
+    assert seen["ours"] == pytest.approx(seen["theirs"], rel=1e-6) and seen["ours"] != sigmas[:-1].tolist()
+    assert relative_error(*results) < 1e-5
+
+
+@pytest.mark.parametrize("function,options", [("sample_euler_ancestral", {}), ("sample_euler", {"s_churn": 1.0})])
+def test_default_noise_of_a_channels_last_x_is_k_diffusion_s(kdiff, function, options):
+    """k-diffusion draws randn_like(x), in x's memory order: a channels_last x gets its values at each index."""
+    model, x, cond = setup(torch.float64)
+    x = x.reshape(x.shape[0], -1, 1, 1).expand(-1, -1, 2, 3).contiguous(memory_format=torch.channels_last) \
+        if x.dim() != 4 else x.contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    results = []
+    for fn in (getattr(kd, function), getattr(kdiff, function)):
+        torch.manual_seed(6)
+        with torch.no_grad():
+            results.append(fn(lambda v, s, **kw: v / (1 + s[:, None, None, None] ** 2), x, GRIDS["exponential"],
+                              disable=True, **options))
+    assert relative_error(*results) < 1e-10
