@@ -523,6 +523,30 @@ def test_dynamic_shifting_mu():
     assert torch.equal(ours.sigmas, fixed.sigmas)
 
 
+def test_set_timesteps_takes_the_family_s_positional_order():
+    """diffusers' orders after device: DPM-Solver (mu, timesteps), FlowMatchEuler (sigmas, mu, timesteps), as FLUX's
+    ``set_timesteps(n, device, sigmas, mu)`` call passes them."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = dict(use_dynamic_shifting=True, shift=1.0)
+    sigmas = np.linspace(1.0, 1 / 10, 10).tolist()
+    flow, theirs = FusedMultistepScheduler.from_config(FlowMatchEulerDiscreteScheduler(**config).config), \
+        FlowMatchEulerDiscreteScheduler(**config)
+    flow.set_timesteps(10, "cpu", sigmas, 0.8)
+    theirs.set_timesteps(10, "cpu", sigmas, 0.8)
+    assert torch.allclose(flow.sigmas.double(), theirs.sigmas.double(), rtol=1e-6, atol=0)
+    vp = FusedMultistepScheduler(use_dynamic_shifting=True, use_flow_sigmas=True, prediction_type="flow_prediction")
+    by_keyword = FusedMultistepScheduler(use_dynamic_shifting=True, use_flow_sigmas=True,
+                                         prediction_type="flow_prediction")
+    vp.set_timesteps(10, "cpu", np.log(2.5))
+    by_keyword.set_timesteps(10, "cpu", mu=np.log(2.5))
+    assert torch.equal(vp.sigmas, by_keyword.sigmas)
+    with pytest.raises(TypeError, match="mu both by position and by keyword"):
+        vp.set_timesteps(10, "cpu", 1.0, mu=1.0)
+    with pytest.raises(TypeError, match="at most 4 positional"):
+        vp.set_timesteps(10, "cpu", 1.0, None, None)
+
+
 @pytest.mark.parametrize("when", ["lookup", "begin_index", "after_step"])
 def test_add_noise_matches_dpmsolver(when):
     ours, theirs = FusedMultistepScheduler(), DPMSolverMultistepScheduler()

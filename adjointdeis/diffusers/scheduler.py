@@ -292,13 +292,15 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = validation.integer(begin_index, "begin_index", 0)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      timesteps: list[int] | list[float] | None = None, sigmas: list[float] | None = None,
+                      *positional, timesteps: list[int] | list[float] | None = None, sigmas: list[float] | None = None,
                       mu: float | None = None) -> None:
         """Builds the time grid and its coefficient table; clears the history and the step index.
 
         As the family's diffusers scheduler: DPM-Solver and DEIS take exactly one of `num_inference_steps`,
         `timesteps` or `sigmas`; FlowMatch takes `num_inference_steps`, `sigmas` and `timesteps` as
-        ``FlowMatchEulerDiscreteScheduler.set_timesteps`` does (FluxPipeline passes N sigmas and mu).
+        ``FlowMatchEulerDiscreteScheduler.set_timesteps`` does (FluxPipeline passes N sigmas and mu). Arguments
+        after `device` may be given by position in the family's diffusers order: ``(mu, timesteps)`` for
+        DPM-Solver and DEIS, ``(sigmas, mu, timesteps)`` for FlowMatch.
 
         Args:
             num_inference_steps: number of steps N, spaced by the config.
@@ -318,8 +320,20 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         """
         config = self.config
         spec = self._spec
+        flow_family = translation.FAMILIES[spec.family].flow
+        if positional:
+            names = ("sigmas", "mu", "timesteps") if flow_family else ("mu", "timesteps")
+            if len(positional) > len(names):
+                raise TypeError(f"set_timesteps takes at most {2 + len(names)} positional arguments "
+                                f"(num_inference_steps, device, {', '.join(names)}), got {2 + len(positional)}")
+            given = {"timesteps": timesteps, "sigmas": sigmas, "mu": mu}
+            for name, value in zip(names, positional):
+                if given[name] is not None:
+                    raise TypeError(f"set_timesteps got {name} both by position and by keyword")
+                given[name] = value
+            timesteps, sigmas, mu = given["timesteps"], given["sigmas"], given["mu"]
         num_train = config.num_train_timesteps
-        if not translation.FAMILIES[spec.family].flow:
+        if not flow_family:
             given = [name for name, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
                                           ("sigmas", sigmas)) if v is not None]
             if len(given) != 1:
