@@ -26,7 +26,8 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 
 from . import ops, validation
-from .models import Conditioning, ParameterAliases, evaluate_model, fully_sharded, shadow, synchronise
+from .models import (Conditioning, ParameterAliases, evaluate_model, fully_sharded, graph_leaves, shadow,
+                     synchronise)
 from .planning import (AdjointGrid, NoiseSource, SamplingPlan, StepInfo, all_finite, noisy_rows, row_output,
                        run_plan, tensor_noise)
 from .predictions import conversion
@@ -586,16 +587,7 @@ def warn_unseen_leaves(spec: GradientSpec, out: Tensor, known: list[Tensor]) -> 
     if not spec.default_parameters:
         return
     known_ids = {id(t) for t in known}
-    unseen, seen, stack = {}, set(), [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        leaf = getattr(node, "variable", None)
-        if leaf is not None and id(leaf) not in known_ids:
-            unseen[id(leaf)] = leaf
-        stack.extend(n for n, _ in node.next_functions)
+    unseen = {id(leaf): leaf for leaf in graph_leaves(out) if id(leaf) not in known_ids}
     if unseen:
         shapes = ", ".join(str(list(t.shape)) for t in list(unseen.values())[:4])
         warnings.warn(f"grad={spec.mode!r}: the model reaches {len(unseen)} tensor(s) that require grad and are not "

@@ -227,8 +227,9 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
         cond: conditioning, a tensor or dict of tensors (batch-leading); not modified.
         optimize: which inputs to optimise: any of "x_T", "noise" (the per-step noises of a stochastic run,
             ``sde=True`` or solver "renoise": DNO; they start as ``sample_kwargs["noise"]``: its tensors, or a
-            ``noise(row, x)`` callable's draws; else as the draws of ``sample_kwargs["generator"]``) and "cond" (its floating-point tensors: a dict's
-            all; class labels are not optimised). Default: x_T, and cond when it holds a floating-point tensor.
+            ``noise(row, x)`` callable's draws; else as the draws of ``sample_kwargs["generator"]``) and "cond"
+            (its floating-point tensors: a dict's all; class labels are not optimised). Default: x_T, and cond
+            when it holds a floating-point tensor.
         steps: sampling steps per iteration.
         iters: maximum number of iterations (optimiser steps), at least 1.
         lr: learning rate.

@@ -175,16 +175,22 @@ class ParameterAliases:
         would miss. Walks the whole graph of every output: which parameters a forward reaches may change from
         call to call (a branch on t), at about 1% of a small UNet's forward and backward."""
         targets = {id(p) for p in self.params}
-        seen, stack = set(), [out.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            if id(getattr(node, "variable", None)) in targets:
-                return True
-            stack.extend(n for n, _ in node.next_functions)
-        return False
+        return any(id(leaf) in targets for leaf in graph_leaves(out))
+
+
+def graph_leaves(out: Tensor):
+    """The leaf tensors that require grad in `out`'s autograd graph (each once per node reaching it), walked
+    lazily from `out`."""
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None:
+            yield leaf
+        stack.extend(n for n, _ in node.next_functions)
 
 
 class PredictionAdapter(torch.nn.Module):

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import validation
 from ..planning import StepInfo, plan_sampling, run_plan
 from ..predictions import to_data_and_noise
-from .. import validation
 from ..schedules import NoiseSchedule
 from ..zoo import read_weights
 from ..zoo.training import seeded
@@ -167,7 +167,6 @@ def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequenc
             the optimiser state, the data order's RNG); with `resume`, a run continues from it. The teacher
             trajectories are kept next to it (``<checkpoint>.teacher.safetensors``) and reused.
         data: precomputed teacher trajectories (skips generating them).
-
         seed: seeds the teacher trajectories' noise and labels, the student's temporal blocks and the data order
             (the caller's global generator is left as it was).
 
