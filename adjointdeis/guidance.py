@@ -217,7 +217,8 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
     optimised noises), backpropagates to the optimised inputs, optionally clips their gradient, and takes one
     optimiser step; with `preserve_norm` each sample's x_T is then scaled back to its original norm (kept on its
     Gaussian shell, where a standard normal x_T concentrates). The model's own parameters are not
-    differentiated (pass ``parameters=`` in `sample_kwargs` to change that).
+    differentiated (pass ``parameters=`` in `sample_kwargs` to change that), nor are `uncond`, a tensor
+    `guidance_scale` or noises that are not optimised (their ``.grad`` is left alone).
 
     Args:
         model: ``model(x, t[, cond])`` as for ``adjointdeis.sample``.
@@ -265,6 +266,11 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
         raise ValueError("guide needs a gradient mode: grad='discrete', 'adjoint' or 'autograd'")
     x = _leaf(x_T, "x_T" in targets)
     cond_var = _copy_cond(cond, "cond" in targets)
+    # Only what guide optimises is differentiated: the caller's uncond, guidance scale and (not optimised) noise
+    # tensors get no .grad even when they require grad.
+    for key in ("uncond", "guidance_scale"):
+        if isinstance(sample_kwargs.get(key), (Tensor, Mapping)):
+            sample_kwargs[key] = _detached(sample_kwargs[key])
     noise_var = None
     if "noise" in targets:
         given = sample_kwargs.pop("noise", None)
@@ -274,6 +280,10 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
             start = torch.stack(list(given)) if not isinstance(given, Tensor) else given
         noise_var = _leaf(start, True)
         sample_kwargs["noise"] = noise_var
+    elif isinstance(sample_kwargs.get("noise"), Tensor):
+        sample_kwargs["noise"] = sample_kwargs["noise"].detach()
+    elif isinstance(sample_kwargs.get("noise"), (list, tuple)):
+        sample_kwargs["noise"] = [n.detach() if isinstance(n, Tensor) else n for n in sample_kwargs["noise"]]
     trainable = ([x] if "x_T" in targets else []) + ([noise_var] if noise_var is not None else []) \
         + (_cond_tensors(cond_var) if "cond" in targets else [])
     penalised = ([x] if "x_T" in targets else []) + ([noise_var] if noise_var is not None else [])

@@ -241,3 +241,25 @@ def test_the_default_optimises_cond_only_when_it_has_floating_point_tensors():
                     iters=2, progress=False)
         assert not torch.equal(run.x_T, x_T) and run.losses[-1] < run.losses[0]
         assert c is None or (torch.equal(run.cond, c) and not run.cond.requires_grad)
+
+
+def test_what_is_not_optimised_gets_no_gradient():
+    """uncond, a tensor guidance_scale and given noises that are not optimised are the caller's tensors: guide
+    leaves their .grad alone even when they require grad, and follows the same path as with plain tensors."""
+    model, sched, x_T, cond, target = problem(9)
+    uncond = 0.1 * torch.ones_like(cond)
+    scale = torch.tensor([[1.5], [3.0]], dtype=torch.float64)
+    noise = torch.randn(STEPS, *x_T.shape, generator=torch.Generator().manual_seed(3), dtype=x_T.dtype)
+    for grad in ("discrete", "autograd"):
+        runs = []
+        for leaf in (False, True):
+            given = [t.clone().requires_grad_(leaf) for t in (uncond, scale, noise)]
+            runs.append(guide(model, sched, squared_distance(target), x_T, cond=cond, uncond=given[0],
+                              guidance_scale=given[1], noise=given[2], sde=True, optimize=("x_T", "cond"),
+                              steps=STEPS, iters=3, grad=grad, progress=False))
+            assert all(t.grad is None for t in given), grad
+        assert runs[0].losses == runs[1].losses and torch.equal(runs[0].x_T, runs[1].x_T)
+    listed = [n.clone().requires_grad_() for n in noise]
+    guide(model, sched, squared_distance(target), x_T, optimize="x_T", sde=True, noise=listed, steps=STEPS,
+          iters=2, progress=False)
+    assert all(n.grad is None for n in listed)
