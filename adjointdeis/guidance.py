@@ -160,6 +160,9 @@ def _per_sample_norm(x: Tensor) -> Tensor:
 def _check_options(optimize, optimizer, iters, lr, clip_grad, tol, cond, regularizer) -> tuple[str, ...]:
     if optimize is None:
         optimize = ("x_T", "cond") if _cond_tensors(cond) else ("x_T",)
+    if not isinstance(optimize, (str, Iterable)):
+        raise validation.ArgumentTypeError(f"optimize must be a name or names from {', '.join(OPTIMIZE_TARGETS)}; "
+                                           f"got optimize={optimize!r}")
     targets = (optimize,) if isinstance(optimize, str) else tuple(optimize)
     unknown = [t for t in targets if not validation.known(t, OPTIMIZE_TARGETS)]
     if unknown:
@@ -253,15 +256,20 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
 
     Raises:
         ValueError for an unknown optimize entry or optimizer name, iters < 1, optimising "cond"
-        without a cond, a non-positive lr or clip_grad, a loss that is not a scalar tensor, optimising "noise"
-        of a run that injects none, or a `regularizer` without optimised noise.
+        without a cond, a non-positive lr or clip_grad, a loss that is not a real scalar tensor or does not depend
+        on the sample, optimising "noise" of a run that injects none, or a `regularizer` without optimised noise;
+        TypeError for a loss_fn that is not callable or an x_T that is not a floating-point tensor;
+        FloatingPointError for a loss that is not finite.
     """
+    validation.function(loss_fn, "loss_fn", "loss_fn(sample) -> scalar tensor")
+    validation.floating(x_T, "x_T", min_dim=1)
     targets = _check_options(optimize, optimizer, iters, lr, clip_grad, tol, cond, regularizer)
     if target_loss is not None:
         validation.real(target_loss, "target_loss")
     if callback is not None:
         validation.function(callback, "callback", "callback(iteration, loss, sample)")
     validation.flag(preserve_norm, "preserve_norm")
+    validation.flag(progress, "progress")
     if grad is None:
         raise ValueError("guide needs a gradient mode: grad='discrete', 'adjoint' or 'autograd'")
     x = _leaf(x_T, "x_T" in targets)
@@ -276,8 +284,13 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
         given = sample_kwargs.pop("noise", None)
         if given is None or callable(given):
             start = _initial_noise(model, x_T.detach(), sched, steps, cond, sample_kwargs, given)
+        elif isinstance(given, Tensor):
+            start = given
+        elif isinstance(given, (list, tuple)) and given and all(isinstance(n, Tensor) for n in given):
+            start = torch.stack(list(given))
         else:
-            start = torch.stack(list(given)) if not isinstance(given, Tensor) else given
+            raise validation.ArgumentTypeError("noise must be a noise(row, x) callable, a sequence of tensors or one "
+                                               f"(N, *x_T.shape) tensor; got noise={given!r}")
         noise_var = _leaf(start, True)
         sample_kwargs["noise"] = noise_var
     elif isinstance(sample_kwargs.get("noise"), Tensor):
@@ -290,9 +303,15 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
 
     def objective(x0: Tensor) -> Tensor:
         loss = loss_fn(x0)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise ValueError("loss_fn must return a scalar tensor")
-        return loss if regularizer is None else loss + regularizer(penalised)
+        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+            raise ValueError("loss_fn must return a scalar tensor (one element, real floating point)"
+                             + (f"; got dtype {loss.dtype}, shape {list(loss.shape)}" if isinstance(loss, Tensor)
+                                else f"; got {type(loss).__name__}"))
+        total = loss if regularizer is None else loss + regularizer(penalised)
+        if torch.is_grad_enabled() and not total.requires_grad:
+            raise ValueError("loss_fn returned a loss that does not depend on the sample (it has no gradient: "
+                             "detached, or computed from .item()/numpy)")
+        return total
     for tensor in trainable:
         tensor.requires_grad_(True)
     shell = _per_sample_norm(x) if preserve_norm and "x_T" in targets else None
@@ -310,6 +329,9 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
         x0 = run(grad)
         loss = objective(x0)
         value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"guide: the loss is {value} at iteration {it} (loss_fn"
+                                     f"{' plus the regularizer' if regularizer is not None else ''} is not finite)")
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4g}", refresh=False)
         if callback is not None:

@@ -119,7 +119,7 @@ def ctm(**kwargs):
 
 
 def guided(**kwargs):
-    return lambda: ad.guide(model, VP, kwargs.pop("loss_fn", lambda x: x.square().mean()), x_T(),
+    return lambda: ad.guide(model, VP, kwargs.pop("loss_fn", lambda x: x.square().mean()), kwargs.pop("x_T", x_T()),
                             **{"optimize": "x_T", "steps": 2, "iters": 1, "progress": False, **kwargs})
 
 
@@ -293,6 +293,14 @@ CASES = [
     Case("guide-optimize", "optimize", guided(optimize="bad")),
     Case("guide-loss-vector", "loss_fn", guided(loss_fn=lambda x: x.flatten())),
     Case("guide-steps", "steps", guided(steps=0)),
+    Case("guide-loss_fn-int", "loss_fn", guided(loss_fn=3)),
+    Case("guide-loss-int", "loss_fn", guided(loss_fn=lambda x: torch.tensor(1))),
+    Case("guide-loss-detached", "loss_fn", guided(loss_fn=lambda x: x.square().mean().detach())),
+    Case("guide-x_T-int", "x_T", guided(x_T=torch.zeros(2, 3, dtype=torch.int64))),
+    Case("guide-x_T-list", "x_T", guided(x_T=[[0.0, 1.0]])),
+    Case("guide-optimize-int", "optimize", guided(optimize=3)),
+    Case("guide-progress-str", "progress", guided(progress="yes")),
+    Case("guide-noise-int", "noise", guided(optimize="noise", sde=True, noise=3)),
     # DSNO and its layer
     Case("layer-in_channels-float", "in_channels", layer(2.5, 2, 4, 2)),
     Case("layer-modes-big", "modes", layer(2, 2, 4, 10)),

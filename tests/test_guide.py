@@ -145,6 +145,10 @@ def test_bad_arguments_raise():
         guide(model, sched, loss, x_T, optimize="cond", progress=False)
     with pytest.raises(ValueError, match="scalar"):
         guide(model, sched, lambda x0: x0, x_T, cond=cond, steps=2, iters=1, progress=False)
+    with pytest.raises(FloatingPointError, match="the loss is nan at iteration 0"):
+        guide(model, sched, lambda x0: x0.sum() * float("nan"), x_T, cond=cond, steps=2, iters=2, progress=False)
+    with pytest.raises(ValueError, match="does not depend on the sample"):
+        guide(model, sched, lambda x0: loss(x0).detach(), x_T, cond=cond, steps=2, iters=1, progress=False)
     for bad, match in ((dict(target_loss="x"), "target_loss"), (dict(callback=3), "callback"),
                        (dict(preserve_norm="yes"), "preserve_norm")):
         with pytest.raises(TypeError, match=match):
