@@ -91,7 +91,9 @@ def sample_ctm(model: Callable, x_T: Tensor, sigmas, gamma: float = 0.0, generat
 
     Raises:
         ValueError for gamma outside [0, 1], an unknown output, a bad sigma grid, or a model output
-        of the wrong shape (naming the model); FloatingPointError when the result is not finite.
+        of the wrong shape (naming the model); TypeError for a model that is not callable, a generator
+        that is not a torch.Generator or a progress / check_finite that is not a bool; FloatingPointError
+        when the result is not finite.
     """
     validation.function(model, "model", "G(x, t, u[, cond]) -> Tensor")
     validation.floating(x_T, "x_T", min_dim=1)
@@ -101,6 +103,8 @@ def sample_ctm(model: Callable, x_T: Tensor, sigmas, gamma: float = 0.0, generat
     _check_output(output)
     if generator is not None:
         validation.instance(generator, "generator", torch.Generator, "a torch.Generator")
+    validation.flag(progress, "progress")
+    validation.flag(check_finite, "check_finite")
     rows, ts, us = ctm_plan(check_noise_levels(sigmas), float(gamma), output)
     # Each jump [a, b, c] is the multistep row [a, b0=b, 0, 0, c, p=0, q=1] with out = g.
     coeffs = torch.tensor([[a, b, 0.0, 0.0, c, 0.0, 1.0] for a, b, c in rows], dtype=torch.float64, device=x_T.device)
@@ -133,6 +137,7 @@ class CTMDenoiser(torch.nn.Module):
 
     def __init__(self, model: Callable, output: str = "g"):
         super().__init__()
+        validation.function(model, "model", "G(x, t, u[, cond]) -> Tensor")
         _check_output(output)
         self.model, self.output = model, output
 
@@ -159,6 +164,6 @@ def score_from_ctm(model: Callable, output: str = "g") -> CTMDenoiser:
         every gradient mode works through it.
 
     Raises:
-        ValueError for an unknown output.
+        ValueError for an unknown output; TypeError for a model that is not callable.
     """
     return CTMDenoiser(model, output)

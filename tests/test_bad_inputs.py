@@ -286,6 +286,9 @@ CASES = [
     Case("ctm-model-int", "model", ctm(model=lambda x, t, u, c=None: torch.zeros(x.shape, dtype=torch.int64))),
     Case("ctm-model-complex", "model", ctm(model=lambda x, t, u, c=None: torch.zeros(x.shape, dtype=torch.complex64))),
     Case("ctm-x_T-int", "x_T", ctm(x_T=torch.zeros(2, 3, dtype=torch.int64))),
+    Case("ctm-progress-str", "progress", ctm(progress="no")),
+    Case("ctm-check_finite-none", "check_finite", ctm(check_finite=None)),
+    Case("ctm-score_from_ctm-model", "model", lambda: ad.score_from_ctm(3)),
     # guide
     Case("guide-iters-float", "iters", guided(iters=2.5)),
     Case("guide-lr-negative", "lr", guided(lr=-1.0)),
