@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import validation
 from .predictions import check_prediction, to_data_and_noise
 from .reference import opmath_dtype
 from .schedules import NoiseSchedule
@@ -44,7 +45,12 @@ class Diagnostic:
 
 def _times(t, batch: int) -> Tensor:
     """(batch,) float64 CPU model times from a number, a 0-d or a (batch,) tensor."""
-    times = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
+    if isinstance(t, (bool, str, bytes)) or (isinstance(t, Tensor) and (t.is_complex() or t.dtype == torch.bool)):
+        raise validation.ArgumentTypeError(f"t must be a number or a (batch,) = ({batch},) tensor, got {t!r}")
+    try:
+        times = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise validation.ArgumentTypeError(f"t must be a number or a (batch,) = ({batch},) tensor, got {t!r}") from None
     if times.dim() == 0:
         times = times.expand(batch)
     if times.shape != (batch,):
@@ -61,14 +67,28 @@ def _repeat(cond, times: int):
     return cond.repeat(times, *([1] * (cond.dim() - 1)))
 
 
-def _check_common(x, prediction: str, schedule) -> None:
+def _check_common(x, t, prediction: str, schedule, cond, generator) -> Tensor:
+    """Validates the arguments both diagnostics share; returns the (batch,) float64 CPU times."""
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
         raise TypeError("x must be a floating-point tensor (batch, *shape) with at least one feature dimension")
+    if x.shape[0] == 0:
+        raise ValueError("x must hold at least one sample; got an empty batch")
     check_prediction(prediction)
     if schedule is None and prediction != "eps":
         raise ValueError(f"prediction={prediction!r} needs the schedule to convert the output to eps")
     if schedule is not None and not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    validation.conditioning(cond, "cond")
+    if generator is not None:
+        validation.instance(generator, "generator", torch.Generator, "a torch.Generator")
+    times = _times(t, x.shape[0])
+    if schedule is not None:
+        zero = (schedule.sigma(times) == 0).nonzero()
+        if len(zero):
+            k = int(zero[0])
+            raise ValueError(f"t[{k}]={float(times[k])!r} has sigma_t = 0, where the score -eps/sigma_t is not "
+                             "defined; use times with sigma_t > 0")
+    return times
 
 
 def score_field(model: Callable, t: Tensor, schedule: NoiseSchedule | None = None, prediction: str = "eps",
@@ -131,7 +151,7 @@ def jacobian_asymmetry(model: Callable, x: Tensor, t, probes: int = 32, schedule
     Args:
         model: ``model(x, t[, cond])`` returning a `prediction`-type output shaped like x.
         x: (batch, *shape) points to probe (e.g. noised data at time t).
-        t: model time, a number or a (batch,) tensor.
+        t: model time, a number or a (batch,) tensor, with sigma_t > 0 (the score needs it).
         probes: Gaussian probes per sample, >= 2.
         schedule: the model's schedule (required unless prediction="eps", see :func:`score_field`).
         prediction: "eps" | "x0" | "v" | "flow".
@@ -143,13 +163,12 @@ def jacobian_asymmetry(model: Callable, x: Tensor, t, probes: int = 32, schedule
         batch mean with its standard error.
 
     Raises:
-        ValueError / TypeError for bad arguments or a model output of the wrong shape.
+        ValueError / TypeError naming the argument for bad arguments (a time with sigma_t = 0 included) or
+        a model output of the wrong shape.
     """
-    _check_common(x, prediction, schedule)
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 2:
-        raise ValueError(f"probes must be an integer >= 2, got {probes!r}")
+    times = _check_common(x, t, prediction, schedule, cond, generator)
+    probes = validation.integer(probes, "probes", 2)
     batch = x.shape[0]
-    times = _times(t, batch)
     field = score_field(model, times.repeat(probes), schedule, prediction, _repeat(cond, probes))
     xs = x.detach().repeat(probes, *([1] * (x.dim() - 1)))
     v = torch.randn(xs.shape, generator=generator, dtype=x.dtype).to(x.device)
@@ -192,7 +211,7 @@ def loop_circulation(model: Callable, x: Tensor, t, radius: float = 1.0, points:
     Args:
         model: ``model(x, t[, cond])`` returning a `prediction`-type output shaped like x.
         x: (batch, *shape) loop centres.
-        t: model time, a number or a (batch,) tensor.
+        t: model time, a number or a (batch,) tensor, with sigma_t > 0 (the score needs it).
         radius: circle radius, in the units of x. For small circles the normalised circulation grows
             in proportion to the radius (the antisymmetric part of J against the field's size).
         points: points per circle, >= 3.
@@ -200,26 +219,31 @@ def loop_circulation(model: Callable, x: Tensor, t, radius: float = 1.0, points:
         prediction: "eps" | "x0" | "v" | "flow".
         cond: conditioning with a leading batch axis, or None.
         generator: torch.Generator for the random planes.
-        planes: optional (batch, 2, *shape) orthonormal directions (e1, e2) instead of random ones.
+        planes: optional (batch, 2, *shape) orthonormal directions (e1, e2) instead of random ones
+            (orthonormality is checked to 1e-3).
 
     Returns:
         A :class:`Diagnostic`: per-loop signed normalised circulations, and the mean of their
         absolute values with its standard error over loops.
 
     Raises:
-        ValueError / TypeError for bad arguments or a model output of the wrong shape.
+        ValueError / TypeError naming the argument for bad arguments (a time with sigma_t = 0 included) or
+        a model output of the wrong shape.
     """
-    _check_common(x, prediction, schedule)
-    if isinstance(points, bool) or not isinstance(points, int) or points < 3:
-        raise ValueError(f"points must be an integer >= 3, got {points!r}")
-    if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
-        raise ValueError(f"radius must be a positive number, got {radius!r}")
+    times = _check_common(x, t, prediction, schedule, cond, generator)
+    points = validation.integer(points, "points", 3)
+    radius = validation.positive(radius, "radius")
     batch = x.shape[0]
-    times = _times(t, batch)
     if planes is None:
         planes = random_planes(x, generator)
-    elif planes.shape != (batch, 2, *x.shape[1:]):
-        raise ValueError(f"planes must have shape {[batch, 2, *x.shape[1:]]}, got {list(planes.shape)}")
+    else:
+        validation.floating(planes, "planes")
+        if planes.shape != (batch, 2, *x.shape[1:]):
+            raise ValueError(f"planes must have shape {[batch, 2, *x.shape[1:]]}, got {list(planes.shape)}")
+        flat = planes.detach().double().flatten(2)
+        gram = flat @ flat.transpose(1, 2)
+        if not bool((gram - torch.eye(2, dtype=gram.dtype, device=gram.device)).abs().max() <= 1e-3):
+            raise ValueError("planes must hold two orthonormal directions per sample (e1.e1 = e2.e2 = 1, e1.e2 = 0)")
     planes = planes.detach().to(x)
     e1, e2 = planes[:, 0], planes[:, 1]
     theta = torch.arange(points, dtype=torch.float64) * (2 * math.pi / points)

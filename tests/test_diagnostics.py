@@ -155,6 +155,13 @@ def test_digits_model_is_clearly_not_conservative(digits):
         (dict(t=torch.ones(3)), ValueError, r"t must be a number or a \(batch,\)"),
         (dict(x=torch.ones(4, 2, dtype=torch.int64)), TypeError, "floating-point"),
         (dict(model=lambda x, t: x[:, :1]), ValueError, "the model returned shape"),
+        (dict(cond=3), TypeError, "cond must be None, a tensor or a dict of tensors"),
+        (dict(cond={"labels": 3}), TypeError, "cond must be None, a tensor or a dict of tensors"),
+        (dict(generator=3), TypeError, "generator must be a torch.Generator"),
+        (dict(t="a"), TypeError, r"t must be a number or a \(batch,\)"),
+        (dict(x=torch.ones(0, DIM, dtype=torch.float64)), ValueError, "at least one sample"),
+        (dict(t=0.0), ValueError, r"t\[0\]=0.0 has sigma_t = 0"),
+        (dict(t=torch.tensor([0.5, 0.4, 0.0, 0.3])), ValueError, r"t\[2\]=0.0 has sigma_t = 0"),
     ],
 )
 def test_bad_arguments(setup, kwargs, error, message):
@@ -170,11 +177,36 @@ def test_bad_arguments(setup, kwargs, error, message):
     "kwargs,message",
     [
         (dict(points=2), "points must be an integer >= 3"),
-        (dict(radius=0.0), "radius must be a positive number"),
+        (dict(radius=0.0), "radius must be a finite number > 0"),
+        (dict(radius=True), "radius must be a finite number > 0"),
         (dict(planes=torch.zeros(4, 3, DIM)), "planes must have shape"),
+        (dict(planes="e1 e2"), "planes must be a real floating-point tensor"),
+        (dict(planes=torch.zeros(4, 2, DIM, dtype=torch.float64)), "planes must hold two orthonormal directions"),
+        (dict(planes=torch.ones(4, 2, DIM, dtype=torch.float64) / 4), "planes must hold two orthonormal directions"),
+        (dict(t=0.0), "has sigma_t = 0"),
     ],
 )
 def test_bad_loop_arguments(setup, kwargs, message):
     sched, mu, s, x = setup
+    t = kwargs.pop("t", T)
     with pytest.raises(ValueError, match=message):
-        diagnostics.loop_circulation(GaussianEps(sched, mu, s), x[:4], T, schedule=sched, **kwargs)
+        diagnostics.loop_circulation(GaussianEps(sched, mu, s), x[:4], t, schedule=sched, **kwargs)
+
+
+def test_numpy_and_tensor_numbers_are_accepted(setup):
+    """probes, points and radius may be NumPy numbers or 0-d tensors (as elsewhere in the API), with the same
+    result as Python numbers."""
+    import numpy as np
+
+    sched, mu, s, x = setup
+    model = RotatedEps(sched, mu, s, rotation(), 0.3)
+    planes = diagnostics.random_planes(x, torch.Generator().manual_seed(6))
+    want = diagnostics.loop_circulation(model, x, T, radius=0.5, points=8, schedule=sched, planes=planes)
+    for radius, points in ((np.float32(0.5), np.int64(8)), (torch.tensor(0.5), 8)):
+        got = diagnostics.loop_circulation(model, x, T, radius=radius, points=points, schedule=sched, planes=planes)
+        assert torch.equal(got.per_sample, want.per_sample)
+    want = diagnostics.jacobian_asymmetry(model, x, T, probes=4, schedule=sched,
+                                          generator=torch.Generator().manual_seed(1))
+    got = diagnostics.jacobian_asymmetry(model, x, T, probes=np.int64(4), schedule=sched,
+                                         generator=torch.Generator().manual_seed(1))
+    assert torch.equal(got.per_sample, want.per_sample)
