@@ -63,7 +63,8 @@ class ProbabilityRegularizer:
         generator: draws the permutations (the global generator when None).
 
     Raises:
-        ValueError naming the attribute for a negative weight, a subsample < 0 or shuffles < 0.
+        ValueError naming the attribute for a weight that is negative or not finite, a subsample < 0 or
+        shuffles < 0; TypeError for a value of the wrong kind (a generator that is not a torch.Generator).
     """
 
     weight: float = 1.0
@@ -72,12 +73,12 @@ class ProbabilityRegularizer:
     generator: torch.Generator | None = None
 
     def __post_init__(self):
-        if not self.weight >= 0:
-            raise ValueError(f"ProbabilityRegularizer.weight must be >= 0, got {self.weight!r}")
+        validation.real(self.weight, "ProbabilityRegularizer.weight", 0.0)
         for name in ("subsample", "shuffles"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"ProbabilityRegularizer.{name} must be an integer >= 0, got {value!r}")
+            validation.integer(getattr(self, name), f"ProbabilityRegularizer.{name}", 0)
+        if self.generator is not None:
+            validation.instance(self.generator, "ProbabilityRegularizer.generator", torch.Generator,
+                                "a torch.Generator")
 
     def __call__(self, tensors: Sequence[Tensor]) -> Tensor:
         """The regulariser of `tensors` (any shapes, together at least d entries), a 0-d tensor.

@@ -7,6 +7,8 @@ A, B, C read off three sample runs. The loss ``||x0 - target||^2`` then has the 
 (optimising cond), where the loss is 0; ``guide`` must reach it.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -197,6 +199,16 @@ def test_probability_regularizer_value_and_gradient():
     assert torch.autograd.gradcheck(regularized, [n.clone().requires_grad_() for n in noises])
     with pytest.raises(ValueError, match="ProbabilityRegularizer.subsample"):
         ProbabilityRegularizer(subsample=-1)
+    for bad, match in ((dict(weight=math.inf), "weight must be a finite number >= 0"),
+                       (dict(weight="1"), "weight must be a finite number >= 0"),
+                       (dict(weight=-1.0), "weight must be a finite number >= 0"),
+                       (dict(shuffles=2.0), "shuffles must be an integer >= 0"),
+                       (dict(generator=3), "generator must be a torch.Generator")):
+        kind = TypeError if "generator" in bad else ValueError
+        with pytest.raises(kind, match="ProbabilityRegularizer." + match):
+            ProbabilityRegularizer(**bad)
+    assert ProbabilityRegularizer(subsample=np.int64(1), shuffles=np.int64(0))(noises) == \
+        ProbabilityRegularizer(subsample=1, shuffles=0)(noises)
     with pytest.raises(ValueError, match="fewer than a row"):
         ProbabilityRegularizer(subsample=3)([torch.zeros(10)])
 
