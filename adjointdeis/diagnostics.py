@@ -319,7 +319,8 @@ def conservativity_table(models: Mapping[str, tuple[Callable, str]], schedule: N
         probes, points, radius: as in :func:`jacobian_asymmetry` and :func:`loop_circulation`.
         seed: seed of the noise, the probes and the planes.
     """
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed), dtype=x0.dtype)
+    # Drawn on the CPU, so that the points are the same on every device.
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed), dtype=x0.dtype).to(x0.device)
     rows = []
     for t in times:
         tt = torch.tensor(float(t), dtype=torch.float64)

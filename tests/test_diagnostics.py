@@ -210,3 +210,21 @@ def test_numpy_and_tensor_numbers_are_accepted(setup):
     got = diagnostics.jacobian_asymmetry(model, x, T, probes=np.int64(4), schedule=sched,
                                          generator=torch.Generator().manual_seed(1))
     assert torch.equal(got.per_sample, want.per_sample)
+
+
+@pytest.mark.cuda
+def test_conservativity_table_on_cuda_equals_the_cpu_table(setup):
+    """The table's noise is drawn on the CPU and moved to the data's device (it was added to CUDA data as a CPU
+    tensor): the same rows on both devices, for a field that is far from conservative (values well above
+    rounding)."""
+    sched, mu, s, x = setup
+    field = torch.eye(DIM, dtype=torch.float64) + 0.3 * rotation()
+    tables = []
+    for device in ("cpu", "cuda"):
+        m, f = mu.to(device), field.to(device)
+        tables.append(diagnostics.conservativity_table({"rotated": (lambda y, t: (y - m) @ f.T, "eps")}, sched,
+                                                       x.to(device), [0.3, 0.7], probes=4, points=8, radius=0.5))
+    for cpu, cuda in zip(*tables):
+        assert cpu.asymmetry.estimate > 0.1 and cpu.circulation.estimate > 1e-3
+        assert math.isclose(cpu.asymmetry.estimate, cuda.asymmetry.estimate, rel_tol=1e-9)
+        assert math.isclose(cpu.circulation.estimate, cuda.circulation.estimate, rel_tol=1e-9)
