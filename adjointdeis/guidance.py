@@ -208,6 +208,8 @@ def _initial_noise(model, x_T: Tensor, sched: NoiseSchedule, steps: int, cond, s
     return torch.stack(draws)
 
 
+@torch.inference_mode(False)  # guide differentiates whatever the caller's context: it needs autograd on
+@torch.enable_grad()
 def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Tensor], x_T: Tensor, cond=None,
           optimize: str | Iterable[str] | None = None, steps: int = 20, iters: int = 50, lr: float = 0.05,
           optimizer: str = "adam", grad: str = "discrete", preserve_norm: bool = True,
@@ -222,7 +224,8 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
     optimiser step; with `preserve_norm` each sample's x_T is then scaled back to its original norm (kept on its
     Gaussian shell, where a standard normal x_T concentrates). The model's own parameters are not
     differentiated (pass ``parameters=`` in `sample_kwargs` to change that), nor are `uncond`, a tensor
-    `guidance_scale` or noises that are not optimised (their ``.grad`` is left alone).
+    `guidance_scale` or noises that are not optimised (their ``.grad`` is left alone). Gradients are enabled
+    inside, so guide also works when called under ``torch.no_grad()`` or ``torch.inference_mode()``.
 
     Args:
         model: ``model(x, t[, cond])`` as for ``adjointdeis.sample``.
@@ -277,9 +280,10 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
     cond_var = _copy_cond(cond, "cond" in targets)
     # Only what guide optimises is differentiated: the caller's uncond, guidance scale and (not optimised) noise
     # tensors get no .grad even when they require grad.
+    # (Copies, not views: made here, outside the caller's inference mode, they can be saved for backward.)
     for key in ("uncond", "guidance_scale"):
         if isinstance(sample_kwargs.get(key), (Tensor, Mapping)):
-            sample_kwargs[key] = _detached(sample_kwargs[key])
+            sample_kwargs[key] = _copy_cond(sample_kwargs[key], False)
     noise_var = None
     if "noise" in targets:
         given = sample_kwargs.pop("noise", None)
@@ -295,9 +299,9 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
         noise_var = _leaf(start, True)
         sample_kwargs["noise"] = noise_var
     elif isinstance(sample_kwargs.get("noise"), Tensor):
-        sample_kwargs["noise"] = sample_kwargs["noise"].detach()
+        sample_kwargs["noise"] = _leaf(sample_kwargs["noise"], False)
     elif isinstance(sample_kwargs.get("noise"), (list, tuple)):
-        sample_kwargs["noise"] = [n.detach() if isinstance(n, Tensor) else n for n in sample_kwargs["noise"]]
+        sample_kwargs["noise"] = [_leaf(n, False) if isinstance(n, Tensor) else n for n in sample_kwargs["noise"]]
     trainable = ([x] if "x_T" in targets else []) + ([noise_var] if noise_var is not None else []) \
         + (_cond_tensors(cond_var) if "cond" in targets else [])
     penalised = ([x] if "x_T" in targets else []) + ([noise_var] if noise_var is not None else [])

@@ -279,3 +279,23 @@ def test_what_is_not_optimised_gets_no_gradient():
     guide(model, sched, squared_distance(target), x_T, optimize="x_T", sde=True, noise=listed, steps=STEPS,
           iters=2, progress=False)
     assert all(n.grad is None for n in listed)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_guide_runs_under_no_grad_and_inference_mode(context):
+    """guide differentiates whatever the caller's context (it failed with 'element 0 of tensors does not require
+    grad'): the same path as outside, with CFG tensors and given noises made in that context."""
+    model, sched, x_T, cond, target = problem(10)
+    noise = torch.randn(STEPS, *x_T.shape, generator=torch.Generator().manual_seed(1), dtype=x_T.dtype)
+
+    def run(optimize):
+        return guide(model, sched, squared_distance(target), x_T.clone(), cond=cond.clone(),
+                     uncond=torch.zeros_like(cond), guidance_scale=torch.tensor([[2.0], [1.0]], dtype=torch.float64),
+                     sde=True, noise=noise.clone(), optimize=optimize, steps=STEPS, iters=3, progress=False)
+
+    for optimize in (("x_T", "cond"), ("x_T", "noise")):
+        want = run(optimize)
+        with context():
+            got = run(optimize)
+        assert got.losses == want.losses and torch.equal(got.x_T, want.x_T)
+        assert not torch.is_inference(got.x_T) and got.losses[-1] < got.losses[0]
