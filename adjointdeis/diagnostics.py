@@ -140,6 +140,7 @@ def _summary(values: Tensor, per_stderr: Tensor | None) -> tuple[float, float]:
     return float(values.mean()), float(per_stderr[0]) if per_stderr is not None else math.nan
 
 
+@torch.inference_mode(False)  # the JVPs and VJPs need autograd whatever the caller's context
 def jacobian_asymmetry(model: Callable, x: Tensor, t, probes: int = 32, schedule: NoiseSchedule | None = None,
                        prediction: str = "eps", cond=None, generator: torch.Generator | None = None) -> Diagnostic:
     """Relative asymmetry ``||J - J^T||_F / ||J||_F`` of the score field's Jacobian, per sample.
@@ -147,6 +148,7 @@ def jacobian_asymmetry(model: Callable, x: Tensor, t, probes: int = 32, schedule
     With Gaussian probes v, ``||J - J^T||_F^2 = 2 E_v[||Jv||^2 - (J^T v).(J v)]`` and
     ``||J||_F^2 = E_v ||Jv||^2``; every probe costs one JVP (forward mode) and one VJP, and all
     probes of all samples run as one batch of ``probes * batch`` evaluations. Zero for a true score.
+    Gradients are enabled inside, also under the caller's ``torch.no_grad()`` or ``torch.inference_mode()``.
 
     Args:
         model: ``model(x, t[, cond])`` returning a `prediction`-type output shaped like x.
@@ -178,6 +180,9 @@ def jacobian_asymmetry(model: Callable, x: Tensor, t, probes: int = 32, schedule
             s, jv = torch.autograd.forward_ad.unpack_dual(field(torch.autograd.forward_ad.make_dual(xs, v)))
         if jv is None:
             jv = torch.zeros_like(xs)
+        elif not s.requires_grad:
+            raise ValueError("the model's output has a forward-mode derivative in x but no reverse-mode one (does "
+                             "it detach, or run under torch.no_grad() inside?): the asymmetry needs both")
         jtv = torch.autograd.grad(s, xs, v, allow_unused=True)[0] if s.requires_grad else None
     if jtv is None:
         jtv = torch.zeros_like(xs)

@@ -212,6 +212,34 @@ def test_numpy_and_tensor_numbers_are_accepted(setup):
     assert torch.equal(got.per_sample, want.per_sample)
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_asymmetry_under_no_grad_and_inference_mode(setup, context):
+    """The JVPs and VJPs run whatever the caller's context: under inference_mode the asymmetry was nan for an exact
+    score and wrong for a rotated field, silently. The same values as outside, for points made in that context."""
+    sched, mu, s, x = setup
+    model = RotatedEps(sched, mu, s, rotation(), 0.3)
+    want = diagnostics.jacobian_asymmetry(model, x, T, probes=4, schedule=sched,
+                                          generator=torch.Generator().manual_seed(1))
+    with context():
+        inside = x.clone()
+        got = diagnostics.jacobian_asymmetry(model, inside, T, probes=4, schedule=sched,
+                                             generator=torch.Generator().manual_seed(1))
+    assert want.estimate > 0.1
+    assert_close(got.per_sample, want.per_sample, rtol=1e-12, atol=0)
+
+
+def test_asymmetry_refuses_a_model_without_reverse_mode_gradients(setup):
+    sched, mu, s, x = setup
+    exact = GaussianEps(sched, mu, s).requires_grad_(False)
+
+    def under_no_grad(y, t):
+        with torch.no_grad():
+            return exact(y, t)
+
+    with pytest.raises(ValueError, match="no reverse-mode one"):
+        diagnostics.jacobian_asymmetry(under_no_grad, x, T, probes=4, schedule=sched)
+
+
 @pytest.mark.cuda
 def test_conservativity_table_on_cuda_equals_the_cpu_table(setup):
     """The table's noise is drawn on the CPU and moved to the data's device (it was added to CUDA data as a CPU
