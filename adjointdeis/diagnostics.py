@@ -110,9 +110,7 @@ def score_field(model: Callable, t: Tensor, schedule: NoiseSchedule | None = Non
     def field(x: Tensor) -> Tensor:
         shape = (-1,) + (1,) * (x.dim() - 1)
         t_model = t.to(device=x.device, dtype=opmath_dtype(x.dtype))
-        out = model(x, t_model) if cond is None else model(x, t_model, cond)
-        if out.shape != x.shape:
-            raise ValueError(f"the model returned shape {list(out.shape)} for x of shape {list(x.shape)}")
+        out = validation.model_output(model(x, t_model) if cond is None else model(x, t_model, cond), x)
         if schedule is None:
             return -out
         alpha = schedule.alpha(t).to(x).view(shape)

@@ -155,6 +155,9 @@ def test_digits_model_is_clearly_not_conservative(digits):
         (dict(t=torch.ones(3)), ValueError, r"t must be a number or a \(batch,\)"),
         (dict(x=torch.ones(4, 2, dtype=torch.int64)), TypeError, "floating-point"),
         (dict(model=lambda x, t: x[:, :1]), ValueError, "the model returned shape"),
+        (dict(model=lambda x, t: x.to(torch.complex128)), TypeError, "the model must return a real floating-point"),
+        (dict(model=lambda x, t: x.round().long()), TypeError, "the model must return a real floating-point"),
+        (dict(model=lambda x, t: [0.0]), TypeError, "the model must return a real floating-point"),
         (dict(cond=3), TypeError, "cond must be None, a tensor or a dict of tensors"),
         (dict(cond={"labels": 3}), TypeError, "cond must be None, a tensor or a dict of tensors"),
         (dict(generator=3), TypeError, "generator must be a torch.Generator"),
@@ -184,13 +187,15 @@ def test_bad_arguments(setup, kwargs, error, message):
         (dict(planes=torch.zeros(4, 2, DIM, dtype=torch.float64)), "planes must hold two orthonormal directions"),
         (dict(planes=torch.ones(4, 2, DIM, dtype=torch.float64) / 4), "planes must hold two orthonormal directions"),
         (dict(t=0.0), "has sigma_t = 0"),
+        (dict(model=lambda x, t: x.to(torch.complex128)), "the model must return a real floating-point"),
+        (dict(model=lambda x, t: x.round().long()), "the model must return a real floating-point"),
     ],
 )
 def test_bad_loop_arguments(setup, kwargs, message):
     sched, mu, s, x = setup
-    t = kwargs.pop("t", T)
+    t, model = kwargs.pop("t", T), kwargs.pop("model", GaussianEps(sched, mu, s))
     with pytest.raises(ValueError, match=message):
-        diagnostics.loop_circulation(GaussianEps(sched, mu, s), x[:4], t, schedule=sched, **kwargs)
+        diagnostics.loop_circulation(model, x[:4], t, schedule=sched, **kwargs)
 
 
 def test_numpy_and_tensor_numbers_are_accepted(setup):
