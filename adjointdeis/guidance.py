@@ -35,7 +35,9 @@ class GuideResult:
         losses: loss value of every iteration, evaluated before that iteration's update.
         final_loss: the loss of `sample`.
         stopped_early: whether `tol` or `target_loss` ended the loop before `iters`.
-        noise: (N, *shape) the optimised per-step noises (detached), when "noise" was optimised.
+        noise: (N, *shape) the per-step noises of a stochastic run (detached): the optimised ones when "noise"
+            was optimised, else the ones drawn at the first iteration and kept for every later one; None for a
+            run that injects none.
     """
 
     sample: Tensor
@@ -208,6 +210,25 @@ def _initial_noise(model, x_T: Tensor, sched: NoiseSchedule, steps: int, cond, s
     return torch.stack(draws)
 
 
+class _FixedNoise:
+    """A ``noise(row, x)`` source that draws each row's noise once (from `source`, a ``noise(row, x)`` callable,
+    else standard normal from `generator`) and gives the same tensor at every later run: guide's objective is
+    then one function of what it optimises, and its sample is the one the returned inputs give."""
+
+    def __init__(self, source: Callable | None, generator: torch.Generator | None):
+        self.source, self.generator, self.rows = source, generator, {}
+
+    def __call__(self, row: int, x: Tensor) -> Tensor:
+        if row not in self.rows:
+            self.rows[row] = (self.source(row, x) if self.source is not None else
+                              torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype))
+        return self.rows[row]
+
+    def drawn(self) -> Tensor | None:
+        """(N, *shape) the rows' noises in row order (detached), or None when the run injected none."""
+        return torch.stack([self.rows[r] for r in sorted(self.rows)]).detach() if self.rows else None
+
+
 @torch.inference_mode(False)  # guide differentiates whatever the caller's context: it needs autograd on
 @torch.enable_grad()
 def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Tensor], x_T: Tensor, cond=None,
@@ -237,7 +258,9 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
             ``sde=True`` or solver "renoise": DNO; they start as ``sample_kwargs["noise"]``: its tensors, or a
             ``noise(row, x)`` callable's draws; else as the draws of ``sample_kwargs["generator"]``) and "cond"
             (its floating-point tensors: a dict's all; class labels are not optimised). Default: x_T, and cond
-            when it holds a floating-point tensor.
+            when it holds a floating-point tensor. A stochastic run's noise that is not optimised is drawn once,
+            at the first iteration, and kept for every later one and the final sample (returned as
+            :attr:`GuideResult.noise`).
         steps: sampling steps per iteration.
         iters: maximum number of iterations (optimiser steps), at least 1.
         lr: learning rate.
@@ -261,7 +284,8 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
     Raises:
         ValueError for an unknown optimize entry or optimizer name, iters < 1, optimising "cond"
         without a cond, a non-positive lr or clip_grad, a loss that is not a real scalar tensor or does not depend
-        on the sample, optimising "noise" of a run that injects none, or a `regularizer` without optimised noise;
+        on the sample, optimising "noise" of a run that injects none, a `regularizer` without optimised noise, or
+        optimising "x_T" with a ``grad_steps`` truncation that never reaches the first step;
         TypeError for a loss_fn that is not callable or an x_T that is not a floating-point tensor;
         FloatingPointError for a loss that is not finite.
     """
@@ -276,6 +300,12 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
     validation.flag(progress, "progress")
     if grad is None:
         raise ValueError("guide needs a gradient mode: grad='discrete', 'adjoint' or 'autograd'")
+    truncation = sample_kwargs.get("grad_steps")
+    most = truncation[1] if isinstance(truncation, tuple) and len(truncation) == 2 else truncation
+    if "x_T" in targets and isinstance(most, int) and isinstance(steps, int) and most < steps:
+        raise ValueError(f"guide: grad_steps={truncation!r} differentiates at most the last {most} of the {steps} "
+                         "steps, so x_T would get no gradient; leave 'x_T' out of optimize (optimise the noise or "
+                         "cond) or let grad_steps reach every step")
     x = _leaf(x_T, "x_T" in targets)
     cond_var = _copy_cond(cond, "cond" in targets)
     # Only what guide optimises is differentiated: the caller's uncond, guidance scale and (not optimised) noise
@@ -284,7 +314,7 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
     for key in ("uncond", "guidance_scale"):
         if isinstance(sample_kwargs.get(key), (Tensor, Mapping)):
             sample_kwargs[key] = _copy_cond(sample_kwargs[key], False)
-    noise_var = None
+    noise_var, fixed = None, None
     if "noise" in targets:
         given = sample_kwargs.pop("noise", None)
         if given is None or callable(given):
@@ -302,6 +332,12 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
         sample_kwargs["noise"] = _leaf(sample_kwargs["noise"], False)
     elif isinstance(sample_kwargs.get("noise"), (list, tuple)):
         sample_kwargs["noise"] = [_leaf(n, False) if isinstance(n, Tensor) else n for n in sample_kwargs["noise"]]
+    else:  # a stochastic run's noise (from a callable or the generator): drawn once, the same at every iteration
+        source, generator = sample_kwargs.pop("noise", None), sample_kwargs.pop("generator", None)
+        if source is not None and generator is not None:
+            raise ValueError("guide: pass the noise either as noise= or drawn from generator=, not both")
+        fixed = _FixedNoise(source, generator)
+        sample_kwargs["noise"] = fixed
     trainable = ([x] if "x_T" in targets else []) + ([noise_var] if noise_var is not None else []) \
         + (_cond_tensors(cond_var) if "cond" in targets else [])
     penalised = ([x] if "x_T" in targets else []) + ([noise_var] if noise_var is not None else [])
@@ -363,4 +399,5 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
         final_loss = losses[-1]
     return GuideResult(sample=result, x_T=x.detach(), cond=_detached(cond_var), losses=losses,
                        final_loss=final_loss, stopped_early=stopped,
-                       noise=None if noise_var is None else noise_var.detach())
+                       noise=noise_var.detach() if noise_var is not None else fixed.drawn() if fixed is not None
+                       else None)

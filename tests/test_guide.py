@@ -299,3 +299,29 @@ def test_guide_runs_under_no_grad_and_inference_mode(context):
             got = run(optimize)
         assert got.losses == want.losses and torch.equal(got.x_T, want.x_T)
         assert not torch.is_inference(got.x_T) and got.losses[-1] < got.losses[0]
+
+
+def test_a_stochastic_runs_noise_is_drawn_once_and_returned():
+    """With sde=True and only x_T optimised, every iteration sees the noise of the first: the objective is one
+    affine function of x_T (SGD below 1/L decreases it at every step), and the sample is the one the returned x_T
+    and noise give."""
+    model, sched, x_T, cond, target = problem()
+    run = dict(steps=STEPS, cond=cond, sde=True)
+    result = guide(model, sched, squared_distance(target), x_T, optimize="x_T", iters=10, lr=0.5, optimizer="sgd",
+                   preserve_norm=False, progress=False, generator=torch.Generator().manual_seed(3), **run)
+    assert result.noise is not None and result.noise.shape[1:] == x_T.shape
+    with torch.no_grad():
+        again = sample(model, result.x_T, sched, noise=result.noise, **run)
+    assert torch.equal(again, result.sample)
+    assert all(b < a for a, b in zip(result.losses, result.losses[1:]))
+    assert result.final_loss < result.losses[-1]
+
+
+def test_x_T_with_a_truncation_that_never_reaches_it_raises():
+    model, sched, x_T, cond, target = problem()
+    with pytest.raises(ValueError, match=r"grad_steps=3 .* x_T would get no gradient"):
+        guide(model, sched, squared_distance(target), x_T, cond=cond, optimize="x_T", steps=STEPS, iters=2,
+              progress=False, grad_steps=3)
+    result = guide(model, sched, squared_distance(target), x_T, cond=cond, optimize="cond", steps=STEPS, iters=2,
+                   progress=False, grad_steps=3)  # the last steps' cond is differentiated: allowed
+    assert len(result.losses) == 2
