@@ -152,11 +152,19 @@ def truncation_steps(grad_steps: int | tuple[int, int], generator: torch.Generat
     return int(torch.randint(lo, hi + 1, (1,), generator=generator))
 
 
-def check_adjoint_inputs(adjoint_grid: AdjointGrid, noises: list[Tensor] | None, grad_from: int) -> None:
+def check_adjoint_inputs(adjoint_grid: AdjointGrid, noises: list[Tensor] | None, grad_from: int,
+                         draws: bool = False) -> None:
     """Raises ValueError for what grad="adjoint" cannot do: differentiate explicit noises, use them on an adjoint
-    grid of its own (its forward run has other rows), or truncate (`grad_steps`)."""
+    grid of its own (its forward run has other rows), draw a stochastic run's noise (`draws`: from the generator)
+    on an adjoint grid of its own (its forward run would draw other noise, another path than the sample's), or
+    truncate (`grad_steps`)."""
     if grad_from:
         raise ValueError("grad_steps (truncated backpropagation) needs grad='discrete' or 'autograd'")
+    if draws and adjoint_grid.forward is not None:
+        raise ValueError("grad='adjoint' with adjoint_steps records the states of a stochastic run in a forward run "
+                         "on its own grid, which would draw other noise than the sample's (another path, so another "
+                         "gradient); drop adjoint_steps, pass noise as a callable noise(row, x) for that run's rows, "
+                         "or use grad='discrete'")
     if noises is None:
         return
     if any(z.requires_grad for z in noises):

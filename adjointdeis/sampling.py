@@ -9,8 +9,8 @@ from . import validation
 from .gradients import (AdjointOptions, GradientSpec, adjoint_options, check_adjoint_inputs, differentiated_only,
                         gradient_mode, sample_with_gradients, truncation_steps)
 from .models import Conditioning, check_conditioning, model_parameters
-from .planning import (NoiseSource, StepInfo, noise_tensors, plan_adjoint_grid, plan_sampling, resolve_grid, run_plan,
-                       tensor_noise, truncation_row)
+from .planning import (NoiseSource, StepInfo, noise_tensors, noisy_rows, plan_adjoint_grid, plan_sampling, resolve_grid,
+                       run_plan, tensor_noise, truncation_row)
 from .predictions import check_prediction
 from .schedules import NoiseSchedule
 from .thresholding import DynamicThreshold
@@ -153,7 +153,7 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
         options = adjoint_options(adjoint, adjoint_order, adjoint_form, adjoint_steps, states)
         options.check_run(sde, threshold is not None, plan.points[0].alpha == 0.0)
         adjoint_grid = plan_adjoint_grid(sched, plan, options.steps, options.states == "recorded")
-        check_adjoint_inputs(adjoint_grid, noises, grad_from)
+        check_adjoint_inputs(adjoint_grid, noises, grad_from, draws=noise is None and bool(noisy_rows(plan)))
     spec = GradientSpec(model, plan, conditioning, len(params), mode, options, adjoint_grid, generator, progress,
                         check_finite, callback, noise if noises is None else None, len(noises or []), grad_from,
                         default_parameters=parameters is None)

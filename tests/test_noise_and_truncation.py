@@ -118,6 +118,28 @@ def test_adjoint_mode_refuses_noise_gradients_and_uses_given_noise():
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+def test_adjoint_on_its_own_grid_refuses_drawn_noise_of_a_stochastic_run():
+    """An adjoint grid of its own records the states in a second forward run, whose draws from the generator (or
+    torch's) would be another path than the sample's. With logsnr spacing and adjoint_steps = steps that grid is
+    the sampling grid: given the sample's noise (a callable), that run's gradient is adjoint_steps=None's."""
+    net, x_T, _, weight, sched = case(3)
+    net.requires_grad_(False)
+    draws = torch.Generator().manual_seed(5)
+    noises = [torch.randn(x_T.shape, generator=draws, dtype=x_T.dtype) for _ in range(STEPS)]
+
+    def gradient(**kwargs):
+        x_in = x_T.clone().requires_grad_()
+        x = ad.sample(net, x_in, sched, steps=STEPS, grad="adjoint", adjoint_form="x0", **kwargs)
+        return torch.autograd.grad((weight * x).sum(), x_in)[0]
+    want = gradient(sde=True, generator=torch.Generator().manual_seed(5))
+    for kwargs in (dict(generator=torch.Generator().manual_seed(5)), dict()):
+        with pytest.raises(ValueError, match="adjoint_steps records the states of a stochastic run"):
+            gradient(sde=True, adjoint_steps=STEPS, **kwargs)
+    torch.testing.assert_close(gradient(sde=True, adjoint_steps=STEPS, noise=lambda row, x: noises[row]), want,
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(gradient(adjoint_steps=STEPS), gradient(), rtol=1e-12, atol=0)  # ODE: no noise
+
+
 def detach_early_outputs(net, first_row):
     """The model, its outputs of the rows before `first_row` detached: an autograd oracle of truncation for the
     gradients of cond, theta and the later noises (x_T's gradient still flows through the linear terms)."""
