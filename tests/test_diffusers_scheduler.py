@@ -170,6 +170,25 @@ def test_matches_sde_dpmsolver(order, prediction, final, steps, noise_source):
     assert_same_states(*runs)
 
 
+@pytest.mark.parametrize("config,steps", [
+    (dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"), 8),  # its last step is zero-length
+    (dict(timestep_spacing="linspace"), 1000),  # a repeated timestep mid-grid
+    (dict(algorithm_type="sde-dpmsolver", use_karras_sigmas=True, final_sigmas_type="sigma_min"), 8),
+], ids=["karras_sigma_min", "linspace_1000", "sde_dpmsolver_karras"])
+def test_sde_draws_on_zero_length_steps_as_diffusers(config, steps):
+    """diffusers' SDE step draws its noise on every step, a zero-length one too: the same generator then gives the
+    same later states (a zero-length step mid-grid) and leaves the generator where diffusers leaves it."""
+    config = dict(dict(algorithm_type="sde-dpmsolver++", solver_order=1), **config)
+    runs, states = [], []
+    for scheduler in (FusedMultistepScheduler(**config), DPMSolverMultistepScheduler(**config)):
+        scheduler.set_timesteps(steps)
+        generator = torch.Generator().manual_seed(7)
+        runs.append(loop(scheduler, initial_noise(), generator=generator))
+        states.append(generator.get_state())
+    assert torch.equal(*states)
+    assert_same_states(runs[0][-1:], runs[1][-1:], rtol=1e-4)  # 1000 float32 steps
+
+
 def upcast_deis(scheduler):
     """Makes DEISMultistepScheduler compute in float64 (same algorithm and sigma values; see module docstring)."""
     scheduler.sigmas = scheduler.sigmas.to(torch.float64)

@@ -301,8 +301,9 @@ class SchedulerSpec:
         threshold: dynamic thresholding of the data prediction, or None.
         lower_order_final, euler_at_final: diffusers' lowered final orders.
         learned_variance: the model output carries a variance in its second half of channels.
-        noise_every_step: draw noise on every step (FlowMatch's ``stochastic_sampling``, to keep the
-            generator's stream), not only where a row is stochastic.
+        noise_every_step: draw noise on every step (FlowMatch's ``stochastic_sampling`` and the SDE algorithms,
+            zero-length steps included, as diffusers: the generator's stream is kept), not only where a row is
+            stochastic.
         resolved: the config values as resolved, to store (algorithm_type, solver_type, solver, ...).
     """
 
@@ -433,7 +434,7 @@ def translate(config: Mapping, family: str) -> SchedulerSpec:
         output_sign=-1.0 if spec_family.flow and config.get("invert_sigmas", False) else 1.0,
         threshold=threshold, lower_order_final=bool(config.get("lower_order_final", True)),
         euler_at_final=bool(config.get("euler_at_final", False)),
-        learned_variance=config.get("variance_type") in LEARNED_VARIANCE, noise_every_step=stochastic,
+        learned_variance=config.get("variance_type") in LEARNED_VARIANCE, noise_every_step=stochastic or sde,
         resolved=tuple(resolved.items()))
 
 
