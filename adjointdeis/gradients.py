@@ -68,8 +68,14 @@ class AdjointOptions:
         if self.steps is not None:
             validation.count(self.steps, "AdjointOptions.steps (adjoint_steps)")
 
-    def check_run(self, sde: bool, thresholded: bool = False, pure_noise_start: bool = False) -> None:
-        """Raises ValueError when these settings cannot differentiate a run with these options."""
+    def check_run(self, sde: bool, thresholded: bool = False, pure_noise_start: bool = False,
+                  renoise: bool = False) -> None:
+        """Raises ValueError when these settings cannot differentiate a run with these options (`renoise`: solver
+        "renoise", which re-noises the data prediction every step)."""
+        if renoise:
+            raise ValueError("grad='adjoint' integrates the adjoint of the probability-flow ODE (or of the diffusion "
+                             "SDE), which solver 'renoise' (FlowMatchEuler's stochastic_sampling: fresh noise on the "
+                             "data prediction every step) does not solve: use grad='discrete'")
         if pure_noise_start and self.form == "eps":
             raise ValueError("grad='adjoint': the grid starts at pure noise (alpha = 0, a flow grid's t = 1), where "
                              "the eps form divides by alpha; use adjoint_form='x0'")

@@ -151,7 +151,7 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
     options, adjoint_grid = None, None
     if mode == "adjoint":
         options = adjoint_options(adjoint, adjoint_order, adjoint_form, adjoint_steps, states)
-        options.check_run(sde, threshold is not None, plan.points[0].alpha == 0.0)
+        options.check_run(sde, threshold is not None, plan.points[0].alpha == 0.0, solver == "renoise")
         adjoint_grid = plan_adjoint_grid(sched, plan, options.steps, options.states == "recorded")
         check_adjoint_inputs(adjoint_grid, noises, grad_from, draws=noise is None and bool(noisy_rows(plan)))
     spec = GradientSpec(model, plan, conditioning, len(params), mode, options, adjoint_grid, generator, progress,

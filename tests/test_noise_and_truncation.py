@@ -140,6 +140,23 @@ def test_adjoint_on_its_own_grid_refuses_drawn_noise_of_a_stochastic_run():
     torch.testing.assert_close(gradient(adjoint_steps=STEPS), gradient(), rtol=1e-12, atol=0)  # ODE: no noise
 
 
+def test_adjoint_refuses_the_renoise_solver():
+    """solver "renoise" keeps nothing of the state but its data prediction, so its exact gradient in x_T (autograd's)
+    is tiny, where the probability-flow adjoint is of order one: grad="adjoint" raises rather than return it."""
+    net, x_T, _, weight, _ = case(4)
+    net.requires_grad_(False)
+    sched = ad.FlowSchedule()
+    x_in = x_T.clone().requires_grad_()
+    x = ad.sample(net, x_in, sched, steps=10, solver="renoise", prediction="flow", grad="autograd",
+                  generator=torch.Generator().manual_seed(1))
+    exact = torch.autograd.grad((weight * x).sum(), x_in)[0]
+    assert exact.norm() < 1e-3 * x_T.numel()
+    for states in ("recorded", "resolved"):
+        with pytest.raises(ValueError, match="solver 'renoise'"):
+            ad.sample(net, x_in, sched, steps=10, solver="renoise", prediction="flow", grad="adjoint",
+                      adjoint_form="x0", states=states, generator=torch.Generator().manual_seed(1))
+
+
 def detach_early_outputs(net, first_row):
     """The model, its outputs of the rows before `first_row` detached: an autograd oracle of truncation for the
     gradients of cond, theta and the later noises (x_T's gradient still flows through the linear terms)."""
