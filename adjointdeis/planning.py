@@ -383,8 +383,9 @@ names, entries of its lists)."""
 
 
 def _same_kind(t: Tensor, like: Tensor) -> bool:
-    """Whether `t` can stand in for a buffer like `like`: the same shape, dtype and device."""
-    return t.shape == like.shape and t.dtype == like.dtype and t.device == like.device
+    """Whether `t` can stand in for a buffer like `like`: the same shape, dtype and device, and contiguous (the step
+    writes contiguous outputs; a noise of the caller's, e.g. a channels_last one, is not)."""
+    return t.shape == like.shape and t.dtype == like.dtype and t.device == like.device and t.is_contiguous()
 
 
 RETAIN_BYTES = 64 << 20
@@ -477,7 +478,8 @@ class Spares:
         free = []
         while leftovers:
             t = leftovers.pop()
-            if t is not None and type(t) is Tensor and not t.requires_grad and _owners(t) == _FREE_WITH[1]:
+            if (t is not None and type(t) is Tensor and not t.requires_grad and t.is_contiguous()
+                    and _owners(t) == _FREE_WITH[1]):
                 free.append(t)
         if free:
             RETAINED.keep(free)

@@ -267,3 +267,28 @@ def test_default_noise_of_a_channels_last_x_is_k_diffusion_s(kdiff, function, op
             results.append(fn(lambda v, s, **kw: v / (1 + s[:, None, None, None] ** 2), x, GRIDS["exponential"],
                               disable=True, **options))
     assert relative_error(*results) < 1e-10
+
+
+@pytest.mark.parametrize("function", ["sample_euler_ancestral", "sample_dpmpp_2m_sde"])
+def test_channels_last_noise_is_never_recycled_as_a_step_buffer(kdiff, function):
+    """A channels_last x large enough for the CPU loop to recycle its buffers draws channels_last noise; the loop
+    must not hand such a tensor out later as a (contiguous) step output, in this call or the next: each of three
+    calls gives k-diffusion's sample with the same global seed, and so does a plain sample call after them."""
+    from adjointdeis import planning
+    x = (torch.randn(4, 8, 32, 32, generator=torch.Generator().manual_seed(1)) * 10).contiguous(
+        memory_format=torch.channels_last)
+    assert x.numel() * x.element_size() >= planning.RECYCLE_BYTES and not x.is_contiguous()
+
+    def denoiser(v, s, **kw):
+        return v / (1 + s[:, None, None, None] ** 2)
+    sigmas = GRIDS["exponential"].to(torch.float32)
+    for _ in range(3):
+        results = []
+        for fn in (getattr(kd, function), getattr(kdiff, function)):
+            torch.manual_seed(6)
+            with torch.no_grad():
+                results.append(fn(denoiser, x, sigmas, disable=True))
+        assert relative_error(*results) < 1e-5
+    with torch.no_grad():
+        runs = [kd.sample_dpmpp_2m(denoiser, x.contiguous(), sigmas, disable=True) for _ in range(2)]
+    assert torch.equal(*runs)

@@ -82,6 +82,27 @@ def test_noise_tensors_are_the_generators_draws_and_only_noises_may_require_grad
     assert z[2].grad is not None and all(zi.grad is None for i, zi in enumerate(z) if i != 2)
 
 
+def test_a_callables_channels_last_noise_does_not_reach_later_runs():
+    """A noise(row, x) callable may return non-contiguous (channels_last) noise; the CPU loop, which recycles the
+    dropped tensors of a large run, must not hand one out as a step's contiguous output: a seeded run after such
+    runs is the seeded run of a fresh process (bit for bit)."""
+    from adjointdeis import planning
+    net = TinyConvNet(channels=8).double().requires_grad_(False)
+    x_T = torch.randn(2, 8, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert x_T.numel() * x_T.element_size() >= planning.RECYCLE_BYTES
+    sched = ad.VPSchedule.linear()
+
+    def channels_last(row, x):
+        return torch.randn(x.shape, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ad.empty_cache()
+        want = ad.sample(net, x_T, sched, steps=4, sde=True, generator=torch.Generator().manual_seed(2))
+        for _ in range(2):
+            ad.sample(net, x_T, sched, steps=4, sde=True, noise=channels_last)
+        got = ad.sample(net, x_T, sched, steps=4, sde=True, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(got, want)
+
+
 def test_bad_noise_tensors_raise_naming_noise():
     net, x_T, cond, _, sched = case()
     good = torch.randn(STEPS, *x_T.shape, dtype=torch.float64)
