@@ -73,12 +73,14 @@ def _step_callback(callback: Callable | None, sigmas, sigma_hat=None) -> Callabl
     return report
 
 
-def _split_extra_args(model, extra_args) -> tuple[dict, dict, list[Tensor]]:
-    """(tensors of extra_args, the other entries, the model's parameters that require grad)."""
+def _split_extra_args(model, extra_args) -> tuple[dict, dict, list[Tensor] | None]:
+    """(tensors of extra_args, the other entries, the model's parameters that require grad; None for a model that
+    is not an nn.Module: ``sample``'s default, which differentiates with autograd whatever such a model reaches and
+    warns in grad="discrete" when it reaches tensors that require grad)."""
     extra_args = {} if extra_args is None else dict(extra_args)
     cond = {k: v for k, v in extra_args.items() if isinstance(v, Tensor)}
     constants = {k: v for k, v in extra_args.items() if not isinstance(v, Tensor)}
-    parameters = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else []
+    parameters = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else None
     return cond, constants, parameters
 
 
@@ -142,6 +144,7 @@ def _run_rows(name: str, model, x: Tensor, sigmas, kplan: plans.KPlan, extra_arg
     if generator is not None:
         validation.instance(generator, f"sample_{name}: generator", torch.Generator, "a torch.Generator")
     cond, constants, params = _split_extra_args(model, extra_args)
+    params = params or []
     like = x.detach()
     if kplan.draws_churn:
         z = _normal_like(like, generator)
@@ -158,7 +161,7 @@ def _run_rows(name: str, model, x: Tensor, sigmas, kplan: plans.KPlan, extra_arg
             return run_plan(denoiser, x, kplan.plan, cond=conditioning.cond, progress=progress, callback=report,
                             noise=noise)
     spec = GradientSpec(denoiser, kplan.plan, conditioning, len(params), mode, progress=progress, callback=report,
-                        noise=noise)
+                        noise=noise, default_parameters=True)  # the samplers take no parameters=: the model's
     return sample_with_gradients(spec, x, params)
 
 

@@ -348,3 +348,25 @@ def test_every_sampler_discrete_gradients_equal_autograd(name, final_zero):
         grads[grad] = torch.autograd.grad(loss, leaves)
     for got, want in zip(grads["discrete"], grads["autograd"]):
         assert relative_error(got, want) < 1e-8
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "euler_ancestral"])
+def test_a_closure_models_parameters(name):
+    """A denoiser that is not an nn.Module, reaching a module's parameters in a closure: grad="autograd" gives them
+    the gradient of the module itself (plain autograd reaches them); grad="discrete", which cannot see them, warns
+    naming the tensors, as ``adjointdeis.sample`` does for such a model."""
+    sampler = {"dpmpp_2m": kd.sample_dpmpp_2m, "euler_ancestral": kd.sample_euler_ancestral}[name]
+    model, x, cond = setup(torch.float64)
+    sigmas = karras_sigmas(4)
+    grads = []
+    for denoiser in (model, lambda v, s, **kw: model(v, s, **kw)):
+        torch.manual_seed(2)
+        out = sampler(denoiser, x, sigmas, extra_args={"cond": cond}, disable=True, grad="autograd")
+        grads.append(torch.autograd.grad((out * out).sum(), list(model.parameters()), allow_unused=True))
+    for got, want in zip(grads[1], grads[0]):
+        assert (got is None) == (want is None) and (want is None or relative_error(got, want) < 1e-12)
+    assert any(g is not None for g in grads[0])
+    with pytest.warns(UserWarning, match="grad='discrete': the model reaches"):
+        out = sampler(lambda v, s, **kw: model(v, s, **kw), x.clone().requires_grad_(), sigmas,
+                      extra_args={"cond": cond}, disable=True, grad="discrete")
+        out.sum().backward()
