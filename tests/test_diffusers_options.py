@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler,  # noqa: E402
+from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,  # noqa: E402
                        FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)
 
 import adjointdeis as ad  # noqa: E402
@@ -143,6 +143,33 @@ def test_deis_grids_match(config):
     ours = FusedDEISMultistepScheduler.from_config(theirs.config)
     assert_same_states(*both(theirs, 10, ours, dtype=torch.float64,
                              set_timesteps=lambda s: (s.set_timesteps(10), upcast_deis(s) if s is theirs else s)))
+
+
+@pytest.mark.parametrize("family,spacing", [("dpmsolver", "use_karras_sigmas"), ("dpmsolver", "use_exponential_sigmas"),
+                                            ("deis", "use_karras_sigmas"), ("flow_euler", "use_karras_sigmas"),
+                                            ("flow_euler", "use_beta_sigmas")])
+def test_sigma_min_and_sigma_max_bound_the_grid_as_in_diffusers(family, spacing):
+    """diffusers' karras, exponential and beta grids read ``sigma_min`` / ``sigma_max`` from the config when it has
+    them (no __init__ argument: ``from_config`` registers them from, say, an EulerDiscreteScheduler config, and
+    pipelines such as Cosmos register them); ours gives the same grid and samples."""
+    pytest.importorskip("scipy")
+    if family == "flow_euler":
+        theirs = FlowMatchEulerDiscreteScheduler(**{spacing: True})
+        theirs.register_to_config(sigma_min=0.02, sigma_max=0.9)
+    else:
+        reference = DEISMultistepScheduler if family == "deis" else DPMSolverMultistepScheduler
+        source = EulerDiscreteScheduler(**{spacing: True}, sigma_min=0.1, sigma_max=10.0)  # EulerDiscrete's own keys
+        theirs = reference.from_config(source.config)
+    assert (theirs.config.sigma_min, theirs.config.sigma_max) in ((0.1, 10.0), (0.02, 0.9))
+    ours = FusedMultistepScheduler.from_config(theirs.config)
+    assert ours.config.family == family
+    runs = both(theirs, 6, ours, model=flow_model if family == "flow_euler" else fake_model)
+    assert ours.sigmas[0].item() == pytest.approx(theirs.config.sigma_max, rel=1e-6)
+    assert_same_states(*runs)
+    for value, error in (("0.1", TypeError), (-1.0, ValueError)):
+        ours.register_to_config(sigma_min=value)
+        with pytest.raises(error, match="scheduler config: sigma_min"):
+            ours.set_timesteps(6)
 
 
 @pytest.mark.parametrize("solver", ["dpmpp", "dpmsolver", "deis"])

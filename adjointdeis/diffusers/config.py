@@ -471,6 +471,11 @@ _GRID_KEYS = {
 }
 # The DPM-Solver keys that DEISMultistepScheduler lacks: a DEIS config that sets them takes DPMSolverMultistep's grid.
 _DPM_ONLY_GRID_KEYS = ("use_lu_lambdas", "lambda_min_clipped", "rescale_betas_zero_snr", "final_sigmas_type")
+# Keys that are no __init__ argument of the grid's diffusers class but that its karras, exponential and beta
+# conversions read from its config when present (``hasattr(self.config, "sigma_min")``): diffusers' ``from_config``
+# registers them from a config that has them (EulerDiscreteScheduler's, say), so they are registered on the grid's
+# scheduler too.
+_REGISTERED_GRID_KEYS = ("sigma_min", "sigma_max")
 
 
 def _grid_source(config: Mapping, family: str, final: str) -> tuple[str, tuple]:
@@ -486,6 +491,9 @@ def _grid_source(config: Mapping, family: str, final: str) -> tuple[str, tuple]:
             name = "DEISMultistepScheduler"
     accepted = _init_defaults(name)
     values = {k: config[k] for k in keys if k in config and k in accepted}
+    for key in _REGISTERED_GRID_KEYS:
+        if config.get(key) is not None:
+            values[key] = validation.positive(config[key], f"scheduler config: {key}")
     if "final_sigmas_type" in accepted:
         values["final_sigmas_type"] = final
     if values.get("trained_betas") is not None:
@@ -493,9 +501,20 @@ def _grid_source(config: Mapping, family: str, final: str) -> tuple[str, tuple]:
     return name, tuple(sorted(values.items()))
 
 
+def _build(name: str, kwargs: tuple):
+    """The diffusers scheduler `name` from :func:`_grid_source`'s pairs: its __init__ arguments, then the
+    :data:`_REGISTERED_GRID_KEYS` registered to its config (as diffusers' ``from_config`` does)."""
+    options = dict(kwargs)
+    registered = {k: options.pop(k) for k in _REGISTERED_GRID_KEYS if k in options}
+    scheduler = getattr(diffusers, name)(**options)
+    if registered:
+        scheduler.register_to_config(**registered)
+    return scheduler
+
+
 @functools.lru_cache(maxsize=8)
 def _reference(name: str, kwargs: tuple):
-    return getattr(diffusers, name)(**dict(kwargs))
+    return _build(name, kwargs)
 
 
 def reference_scheduler(config: Mapping, spec: SchedulerSpec):
@@ -506,7 +525,7 @@ def reference_scheduler(config: Mapping, spec: SchedulerSpec):
         what that scheduler raises for the config (``ValueError``, ``ImportError`` for beta sigmas without scipy).
     """
     name, kwargs = _grid_source(config, spec.family, dict(spec.resolved)["final_sigmas_type"])
-    return getattr(diffusers, name)(**dict(kwargs))
+    return _build(name, kwargs)
 
 
 @functools.lru_cache(maxsize=256)
@@ -516,7 +535,7 @@ def _cached_grid(name: str, kwargs: tuple, steps: int | None, timesteps: tuple |
     options = dict(kwargs)
     if mu is not None and name == "DPMSolverMultistepScheduler":
         # DPMSolverMultistep writes exp(mu) into its config for good; a fresh one keeps it to this grid.
-        reference = getattr(diffusers, name)(**options)
+        reference = _build(name, kwargs)
     call = {"num_inference_steps": steps}
     if timesteps is not None:
         call["timesteps"] = list(timesteps)

@@ -357,8 +357,8 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         self._check_grid(grid.levels)
         if spec.flow and max(grid.levels) > 1.0:
             raise ValueError(f"set_timesteps: the grid's noise level {max(grid.levels)!r} exceeds 1 (t > 1, where alpha "
-                             "< 0): diffusers' float32 grid overshoots for this shift (scheduler config: shift, "
-                             "flow_shift); use a larger shift or pass sigmas")
+                             "< 0): diffusers' float32 grid overshoots for this shift, or sigma_max is above 1 "
+                             "(scheduler config: shift, flow_shift, sigma_max); use a larger shift or pass sigmas")
         device = self._resolve_device(device)
         self._levels = grid.levels
         self.num_inference_steps = len(grid.levels) - 1
