@@ -172,6 +172,40 @@ def test_sigma_min_and_sigma_max_bound_the_grid_as_in_diffusers(family, spacing)
             ours.set_timesteps(6)
 
 
+@pytest.mark.parametrize("reference,change", [
+    (DPMSolverMultistepScheduler, dict(solver_order=3)),
+    (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")),
+    (DPMSolverMultistepScheduler, dict(prediction_type="v_prediction", thresholding=True)),
+    (DPMSolverMultistepScheduler, dict(final_sigmas_type="sigma_min", lower_order_final=False)),
+    (DEISMultistepScheduler, dict(solver_order=3)),
+    (FlowMatchEulerDiscreteScheduler, dict(invert_sigmas=True)),
+], ids=["solver_order", "algorithm_type", "prediction_thresholding", "final_sigmas_type", "deis_order", "invert_sigmas"])
+def test_register_to_config_after_construction_takes_effect_as_in_diffusers(reference, change):
+    """diffusers reads its config when it steps, so ``register_to_config`` on a built scheduler (as some pipelines
+    do) changes its samples; ours reads the config again at the next ``set_timesteps`` (it kept the config of its
+    construction before, half of it: the grid followed the new config and the steps the old one)."""
+    theirs = reference()
+    ours = FusedMultistepScheduler.from_config(theirs.config)
+    for scheduler in (ours, theirs):
+        scheduler.register_to_config(**change)
+    dtype = torch.float64 if reference is DEISMultistepScheduler else torch.float32
+    model = flow_model if reference is FlowMatchEulerDiscreteScheduler else fake_model
+    assert_same_states(*both(theirs, 8, ours, dtype=dtype, model=model, set_timesteps=lambda s: (
+        s.set_timesteps(8), upcast_deis(s) if s is theirs and dtype == torch.float64 else s)))
+    assert all(ours.config[key] == value for key, value in change.items())
+
+
+def test_register_to_config_of_a_value_it_cannot_honour_names_the_key():
+    ours = FusedMultistepScheduler()
+    ours.register_to_config(solver_order=7)
+    with pytest.raises(ValueError, match="solver_order"):
+        ours.set_timesteps(5)
+    ours = FusedMultistepScheduler()
+    ours.register_to_config(shift=3.0)   # a FlowMatch key in a DPM-Solver config
+    with pytest.raises(ValueError, match="shift=3.0"):
+        ours.set_timesteps(5)
+
+
 @pytest.mark.parametrize("solver", ["dpmpp", "dpmsolver", "deis"])
 def test_another_solver_keeps_the_deis_grid(solver):
     """``solver=`` runs on the family's grid: DEIS' ends at sigma_min whatever solver runs there."""

@@ -101,7 +101,8 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
     ``algorithm_type="deis"``, FlowMatchEuler when a FlowMatch key is given, DPMSolverMultistep otherwise.
     ``solver`` runs another solver on the family's grid (DPM-Solver++ 2M/3M or DEIS on FlowMatchEuler's grid).
 
-    ``step`` keeps the converted outputs of the last two steps as history on the scheduler
+    The config is read when the scheduler is built and again at the next ``set_timesteps`` after a
+    ``register_to_config``. ``step`` keeps the converted outputs of the last two steps as history on the scheduler
     (``set_timesteps`` clears it), never synchronises with the device (the step index is counted; the
     timestep is looked up once, on the first step, only when no begin index was set), and is
     differentiable in ``model_output``, ``sample`` and ``variance_noise``.
@@ -204,18 +205,8 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
             if isinstance(value, Tensor) and key != "trained_betas":
                 raise validation.ArgumentTypeError(f"scheduler config: {key} must be a Python value, not a tensor; "
                                                    f"got {key}={value!r}")
-        translation.check_values(self.config, family)
-        spec = translation.translate(self.config, family)
-        self.register_to_config(**dict(spec.resolved))
-        self._spec = spec
-        if spec.solver == "heun":
-            self.order = 2
-        # The family's diffusers scheduler (a config it rejects fails here) gives the training-time values.
-        reference = translation.reference_scheduler(self.config, spec)
-        for name in ("betas", "alphas", "alphas_cumprod"):
-            if hasattr(reference, name):
-                setattr(self, name, getattr(reference, name))
-        self.sigmas, self.timesteps = reference.sigmas, reference.timesteps
+        self._defaulted = {}
+        self._configure(family)
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self._levels = None
@@ -227,6 +218,31 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         self._history = []
         self._step_index = None
         self._begin_index = None
+
+    def _configure(self, family: str) -> None:
+        """Translates the config (validated) into the spec, stores the resolved values and the training-time
+        ``betas``, ``alphas_cumprod``, ``sigmas`` and ``timesteps``.
+
+        A resolved value that was not given (``_defaulted``) and is still the one stored is resolved again, so
+        that a later ``register_to_config(algorithm_type=...)`` means what it means in a fresh scheduler.
+        """
+        config = dict(self.config)
+        for key, value in self._defaulted.items():
+            if config.get(key) == value:
+                config[key] = None
+        translation.check_values(config, family)
+        spec = translation.translate(config, family)
+        self._defaulted = {k: v for k, v in spec.resolved if config.get(k) is None}
+        self.register_to_config(**dict(spec.resolved))
+        self._spec = spec
+        self.order = 2 if spec.solver == "heun" else type(self).order
+        # The family's diffusers scheduler (a config it rejects fails here) gives the training-time values.
+        reference = translation.reference_scheduler(self.config, spec)
+        for name in ("betas", "alphas", "alphas_cumprod"):
+            if hasattr(reference, name):
+                setattr(self, name, getattr(reference, name))
+        self.sigmas, self.timesteps = reference.sigmas, reference.timesteps
+        self._configured = self._internal_dict   # register_to_config replaces it: a later change is seen
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
@@ -318,6 +334,9 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
             ValueError: arguments the family does not take, a custom grid that is not as described, or a
                 grid whose noise rises.
         """
+        if self._internal_dict is not self._configured:  # register_to_config since: read the config again
+            self._check_foreign_keys(self._spec.family)
+            self._configure(self._spec.family)
         config = self.config
         spec = self._spec
         flow_family = translation.FAMILIES[spec.family].flow
