@@ -38,6 +38,8 @@ from diffusers import (  # noqa: E402
     DPMSolverMultistepScheduler,
     DPMSolverSinglestepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     PNDMScheduler,
     UNet2DModel,
     UniPCMultistepScheduler,
@@ -431,6 +433,28 @@ def test_save_load_round_trip(config):
         s.set_timesteps(10)
         outputs.append(loop(s, initial_noise(), generator=torch.Generator().manual_seed(0))[-1])
     assert torch.equal(*outputs)
+
+
+@pytest.mark.filterwarnings("ignore:It is deprecated to pass a pretrained model name or path:FutureWarning")
+@pytest.mark.parametrize("theirs", [FlowMatchHeunDiscreteScheduler(shift=3.0), DEISMultistepScheduler(solver_order=3),
+                                    FlowMatchEulerDiscreteScheduler(shift=2.0)], ids=lambda s: type(s).__name__)
+def test_from_config_of_a_saved_directory_reads_its_class(theirs):
+    """``from_config(path)``, diffusers' deprecated form of ``from_pretrained``, gives what ``from_pretrained`` gives:
+    the family of the saved ``_class_name`` (a FlowMatchHeun config, only num_train_timesteps and shift, was read as
+    FlowMatchEuler's) and the saved scheduler's samples."""
+    with tempfile.TemporaryDirectory() as directory:
+        theirs.save_pretrained(directory)
+        loaded = [FusedMultistepScheduler.from_config(directory),
+                  FusedMultistepScheduler.from_config(pretrained_model_name_or_path=directory)]
+        expected = FusedMultistepScheduler.from_pretrained(directory)
+    family = {"FlowMatchHeunDiscreteScheduler": "flow_heun", "DEISMultistepScheduler": "deis"}.get(
+        type(theirs).__name__, "flow_euler")
+    for ours in loaded:
+        assert ours.config.family == expected.config.family == family
+        assert ours.order == theirs.order
+        ours.set_timesteps(4)
+        theirs.set_timesteps(4)
+        assert ours.timesteps.tolist() == theirs.timesteps.tolist()
 
 
 def test_trained_betas_round_trip():

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
+from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
@@ -249,8 +250,16 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         """A scheduler from a diffusers config, its family detected from the whole config (see the class).
 
         diffusers' own ``from_config`` passes on only the values a config set explicitly; the family is read
-        before that, from every key (and from ``_class_name`` when the config was saved).
+        before that, from every key (and from ``_class_name`` when the config was saved). A path or repository
+        id (diffusers' deprecated form of ``from_pretrained``) is read first, so that its ``_class_name`` counts.
         """
+        if config is None and "pretrained_model_name_or_path" in kwargs:
+            config = kwargs.pop("pretrained_model_name_or_path")
+        if config is not None and not isinstance(config, Mapping):
+            deprecate("config-passed-as-path", "1.0.0", "It is deprecated to pass a pretrained model name or path "
+                      f"to `from_config`. If you were trying to load a scheduler, please use {cls}.from_pretrained"
+                      "(...) instead. This functionality will be removed in v1.0.0.", standard_warn=False)
+            config, kwargs = cls.load_config(pretrained_model_name_or_path=config, return_unused_kwargs=True, **kwargs)
         if isinstance(config, Mapping) and kwargs.get("family") is None:
             family = cls._family or translation.detect_family({**config, **kwargs})
             hidden = set(config.get("_use_default_values", ()))
