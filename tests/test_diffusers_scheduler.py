@@ -606,6 +606,23 @@ def test_add_noise_matches_dpmsolver(when):
     torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("config", [dict(), dict(final_sigmas_type="sigma_min"), dict(algorithm_type="deis")])
+def test_add_noise_after_the_last_step_matches_diffusers(config):
+    """With the begin index set, add_noise after the run's last step uses the level it landed on (diffusers'
+    ``sigmas[N]``: the clean sample at zero noise); it raised an IndexError."""
+    theirs = (DEISMultistepScheduler if config.get("algorithm_type") == "deis" else DPMSolverMultistepScheduler)(**config)
+    ours = FusedMultistepScheduler.from_config(theirs.config)
+    x0, noise = initial_noise(seed=1), initial_noise(seed=2)
+    results = []
+    for scheduler in (ours, theirs):
+        scheduler.set_timesteps(4)
+        scheduler.set_begin_index(0)
+        loop(scheduler, initial_noise())
+        assert scheduler.step_index == 4
+        results.append(scheduler.add_noise(x0, noise, scheduler.timesteps[-1:]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)
+
+
 def test_add_noise_before_set_timesteps_matches_ddpm():
     """For training, before set_timesteps: the training noise level of each timestep."""
     x0, noise = initial_noise(seed=1), initial_noise(seed=2)

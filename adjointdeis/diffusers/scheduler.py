@@ -511,7 +511,8 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
                 products = self.alphas_cumprod.to(device=device, dtype=torch.float64)[timesteps.long()]
                 alpha, sigma = products.sqrt(), (1.0 - products).sqrt()
         else:
-            steps = self._full_plan.eval_index
+            # after the last step (step index N) the level the run landed on, as diffusers' sigmas[N]
+            steps = self._full_plan.eval_index + (len(self._levels) - 1,)
             points = [_grid_point(self._levels[steps[i]], flow) for i in self._noise_indices(timesteps)]
             alpha = torch.tensor([p.alpha for p in points], dtype=torch.float64, device=device)
             sigma = torch.tensor([p.sigma for p in points], dtype=torch.float64, device=device)
