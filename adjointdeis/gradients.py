@@ -205,6 +205,8 @@ class GradientSpec:
         grad_from: the first row differentiated (truncation; the earlier rows are constants).
         default_parameters: the parameters are the model's own by default (no ``parameters=``): a warning names
             the other tensors requiring grad that the model reaches (:func:`warn_unseen_leaves`).
+        autocast: the ``torch.autocast`` settings the sampling run was made under (:func:`autocast_state`, set by
+            :func:`sample_with_gradients`), which the reverse pass's model re-runs are made under again.
     """
 
     model: Callable
@@ -222,6 +224,7 @@ class GradientSpec:
     num_noises: int = 0
     grad_from: int = 0
     default_parameters: bool = False
+    autocast: tuple | None = None
 
 
 def sample_with_gradients(spec: GradientSpec, x_T: Tensor, params: list[Tensor], noises: list[Tensor] = ()) -> Tensor:
@@ -231,7 +234,32 @@ def sample_with_gradients(spec: GradientSpec, x_T: Tensor, params: list[Tensor],
     Returns:
         (batch, *shape) the sample.
     """
+    spec = dataclasses.replace(spec, autocast=autocast_state(x_T.device))
     return _Sampler.apply(spec, x_T, *spec.conditioning.leaves(), *noises, *params)
+
+
+def autocast_state(device: torch.device) -> tuple:
+    """The ``torch.autocast`` settings in force now, for the CPU and `device`: ``((device_type, enabled, dtype),
+    ...), cache_enabled``."""
+    types = ("cpu",) if device.type == "cpu" or not torch.amp.is_autocast_available(device.type) else \
+        ("cpu", device.type)
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in types), \
+        torch.is_autocast_cache_enabled()
+
+
+@contextlib.contextmanager
+def _autocasting(state: tuple | None):
+    """Runs the block under the autocast settings `state` (:func:`autocast_state`; None: as they are): a model
+    re-run in the reverse pass computes what its forward call computed even when ``backward()`` is called outside
+    the ``torch.autocast`` region the sampling ran in (as torch.utils.checkpoint restores them)."""
+    if state is None:
+        yield
+        return
+    settings, cache_enabled = state
+    with contextlib.ExitStack() as stack:
+        for device_type, enabled, dtype in settings:
+            stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled))
+        yield
 
 
 def _chain(record: Callable[[StepInfo], None], callback: Callable[[StepInfo], None] | None):
@@ -524,9 +552,10 @@ def _model_graph(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, aliases:
     c = spec.conditioning.rebuild(cond_in)
 
     def output(module):
-        with _replaying(rng, x.device):
-            out = evaluate_model(module, x_in, t, c.cond, c.guidance_scale, c.uncond)
-        return out if row is None else row_output(spec.plan, row, x_in, out)
+        with _autocasting(spec.autocast):
+            with _replaying(rng, x.device):
+                out = evaluate_model(module, x_in, t, c.cond, c.guidance_scale, c.uncond)
+            return out if row is None else row_output(spec.plan, row, x_in, out)
 
     in_place = aliases is not None and aliases.module is not None
     out = output(aliases.module if in_place else model)
@@ -852,6 +881,7 @@ def _ddim_inversion_step(spec, x_t, t_model, t: GridPoint, s: GridPoint, cond_le
     """x_s = (alpha_s / alpha_t) x_t + alpha_s (rho_s - rho_t) eps(x_t, t): DDIM run backwards."""
     pe, qe = conversion(spec.plan.settings.prediction, "eps", t.alpha, t.sigma)
     c = spec.conditioning.rebuild([leaf.detach() for leaf in cond_leaves])
-    out = evaluate_model(vjp_model(spec.model), x_t, t_model, c.cond, c.guidance_scale, c.uncond)
+    with _autocasting(spec.autocast):
+        out = evaluate_model(vjp_model(spec.model), x_t, t_model, c.cond, c.guidance_scale, c.uncond)
     eps = pe * x_t + qe * out.to(x_t.dtype)
     return (s.alpha / t.alpha) * x_t + s.alpha * (s.rho - t.rho) * eps

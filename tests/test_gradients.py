@@ -196,6 +196,41 @@ def test_low_precision_models(dtype, tol):
         assert relative_error(g.double(), w) < tol
 
 
+class SelfCasting(torch.nn.Module):
+    """`net` running its own forward under ``torch.autocast(cpu, bfloat16)``: what the sampling run computes when
+    it is made inside that autocast region, wherever backward() is then called."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, cond=None):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.net(x, t, cond)
+
+
+@pytest.mark.parametrize("mode", ["discrete", "adjoint"])
+def test_a_run_made_under_autocast_is_differentiated_under_it(mode):
+    """backward() outside the torch.autocast region (the usual mixed-precision recipe): the reverse pass's model
+    re-runs are made under the sampling run's autocast settings again, as torch.utils.checkpoint does, so the
+    gradients are those of the bfloat16 computation that made the sample: the gradients of a model that
+    autocasts its own forward. (Not for grad="autograd": there autocast's weight-cast cache sums the parameter
+    gradients of all calls in bfloat16.)"""
+    torch.manual_seed(4)
+    net = TinyConvNet()
+    x_T, cond, weight = torch.randn(3, 2, 6, 6), torch.randn(3, 4), torch.randn(3, 2, 6, 6)
+    sched = ad.VPSchedule.linear()
+    want = gradients(mode, SelfCasting(net), x_T, cond, sched, weight=weight, steps=5)
+    x_T_leaf, cond_leaf = x_T.clone().requires_grad_(), cond.clone().requires_grad_()
+    net.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = ad.sample(net, x_T_leaf, sched, cond=cond_leaf, grad=mode, steps=5)
+    (weight * x).sum().backward()
+    got = [x_T_leaf.grad, cond_leaf.grad] + [p.grad.clone() for p in net.parameters()]
+    for g, w in zip(got, want):
+        assert relative_error(g, w) < 1e-6
+
+
 def test_discrete_adjoint_keeps_one_step_of_activations():
     """The forward pass keeps the last step's graph, the backward re-runs the model once per earlier step
     ((4N - 1)/(3N) of autograd's work), never all at once; the peak of live tensors stays one step's."""
