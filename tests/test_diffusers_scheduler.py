@@ -474,7 +474,46 @@ def test_step_shapes_and_dtypes(dtype):
     outputs = [scheduler.step(residual, t, sample).prev_sample for t in scheduler.timesteps[:2]]
     assert all(o.shape == sample.shape and o.dtype == dtype for o in outputs)
     float32_output = scheduler.step(residual.float(), scheduler.timesteps[2], sample).prev_sample
-    assert float32_output.dtype == dtype
+    assert float32_output.dtype == torch.promote_types(dtype, torch.float32)  # as DPMSolverMultistepScheduler
+
+
+MIXED_DTYPES = [(torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.float16, torch.float32),
+                (torch.bfloat16, torch.float16), (torch.float64, torch.float32)]
+
+
+@pytest.mark.parametrize("sample_dtype,output_dtype", MIXED_DTYPES, ids=str)
+@pytest.mark.parametrize("theirs", [
+    functools.partial(DPMSolverMultistepScheduler, solver_order=2),
+    functools.partial(DPMSolverMultistepScheduler, solver_order=3, prediction_type="sample"),
+    functools.partial(DPMSolverMultistepScheduler, algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+    functools.partial(DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++", thresholding=True),
+    functools.partial(DEISMultistepScheduler, solver_order=3, prediction_type="v_prediction"),
+    functools.partial(FlowMatchEulerDiscreteScheduler, shift=3.0),
+    FlowMatchHeunDiscreteScheduler,
+], ids=["dpmpp2", "dpmpp3_sample", "dpmsolver", "sde_thresholding", "deis3_v", "flow_euler", "flow_heun"])
+def test_a_model_output_in_another_dtype_gives_diffusers_dtype(theirs, sample_dtype, output_dtype):
+    """A model whose output dtype is not the sample's (a bfloat16 transformer on float32 latents, as WanPipeline
+    runs; a float32 model on half latents): each step returns the dtype diffusers' scheduler returns for the same
+    inputs, its value within that dtype's rounding of diffusers' step computed in float32 from them. The loop goes
+    on from diffusers' float32 states, rounded to the dtype the step returned."""
+    reference = theirs()
+    mixed = type(reference).from_config(reference.config)
+    ours = FusedMultistepScheduler.from_config(reference.config)
+    for scheduler in (reference, mixed, ours):
+        scheduler.set_timesteps(6)
+    sde = reference.config.get("algorithm_type") == "sde-dpmsolver++"
+    exact, dtype = initial_noise(), sample_dtype
+    for i, t in enumerate(ours.timesteps):  # the loop goes on in the dtype a step returns, as a pipeline's does
+        sample = exact.to(dtype)
+        output = fake_model(sample, t).to(output_dtype)
+        extra = {"variance_noise": initial_noise(seed=100 + i)} if sde else {}
+        want = mixed.step(output, t, sample, **extra).prev_sample
+        exact = reference.step(output.float(), t, sample.float(), **extra).prev_sample
+        got = ours.step(output, t, sample, **extra).prev_sample
+        assert got.dtype == want.dtype, f"step {i}"
+        tol = max(torch.finfo(got.dtype).eps, RTOL)
+        torch.testing.assert_close(got.double(), exact.double(), rtol=tol, atol=tol * exact.abs().max().item())
+        dtype = got.dtype
 
 
 def test_return_dict_false_gives_the_same_tuple():

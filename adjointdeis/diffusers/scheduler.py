@@ -108,15 +108,16 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
     timestep is looked up once, on the first step, only when no begin index was set), and is
     differentiable in ``model_output``, ``sample`` and ``variance_noise``.
 
-    Where it departs from diffusers: a step computes in the sample's dtype (diffusers upcasts to float32) and
-    returns it; a timestep that is not the expected one warns (diffusers' step index decides, as in diffusers;
-    a first timestep that is not in ``timesteps`` starts at the last step, as DPMSolverMultistep); a zero-length
-    step (a repeated timestep, or a karras/exponential/beta/log-SNR grid ending at sigma_min) is the identity and
-    restarts the history (diffusers' multistep updates divide by zero there and give NaN); prediction
-    conversions are exact for the grid's (alpha, sigma), where diffusers assumes VP for "v_prediction"; the
-    noise-prediction DPM-Solver can land on zero noise (diffusers refuses final_sigmas_type "zero" for it);
-    ``set_timesteps(sigmas=)`` exists for every family and FlowMatchHeun takes FlowMatchEuler's arguments; with
-    ``mu``, DPMSolverMultistep's ``exp(mu)`` shift holds for that grid only (diffusers keeps it in its config).
+    Where it departs from diffusers: a step computes in the wider of the sample's and the model output's dtypes
+    (diffusers upcasts to float32; it returns diffusers' dtype, :meth:`prev_sample_dtype`); a timestep that is not
+    the expected one warns (diffusers' step index decides, as in diffusers; a first timestep that is not in
+    ``timesteps`` starts at the last step, as DPMSolverMultistep); a zero-length step (a repeated timestep, or a
+    karras/exponential/beta/log-SNR grid ending at sigma_min) is the identity and restarts the history (diffusers'
+    multistep updates divide by zero there and give NaN); prediction conversions are exact for the grid's (alpha,
+    sigma), where diffusers assumes VP for "v_prediction"; the noise-prediction DPM-Solver can land on zero noise
+    (diffusers refuses final_sigmas_type "zero" for it); ``set_timesteps(sigmas=)`` exists for every family and
+    FlowMatchHeun takes FlowMatchEuler's arguments; with ``mu``, DPMSolverMultistep's ``exp(mu)`` shift holds for
+    that grid only (diffusers keeps it in its config).
 
     Args:
         num_train_timesteps: number of training noise levels N.
@@ -420,7 +421,8 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
             model_output: (batch, C, ...) the model's output at (sample, timestep); (batch, 2C, ...)
                 with a learned variance_type.
             timestep: the current timestep, ``timesteps[step_index]``.
-            sample: (batch, C, ...) the current state; the step computes in its dtype.
+            sample: (batch, C, ...) the current state; the step computes in the wider of its and model_output's
+                dtypes.
             generator: draws the noise of stochastic steps (float32 standard normal, as diffusers).
             variance_noise: (batch, C, ...) that noise, instead of drawing it.
             return_dict: return a SchedulerOutput rather than a tuple.
@@ -429,7 +431,8 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
             per_token_timesteps: FlowMatchEuler's per-token timesteps: not supported (must be None).
 
         Returns:
-            ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``, prev_sample shaped and typed like sample.
+            ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``, prev_sample shaped like sample, in the dtype the
+            family's diffusers scheduler returns (:meth:`prev_sample_dtype`).
 
         Raises:
             ValueError: before set_timesteps, after the last step, for per_token_timesteps or s_churn > 0.
@@ -455,7 +458,10 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
             self._check_timestep(index, timestep)
         if self._spec.learned_variance and model_output.shape[1] != sample.shape[1]:
             model_output = model_output[:, : sample.shape[1]]
-        out = validation.shaped(model_output, "model_output", sample.shape, "sample").to(sample.dtype)
+        validation.shaped(model_output, "model_output", sample.shape, "sample")
+        result = self.prev_sample_dtype(sample.dtype, model_output.dtype)
+        dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        sample, out = sample.to(dtype), model_output.to(dtype)
         rows = self._device_rows.get(sample.device) or self._rows_on(sample.device)
         coeffs, num_history, noisy = rows[index - self._plan_start]
         if self._x0_rows is not None:
@@ -471,14 +477,32 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         history = self._history
         if num_history < len(history):
             history = history[:num_history]
-        if history and history[0].dtype != sample.dtype:
-            history = [h.to(sample.dtype) for h in history]
+        if any(h.dtype != dtype for h in history):  # the loop changed dtype (a step returned the model's dtype)
+            history = [h.to(dtype) for h in history]
         prev_sample, converted = ops.multistep_step(sample, out, history, coeffs, noise)
         self._history = [converted, self._history[0]] if self._history else [converted]
         self._step_index = index + 1
+        prev_sample = prev_sample.to(result)
         if not return_dict:
             return (prev_sample,)
         return SchedulerOutput(prev_sample=prev_sample)
+
+    def prev_sample_dtype(self, sample_dtype: torch.dtype, output_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the sample a step returns for a `sample_dtype` sample and an `output_dtype` model output:
+        the family's diffusers scheduler's. FlowMatch returns the model output's dtype; DPM-Solver and DEIS that of
+        their converted output (the data prediction, or the noise prediction for "dpmsolver" and
+        "sde-dpmsolver"), which is the model output's where that conversion is the identity ("dpmsolver++" of a
+        "sample" model, "dpmsolver" of an "epsilon" model without thresholding) and otherwise the wider of the
+        two (``torch.promote_types``)."""
+        if translation.FAMILIES[self._spec.family].flow:
+            return output_dtype
+        config = self.config
+        if self._spec.family == "dpmsolver":
+            noise_form = config.algorithm_type in ("dpmsolver", "sde-dpmsolver")
+            if (config.prediction_type == "sample" and not noise_form
+                    or config.prediction_type == "epsilon" and noise_form and not config.thresholding):
+                return output_dtype
+        return torch.promote_types(sample_dtype, output_dtype)
 
     def scale_model_input(self, sample: Tensor, *args, **kwargs) -> Tensor:
         """The model input for `sample`: sample itself (VP and flow models take x_t unscaled)."""
