@@ -7,6 +7,8 @@ Forward: the result against diffusers' own loop (``scheduler.step`` after each U
 batched as the pipelines do) with the same UNet, float32, to 1e-5 relative.
 """
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -165,6 +167,22 @@ def test_forward_matches_diffusers_unconditional_sde():
     with torch.no_grad():
         ours = denoise(unet, latents, scheduler, num_inference_steps=6, generator=torch.Generator().manual_seed(7))
     theirs = diffusers_loop(unet, scheduler, latents, 6, generator=torch.Generator().manual_seed(7))
+    assert relative_error(ours, theirs) < FORWARD_RTOL
+
+
+@pytest.mark.parametrize("scheduler", [
+    functools.partial(DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++", solver_order=2),
+    functools.partial(FlowMatchEulerDiscreteScheduler, stochastic_sampling=True),
+], ids=["sde_dpmsolver", "flow_stochastic"])
+def test_a_generator_gives_the_pipeline_s_noise_in_float64(scheduler):
+    """diffusers' schedulers draw a step's noise as float32 from the generator (randn_tensor, on the generator's
+    device) whatever the latents' dtype; so does denoise, so float64 latents get the same noise and image."""
+    scheduler = scheduler()
+    unet, latents = unconditional_unet(torch.float64), inputs(torch.float64)[0]
+    with torch.no_grad():
+        ours = denoise(unet, latents, scheduler, num_inference_steps=6, generator=torch.Generator().manual_seed(7))
+    theirs = diffusers_loop(unet, scheduler, latents, 6, generator=torch.Generator().manual_seed(7))
+    assert ours.dtype == torch.float64
     assert relative_error(ours, theirs) < FORWARD_RTOL
 
 

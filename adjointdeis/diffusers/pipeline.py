@@ -19,6 +19,7 @@ from numbers import Number
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from .. import validation
@@ -527,7 +528,8 @@ def denoise(pipe_or_unet, latents: Tensor, scheduler, prompt_embeds: Tensor | No
             and FLUX ``pooled_projections``); they receive gradients like the embeddings.
         negative_added_cond_kwargs: the unconditional branch's; defaults to `added_cond_kwargs`.
         solver, order: override the solver implied by the scheduler (DPM-Solver++ on FlowMatch's grid, ...).
-        generator: noise for stochastic configs (SDE algorithms, FlowMatch's ``stochastic_sampling``).
+        generator: noise for stochastic configs (SDE algorithms, FlowMatch's ``stochastic_sampling``), drawn as
+            diffusers' schedulers draw it (float32, on the generator's device: :func:`scheduler_noise`).
         model_kwargs: constant keyword arguments for every network call (``cross_attention_kwargs``...).
         progress: show a progress bar.
         sigmas, timesteps, mu: the arguments of the scheduler's ``set_timesteps``; by default what the pipeline
@@ -580,6 +582,20 @@ def denoise(pipe_or_unet, latents: Tensor, scheduler, prompt_embeds: Tensor | No
     parameters = sample_kwargs.pop("parameters", None)
     if parameters is None:
         parameters = [p for p in net.parameters() if p.requires_grad]
+    if generator is not None:
+        validation.instance(generator, "generator", torch.Generator, "a torch.Generator")
+        if "noise" in sample_kwargs:
+            raise ValueError("denoise: pass the noise either as noise= or drawn from generator=, not both")
+        sample_kwargs["noise"] = scheduler_noise(generator)
     options = {**setup.sample_kwargs(), **sample_kwargs}
     return sample(call, latents, setup.schedule, cond=cond, uncond=uncond, guidance_scale=scale, grad=grad,
-                  generator=generator, parameters=parameters, progress=progress, **options)
+                  parameters=parameters, progress=progress, **options)
+
+
+def scheduler_noise(generator: torch.Generator):
+    """``sample``'s ``noise(row, x)`` drawn as diffusers' schedulers draw a step's noise: float32 standard normal
+    from `generator` (``randn_tensor``: on the generator's device, so a CPU generator serves CUDA latents), cast to
+    x's dtype and device; the same generator then gives the pipeline's noise for every latents dtype."""
+    def noise(row: int, x: Tensor) -> Tensor:
+        return randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+    return noise
