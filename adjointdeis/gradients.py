@@ -480,9 +480,12 @@ class _Sampler(torch.autograd.Function):
                     grad_x_T, grad_cond, grad_params = continuous_adjoint(spec, grad_x, states, ctx.final,
                                                                           cond_leaves, params)
         reduce_across_ranks(ctx.spec.model, grad_params)
-        if not all_finite(grad_x_T):
+        if spec.check_finite and not all_finite(grad_x_T):
             raise FloatingPointError(f"grad={spec.mode!r}: the adjoint state became non-finite (NaN/Inf); "
-                                     "for grad='adjoint' try adjoint_form='x0' or a finer adjoint grid")
+                                     "for grad='adjoint' try adjoint_form='x0' or a finer adjoint grid. Under a "
+                                     "GradScaler's loss scaling (float16 autocast) pass check_finite=False: the "
+                                     "non-finite gradients then reach the scaler, which skips the step, as with "
+                                     "grad='autograd'")
         if spec.grad_from:
             grad_x_T = None  # truncated: x_T is a constant of the differentiated steps
         return (None, grad_x_T, *grad_cond, *grad_noises, *grad_params)

@@ -80,7 +80,9 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
             `model` that require grad when it is an nn.Module. Given, nothing else the model reaches (its
             other parameters, tensors in a closure) gets a gradient, in every mode.
         progress: show a tqdm progress bar.
-        check_finite: after the loop (one host sync), raise if the sample is not finite.
+        check_finite: after the loop (one host sync), raise if the sample is not finite; with "discrete" and
+            "adjoint", raise too if the gradient of x_T is not (False: return it as autograd would, as a
+            ``torch.amp.GradScaler`` needs).
         adjoint: the AdjointDEIS settings (:class:`adjointdeis.AdjointOptions`: order, form, steps,
             states); default ``AdjointOptions()``.
         callback: called after every model evaluation of the sampling run with a

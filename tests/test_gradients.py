@@ -559,3 +559,33 @@ def test_a_compiled_module_s_copy_keeps_its_own_forward_through_synchronise():
     synchronise(aliases.copies, back=False)
     x = torch.randn(2, 3, dtype=torch.float64)
     assert aliases.module.forward is not compiled.forward and not aliases.escaped(aliases.module(x, torch.zeros(2)))
+
+
+def test_a_grad_scaler_sees_the_non_finite_gradients_of_an_overflowing_float16_backward():
+    """The AMP recipe: float16 autocast, a GradScaler scaling the loss. Its first scales overflow the float16
+    backward, and the scaler must see inf gradients and back off, as it does with autograd; check_finite=False
+    lets them through (the default raises, naming check_finite)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(16, 3, 3, padding=1))
+    model = lambda x, t: net(x)  # noqa: E731
+    sched = ad.VPSchedule.linear()
+    x_T = torch.randn(2, 3, 8, 8)
+
+    def scales(mode, **kwargs):
+        scaler, opt, seen = torch.amp.GradScaler("cpu"), torch.optim.SGD(net.parameters(), lr=1e-3), []
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = ad.sample(model, x_T, sched, steps=6, grad=mode, parameters=list(net.parameters()),
+                              **kwargs).float().square().sum()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            seen.append(scaler.get_scale())
+        return seen
+
+    expected = scales("autograd")
+    assert expected[-1] < 65536.0, "the case must overflow float16 at the scaler's first scales"
+    assert scales("discrete", check_finite=False) == expected
+    with pytest.raises(FloatingPointError, match="check_finite=False"):
+        scales("discrete")
