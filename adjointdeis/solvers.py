@@ -175,16 +175,18 @@ def step_orders(request: PlanRequest) -> list[int]:
 
     A zero-length step (two equal grid points: a repeated timestep, or a grid ending at its own last level) is
     first order, which makes it the identity, and the history restarts after it: the step that follows warms
-    up from order 1 again (its previous output is at the same time, so no difference can be formed).
+    up from order 1 again (its previous output is at the same time, so no difference can be formed). A step that
+    lands on zero noise is first order wherever it is (its log-SNR step is infinite; a grid can reach zero noise
+    before its end, at a timestep whose alpha is 1, and stay there).
     """
     num_steps, points = request.num_steps, request.points
     counted = num_steps if request.total_steps is None else request.total_steps
     lower = request.lower_order_final and counted < LOWER_ORDER_FINAL_BELOW
-    final_first_order = lower or request.final_order_one or points[-1].sigma == 0.0
+    final_first_order = lower or request.final_order_one
     orders, since_restart = [], 0
     for i in range(num_steps):
         k = min(request.order, since_restart + 1)
-        if i == num_steps - 1 and final_first_order:
+        if i == num_steps - 1 and final_first_order or points[i + 1].sigma == 0.0:
             k = 1
         elif i == num_steps - 2 and lower:
             k = min(k, 2)
@@ -228,7 +230,10 @@ def _dpm_first_order(s: GridPoint, t: GridPoint, h: float, data: bool, sde: bool
 
     m is the data prediction (`data`, DPM-Solver++) or the noise prediction (DPM-Solver). The noise forms use
     ``sigma_t (e^h - 1) = alpha_t (rho_s - rho_t)``, exact and finite where the step lands on zero noise.
+    A zero-length step is the identity, at zero noise too (where sigma_t / sigma_s is 0 / 0 and h is NaN).
     """
+    if s == t:
+        return 1.0, 0.0, 0.0
     if data and sde:
         return (t.sigma / s.sigma) * math.exp(-h), t.alpha * -_expm1_neg(2 * h), t.sigma * math.sqrt(-_expm1_neg(2 * h))
     if data:

@@ -788,3 +788,22 @@ def test_rows_run_with_grad_neither_recycle_nor_keep_what_they_drop(solver, runs
     x = x_T.clone().requires_grad_()
     got = planning.run_plan(_toy_eps, x, plan, grad_from=planning.truncation_row(plan, 2))
     assert torch.equal(got.detach(), want) and runs[-1].fresh + runs[-1].reused > 0
+
+
+@pytest.mark.parametrize("solver, options", [("dpmpp", {}), ("dpmpp", dict(sde=True)), ("ddim", {}), ("deis", {}),
+                                             ("dpmsolver", {}), ("dpmsolver", dict(sde=True, order=2))])
+def test_a_grid_that_reaches_zero_noise_before_its_end(solver, options):
+    """A discrete schedule whose first beta is 0 has alpha = 1 at timestep 0, so diffusers' N timesteps ending at
+    0 reach zero noise one step before the implied end: that step is first order (an infinite log-SNR step) and
+    the last one, from zero noise to zero noise, is the identity. Oracle: the N - 1 step run on the same grid."""
+    betas = torch.linspace(0.0, 0.02, 1000, dtype=torch.float64)
+    sched = ad.VPSchedule.from_alphas_cumprod(torch.cumprod(1 - betas, 0))
+    model = lambda x, t: 0.1 * x + 0.01 * t[:, None]  # noqa: E731
+    x_T = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def run(steps):
+        generator = torch.Generator().manual_seed(1) if options.get("sde") else None
+        return ad.sample(model, x_T, sched, steps=steps, timesteps=[999, 600, 300, 0], solver=solver,
+                         generator=generator, **options)
+
+    assert torch.equal(run(4), run(3))
