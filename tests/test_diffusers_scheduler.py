@@ -970,3 +970,16 @@ def test_cuda_loop_never_syncs_and_matches_cpu():
             torch.cuda.set_sync_debug_mode("default")
         results.append(x.cpu())
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, DEISMultistepScheduler,
+                                 FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler])
+def test_set_timesteps_puts_timesteps_and_sigmas_where_diffusers_does(cls):
+    """diffusers keeps DPM-Solver's and DEIS' sigmas on the CPU and FlowMatch's on the device."""
+    theirs = cls()
+    ours = FusedMultistepScheduler.from_config(theirs.config)
+    for scheduler in (theirs, ours):
+        scheduler.set_timesteps(4, device="cuda")
+    assert ours.timesteps.device == theirs.timesteps.device
+    assert ours.sigmas.device == theirs.sigmas.device

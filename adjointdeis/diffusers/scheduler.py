@@ -403,6 +403,8 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         self._timestep_list = self.timesteps.cpu().tolist()
         if device is not None:
             self._rows_on(device)
+            if flow_family:  # FlowMatch keeps its sigmas on the device (DPM-Solver and DEIS on the CPU)
+                self.sigmas = self.sigmas.to(device)
         self._history = []
         self._step_index = None
         self._begin_index = None
