@@ -227,9 +227,13 @@ class GradientSpec:
     autocast: tuple | None = None
 
 
+@torch.compiler.disable(reason="adjointdeis runs grad='discrete'/'adjoint' eagerly (its reverse pass re-runs the "
+                                "model from a host-side plan); grad='autograd' compiles with fullgraph=True")
 def sample_with_gradients(spec: GradientSpec, x_T: Tensor, params: list[Tensor], noises: list[Tensor] = ()) -> Tensor:
     """Runs `spec` from x_T and attaches the sample to autograd through x_T, the conditioning, the explicit
-    `noises` (one (batch, *shape) tensor per noisy row) and `params`.
+    `noises` (one (batch, *shape) tensor per noisy row) and `params`. Under ``torch.compile`` it runs eagerly (a
+    graph break; dynamo cannot trace the reverse pass's model re-runs and host-side plan), the code around it
+    compiled.
 
     Returns:
         (batch, *shape) the sample.

@@ -592,3 +592,28 @@ def test_a_grad_scaler_sees_the_non_finite_gradients_of_an_overflowing_float16_b
     assert scales("discrete", check_finite=False) == expected
     with pytest.raises(FloatingPointError, match="check_finite=False"):
         scales("discrete")
+
+
+@pytest.mark.parametrize("mode", ["discrete", "adjoint"])
+def test_a_compiled_function_around_a_discrete_or_adjoint_sample_runs_it_eagerly(mode):
+    """torch.compile of a loss that samples with grad="discrete" or "adjoint" breaks the graph at the sampler
+    (which dynamo could not trace: it crashed inside) and gives the eager gradients; fullgraph=True says why."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 4, dtype=torch.float64)
+    sched = ad.VPSchedule.linear()
+    x0 = torch.randn(2, 4, dtype=torch.float64)
+
+    def loss(x):
+        return ad.sample(lambda x, t: net(x), x, sched, steps=4, grad=mode,
+                         parameters=list(net.parameters())).square().sum()
+
+    grads = []
+    for fn in (loss, torch.compile(loss)):
+        x = x0.clone().requires_grad_()
+        net.zero_grad()
+        fn(x).backward()
+        grads.append((x.grad, net.weight.grad.clone()))
+    assert_close(grads[1], grads[0], rtol=1e-12, atol=0)
+    torch._dynamo.reset()  # else the frame compiled above (with its graph break) is reused
+    with pytest.raises(Exception, match="runs grad='discrete'/'adjoint' eagerly"):
+        torch.compile(loss, fullgraph=True)(x0.clone().requires_grad_())
