@@ -14,6 +14,78 @@ from . import _extension, reference
 _C = _extension.load()
 
 
+_LIB = torch.library.Library("adjointdeis", "FRAGMENT")
+
+
+def _transformed() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, ...) or a forward-mode AD level is active, which the fused
+    kernels' autograd formulas (reverse mode only, in the layout of plain tensors) do not serve."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
+def _check_untransformed(op: str, tensors) -> None:
+    """Raises RuntimeError when an operand of the non-differentiable op `op` is a torch.func transform's tensor
+    (vmap, grad, jvp, ...) or carries a forward-mode tangent: the op would drop the tangent or batch dimension."""
+    if torch.compiler.is_compiling():  # the compiled graph's own tensors
+        return
+    for t in tensors:
+        if t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t):
+            raise RuntimeError(f"{op}: is not supported under torch.func transforms (vmap, grad, jvp, ...); "
+                               "use the functional ops (multistep_step, or plain PyTorch)")
+        if (t is not None and torch.autograd.forward_ad._current_level >= 0
+                and torch.autograd.forward_ad.unpack_dual(t).tangent is not None):
+            raise RuntimeError(f"{op}: is not differentiable, but an input carries a forward-mode AD tangent; "
+                               "use multistep_step, or plain PyTorch")
+
+
+def _register_autograd(name: str, backward, setup_context, constant: int | None = None) -> None:
+    """The Autograd kernel of ``adjointdeis::NAME``: `backward` (reverse mode) around the fused kernel, and the
+    pure-PyTorch twin ``reference.NAME`` (which every transform differentiates and batches) under torch.func
+    transforms and forward-mode AD, and when the argument at position `constant` (if any: the coefficients, which
+    the fused backward treats as constants) requires grad. Without it, forward-mode AD would drop the tangents
+    (torch's custom-op autograd is reverse mode only) and coefficients that require grad would get none."""
+    op = getattr(torch.ops.adjointdeis, name).default
+    fused = torch._library.autograd.make_autograd_impl(op, torch._library.autograd.Info(backward, setup_context))
+    twin = getattr(reference, name)
+
+    def kernel(keyset, *args):
+        if _transformed() or (constant is not None and args[constant].requires_grad and torch.is_grad_enabled()):
+            return twin(*args)
+        return fused(keyset, *args)
+
+    _LIB.impl(name, kernel, "Autograd", with_keyset=True)
+
+
+def _register_vmap(name: str, constant: int, out_dims) -> None:
+    """The batching rule of the elementwise op ``adjointdeis::NAME`` (torch.vmap): the fused kernel on the operands
+    with their vmapped dimension moved to the front and unit dimensions inserted after it, so that they broadcast
+    with the other operands as the logical tensors do; one call per batch element when the coefficients (argument
+    `constant`) are vmapped. `out_dims(args)`: the results' vmapped dimensions (0, or None for an empty m0)."""
+    op = getattr(torch.ops.adjointdeis, name).default
+
+    def each(args, in_dims, f):
+        return [f(a, d) if not isinstance(a, list) else [f(t, e) for t, e in zip(a, d)] for a, d in zip(args, in_dims)]
+
+    def rule(info, in_dims, *args):
+        if in_dims[constant] is not None:
+            calls = [op(*each(args, in_dims, lambda t, d: t if t is None or d is None else t.select(d, i)))
+                     for i in range(info.batch_size)]
+            dims = out_dims(args)
+            return tuple(torch.stack(r) if d == 0 else r[0] for r, d in zip(zip(*calls), dims)), dims
+        ranks = each(args, in_dims, lambda t, d: t.dim() - (d is not None) if isinstance(t, Tensor) else 0)
+        rank = max(max(r) if isinstance(r, list) else r for r in ranks if r != [])
+
+        def lead(t, dim):
+            if t is None or dim is None:
+                return t
+            t = t.movedim(dim, 0)
+            return t.view(t.shape[0], *([1] * (rank + 1 - t.dim())), *t.shape[1:])
+
+        return op(*each(args, in_dims, lead)), out_dims(args)
+
+    torch.library.register_vmap(f"adjointdeis::{name}", rule, lib=_LIB)
+
+
 def cuda_version() -> int:
     """CUDA_VERSION the CUDA kernels were compiled with (e.g. 13000), or -1 for a CPU-only build."""
     return torch.ops.adjointdeis.cuda_build()[0]
@@ -29,7 +101,8 @@ def multistep_step(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor
     """One fused solver step (docs/math.md section 4): ``m0 = p x + q out``,
     ``x_next = a x + b0 m0 + b1 m1 + b2 m2 + b3 m3 + c noise``.
 
-    One pass over memory on CPU or CUDA; differentiable in x, out, history and noise. A
+    One pass over memory on CPU or CUDA; differentiable in x, out, history and noise (and in coeffs when it requires
+    grad, through the twin ``reference.multistep_step``, as under torch.func transforms and forward-mode AD). A
     consistency-trajectory (gamma) jump ``x_next = a x + b g + c noise`` (docs/math.md section 8) is the
     row ``[a, b, 0, 0, c, 0, 1]`` with ``out = g``, no history and ``save_m0=False``.
 
@@ -78,8 +151,8 @@ def _multistep_step_backward(ctx, grad_x_next, grad_m0):
     return grad_x, grad_out, grad_history, None, grad_noise, None
 
 
-torch.library.register_autograd(
-    "adjointdeis::multistep_step", _multistep_step_backward, setup_context=_multistep_step_setup_context)
+_register_autograd("multistep_step", _multistep_step_backward, _multistep_step_setup_context, constant=3)
+_register_vmap("multistep_step", 3, lambda args: (0, 0 if args[5] else None))
 
 
 def multistep_step_out(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Tensor, noise: Tensor | None = None,
@@ -101,12 +174,14 @@ def multistep_step_out(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Te
             x_next while it is in cache instead of in a pass over memory after the loop.
 
     Raises:
-        RuntimeError naming the argument for a dtype, device, shape, layout or overlap mismatch, and when
-        grad mode is on and an input requires grad.
+        RuntimeError naming the argument for a dtype, device, shape, layout or overlap mismatch, when
+        grad mode is on and an input requires grad, and for an input of a torch.func transform or with a
+        forward-mode AD tangent.
     """
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, out, noise, *history)):
         raise RuntimeError("multistep_step_out: is not differentiable, but an input requires grad; "
                            "use multistep_step, or run under torch.no_grad()")
+    _check_untransformed("multistep_step_out", (x, out, noise, *history, x_next, m0))
     torch.ops.adjointdeis.multistep_step_out.default(x, out, list(history), coeffs, noise, x_next, m0, finite)
 
 
@@ -121,7 +196,8 @@ def discrete_adjoint_step(xbar: Tensor, vjp: Tensor, gfull: Tensor, pend1: Tenso
 
     ``xbar_prev = a xbar + p gfull + vjp``, ``gfull_prev = pend1 + b1 xbar + b0_prev xbar_prev``,
     ``cot_prev = q_prev gfull_prev``, ``pend_prev = pend2 + b2 xbar``, in one pass over memory on
-    CPU or CUDA; differentiable in xbar, vjp, gfull, pend1 and pend2 (it is linear in them).
+    CPU or CUDA; differentiable in xbar, vjp, gfull, pend1 and pend2 (it is linear in them; in coeffs, under
+    torch.func transforms and forward-mode AD through the twin ``reference.discrete_adjoint_step``).
 
     Args:
         xbar: (*shape) dL/dx_{j+1}, float64/float32/float16/bfloat16.
@@ -169,9 +245,9 @@ def _discrete_adjoint_step_backward(ctx, grad_xbar_prev, grad_gfull_prev, grad_c
     return grad_xbar, grad_vjp, grad_gfull, grad_pend1, grad_pend2, None
 
 
-torch.library.register_autograd(
-    "adjointdeis::discrete_adjoint_step", _discrete_adjoint_step_backward,
-    setup_context=_discrete_adjoint_step_setup_context)
+_register_autograd("discrete_adjoint_step", _discrete_adjoint_step_backward, _discrete_adjoint_step_setup_context,
+                   constant=5)
+_register_vmap("discrete_adjoint_step", 5, lambda args: (0,) * 4)
 
 
 def multi_tensor_axpy_(accumulators: list[Tensor], updates: list[Tensor], scale: Tensor) -> None:
@@ -189,13 +265,15 @@ def multi_tensor_axpy_(accumulators: list[Tensor], updates: list[Tensor], scale:
 
     Raises:
         RuntimeError naming the argument (``updates[3] has shape ...``) for a dtype, device or
-        shape mismatch, or when grad mode is on and an input requires grad.
+        shape mismatch, when grad mode is on and an input requires grad, and for an input of a torch.func
+        transform or with a forward-mode AD tangent.
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*accumulators, *updates, scale)):
         raise RuntimeError(
             "multi_tensor_axpy_ is not differentiable: call it under torch.no_grad() or on tensors "
             "that do not require grad"
         )
+    _check_untransformed("multi_tensor_axpy_", (*accumulators, *updates, scale))
     torch.ops.adjointdeis.multi_tensor_axpy_.default(list(accumulators), list(updates), scale)
 
 
@@ -484,15 +562,8 @@ def _conv_backward(op):
     return backward
 
 
-torch.library.register_autograd(
-    "adjointdeis::fourier_spectral_conv", _conv_backward("fourier_spectral_conv_backward"),
-    setup_context=_conv_setup_context)
-torch.library.register_autograd(
-    "adjointdeis::fourier_mode_conv", _conv_backward("fourier_mode_conv_backward"),
-    setup_context=_conv_setup_context)
-torch.library.register_autograd(
-    "adjointdeis::fourier_channel_conv", _conv_backward("fourier_channel_conv_backward"),
-    setup_context=_conv_setup_context)
+for _name in ("fourier_spectral_conv", "fourier_mode_conv", "fourier_channel_conv"):
+    _register_autograd(_name, _conv_backward(f"{_name}_backward"), _conv_setup_context)
 
 
 if cuda_version() < 0:

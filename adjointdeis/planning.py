@@ -513,9 +513,10 @@ come from malloc's free lists, faster than the ownership check."""
 def _recycles(x: Tensor) -> bool:
     """Whether a run from `x` recycles its dropped tensors: plain CPU tensors of at least :data:`RECYCLE_BYTES`
     outside compilation (on CUDA the caching allocator already reuses memory; a compiled graph plans its own
-    buffers)."""
+    buffers), torch.func transforms and forward-mode AD (whose tangents the out-of-place steps carry)."""
     return (x.device.type == "cpu" and type(x) is Tensor and x.numel() * x.element_size() >= RECYCLE_BYTES
-            and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+            and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+            and torch.autograd.forward_ad._current_level < 0)
 
 
 NoiseSource = Callable[[int, Tensor], Tensor]

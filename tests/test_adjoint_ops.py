@@ -450,3 +450,54 @@ def test_cuda_axpy_scale_on_cpu_is_named():
     accumulators, updates, _ = make_axpy_case([(3,)], torch.float32, torch.float32, "cuda")
     with pytest.raises(RuntimeError, match="scale is on cpu"):
         ops.multi_tensor_axpy_(accumulators, updates, torch.ones(1, dtype=torch.float64))
+
+
+# torch.func transforms and forward-mode AD run the twin (the fused autograd is reverse mode only): before, forward
+# mode dropped the tangents silently.
+
+def adjoint_closed_form(coeffs, xbar, vjp, gfull, pend1, pend2):
+    """The row in float64 from its formula (linear in the tensors, so also the tangent map)."""
+    a, p, b1, b2, b0_prev, q_prev = coeffs.tolist()
+    xbar_prev = a * xbar + p * gfull + vjp
+    gfull_prev = pend1 + b1 * xbar + b0_prev * xbar_prev
+    return xbar_prev, gfull_prev, q_prev * gfull_prev, pend2 + b2 * xbar
+
+
+def test_adjoint_forward_mode_ad_matches_closed_form():
+    xbar, vjp, gfull, pend1, pend2, coeffs = make_adjoint_case((3, 4), torch.float64, "cpu", True, True)
+    primals = (xbar, vjp[:1], gfull, pend1, pend2[0, 0])  # broadcast vjp and pend2
+    tangents = tuple(torch.randn_like(t) for t in primals)
+    got_primal, got_tangent = torch.func.jvp(lambda *ts: ops.discrete_adjoint_step(*ts, coeffs), primals, tangents)
+    for got, want in zip((*got_primal, *got_tangent),
+                         (*adjoint_closed_form(coeffs, *primals), *adjoint_closed_form(coeffs, *tangents))):
+        assert_close(got, want.expand(3, 4), rtol=1e-12, atol=1e-12)
+    with torch.autograd.forward_ad.dual_level():
+        duals = [torch.autograd.forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)]
+        for got, want in zip(ops.discrete_adjoint_step(*duals, coeffs), adjoint_closed_form(coeffs, *tangents)):
+            tangent = torch.autograd.forward_ad.unpack_dual(got).tangent
+            assert tangent is not None
+            assert_close(tangent, want.expand(3, 4), rtol=1e-12, atol=1e-12)
+
+
+def test_adjoint_vmap_and_grad_match_a_loop():
+    xbar, vjp, gfull, pend1, _, coeffs = make_adjoint_case((5, 2, 3), torch.float64, "cpu", True, False)
+    step = lambda xbar, gfull: ops.discrete_adjoint_step(xbar, vjp[0, 0], gfull, pend1[0], None, coeffs)
+    got = torch.func.vmap(step, in_dims=(0, 2))(xbar, gfull.movedim(0, 2))
+    loop = [step(xbar[i], gfull[i]) for i in range(5)]
+    for k, g in enumerate(got):
+        assert_close(g, torch.stack([r[k] for r in loop]), rtol=1e-12, atol=1e-12)
+    loss = lambda xbar: sum((t * t).sum() for t in step(xbar, gfull[0]))
+    xr = xbar[0].clone().requires_grad_()
+    assert_close(torch.func.grad(loss)(xbar[0]), torch.autograd.grad(loss(xr), xr)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_axpy_refuses_transforms_and_tangents():
+    accumulators, updates = [torch.zeros(3)], [torch.ones(3)]
+    scale = torch.ones(1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="multi_tensor_axpy_: is not supported under torch.func"):
+        torch.func.jvp(lambda u: ops.multi_tensor_axpy_(accumulators, [u], scale), (updates[0],), (updates[0],))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(updates[0], torch.ones(3))
+        with pytest.raises(RuntimeError, match="multi_tensor_axpy_: .*forward-mode AD tangent"):
+            ops.multi_tensor_axpy_(accumulators, [dual], scale)
+    assert torch.equal(accumulators[0], torch.zeros(3))

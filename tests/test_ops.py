@@ -427,3 +427,107 @@ def test_out_form_is_not_differentiable():
         ops.multistep_step_out(x.requires_grad_(), out, history, coeffs, x_next=torch.empty(3, 4))
     with torch.no_grad():
         ops.multistep_step_out(x, out, history, coeffs, x_next=torch.empty(3, 4))
+
+
+# torch.func transforms and forward-mode AD: the fused kernels' autograd formula is reverse mode only, so these
+# run the twin; without that, forward mode dropped the tangents (zeros from torch.func.jvp, None from forward_ad).
+
+def step_closed_form(coeffs, x, out, history, noise):
+    """The step in float64 from its formula: ``m0 = p x + q out``, ``x_next = a x + b0 m0 + sum b_k m_k + c noise``
+    (linear in the tensors, so also the tangent map)."""
+    a, b0, b1, b2, c, p, q, *wide = coeffs.tolist()
+    m0 = p * x + q * out
+    x_next = a * x + b0 * m0 + sum(b * h for b, h in zip((b1, b2, *wide), history))
+    return x_next + c * noise if noise is not None else x_next, m0
+
+
+@pytest.mark.parametrize("num_history,noisy", [(0, False), (1, True), (2, False), (3, True)])
+def test_forward_mode_ad_matches_closed_form(num_history, noisy):
+    x, out, history, coeffs, noise = make_case((3, 5), torch.float64, "cpu", num_history, noisy)
+    primals = (x, out[:1], *history, *([noise] if noisy else []))  # out broadcast
+    tangents = tuple(torch.randn_like(t) for t in primals)
+
+    def unpack(ts):
+        return ts[0], ts[1], list(ts[2:2 + num_history]), ts[-1] if noisy else None
+
+    def step(*ts):
+        x, out, hist, nz = unpack(ts)
+        return ops.multistep_step(x, out, hist, coeffs, nz)
+
+    want_primal = step_closed_form(coeffs, *unpack(primals))
+    want_tangent = step_closed_form(coeffs, *unpack(tangents))
+    got_primal, got_tangent = torch.func.jvp(step, primals, tangents)
+    for got, want in zip((*got_primal, *got_tangent), (*want_primal, *want_tangent)):
+        assert_close(got, want.expand(3, 5), rtol=1e-12, atol=1e-12)
+    with torch.autograd.forward_ad.dual_level():
+        duals = [torch.autograd.forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)]
+        for got, want in zip(step(*duals), want_tangent):
+            tangent = torch.autograd.forward_ad.unpack_dual(got).tangent
+            assert tangent is not None
+            assert_close(tangent, want.expand(3, 5), rtol=1e-12, atol=1e-12)
+
+
+def test_torch_func_transforms_match_autograd():
+    x, out, (m1,), coeffs, noise = make_case((4, 3), torch.float64, "cpu", 1, True)
+
+    def loss(x, out):
+        x_next, m0 = ops.multistep_step(x, out, [m1], coeffs, noise)
+        return (x_next.sin() * m0).sum()
+
+    xr, outr = x.clone().requires_grad_(), out.clone().requires_grad_()
+    want = torch.autograd.grad(loss(xr, outr), (xr, outr))  # the fused backward (gradcheck'd above)
+    for got in (torch.func.grad(loss, argnums=(0, 1))(x, out),
+                (torch.func.jacrev(loss, argnums=(0, 1))(x, out)), torch.func.jacfwd(loss, argnums=(0, 1))(x, out)):
+        for g, w in zip(got, want):
+            assert_close(g, w, rtol=1e-12, atol=1e-12)
+    hess = torch.func.hessian(loss)(x, out)
+    want_hess = torch.autograd.functional.hessian(lambda x: loss(x, out), x)
+    assert_close(hess, want_hess, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("save_m0", [True, False])
+def test_vmap_matches_a_loop(save_m0):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, 3, generator=g, dtype=torch.float64)  # vmapped along dim 0
+    out = torch.randn(3, 4, generator=g, dtype=torch.float64)  # vmapped along dim 1, logically (3,)
+    m1 = torch.randn(5, 1, generator=g, dtype=torch.float64)  # not vmapped, broadcast
+    noise = torch.randn((), dtype=torch.float64)
+    coeffs = torch.randn(4, 7, generator=g, dtype=torch.float64)
+
+    def step(x, out, coeffs):
+        return ops.multistep_step(x, out, [m1], coeffs, noise, save_m0)
+
+    for in_dims, rows in (((0, 1, None), [coeffs[0]] * 4), ((0, 1, 0), list(coeffs))):
+        got = torch.func.vmap(step, in_dims=in_dims)(x, out, coeffs if in_dims[2] == 0 else coeffs[0])
+        loop = [step(x[i], out[:, i], rows[i]) for i in range(4)]
+        assert_close(got[0], torch.stack([r[0] for r in loop]), rtol=1e-12, atol=1e-12)
+        if save_m0:
+            assert_close(got[1], torch.stack([r[1] for r in loop]), rtol=1e-12, atol=1e-12)
+        else:
+            assert got[1].numel() == 0
+
+
+def test_coefficients_that_require_grad_get_their_gradient():
+    x, out, (m1, m2), coeffs, noise = make_case((4, 3), torch.float64, "cpu", 2, True)
+    w, u = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    c = coeffs.clone().requires_grad_()
+    x_next, m0 = ops.multistep_step(x, out, [m1, m2], c, noise)
+    (grad,) = torch.autograd.grad((w * x_next).sum() + (u * m0).sum(), c)
+    a, b0, b1, b2, cc, p, q = coeffs.tolist()
+    m0_want = p * x + q * out
+    total = b0 * w + u  # the adjoint of m0
+    want = [(w * x).sum(), (w * m0_want).sum(), (w * m1).sum(), (w * m2).sum(), (w * noise).sum(),
+            (total * x).sum(), (total * out).sum()]
+    assert_close(grad, torch.stack(want), rtol=1e-12, atol=1e-12)
+
+
+def test_out_form_refuses_transforms_and_tangents():
+    x, out, history, coeffs, noise = make_case((3, 4), torch.float32, "cpu", 1, False)
+    with pytest.raises(RuntimeError, match="multistep_step_out: is not supported under torch.func"):
+        torch.func.jvp(lambda x: ops.multistep_step_out(x, out, history, coeffs, x_next=torch.empty(3, 4)), (x,),
+                       (torch.ones_like(x),))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="multistep_step_out: .*forward-mode AD tangent"):
+            ops.multistep_step_out(dual, out, history, coeffs, x_next=torch.empty(3, 4))
+        ops.multistep_step_out(x, out, history, coeffs, x_next=torch.empty(3, 4))  # no tangent: runs
