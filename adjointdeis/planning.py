@@ -350,6 +350,12 @@ def _capturing(x: Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def _vmapped() -> bool:
+    """Whether torch.func.vmap is active: a batched tensor has no value for the host to read."""
+    stack = torch._C._functorch.get_interpreter_stack()
+    return stack is not None and any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack)
+
+
 def _owners(t: Tensor) -> tuple[int, int, int, int]:
     """Who holds `t`: Python references, C++ references to its TensorImpl, to its storage (views), weak references.
     Called straight from the frame whose references are counted (each call level adds references of its own)."""
@@ -612,7 +618,8 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
         cond, guidance_scale, uncond: the conditioning (see :func:`adjointdeis.models.evaluate_model`).
         generator: draws the noise of stochastic rows (when `noise` is None).
         progress: show a tqdm progress bar.
-        check_finite: after the loop (one host sync), raise if the result is not finite.
+        check_finite: after the loop (one host sync), raise if the result is not finite; skipped where the host
+            cannot read the result (torch.compile, CUDA graph capture, torch.func.vmap).
         callback: called with a :class:`StepInfo` after every model evaluation.
         noise: the noise of stochastic rows, ``noise(row, x) -> Tensor`` shaped like x (see :data:`NoiseSource`);
             default: standard normal draws from `generator`.
@@ -637,7 +644,7 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
     depth = max(steps.num_history, default=0)
     save_m0 = depth > 0 or callback is not None
     spares = Spares() if _recycles(x_T) else None
-    check = check_finite and not torch.compiler.is_compiling() and not _capturing(x_T)
+    check = check_finite and not torch.compiler.is_compiling() and not _capturing(x_T) and not _vmapped()
     # a recycling last row checks its x_next in its kernel, block by block in cache (a callback could change it)
     flag = torch.ones((), dtype=torch.bool) if check and spares is not None and callback is None else None
     last, verdict = count - 1, None

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from . import validation
 from .gradients import (AdjointOptions, GradientSpec, adjoint_options, check_adjoint_inputs, differentiated_only,
-                        gradient_mode, sample_with_gradients, truncation_steps)
+                        gradient_mode, sample_with_gradients, transformed, truncation_steps)
 from .models import Conditioning, check_conditioning, model_parameters
 from .planning import (NoiseSource, StepInfo, noise_tensors, noisy_rows, plan_adjoint_grid, plan_sampling, resolve_grid,
                        run_plan, tensor_noise, truncation_row)
@@ -75,12 +75,14 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
             last in the backward pass; the default when any of them requires grad), "adjoint"
             (AdjointDEIS, the continuous adjoint, set by `adjoint`), "autograd" (plain autograd
             through every step, keeping all activations), or None. Under ``torch.no_grad()`` no
-            graph is built.
+            graph is built. Under torch.func transforms (grad, jvp, vmap, jacrev, ...) and forward-mode AD, the
+            default is "autograd" (they differentiate plain autograd only; "discrete" and "adjoint" raise).
         parameters: tensors to differentiate besides x_T and cond; default: the parameters of
             `model` that require grad when it is an nn.Module. Given, nothing else the model reaches (its
             other parameters, tensors in a closure) gets a gradient, in every mode.
         progress: show a tqdm progress bar.
-        check_finite: after the loop (one host sync), raise if the sample is not finite; with "discrete" and
+        check_finite: after the loop (one host sync), raise if the sample is not finite (skipped where the host
+            cannot read the sample: torch.compile, CUDA graph capture, torch.func.vmap); with "discrete" and
             "adjoint", raise too if the gradient of x_T is not (False: return it as autograd would, as a
             ``torch.amp.GradScaler`` needs).
         adjoint: the AdjointDEIS settings (:class:`adjointdeis.AdjointOptions`: order, form, steps,
@@ -104,7 +106,8 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
         ValueError for an unknown solver, prediction or gradient option, an unsupported order,
         steps < 1, a bad grid, missing uncond, a model output of the wrong shape, noise tensors of the wrong
         count, shape or device, or a bad `grad_steps`; TypeError naming `noise` for a wrong type or dtype;
-        FloatingPointError when the result is not finite (NaN or Inf in a model output).
+        FloatingPointError when the result is not finite (NaN or Inf in a model output); RuntimeError for
+        grad="discrete" or "adjoint", or `parameters`, under a torch.func transform or forward-mode AD.
     """
     validation.function(model, "model", "model(x, t[, cond]) -> Tensor")
     validation.floating(x_T, "x_T", min_dim=1)
@@ -137,6 +140,9 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
     conditioning = Conditioning(cond, uncond, guidance_scale)
     params = model_parameters(model, parameters)
     mode = gradient_mode(grad, x_T, conditioning, params, noises or [])
+    if mode == "autograd" and parameters is not None and transformed():
+        raise RuntimeError("sample: parameters= is not supported under torch.func transforms and forward-mode AD "
+                           "(the transform differentiates its own inputs); leave it unset")
     if grad_steps is not None:
         k = truncation_steps(grad_steps, grad_steps_generator, sum(plan.steps.starts_step))
         grad_from = truncation_row(plan, k)
