@@ -87,7 +87,7 @@ def real(value, name: str, low: float = -math.inf, high: float = math.inf, *, lo
     except (TypeError, ValueError):
         raise _fail(ArgumentTypeError, name, expected, value) from None
     inside = (number > low if low_open else number >= low) and (number < high if high_open else number <= high)
-    if not math.isfinite(number) or not inside:
+    if not abs(number) < math.inf or not inside:  # math.isfinite, but also of a SymFloat (torch.compile, dynamic)
         raise _fail(ValueError, name, expected, value)
     return number
 

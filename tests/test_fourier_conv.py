@@ -414,6 +414,21 @@ def test_opcheck(device, residual, slope):
     torch.library.opcheck(torch.ops.adjointdeis.fourier_mode_conv.default, (x, weight, 2, residual, slope, True))
 
 
+@pytest.mark.parametrize("channelwise", [False, True])
+def test_module_compiles_fullgraph_with_dynamic_shapes(channelwise):
+    """dynamic=True makes the layer's float slope a SymFloat, which the argument check's math.isfinite could not take
+    (a fullgraph error); batch sizes 1 to 3 through one compiled module, against the eager layer."""
+    torch._dynamo.reset()
+    layer = ad.FourierTemporalConv(3, 3, n_times=4, modes=2, channelwise=channelwise)
+    with torch.no_grad():
+        layer.weight.normal_()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for batch in (1, 2, 3):
+        x = make_x((batch, 4, 3, 2, 3), torch.float32, seed=batch)
+        with torch.no_grad():
+            assert_close(compiled(x), layer(x))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channelwise", [False, True])
 def test_module_compiles_fullgraph(device, channelwise):
