@@ -17,23 +17,26 @@ _C = _extension.load()
 _LIB = torch.library.Library("adjointdeis", "FRAGMENT")
 
 
+_forward_ad = torch.autograd.forward_ad
+_functorch_active = torch._C._are_functorch_transforms_active
+_increment_version = torch.autograd.graph.increment_version
+
+
 def _transformed() -> bool:
     """Whether a torch.func transform (vmap, grad, jvp, ...) or a forward-mode AD level is active, which the fused
     kernels' autograd formulas (reverse mode only, in the layout of plain tensors) do not serve."""
-    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+    return _functorch_active() or _forward_ad._current_level >= 0
 
 
 def _check_untransformed(op: str, tensors) -> None:
     """Raises RuntimeError when an operand of the non-differentiable op `op` is a torch.func transform's tensor
-    (vmap, grad, jvp, ...) or carries a forward-mode tangent: the op would drop the tangent or batch dimension."""
-    if torch.compiler.is_compiling():  # the compiled graph's own tensors
-        return
+    (vmap, grad, jvp, ...) or carries a forward-mode tangent: the op would drop the tangent or batch dimension.
+    Called when :func:`_transformed`, outside torch.compile."""
     for t in tensors:
         if t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t):
             raise RuntimeError(f"{op}: is not supported under torch.func transforms (vmap, grad, jvp, ...); "
                                "use the functional ops (multistep_step, or plain PyTorch)")
-        if (t is not None and torch.autograd.forward_ad._current_level >= 0
-                and torch.autograd.forward_ad.unpack_dual(t).tangent is not None):
+        if t is not None and _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(t).tangent is not None:
             raise RuntimeError(f"{op}: is not differentiable, but an input carries a forward-mode AD tangent; "
                                "use multistep_step, or plain PyTorch")
 
@@ -175,14 +178,18 @@ def multistep_step_out(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Te
 
     Raises:
         RuntimeError naming the argument for a dtype, device, shape, layout or overlap mismatch, when
-        grad mode is on and an input requires grad, and for an input of a torch.func transform or with a
-        forward-mode AD tangent.
+        grad mode is on and an input or a buffer requires grad, and for an input of a torch.func transform or
+        with a forward-mode AD tangent.
     """
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, out, noise, *history)):
-        raise RuntimeError("multistep_step_out: is not differentiable, but an input requires grad; "
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, out, noise, *history, x_next, m0)):
+        raise RuntimeError("multistep_step_out: is not differentiable, but an input or output buffer requires grad; "
                            "use multistep_step, or run under torch.no_grad()")
-    _check_untransformed("multistep_step_out", (x, out, noise, *history, x_next, m0))
+    if _transformed() and not torch.compiler.is_compiling():
+        _check_untransformed("multistep_step_out", (x, out, noise, *history, x_next, m0))
     torch.ops.adjointdeis.multistep_step_out.default(x, out, list(history), coeffs, noise, x_next, m0, finite)
+    if not torch.compiler.is_compiling():  # as an in-place op does: a backward through a tensor saved before the
+        _increment_version([t for t in (x_next, m0, finite) if t is not None])  # write then raises
 
 
 @torch.library.register_fake("adjointdeis::multistep_step_out")
@@ -273,8 +280,11 @@ def multi_tensor_axpy_(accumulators: list[Tensor], updates: list[Tensor], scale:
             "multi_tensor_axpy_ is not differentiable: call it under torch.no_grad() or on tensors "
             "that do not require grad"
         )
-    _check_untransformed("multi_tensor_axpy_", (*accumulators, *updates, scale))
+    if _transformed() and not torch.compiler.is_compiling():
+        _check_untransformed("multi_tensor_axpy_", (*accumulators, *updates, scale))
     torch.ops.adjointdeis.multi_tensor_axpy_.default(list(accumulators), list(updates), scale)
+    if not torch.compiler.is_compiling():  # as an in-place op does: a backward through a tensor saved before the
+        _increment_version(accumulators)  # write then raises
 
 
 @torch.library.register_fake("adjointdeis::multi_tensor_axpy_")

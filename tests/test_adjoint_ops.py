@@ -501,3 +501,15 @@ def test_axpy_refuses_transforms_and_tangents():
         with pytest.raises(RuntimeError, match="multi_tensor_axpy_: .*forward-mode AD tangent"):
             ops.multi_tensor_axpy_(accumulators, [dual], scale)
     assert torch.equal(accumulators[0], torch.zeros(3))
+
+
+@pytest.mark.parametrize("impl", [ops.multi_tensor_axpy_, reference.multi_tensor_axpy_])
+def test_axpy_bumps_the_version_of_its_accumulators(impl):
+    """As torch's in-place ops: a backward through an accumulator saved before the update raises instead of using the
+    updated values silently."""
+    accumulator, w = torch.ones(3), torch.ones(3, requires_grad=True)
+    loss = (w * accumulator).sum()  # saves the accumulator for w's gradient
+    with torch.no_grad():
+        impl([accumulator], [torch.ones(3)], torch.full((1,), 2.0, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

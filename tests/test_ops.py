@@ -531,3 +531,33 @@ def test_out_form_refuses_transforms_and_tangents():
         with pytest.raises(RuntimeError, match="multistep_step_out: .*forward-mode AD tangent"):
             ops.multistep_step_out(dual, out, history, coeffs, x_next=torch.empty(3, 4))
         ops.multistep_step_out(x, out, history, coeffs, x_next=torch.empty(3, 4))  # no tangent: runs
+
+
+@pytest.mark.parametrize("impl", [ops.multistep_step_out, reference.multistep_step_out])
+def test_out_form_bumps_the_version_of_what_it_writes(impl):
+    """As torch's in-place ops: a backward through a tensor saved before the op overwrote it raises, instead of
+    differentiating with the new values (the fused op wrote behind autograd's back: a silently wrong gradient)."""
+    x, out, (m1,), coeffs, _ = make_case((3, 4), torch.float32, "cpu", 1, False)
+    for name in ("x_next", "m0"):
+        w = torch.ones(3, 4, requires_grad=True)
+        saved = w * 2
+        loss = (saved * saved).sum()  # saves `saved` for w's gradient
+        buffers = dict(x_next=torch.empty(3, 4), m0=torch.empty(3, 4), finite=torch.ones((), dtype=torch.bool))
+        buffers[name] = saved
+        versions = {key: t._version for key, t in buffers.items()}
+        with torch.no_grad():
+            impl(x, out, [m1], coeffs, **buffers)
+        assert all(t._version > versions[key] for key, t in buffers.items())
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+def test_out_form_refuses_a_buffer_that_requires_grad():
+    x, out, history, coeffs, _ = make_case((3, 4), torch.float32, "cpu", 1, False)
+    for name in ("x_next", "m0"):
+        buffers = dict(x_next=torch.empty(3, 4), m0=torch.empty(3, 4))
+        buffers[name] = torch.zeros(3, 4, requires_grad=True)
+        with pytest.raises(RuntimeError, match="multistep_step_out: is not differentiable, but an input or output"):
+            ops.multistep_step_out(x, out, history, coeffs, **buffers)
+        with torch.no_grad():  # as torch's in-place ops, allowed without grad mode
+            ops.multistep_step_out(x, out, history, coeffs, **buffers)
