@@ -424,8 +424,11 @@ def fourier_temporal_conv(x: Tensor, weight: Tensor, modes: int, residual: bool 
     """The twin of :func:`adjointdeis.ops.fourier_temporal_conv`, the literal way: ``rfft`` along T, keep
     ``modes`` bins, multiply bin k by ``W_k`` (``C_in x C_out``), ``irfft``; then LeakyReLU and the
     residual; in float64 (complex128) for float64 x and in float32 (complex64) otherwise."""
-    check_fourier_operands(x, weight, modes, residual, negative_slope)
+    c_out = check_fourier_operands(x, weight, modes, residual, negative_slope)
     opmath = opmath_dtype(x.dtype)
+    if x.numel() == 0:  # the FFT (MKL's) fails on an empty batch or image
+        return _finish_block(x, x.new_zeros((*x.shape[:2], c_out, *x.shape[3:]), dtype=opmath), residual,
+                             negative_slope)
     cdtype = torch.complex128 if opmath == torch.float64 else torch.complex64
     n_times = x.shape[1]
     spectrum = torch.fft.rfft(x.to(opmath), dim=1)[:, :modes]
@@ -438,8 +441,11 @@ def fourier_temporal_conv_channelwise(x: Tensor, weight: Tensor, modes: int, res
                                       negative_slope: float | None = 0.01) -> Tensor:
     """The twin of :func:`adjointdeis.ops.fourier_temporal_conv_channelwise` through rfft / irfft: bin k
     of channel c is multiplied by the complex scalar ``weight[k, c]``."""
-    check_fourier_operands(x, weight, modes, residual, negative_slope, channelwise=True)
+    c_out = check_fourier_operands(x, weight, modes, residual, negative_slope, channelwise=True)
     opmath = opmath_dtype(x.dtype)
+    if x.numel() == 0:  # the FFT (MKL's) fails on an empty batch or image
+        return _finish_block(x, x.new_zeros((*x.shape[:2], c_out, *x.shape[3:]), dtype=opmath), residual,
+                             negative_slope)
     cdtype = torch.complex128 if opmath == torch.float64 else torch.complex64
     n_times = x.shape[1]
     spectrum = torch.fft.rfft(x.to(opmath), dim=1)[:, :modes]
@@ -556,8 +562,8 @@ def _spectral_layer(x: Tensor, mixing: Tensor, modes: int) -> Tensor:
     rank = min(2 * modes - 1, n_times)
     mixing = mixing * bin_block_mask(n_times, modes, mixing.shape[0] // rank, c_in, mixing.dtype, x.device)
     proj, expand = spectral_basis(n_times, modes, mixing.dtype, x.device)
-    coords = torch.einsum("jt,btchw->bjchw", proj, x.to(mixing.dtype)).reshape(b, -1, h * w)
-    mixed = (mixing @ coords).view(b, proj.shape[0], -1, h, w)
+    coords = torch.einsum("jt,btchw->bjchw", proj, x.to(mixing.dtype)).reshape(b, rank * c_in, h * w)
+    mixed = (mixing @ coords).view(b, rank, mixing.shape[0] // rank, h, w)  # no -1: also for an empty x
     return torch.einsum("tj,bjchw->btchw", expand, mixed)
 
 

@@ -677,3 +677,25 @@ def test_torch_func_transforms_match_the_fft_layer(channelwise, residual, slope)
     batched = torch.stack([x, dx])
     assert_close(torch.func.vmap(lambda x: op(x, weight, modes, residual, slope))(batched),
                  torch.stack([ref(t, weight, modes, residual, slope) for t in batched]), **tol)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 2, 2), (2, 4, 3, 0, 2)])
+def test_empty_batch_or_image_through_the_twins(shape):
+    """The twins take an empty x as the ops do (the FFT twins failed in MKL's FFT, the spectral twin in an
+    ambiguous reshape, which torch.func transforms and forward-mode AD now run)."""
+    x = make_x(shape, torch.float32)
+    weight, channel_weight = make_weight((3, 3, 2)), make_weight((3, 3))
+    for op, ref, w in ((ops.fourier_temporal_conv, reference.fourier_temporal_conv, weight),
+                       (ops.fourier_temporal_conv_channelwise, reference.fourier_temporal_conv_channelwise,
+                        channel_weight)):
+        for residual in ([False] if w is weight else [True, False]):
+            want = op(x, w, 2, residual, 0.01)
+            assert want.shape == (*shape[:2], w.shape[-1] if w is weight else 3, *shape[3:])
+            got = ref(x, w, 2, residual, 0.01)
+            assert got.shape == want.shape and got.dtype == want.dtype
+            tangent = torch.func.jvp(lambda x: op(x, w, 2, residual, 0.01), (x,), (x,))[1]
+            assert tangent.shape == want.shape
+    parts = torch.view_as_real(weight).contiguous()
+    for got, want in zip(reference.fourier_mode_conv(x, parts, 2, False, 0.01, True),
+                         ops.fourier_mode_conv(x, parts, 2, False, 0.01, True)):
+        assert got.shape == want.shape and got.dtype == want.dtype
