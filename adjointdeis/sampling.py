@@ -79,7 +79,8 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
             default is "autograd" (they differentiate plain autograd only; "discrete" and "adjoint" raise).
         parameters: tensors to differentiate besides x_T and cond; default: the parameters of
             `model` that require grad when it is an nn.Module. Given, nothing else the model reaches (its
-            other parameters, tensors in a closure) gets a gradient, in every mode.
+            other parameters, tensors in a closure) gets a gradient, in every mode (under torch.func transforms
+            and forward-mode AD, which differentiate their own inputs, it has no effect).
         progress: show a tqdm progress bar.
         check_finite: after the loop (one host sync), raise if the sample is not finite (skipped where the host
             cannot read the sample: torch.compile, CUDA graph capture, torch.func.vmap); with "discrete" and
@@ -107,7 +108,7 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
         steps < 1, a bad grid, missing uncond, a model output of the wrong shape, noise tensors of the wrong
         count, shape or device, or a bad `grad_steps`; TypeError naming `noise` for a wrong type or dtype;
         FloatingPointError when the result is not finite (NaN or Inf in a model output); RuntimeError for
-        grad="discrete" or "adjoint", or `parameters`, under a torch.func transform or forward-mode AD.
+        grad="discrete" or "adjoint" under a torch.func transform or forward-mode AD.
     """
     validation.function(model, "model", "model(x, t[, cond]) -> Tensor")
     validation.floating(x_T, "x_T", min_dim=1)
@@ -140,9 +141,6 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
     conditioning = Conditioning(cond, uncond, guidance_scale)
     params = model_parameters(model, parameters)
     mode = gradient_mode(grad, x_T, conditioning, params, noises or [])
-    if mode == "autograd" and parameters is not None and transformed():
-        raise RuntimeError("sample: parameters= is not supported under torch.func transforms and forward-mode AD "
-                           "(the transform differentiates its own inputs); leave it unset")
     if grad_steps is not None:
         k = truncation_steps(grad_steps, grad_steps_generator, sum(plan.steps.starts_step))
         grad_from = truncation_row(plan, k)
@@ -153,7 +151,8 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
             x = run_plan(model, x_T, plan, cond=cond, guidance_scale=guidance_scale, uncond=uncond,
                          generator=generator, progress=progress, check_finite=check_finite, callback=callback,
                          noise=noise if noises is None else tensor_noise(plan, noises), grad_from=grad_from)
-        if mode == "autograd" and parameters is not None:  # nothing else the model reaches gets a gradient
+        # nothing else the model reaches gets a gradient; a torch.func transform differentiates its own inputs
+        if mode == "autograd" and parameters is not None and not transformed():
             x = differentiated_only(x, [x_T, *conditioning.leaves(), *params, *(noises or [])])
         return x
     options, adjoint_grid = None, None

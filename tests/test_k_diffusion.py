@@ -370,3 +370,16 @@ def test_a_closure_models_parameters(name):
         out = sampler(lambda v, s, **kw: model(v, s, **kw), x.clone().requires_grad_(), sigmas,
                       extra_args={"cond": cond}, disable=True, grad="discrete")
         out.sum().backward()
+
+
+def test_forward_mode_ad_through_a_sampler_with_a_module():
+    """torch.func.jvp through a k-diffusion sampler whose model is a Module with trainable parameters (which the
+    samplers pass on as `parameters`): w . (J v) against (J^T w) . v from the exact discrete adjoint."""
+    model = EDMDenoiser()
+    sigmas = torch.tensor([10.0, 3.0, 1.0, 0.3, 0.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    x, v, w = (torch.randn(SHAPE, generator=g) for _ in range(3))
+    xr = x.clone().requires_grad_()
+    (vjp,) = torch.autograd.grad(kd.sample_dpmpp_2m(model, xr, sigmas, disable=True, grad="discrete"), xr, w)
+    tangent = torch.func.jvp(lambda x: kd.sample_dpmpp_2m(model, x, sigmas, disable=True), (x,), (v,))[1]
+    torch.testing.assert_close((w * tangent).sum(), (vjp * v).sum(), rtol=1e-4, atol=1e-4)

@@ -864,18 +864,18 @@ def test_torch_func_grad_vmap_and_jacrev_through_sample():
     jac = torch.func.jacrev(lambda x: ad.sample(frozen, x, sched, steps=5))(x)
     want_jac = torch.autograd.functional.jacobian(lambda x: ad.sample(frozen, x, sched, steps=5, grad="autograd"), x)
     assert_close(jac, want_jac, rtol=1e-10, atol=1e-10)
+    with_parameters = torch.func.jacrev(lambda x: ad.sample(frozen, x, sched, steps=5, parameters=[]))(x)
+    assert_close(with_parameters, want_jac, rtol=1e-10, atol=1e-10)  # parameters= has no effect under a transform
     batched = torch.func.vmap(lambda x: ad.sample(frozen, x[None], sched, steps=5)[0])(x)  # check_finite skipped
     assert_close(batched, torch.cat([ad.sample(frozen, row[None], sched, steps=5) for row in x]),
                  rtol=1e-12, atol=1e-12)
 
 
-def test_own_backward_modes_and_parameters_refuse_torch_func_transforms():
+def test_own_backward_modes_refuse_torch_func_transforms():
     sched, model = ad.VPSchedule.linear(), _TimedMLP()
     x = torch.randn(2, 6, dtype=torch.float64)
     for grad in ("discrete", "adjoint"):
         with pytest.raises(RuntimeError, match=f"grad='{grad}' runs its own backward pass"):
             torch.func.grad(lambda x: ad.sample(model, x, sched, steps=4, grad=grad).sum())(x)
-    with pytest.raises(RuntimeError, match="parameters= is not supported under torch.func"):
-        torch.func.grad(lambda x: ad.sample(model, x, sched, steps=4, parameters=[model.weight]).sum())(x)
     with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match="grad='discrete' runs its own"):
         ad.sample(model, torch.autograd.forward_ad.make_dual(x, x), sched, steps=4, grad="discrete")
