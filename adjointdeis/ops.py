@@ -192,6 +192,12 @@ def multistep_step_out(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Te
         _increment_version([t for t in (x_next, m0, finite) if t is not None])  # write then raises
 
 
+multistep_step_out_unchecked = torch.ops.adjointdeis.multistep_step_out.default
+"""The op behind :func:`multistep_step_out`, positional and without its Python checks or version bumps (about
+1 us a call): for a sampling loop under no_grad whose buffers nobody else holds (:func:`adjointdeis.planning.run_plan`).
+The C++ checks of operands (dtype, device, shape, layout, overlap) still run."""
+
+
 @torch.library.register_fake("adjointdeis::multistep_step_out")
 def _multistep_step_out_fake(x, out, history, coeffs, noise, x_next, m0, finite=None):
     reference.check_step_outputs(x, out, history, coeffs, noise, x_next, m0, finite, memory=False)

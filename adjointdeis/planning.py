@@ -388,9 +388,6 @@ _FREE_WITH = tuple((_NOBODY[0] - 1 + k, *_NOBODY[1:]) for k in range(8))
 names, entries of its lists)."""
 
 
-_step_out = torch.ops.adjointdeis.multistep_step_out.default
-
-
 def _same_kind(t: Tensor, like: Tensor) -> bool:
     """Whether `t` can stand in for a buffer like `like`: the same shape, dtype and device, and contiguous (the step
     writes contiguous outputs; a noise of the caller's, e.g. a channels_last one, is not)."""
@@ -681,9 +678,9 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
                 spares.in_place += free + claimed
                 del oldest
                 verdict = flag if row == last else None
-                # the op itself, not ops.multistep_step_out: grad is off and no transform runs here, and no version
-                # counter needs a bump (nothing else holds a buffer it writes, not even autograd)
-                _step_out(x, row_output(plan, row, x, out), operands, coeff_row, z, x_next, m0, verdict)
+                # grad is off and no transform runs here, and nothing else holds a buffer it writes: the raw op
+                ops.multistep_step_out_unchecked(x, row_output(plan, row, x, out), operands, coeff_row, z, x_next,
+                                                 m0, verdict)
             else:
                 x_next, m0 = ops.multistep_step(x, row_output(plan, row, x, out), operands, coeff_row, z, save_m0)
             if callback is not None:
