@@ -106,17 +106,13 @@ def adjoint_options(adjoint: AdjointOptions | None = None, order: int | None = N
     return adjoint
 
 
-def transformed() -> bool:
-    """Whether a torch.func transform (grad, jvp, vmap, ...) or a forward-mode AD level is active."""
-    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
-
-
 def gradient_mode(grad: str | None, x_T: Tensor, conditioning: Conditioning, params: list[Tensor],
                   noises: list[Tensor] = ()) -> str | None:
     """The gradient mode of a run: `grad`, or "discrete" when something (x_T, the conditioning, `params`, the
     explicit `noises`) requires grad; None without autograd. Under a torch.func transform or forward-mode AD
-    (:func:`transformed`), which differentiate plain autograd only and cannot tell the sampler which tensors they
-    differentiate (a model's closure or ``functional_call`` reaches them): "autograd" (None without grad mode).
+    (:func:`adjointdeis.ops.transformed`), which differentiate plain autograd only and cannot tell the sampler
+    which tensors they differentiate (a model's closure or ``functional_call`` reaches them): "autograd" (None
+    without grad mode).
 
     Raises:
         ValueError for an unknown mode; RuntimeError for discrete or adjoint inside ``parametrize.cached()``
@@ -124,7 +120,7 @@ def gradient_mode(grad: str | None, x_T: Tensor, conditioning: Conditioning, par
     """
     if grad is not None and grad not in GRAD_MODES:
         raise ValueError(f"unknown grad mode {grad!r}; choose one of {', '.join(GRAD_MODES)} or None")
-    if transformed():
+    if ops.transformed():
         if grad in ("discrete", "adjoint"):
             raise RuntimeError(f"grad={grad!r} runs its own backward pass, which torch.func transforms (grad, jvp, "
                                "vmap, ...) and forward-mode AD cannot differentiate; use grad='autograd' (the default "

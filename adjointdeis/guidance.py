@@ -188,28 +188,6 @@ def _check_options(optimize, optimizer, iters, lr, clip_grad, tol, cond, regular
     return targets
 
 
-def _initial_noise(model, x_T: Tensor, sched: NoiseSchedule, steps: int, cond, sample_kwargs: dict,
-                   source: Callable | None = None) -> Tensor:
-    """(N, *x_T.shape) the noises a run draws (from `source`, a ``noise(row, x)`` callable, else from
-    ``sample_kwargs["generator"]``, removed from it), found by one sampling run without gradients.
-
-    Raises:
-        ValueError when the run injects no noise.
-    """
-    generator, draws = sample_kwargs.pop("generator", None), []
-
-    def draw(row: int, x: Tensor) -> Tensor:
-        draws.append(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if source is None
-                     else source(row, x))
-        return draws[-1]
-
-    with torch.no_grad():
-        sample(model, x_T, sched, steps=steps, cond=_detached(cond), noise=draw, **sample_kwargs)
-    if not draws:
-        raise ValueError("optimize includes 'noise' but the run injects none: pass sde=True (or solver='renoise')")
-    return torch.stack(draws)
-
-
 class _FixedNoise:
     """A ``noise(row, x)`` source that draws each row's noise once (from `source`, a ``noise(row, x)`` callable,
     else standard normal from `generator`) and gives the same tensor at every later run: guide's objective is
@@ -227,6 +205,23 @@ class _FixedNoise:
     def drawn(self) -> Tensor | None:
         """(N, *shape) the rows' noises in row order (detached), or None when the run injected none."""
         return torch.stack([self.rows[r] for r in sorted(self.rows)]).detach() if self.rows else None
+
+
+def _initial_noise(model, x_T: Tensor, sched: NoiseSchedule, steps: int, cond, sample_kwargs: dict,
+                   source: Callable | None = None) -> Tensor:
+    """(N, *x_T.shape) the noises a run draws (from `source`, a ``noise(row, x)`` callable, else from
+    ``sample_kwargs["generator"]``, removed from it), found by one sampling run without gradients.
+
+    Raises:
+        ValueError when the run injects no noise.
+    """
+    draws = _FixedNoise(source, sample_kwargs.pop("generator", None))
+    with torch.no_grad():
+        sample(model, x_T, sched, steps=steps, cond=_detached(cond), noise=draws, **sample_kwargs)
+    start = draws.drawn()
+    if start is None:
+        raise ValueError("optimize includes 'noise' but the run injects none: pass sde=True (or solver='renoise')")
+    return start
 
 
 @torch.inference_mode(False)  # guide differentiates whatever the caller's context: it needs autograd on

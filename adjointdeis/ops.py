@@ -22,7 +22,7 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _increment_version = torch.autograd.graph.increment_version
 
 
-def _transformed() -> bool:
+def transformed() -> bool:
     """Whether a torch.func transform (vmap, grad, jvp, ...) or a forward-mode AD level is active, which the fused
     kernels' autograd formulas (reverse mode only, in the layout of plain tensors) do not serve."""
     return _functorch_active() or _forward_ad._current_level >= 0
@@ -31,7 +31,7 @@ def _transformed() -> bool:
 def _check_untransformed(op: str, tensors) -> None:
     """Raises RuntimeError when an operand of the non-differentiable op `op` is a torch.func transform's tensor
     (vmap, grad, jvp, ...) or carries a forward-mode tangent: the op would drop the tangent or batch dimension.
-    Called when :func:`_transformed`, outside torch.compile."""
+    Called when :func:`transformed`, outside torch.compile."""
     for t in tensors:
         if t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t):
             raise RuntimeError(f"{op}: is not supported under torch.func transforms (vmap, grad, jvp, ...); "
@@ -52,7 +52,7 @@ def _register_autograd(name: str, backward, setup_context, constant: int | None 
     twin = getattr(reference, name)
 
     def kernel(keyset, *args):
-        if _transformed() or (constant is not None and args[constant].requires_grad and torch.is_grad_enabled()):
+        if transformed() or (constant is not None and args[constant].requires_grad and torch.is_grad_enabled()):
             return twin(*args)
         return fused(keyset, *args)
 
@@ -185,7 +185,7 @@ def multistep_step_out(x: Tensor, out: Tensor, history: list[Tensor], coeffs: Te
                                        for t in (x, out, noise, *history, x_next, m0)):
         raise RuntimeError("multistep_step_out: is not differentiable, but an input or output buffer requires grad; "
                            "use multistep_step, or run under torch.no_grad()")
-    if _transformed() and not torch.compiler.is_compiling():
+    if transformed() and not torch.compiler.is_compiling():
         _check_untransformed("multistep_step_out", (x, out, noise, *history, x_next, m0))
     torch.ops.adjointdeis.multistep_step_out.default(x, out, list(history), coeffs, noise, x_next, m0, finite)
     if not torch.compiler.is_compiling():  # as an in-place op does: a backward through a tensor saved before the
@@ -286,7 +286,7 @@ def multi_tensor_axpy_(accumulators: list[Tensor], updates: list[Tensor], scale:
             "multi_tensor_axpy_ is not differentiable: call it under torch.no_grad() or on tensors "
             "that do not require grad"
         )
-    if _transformed() and not torch.compiler.is_compiling():
+    if transformed() and not torch.compiler.is_compiling():
         _check_untransformed("multi_tensor_axpy_", (*accumulators, *updates, scale))
     torch.ops.adjointdeis.multi_tensor_axpy_.default(list(accumulators), list(updates), scale)
     if not torch.compiler.is_compiling():  # as an in-place op does: a backward through a tensor saved before the

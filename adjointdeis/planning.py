@@ -521,8 +521,7 @@ def _recycles(x: Tensor) -> bool:
     outside compilation (on CUDA the caching allocator already reuses memory; a compiled graph plans its own
     buffers), torch.func transforms and forward-mode AD (whose tangents the out-of-place steps carry)."""
     return (x.device.type == "cpu" and type(x) is Tensor and x.numel() * x.element_size() >= RECYCLE_BYTES
-            and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-            and torch.autograd.forward_ad._current_level < 0)
+            and not torch.compiler.is_compiling() and not ops.transformed())
 
 
 NoiseSource = Callable[[int, Tensor], Tensor]

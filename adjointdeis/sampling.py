@@ -5,9 +5,9 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from . import validation
+from . import ops, validation
 from .gradients import (AdjointOptions, GradientSpec, adjoint_options, check_adjoint_inputs, differentiated_only,
-                        gradient_mode, sample_with_gradients, transformed, truncation_steps)
+                        gradient_mode, sample_with_gradients, truncation_steps)
 from .models import Conditioning, check_conditioning, model_parameters
 from .planning import (NoiseSource, StepInfo, noise_tensors, noisy_rows, plan_adjoint_grid, plan_sampling, resolve_grid,
                        run_plan, tensor_noise, truncation_row)
@@ -152,7 +152,7 @@ def sample(model: Callable, x_T: Tensor, sched: NoiseSchedule, steps: int | None
                          generator=generator, progress=progress, check_finite=check_finite, callback=callback,
                          noise=noise if noises is None else tensor_noise(plan, noises), grad_from=grad_from)
         # nothing else the model reaches gets a gradient; a torch.func transform differentiates its own inputs
-        if mode == "autograd" and parameters is not None and not transformed():
+        if mode == "autograd" and parameters is not None and not ops.transformed():
             x = differentiated_only(x, [x_T, *conditioning.leaves(), *params, *(noises or [])])
         return x
     options, adjoint_grid = None, None
