@@ -200,15 +200,8 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         stochastic_sampling: bool = False,
         family: str | None = None,
     ):
-        family = self._pick_family(family)
-        self._check_foreign_keys(family)
-        validation.integer(steps_offset, "scheduler config: steps_offset")
-        for key, value in self.config.items():   # diffusers computes with config values as they are
-            if isinstance(value, Tensor) and key != "trained_betas":
-                raise validation.ArgumentTypeError(f"scheduler config: {key} must be a Python value, not a tensor; "
-                                                   f"got {key}={value!r}")
         self._defaulted = {}
-        self._configure(family)
+        self._configure(self._pick_family(family))
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self._levels = None
@@ -228,6 +221,12 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         A resolved value that was not given (``_defaulted``) and is still the one stored is resolved again, so
         that a later ``register_to_config(algorithm_type=...)`` means what it means in a fresh scheduler.
         """
+        self._check_foreign_keys(family)
+        validation.integer(self.config.steps_offset, "scheduler config: steps_offset")
+        for key, value in self.config.items():   # diffusers computes with config values as they are
+            if isinstance(value, Tensor) and key != "trained_betas":
+                raise validation.ArgumentTypeError(f"scheduler config: {key} must be a Python value, not a tensor; "
+                                                   f"got {key}={value!r}")
         config = dict(self.config)
         for key, value in self._defaulted.items():
             if config.get(key) == value:
@@ -345,7 +344,6 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
                 grid whose noise rises.
         """
         if self._internal_dict is not self._configured:  # register_to_config since: read the config again
-            self._check_foreign_keys(self._spec.family)
             self._configure(self._spec.family)
         config = self.config
         spec = self._spec
