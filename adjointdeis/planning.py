@@ -623,7 +623,8 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
         noise: the noise of stochastic rows, ``noise(row, x) -> Tensor`` shaped like x (see :data:`NoiseSource`);
             default: standard normal draws from `generator`.
         grad_from: rows before this one run under ``torch.no_grad()`` (constants for autograd: truncated
-            backpropagation, see :func:`truncation_row`).
+            backpropagation, see :func:`truncation_row`; under forward-mode AD, which no_grad does not stop, the
+            state is detached there).
 
     Returns:
         (batch, *shape) the final state.
@@ -654,6 +655,8 @@ def run_plan(model: Callable, x_T: Tensor, plan: SamplingPlan, *, cond=None, gui
             if grad is not grad_now:
                 torch.set_grad_enabled(grad)
                 grad_now = grad
+                if grad and ops.transformed():  # forward-mode tangents pass no_grad: cut them where grad starts
+                    x, x_start, history = x.detach(), x_start.detach(), [h.detach() for h in history]
             recycle = spares is not None and not grad
             if starts:
                 if recycle and x_start is not x and x_start is not x_T:

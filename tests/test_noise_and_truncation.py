@@ -218,6 +218,31 @@ def test_truncation_equals_autograd_with_the_same_detach_points(solver, order, s
         torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("k", [1, 3, STEPS])
+def test_forward_mode_ad_keeps_the_truncation(k):
+    """torch.func.jvp and forward_ad through sample with grad_steps=K: w . (J v) equals (J^T w) . v from the
+    truncated discrete adjoint, for tangents of x_T, cond and the noises (forward mode passes no_grad, so before,
+    the tangents crossed the truncation: the full run's directional derivative)."""
+    net, x_T, cond, weight, sched = case(4)
+    net.requires_grad_(False)
+    noises = torch.randn(STEPS, *x_T.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(6)
+    v_x, v_c, v_z = (torch.randn(t.shape, dtype=torch.float64, generator=g) for t in (x_T, cond, noises))
+    run = lambda x, c, z: ad.sample(net, x, sched, cond=c, noise=list(z), steps=STEPS, sde=True, grad_steps=k)
+    (x_in, c_in), zs = leaves(x_T, cond, noises)
+    x = ad.sample(net, x_in, sched, cond=c_in, noise=zs, steps=STEPS, sde=True, grad_steps=k, grad="discrete")
+    grads = torch.autograd.grad((weight * x).sum(), [x_in, c_in, *zs], allow_unused=True)
+    tangents = [v_x, v_c, *v_z]
+    want = sum((gr * t).sum() for gr, t in zip(grads, tangents) if gr is not None)
+    _, tangent = torch.func.jvp(run, (x_T, cond, noises), (v_x, v_c, v_z))
+    torch.testing.assert_close((weight * tangent).sum(), want, rtol=1e-10, atol=1e-10)
+    fwd = torch.autograd.forward_ad
+    with fwd.dual_level():
+        out = run(fwd.make_dual(x_T, v_x), fwd.make_dual(cond, v_c), fwd.make_dual(noises, v_z))
+        tangent = fwd.unpack_dual(out).tangent
+    torch.testing.assert_close((weight * tangent).sum(), want, rtol=1e-10, atol=1e-10)
+
+
 def test_random_truncation_draws_k_from_the_range_with_the_generator():
     """grad_steps=(lo, hi): K ~ uniform lo..hi from grad_steps_generator, the same gradient as grad_steps=K."""
     draws = {truncation_steps((2, 4), torch.Generator().manual_seed(s)) for s in range(60)}
