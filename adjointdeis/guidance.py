@@ -238,8 +238,8 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
     Each iteration samples with gradients (`grad`), evaluates the loss (plus the `regularizer` of the
     optimised noises), backpropagates to the optimised inputs, optionally clips their gradient, and takes one
     optimiser step; with `preserve_norm` each sample's x_T is then scaled back to its original norm (kept on its
-    Gaussian shell, where a standard normal x_T concentrates). The model's own parameters are not
-    differentiated (pass ``parameters=`` in `sample_kwargs` to change that), nor are `uncond`, a tensor
+    Gaussian shell, where a standard normal x_T concentrates). The model's own parameters are never
+    differentiated (guide passes ``parameters=[]`` to sample), nor are `uncond`, a tensor
     `guidance_scale` or noises that are not optimised (their ``.grad`` is left alone). Gradients are enabled
     inside, so guide also works when called under ``torch.no_grad()`` or ``torch.inference_mode()``.
 
@@ -280,7 +280,8 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
         ValueError for an unknown optimize entry or optimizer name, iters < 1, optimising "cond"
         without a cond, a non-positive lr or clip_grad, a loss that is not a real scalar tensor or does not depend
         on the sample, optimising "noise" of a run that injects none, a `regularizer` without optimised noise, or
-        optimising "x_T" with a ``grad_steps`` truncation that never reaches the first step;
+        optimising "x_T" with a ``grad_steps`` truncation that never reaches the first step, or a
+        ``parameters=`` in `sample_kwargs` other than an empty one;
         TypeError for a loss_fn that is not callable or an x_T that is not a floating-point tensor;
         FloatingPointError for a loss that is not finite.
     """
@@ -295,6 +296,10 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
     validation.flag(progress, "progress")
     if grad is None:
         raise ValueError("guide needs a gradient mode: grad='discrete', 'adjoint' or 'autograd'")
+    if sample_kwargs.get("parameters", []) is None or list(sample_kwargs.get("parameters", [])):
+        raise ValueError("guide optimises inputs (x_T, noise, cond), never the model's parameters: parameters= "
+                         "would only build up their .grad over every iteration; leave it out (guide passes "
+                         "parameters=[]), or fine-tune the model with sample(..., parameters=...) in a loop of your own")
     truncation = sample_kwargs.get("grad_steps")
     most = truncation[1] if isinstance(truncation, tuple) and len(truncation) == 2 else truncation
     if "x_T" in targets and isinstance(most, int) and isinstance(steps, int) and most < steps:

@@ -164,6 +164,12 @@ def test_autograd_guidance_leaves_the_model_without_gradients():
     result = guide(lambda x, t, c: model(x, t, c) + 0 * net.weight, sched, squared_distance(target), x_T, cond=cond,
                    steps=2, iters=2, grad="autograd", progress=False)
     assert net.weight.grad is None and torch.isfinite(result.x_T).all()
+    for parameters in ([net.weight], None):  # would build up .grad over the iterations (None: every parameter)
+        with pytest.raises(ValueError, match="never the model's parameters: parameters="):
+            guide(model, sched, squared_distance(target), x_T, cond=cond, steps=2, iters=2, progress=False,
+                  parameters=parameters)
+    assert net.weight.grad is None
+    guide(model, sched, squared_distance(target), x_T, cond=cond, steps=2, iters=1, progress=False, parameters=())
 
 
 def numpy_log_bound(rows):
