@@ -176,14 +176,19 @@ def test_forward_matches_diffusers_unconditional_sde():
 ], ids=["sde_dpmsolver", "flow_stochastic"])
 def test_a_generator_gives_the_pipeline_s_noise_in_float64(scheduler):
     """diffusers' schedulers draw a step's noise as float32 from the generator (randn_tensor, on the generator's
-    device) whatever the latents' dtype; so does denoise, so float64 latents get the same noise and image."""
+    device) whatever the latents' dtype; so does denoise, so float64 latents get the same noise and image. The
+    generator ends where diffusers' loop leaves it (which draws at the last step to zero noise too), with or
+    without gradients, so the next image drawn from it is the pipeline's too."""
     scheduler = scheduler()
     unet, latents = unconditional_unet(torch.float64), inputs(torch.float64)[0]
-    with torch.no_grad():
-        ours = denoise(unet, latents, scheduler, num_inference_steps=6, generator=torch.Generator().manual_seed(7))
-    theirs = diffusers_loop(unet, scheduler, latents, 6, generator=torch.Generator().manual_seed(7))
-    assert ours.dtype == torch.float64
-    assert relative_error(ours, theirs) < FORWARD_RTOL
+    theirs_generator = torch.Generator().manual_seed(7)
+    theirs = diffusers_loop(unet, scheduler, latents, 6, generator=theirs_generator)
+    for grad in (None, "discrete"):
+        generator = torch.Generator().manual_seed(7)
+        ours = denoise(unet, latents, scheduler, num_inference_steps=6, generator=generator, grad=grad)
+        assert ours.dtype == torch.float64
+        assert relative_error(ours.detach(), theirs) < FORWARD_RTOL
+        assert torch.equal(generator.get_state(), theirs_generator.get_state())
 
 
 def test_forward_matches_flow_match_euler():

@@ -529,7 +529,8 @@ def denoise(pipe_or_unet, latents: Tensor, scheduler, prompt_embeds: Tensor | No
         negative_added_cond_kwargs: the unconditional branch's; defaults to `added_cond_kwargs`.
         solver, order: override the solver implied by the scheduler (DPM-Solver++ on FlowMatch's grid, ...).
         generator: noise for stochastic configs (SDE algorithms, FlowMatch's ``stochastic_sampling``), drawn as
-            diffusers' schedulers draw it (float32, on the generator's device: :func:`scheduler_noise`).
+            diffusers' schedulers draw it (float32, on the generator's device: :class:`SchedulerNoise`); it ends
+            where diffusers' loop leaves it.
         model_kwargs: constant keyword arguments for every network call (``cross_attention_kwargs``...).
         progress: show a progress bar.
         sigmas, timesteps, mu: the arguments of the scheduler's ``set_timesteps``; by default what the pipeline
@@ -586,16 +587,33 @@ def denoise(pipe_or_unet, latents: Tensor, scheduler, prompt_embeds: Tensor | No
         validation.instance(generator, "generator", torch.Generator, "a torch.Generator")
         if "noise" in sample_kwargs:
             raise ValueError("denoise: pass the noise either as noise= or drawn from generator=, not both")
-        sample_kwargs["noise"] = scheduler_noise(generator)
+        sample_kwargs["noise"] = drawn = SchedulerNoise(generator)
     options = {**setup.sample_kwargs(), **sample_kwargs}
-    return sample(call, latents, setup.schedule, cond=cond, uncond=uncond, guidance_scale=scale, grad=grad,
-                  parameters=parameters, progress=progress, **options)
+    x = sample(call, latents, setup.schedule, cond=cond, uncond=uncond, guidance_scale=scale, grad=grad,
+               parameters=parameters, progress=progress, **options)
+    if generator is not None and (drawn.count or options["sde"] or options["solver"] == "renoise"):
+        drawn.catch_up(len(setup.timesteps), latents)  # diffusers draws at every step, even one to zero noise
+    return x
 
 
-def scheduler_noise(generator: torch.Generator):
+class SchedulerNoise:
     """``sample``'s ``noise(row, x)`` drawn as diffusers' schedulers draw a step's noise: float32 standard normal
     from `generator` (``randn_tensor``: on the generator's device, so a CPU generator serves CUDA latents), cast to
-    x's dtype and device; the same generator then gives the pipeline's noise for every latents dtype."""
-    def noise(row: int, x: Tensor) -> Tensor:
-        return randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
-    return noise
+    x's dtype and device; the same generator then gives the pipeline's noise for every latents dtype.
+
+    Attributes:
+        count: how many draws it made.
+    """
+
+    def __init__(self, generator: torch.Generator):
+        self.generator, self.count = generator, 0
+
+    def __call__(self, row: int, x: Tensor) -> Tensor:
+        self.count += 1
+        return randn_tensor(x.shape, generator=self.generator, device=x.device, dtype=torch.float32).to(x.dtype)
+
+    def catch_up(self, draws: int, x: Tensor) -> None:
+        """Draws (and drops) what it takes to have made `draws` draws shaped like x: the generator then stands
+        where a diffusers loop leaves it (its scheduler draws at every step, also where the noise is unused)."""
+        while self.count < draws:
+            self(self.count, x)
