@@ -119,8 +119,9 @@ def test_heun_second_order_matches(algorithm, prediction):
     dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing",
          thresholding=True),
     dict(use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True),
+    dict(use_lu_lambdas=True, beta_schedule="squaredcos_cap_v2", final_sigmas_type="sigma_min", solver_order=3),
 ], ids=["euler_at_final", "lambda_min_clipped", "lu_lambdas", "beta_sigmas", "exponential_sde", "zero_snr_thresholded",
-        "dynamic_shifting"])
+        "dynamic_shifting", "lu_lambdas_cosine_sigma_min"])
 def test_grid_options_match_dpmsolver(config):
     pytest.importorskip("scipy")
     theirs = DPMSolverMultistepScheduler(**config)
@@ -132,6 +133,26 @@ def test_grid_options_match_dpmsolver(config):
             scheduler.config.flow_shift = 1.0  # diffusers keeps exp(mu) in its config; ours keeps it to the grid
 
     assert_same_states(*both(theirs, 9, generator_seed=2, set_timesteps=set_timesteps))
+
+
+def test_a_last_level_above_the_one_before_by_float32_rounding_is_a_zero_length_step():
+    """use_lu_lambdas on squaredcos_cap_v2 betas ends at exp(log(sigma_min)), an ulp below the sigma_min that
+    final_sigmas_type="sigma_min" appends: the grid rises by rounding, which is no rise (diffusers steps through it,
+    ours takes it as the zero-length step its other grids have there), in the scheduler and in denoise."""
+    theirs = DPMSolverMultistepScheduler(use_lu_lambdas=True, beta_schedule="squaredcos_cap_v2", **SIGMA_MIN)
+    theirs.set_timesteps(6)
+    assert theirs.sigmas[-1] > theirs.sigmas[-2]  # the oracle's grid rises, by float32 rounding only
+    ours, reference = both(theirs, 6)
+    assert_same_states(ours, reference)
+    assert torch.equal(ours[-1], ours[-2])
+
+    class Network(torch.nn.Module):
+        def forward(self, x, timestep, return_dict=False):
+            return (fake_model(x, timestep.reshape(-1, *[1] * (x.dim() - 1))),)
+
+    with torch.no_grad():
+        got = ad.diffusers.denoise(Network(), initial_noise(), theirs, num_inference_steps=6)
+    assert_same_states([got.double()], [reference[-1]])
 
 
 @pytest.mark.parametrize("config", [dict(), dict(use_karras_sigmas=True), dict(use_flow_sigmas=True, flow_shift=3.0,

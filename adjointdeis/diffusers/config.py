@@ -546,7 +546,23 @@ def _cached_grid(name: str, kwargs: tuple, steps: int | None, timesteps: tuple |
     reference.set_timesteps(**call)
     sigma = reference.sigmas.to(torch.float32)
     levels = 1.0 - sigma if options.get("invert_sigmas") else sigma
-    return Grid(tuple(levels.tolist()), reference.timesteps.clone(), sigma.clone())
+    return Grid(_without_rounding_rises(levels.tolist()), reference.timesteps.clone(), sigma.clone())
+
+
+# A level above the one before by at most this relative amount is float32 rounding, not a rise: diffusers' log-SNR
+# grid (use_lu_lambdas) on squaredcos_cap_v2 betas ends at exp(log(sigma_min)), an ulp below the sigma_min it then
+# appends (final_sigmas_type "sigma_min"), where its other grids repeat sigma_min exactly.
+_ROUNDING_RISE = 4 * 2.0**-23
+
+
+def _without_rounding_rises(levels: list) -> tuple:
+    """`levels` with each one that rises above the one before by float32 rounding only set to it (a zero-length
+    step, as where diffusers' grids repeat a level)."""
+    levels = list(levels)
+    for i in range(1, len(levels)):
+        if levels[i - 1] < levels[i] <= levels[i - 1] * (1 + _ROUNDING_RISE):
+            levels[i] = levels[i - 1]
+    return tuple(levels)
 
 
 def clear_grid_cache() -> None:
