@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import integrate, optimize
 
-from adjointdeis.diffusers import schedule_from_config
+from adjointdeis.diffusers import FusedMultistepScheduler, schedule_from_config
 from adjointdeis.schedules import (
     CosineVPSchedule,
     DiscreteVPSchedule,
@@ -676,3 +676,35 @@ def test_schedule_from_config_in_float32_is_diffusers_own(beta_schedule):
         schedule_from_config(DDPMScheduler(rescale_betas_zero_snr=True).config)
     flow = schedule_from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
     assert isinstance(flow, FlowSchedule) and flow.shift == 3.0
+
+
+@pytest.mark.parametrize("config,key", [
+    (dict(use_flow_sigmas="false"), "use_flow_sigmas"),            # a truthy string: was read as a flow schedule
+    (dict(rescale_betas_zero_snr="false"), "rescale_betas_zero_snr"),
+    (dict(use_flow_sigmas=1, flow_shift=3.0), "use_flow_sigmas"),
+])
+def test_schedule_from_config_switch_that_is_not_a_bool_names_the_key(config, key):
+    """As the scheduler's config: a switch is True or False; diffusers' JSON configs hold nothing else."""
+    with pytest.raises(TypeError, match=rf"\b{key} must be True or False"):
+        schedule_from_config(config)
+    with pytest.raises(TypeError, match=rf"\b{key} must be True or False"):
+        FusedMultistepScheduler(**config)
+
+
+def test_schedule_from_config_trained_betas_must_cover_num_train_timesteps():
+    """diffusers spaces its timesteps over num_train_timesteps: with fewer trained_betas they index past the
+    table's end (its set_timesteps clamps them to the last level), so the schedule raises as the scheduler does."""
+    betas = np.linspace(1e-4, 0.02, 500)
+    for config in (dict(trained_betas=betas.tolist(), num_train_timesteps=1000), dict(trained_betas=betas.tolist())):
+        with pytest.raises(ValueError, match=r"trained_betas has 500 entries but num_train_timesteps is 1000"):
+            schedule_from_config(config)
+    theirs = DDPMScheduler(trained_betas=betas.tolist(), num_train_timesteps=500)
+    ours = schedule_from_config(theirs.config, torch.float32)
+    assert torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod.to(F64))
+
+
+@pytest.mark.parametrize("dtype,error", [(torch.float16, ValueError), (torch.int64, ValueError),
+                                         ("float32", TypeError)])
+def test_schedule_from_config_dtype_is_float64_or_float32(dtype, error):
+    with pytest.raises(error, match=r"^dtype must be torch.float64 or torch.float32"):
+        schedule_from_config({}, dtype)

@@ -235,9 +235,13 @@ def vp_schedule(config: Mapping, dtype: torch.dtype = torch.float64) -> Discrete
     if config.get("rescale_betas_zero_snr", False):
         raise ValueError("scheduler config: rescale_betas_zero_snr=True ends the schedule at zero SNR, which a "
                          "DiscreteVPSchedule cannot represent; build it from the scheduler's alphas_cumprod")
+    count, values = _num_train_timesteps(config), betas(config, dtype)
+    if len(values) != count:  # diffusers spaces its timesteps over num_train_timesteps, past the betas' end
+        raise ValueError(f"scheduler config: trained_betas has {len(values)} entries but num_train_timesteps is "
+                         f"{count}")
     if dtype != torch.float64:
         return VPSchedule.from_alphas_cumprod(alphas_cumprod(config, dtype)[1])
-    return VPSchedule.from_betas(betas(config, dtype))
+    return VPSchedule.from_betas(values)
 
 
 def flow_schedule(config: Mapping) -> FlowSchedule:
@@ -282,9 +286,13 @@ def schedule_from_config(config: Mapping, dtype: torch.dtype = torch.float64) ->
         A :class:`~adjointdeis.FlowSchedule` or a :class:`~adjointdeis.schedules.DiscreteVPSchedule`.
 
     Raises:
-        ValueError naming the key of a value it cannot honour.
+        ValueError naming the key of a value it cannot honour (a switch such as ``use_flow_sigmas`` that is not
+        True or False: ArgumentTypeError, a TypeError), or naming dtype for another dtype.
     """
     validation.instance(config, "config", Mapping, "a diffusers scheduler config (scheduler.config or a dict)")
+    if dtype not in (torch.float64, torch.float32):
+        raise (ValueError if isinstance(dtype, torch.dtype) else validation.ArgumentTypeError)(f"dtype must be torch.float64 or torch.float32 (the precision of the betas); got {dtype!r}")
+    _check_switches_and_levels(config)
     return flow_schedule(config) if is_flow_matching(config) else vp_schedule(config, dtype)
 
 
