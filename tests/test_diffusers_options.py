@@ -375,6 +375,25 @@ def test_dpmpp_and_deis_on_the_flow_match_grid():
         assert torch.isfinite(loop(ours, initial_noise(), model=flow_model)[-1]).all()
 
 
+def test_one_step_with_shift_terminal_names_the_key():
+    """diffusers stretches the grid by its last level, 1 on a one-step grid: its level is 0 / 0 (and diffusers'
+    own step then fails with an IndexError); the scheduler and denoise raised about step coefficients or a
+    reduction, not naming shift_terminal. Two steps still give diffusers' grid."""
+    theirs = FlowMatchEulerDiscreteScheduler(shift_terminal=0.02)
+    theirs.set_timesteps(1)
+    assert torch.isnan(theirs.sigmas[0])
+    with pytest.raises(ValueError, match="non-finite noise levels.*shift_terminal"):
+        FusedMultistepScheduler.from_config(theirs.config).set_timesteps(1)
+
+    class Network(torch.nn.Module):
+        def forward(self, x, timestep, return_dict=False):
+            return (fake_model(x, timestep.reshape(-1, *[1] * (x.dim() - 1))),)
+
+    with pytest.raises(ValueError, match="non-finite noise levels.*shift_terminal"):
+        ad.diffusers.denoise(Network(), initial_noise(), theirs, num_inference_steps=1)
+    assert_same_states(*both(theirs, 2, model=lambda x, t: fake_model(x, t)))
+
+
 def test_flow_match_arguments_it_cannot_honour_name_themselves():
     scheduler = FusedMultistepScheduler.from_config(FlowMatchEulerDiscreteScheduler().config)
     scheduler.set_timesteps(4)

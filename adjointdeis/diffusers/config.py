@@ -590,8 +590,8 @@ def grid(config: Mapping, spec: SchedulerSpec, num_inference_steps: int | None =
     :func:`vp_custom_grid`. Results are memoised per config and arguments.
 
     Raises:
-        ValueError from diffusers for arguments it rejects, and for ``timesteps=`` with ``use_flow_sigmas`` in a VP
-        family (diffusers fails there).
+        ValueError from diffusers for arguments it rejects, for ``timesteps=`` with ``use_flow_sigmas`` in a VP
+        family (diffusers fails there), and for a grid with non-finite levels (one step with ``shift_terminal``).
     """
     final = dict(spec.resolved)["final_sigmas_type"]
     name, kwargs = _grid_source(config, spec.family, final)
@@ -604,8 +604,14 @@ def grid(config: Mapping, spec: SchedulerSpec, num_inference_steps: int | None =
         name, kwargs = _grid_source(config, "dpmsolver", final)  # the same levels; DEIS takes no timesteps=
     as_tuple = (lambda v: None if v is None else tuple(np.asarray(v.cpu() if isinstance(v, Tensor) else v,
                                                                   dtype=np.float64).reshape(-1).tolist()))
-    return _cached_grid(name, kwargs, num_inference_steps, as_tuple(timesteps), as_tuple(sigmas),
-                        None if mu is None else float(mu))
+    result = _cached_grid(name, kwargs, num_inference_steps, as_tuple(timesteps), as_tuple(sigmas),
+                          None if mu is None else float(mu))
+    if not all(math.isfinite(level) for level in result.levels):
+        cause = (" (scheduler config: shift_terminal stretches the grid by its last level, 1 on a one-step grid: "
+                 "0 / 0)" if FAMILIES[spec.family].flow and config.get("shift_terminal") is not None else "")
+        raise ValueError(f"set_timesteps: the grid diffusers computes here has non-finite noise levels "
+                         f"{list(result.levels)}{cause}; use more steps or pass sigmas")
+    return result
 
 
 def vp_custom_grid(config: Mapping, spec: SchedulerSpec, sigmas, final: str) -> Grid:
