@@ -708,3 +708,21 @@ def test_schedule_from_config_trained_betas_must_cover_num_train_timesteps():
 def test_schedule_from_config_dtype_is_float64_or_float32(dtype, error):
     with pytest.raises(error, match=r"^dtype must be torch.float64 or torch.float32"):
         schedule_from_config({}, dtype)
+
+
+@pytest.mark.parametrize("scheduler_class", [DDPMScheduler, DPMSolverMultistepScheduler])
+def test_zero_terminal_snr_config_error_advises_what_works(scheduler_class):
+    """A zero-SNR config has no DiscreteVPSchedule, and neither has the scheduler's own alphas_cumprod (DDPM's ends
+    at 0; DPM-Solver's at 2**-24, above the entry before it); the error points to the scheduler, which runs."""
+    theirs = scheduler_class(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+    with pytest.raises(ValueError) as info:
+        schedule_from_config(theirs.config)
+    assert "rescale_betas_zero_snr" in str(info.value) and "FusedMultistepScheduler" in str(info.value)
+    with pytest.raises(ValueError, match="alphas_cumprod must"):
+        VPSchedule.from_alphas_cumprod(theirs.alphas_cumprod)
+    ours = FusedMultistepScheduler.from_config(theirs.config)
+    ours.set_timesteps(5)
+    x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    for t in ours.timesteps:
+        x = ours.step(0.5 * x, t, x).prev_sample
+    assert torch.isfinite(x).all()

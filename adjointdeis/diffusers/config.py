@@ -234,7 +234,9 @@ def vp_schedule(config: Mapping, dtype: torch.dtype = torch.float64) -> Discrete
     """
     if config.get("rescale_betas_zero_snr", False):
         raise ValueError("scheduler config: rescale_betas_zero_snr=True ends the schedule at zero SNR, which a "
-                         "DiscreteVPSchedule cannot represent; build it from the scheduler's alphas_cumprod")
+                         "DiscreteVPSchedule cannot represent (nor the scheduler's alphas_cumprod: 0 at the end, or diffusers' "
+                         "2**-24 there, above the one before); sample through FusedMultistepScheduler.from_config(config) "
+                         "or adjointdeis.diffusers.denoise, which take the config's own grid")
     count, values = _num_train_timesteps(config), betas(config, dtype)
     if len(values) != count:  # diffusers spaces its timesteps over num_train_timesteps, past the betas' end
         raise ValueError(f"scheduler config: trained_betas has {len(values)} entries but num_train_timesteps is "
