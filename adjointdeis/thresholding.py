@@ -40,10 +40,12 @@ class DynamicThreshold:
     max_value: float = 1.0
 
     def __post_init__(self):
-        validation.probability(self.ratio, "DynamicThreshold.ratio (dynamic_thresholding_ratio)")
+        # Stored as the Python floats validated (a tensor or NumPy scalar given stays the caller's to change).
+        object.__setattr__(self, "ratio",
+                           validation.probability(self.ratio, "DynamicThreshold.ratio (dynamic_thresholding_ratio)"))
         # The threshold divides x0 in float32 (half and bfloat16 included): it must not underflow there.
-        validation.real(self.max_value, "DynamicThreshold.max_value (sample_max_value)",
-                        torch.finfo(torch.float32).tiny)
+        object.__setattr__(self, "max_value", validation.real(
+            self.max_value, "DynamicThreshold.max_value (sample_max_value)", torch.finfo(torch.float32).tiny))
 
     def __call__(self, x0: Tensor) -> Tensor:
         return dynamic_threshold(x0, self.ratio, self.max_value)

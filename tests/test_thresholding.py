@@ -74,6 +74,19 @@ def test_settings_are_validated():
         DynamicThreshold(max_value=0.0)
 
 
+def test_settings_given_as_tensors_are_stored_as_the_floats_validated():
+    """DynamicThreshold is frozen (shared across threads): a tensor setting must not stay the caller's tensor,
+    whose later change would bypass the validation and change the threshold of every run using it."""
+    ratio, max_value = torch.tensor(0.9, dtype=torch.float64), torch.tensor(2.5, dtype=torch.float64)
+    threshold = DynamicThreshold(ratio, max_value)
+    ratio.fill_(5.0)
+    max_value.fill_(-1.0)
+    assert type(threshold.ratio) is float and type(threshold.max_value) is float
+    x0 = 3 * torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(threshold(x0), reference(x0, 0.9, 2.5))
+    assert DynamicThreshold(torch.tensor(0.5), 2.0) == DynamicThreshold(0.5, 2.0)
+
+
 def test_thresholded_sample_matches_dpmsolver_and_its_gradient_is_exact():
     """ad.sample(threshold=) on the discrete schedule with DPMSolverMultistep's N timesteps (diffusers' convention)
     equals its thresholded loop; grad="discrete" equals autograd through the same run; grad="adjoint" refuses."""
