@@ -726,3 +726,23 @@ def test_zero_terminal_snr_config_error_advises_what_works(scheduler_class):
     for t in ours.timesteps:
         x = ours.step(0.5 * x, t, x).prev_sample
     assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("name,key", [("EDMEulerScheduler", "sigma_data"), ("EDMDPMSolverMultistepScheduler", "sigma_data"),
+                                      ("CosineDPMSolverMultistepScheduler", "sigma_data"),
+                                      ("CMStochasticIterativeScheduler", "sigma_data"), ("ScoreSdeVeScheduler", "sigma_max"),
+                                      ("DDPMWuerstchenScheduler", "scaler")])
+def test_schedule_from_config_of_a_non_vp_scheduler_names_a_key(name, key):
+    """These configs carry no betas: read as a VP config they gave diffusers' default linear betas, a schedule of
+    another model (an EDM model's sigma runs from 0.002 to 80, the default betas' from 0.01 to 157)."""
+    import diffusers
+
+    config = getattr(diffusers, name)().config
+    assert not any(k in config for k in ("beta_start", "beta_end", "beta_schedule", "trained_betas"))
+    with pytest.raises(ValueError, match=rf"scheduler config: {key} is a key of a scheduler whose noise schedule"):
+        schedule_from_config(config)
+    # an Euler config registers sigma_min / sigma_max beside its betas: still the betas' schedule
+    euler = diffusers.EulerDiscreteScheduler()
+    euler.register_to_config(sigma_min=0.1, sigma_max=10.0)
+    assert torch.equal(schedule_from_config(euler.config, torch.float32).alphas_cumprod,
+                       euler.alphas_cumprod.to(F64))

@@ -225,13 +225,26 @@ def alphas_cumprod(config: Mapping, dtype: torch.dtype = torch.float32) -> tuple
     return values, products
 
 
+# Keys of the schedulers whose noise schedule is no VP betas (EDMEuler, EDMDPMSolverMultistep, CosineDPMSolverMultistep,
+# CMStochasticIterative, ScoreSdeVe, KarrasVe: variance exploding; DDPMWuerstchen: its own continuous cosine).
+NON_VP_KEYS = ("sigma_data", "sigma_schedule", "rho", "sigma_max", "snr", "s_churn", "scaler")
+BETA_KEYS = ("beta_start", "beta_end", "beta_schedule", "trained_betas")
+
+
 def vp_schedule(config: Mapping, dtype: torch.dtype = torch.float64) -> DiscreteVPSchedule:
     """The discrete VP schedule of a config, its betas computed in `dtype` (see :func:`betas`).
 
     Raises:
         ValueError naming the key of a value it cannot honour (rescale_betas_zero_snr among them: a schedule
-        reaching zero SNR has no finite half log-SNR at its end), or for betas outside (0, 1).
+        reaching zero SNR has no finite half log-SNR at its end), for betas outside (0, 1), or naming a key of a
+        scheduler whose schedule is no VP one (:data:`NON_VP_KEYS` in a config without betas keys).
     """
+    foreign = [k for k in NON_VP_KEYS if k in config]
+    if foreign and not any(k in config for k in BETA_KEYS):
+        raise ValueError(f"scheduler config: {foreign[0]} is a key of a scheduler whose noise schedule is not VP "
+                         "betas (EDM / variance exploding, such as EDMEulerScheduler), and the config has no betas: "
+                         "read with diffusers' default betas it would be another model's schedule; for an EDM "
+                         "config use adjointdeis.EDMSchedule(sigma_min, sigma_max, rho)")
     if config.get("rescale_betas_zero_snr", False):
         raise ValueError("scheduler config: rescale_betas_zero_snr=True ends the schedule at zero SNR, which a "
                          "DiscreteVPSchedule cannot represent (nor the scheduler's alphas_cumprod: 0 at the end, or diffusers' "
