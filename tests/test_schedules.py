@@ -746,3 +746,20 @@ def test_schedule_from_config_of_a_non_vp_scheduler_names_a_key(name, key):
     euler.register_to_config(sigma_min=0.1, sigma_max=10.0)
     assert torch.equal(schedule_from_config(euler.config, torch.float32).alphas_cumprod,
                        euler.alphas_cumprod.to(F64))
+
+
+@pytest.mark.parametrize("key,value", [("invert_sigmas", True), ("use_dynamic_shifting", True), ("shift_terminal", 0.1)])
+def test_schedule_from_config_of_flow_match_keys_a_schedule_cannot_honour(key, value):
+    """FlowMatch's invert_sigmas (the model's time and sign), use_dynamic_shifting (the shift is set by mu at each
+    set_timesteps) and shift_terminal (the grid's end): a FlowSchedule would silently sample something else (for
+    FLUX's config, the grid of shift 3 instead of exp(mu)), so they raise naming the key; the scheduler honours
+    them."""
+    import diffusers
+
+    theirs = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, **{key: value})
+    with pytest.raises(ValueError, match=rf"scheduler config: {key}=.*FusedMultistepScheduler"):
+        schedule_from_config(theirs.config)
+    assert schedule_from_config(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config).shift == 3.0
+    ours = FusedMultistepScheduler.from_config(theirs.config)
+    ours.set_timesteps(4, **({"mu": 1.0} if key == "use_dynamic_shifting" else {}))
+    assert len(ours.timesteps) == 4

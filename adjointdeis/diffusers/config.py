@@ -263,8 +263,16 @@ def flow_schedule(config: Mapping) -> FlowSchedule:
     """The flow-matching schedule of a config: ``FlowSchedule(flow_shift)`` (or ``shift``, FlowMatch configs).
 
     Raises:
-        ValueError naming the key for a shift that is not a finite number > 0.
+        ValueError naming the key for a shift that is not a finite number > 0, and for the FlowMatch keys a
+        schedule alone cannot honour: ``invert_sigmas`` (the model's time and output sign),
+        ``use_dynamic_shifting`` (a shift set by ``mu`` at each call) and ``shift_terminal`` (the grid's end).
     """
+    for name, unset in (("invert_sigmas", False), ("use_dynamic_shifting", False), ("shift_terminal", None)):
+        if config.get(name, unset) not in (unset,):
+            raise ValueError(f"scheduler config: {name}={config[name]!r} changes what the pipeline's steps are, "
+                             "which a noise schedule alone does not say; sample with "
+                             "adjointdeis.diffusers.FusedMultistepScheduler or denoise (they honour it), or build "
+                             "FlowSchedule(shift) and the grid yourself")
     key = "flow_shift" if "flow_shift" in config else "shift"
     return FlowSchedule(validation.positive(config.get(key, 1.0), f"scheduler config: {key}"))
 
@@ -302,11 +310,13 @@ def schedule_from_config(config: Mapping, dtype: torch.dtype = torch.float64) ->
 
     Raises:
         ValueError naming the key of a value it cannot honour (a switch such as ``use_flow_sigmas`` that is not
-        True or False: ArgumentTypeError, a TypeError), or naming dtype for another dtype.
+        True or False: ArgumentTypeError, a TypeError; FlowMatch's ``invert_sigmas``, ``use_dynamic_shifting`` and
+        ``shift_terminal``: see :func:`flow_schedule`), or naming dtype for another dtype.
     """
     validation.instance(config, "config", Mapping, "a diffusers scheduler config (scheduler.config or a dict)")
     if dtype not in (torch.float64, torch.float32):
-        raise (ValueError if isinstance(dtype, torch.dtype) else validation.ArgumentTypeError)(f"dtype must be torch.float64 or torch.float32 (the precision of the betas); got {dtype!r}")
+        error = ValueError if isinstance(dtype, torch.dtype) else validation.ArgumentTypeError
+        raise error(f"dtype must be torch.float64 or torch.float32 (the precision of the betas); got {dtype!r}")
     _check_switches_and_levels(config)
     return flow_schedule(config) if is_flow_matching(config) else vp_schedule(config, dtype)
 
