@@ -257,3 +257,25 @@ def test_training_script_writes_flow_and_reflow_weights(tmp_path, monkeypatch):
                           prediction="flow", cond=torch.tensor([3, 10]))
         assert torch.isfinite(x).all()
     assert safetensors_header(tmp_path / "digits-flow-reflow.safetensors")["__metadata__"]["reflow_pairs"] == "8"
+
+
+def test_reflow_of_a_few_iterations_returns_an_average_of_its_iterates(monkeypatch):
+    """An EMA is a convex combination of the training iterates: with fewer than 10 iterations (where reflow's
+    rate 10 / iters was above 1, extrapolating past them) every weight must lie within the iterates' range."""
+    iterates, step = [], torch.optim.AdamW.step
+
+    def recorded(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        iterates.append(torch.cat([p.detach().flatten().clone() for p in self.param_groups[0]["params"]]))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recorded)
+    tuned = reflow(zoo.load("digits-flow"), n_pairs=16, iters=5, solver="ddim", steps=2, lr=5e-3, progress=False)
+    weights = torch.cat([p.detach().flatten() for p in tuned.model.parameters()])
+    iterates = torch.stack(iterates)
+    assert len(iterates) == 5
+    outside = torch.maximum(iterates.min(0).values - weights, weights - iterates.max(0).values)
+    assert outside.max() <= 1e-7, float(outside.max())
+    from adjointdeis.zoo.training import train_diffusion
+    with pytest.raises(ValueError, match="ema_rate"):
+        train_diffusion(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), 1, 0, ema_rate=2.0, progress=False)

@@ -83,7 +83,7 @@ def reflow(entry: ZooModel, n_pairs: int = 10000, iters: int = 3000, solver: str
     device = next(entry.model.parameters()).device
     start = copy.deepcopy(entry.model).cpu()
     tuned = train_diffusion((x_0, x_T), labels, iters, seed, progress=progress, kind="flow", init=start, lr=lr,
-                            ema_rate=max(1e-3, 10.0 / iters), log_every=0,
+                            ema_rate=min(1.0, max(1e-3, 10.0 / iters)), log_every=0,
                             time_scale=getattr(entry.model, "time_scale", FLOW_TIME_SCALE))
     model = copy.deepcopy(start)
     model.load_state_dict(tuned.state_dict())

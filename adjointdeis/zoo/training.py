@@ -11,6 +11,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from .. import validation
 from .networks import DigitClassifier, DigitsUNet
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -63,12 +64,14 @@ def train_diffusion(images, labels, iters: int, seed: int, progress: bool = True
     Args:
         init: start from a copy of this network instead of a fresh one (fine-tuning).
         lr: peak learning rate (warm-up then cosine decay).
-        ema_rate: the EMA's step towards the weights per iteration (after the first tenth, where it copies them).
+        ema_rate: the EMA's step towards the weights per iteration, in (0, 1] (after the first tenth, where it
+            copies them; 1: the last weights).
         time_scale: for ``kind="flow"``, the UNet's time input is ``time_scale * t`` (that of the
             :class:`FlowDigitsUNet` the weights are for).
     """
     if kind not in ("diffusion", "flow"):
         raise ValueError(f"kind must be 'diffusion' or 'flow', got {kind!r}")
+    validation.real(ema_rate, "ema_rate", 0.0, 1.0, low_open=True)
     pairs = isinstance(images, (tuple, list))
     if pairs and kind != "flow":
         raise ValueError("coupled (x0, eps) pairs are only for kind='flow'")
