@@ -268,3 +268,40 @@ def test_the_backbone_gets_no_hooks_and_train_eval_reach_the_student():
     assert not any(m.training for m in student._student.modules())
     student.train()
     assert all(m.training for m in student._student.modules())
+
+
+class _Payload:
+    """Unpickling this runs a command that leaves a file behind."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def test_unusable_checkpoints_and_settings_raise_before_any_teacher_trajectory(monkeypatch, tmp_path):
+    """lr, seed, num_classes and a checkpoint that cannot be read or written (a pickle, a folder, a missing folder)
+    fail naming the argument before the teacher runs; a pickle is never unpickled, through any loader."""
+    from adjointdeis import zoo
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("teacher trajectories generated before the arguments were checked")
+
+    monkeypatch.setattr(distillation, "teacher_trajectories", no_teacher)
+    marker = tmp_path / "unpickled"
+    torch.save({"weights": _Payload(marker)}, tmp_path / "evil.pt")
+    (tmp_path / "folder").mkdir()
+    teacher = tiny_unet().requires_grad_(False)
+    sched = ad.VPSchedule.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    for bad, name in ((dict(lr=float("nan")), "lr"), (dict(lr=-1.0), "lr"), (dict(seed=1.5), "seed"),
+                      (dict(num_classes=0), "num_classes"), (dict(checkpoint=tmp_path / "evil.pt"), "checkpoint"),
+                      (dict(checkpoint=tmp_path / "folder"), "checkpoint"),
+                      (dict(checkpoint=tmp_path / "missing" / "c.safetensors"), "checkpoint")):
+        kwargs = {"times": 4, "n_trajectories": 8, "iters": 2, "num_classes": 10, **bad}
+        with pytest.raises(ValueError, match=name):
+            distillation.distill(teacher, sched, progress=False, **kwargs)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        zoo.read_weights(tmp_path / "evil.pt")
+    assert not marker.exists()

@@ -128,12 +128,26 @@ def _save_checkpoint(path: pathlib.Path, student: DSNO, opt: torch.optim.Optimiz
     tmp.replace(path)
 
 
-def _load_checkpoint(path: pathlib.Path, student: DSNO, opt: torch.optim.Optimizer, generator: torch.Generator,
-                     config: dict) -> int:
-    tensors, meta = read_weights(path)
+def _checkpoint_config(path: pathlib.Path, config: dict, meta: dict | None = None) -> None:
+    """Raises ValueError unless the checkpoint at `path` is a safetensors file written with `config`."""
+    if meta is None:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except SafetensorError as error:
+            raise ValueError(f"checkpoint {path} is not a safetensors checkpoint ({error}); delete it or pass "
+                             "resume=False") from None
     if json.loads(meta.get("config", "{}")) != config:
         raise ValueError(f"checkpoint {path} was written by a distillation with another configuration "
                          f"({meta.get('config')}); delete it or pass resume=False")
+
+
+def _load_checkpoint(path: pathlib.Path, student: DSNO, opt: torch.optim.Optimizer, generator: torch.Generator,
+                     config: dict) -> int:
+    tensors, meta = read_weights(path)
+    _checkpoint_config(path, config, meta)
     student.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     for i, p in enumerate(student.parameters()):
         state = {key.split(".", 2)[2]: v for key, v in tensors.items() if key.startswith(f"opt.{i}.")}
@@ -163,7 +177,7 @@ def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequenc
         num_classes: for a class-conditional teacher, labels are drawn uniformly from 0..num_classes-1.
         shape: the shape of one sample; default: the teacher's ``sample_shape`` attribute (the zoo's UNet has
             one) or, for a diffusers model, ``(in_channels, sample_size, sample_size)`` from its config.
-        checkpoint: a .safetensors path written every `checkpoint_every` steps and at the end (the student,
+        checkpoint: a .safetensors path (in an existing folder) written every `checkpoint_every` steps and at the end (the student,
             the optimiser state, the data order's RNG); with `resume`, a run continues from it. The teacher
             trajectories are kept next to it (``<checkpoint>.teacher.safetensors``) and reused.
         data: precomputed teacher trajectories (skips generating them).
@@ -180,6 +194,11 @@ def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequenc
     for name, value in (("n_trajectories", n_trajectories), ("batch_size", batch_size),
                         ("steps_per_time", steps_per_time), ("checkpoint_every", checkpoint_every)):
         validation.count(value, name)
+    validation.real(lr, "lr", 0.0)
+    validation.integer(seed, "seed")
+    resume = validation.flag(resume, "resume")
+    if num_classes is not None:
+        validation.count(num_classes, "num_classes")
     times = trajectory_times(sched, times) if isinstance(times, int) else sched.check_grid(times)
     validation.integer(modes, "modes", 1, len(times) // 2 + 1)
     shape = _sample_shape(teacher_model) if shape is None else tuple(shape)
@@ -189,6 +208,11 @@ def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequenc
     config = dict(data_config, iters=iters, modes=modes, batch_size=batch_size, lr=lr)
     path = None if checkpoint is None else pathlib.Path(checkpoint)
     data_path = None if path is None else path.with_name(path.name + ".teacher.safetensors")
+    if path is not None:
+        if path.is_dir() or not path.parent.is_dir():
+            raise ValueError(f"checkpoint must be a file name in an existing folder; got checkpoint={str(path)!r}")
+        if resume and path.is_file():
+            _checkpoint_config(path, config)   # a foreign or unreadable file fails now, not after the teacher runs
     if data is None and data_path is not None and resume and data_path.is_file():
         data = _load_teacher(data_path, data_config)
     if data is None:

@@ -57,15 +57,20 @@ def read_weights(path: pathlib.Path) -> tuple[dict[str, torch.Tensor], dict[str,
     """(tensors, metadata) of a safetensors file, read without pickle.
 
     Raises:
-        FileNotFoundError naming the file when it is missing.
+        FileNotFoundError naming the file when it is missing; ValueError naming it when it is not a safetensors
+        file (a pickled ``.pt`` file, say: never unpickled).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} is not in this installation of adjointdeis ({path.parent})")
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a safetensors file ({error}); weights are read without pickle") from None
 
 
 def flow_entry(model: FlowDigitsUNet, meta: dict) -> ZooModel:
