@@ -111,6 +111,7 @@ def diagnose_command(args) -> None:
     """Conservativity diagnostics of a shipped model next to an exact Gaussian score, per time."""
     from .demo import zoo_table
     from .diagnostics import format_table
+    from .zoo.data import HELD_OUT
 
     if args.probes < 2:
         raise CommandError(f"--probes must be >= 2, got {args.probes}")
@@ -118,6 +119,8 @@ def diagnose_command(args) -> None:
         raise CommandError(f"--points must be >= 3, got {args.points}")
     if not args.radius > 0:
         raise CommandError(f"--radius must be > 0, got {args.radius}")
+    if args.n > HELD_OUT:
+        raise CommandError(f"--n must be at most {HELD_OUT}, the number of held-out digits, got {args.n}")
     times = args.times or ([0.05, 0.2, 0.5, 0.8] if args.model.startswith("digits-flow") else [50, 200, 500, 800])
     start = time.perf_counter()
     with warnings.catch_warnings():   # torch's forward-mode AD setup scripts its decompositions with torch.jit
@@ -345,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", type=positive_int, default=32, help="random probes per digit (default 32)")
     p.add_argument("--points", type=positive_int, default=32, help="points per circle (default 32)")
     p.add_argument("--radius", type=finite_float, default=1.0, help="circle radius in pixel units of [-1, 1] (default 1)")
-    p.add_argument("--n", type=positive_int, default=64, help="held-out digits (default 64)")
+    p.add_argument("--n", type=positive_int, default=64, help="held-out digits, at most 297 (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
     return parser

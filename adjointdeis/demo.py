@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import zoo
+from . import validation, zoo
 from .diagnostics import DiagnosticRow, GaussianEpsModel, conservativity_table
 from .gradients import AdjointOptions
 from .guidance import guide
@@ -414,11 +414,16 @@ def zoo_table(name: str = "digits", times: Sequence[float] = (50, 200, 500, 800)
 
     Args:
         name: a model of ``adjointdeis.zoo.MODELS``; times: its model times (training steps for "digits").
-        n, probes, points, radius, seed: as in :func:`conservativity_table`.
+        n: the held-out digits used, 1 to 297.
+        probes, points, radius, seed: as in :func:`conservativity_table`.
+
+    Raises:
+        ValueError naming n when there are not n held-out digits.
     """
+    train_x, _, test_x, test_y = load_digits_split()
+    validation.integer(n, "n", 1, len(test_x))
     entry = zoo.load(name)
     entry.model.requires_grad_(False)
-    train_x, _, test_x, test_y = load_digits_split()
     gaussian = GaussianEpsModel(entry.schedule, train_x.mean(0), train_x.std(0).clamp_min(0.01))
     models = {"Gaussian fit (exact score)": (gaussian, "eps"), name: (entry.model, entry.prediction)}
     return conservativity_table(models, entry.schedule, test_x[:n], times, cond=test_y[:n], probes=probes,

@@ -187,10 +187,19 @@ def test_diagnose_prints_the_table(capsys):
     assert "8 held-out digits" in stdout
 
 
+def test_diagnose_refuses_more_digits_than_are_held_out():
+    """zoo_table(n=...) took test_x[:n], so n = 500 silently measured the 297 held-out digits."""
+    from adjointdeis.demo import zoo_table
+
+    with pytest.raises(ValueError, match=r"n must be an integer in \[1, 297\]; got n=298"):
+        zoo_table("digits", [50], n=298, probes=2, points=3)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["diagnose", "--probes", "1"], "--probes must be >= 2, got 1"),
     (["diagnose", "--points", "2"], "--points must be >= 3, got 2"),
     (["diagnose", "--radius", "0"], "--radius must be > 0, got 0.0"),
+    (["diagnose", "--n", "298"], "--n must be at most 297, the number of held-out digits, got 298"),
     (["diagnose", "--model", "cifar"], "invalid choice: 'cifar'"),
     (["sample", "--solver", "euler"], "invalid choice: 'euler'"),
     (["sample", "--model", "faces"], "invalid choice: 'faces'"),
