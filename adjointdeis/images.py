@@ -64,10 +64,14 @@ def grid_pixels(rows: Sequence[Sequence[Tensor | None]], scale: int = 4, pad: in
     Raises:
         ValueError for a grid without images, cells of different sizes, scale below 1 or pad below 0.
     """
+    validation.count(scale, "scale")
     validation.integer(pad, "pad", 0)
     cells = [c for row in rows for c in row if c is not None]
     if not cells:
         raise ValueError("a grid needs at least one image")
+    if not all(isinstance(c, Tensor) and c.dim() >= 2 for c in cells):
+        raise ValueError("every cell of a grid must be a (1, h, w) or (h, w) image tensor or None, got "
+                         f"{sorted({type(c).__name__ + str(tuple(getattr(c, 'shape', ()))) for c in cells})}")
     h, w = cells[0].shape[-2:]
     if any(c.shape[-2:] != (h, w) or c.numel() != h * w for c in cells):
         raise ValueError(f"every cell of a grid must be one ({h}, {w}) image, got "

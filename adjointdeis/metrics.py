@@ -26,7 +26,8 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
     Returns:
         ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)``, computed in float64.
     """
-    a, b = features_a.double(), features_b.double()
+    a = validation.instance(features_a, "features_a", Tensor, "an (n, d) tensor").double()
+    b = validation.instance(features_b, "features_b", Tensor, "an (m, d) tensor").double()
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
         raise ValueError(f"feature sets must be (n, d) with equal d and n >= 2, got {list(a.shape)} and {list(b.shape)}")
     mu_a, mu_b = a.mean(0), b.mean(0)
@@ -39,6 +40,7 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
 @torch.no_grad()
 def classifier_features(classifier, images: Tensor, batch_size: int = 512) -> Tensor:
     """(n, 64) penultimate features of images (n, 1, 8, 8) in [-1, 1] (clamped)."""
+    validation.count(batch_size, "batch_size")
     chunks = [classifier.features(images[i:i + batch_size].float().clamp(-1, 1))
               for i in range(0, len(images), batch_size)]
     return torch.cat(chunks)
@@ -51,8 +53,9 @@ def class_accuracy(classifier, images: Tensor, labels: Tensor) -> float:
     Raises:
         ValueError naming labels when they are not one label per image, (n,).
     """
-    if labels.dim() != 1 or len(labels) != len(images):
-        raise ValueError(f"class_accuracy: labels must be ({len(images)},), one per image, got {list(labels.shape)}")
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or len(labels) != len(images):
+        raise ValueError(f"class_accuracy: labels must be a ({len(images)},) tensor, one per image, got "
+                         f"{list(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
     logits = classifier(images.float().clamp(-1, 1))
     return float((logits.argmax(1) == labels.to(logits.device)).float().mean())
 
@@ -67,6 +70,8 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
         that is not (n, d) with the other's d.
     """
     validation.integer(k, "k", 1)
+    validation.instance(real, "real", Tensor, "an (n, d) tensor")
+    validation.instance(fake, "fake", Tensor, "an (m, d) tensor")
     for name, features in (("real", real), ("fake", fake)):
         if features.dim() != 2 or features.shape[1] != real.shape[-1]:
             raise ValueError(f"precision_recall: {name} must be (n, d) features with real's d, got "

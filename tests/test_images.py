@@ -45,3 +45,14 @@ def test_bad_input_names_the_argument(tmp_path):
         images.grid_pixels([[torch.zeros(1, 8, 8), torch.zeros(1, 4, 4)]])
     with pytest.raises(ValueError, match="pad"):
         images.grid_pixels([[torch.zeros(1, 8, 8)]], pad=-1)
+
+
+def test_grid_arguments_are_checked_before_the_canvas_is_made():
+    """A negative or fractional scale reached numpy's canvas first ("negative dimensions are not allowed"), and a
+    1-d cell failed to unpack its shape."""
+    cell = torch.zeros(1, 8, 8)
+    for scale in (-1, 1.5):
+        with pytest.raises(ValueError, match="scale must be a positive integer"):
+            images.grid_pixels([[cell]], scale=scale)
+    with pytest.raises(ValueError, match="every cell of a grid must be"):
+        images.grid_pixels([[torch.zeros(64)]])

@@ -57,3 +57,15 @@ def test_class_accuracy():
     for bad in (torch.tensor([[9], [9], [1], [9]]), torch.tensor([9]), torch.tensor(9)):
         with pytest.raises(ValueError, match="labels must be"):
             metrics.class_accuracy(classifier, images, bad)
+
+
+def test_non_tensor_and_bad_batch_arguments_are_named():
+    features = torch.randn(5, 3)
+    with pytest.raises(ValueError, match="features_a must be an"):
+        metrics.frechet_distance(features.numpy(), features)
+    with pytest.raises(ValueError, match="fake must be an"):
+        metrics.precision_recall(features, features.tolist())
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        metrics.classifier_features(torch.nn.Flatten(), torch.zeros(2, 1, 8, 8), batch_size=0)
+    with pytest.raises(ValueError, match="labels must be"):
+        metrics.class_accuracy(torch.nn.Flatten(), torch.zeros(2, 1, 8, 8), [1, 2])
