@@ -52,3 +52,23 @@ def test_the_caller_s_classifier_and_generator_are_left_as_they_were():
     assert len(result.rewards) == 1 and len(result.evaluations) == 2
     assert torch.equal(torch.get_rng_state(), want)
     assert all(p.requires_grad and p.grad is None for p in classifier.parameters())
+
+
+def test_a_flow_entry_is_sampled_as_a_flow_model():
+    """_draft_sample called sample() without the entry's prediction, so a flow model was read as eps (samples of
+    spread ~40 in a [-1, 1] data range, scored after clamping); the evaluation must be that of the entry's sampler."""
+    from adjointdeis import sample
+    from adjointdeis.zoo.finetune import evaluate
+
+    entry, classifier = zoo.load("digits-flow"), zoo.load_classifier()
+    settings = FinetuneSettings(label=3, steps=6)
+    noise = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = evaluate(entry.model, entry, classifier, noise, settings, 0)
+    with torch.no_grad():
+        images = sample(entry.model, noise, entry.schedule, steps=6, solver="dpmpp", order=2, prediction="flow",
+                        spacing=entry.spacing, denoise_to_zero=entry.denoise_to_zero, cond=torch.full((32,), 3))
+        reward = classifier(images.clamp(-1, 1)).log_softmax(1)[:, 3].mean().item()
+    assert got.reward == pytest.approx(reward, rel=1e-5, abs=1e-6)
+    assert got.spread == pytest.approx(images.std(0).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="entry must be"):
+        finetune_class_reward(zoo.load("digits-dsno"), classifier, FinetuneSettings(iters=1), progress=False)

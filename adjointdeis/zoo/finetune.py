@@ -118,7 +118,7 @@ def lora_copy(model: torch.nn.Module, rank: int, seed: int) -> torch.nn.Module:
 def _draft_sample(model, entry: ZooModel, noise: Tensor, label: int, steps: int, grad: str | None) -> Tensor:
     labels = torch.full((noise.shape[0],), label, dtype=torch.long)
     return sample(model, noise, entry.schedule, steps=steps, solver="dpmpp", order=2, spacing=entry.spacing,
-                  cond=labels, grad=grad)
+                  prediction=entry.prediction, denoise_to_zero=entry.denoise_to_zero, cond=labels, grad=grad)
 
 
 @torch.no_grad()
@@ -147,7 +147,8 @@ def finetune_class_reward(entry: ZooModel, classifier: torch.nn.Module, settings
     on its samples, through the whole DPM-Solver++(2M) run (DRaFT).
 
     Args:
-        entry: a shipped eps-prediction model (``zoo.load("digits")``).
+        entry: a shipped diffusion or flow model (``zoo.load("digits")``, ``"digits-flow"``), sampled with its own
+            prediction, grid spacing and ``denoise_to_zero``.
         classifier: the reward's classifier (``zoo.load_classifier()``); a frozen copy of it scores the samples
             (the caller's module is left as it is).
         settings: the run; default ``FinetuneSettings()``.
@@ -155,10 +156,14 @@ def finetune_class_reward(entry: ZooModel, classifier: torch.nn.Module, settings
         callback: ``callback(iteration, reward)`` after each iteration.
 
     Raises:
-        ValueError for a grad mode other than "discrete" or "autograd", a label outside the classes, or a count
-        (iters, batch, steps, rank, eval_batch, eval_every) out of range, naming the setting.
+        ValueError for an entry that is not sampled by a solver (the DSNO student), a grad mode other than
+        "discrete" or "autograd", a label outside the classes, or a count (iters, batch, steps, rank, eval_batch,
+        eval_every) out of range, naming the setting.
     """
     settings = settings or FinetuneSettings()
+    if entry.prediction == "trajectory":
+        raise ValueError("entry must be a model sampled by a solver (prediction eps, x0, v or flow), got the DSNO "
+                         "student (prediction 'trajectory')")
     if settings.grad not in ("discrete", "autograd"):
         raise ValueError(f"settings.grad must be 'discrete' or 'autograd', got {settings.grad!r}")
     validation.integer(settings.label, "settings.label", 0, entry.num_classes - 1)
