@@ -37,7 +37,7 @@ def test_bad_settings_name_the_setting():
     with pytest.raises(ValueError, match="settings.label"):
         finetune_class_reward(entry, classifier, FinetuneSettings(label=10), progress=False)
     for name, value in (("iters", -3), ("batch", 0), ("steps", 0), ("rank", 0), ("eval_batch", 0),
-                        ("eval_every", 0), ("iters", 1.5)):
+                        ("eval_every", 0), ("iters", 1.5), ("lr", float("nan")), ("lr", -1.0), ("seed", 1.5)):
         with pytest.raises((ValueError, TypeError), match=f"settings.{name}"):
             finetune_class_reward(entry, classifier, FinetuneSettings(**{name: value}), progress=False)
 

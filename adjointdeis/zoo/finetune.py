@@ -170,6 +170,8 @@ def finetune_class_reward(entry: ZooModel, classifier: torch.nn.Module, settings
     validation.integer(settings.iters, "settings.iters", 0)
     for name in ("batch", "steps", "rank", "eval_batch", "eval_every"):
         validation.count(getattr(settings, name), f"settings.{name}")
+    validation.real(settings.lr, "settings.lr", 0.0)
+    validation.integer(settings.seed, "settings.seed")
     classifier = copy.deepcopy(classifier).requires_grad_(False)
     model = lora_copy(entry.model, settings.rank, settings.seed)
     adapters = [p for p in model.parameters() if p.requires_grad]
