@@ -45,6 +45,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """An integer torch.Generator.manual_seed takes: in [0, 2**64 - 1] (or a negative one of 64 bits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not -2**63 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64 - 1], got {value}")
+    return value
+
+
 def finite_float(text: str) -> float:
     """A finite number (argparse's ``float`` also takes "nan" and "inf")."""
     try:
@@ -270,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("adjointdeis-demo"),
                    help="output folder, created if missing (default: ./adjointdeis-demo)")
     p.add_argument("--quick", action="store_true", help="fewer samples, steps and iterations (a smoke test)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
 
     p = command("sample", sample_command, "sample a grid of digits from a shipped model",
@@ -291,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the digit 0-9 to sample (default: the digits 0-9 in turn, one per column)")
     p.add_argument("--n", type=positive_int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("grid.png"), help="PNG file (default grid.png)")
-    p.add_argument("--seed", type=int, default=0, help="seed of x_T and of the SDE noise")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of x_T and of the SDE noise")
     p.add_argument("--sde", action="store_true", help=f"stochastic sampling: {sde_solvers()}")
     p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: none)")
     p.add_argument("--spacing", choices=SPACINGS,
@@ -349,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=positive_int, default=32, help="points per circle (default 32)")
     p.add_argument("--radius", type=finite_float, default=1.0, help="circle radius in pixel units of [-1, 1] (default 1)")
     p.add_argument("--n", type=positive_int, default=64, help="held-out digits, at most 297 (default 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
     return parser
 
@@ -363,6 +374,6 @@ def main(argv=None) -> int:
         args.run(args)
     except (CommandError, ValueError, TypeError) as error:   # a user error: the library names the argument
         parser.exit(2, f"adjointdeis {args.command}: error: {' '.join(str(error).splitlines())}\n")
-    except (FileNotFoundError, ImportError) as error:
+    except (FileNotFoundError, ImportError, FloatingPointError) as error:   # FloatingPointError: a non-finite sample
         parser.exit(1, f"adjointdeis {args.command}: error: {error}\n")
     return 0

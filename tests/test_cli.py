@@ -227,6 +227,9 @@ def test_diagnose_refuses_more_digits_than_are_held_out():
     (["bench", "--json", "out.txt"], "--json out.txt must be a .json file name"),
     (["accuracy", "--steps", "10", "0"], "argument --steps: must be a positive integer, got 0"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["sample", "--seed", str(2**64)], f"argument --seed: must be an integer in [0, 2**64 - 1], got {2**64}"),
+    (["demo", "--seed", "x"], "argument --seed: must be an integer, got 'x'"),
+    (["diagnose", "--seed", str(-2**63 - 1)], "argument --seed: must be an integer in [0, 2**64 - 1]"),
 ])
 def test_bad_arguments_fail_clearly(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -247,3 +250,17 @@ def test_output_folder_refused_when_a_file_is_in_the_way(tmp_path, capsys):
     folder.mkdir()
     code, _, err = run(capsys, "guide", "--out", str(folder))
     assert code == 2 and f"--out {folder} is a folder" in err
+
+
+def test_a_non_finite_sample_is_one_line_not_a_traceback(tmp_path, capsys):
+    """A guidance scale whose samples overflow raised FloatingPointError out of main."""
+    code, _, err = run(capsys, "sample", "--guidance", "1e308", "--n", "2", "--steps", "2",
+                       "--out", str(tmp_path / "g.png"))
+    assert code == 1 and err.startswith("adjointdeis sample: error: sample: the result is not finite")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "g.png").exists()
+
+
+def test_seeds_span_what_the_generator_takes(tmp_path, capsys):
+    for seed in ("-1", str(2**64 - 1)):
+        code, _, err = run(capsys, "sample", "--seed", seed, "--n", "2", "--steps", "1", "--out", str(tmp_path / "s.png"))
+        assert code == 0, err
