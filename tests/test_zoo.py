@@ -279,3 +279,21 @@ def test_reflow_of_a_few_iterations_returns_an_average_of_its_iterates(monkeypat
     from adjointdeis.zoo.training import train_diffusion
     with pytest.raises(ValueError, match="ema_rate"):
         train_diffusion(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), 1, 0, ema_rate=2.0, progress=False)
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("train", ["--kind", "reflow"], "--kind reflow fine-tunes"),
+    ("train", ["--seed", str(2**64)], "--seed must be an integer in [0, 2**64 - 1]"),
+    ("distill", ["--lr", "nan"], "lr must be a finite number >= 0; got lr=nan"),
+    ("distill", ["--batch-size", "0"], "batch_size must be a positive integer"),
+])
+def test_training_scripts_refuse_bad_arguments_in_one_line(tmp_path, capsys, script, argv, message):
+    """These raised tracebacks (FileNotFoundError, an overflow, distill's ValueError) instead of a usage error."""
+    import importlib
+
+    main = importlib.import_module(f"adjointdeis.zoo.{script}").main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "out"), *argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

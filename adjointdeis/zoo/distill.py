@@ -38,9 +38,12 @@ def main(argv=None) -> None:
     torch.set_num_threads(max(1, args.threads))
     teacher = load("digits")
     teacher.model.requires_grad_(False)
-    student = distill(teacher.model, teacher.schedule, TIMES, args.trajectories, args.iters, modes=MODES,
-                      prediction=teacher.prediction, num_classes=teacher.num_classes,
-                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint=args.checkpoint)
+    try:
+        student = distill(teacher.model, teacher.schedule, TIMES, args.trajectories, args.iters, modes=MODES,
+                          prediction=teacher.prediction, num_classes=teacher.num_classes,
+                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint=args.checkpoint)
+    except ValueError as error:   # a setting distill refuses, named (before any teacher trajectory)
+        parser.error(" ".join(str(error).splitlines()))
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"teacher": "digits", "modes": str(MODES), "times": json.dumps(student.times.tolist()),
             "iters": str(args.iters), "trajectories": str(args.trajectories), "seed": str(args.seed)}

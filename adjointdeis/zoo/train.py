@@ -56,6 +56,11 @@ def main(argv=None) -> None:
         args.iters = 3000 if args.kind == "reflow" else 5000
     if args.iters < 1 or args.classifier_iters < 1 or args.pairs < 1 or args.steps < 1:
         parser.error("--iters, --classifier-iters, --pairs and --steps must be positive")
+    if not -2**63 <= args.seed < 2**64:
+        parser.error(f"--seed must be an integer in [0, 2**64 - 1], got {args.seed}")
+    if args.kind == "reflow" and not (args.out / "digits-flow.safetensors").is_file():
+        parser.error(f"--kind reflow fine-tunes {args.out / 'digits-flow.safetensors'}, which does not exist "
+                     "(make it with --kind flow first)")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, args.threads))
     if args.kind == "reflow":
