@@ -104,7 +104,7 @@ def have_matplotlib() -> bool:
 
 
 def _raster_plot(series: Mapping[str, Sequence[float]], width: int = 480, height: int = 320) -> np.ndarray:
-    """A bare RGB line plot (axes box, no text) for when matplotlib is missing."""
+    """A bare RGB line plot (axes box, no text) for when matplotlib is missing; non-finite values leave gaps."""
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
     img = np.full((height, width, 3), 255, dtype=np.uint8)
     left, right, top, bottom = 30, width - 10, 10, height - 30
@@ -120,8 +120,10 @@ def _raster_plot(series: Mapping[str, Sequence[float]], width: int = 480, height
         xs = np.linspace(left + 1, right - 1, max(len(ys), 2))[:len(ys)]
         py = bottom - 1 - (ys - low) / (high - low) * (bottom - top - 2)
         dense = np.linspace(0, len(ys) - 1, 8 * width) if len(ys) > 1 else np.zeros(1)
-        cx = np.interp(dense, np.arange(len(ys)), xs).round().astype(int)
-        cy = np.interp(dense, np.arange(len(ys)), py).round().astype(int)
+        cy = np.interp(dense, np.arange(len(ys)), py)
+        finite = np.isfinite(cy)   # NaN and infinite values leave gaps, as matplotlib draws them
+        cx = np.interp(dense, np.arange(len(ys)), xs)[finite].round().astype(int)
+        cy = cy[finite].round().astype(int)
         for dy in (0, 1):
             img[np.clip(cy + dy, 0, height - 1), np.clip(cx, 0, width - 1)] = colours[k % len(colours)]
     return img

@@ -56,3 +56,17 @@ def test_grid_arguments_are_checked_before_the_canvas_is_made():
             images.grid_pixels([[cell]], scale=scale)
     with pytest.raises(ValueError, match="every cell of a grid must be"):
         images.grid_pixels([[torch.zeros(64)]])
+
+
+def test_raster_plot_leaves_gaps_at_non_finite_values(monkeypatch, tmp_path):
+    """Without matplotlib, NaN/inf values were cast to integers and drawn as lines along the picture's edge."""
+    monkeypatch.setattr(images, "have_matplotlib", lambda: False)
+    from PIL import Image
+
+    finite = np.asarray(Image.open(images.save_line_plot(tmp_path / "a.png", {"a": [1.0, 2.0, 3.0]})))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        pixels = np.asarray(Image.open(images.save_line_plot(tmp_path / "b.png", {"a": [1.0, 2.0, 3.0, bad]})))
+        inside = np.zeros(pixels.shape[:2], dtype=bool)
+        inside[10:291, 30:471] = True              # the axes box of the 480 x 320 raster
+        assert not (pixels[~inside] != 255).any(), bad
+        assert (pixels != 255).any(-1).sum() >= 0.5 * (finite != 255).any(-1).sum()   # the finite part is drawn
