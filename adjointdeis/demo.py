@@ -34,6 +34,9 @@ DEMO_SOLVERS = (("ddim", 1), ("deis", 3), ("dpmpp", 2))
 SOLVER_NAMES = {("ddim", 1): "DDIM", ("deis", 2): "DEIS-2", ("deis", 3): "DEIS-3", ("dpmpp", 2): "DPM++2M",
                 ("dpmpp", 3): "DPM++3M", ("heun", 2): "Heun"}
 DEFAULT_FMR = 0.01
+# Added (modulo 2**32: torch's CPU generator keeps a seed's low 32 bits only) to sample_digits' seed of the SDE
+# noise, so that its stream is apart from class_noise's x_T of the same seed.
+SDE_SEED_OFFSET = 0x5DE5EED5
 
 
 def gaussian_accuracy_table(steps=(5, 10, 20, 50), dim=256, batch=256, seed=0) -> str:
@@ -108,13 +111,14 @@ def sample_digits(kit: DigitsKit, x_T: Tensor, labels: Tensor, solver: str = "dp
 
     Args:
         guidance: classifier-free guidance scale (the unconditional label is ``num_classes``); None: none.
-        seed: seed of the SDE noise (``sde=True`` in `sample_kwargs`).
+        seed: seed of the SDE noise (``sde=True`` in `sample_kwargs`), drawn from a stream apart from
+            :func:`class_noise`'s of the same seed (drawn from that one, the first noise was x_T itself).
         sample_kwargs: more arguments of :func:`adjointdeis.sample`; ``prediction`` is the kit's, and
             ``spacing`` and ``denoise_to_zero`` default to the kit's.
     """
     sample_kwargs = {"spacing": kit.spacing, "denoise_to_zero": kit.denoise_to_zero, **sample_kwargs,
                      "prediction": kit.prediction}
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed((seed + SDE_SEED_OFFSET) % 2**32)
     chunks = []
     for i in range(0, len(x_T), batch_size):
         cond = labels[i:i + batch_size]

@@ -264,3 +264,26 @@ def test_seeds_span_what_the_generator_takes(tmp_path, capsys):
     for seed in ("-1", str(2**64 - 1)):
         code, _, err = run(capsys, "sample", "--seed", seed, "--n", "2", "--steps", "1", "--out", str(tmp_path / "s.png"))
         assert code == 0, err
+
+
+def test_sde_noise_is_not_the_initial_noise(monkeypatch):
+    """`adjointdeis sample --sde --seed S` drew x_T (class_noise) and the SDE noise (sample_digits) from two
+    generators seeded alike, so the first injected noise was x_T itself; each must be independent of x_T."""
+    from adjointdeis.demo import class_noise, load_kit, sample_digits
+
+    kit = load_kit()
+    x_T, labels = class_noise(kit, 64, 5)
+    drawn, randn = [], torch.randn
+
+    def spy(*args, **kwargs):
+        out = randn(*args, **kwargs)
+        if kwargs.get("generator") is not None:
+            drawn.append(out.clone())
+        return out
+
+    monkeypatch.setattr(torch, "randn", spy)
+    sample_digits(kit, x_T, labels, "dpmpp", 2, 4, seed=5, sde=True)
+    monkeypatch.setattr(torch, "randn", randn)
+    assert drawn and all(z.shape == x_T.shape for z in drawn)
+    for z in drawn:   # 4096 pairs: |correlation| of independent normals is below 0.1 with overwhelming probability
+        assert abs(torch.corrcoef(torch.stack([z.flatten(), x_T.flatten()]))[0, 1]) < 0.1
