@@ -28,7 +28,9 @@ from ..zoo import read_weights
 from ..zoo.training import seeded
 from .model import DSNO, trajectory_times
 
-_TRAJECTORY_SEED = 2**32  # offset of the teacher trajectories' noise seed
+# Offset of the teacher trajectories' noise seed, so that their noise is not the benchmarks' seed-0 noise. Added
+# modulo 2**32: torch's CPU generator keeps only a seed's low 32 bits (an offset of 2**32 drew the same noise).
+_TRAJECTORY_SEED = 0x7EAC4E25
 
 __all__ = ["TeacherTrajectories", "distill", "dsno_loss", "teacher_trajectories"]
 
@@ -216,7 +218,7 @@ def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequenc
     if data is None and data_path is not None and resume and data_path.is_file():
         data = _load_teacher(data_path, data_config)
     if data is None:
-        g = torch.Generator().manual_seed(_TRAJECTORY_SEED + seed)   # not the benchmarks' seed-0 noise
+        g = torch.Generator().manual_seed((_TRAJECTORY_SEED + seed) % 2**32)   # not the benchmarks' seed-0 noise
         noise = torch.randn(n_trajectories, *shape, generator=g)
         cond = None if num_classes is None else torch.randint(0, num_classes, (n_trajectories,), generator=g)
         data = teacher_trajectories(teacher_model, sched, times, noise, cond, prediction, solver, order,
