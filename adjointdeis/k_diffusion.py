@@ -169,6 +169,7 @@ def _default_sde_noise(noise_sampler, generator, x: Tensor, sigmas: Tensor):
     """k-diffusion's default noise for its SDE samplers: a Brownian tree over the grid (unless a generator is given)."""
     if noise_sampler is not None or generator is not None:
         return noise_sampler
+    validation.floating(x, "x", 1)  # before the tree is built from it (and draws its seed)
     return BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max())
 
 

@@ -16,6 +16,7 @@ from nets import TinyConvNet
 from torch import nn
 
 from adjointdeis import k_diffusion as kd
+from adjointdeis import validation
 
 SHAPE = (2, 2, 6, 6)
 COND_DIM = 4
@@ -316,6 +317,21 @@ def test_bad_arguments_raise():
     kd.sample_euler(model, x, sigmas, s_churn=1.0, s_tmax=math.inf, disable=True)  # the default s_tmax
     with pytest.raises(ValueError, match="grad='adjoint'"):
         kd.sample_heun(model, x.requires_grad_(), sigmas, grad="adjoint", disable=True)
+
+
+@pytest.mark.parametrize("function", ["sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"])
+@pytest.mark.parametrize("bad_x", ["integer", "list"])
+def test_sde_samplers_name_a_bad_x_before_building_their_default_noise(function, bad_x):
+    """The SDE samplers' default Brownian tree is built from x: a bad x is refused naming it (not a torch error from
+    inside the tree), and before the tree draws its seed from torch's generator."""
+    model, x, _ = setup(torch.float64)
+    x = x.long() if bad_x == "integer" else x.tolist()
+    torch.manual_seed(1)
+    with pytest.raises(validation.ArgumentTypeError, match="x must be a real floating-point tensor"):
+        getattr(kd, function)(model, x, karras_sigmas(4), disable=True)
+    drawn = torch.rand(())
+    torch.manual_seed(1)
+    assert torch.equal(drawn, torch.rand(()))
 
 
 class SeededNoise:
