@@ -478,6 +478,7 @@ def sample_ipndm(model: Callable, x: Tensor, sigmas: Tensor, extra_args: dict | 
 
 
 def _res(name, model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, generator, grad):
+    _check_reals(name, eta=eta, s_noise=s_noise)
     grid, ref = _grids(sigmas)
     kplan = plans.assemble(name, plans.res_multistep_rows(grid, ref, eta, s_noise), grid, list(ref[:-1]))
     return _run_rows(name, model, x, sigmas, kplan, extra_args, callback, disable, noise_sampler=noise_sampler,

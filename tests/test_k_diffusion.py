@@ -334,6 +334,20 @@ def test_sde_samplers_name_a_bad_x_before_building_their_default_noise(function,
     assert torch.equal(drawn, torch.rand(()))
 
 
+@pytest.mark.parametrize("function,key,value,error", [
+    ("sample_res_multistep", "s_noise", math.nan, ValueError), ("sample_res_multistep", "s_noise", "a", TypeError),
+    ("sample_res_multistep_ancestral", "s_noise", math.inf, ValueError),
+    ("sample_res_multistep_ancestral", "eta", math.nan, ValueError),
+    ("sample_res_multistep_ancestral", "eta", None, TypeError)])
+def test_res_multistep_names_a_bad_eta_or_s_noise(function, key, value, error):
+    """As every other noisy sampler: a non-finite or non-numeric eta / s_noise raises naming it (a NaN eta was
+    reported as bad sigmas, a string s_noise as a TypeError of Python's)."""
+    model, x, cond = setup(torch.float64)
+    with pytest.raises(error, match=f"{function}: {key}"):
+        getattr(kd, function)(model, x, karras_sigmas(4), extra_args={"cond": cond}, disable=True,
+                              generator=torch.Generator().manual_seed(0), **{key: value})
+
+
 class SeededNoise:
     """noise_sampler(sigma, sigma_next): the k-th call returns the k-th draw of a fixed seed (alike in every run)."""
 
