@@ -98,6 +98,8 @@ def _run(model, x, sigmas, extra_args, callback, disable, *, solver, order, grad
     _check_call(model, x, extra_args, callback)
     grid = check_noise_levels(sigmas)
     cond, constants, parameters = _split_extra_args(model, extra_args)
+    if grad == "autograd":  # plain autograd, as the other samplers: parameters= would restrict it to those leaves
+        parameters = None
     return sample(_Denoiser(model, constants), x, EDMSchedule(), steps=len(grid) - 1, solver=solver, order=order,
                   prediction="x0", cond=cond or None, timesteps=torch.tensor(grid, dtype=torch.float64),
                   lower_order_final=False, denoise_to_zero=grid[-1] == 0, grad=grad, parameters=parameters,

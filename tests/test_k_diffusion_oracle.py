@@ -208,6 +208,36 @@ def test_callback_matches_k_diffusion(kdiff, name):
         assert relative_error(ours["denoised"], theirs["denoised"]) < 1e-10
 
 
+
+class NestedCond(torch.nn.Module):
+    """A denoiser reading its conditioning tensor from a nested extra_args entry (``{"c": {"cond": tensor}}``,
+    as UIs pass theirs)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, sigma, c):
+        return self.model(x, sigma, cond=c["cond"])
+
+
+@pytest.mark.parametrize("function", ["sample_dpmpp_2m", "sample_heun", "sample_euler_ancestral"])
+def test_autograd_reaches_a_nested_extra_args_tensor_as_through_k_diffusion(kdiff, function):
+    """grad="autograd" is plain autograd: a tensor the model reaches inside a nested extra_args entry gets the
+    gradient that autograd through k-diffusion's own sampler (its no_grad decorator unwrapped) gives it."""
+    model, x, cond = setup(torch.float64)
+    sigmas = karras_sigmas(4)
+    grads = []
+    for run in (lambda *a, **k: getattr(kd, function)(*a, grad="autograd", **k),
+                getattr(kdiff, function).__wrapped__):
+        c = cond.clone().requires_grad_()
+        torch.manual_seed(3)
+        out = run(NestedCond(model), x, sigmas, extra_args={"c": {"cond": c}}, disable=True)
+        (grad,) = torch.autograd.grad((out * out).sum(), c, allow_unused=True)
+        grads.append(grad)
+    assert grads[1] is not None and grads[0] is not None
+    assert relative_error(*grads) < 1e-10
+
 @pytest.mark.parametrize("function", ["sample_euler_ancestral", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral"])
 def test_default_noise_with_the_same_global_seed(kdiff, function):
     model, x, cond = setup(torch.float64)
