@@ -56,6 +56,28 @@ class _Denoiser:
         return self.model(x, t, **self.constants, **(cond or {}))
 
 
+class _ModuleDenoiser(torch.nn.Module):
+    """:class:`_Denoiser` over an ``nn.Module``, a module itself with `model` as its submodule: grad="discrete"
+    then treats it as ``sample`` treats a module, re-running a shadow of it in the reverse pass and restoring its
+    train-mode buffers (BatchNorm running statistics), so that the reverse pass changes nothing in the user's
+    module, and it warns about the tensors requiring grad the model reaches outside its parameters."""
+
+    def __init__(self, model: torch.nn.Module, constants: dict):
+        super().__init__()
+        self.model, self.constants = model, constants
+
+    def forward(self, x: Tensor, t: Tensor, cond: Mapping | None = None) -> Tensor:
+        return self.model(x, t, **self.constants, **(cond or {}))
+
+
+def _denoiser(model, constants: dict):
+    """The ``model(x, t[, cond])`` to run: a module over a module (but DDP's, which ``sample`` must see itself to
+    reach its wrapped module and process group), else a plain callable."""
+    if isinstance(model, torch.nn.Module) and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return _ModuleDenoiser(model, constants)
+    return _Denoiser(model, constants)
+
+
 def _step_callback(callback: Callable | None, sigmas, sigma_hat=None) -> Callable[[StepInfo], None] | None:
     """k-diffusion's per-step callback as a run-loop callback: once per step, at its first evaluation.
 
@@ -98,9 +120,10 @@ def _run(model, x, sigmas, extra_args, callback, disable, *, solver, order, grad
     _check_call(model, x, extra_args, callback)
     grid = check_noise_levels(sigmas)
     cond, constants, parameters = _split_extra_args(model, extra_args)
-    if grad == "autograd":  # plain autograd, as the other samplers: parameters= would restrict it to those leaves
-        parameters = None
-    return sample(_Denoiser(model, constants), x, EDMSchedule(), steps=len(grid) - 1, solver=solver, order=order,
+    denoiser = _denoiser(model, constants)
+    if grad == "autograd" or isinstance(denoiser, torch.nn.Module):
+        parameters = None  # sample's default: the module's own; parameters= would restrict grad="autograd" to them
+    return sample(denoiser, x, EDMSchedule(), steps=len(grid) - 1, solver=solver, order=order,
                   prediction="x0", cond=cond or None, timesteps=torch.tensor(grid, dtype=torch.float64),
                   lower_order_final=False, denoise_to_zero=grid[-1] == 0, grad=grad, parameters=parameters,
                   progress=disable is not True, callback=_step_callback(callback, sigmas))
@@ -151,7 +174,7 @@ def _run_rows(name: str, model, x: Tensor, sigmas, kplan: plans.KPlan, extra_arg
     if kplan.draws_churn:
         z = _normal_like(like, generator)
         x = x + kplan.churn * z if kplan.churn != 0 else x
-    denoiser, conditioning = _Denoiser(model, constants), Conditioning(cond or None)
+    denoiser, conditioning = _denoiser(model, constants), Conditioning(cond or None)
     noise = _noise_source(kplan, noise_sampler, generator, like)
     progress, report = disable is not True, _step_callback(callback, sigmas, kplan.sigma_hat)
     mode = gradient_mode(grad, x, conditioning, params)

@@ -421,6 +421,33 @@ def test_a_closure_models_parameters(name):
         out.sum().backward()
 
 
+@pytest.mark.parametrize("name", ["dpmpp_2m", "deis3", "heun"])
+def test_discrete_warns_about_a_tensor_it_cannot_differentiate(name):
+    """A module reading a tensor that requires grad from a nested extra_args entry: grad="discrete" cannot
+    differentiate it and says so (as ``adjointdeis.sample`` does for a module), while grad="autograd" gives it
+    the gradient of the same tensor passed at the top level of extra_args (which both modes differentiate)."""
+    sampler, options, _ = SAMPLERS[name]
+
+    class Nested(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, sigma, c=None, cond=None):
+            return self.model(x, sigma, cond=c["cond"] if c is not None else cond)
+    model, x, cond = setup(torch.float64)
+    nested, sigmas = Nested(model), karras_sigmas(4)
+    with pytest.warns(UserWarning, match="grad='discrete': the model reaches 1 tensor"):
+        sampler(nested, x.clone().requires_grad_(), sigmas, extra_args={"c": {"cond": cond.clone().requires_grad_()}},
+                disable=True, grad="discrete", **options).sum().backward()
+    grads = []
+    for extra in (lambda c: {"c": {"cond": c}}, lambda c: {"cond": c}):
+        c = cond.clone().requires_grad_()
+        out = sampler(nested, x, sigmas, extra_args=extra(c), disable=True, grad="autograd", **options)
+        grads.append(torch.autograd.grad((out * out).sum(), c, allow_unused=True)[0])
+    assert grads[0] is not None and relative_error(*grads) < 1e-12
+
+
 def test_forward_mode_ad_through_a_sampler_with_a_module():
     """torch.func.jvp through a k-diffusion sampler whose model is a Module with trainable parameters (which the
     samplers pass on as `parameters`): w . (J v) against (J^T w) . v from the exact discrete adjoint."""

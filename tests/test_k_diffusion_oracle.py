@@ -238,6 +238,43 @@ def test_autograd_reaches_a_nested_extra_args_tensor_as_through_k_diffusion(kdif
     assert grads[1] is not None and grads[0] is not None
     assert relative_error(*grads) < 1e-10
 
+
+class BatchNormDenoiser(torch.nn.Module):
+    """A denoiser with a train-mode BatchNorm (running statistics move at every call) and a call counter."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1).double()
+        self.norm = torch.nn.BatchNorm2d(2).double()
+        self.calls = 0
+
+    def forward(self, x, sigma):
+        self.calls += 1
+        c = 1 / (1 + sigma[:, None, None, None] ** 2)
+        return c * x + 0.1 * self.norm(self.conv(c * x))
+
+
+@pytest.mark.parametrize("function", ["sample_dpmpp_2m", "sample_heun", "sample_euler_ancestral"])
+def test_discrete_reverse_pass_leaves_the_users_module_as_k_diffusion_does(kdiff, function):
+    """grad="discrete" re-runs the model in its reverse pass; those re-runs must not touch the user's module: its
+    BatchNorm running statistics and attributes end as after autograd through k-diffusion's own sampler (one
+    forward call per model evaluation), with the same gradients."""
+    _, x, _ = setup(torch.float64)
+    sigmas = karras_sigmas(4)
+    runs = []
+    for run in (lambda *a, **k: getattr(kd, function)(*a, grad="discrete", **k), getattr(kdiff, function).__wrapped__):
+        model, xr = BatchNormDenoiser().train(), x.clone().requires_grad_()
+        torch.manual_seed(3)
+        out = run(model, xr, sigmas, disable=True)
+        out.square().sum().backward()
+        runs.append((model.norm.running_mean, model.norm.running_var, model.norm.num_batches_tracked, model.calls,
+                     xr.grad, model.conv.weight.grad))
+    (mean, var, batches, calls, grad_x, grad_w), (mean_k, var_k, batches_k, calls_k, grad_x_k, grad_w_k) = runs
+    assert (int(batches), calls) == (int(batches_k), calls_k)
+    assert relative_error(mean, mean_k) < 1e-12 and relative_error(var, var_k) < 1e-12
+    assert relative_error(grad_x, grad_x_k) < 1e-10 and relative_error(grad_w, grad_w_k) < 1e-10
+
 @pytest.mark.parametrize("function", ["sample_euler_ancestral", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral"])
 def test_default_noise_with_the_same_global_seed(kdiff, function):
     model, x, cond = setup(torch.float64)
