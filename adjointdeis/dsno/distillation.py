@@ -99,7 +99,7 @@ def teacher_trajectories(model: Callable, sched: NoiseSchedule, times: Tensor, n
             preds = []
             for at in grid_at:
                 x = states[at]
-                t = model_grid[at].expand(len(x)).to(x.dtype)
+                t = model_grid[at].expand(len(x)).to(x.device, x.dtype)
                 out = model(x, t) if c is None else model(x, t, c)
                 x0, _ = to_data_and_noise(out, x, plan.points[at].alpha, plan.points[at].sigma, prediction)
                 preds.append(x0)
@@ -153,6 +153,7 @@ def _load_checkpoint(path: pathlib.Path, student: DSNO, opt: torch.optim.Optimiz
     student.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     for i, p in enumerate(student.parameters()):
         state = {key.split(".", 2)[2]: v for key, v in tensors.items() if key.startswith(f"opt.{i}.")}
+        state = {key: v if key == "step" else v.to(p.device) for key, v in state.items()}  # Adam's step: CPU
         if state:
             opt.state[p] = state
     generator.set_state(tensors["rng"])
@@ -169,6 +170,7 @@ def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequenc
 
     Args:
         teacher_model: ``model(x, t[, cond])`` predicting `prediction`; the student starts from a copy of it.
+            Distillation runs on the device of its parameters (the noise is drawn on the CPU, for any device).
         sched: the teacher's schedule.
         times: the number T of trajectory points (log-SNR uniform, see :func:`trajectory_times`) or the
             schedule times themselves (decreasing; the last one is the sample's).
@@ -217,19 +219,21 @@ def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequenc
             _checkpoint_config(path, config)   # a foreign or unreadable file fails now, not after the teacher runs
     if data is None and data_path is not None and resume and data_path.is_file():
         data = _load_teacher(data_path, data_config)
+    device = next(teacher_model.parameters(), torch.empty(0)).device  # drawn on the CPU, run where the teacher is
     if data is None:
         g = torch.Generator().manual_seed((_TRAJECTORY_SEED + seed) % 2**32)   # not the benchmarks' seed-0 noise
-        noise = torch.randn(n_trajectories, *shape, generator=g)
+        noise = torch.randn(n_trajectories, *shape, generator=g).to(device)
         cond = None if num_classes is None else torch.randint(0, num_classes, (n_trajectories,), generator=g)
+        cond = None if cond is None else cond.to(device)
         data = teacher_trajectories(teacher_model, sched, times, noise, cond, prediction, solver, order,
                                     steps_per_time, progress=progress)
         if data_path is not None:
             from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in data.tensors().items()}, str(data_path),
+            save_file({k: v.cpu().contiguous() for k, v in data.tensors().items()}, str(data_path),
                       metadata={"config": json.dumps(data_config)})
 
     with seeded(seed):
-        student = DSNO(copy.deepcopy(teacher_model), data.model_times, modes).train()
+        student = DSNO(copy.deepcopy(teacher_model), data.model_times, modes).to(device).train()
     student.requires_grad_(True)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -242,8 +246,9 @@ def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequenc
         for group in opt.param_groups:   # cosine decay to zero, a function of the step alone (resumable)
             group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * it / iters))
         idx = torch.randint(0, len(data.noise), (batch_size,), generator=generator)
-        cond = None if data.cond is None else data.cond[idx]
-        loss = dsno_loss(student, data.noise[idx], data.targets[idx], data.weights, cond)
+        cond = None if data.cond is None else data.cond[idx.to(data.cond.device)].to(device)
+        idx = idx.to(data.noise.device)
+        loss = dsno_loss(student, data.noise[idx].to(device), data.targets[idx].to(device), data.weights, cond)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(student.parameters(), 1.0)
