@@ -53,7 +53,7 @@ class _Denoiser:
         self.model, self.constants = model, constants
 
     def __call__(self, x: Tensor, t: Tensor, cond: Mapping | None = None) -> Tensor:
-        return self.model(x, t, **self.constants, **(cond or {}))
+        return self.model(x, t.to(x.dtype), **self.constants, **(cond or {}))
 
 
 class _ModuleDenoiser(torch.nn.Module):
@@ -67,7 +67,7 @@ class _ModuleDenoiser(torch.nn.Module):
         self.model, self.constants = model, constants
 
     def forward(self, x: Tensor, t: Tensor, cond: Mapping | None = None) -> Tensor:
-        return self.model(x, t, **self.constants, **(cond or {}))
+        return self.model(x, t.to(x.dtype), **self.constants, **(cond or {}))
 
 
 def _denoiser(model, constants: dict):

@@ -377,6 +377,24 @@ EVERY_SAMPLER = {
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", list(EVERY_SAMPLER))
+def test_the_model_gets_sigma_in_x_s_dtype(name, dtype):
+    """k-diffusion passes ``sigma * s_in`` with ``s_in = x.new_ones(...)``: the sigma in x's dtype whatever the grid's
+    (a half model that feeds sigma to its half layers would fail on a float32 one)."""
+    sampler, options, noise = EVERY_SAMPLER[name]
+    seen = []
+
+    def model(x, sigma):
+        seen.append((x.dtype, sigma.dtype, tuple(sigma.shape)))
+        return x / (1 + sigma.view(-1, 1) ** 2)
+
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)).to(dtype) * 10
+    kwargs = dict(options, generator=torch.Generator().manual_seed(1)) if noise == "generator" else dict(options)
+    sampler(model, x, karras_sigmas(3).float(), disable=True, **kwargs)
+    assert seen and all(entry == (dtype, dtype, (3,)) for entry in seen), seen
+
+
 @pytest.mark.parametrize("final_zero", [True, False], ids=["to_zero", "not_to_zero"])
 @pytest.mark.parametrize("name", list(EVERY_SAMPLER))
 def test_every_sampler_discrete_gradients_equal_autograd(name, final_zero):
