@@ -23,6 +23,7 @@ from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, Eule
 import adjointdeis as ad  # noqa: E402
 from adjointdeis.diffusers import (FusedDEISMultistepScheduler, FusedFlowMatchHeunDiscreteScheduler,  # noqa: E402
                                    FusedMultistepScheduler)
+from adjointdeis.diffusers.pipeline import setup_from_scheduler  # noqa: E402
 from test_diffusers_scheduler import assert_same_states, fake_model, initial_noise, loop, upcast_deis  # noqa: E402
 
 pytestmark = [
@@ -413,6 +414,19 @@ def test_flow_match_arguments_it_cannot_honour_name_themselves():
                                             ).set_timesteps(4)
     with pytest.raises(ValueError, match="family is 'flow_heun'"):
         FusedFlowMatchHeunDiscreteScheduler(family="deis")
+
+
+def test_stochastic_sampling_with_inverted_sigmas_is_refused():
+    """diffusers re-noises ``x - sigma v`` at its inverted sigmas, which our inverted grid (the flow with data and
+    noise swapped) cannot give: the config raises naming the keys, in the scheduler and in ``denoise``'s setup."""
+    theirs = FlowMatchEulerDiscreteScheduler(invert_sigmas=True, stochastic_sampling=True)
+    with pytest.raises(ValueError, match="invert_sigmas"):
+        FusedMultistepScheduler.from_config(theirs.config)
+    with pytest.raises(ValueError, match="stochastic_sampling"):
+        setup_from_scheduler(theirs, 4)
+    for config in (dict(invert_sigmas=True), dict(stochastic_sampling=True, shift=3.0)):  # each alone: diffusers'
+        theirs = FlowMatchEulerDiscreteScheduler(**config)
+        assert_same_states(*both(theirs, 4, generator_seed=4, model=flow_model))
 
 
 def test_family_detection():

@@ -398,8 +398,8 @@ def translate(config: Mapping, family: str) -> SchedulerSpec:
     Raises:
         ValueError naming the key of a value it cannot honour (prediction_type, algorithm_type, solver_type,
         solver, solver_order, final_sigmas_type, time_shift_type, thresholding's ratio and maximum,
-        stochastic_sampling with another solver, per-family combinations, a NaN lambda_min_clipped; a switch that
-        is not True or False: ArgumentTypeError, a TypeError).
+        stochastic_sampling with another solver or with invert_sigmas, per-family combinations, a NaN
+        lambda_min_clipped; a switch that is not True or False: ArgumentTypeError, a TypeError).
     """
     spec_family = FAMILIES[family]
     _check_switches_and_levels(config)
@@ -425,6 +425,11 @@ def translate(config: Mapping, family: str) -> SchedulerSpec:
     if stochastic and solver != "renoise":
         raise ValueError(f"scheduler config: stochastic_sampling=True re-noises every step (solver 'renoise'); it "
                          f"cannot run solver {solver!r}")
+    if solver == "renoise" and spec_family.flow and config.get("invert_sigmas", False):
+        # diffusers re-noises x - sigma v at its inverted (rising) sigmas; our inverted grid runs the flow with the
+        # roles of data and noise swapped, where re-noising means another sampler
+        raise ValueError("scheduler config: stochastic_sampling=True (solver 'renoise') cannot be combined with "
+                         "invert_sigmas=True; set one of them to False")
     entry = check_solver(solver)
     if sde and not entry.sde_orders:
         able = ", ".join(repr(n) for n, e in SOLVERS.items() if e.sde_orders)
