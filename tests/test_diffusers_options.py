@@ -429,6 +429,41 @@ def test_stochastic_sampling_with_inverted_sigmas_is_refused():
         assert_same_states(*both(theirs, 4, generator_seed=4, model=flow_model))
 
 
+@pytest.mark.parametrize("config,arguments,match", [
+    (dict(shift_terminal=1.0), dict(num_inference_steps=4), "shift_terminal"),   # diffusers divides by 1 - 1
+    (dict(shift_terminal=-0.5), dict(num_inference_steps=4), "shift_terminal"),  # ends below zero noise
+    (dict(shift_terminal=1.5), dict(num_inference_steps=4), "shift_terminal"),
+    (dict(shift_terminal=float("nan")), dict(num_inference_steps=4), "shift_terminal"),
+    (dict(shift_terminal="0.1"), dict(num_inference_steps=4), "shift_terminal"),
+    (dict(use_dynamic_shifting=True), dict(num_inference_steps=4, mu=float("nan")), "mu"),
+    (dict(use_dynamic_shifting=True), dict(num_inference_steps=4, mu=float("inf")), "mu"),
+    (dict(use_dynamic_shifting=True), dict(num_inference_steps=4, mu="0.5"), "mu"),
+    (dict(use_dynamic_shifting=True, time_shift_type="linear"), dict(num_inference_steps=4, mu=0.0), "mu"),
+    (dict(use_dynamic_shifting=True, time_shift_type="linear"), dict(num_inference_steps=4, mu=-0.5), "mu"),
+    (dict(), dict(sigmas=[]), "sigmas"),
+    (dict(), dict(sigmas=[1.0, float("nan"), 0.2]), "sigmas"),
+    (dict(), dict(sigmas=[[1.0, 0.5]]), "sigmas"),
+    (dict(), dict(timesteps=[1000.0, float("nan"), 200.0]), "timesteps"),
+    (dict(), dict(sigmas=[1.0, 0.5, 0.2], timesteps=[1000.0, float("nan"), 200.0]), "timesteps"),
+])
+def test_flow_match_values_it_cannot_honour_name_themselves(config, arguments, match):
+    """Values diffusers' FlowMatchEuler turns into NaN, repeated or out-of-range sigmas (or a crash elsewhere) raise
+    naming the key or argument, in the scheduler and in ``denoise``'s setup; the valid neighbours give diffusers'
+    grid."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        FusedMultistepScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, **config
+                                            ).set_timesteps(**arguments)
+    if "shift_terminal" not in config:
+        with pytest.raises((ValueError, TypeError), match=match):
+            setup_from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0, **config), arguments.get(
+                "num_inference_steps"), sigmas=arguments.get("sigmas"), timesteps=arguments.get("timesteps"),
+                mu=arguments.get("mu"))
+    theirs = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.2)
+    assert_same_states(*both(theirs, 4, model=flow_model))
+    theirs = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear")
+    assert_same_states(*both(theirs, None, model=flow_model, set_timesteps=lambda s: s.set_timesteps(4, mu=0.3)))
+
+
 def test_family_detection():
     """From in-memory configs (default values hidden by diffusers' from_config), saved ones, and our own."""
     cases = {"dpmsolver": DPMSolverMultistepScheduler(), "deis": DEISMultistepScheduler(),

@@ -20,6 +20,7 @@ import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from numbers import Number
 
 import diffusers
 import numpy as np
@@ -398,8 +399,9 @@ def translate(config: Mapping, family: str) -> SchedulerSpec:
     Raises:
         ValueError naming the key of a value it cannot honour (prediction_type, algorithm_type, solver_type,
         solver, solver_order, final_sigmas_type, time_shift_type, thresholding's ratio and maximum,
-        stochastic_sampling with another solver or with invert_sigmas, per-family combinations, a NaN
-        lambda_min_clipped; a switch that is not True or False: ArgumentTypeError, a TypeError).
+        stochastic_sampling with another solver or with invert_sigmas, a shift_terminal outside (0, 1) (None or 0:
+        off), per-family combinations, a NaN lambda_min_clipped; a switch that is not True or False:
+        ArgumentTypeError, a TypeError).
     """
     spec_family = FAMILIES[family]
     _check_switches_and_levels(config)
@@ -445,6 +447,9 @@ def translate(config: Mapping, family: str) -> SchedulerSpec:
                                                 else "zero")
     if final not in FINAL_SIGMAS_TYPES:
         raise config_error("final_sigmas_type", final, FINAL_SIGMAS_TYPES)
+    terminal = config.get("shift_terminal")
+    if spec_family.flow and terminal is not None and not (isinstance(terminal, Number) and terminal == 0):  # 0: off
+        validation.real(terminal, "scheduler config: shift_terminal", 0.0, 1.0, low_open=True, high_open=True)
     time_shift = config.get("time_shift_type", "exponential")
     allowed_shifts = TIME_SHIFT_TYPES if spec_family.flow else TIME_SHIFT_TYPES[:1]
     if time_shift not in allowed_shifts:
@@ -621,7 +626,9 @@ def grid(config: Mapping, spec: SchedulerSpec, num_inference_steps: int | None =
 
     Raises:
         ValueError from diffusers for arguments it rejects, for ``timesteps=`` with ``use_flow_sigmas`` in a VP
-        family (diffusers fails there), and for a grid with non-finite levels (one step with ``shift_terminal``).
+        family (diffusers fails there), for a grid with non-finite levels (one step with ``shift_terminal``),
+        naming mu for one that is not a finite number (> 0 for the "linear" time shift), and naming sigmas or
+        timesteps for a flow family's that are not a non-empty 1-D list of finite numbers.
     """
     final = dict(spec.resolved)["final_sigmas_type"]
     name, kwargs = _grid_source(config, spec.family, final)
@@ -632,16 +639,39 @@ def grid(config: Mapping, spec: SchedulerSpec, num_inference_steps: int | None =
                          "DPMSolverMultistepScheduler cannot compute (it fails there); pass sigmas= (flow times)")
     if name == "DEISMultistepScheduler" and timesteps is not None:
         name, kwargs = _grid_source(config, "dpmsolver", final)  # the same levels; DEIS takes no timesteps=
+    if mu is not None:
+        linear = config.get("use_dynamic_shifting") and config.get("time_shift_type") == "linear"
+        mu = validation.real(mu, "set_timesteps: mu", 0.0 if linear else -math.inf, low_open=True)
+    if FAMILIES[spec.family].flow:
+        timesteps, sigmas = (_flow_grid_argument(v, k) for k, v in (("timesteps", timesteps), ("sigmas", sigmas)))
     as_tuple = (lambda v: None if v is None else tuple(np.asarray(v.cpu() if isinstance(v, Tensor) else v,
                                                                   dtype=np.float64).reshape(-1).tolist()))
-    result = _cached_grid(name, kwargs, num_inference_steps, as_tuple(timesteps), as_tuple(sigmas),
-                          None if mu is None else float(mu))
+    result = _cached_grid(name, kwargs, num_inference_steps, as_tuple(timesteps), as_tuple(sigmas), mu)
     if not all(math.isfinite(level) for level in result.levels):
         cause = (" (scheduler config: shift_terminal stretches the grid by its last level, 1 on a one-step grid: "
                  "0 / 0)" if FAMILIES[spec.family].flow and config.get("shift_terminal") is not None else "")
         raise ValueError(f"set_timesteps: the grid diffusers computes here has non-finite noise levels "
                          f"{list(result.levels)}{cause}; use more steps or pass sigmas")
     return result
+
+
+def _flow_grid_argument(values, name: str):
+    """FlowMatch's custom `sigmas` or `timesteps` (None, or a non-empty 1-D sequence of finite numbers), as given.
+
+    Raises:
+        ValueError naming the argument.
+    """
+    if values is None:
+        return None
+    try:
+        array = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.ndim != 1 or array.size < 1 or not np.all(np.isfinite(array)):
+        shown = values if array is None else array.tolist()
+        raise ValueError(f"set_timesteps: {name} must be a non-empty 1-D list of finite numbers, one per step; got "
+                         f"{shown!r}")
+    return values
 
 
 def vp_custom_grid(config: Mapping, spec: SchedulerSpec, sigmas, final: str) -> Grid:
