@@ -464,6 +464,24 @@ def test_flow_match_values_it_cannot_honour_name_themselves(config, arguments, m
     assert_same_states(*both(theirs, None, model=flow_model, set_timesteps=lambda s: s.set_timesteps(4, mu=0.3)))
 
 
+@pytest.mark.parametrize("config", [dict(shift=3.0), dict(shift=1.0, use_karras_sigmas=True)])
+def test_flow_match_set_shift_matches(config):
+    """FlowMatchEuler's set_shift (a later shift for the next set_timesteps; the grid's ends stay those of the
+    config's shift) and its shift property, in the scheduler and in ``denoise``'s setup."""
+    theirs = FlowMatchEulerDiscreteScheduler(**config)
+    ours = FusedMultistepScheduler.from_config(theirs.config)
+    for scheduler in (ours, theirs):
+        scheduler.set_shift(5.0)
+    assert ours.shift == theirs.shift == 5.0 and ours.config.shift == theirs.config.shift
+    assert_same_states(*both(theirs, 6, ours, model=flow_model))
+    levels = setup_from_scheduler(theirs, 6).levels
+    assert torch.equal(levels.to(torch.float32), theirs.sigmas)
+    with pytest.raises(ValueError, match="shift"):
+        ours.set_shift(-1.0)
+    with pytest.raises(ValueError, match="shift"):
+        FusedMultistepScheduler().set_shift(2.0)
+
+
 def test_family_detection():
     """From in-memory configs (default values hidden by diffusers' from_config), saved ones, and our own."""
     cases = {"dpmsolver": DPMSolverMultistepScheduler(), "deis": DEISMultistepScheduler(),

@@ -573,12 +573,15 @@ def reference_scheduler(config: Mapping, spec: SchedulerSpec):
 
 @functools.lru_cache(maxsize=256)
 def _cached_grid(name: str, kwargs: tuple, steps: int | None, timesteps: tuple | None, sigmas: tuple | None,
-                 mu: float | None) -> Grid:
+                 mu: float | None, shift: float | None = None) -> Grid:
     reference = _reference(name, kwargs)
     options = dict(kwargs)
     if mu is not None and name == "DPMSolverMultistepScheduler":
         # DPMSolverMultistep writes exp(mu) into its config for good; a fresh one keeps it to this grid.
         reference = _build(name, kwargs)
+    if shift is not None:  # FlowMatchEuler's set_shift: a fresh one, its training sigmas still the config's shift's
+        reference = _build(name, kwargs)
+        reference.set_shift(shift)
     call = {"num_inference_steps": steps}
     if timesteps is not None:
         call["timesteps"] = list(timesteps)
@@ -615,14 +618,15 @@ def clear_grid_cache() -> None:
 
 
 def grid(config: Mapping, spec: SchedulerSpec, num_inference_steps: int | None = None, timesteps=None, sigmas=None,
-         mu: float | None = None) -> Grid:
+         mu: float | None = None, shift: float | None = None) -> Grid:
     """The grid of ``set_timesteps`` for a config in its family, computed by the family's diffusers scheduler.
 
     DPMSolverMultistep (DEISMultistep for DEIS configs that set none of the keys it lacks) for VP families and
     FlowMatchEuler for flow families, called as ``set_timesteps(num_inference_steps | timesteps | sigmas, mu)``
     with the arguments the caller checked (FlowMatchHeun's grid is FlowMatchEuler's with the same shift). Where
     diffusers has no such argument (``sigmas=`` for the VP families, ``timesteps=`` for DEIS) the grid is ours:
-    :func:`vp_custom_grid`. Results are memoised per config and arguments.
+    :func:`vp_custom_grid`. `shift` is a flow family's shift set by FlowMatchEuler's ``set_shift`` (None: the
+    config's). Results are memoised per config and arguments.
 
     Raises:
         ValueError from diffusers for arguments it rejects, for ``timesteps=`` with ``use_flow_sigmas`` in a VP
@@ -646,7 +650,11 @@ def grid(config: Mapping, spec: SchedulerSpec, num_inference_steps: int | None =
         timesteps, sigmas = (_flow_grid_argument(v, k) for k, v in (("timesteps", timesteps), ("sigmas", sigmas)))
     as_tuple = (lambda v: None if v is None else tuple(np.asarray(v.cpu() if isinstance(v, Tensor) else v,
                                                                   dtype=np.float64).reshape(-1).tolist()))
-    result = _cached_grid(name, kwargs, num_inference_steps, as_tuple(timesteps), as_tuple(sigmas), mu)
+    if shift is not None and (not FAMILIES[spec.family].flow or shift == config.get("shift", 1.0)):
+        shift = None
+    elif shift is not None:
+        shift = validation.positive(shift, "set_shift: shift")
+    result = _cached_grid(name, kwargs, num_inference_steps, as_tuple(timesteps), as_tuple(sigmas), mu, shift)
     if not all(math.isfinite(level) for level in result.levels):
         cause = (" (scheduler config: shift_terminal stretches the grid by its last level, 1 on a one-step grid: "
                  "0 / 0)" if FAMILIES[spec.family].flow and config.get("shift_terminal") is not None else "")

@@ -283,7 +283,8 @@ def setup_from_scheduler(scheduler, num_inference_steps: int | None, solver: str
         given = [v for v in (num_inference_steps, timesteps, sigmas) if v is not None]
         if len(given) != 1:
             raise ValueError("denoise: pass exactly one of num_inference_steps, timesteps or sigmas for this scheduler")
-    grid = translation.grid(config, spec, num_inference_steps, timesteps, sigmas, mu)
+    grid = translation.grid(config, spec, num_inference_steps, timesteps, sigmas, mu,
+                            getattr(scheduler, "_shift", None))  # FlowMatch's set_shift
     levels = torch.tensor(grid.levels, dtype=torch.float64)
     count = config.get("num_train_timesteps", 1000)
     if spec.flow:

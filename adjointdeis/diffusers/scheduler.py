@@ -201,6 +201,7 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         family: str | None = None,
     ):
         self._defaulted = {}
+        self._shift = None  # set_shift's
         self._configure(self._pick_family(family))
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
@@ -308,6 +309,24 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
         """
         return self._plan
 
+    @property
+    def shift(self) -> float:
+        """FlowMatch's shift of the time grid: the last :meth:`set_shift`'s, else the config's ``shift``."""
+        return self.config.shift if self._shift is None else self._shift
+
+    def set_shift(self, shift: float) -> None:
+        """FlowMatch's ``set_shift``: the shift the next ``set_timesteps`` applies, as
+        FlowMatchEulerDiscreteScheduler (ignored with dynamic shifting; the grid's ends stay those of the config's
+        shift; kept beside the config, which it does not change).
+
+        Raises:
+            ValueError naming shift for one that is not a finite number > 0, or in a DPM-Solver or DEIS family.
+        """
+        if not translation.FAMILIES[self._spec.family].flow:
+            raise ValueError(f"set_shift: shift is not a key of {translation.FAMILIES[self._spec.family].reference}, "
+                             f"whose samples this scheduler gives (family {self._spec.family!r})")
+        self._shift = validation.positive(shift, "set_shift: shift")
+
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Sets the index of the first step (pipelines call it before the loop, e.g. for img2img).
 
@@ -380,7 +399,7 @@ class FusedMultistepScheduler(SchedulerMixin, ConfigMixin):
                                  f"num_train_timesteps is {num_train}")
         elif num_inference_steps is not None:
             self._check_steps(num_inference_steps)
-        grid = translation.grid(config, spec, num_inference_steps, timesteps, sigmas, mu)
+        grid = translation.grid(config, spec, num_inference_steps, timesteps, sigmas, mu, self._shift)
         self._check_grid(grid.levels)
         if spec.flow and max(grid.levels) > 1.0:
             raise ValueError(f"set_timesteps: the grid's noise level {max(grid.levels)!r} exceeds 1 (t > 1, where alpha "
