@@ -135,6 +135,41 @@ def test_discrete_gradients_equal_autograd_unconditional_pipeline():
     assert relative_error(flat(grads["discrete"][1:], params), flat(grads["autograd"][1:], params)) < GRAD_RTOL
 
 
+@pytest.mark.parametrize("grad", ["discrete", "adjoint"])
+def test_the_reverse_pass_leaves_a_train_mode_network_as_the_forward_pass_left_it(grad):
+    """A UNet in training mode with a BatchNorm and a forward that counts its calls: the backward pass of
+    grad="discrete" and "adjoint" re-runs a shadow of it (as sample does a module), so its running statistics and
+    counter stay as the N sampling calls left them, as with autograd (it re-ran the user's network, moving them
+    N - 1 more times); the discrete gradients equal autograd's."""
+
+    class Counting(UNet2DModel):
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return super().forward(*args, **kwargs)
+
+    results = {}
+    for mode in ("autograd", grad):
+        torch.manual_seed(1)
+        unet = Counting(sample_size=SIZE, in_channels=CHANNELS, out_channels=CHANNELS, block_out_channels=(8, 16),
+                        layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4, norm_num_groups=4)
+        unet.conv_in = torch.nn.Sequential(unet.conv_in, torch.nn.BatchNorm2d(8))
+        unet = unet.double().train()
+        unet.calls = 0
+        latents = inputs(torch.float64, batch=2)[0].requires_grad_()
+        params = list(unet.parameters())
+        out = denoise(unet, latents, DPMSolverMultistepScheduler(solver_order=2), num_inference_steps=4, grad=mode)
+        sampled = [b.clone() for b in unet.buffers()], unet.calls
+        grads = gradients(out, [latents] + params)
+        assert all(torch.equal(b, s) for b, s in zip(unet.buffers(), sampled[0])) and unet.calls == 4, mode
+        results[mode] = out.detach(), grads, sampled[0]
+    (x_a, g_a, b_a), (x_m, g_m, b_m) = results["autograd"], results[grad]
+    assert torch.equal(x_m, x_a) and all(torch.equal(b, c) for b, c in zip(b_m, b_a))
+    if grad == "discrete":
+        assert relative_error(g_m[0], g_a[0]) < GRAD_RTOL
+        assert relative_error(flat(g_m[1:], params), flat(g_a[1:], params)) < GRAD_RTOL
+
+
 @pytest.mark.parametrize("final", ["zero", "sigma_min"])
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_forward_matches_diffusers_dpmsolver_2m(prediction, final):

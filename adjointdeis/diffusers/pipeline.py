@@ -413,7 +413,9 @@ class NetworkCall:
             timestep = torch.where(hits.any(1), timestep, self.off_grid(t))
         return timestep.to(x.dtype) / 1000 if self.flux else timestep
 
-    def __call__(self, x: Tensor, t: Tensor, cond: Mapping | None = None) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, cond: Mapping | None = None, net: torch.nn.Module | None = None) -> Tensor:
+        """The prediction at x, levels t (batch,); `net`: the network to call instead of :attr:`net` (its shadow
+        copy, :class:`NetworkModule`)."""
         kwargs = dict(self.model_kwargs)
         if cond is not None:
             added = {k[len(_ADDED_PREFIX):]: v for k, v in cond.items() if k.startswith(_ADDED_PREFIX)}
@@ -423,11 +425,26 @@ class NetworkCall:
                 kwargs["added_cond_kwargs"] = added
             else:
                 kwargs.update(added)
-        out = self.net(x, timestep=self.timestep(x, t), return_dict=False, **kwargs)[0]
+        net = self.net if net is None else net
+        out = net(x, timestep=self.timestep(x, t), return_dict=False, **kwargs)[0]
         if self.learned_variance and out.shape[1] != x.shape[1]:
             out = out[:, :x.shape[1]]
         out = -out if self.sign < 0 else out
         return out if self.ddim is None else self.ddim.express(x, out, self.row(t))
+
+
+class NetworkModule(torch.nn.Module):
+    """A :class:`NetworkCall` as a module with its network as the submodule ``net``: ``sample`` then treats it as it
+    treats a module (grad="discrete" and "adjoint" re-run a shadow of it in the reverse pass and keep the network's
+    train-mode buffers, BatchNorm running statistics; its parameter gradients accumulate in place), so the reverse
+    pass changes nothing in the user's network."""
+
+    def __init__(self, call: NetworkCall):
+        super().__init__()
+        self.net, self.call = call.net, call
+
+    def forward(self, x: Tensor, t: Tensor, cond: Mapping | None = None) -> Tensor:
+        return self.call(x, t, cond, net=self.net)
 
 
 def _conditioning(prompt_embeds, added_cond_kwargs):
@@ -590,7 +607,9 @@ def denoise(pipe_or_unet, latents: Tensor, scheduler, prompt_embeds: Tensor | No
             raise ValueError("denoise: pass the noise either as noise= or drawn from generator=, not both")
         sample_kwargs["noise"] = drawn = SchedulerNoise(generator)
     options = {**setup.sample_kwargs(), **sample_kwargs}
-    x = sample(call, latents, setup.schedule, cond=cond, uncond=uncond, guidance_scale=scale, grad=grad,
+    # a module over the network (but DDP's, which sample must see itself to reach its wrapped module and group)
+    model = call if isinstance(net, torch.nn.parallel.DistributedDataParallel) else NetworkModule(call)
+    x = sample(model, latents, setup.schedule, cond=cond, uncond=uncond, guidance_scale=scale, grad=grad,
                parameters=parameters, progress=progress, **options)
     if generator is not None and (drawn.count or options["sde"] or options["solver"] == "renoise"):
         drawn.catch_up(len(setup.timesteps), latents)  # diffusers draws at every step, even one to zero noise
