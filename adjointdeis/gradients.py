@@ -247,8 +247,19 @@ def sample_with_gradients(spec: GradientSpec, x_T: Tensor, params: list[Tensor],
     Returns:
         (batch, *shape) the sample.
     """
+    check_initialised(spec.mode, params)
     spec = dataclasses.replace(spec, autocast=autocast_state(x_T.device))
     return _Sampler.apply(spec, x_T, *spec.conditioning.leaves(), *noises, *params)
+
+
+def check_initialised(mode: str, params: list[Tensor]) -> None:
+    """Raises ValueError naming `parameters` when one is a lazy module's uninitialised parameter
+    (``nn.LazyLinear`` before its first call): the reverse pass differentiates the parameters as they are when
+    sampling starts, and the first call would give them their shape only then."""
+    if any(torch.nn.parameter.is_lazy(p) for p in params):
+        raise ValueError(f"grad={mode!r}: parameters include a lazy module's uninitialised parameter (a "
+                         "torch.nn.LazyLinear, LazyConv2d... not called yet); call the model once on a dummy batch "
+                         "before sampling, or use grad='autograd'")
 
 
 def autocast_state(device: torch.device) -> tuple:

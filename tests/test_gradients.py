@@ -626,3 +626,24 @@ def test_a_compiled_function_around_a_discrete_or_adjoint_sample_runs_it_eagerly
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert child.returncode != 0 and "runs grad='discrete'/'adjoint' eagerly" in child.stderr
+
+
+@pytest.mark.parametrize("mode", ["discrete", "adjoint"])
+def test_a_lazy_module_not_called_yet_is_refused_and_differentiated_once_called(mode):
+    """A lazy module's parameters get their shape at its first call, inside the sampling run, after discrete and
+    adjoint took them as inputs (the adjoint's backward then failed inside autograd with a shape error): both
+    raise, naming parameters; once called, the gradients are autograd's (discrete) and reach every parameter."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.Tanh(), torch.nn.Linear(4, 4)).double()
+    x_T = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="parameters include a lazy module's uninitialised parameter"):
+        ad.sample(TinyModule(net), x_T, ad.VPSchedule.linear(), steps=3, grad=mode)
+    net(x_T.detach())
+    grads = {}
+    for grad in ("autograd", mode):
+        x = ad.sample(TinyModule(net), x_T, ad.VPSchedule.linear(), steps=3, grad=grad)
+        grads[grad] = torch.autograd.grad(x.square().sum(), [x_T, *net.parameters()])
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[mode])
+    if mode == "discrete":
+        for g, w in zip(grads[mode], grads["autograd"]):
+            assert_close(g, w, rtol=1e-10, atol=1e-12)
