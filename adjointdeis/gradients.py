@@ -347,26 +347,42 @@ def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
 
 
 @contextlib.contextmanager
-def _replaying(state: tuple[Tensor, Tensor | None] | None, device: torch.device):
-    """Runs the block with the global generators at `state` (None: as they are), restoring them after: a model
-    re-run in the reverse pass draws what its forward call drew (dropout masks), as torch.utils.checkpoint."""
+def _replaying(state: tuple[tuple[Tensor, Tensor | None] | None, list[tuple[Tensor, Tensor]]] | None,
+               device: torch.device):
+    """Runs the block with the global generators and the training-mode buffers as a forward call found them:
+    `state` is (the generators' state or None, [(buffer, its value before the call)...]) (None: as they are); the
+    generators are restored after, the buffers are left (:func:`_buffers_kept` restores them after the pass). A
+    model re-run in the reverse pass draws what its forward call drew (dropout masks), as torch.utils.checkpoint,
+    and reads the state that call read (the power iteration's vector of a train-mode spectral_norm)."""
     if state is None:
         yield
         return
-    with torch.random.fork_rng(devices=[device] if state[1] is not None else [], device_type="cuda"):
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], device)
+    generators, buffers = state
+    with torch.no_grad():
+        for buffer, value in buffers:
+            buffer.copy_(value)
+    if generators is None:
         yield
+        return
+    with torch.random.fork_rng(devices=[device] if generators[1] is not None else [], device_type="cuda"):
+        torch.set_rng_state(generators[0])
+        if generators[1] is not None:
+            torch.cuda.set_rng_state(generators[1], device)
+        yield
+
+
+def _training_buffers(model) -> list[Tensor]:
+    """The buffers of `model`'s training-mode submodules (none for a model that is not a module)."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    return [b for m in model.modules() if m.training for b in m._buffers.values() if b is not None]
 
 
 @contextlib.contextmanager
 def _buffers_kept(model):
     """Restores the buffers of `model`'s training-mode submodules after the block: the reverse pass's re-runs of a
     train-mode BatchNorm would otherwise move its running statistics (the forward pass moved them as autograd's)."""
-    kept = []
-    if isinstance(model, torch.nn.Module):
-        kept = [(b, b.clone()) for m in model.modules() if m.training for b in m._buffers.values() if b is not None]
+    kept = [(b, b.clone()) for b in _training_buffers(model)]
     try:
         yield
     finally:
@@ -393,9 +409,11 @@ def _forward_discrete(spec: GradientSpec, x_T: Tensor, cond_leaves: list[Tensor]
                       aliases: ParameterAliases | None
                       ) -> tuple[Tensor, list[Tensor], _ModelGraph | None, list | None]:
     """The sampling run of grad="discrete": the sample, every differentiated row's input, the last row's
-    output with its graph, for the reverse pass to pull back instead of re-running the model there, and the
-    global generators' state before each row's model call that drew random numbers (:func:`_replaying`; None
-    for a call that drew none).
+    output with its graph, for the reverse pass to pull back instead of re-running the model there, and per row
+    what its model call found (:func:`_replaying`): the global generators' state when the call drew random
+    numbers, and the value of each training-mode buffer that some call of the run changed in place (None for a
+    row with neither). A buffer's value is kept once per call that changed it (its version counter moved; no
+    device sync).
 
     Only the last row runs with grad enabled (``run_plan``'s `grad_from`), its input made a leaf that requires grad
     when the row before reports it, and its model call made as :func:`model_vjp` would (on ``aliases.module``, or
@@ -410,6 +428,9 @@ def _forward_discrete(spec: GradientSpec, x_T: Tensor, cond_leaves: list[Tensor]
     conditioning = spec.conditioning.rebuild(cond_in)
     x_T = x_T.detach().requires_grad_(last == 0)
     states, graphs, rng = [], [], []
+    tracked = _training_buffers(vjp_model(spec.model))
+    versions, initial = [b._version for b in tracked], [b.detach().clone() for b in tracked]
+    changed, seen = {}, []  # buffer index -> its value after the last call that changed it; per row, before it
 
     def record(info: StepInfo) -> None:
         if info.row == last - 1:
@@ -429,6 +450,7 @@ def _forward_discrete(spec: GradientSpec, x_T: Tensor, cond_leaves: list[Tensor]
 
     def model(*args):  # called once a row
         before = _rng_state(x_T.device)
+        seen.append(dict(changed))
         if not torch.is_grad_enabled():
             out = spec.model(*args)
         elif aliases is None:
@@ -440,6 +462,9 @@ def _forward_discrete(spec: GradientSpec, x_T: Tensor, cond_leaves: list[Tensor]
         after = _rng_state(x_T.device)
         drew = not all(a is None or torch.equal(a, b) for a, b in zip(before, after))
         rng.append(before if drew else None)  # kept only for a call that drew (5 KB on the CPU)
+        for i, b in enumerate(tracked):
+            if b._version != versions[i]:
+                versions[i], changed[i] = b._version, b.detach().clone()
         return out
 
     with torch.enable_grad():
@@ -451,7 +476,11 @@ def _forward_discrete(spec: GradientSpec, x_T: Tensor, cond_leaves: list[Tensor]
         if aliases is not None:
             aliases.module = None
         graph = None
-    return x.detach(), states, graph, rng if len(rng) == len(spec.plan.steps) else None  # a call a row, else none
+    if len(rng) != len(spec.plan.steps):  # a call a row, else none
+        return x.detach(), states, graph, None
+    replay = [None if g is None and not changed else (g, [(tracked[i], before.get(i, initial[i])) for i in changed])
+              for g, before in zip(rng, seen)]
+    return x.detach(), states, graph, replay
 
 
 class _Sampler(torch.autograd.Function):
@@ -594,7 +623,7 @@ def _model_graph(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, aliases:
 
 def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cotangent_of_out,
               aliases: ParameterAliases | None = None, row: int | None = None, graph: _ModelGraph | None = None,
-              rng: tuple[Tensor, Tensor | None] | None = None, first: bool = False):
+              rng: tuple | None = None, first: bool = False):
     """Re-runs the model at x with grad enabled and pulls a cotangent back.
 
     Args:
@@ -611,7 +640,8 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
             ``.grad`` at every call, so None is returned for them.
         graph: the output already computed with its graph (x, t, `cond_leaves`, `aliases` and `row` then unused):
             pulled back without re-running the model; its graph is freed.
-        rng: the global generators' state the model runs from (:func:`_replaying`; None: as they are).
+        rng: the global generators' state and buffer values the model runs from (:func:`_replaying`; None: as
+            they are).
         first: the pass's first call, whose graph :func:`warn_unseen_leaves` walks.
 
     Returns:
@@ -700,7 +730,7 @@ def _finish(acc: list[Tensor | None], like: list[Tensor]) -> list[Tensor | None]
 def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], cond_leaves, params,
                      grad_noises: list[Tensor | None] | None = None,
                      reuse: tuple[ParameterAliases | None, _ModelGraph | None] | None = None,
-                     rng: list[tuple[Tensor, Tensor | None] | None] | None = None):
+                     rng: list[tuple | None] | None = None):
     """Exact gradient of the computed sample (docs/math.md section 5.1): reverse pass over the plan's rows.
 
     Per row j, one model VJP at the recorded x_j with cotangent ``q_j gfull_j``, then one fused
@@ -715,9 +745,9 @@ def discrete_adjoint(spec: GradientSpec, grad_x: Tensor, states: list[Tensor], c
         reuse: what the forward pass made (:func:`_forward_discrete`): the parameters' aliases, and the last row's
             output with its graph, pulled back there without re-running the model (None: re-run it); None: new
             aliases, and the model re-runs at every row.
-        rng: per row, the global generators' state before the forward pass's model call there, set again for
-            its re-run (:func:`_replaying`), or None where that call drew nothing; None: the re-runs draw from
-            the generators as they are.
+        rng: per row, what the forward pass's model call there found (the global generators' state, the
+            training-mode buffers it changed), set again for its re-run (:func:`_replaying`), or None where there
+            is nothing to set; None: the re-runs run from the generators and buffers as they are.
     """
     plan = spec.plan.steps
     device = grad_x.device
