@@ -621,6 +621,22 @@ def _model_graph(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, aliases:
     return _ModelGraph(x_in, cond_in, out, aliases if in_place else None)
 
 
+@contextlib.contextmanager
+def _reentrant_checkpoint_named(mode: str):
+    """Re-raises torch's refusal of ``torch.utils.checkpoint(..., use_reentrant=True)`` inside the model (it cannot
+    be pulled back by ``torch.autograd.grad`` or ``backward(inputs=...)``, which every model VJP of grad="discrete"
+    and "adjoint" is) as a RuntimeError saying what to change; the user never called either."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "use_reentrant=True" not in str(e):
+            raise
+        raise RuntimeError(f"grad={mode!r} pulls each model call back with torch.autograd.grad (or backward with "
+                           "inputs=), which torch.utils.checkpoint(use_reentrant=True) inside the model refuses; "
+                           "pass use_reentrant=False to checkpoint (the same memory saving) or use "
+                           "grad='autograd'") from e
+
+
 def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cotangent_of_out,
               aliases: ParameterAliases | None = None, row: int | None = None, graph: _ModelGraph | None = None,
               rng: tuple | None = None, first: bool = False):
@@ -663,15 +679,16 @@ def model_vjp(spec: GradientSpec, x: Tensor, t: Tensor, cond_leaves, params, cot
         if first:
             warn_unseen_leaves(spec, out, [x_in, *cond_in, *params,
                                            *(graph.aliases.aliases if graph.aliases is not None else ())])
-        if graph.aliases is not None:  # (never for an FSDP2 model)
-            torch.autograd.backward(out, cotangent_of_out(out), inputs=[x_in, *cond_wrt, *graph.aliases.aliases])
-            grads = [x_in.grad] + [c.grad for c in cond_wrt] + [None] * len(params)
-        elif params and fully_sharded(vjp_model(spec.model)):  # FSDP's post-backward hooks reduce-scatter into
-            torch.autograd.backward(out, cotangent_of_out(out))  # the parameters' .grad (not with inputs=)
-            grads = [x_in.grad] + [c.grad for c in cond_wrt] + [None] * len(params)
-        else:
-            grads = torch.autograd.grad(out, [x_in, *cond_wrt, *params], grad_outputs=cotangent_of_out(out),
-                                        allow_unused=True)
+        with _reentrant_checkpoint_named(spec.mode):
+            if graph.aliases is not None:  # (never for an FSDP2 model)
+                torch.autograd.backward(out, cotangent_of_out(out), inputs=[x_in, *cond_wrt, *graph.aliases.aliases])
+                grads = [x_in.grad] + [c.grad for c in cond_wrt] + [None] * len(params)
+            elif params and fully_sharded(vjp_model(spec.model)):  # FSDP's post-backward hooks reduce-scatter into
+                torch.autograd.backward(out, cotangent_of_out(out))  # the parameters' .grad (not with inputs=)
+                grads = [x_in.grad] + [c.grad for c in cond_wrt] + [None] * len(params)
+            else:
+                grads = torch.autograd.grad(out, [x_in, *cond_wrt, *params], grad_outputs=cotangent_of_out(out),
+                                            allow_unused=True)
     vjp_x = grads[0] if grads[0] is not None else torch.zeros_like(x_in)
     it = iter(grads[1:])
     vjp_cond = [next(it) if c.requires_grad else None for c in cond_in]

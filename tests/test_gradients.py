@@ -670,3 +670,36 @@ def test_a_forward_that_reads_buffers_it_changes_is_re_run_from_what_each_call_r
         assert all(torch.equal(b, s) for b, s in zip(net.buffers(), sampled))
     for g, w in zip(grads["discrete"], grads["autograd"]):
         assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad=True")  # its no_grad sampling calls
+@pytest.mark.parametrize("mode", ["discrete", "adjoint"])
+def test_a_reentrant_checkpoint_inside_the_model_is_named_and_a_non_reentrant_one_differentiated(mode):
+    """torch.utils.checkpoint(use_reentrant=True) refuses torch.autograd.grad, which every re-run's VJP is: the
+    backward raises naming use_reentrant=False (torch's own error told the user, who called backward(), not to
+    pass inputs=); with use_reentrant=False discrete's gradients are autograd's."""
+    import torch.utils.checkpoint as checkpoint
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self, reentrant):
+            super().__init__()
+            self.a, self.b, self.reentrant = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4), reentrant
+
+        def forward(self, x, t):
+            h = checkpoint.checkpoint(lambda u: torch.tanh(self.a(u) + t[:, None]), x, use_reentrant=self.reentrant)
+            return self.b(h)
+
+    torch.manual_seed(0)
+    net = Checkpointed(True).double()
+    x_T = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    x = ad.sample(net, x_T, ad.VPSchedule.linear(), steps=3, grad=mode)
+    with pytest.raises(RuntimeError, match=rf"grad='{mode}'.*use_reentrant=True.*pass use_reentrant=False"):
+        x.sum().backward()
+    net.reentrant = False
+    grads = {}
+    for grad in ("autograd", mode):
+        x = ad.sample(net, x_T, ad.VPSchedule.linear(), steps=3, grad=grad)
+        grads[grad] = torch.autograd.grad(x.square().sum(), [x_T, *net.parameters()])
+    if mode == "discrete":
+        for g, w in zip(grads[mode], grads["autograd"]):
+            assert_close(g, w, rtol=1e-10, atol=1e-12)
