@@ -16,7 +16,9 @@ That function drives the forward run itself, from a :class:`GradientSpec` (the p
 
 import contextlib
 import dataclasses
+import functools
 import math
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -248,8 +250,37 @@ def sample_with_gradients(spec: GradientSpec, x_T: Tensor, params: list[Tensor],
         (batch, *shape) the sample.
     """
     check_initialised(spec.mode, params)
-    spec = dataclasses.replace(spec, autocast=autocast_state(x_T.device))
+    spec = dataclasses.replace(spec, model=as_module(spec.model), autocast=autocast_state(x_T.device))
     return _Sampler.apply(spec, x_T, *spec.conditioning.leaves(), *noises, *params)
+
+
+class _MethodModule(torch.nn.Module):
+    """``function(module, *args, x, t[, cond], **keywords)`` as a module over `module` (its submodule): a bound
+    method of a module, or a ``functools.partial`` of one or of a module, which the reverse pass then treats as
+    it treats a module (:func:`as_module`)."""
+
+    def __init__(self, module: torch.nn.Module, function: Callable, args: tuple = (), keywords: dict | None = None):
+        super().__init__()
+        self.module, self.function, self.args, self.keywords = module, function, args, dict(keywords or {})
+
+    def forward(self, *inputs):
+        return self.function(self.module, *self.args, *inputs, **self.keywords)
+
+
+def as_module(model):
+    """`model` as the reverse pass runs it: a bound method of an ``nn.Module`` (``net.forward_eps``) or a
+    ``functools.partial`` of a module or of such a method becomes a :class:`_MethodModule` over that module, so
+    that the re-runs go to a shadow of it, its train-mode buffers are kept and replayed, and its parameters
+    accumulate in place, as for the module itself (a DDP module's is left as it is); any other model as it is."""
+    method, args, keywords = model, (), {}
+    if isinstance(model, functools.partial):
+        method, args, keywords = model.func, model.args, model.keywords
+        if isinstance(method, torch.nn.Module):
+            method = types.MethodType(type(method).__call__, method)
+    if not isinstance(method, types.MethodType) or not isinstance(method.__self__, torch.nn.Module) \
+            or isinstance(method.__self__, torch.nn.parallel.DistributedDataParallel):
+        return model
+    return _MethodModule(method.__self__, method.__func__, args, keywords)
 
 
 def check_initialised(mode: str, params: list[Tensor]) -> None:
