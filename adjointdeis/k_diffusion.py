@@ -46,7 +46,7 @@ class _Denoiser:
     """``model(x, t[, cond])`` for ``sample`` over a k-diffusion denoiser.
 
     Tensors of extra_args travel as sample's cond (so they receive gradients), everything else is
-    passed as it is.
+    passed as it is; sigma reaches the model in x's dtype, as k-diffusion's ``sigma * x.new_ones(...)``.
     """
 
     def __init__(self, model: Callable, constants: dict):
@@ -66,8 +66,7 @@ class _ModuleDenoiser(torch.nn.Module):
         super().__init__()
         self.model, self.constants = model, constants
 
-    def forward(self, x: Tensor, t: Tensor, cond: Mapping | None = None) -> Tensor:
-        return self.model(x, t.to(x.dtype), **self.constants, **(cond or {}))
+    forward = _Denoiser.__call__
 
 
 def _denoiser(model, constants: dict):
