@@ -296,10 +296,12 @@ def guide(model: Callable, sched: NoiseSchedule, loss_fn: Callable[[Tensor], Ten
     validation.flag(progress, "progress")
     if grad is None:
         raise ValueError("guide needs a gradient mode: grad='discrete', 'adjoint' or 'autograd'")
-    if sample_kwargs.get("parameters", []) is None or list(sample_kwargs.get("parameters", [])):
+    parameters = sample_kwargs.get("parameters", ())
+    if parameters is None or list(parameters):  # None: the module's own
         raise ValueError("guide optimises inputs (x_T, noise, cond), never the model's parameters: parameters= "
                          "would only build up their .grad over every iteration; leave it out (guide passes "
-                         "parameters=[]), or fine-tune the model with sample(..., parameters=...) in a loop of your own")
+                         "parameters=[]), or fine-tune the model with sample(..., parameters=...) in a loop of "
+                         "your own")
     truncation = sample_kwargs.get("grad_steps")
     most = truncation[1] if isinstance(truncation, tuple) and len(truncation) == 2 else truncation
     if "x_T" in targets and isinstance(most, int) and isinstance(steps, int) and most < steps:

@@ -248,9 +248,10 @@ def vp_schedule(config: Mapping, dtype: torch.dtype = torch.float64) -> Discrete
                          "config use adjointdeis.EDMSchedule(sigma_min, sigma_max, rho)")
     if config.get("rescale_betas_zero_snr", False):
         raise ValueError("scheduler config: rescale_betas_zero_snr=True ends the schedule at zero SNR, which a "
-                         "DiscreteVPSchedule cannot represent (nor the scheduler's alphas_cumprod: 0 at the end, or diffusers' "
-                         "2**-24 there, above the one before); sample through FusedMultistepScheduler.from_config(config) "
-                         "or adjointdeis.diffusers.denoise, which take the config's own grid")
+                         "DiscreteVPSchedule cannot represent (nor the scheduler's alphas_cumprod: 0 at the end, or "
+                         "diffusers' 2**-24 there, above the one before); sample through "
+                         "FusedMultistepScheduler.from_config(config) or adjointdeis.diffusers.denoise, which take "
+                         "the config's own grid")
     count, values = _num_train_timesteps(config), betas(config, dtype)
     if len(values) != count:  # diffusers spaces its timesteps over num_train_timesteps, past the betas' end
         raise ValueError(f"scheduler config: trained_betas has {len(values)} entries but num_train_timesteps is "
@@ -268,8 +269,8 @@ def flow_schedule(config: Mapping) -> FlowSchedule:
         schedule alone cannot honour: ``invert_sigmas`` (the model's time and output sign),
         ``use_dynamic_shifting`` (a shift set by ``mu`` at each call) and ``shift_terminal`` (the grid's end).
     """
-    for name, unset in (("invert_sigmas", False), ("use_dynamic_shifting", False), ("shift_terminal", None)):
-        if config.get(name, unset) not in (unset,):
+    for name in ("invert_sigmas", "use_dynamic_shifting", "shift_terminal"):
+        if config.get(name):  # False, None (and shift_terminal 0, as diffusers reads it): off
             raise ValueError(f"scheduler config: {name}={config[name]!r} changes what the pipeline's steps are, "
                              "which a noise schedule alone does not say; sample with "
                              "adjointdeis.diffusers.FusedMultistepScheduler or denoise (they honour it), or build "

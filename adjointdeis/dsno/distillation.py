@@ -181,9 +181,9 @@ def distill(teacher_model: nn.Module, sched: NoiseSchedule, times: int | Sequenc
         num_classes: for a class-conditional teacher, labels are drawn uniformly from 0..num_classes-1.
         shape: the shape of one sample; default: the teacher's ``sample_shape`` attribute (the zoo's UNet has
             one) or, for a diffusers model, ``(in_channels, sample_size, sample_size)`` from its config.
-        checkpoint: a .safetensors path (in an existing folder) written every `checkpoint_every` steps and at the end (the student,
-            the optimiser state, the data order's RNG); with `resume`, a run continues from it. The teacher
-            trajectories are kept next to it (``<checkpoint>.teacher.safetensors``) and reused.
+        checkpoint: a .safetensors path (in an existing folder) written every `checkpoint_every` steps and at the
+            end (the student, the optimiser state, the data order's RNG); with `resume`, a run continues from it. The
+            teacher trajectories are kept next to it (``<checkpoint>.teacher.safetensors``) and reused.
         data: precomputed teacher trajectories (skips generating them).
         seed: seeds the teacher trajectories' noise and labels, the student's temporal blocks and the data order
             (the caller's global generator is left as it was).
